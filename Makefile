@@ -1,0 +1,21 @@
+# Two commands do all the set-up on a fresh machine (scripts/setup.sh is idempotent and quick when done):
+#   make quickstart   install, then run the quickstart sweep (real LoT sweep, local Ray, local MLflow store)
+#   make test         install, then run the whole test suite (what .ci/run calls)
+VENV ?= .venv
+
+.PHONY: setup quickstart test lint bench
+
+setup:
+	@bash scripts/setup.sh
+
+quickstart: setup
+	$(VENV)/bin/teachsweep run sweeps/quickstart.yaml
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+lint: setup
+	$(VENV)/bin/ruff check lib tests && $(VENV)/bin/ruff format --check lib tests
+
+bench: setup
+	$(VENV)/bin/teachsweep bench overhead && $(VENV)/bin/teachsweep bench lot

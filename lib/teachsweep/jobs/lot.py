@@ -1,0 +1,387 @@
+"""LoT: Learning from Teaching regularisation (Jin, Che et al. 2024), one file, top to bottom.
+
+A teacher learns its task while staying easy to imitate: K students imitate it (KL(T||S), N student updates
+per teacher update) and the teacher is pulled towards what the students learned (KL(S||T)):
+
+    L_T = CE(teacher(x), y) + alpha * sum_i lambda_i * KL(S_i || T)      (gradient into the teacher only)
+    L_S = [CE(S_i(x), y)]   + alpha * KL(T || S_i)                        (gradient into the student only)
+
+One teacher step = a joint step of teacher and students on one batch, then N-1 student-only steps on an
+independent batch stream, with the teacher's forward under no_grad. `arm: teacher_only` trains the teacher
+alone (no student is built) for the same number of teacher steps, times `budget_multiplier` when the sweep
+matches total model-steps. Works for text and image classification and for language modelling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from teachsweep import data, models
+from teachsweep.reporter import Reporter
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+class LoTConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = "rotten_tomatoes"
+    teacher: str = "minilm:2"
+    student: str | None = None  # default: the teacher's architecture
+    arm: Literal["lot", "teacher_only"] = "lot"
+
+    alpha: float = Field(0.5, ge=0)
+    student_steps: int = Field(2, ge=1, description="N: student updates per teacher update")
+    temperature: float = Field(1.5, gt=0)
+    num_students: int = Field(1, ge=1, description="K students in the teacher's regulariser")
+    student_weights: list[float] | None = None  # lambda_i; default 1/K each
+    student_ce: bool = True  # students also fit the labels (the public code's default `kl_ce`)
+    symmetric_kl: bool = False  # teacher term alpha * [KL(S||T) + KL(T||S)]
+    detach: bool = True  # each model's distillation target is detached from the other's graph
+
+    optimizer: Literal["sgd", "adamw", "adam"] = "adamw"
+    lr: float = Field(5e-5, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    clip_grad_norm: float | None = Field(1.0, gt=0)
+
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(3, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1)  # teacher steps between evaluations; None = one pass
+    budget_multiplier: float = Field(1.0, ge=1)  # teacher-only arm at matched model-steps
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)  # per evaluation split; LM: tokens
+    eval_batch_size: int = Field(128, ge=1)
+
+    max_length: int = Field(128, ge=8)  # text: tokens per example
+    freeze_embeddings: bool = False  # text: keep the token embedding table fixed (speed on CPU)
+    text_column: str | None = None  # csv:/hf: tasks
+    label_column: str | None = None
+    augment_pad: int = Field(0, ge=0)  # images: random-crop padding
+    augment_flip: bool = False  # images: horizontal flips (not for digits)
+    bptt: int = Field(35, ge=2)  # language modelling: tokens per chunk
+
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        return data.validate_task_name(value)
+
+    @field_validator("teacher", "student")
+    @classmethod
+    def _known_model(cls, value: str | None) -> str | None:
+        return None if value is None else models.validate_model_name(value)
+
+    @model_validator(mode="after")
+    def _models_fit_the_task(self) -> LoTConfig:
+        kind = data.task_kind(self.task)
+        for name in (self.teacher, self.student):
+            if name is not None and kind is not None:
+                models.validate_model_name(name, kind)
+        return self
+
+    @model_validator(mode="after")
+    def _weights_match_students(self) -> LoTConfig:
+        if self.student_weights is not None:
+            if len(self.student_weights) != self.num_students:
+                raise ValueError("student_weights needs one weight per student (num_students)")
+            if any(w < 0 for w in self.student_weights):
+                raise ValueError("student_weights must be >= 0")
+        return self
+
+    @property
+    def lambdas(self) -> list[float]:
+        return self.student_weights or [1.0 / self.num_students] * self.num_students
+
+    @property
+    def model_steps_per_teacher_step(self) -> int:
+        """Forward/backward model updates per teacher step: 1 + N*K for LoT, 1 for the teacher alone."""
+        return 1 if self.arm == "teacher_only" else 1 + self.student_steps * self.num_students
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def kl_divergence(target_logits: torch.Tensor, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * mean over rows of KL(softmax(target/T) || softmax(logits/T)).
+
+    Rows are examples (classification) or tokens (language modelling: logits are flattened to (rows, V)).
+    Gradient flows into whichever argument is not detached."""
+    target_logits = target_logits.reshape(-1, target_logits.size(-1)).float()
+    logits = logits.reshape(-1, logits.size(-1)).float()
+    log_target = F.log_softmax(target_logits / temperature, dim=-1)
+    log_model = F.log_softmax(logits / temperature, dim=-1)
+    return F.kl_div(log_model, log_target, reduction="batchmean", log_target=True) * temperature**2
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per example (classification) or per token (language modelling)."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1))
+
+
+def teacher_loss(
+    teacher_logits: torch.Tensor,
+    student_logits: list[torch.Tensor],
+    labels: torch.Tensor,
+    cfg: LoTConfig,
+) -> torch.Tensor:
+    """CE + alpha * sum_i lambda_i KL(S_i || T); the students' logits are detached unless cfg.detach is off."""
+    loss = task_loss(teacher_logits, labels)
+    if not student_logits:  # the teacher-only arm
+        return loss
+    for weight, s_logits in zip(cfg.lambdas, student_logits, strict=True):
+        target = s_logits.detach() if cfg.detach else s_logits
+        term = kl_divergence(target, teacher_logits, cfg.temperature)
+        if cfg.symmetric_kl:
+            term = term + kl_divergence(teacher_logits, target, cfg.temperature)
+        loss = loss + cfg.alpha * weight * term
+    return loss
+
+
+def student_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, cfg: LoTConfig
+) -> torch.Tensor:
+    """[CE] + alpha * KL(T || S); the teacher's logits are detached unless cfg.detach is off."""
+    target = teacher_logits.detach() if cfg.detach else teacher_logits
+    loss = cfg.alpha * kl_divergence(target, student_logits, cfg.temperature)
+    if cfg.student_ce:
+        loss = loss + task_loss(student_logits, labels)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------- set-up helpers
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def make_optimizer(model: nn.Module, cfg: LoTConfig, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )  # fmt: skip
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        )
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return opt, sched
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def update(model: nn.Module, optimizer, scheduler, clip: float | None) -> None:
+    if clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class TaskData:
+    """Train streams and evaluation splits of one task, shaped for one model family."""
+
+    def __init__(self, cfg: LoTConfig):
+        self.cfg = cfg
+        self.task = data.load_task(cfg.task, cfg.text_column, cfg.label_column)
+        self.is_lm = self.task.kind == "lm"
+        tokenizer = models.load_tokenizer(cfg.teacher) if self.task.kind == "text" else None
+        if cfg.student and tokenizer is not None and models.load_tokenizer(cfg.student).vocab != tokenizer.vocab:
+            raise ValueError("teacher and student must share a tokenizer (their KL compares the same inputs)")
+        if self.is_lm:
+            self.train_tokens = self.task.splits["train"].tokens
+            self.eval_tokens = {s: self.task.splits[s].tokens[: cfg.max_eval_examples] for s in ("validation", "test")}
+        else:
+            split = lambda s, n: data.make_batches(self.task, s, tokenizer, cfg.max_length, n)  # noqa: E731
+            self.train = split("train", cfg.max_train_examples)
+            self.eval = {s: split(s, cfg.max_eval_examples) for s in ("validation", "test")}
+
+    def steps_per_pass(self) -> int:
+        if self.is_lm:
+            return max(1, (len(self.train_tokens) // self.cfg.batch_size - 1) // self.cfg.bptt)
+        return max(1, len(self.train.split) // self.cfg.batch_size)
+
+    def stream(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        if self.is_lm:
+            start = torch.randint(0, 1 << 30, (1,), generator=torch.Generator().manual_seed(seed)).item()
+            return data.lm_stream(self.train_tokens, cfg.batch_size, cfg.bptt, start=start)
+        return data.train_stream(self.train, cfg.batch_size, seed, cfg.augment_pad, cfg.augment_flip)
+
+    def eval_stream(self, split: str) -> Iterator[dict[str, torch.Tensor]]:
+        if self.is_lm:
+            return data.lm_stream(self.eval_tokens[split], 10, self.cfg.bptt, endless=False)
+        return data.eval_batches(self.eval[split], self.cfg.eval_batch_size)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterator[dict], device, precision) -> tuple[float, torch.Tensor]:
+    """(accuracy, predictions) for classifiers; (perplexity, empty) for language models."""
+    model.eval()
+    total_loss, correct, count, state, predictions = 0.0, 0, 0, None, []
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            logits, state = model(batch, state)
+        labels = batch["labels"]
+        if logits.dim() == 3:
+            total_loss += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item()
+        else:
+            predictions.append(logits.argmax(-1).cpu())
+            correct += (predictions[-1] == labels.cpu()).sum().item()
+        count += labels.numel()
+    model.train()
+    if predictions:
+        return correct / count, torch.cat(predictions)
+    return math.exp(min(total_loss / count, 50.0)), torch.empty(0)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
+    cfg = LoTConfig.model_validate(config)
+    reporter = reporter or Reporter()
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    task_data = TaskData(cfg)
+
+    teacher = models.build_model(cfg.teacher, task_data.task, cfg.seed, cfg.bptt).to(device).train()
+    n_students = cfg.num_students if cfg.arm == "lot" else 0
+    students = [
+        models.build_model(cfg.student or cfg.teacher, task_data.task, cfg.seed + 1 + i, cfg.bptt).to(device).train()
+        for i in range(n_students)
+    ]
+
+    if cfg.freeze_embeddings:
+        for model in [teacher, *students]:
+            models.freeze_word_embeddings(model)
+
+    steps_per_epoch = round((cfg.steps_per_epoch or task_data.steps_per_pass()) * cfg.budget_multiplier)
+    teacher_total = steps_per_epoch * cfg.epochs
+    teacher_opt, teacher_sched = make_optimizer(teacher, cfg, teacher_total)
+    student_opts = [make_optimizer(s, cfg, teacher_total * cfg.student_steps) for s in students]
+
+    joint_stream = task_data.stream(cfg.seed)
+    student_stream = task_data.stream(cfg.seed + 10_000)  # independent batches for the extra student steps
+    # Recurrent states (LSTM) per stream: index 0 is the teacher, 1..K the students.
+    joint_state: list = [None] * (1 + n_students)
+    extra_state: list = [None] * (1 + n_students)
+
+    teacher_steps = student_steps = 0
+    train_seconds = 0.0
+    best_val, metrics = None, {}
+    higher_is_better = not task_data.is_lm
+    for epoch in range(1, cfg.epochs + 1):
+        loss_sums = torch.zeros(2, device=device)  # teacher, students: checked for NaN once per epoch
+        epoch_start = time.perf_counter()
+        for _ in range(steps_per_epoch):
+            batch = to_device(next(joint_stream), device)
+            with autocast(device, cfg.precision):
+                t_logits, joint_state[0] = teacher(batch, joint_state[0])
+                s_logits = []
+                for i, student in enumerate(students):
+                    logits, joint_state[i + 1] = student(batch, joint_state[i + 1])
+                    s_logits.append(logits)
+                loss_t = teacher_loss(t_logits, s_logits, batch["labels"], cfg)
+                loss_s = sum(
+                    (student_loss(logits, t_logits, batch["labels"], cfg) for logits in s_logits),
+                    torch.zeros((), device=device),
+                )
+            # One backward for all models: with detached targets the losses touch disjoint parameters.
+            (loss_t + loss_s).backward()
+            update(teacher, teacher_opt, teacher_sched, cfg.clip_grad_norm)
+            for student, (opt, sched) in zip(students, student_opts, strict=True):
+                update(student, opt, sched, cfg.clip_grad_norm)
+            loss_sums += torch.stack([loss_t.detach(), loss_s.detach()])
+            teacher_steps += 1
+            student_steps += 1 if students else 0
+
+            for _ in range(cfg.student_steps - 1 if students else 0):
+                batch = to_device(next(student_stream), device)
+                with autocast(device, cfg.precision):
+                    with torch.no_grad():  # the teacher only provides targets here: no graph
+                        t_logits, extra_state[0] = teacher(batch, extra_state[0])
+                    for i, (student, (opt, sched)) in enumerate(zip(students, student_opts, strict=True)):
+                        logits, extra_state[i + 1] = student(batch, extra_state[i + 1])
+                        loss = student_loss(logits, t_logits, batch["labels"], cfg)
+                        loss.backward()
+                        update(student, opt, sched, cfg.clip_grad_norm)
+                student_steps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds += time.perf_counter() - epoch_start
+        if not torch.isfinite(loss_sums).all():
+            raise FloatingPointError(f"loss is not finite in epoch {epoch} (teacher, students: {loss_sums.tolist()})")
+
+        metrics = evaluate_all(teacher, students, task_data, device, cfg.precision)
+        metrics |= {
+            "loss/teacher": loss_sums[0].item() / steps_per_epoch,
+            "loss/student": loss_sums[1].item() / steps_per_epoch / max(1, n_students),
+            "steps/teacher": teacher_steps,
+            "steps/student": student_steps,
+            "steps/model": teacher_steps + student_steps * n_students,
+            "time/teacher_step_s": train_seconds / teacher_steps,
+            "time/train_s": train_seconds,
+        }
+        key = "teacher/val_ppl" if task_data.is_lm else "teacher/val_acc"
+        if best_val is None or (metrics[key] > best_val if higher_is_better else metrics[key] < best_val):
+            best_val = metrics[key]
+        metrics[key.replace("teacher/", "teacher/best_")] = best_val
+        reporter.report(metrics, epoch)
+    return metrics
+
+
+def evaluate_all(teacher, students, task_data: TaskData, device, precision) -> dict[str, float]:
+    """Teacher and student quality on validation and test; students' agreement with the teacher."""
+    metric = "ppl" if task_data.is_lm else "acc"
+    out: dict[str, float] = {}
+    for split, short in (("validation", "val"), ("test", "test")):
+        value, t_pred = evaluate(teacher, task_data.eval_stream(split), device, precision)
+        out[f"teacher/{short}_{metric}"] = value
+        values, agreements = [], []
+        for i, student in enumerate(students):
+            s_value, s_pred = evaluate(student, task_data.eval_stream(split), device, precision)
+            values.append(s_value)
+            if len(students) > 1:
+                out[f"student{i}/{short}_{metric}"] = s_value
+            if len(s_pred):
+                agreements.append((s_pred == t_pred).float().mean().item())
+        if values:
+            out[f"student/{short}_{metric}"] = sum(values) / len(values)
+        if agreements:
+            out[f"agreement/{short}"] = sum(agreements) / len(agreements)
+    return out

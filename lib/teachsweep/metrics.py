@@ -1,0 +1,104 @@
+"""Aggregation over seeds: mean, std, and paired differences with bootstrap confidence intervals."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from typing import Any
+
+import numpy as np
+
+SEED_KEY = re.compile(r"^(?P<metric>.+)@seed(?P<seed>-?\d+)$")
+
+
+def per_seed(metrics: dict[str, float], metric: str) -> dict[int, float]:
+    """Values of `metric` per seed from a trial's `metric@seedN` keys."""
+    out = {}
+    for key, value in metrics.items():
+        match = SEED_KEY.match(key)
+        if match and match["metric"] == metric:
+            out[int(match["seed"])] = float(value)
+    return out
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int = 10_000, level: float = 0.95, seed: int = 0):
+    """Percentile bootstrap CI of the mean."""
+    rng = np.random.default_rng(seed)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    means = rng.choice(values, size=(resamples, len(values)), replace=True).mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, float]:
+    """mean(a - b) over the seeds both have, its std and a 95% bootstrap CI."""
+    seeds = sorted(set(a) & set(b))
+    diffs = np.asarray([a[s] - b[s] for s in seeds])
+    low, high = bootstrap_ci(diffs)
+    return {
+        "diff_mean": float(diffs.mean()) if len(diffs) else float("nan"),
+        "diff_std": float(diffs.std(ddof=1)) if len(diffs) > 1 else float("nan"),
+        "ci_low": low,
+        "ci_high": high,
+        "n_seeds": len(seeds),
+    }
+
+
+def summarize(values: dict[int, float]) -> dict[str, float]:
+    xs = list(values.values())
+    return {
+        "mean": statistics.fmean(xs) if xs else float("nan"),
+        "std": statistics.stdev(xs) if len(xs) > 1 else float("nan"),
+    }
+
+
+def merge_seed_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a grid whose trials differ only by seed become one row with `metric@seedN` values."""
+    merged: dict[str, dict[str, Any]] = {}
+    out = []
+    for trial in trials:
+        if "seed" not in trial["params"]:
+            out.append(trial)
+            continue
+        seed = trial["params"]["seed"]
+        row = merged.setdefault(trial["label"], {
+            **trial, "params": {k: v for k, v in trial["params"].items() if k != "seed"}, "metrics": {},
+            "trial_id": trial["label"], "status": "OK",
+        })  # fmt: skip
+        if trial["status"] != "OK":
+            continue
+        row["metrics"] |= {f"{k}@seed{seed}": v for k, v in trial["metrics"].items() if "@seed" not in k}
+    return out + list(merged.values())
+
+
+def lot_comparisons(trials: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
+    """Each LoT trial against its teacher-only arm (same variant; same N for model-step budgets), per metric.
+
+    `trials` are sweep rows: {"label", "params", "metrics"} with per-seed `metric@seedN` values."""
+    rows = []
+    baselines = [t for t in trials if t["params"].get("arm") == "teacher_only" and t["status"] == "OK"]
+    for trial in trials:
+        if trial["params"].get("arm", "lot") != "lot" or trial["status"] != "OK":
+            continue
+        variant = trial["params"].get("variant", "")
+        n = trial["params"].get("student_steps")
+        candidates = [b for b in baselines if b["params"].get("variant", "") == variant]
+        matched = [b for b in candidates if b["label"].endswith(f"-N{n}")] or [
+            b for b in candidates if "-N" not in b["label"]
+        ]
+        if not matched:
+            continue
+        baseline = matched[0]
+        for metric in metrics:
+            lot_values, base_values = per_seed(trial["metrics"], metric), per_seed(baseline["metrics"], metric)
+            if not lot_values or not base_values:
+                continue
+            rows.append({
+                "variant": variant, "trial": trial["trial_id"], "baseline": baseline["trial_id"],
+                "baseline_label": baseline["label"], "metric": metric,
+                **{f"lot_{k}": v for k, v in summarize(lot_values).items()},
+                **{f"teacher_only_{k}": v for k, v in summarize(base_values).items()},
+                **paired_difference(lot_values, base_values),
+            })  # fmt: skip
+    return rows

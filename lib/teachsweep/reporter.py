@@ -1,0 +1,36 @@
+"""The one object a job talks to about results. Jobs call `report(metrics, epoch)` once per epoch and know
+nothing about Tune or MLflow; `TrialReporter` (in tracking.py) forwards to both."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class Reporter:
+    """Keeps every report in memory: what tests, benchmarks and plain Python calls of a job use."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+        self.artifacts: dict[str, Any] = {}
+
+    def report(self, metrics: dict[str, float], epoch: int) -> None:
+        self.history.append({"epoch": epoch, **metrics})
+
+    def log_dict(self, name: str, obj: dict) -> None:
+        """A small JSON artifact (head coefficients, confusion matrices...)."""
+        self.artifacts[name] = json.loads(json.dumps(obj))
+
+    def log_file(self, path: str | Path) -> None:
+        self.artifacts[Path(path).name] = str(path)
+
+    @property
+    def last(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Plain floats, without the NaN/inf values MLflow refuses."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}

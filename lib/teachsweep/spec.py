@@ -1,0 +1,248 @@
+"""Sweep specs: safe YAML, validated completely before anything is created.
+
+Every error is one line that names the file and the field, e.g.
+    sweeps/x.yaml: space.alpha.low: loguniform needs low > 0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from teachsweep.jobs import JOBS
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message is one line naming the file and field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Param(Strict):
+    type: Literal["loguniform", "uniform", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False  # int only: log-spaced integers
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Param:
+        if self.type == "categorical":
+            if not self.values:
+                raise ValueError("categorical needs a non-empty 'values' list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs 'low' and 'high'")
+        if self.low > self.high or (self.type != "int" and self.low == self.high):
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if (self.type == "loguniform" or self.log) and self.low <= 0:
+            raise ValueError(f"{self.type} needs low > 0 (got {self.low})")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("int needs integer low and high")
+        return self
+
+    def corner_values(self) -> list[Any]:
+        """Values a job config must accept for this parameter to be searchable."""
+        if self.type == "categorical":
+            return list(self.values)
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
+class Objective(Strict):
+    metric: str
+    mode: Literal["max", "min"] = "max"
+
+
+class Sampler(Strict):
+    type: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+
+
+class Scheduler(Strict):
+    type: Literal["asha"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    max_t: int | None = Field(None, ge=1)  # default: the job's epochs
+
+
+class Baseline(Strict):
+    """An automatic teacher-only arm for LoT sweeps, at a matched budget."""
+
+    budget: Literal["teacher_steps", "model_steps"] = "teacher_steps"
+
+
+class Resources(Strict):
+    cpus: float = Field(1.0, gt=0)  # per worker
+    gpus: float = Field(0.0, ge=0)  # per worker
+    workers: int = Field(1, ge=1)
+    gpu_type: str | None = None
+
+    @field_validator("workers")
+    @classmethod
+    def _single_worker_for_now(cls, value: int) -> int:
+        if value > 1:
+            raise ValueError("multi-worker trials (TorchTrainer/DDP) are not implemented yet; use workers: 1")
+        return value
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class SweepSpec(Strict):
+    name: str
+    job: str
+    description: str = ""
+    config: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Param] = Field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)  # a grid of named config overlays
+    objectives: list[Objective] = Field(default_factory=list)
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    sampler: Sampler = Field(default_factory=Sampler)
+    scheduler: Scheduler | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    baseline: Baseline | None = None
+    resources: Resources = Field(default_factory=Resources)
+    max_failures: int = Field(0, ge=0)
+    tracking_uri: str | None = None  # default: sqlite file in the results directory ($MLFLOW_TRACKING_URI wins)
+    experiment: str | None = None  # MLflow experiment; default: the sweep name
+    results_dir: str = "teachsweep-results"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError("use letters, digits, '_', '-' and '.' (it names directories and studies)")
+        return value
+
+    @field_validator("job")
+    @classmethod
+    def _known_job(cls, value: str) -> str:
+        if value not in JOBS:
+            raise ValueError(f"unknown job '{value}' (known: {', '.join(sorted(JOBS))})")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("seeds must be distinct")
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> SweepSpec:
+        if not self.space and not self.variants:
+            raise ValueError("empty search space: give 'space' (searched) or 'variants' (a fixed grid)")
+        if self.space and self.variants:
+            raise ValueError("give either 'space' (Optuna search) or 'variants' (a fixed grid), not both")
+        if self.scheduler is not None and len(self.seeds) > 1:
+            raise ValueError("scheduler: early stopping needs one seed per trial (seeds run inside a trial)")
+        if self.baseline is not None and self.job != "lot":
+            raise ValueError("baseline: the teacher-only arm exists for the lot job only")
+        if not self.objectives:
+            self.objectives = [Objective(metric=JOBS[self.job].default_metric, mode=JOBS[self.job].default_mode)]
+        return self
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    @property
+    def mode_names(self) -> list[str]:
+        return [o.mode for o in self.objectives]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change when a sweep is resumed."""
+        keep = ("job", "config", "space", "variants", "objectives", "sampler", "scheduler", "seeds", "baseline")
+        return json.loads(self.model_dump_json(include=set(keep)))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _location(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _one_line(error: ValidationError, prefix: str = "") -> str:
+    first = error.errors()[0]
+    loc = prefix + _location(first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if first["type"] == "missing":
+        return f"{loc}: required key is missing"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("int_type", "float_type", "string_type", "bool_type", "list_type", "dict_type", "model_type",
+                         "int_parsing", "float_parsing", "bool_parsing", "literal_error"):  # fmt: skip
+        msg += f" (got {first.get('input')!r})"
+    return f"{loc}: {msg}"
+
+
+def validate_job_config(spec: SweepSpec, where: str) -> None:
+    """The fixed config, every variant, and every corner of the search space must be a valid job config."""
+    job = JOBS[spec.job]
+    fields = job.config_class.model_fields
+    for key in spec.space:
+        if key not in fields:
+            raise SpecError(f"{where}space.{key}: not a parameter of job '{spec.job}'")
+    overlays = [("config", spec.config)] + [(f"variants.{n}", {**spec.config, **v}) for n, v in spec.variants.items()]
+    for label, config in overlays:
+        try:
+            job.config_class.model_validate(config)
+        except ValidationError as error:
+            raise SpecError(where + _one_line(error, prefix="config." if label == "config" else f"{label}.")) from None
+        except ValueError as error:  # unknown task/model raised by field validators outside pydantic's wrapping
+            raise SpecError(f"{where}{label}: {error}") from None
+        for key, param in spec.space.items():
+            for value in param.corner_values():
+                try:
+                    job.config_class.model_validate({**config, key: value})
+                except ValidationError as error:
+                    raise SpecError(f"{where}space.{key}: value {value!r} is invalid: {_one_line(error)}") from None
+
+
+def parse_spec(text: str, where: str = "") -> SweepSpec:
+    """Parse and validate a spec given as YAML text; `where` prefixes error messages (the file name)."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{where}malformed YAML{line}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}malformed spec: expected a mapping of keys, got {type(raw).__name__}")
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(where + _one_line(error)) from None
+    validate_job_config(spec, where)
+    return spec
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    file = Path(path)
+    if not file.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    return parse_spec(file.read_text(), where=f"{path}: ")
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ between two fingerprints."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += describe_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes

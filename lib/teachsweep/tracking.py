@@ -1,0 +1,190 @@
+"""MLflow layout: one experiment per sweep, a parent run per sweep, a child run per trial.
+
+Runs are found-or-created by tags (`teachsweep.sweep`, `teachsweep.trial_id`), so a retried or resumed trial
+logs into the run it already has. Every call goes through `retry`: several trial processes writing one SQLite
+file can see "database is locked", which a short back-off resolves."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from teachsweep.reporter import Reporter, finite_metrics
+
+T = TypeVar("T")
+PARENT, TRIAL, SEED = "parent", "trial", "seed"
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def default_tracking_uri(results_dir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_dir.resolve()}/mlflow.db"
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail before any trial starts when the tracking store cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+                if response.status != 200:
+                    raise TrackingError(f"MLflow tracking URI {uri} answered {response.status} on /health")
+        except OSError as error:
+            raise TrackingError(f"MLflow tracking URI {uri} is unreachable: {error}") from None
+    elif uri.startswith("sqlite:///"):
+        parent = Path(uri.removeprefix("sqlite:///")).parent
+        existing = next((p for p in [parent, *parent.parents] if p.exists()), None)
+        if existing is None or not os.access(existing, os.W_OK):
+            raise TrackingError(f"MLflow store directory {parent} is not writable")
+    elif "://" in uri and not uri.startswith(("file://", "databricks", "postgresql", "mysql")):
+        raise TrackingError(f"MLflow tracking URI {uri}: unsupported scheme")
+
+
+def retry(call: Callable[[], T], attempts: int = 8, first_wait: float = 0.2) -> T:
+    """Retry a tracking call on transient store errors (SQLite locks, HTTP hiccups) with jittered back-off."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001 - MLflow wraps store errors in several exception types
+            transient = any(s in str(error).lower() for s in ("database is locked", "timed out", "connection", "503"))
+            if not transient or attempt == attempts - 1:
+                raise
+            time.sleep(first_wait * 2**attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = str(value)[:6000]
+    return flat
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def ensure_experiment(client, name: str) -> str:
+    experiment = retry(lambda: client.get_experiment_by_name(name))
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            retry(lambda: client.restore_experiment(experiment.experiment_id))
+        return experiment.experiment_id
+    try:
+        return retry(lambda: client.create_experiment(name))
+    except Exception:  # noqa: BLE001 - created concurrently by another process
+        return retry(lambda: client.get_experiment_by_name(name)).experiment_id
+
+
+def find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = retry(lambda: client.search_runs([experiment_id], filter_string=query, max_results=2))
+    return runs[0].info.run_id if runs else None
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    flat = flatten(params)
+    existing = retry(lambda: client.get_run(run_id)).data.params
+    new = [Param(k, v) for k, v in flat.items() if k not in existing]
+    for start in range(0, len(new), 100):
+        retry(lambda s=start: client.log_batch(run_id, params=new[s : s + 100]))
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
+    for start in range(0, len(batch), 500):
+        retry(lambda s=start: client.log_batch(run_id, metrics=batch[s : s + 500]))
+
+
+def start_parent_run(client, experiment_id: str, sweep: str, params: dict[str, Any], spec_text: str) -> str:
+    """Find or create the sweep's parent run; log the spec once."""
+    tags = {"teachsweep.sweep": sweep, "teachsweep.role": PARENT}
+    run_id = find_run(client, experiment_id, tags)
+    if run_id is None:
+        commit = git_commit()
+        run_tags = tags | ({"mlflow.source.git.commit": commit} if commit else {})
+        run = retry(lambda: client.create_run(experiment_id, run_name=sweep, tags=run_tags))
+        run_id = run.info.run_id
+        retry(lambda: client.log_text(run_id, spec_text, "spec.yaml"))
+    else:
+        retry(lambda: client.update_run(run_id, status="RUNNING"))
+    log_params(client, run_id, params)
+    return run_id
+
+
+def start_child_run(
+    client, experiment_id: str, parent_run_id: str, key: str, name: str, tags: dict[str, str], params: dict
+) -> str:
+    """Find or create the run identified by `key` (a trial id, or trial id + seed) under `parent_run_id`."""
+    ident = {"teachsweep.run_key": key}
+    run_id = find_run(client, experiment_id, ident)
+    if run_id is None:
+        all_tags = ident | tags | {"mlflow.parentRunId": parent_run_id}
+        run_id = retry(lambda: client.create_run(experiment_id, run_name=name, tags=all_tags)).info.run_id
+    else:
+        retry(lambda: client.update_run(run_id, status="RUNNING"))
+    log_params(client, run_id, params)
+    return run_id
+
+
+def finish_run(client, run_id: str, error: BaseException | None = None) -> None:
+    if error is not None:
+        message = f"{type(error).__name__}: {error}"
+        retry(lambda: client.set_tag(run_id, "teachsweep.error", message[:5000]))
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        retry(lambda: client.log_text(run_id, text, "error.txt"))
+    retry(lambda: client.set_terminated(run_id, status="FAILED" if error else "FINISHED"))
+
+
+class TrialReporter(Reporter):
+    """Reports each epoch to MLflow (rank 0 only) and, when `to_tune`, to Ray Tune for Optuna and ASHA."""
+
+    def __init__(self, client, run_id: str, to_tune: bool = True, rank: int = 0, extra: dict | None = None):
+        super().__init__()
+        self.client, self.run_id, self.to_tune, self.rank = client, run_id, to_tune, rank
+        self.extra = extra or {}
+
+    def report(self, metrics: dict[str, float], epoch: int) -> None:
+        super().report(metrics, epoch)
+        if self.rank == 0:
+            log_metrics(self.client, self.run_id, metrics, step=epoch)
+        if self.to_tune:
+            from ray import tune
+
+            tune.report(finite_metrics(metrics) | {"epoch": epoch} | self.extra)
+
+    def log_dict(self, name: str, obj: dict) -> None:
+        super().log_dict(name, obj)
+        if self.rank == 0:
+            retry(lambda: self.client.log_dict(self.run_id, obj, name))
+
+    def log_file(self, path) -> None:
+        super().log_file(path)
+        if self.rank == 0:
+            retry(lambda: self.client.log_artifact(self.run_id, str(path)))

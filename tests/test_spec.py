@@ -1,0 +1,100 @@
+"""Bad specs: each gives a one-line error naming the problem, exit code 2, and creates nothing."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from teachsweep.cli import app
+from teachsweep.spec import SpecError, parse_spec
+from typer.testing import CliRunner
+
+GOOD = """
+name: ok
+job: lot
+config: {task: digits, teacher: cnn, epochs: 1}
+num_samples: 2
+space:
+  alpha: {type: loguniform, low: 0.05, high: 2.0}
+  student_steps: {type: int, low: 1, high: 4}
+"""
+
+BAD = [
+    ("malformed yaml", "name: [unclosed\njob: lot", "malformed YAML"),
+    ("not a mapping", "- a\n- b", "expected a mapping"),
+    ("unknown key", GOOD + "colour: blue\n", "colour: unknown key"),
+    ("unknown key in config", GOOD.replace("epochs: 1", "epochs: 1, lr_typo: 3"), "config.lr_typo: unknown key"),
+    ("wrong type", GOOD.replace("num_samples: 2", "num_samples: many"), "num_samples"),
+    ("wrong type in config", GOOD.replace("epochs: 1", "epochs: lots"), "config.epochs"),
+    ("negative range", GOOD.replace("low: 0.05", "low: -1"), "space.alpha: loguniform needs low > 0"),
+    ("low above high", GOOD.replace("low: 1, high: 4", "low: 5, high: 4"), "space.student_steps: low (5.0) must be below"),
+    ("N below one", GOOD.replace("low: 1, high: 4", "low: 0, high: 4"), "space.student_steps: value 0 is invalid"),
+    ("negative alpha", GOOD.replace("epochs: 1", "epochs: 1, alpha: -0.5"), "config.alpha"),
+    ("empty space", GOOD.split("space:")[0], "empty search space"),
+    ("unknown job", GOOD.replace("job: lot", "job: distill"), "unknown job 'distill'"),
+    ("unknown task", GOOD.replace("task: digits", "task: imagenet"), "unknown task 'imagenet'"),
+    ("unknown model", GOOD.replace("teacher: cnn", "teacher: alexnet"), "unknown model 'alexnet'"),
+    ("missing csv file", GOOD.replace("task: digits", "task: 'csv:/no/such/file.csv'"), "data file not found: /no/such/file.csv"),
+    ("unsearchable key", GOOD + "  colour: {type: categorical, values: [red]}\n", "space.colour: not a parameter"),
+    ("empty categorical", GOOD + "  temperature: {type: categorical, values: []}\n", "non-empty 'values'"),
+    ("missing name", GOOD.replace("name: ok", ""), "name: required key is missing"),
+    ("bad name", GOOD.replace("name: ok", "name: ../escape"), "name: use letters"),
+    ("model for the wrong task kind", GOOD.replace("teacher: cnn", "teacher: lstm"), "is for lm tasks"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("label", "text", "expected"), BAD, ids=[b[0] for b in BAD])
+def test_bad_spec_gives_one_line_error_and_creates_nothing(tmp_path: Path, label, text, expected):
+    results = tmp_path / "results"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(text + f"\nresults_dir: {results}\n" if "results_dir" not in text else text)
+    if label in ("malformed yaml", "not a mapping"):
+        spec_file.write_text(text)
+    outcome = CliRunner().invoke(app, ["run", str(spec_file)])
+    assert outcome.exit_code == 2, outcome.output
+    message = outcome.output.strip()
+    assert len(message.splitlines()) == 1, message
+    assert expected in message and str(spec_file) in message
+    assert not results.exists()
+
+
+def test_good_spec_parses_with_defaults():
+    spec = parse_spec(GOOD)
+    assert spec.metric_names == ["teacher/best_val_acc"] and spec.mode_names == ["max"]
+    assert spec.seeds == [0] and spec.resources.workers == 1
+
+
+def test_missing_spec_file(tmp_path):
+    outcome = CliRunner().invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    assert outcome.exit_code == 2 and "spec file not found" in outcome.output
+
+
+def test_unreachable_tracking_uri_is_refused_before_anything_starts(tmp_path):
+    results = tmp_path / "results"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(GOOD + f"tracking_uri: http://127.0.0.1:9\nresults_dir: {results}\n")
+    outcome = CliRunner().invoke(app, ["run", str(spec_file)])
+    assert outcome.exit_code == 2 and "unreachable" in outcome.output
+    assert not results.exists()
+
+
+def test_results_directory_not_writable(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(GOOD + f"results_dir: {blocker / 'results'}\n")
+    outcome = CliRunner().invoke(app, ["run", str(spec_file)])
+    assert outcome.exit_code == 2 and "is not writable" in outcome.output
+
+
+def test_spec_files_shipped_in_sweeps_all_validate():
+    from teachsweep.spec import load_spec
+
+    files = sorted(Path(__file__).parents[1].glob("sweeps/*.yaml"))
+    assert files
+    for file in files:
+        load_spec(file)
+
+
+def test_yaml_is_data_never_code():
+    with pytest.raises(SpecError, match="malformed YAML"):
+        parse_spec(textwrap.dedent("name: !!python/object/apply:os.system ['true']\njob: lot\n"))

@@ -1,0 +1,92 @@
+"""A real sweep through real Ray Tune, a real Optuna RDB study and a real MLflow store."""
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from teachsweep.spec import parse_spec
+from teachsweep.sweep import paths_for, run_sweep
+
+pytestmark = pytest.mark.integration
+
+SPEC = """
+name: {name}
+job: lot
+config:
+  task: rotten_tomatoes
+  teacher: tiny-bert
+  lr: 1.0e-3
+  epochs: 2
+  steps_per_epoch: 3
+  batch_size: 16
+  max_train_examples: 256
+  max_eval_examples: 64
+  max_length: 32
+space:
+  alpha: {{type: loguniform, low: 0.1, high: 1.0}}
+  student_steps: {{type: int, low: 1, high: 2}}
+num_samples: 2
+max_concurrent_trials: 2
+results_dir: {results}
+"""
+
+
+def child_runs(client, experiment_id, parent_run_id):
+    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def test_two_trial_sweep_records_the_same_results_in_mlflow_and_optuna(ray_session, tmp_path):
+    text = SPEC.format(name="itest", results=tmp_path / "results")
+    spec = parse_spec(text)
+    outcome = run_sweep(spec, text)
+
+    assert [row["status"] for row in outcome.trials] == ["OK", "OK"]
+    client = MlflowClient(outcome.tracking_uri)
+    experiment = client.get_experiment_by_name("itest")
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["teachsweep.role"] == "parent"
+    children = child_runs(client, experiment.experiment_id, outcome.parent_run_id)
+    assert len(children) == 2 and all(run.info.status == "FINISHED" for run in children)
+    for run in children:
+        history = client.get_metric_history(run.info.run_id, "teacher/val_acc")
+        assert [m.step for m in history] == [1, 2]  # one point per epoch
+        assert float(run.data.params["alpha"]) > 0 and run.data.params["teacher"] == "tiny-bert"
+
+    study = optuna.load_study(study_name="itest", storage=paths_for(spec).optuna_url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2
+    mlflow_values = sorted(run.data.metrics["teacher/best_val_acc"] for run in children)
+    assert sorted(t.value for t in complete) == pytest.approx(mlflow_values)
+    mlflow_alphas = sorted(float(run.data.params["alpha"]) for run in children)
+    assert sorted(t.params["alpha"] for t in complete) == pytest.approx(mlflow_alphas)
+    assert outcome.best and outcome.best[0]["values"]["teacher/best_val_acc"] == max(mlflow_values)
+
+    # Running the same spec again restores the finished sweep: no new trials, no duplicated runs.
+    again = run_sweep(spec, text)
+    assert len(again.trials) == 2
+    assert len(child_runs(client, experiment.experiment_id, outcome.parent_run_id)) == 2
+    assert len(optuna.load_study(study_name="itest", storage=paths_for(spec).optuna_url).trials) == 2
+
+
+def test_baseline_arm_and_seeds(ray_session, tmp_path):
+    """A teacher-only arm at matched model-steps next to the search, each configuration over two seeds."""
+    text = SPEC.format(name="seeded", results=tmp_path / "results").replace("num_samples: 2", "num_samples: 1")
+    text = text.replace("{type: int, low: 1, high: 2}", "{type: categorical, values: [2]}")
+    text += "seeds: [0, 1]\nbaseline: {budget: model_steps}\n"
+    spec = parse_spec(text)
+    outcome = run_sweep(spec, text)
+    labels = sorted(row["label"] for row in outcome.trials)
+    assert labels == ["lot", "teacher_only-N2"]
+    by_label = {row["label"]: row for row in outcome.trials}
+    lot, base = by_label["lot"]["metrics"], by_label["teacher_only-N2"]["metrics"]
+    assert base["steps/teacher"] == lot["steps/model"] == 3 * lot["steps/teacher"]
+    assert "teacher/test_acc_std" in lot
+
+    client = MlflowClient(outcome.tracking_uri)
+    experiment = client.get_experiment_by_name("seeded")
+    trials = child_runs(client, experiment.experiment_id, outcome.parent_run_id)
+    assert len(trials) == 2
+    for trial in trials:
+        seeds = child_runs(client, experiment.experiment_id, trial.info.run_id)
+        assert sorted(run.data.tags["teachsweep.seed"] for run in seeds) == ["0", "1"]
+    study = optuna.load_study(study_name="seeded", storage=paths_for(spec).optuna_url)
+    assert len(study.trials) == 1  # the baseline arm is not a search point
