@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from teachsweep import data, models
 
 EXPECTED = {  # name: (total examples after removing exact duplicates, number of classes)
@@ -34,10 +35,10 @@ def test_splits_are_deterministic_disjoint_and_stratified():
     labels = np.repeat(np.arange(4), [50, 30, 20, 100])
     a = data.stratified_split(labels)
     b = data.stratified_split(labels)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=False))
     assert not (set(a[0]) & set(a[1]) or set(a[0]) & set(a[2]) or set(a[1]) & set(a[2]))
     assert sum(len(p) for p in a) == len(labels)
-    for label, count in zip(range(4), [50, 30, 20, 100]):
+    for label, count in zip(range(4), [50, 30, 20, 100], strict=False):
         assert (labels[a[0]] == label).sum() == round(0.8 * count)
 
 
@@ -128,3 +129,25 @@ def test_minilm_truncation_keeps_pretrained_weights():
     assert torch.equal(
         two.encoder.encoder.layer[1].output.dense.weight, full.encoder.encoder.layer[1].output.dense.weight
     )
+
+
+def test_hf_path_keeps_the_datasets_own_test_split(tmp_path):
+    """`hf:<dir>` goes through datasets.load_dataset for real (a local data directory instead of the hub)."""
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    (folder / "train.csv").write_text("text,label\n" + "\n".join(f"train review {i},{i % 2}" for i in range(50)))
+    (folder / "test.csv").write_text("text,label\n" + "\n".join(f"test review {i},{i % 2}" for i in range(10)))
+    task = data.load_task(f"hf:{folder}")
+    assert task.kind == "text" and len(task.splits["test"]) == 10
+    assert all(t.startswith("test review") for t in task.splits["test"].texts)
+    assert len(task.splits["train"]) + len(task.splits["validation"]) == 50 and 4 <= len(task.splits["validation"]) <= 6
+
+
+def test_hf_path_running_text_becomes_a_language_modelling_task(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split, n in (("train", 40), ("validation", 5), ("test", 5)):
+        (folder / f"{split}.csv").write_text("text\n" + "\n".join(f"{split} line number {i} ." for i in range(n)))
+    task = data.load_task(f"hf:{folder}")
+    assert task.kind == "lm" and "line" in task.vocab
+    assert len(task.splits["test"]) == 5 * 6  # 5 tokens ("test line number i .") + <eos> per line

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from teachsweep import data
 from teachsweep.jobs import lot
 
@@ -66,9 +67,11 @@ def test_k_student_regulariser_matches_a_hand_computation():
         p, q = F.softmax(p_logits / 1.5, -1), F.softmax(q_logits / 1.5, -1)
         return (p * (p / q).log()).sum(-1).mean() * 1.5**2
 
-    by_hand = F.cross_entropy(t, labels) + 0.7 * sum(w * kl(s, t) for w, s in zip([0.2, 0.3, 0.5], students))
+    by_hand = F.cross_entropy(t, labels) + 0.7 * sum(
+        w * kl(s, t) for w, s in zip([0.2, 0.3, 0.5], students, strict=False)
+    )
     assert lot.teacher_loss(t, students, labels, c).item() == pytest.approx(by_hand.item(), rel=1e-5)
-    symmetric = by_hand + 0.7 * sum(w * kl(t, s) for w, s in zip([0.2, 0.3, 0.5], students))
+    symmetric = by_hand + 0.7 * sum(w * kl(t, s) for w, s in zip([0.2, 0.3, 0.5], students, strict=False))
     assert lot.teacher_loss(
         t, students, labels, cfg(**c.model_dump() | {"symmetric_kl": True})
     ).item() == pytest.approx(symmetric.item(), rel=1e-5)
@@ -113,8 +116,8 @@ def test_extra_student_steps_use_an_independent_stream_and_no_teacher_graph(monk
     extra = data.train_stream(batches, 16, 10_000)
     expected_joint = [next(joint)["pixel_values"] for _ in range(3)]
     expected_extra = [next(extra)["pixel_values"] for _ in range(6)]
-    assert all(torch.equal(a, b) for a, b in zip([x for g, x in teacher_train if g], expected_joint))
-    assert all(torch.equal(a, b) for a, b in zip([x for g, x in teacher_train if not g], expected_extra))
+    assert all(torch.equal(a, b) for a, b in zip([x for g, x in teacher_train if g], expected_joint, strict=False))
+    assert all(torch.equal(a, b) for a, b in zip([x for g, x in teacher_train if not g], expected_extra, strict=False))
 
 
 def test_teacher_only_arm_builds_no_student(monkeypatch):

@@ -4,9 +4,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
 from teachsweep.cli import app
 from teachsweep.spec import SpecError, parse_spec
-from typer.testing import CliRunner
 
 GOOD = """
 name: ok

@@ -3,6 +3,7 @@
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+
 from teachsweep.spec import parse_spec
 from teachsweep.sweep import paths_for, run_sweep
 

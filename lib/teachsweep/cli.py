@@ -36,7 +36,9 @@ def short(value) -> str:
 def print_outcome(outcome) -> None:
     spec = outcome.spec
     shown = list(dict.fromkeys(spec.metric_names + ["teacher/test_acc", "student/test_acc", "teacher/test_ppl"]))
-    searched = list(spec.space) or sorted({k for r in outcome.trials for k in r["params"]})
+    varying = sorted({k for r in outcome.trials for k in r["params"]
+                      if len({str(t["params"].get(k)) for t in outcome.trials}) > 1} - {"variant", "task"})  # fmt: skip
+    searched = list(spec.space) or varying
     table = Table(title=f"sweep {spec.name}: {len(outcome.trials)} trials in {outcome.seconds:.0f} s")
     for column in [
         "trial",
@@ -52,6 +54,26 @@ def print_outcome(outcome) -> None:
             row["trial_id"], row["label"] if row["status"] == "OK" else f"{row['label']} FAILED", *params, *metrics
         )
     console.print(table)
+    if outcome.comparisons:
+        compare = Table(title="LoT minus teacher-only (paired by seed, 95% bootstrap CI)")
+        for column in (
+            "variant",
+            "trial",
+            "metric",
+            "LoT mean ± std",
+            "teacher-only mean ± std",
+            "diff",
+            "95% CI",
+            "seeds",
+        ):
+            compare.add_column(column)
+        for c in outcome.comparisons:
+            compare.add_row(
+                c["variant"] or "-", c["trial"], c["metric"], f"{c['lot_mean']:.4g} ± {c['lot_std']:.2g}",
+                f"{c['teacher_only_mean']:.4g} ± {c['teacher_only_std']:.2g}", f"{c['diff_mean']:+.4g}",
+                f"[{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]", str(c["n_seeds"]),
+            )  # fmt: skip
+        console.print(compare)
     for best in outcome.best:
         console.print(f"[bold]best[/] {best['values']}  params {best['params']}")
     for row in outcome.trials:

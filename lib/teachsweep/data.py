@@ -174,21 +174,22 @@ def load_bbc_news_lm(vocab_size: int = 10_000) -> Task:
     """BBC articles as running text: articles split (stratified by class) into train/validation/test streams,
     one line = one paragraph followed by <eos>, vocabulary = the `vocab_size` commonest training words + <unk>."""
     texts, labels = _bbc_articles()
-    return lm_task_from_documents("bbc_news_lm", texts, labels, vocab_size)
+    texts, labels = deduplicate(texts, labels)
+    split_docs = {split: [texts[i] for i in idx] for split, idx in zip(SPLITS, stratified_split(labels), strict=True)}
+    return lm_task_from_documents("bbc_news_lm", split_docs, vocab_size)
 
 
-def lm_task_from_documents(name: str, docs: list[str], strata: np.ndarray | None, vocab_size: int) -> Task:
-    strata = np.zeros(len(docs), dtype=np.int64) if strata is None else strata
+def lm_task_from_documents(name: str, split_docs: dict[str, list[str]], vocab_size: int) -> Task:
     split_words: dict[str, list[str]] = {}
-    for split, idx in zip(SPLITS, stratified_split(strata), strict=True):
+    for split, docs in split_docs.items():
         words: list[str] = []
-        for i in idx:
-            for line in docs[i].splitlines():
+        for doc in docs:
+            for line in doc.splitlines():
                 if line.strip():
                     words += words_of(line) + ["<eos>"]
         split_words[split] = words
     counts = Counter(split_words["train"])
-    vocab = ["<unk>"] + [w for w, _ in counts.most_common(vocab_size - 1) if w != "<unk>"][: vocab_size - 1]
+    vocab = ["<unk>"] + [w for w, _ in counts.most_common(vocab_size) if w != "<unk>"][: vocab_size - 1]
     index = {w: i for i, w in enumerate(vocab)}
     splits = {
         s: Split(tokens=torch.tensor([index.get(w, 0) for w in ws], dtype=torch.long)) for s, ws in split_words.items()
@@ -228,39 +229,65 @@ def load_csv(path: str, text_column: str, label_column: str) -> Task:
 
 
 def load_hf(spec: str, text_column: str | None, label_column: str | None) -> Task:
-    """`hf:<name>[:<config>]` through datasets.load_dataset (needs the hub or a local HF cache)."""
+    """`hf:<name>[:<config>]` through datasets.load_dataset (the hub, its cache, or a local data directory).
+
+    The dataset's own test split is kept as the test set (CIFAR's 10,000 images, say); validation is the
+    dataset's validation split or, when it has none, a stratified 10% of its training split."""
     import datasets
 
     name, _, config = spec.partition(":")
-    ds = datasets.load_dataset(name, config or None)
-    train = ds["train"]
-    columns = train.column_names
+    try:
+        ds = datasets.load_dataset(name, config or None)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise DataError(f"hf:{spec}: cannot load ({type(error).__name__}: {str(error)[:200]})") from None
+    if "train" not in ds:
+        raise DataError(f"hf:{spec}: no 'train' split (splits: {', '.join(ds)})")
+    columns = ds["train"].column_names
     label_column = label_column or next((c for c in ("label", "fine_label", "labels") if c in columns), None)
     image_column = next((c for c in ("img", "image") if c in columns), None)
     text_column = text_column or next((c for c in ("text", "sentence", "content") if c in columns), None)
-    if label_column is None and text_column is not None:  # running text: language modelling
-        docs = ["\n".join(ds[s][text_column]) for s in ds if s in ("train", "validation", "test")]
-        return lm_task_from_documents(f"hf:{spec}", docs, None, 10_000)
-    if label_column not in columns:
-        raise DataError(f"column '{label_column}' not in hf:{spec} (columns: {', '.join(columns)})")
-    merged_texts, merged_images, merged_labels = [], [], []
-    for split in ds:
-        part = ds[split]
-        merged_labels += list(part[label_column])
+    if label_column is None:
+        if text_column is None:
+            raise DataError(f"hf:{spec}: no label or text column (columns: {', '.join(columns)})")
+        parts = {s: ["\n".join(ds[s][text_column])] for s in ds}
+        if "validation" not in parts:
+            lines = parts["train"][0].splitlines()
+            cut = int(0.9 * len(lines))
+            parts["train"], parts["validation"] = ["\n".join(lines[:cut])], ["\n".join(lines[cut:])]
+        return lm_task_from_documents(f"hf:{spec}", {s: parts[s] for s in SPLITS if s in parts}, 10_000)
+    for column in (label_column, image_column or text_column):
+        if column is None or column not in columns:
+            raise DataError(f"column '{column}' not in hf:{spec} (columns: {', '.join(columns)})")
+
+    def examples(split: str, rows=None):
+        part = ds[split] if rows is None else ds[split].select(rows)
+        labels = np.asarray(part[label_column], dtype=np.int64)
         if image_column:
-            merged_images += [np.asarray(im, dtype=np.float32) / 255.0 for im in part[image_column]]
-        else:
-            merged_texts += list(part[text_column])
-    feature = train.features[label_column]
-    names = list(getattr(feature, "names", None) or sorted({str(x) for x in merged_labels}))
-    labels = np.asarray(merged_labels, dtype=np.int64)
-    if image_column:
-        images = np.stack(merged_images)
-        images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
-        return _image_task(f"hf:{spec}", images, labels, names)
-    if text_column not in columns:
-        raise DataError(f"column '{text_column}' not in hf:{spec} (columns: {', '.join(columns)})")
-    return _labelled_text_task(f"hf:{spec}", merged_texts, labels, names)
+            images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in part[image_column]])
+            images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+            return Split(images=torch.as_tensor(images), labels=torch.as_tensor(labels))
+        return Split(texts=list(part[text_column]), labels=torch.as_tensor(labels))
+
+    train_labels = np.asarray(ds["train"][label_column])
+    if "test" not in ds:  # carve all three from the training split
+        parts = stratified_split(train_labels)
+        splits = {split: examples("train", idx) for split, idx in zip(SPLITS, parts, strict=True)}
+    elif "validation" in ds:
+        splits = {split: examples(split) for split in SPLITS}
+    else:
+        train_idx, val_idx, rest = stratified_split(train_labels, (0.9, 0.1, 0.0))
+        splits = {
+            "train": examples("train", np.concatenate([train_idx, rest])),
+            "validation": examples("train", val_idx),
+            "test": examples("test"),
+        }
+    if image_column:  # normalise with training statistics
+        mean, std = splits["train"].images.mean(), splits["train"].images.std()
+        for part in splits.values():
+            part.images = (part.images - mean) / std
+    feature = ds["train"].features[label_column]
+    names = list(getattr(feature, "names", None) or [str(i) for i in range(int(train_labels.max()) + 1)])
+    return Task(f"hf:{spec}", "image" if image_column else "text", splits, names)
 
 
 def validate_task_name(name: str) -> str:

@@ -18,6 +18,9 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# A grid may mix domains whose trials report different metrics (accuracy for images, perplexity for language
+# models); trial_rows() flags searched trials that never reported their objective instead.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 from teachsweep import launch, tracking  # noqa: E402
 from teachsweep.metrics import lot_comparisons, merge_seed_trials  # noqa: E402
@@ -99,8 +102,14 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     label = label or str(config.get("arm", ctx.job))
     seeds = [overrides["seed"]] if "seed" in overrides else ctx.seeds  # a grid runs each seed as its own trial
     client = tracking.client_for(ctx.tracking_uri)
-    tags = {"teachsweep.sweep": ctx.sweep, "teachsweep.role": tracking.TRIAL, "teachsweep.trial_id": trial_id,
-            "teachsweep.job": ctx.job, "teachsweep.arm": str(config.get("arm", "")), "teachsweep.label": label}  # fmt: skip
+    tags = {
+        "teachsweep.sweep": ctx.sweep,
+        "teachsweep.role": tracking.TRIAL,
+        "teachsweep.trial_id": trial_id,
+        "teachsweep.job": ctx.job,
+        "teachsweep.arm": str(config.get("arm", "")),
+        "teachsweep.label": label,
+    }
     run_id = tracking.start_child_run(
         client, ctx.experiment_id, ctx.parent_run_id, trial_id, f"{label}-{trial_id}", tags,
         config | {"seeds": seeds},
@@ -128,7 +137,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
                 summary = mean_and_std(finals) | {"seeds_done": done}
                 tracking.log_metrics(client, run_id, summary, step=done)
                 # Per-seed finals travel to the driver for paired LoT-vs-baseline comparisons.
-                by_seed = {f"{k}@seed{s}": v for s, f in zip(seeds, finals) for k, v in f.items()}
+                by_seed = {f"{k}@seed{s}": v for s, f in zip(seeds, finals, strict=False) for k, v in f.items()}
                 tune.report(summary | by_seed | {"mlflow_run_id": run_id})
     except BaseException as error:
         tracking.finish_run(client, run_id, error)
@@ -466,12 +475,16 @@ def trial_rows(grid, spec: SweepSpec) -> list[dict[str, Any]]:
         row = {
             "trial_id": metrics.get("trial_id") or (result.path or "").rsplit("/", 1)[-1],
             "label": label,
-            "params": {**overrides, **config},
+            "params": {**spec.config, **overrides, **config},  # the trial's full job config
             "status": "ERROR" if result.error else "OK",
             "error": f"{type(result.error).__name__}: {result.error}"[:300] if result.error else "",
             "mlflow_run_id": metrics.get("mlflow_run_id", ""),
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float) and "/" in k},
         }
+        missing = [m for m in spec.metric_names if m not in metrics]
+        searched = "fixed_trial" not in (result.config or {})
+        if searched and missing and not result.error:
+            row["status"], row["error"] = "ERROR", f"never reported objective metric(s) {', '.join(missing)}"
         rows.append(row)
     return rows
 
