@@ -6,6 +6,7 @@ before anything is created."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -75,7 +76,8 @@ def print_outcome(outcome) -> None:
             )  # fmt: skip
         console.print(compare)
     for best in outcome.best:
-        console.print(f"[bold]best[/] {best['values']}  params {best['params']}")
+        shown_params = {k: v for k, v in best["params"].items() if k in searched or k == "arm"}
+        console.print(f"[bold]best[/] {best['values']}  params {shown_params}  MLflow run {best.get('mlflow_run_id')}")
     for row in outcome.trials:
         if row["error"]:
             console.print(f"[red]trial {row['trial_id']} failed:[/] {row['error']}")
@@ -116,6 +118,157 @@ def validate(spec_file: Path = typer.Argument(..., help="a sweep spec (YAML)")) 
     console.print(f"{spec_file}: ok (job {spec.job}: {len(fixed_trials(spec))} fixed trials, {searched} searched)")
 
 
+RESULTS_OPTION = typer.Option("teachsweep-results", "--results-dir", help="where sweeps keep their results")
+
+
+def open_or_fail(name: str, results_dir: str):
+    from teachsweep.results import open_sweep
+    from teachsweep.spec import SpecError
+
+    try:
+        return open_sweep(name, results_dir)
+    except SpecError as error:
+        fail(str(error))
+
+
+@app.command()
+def resume(name: str, results_dir: str = RESULTS_OPTION) -> None:
+    """Resume sweep NAME from its results directory (the same as running its spec again)."""
+    from teachsweep.progress import Progress
+    from teachsweep.spec import SpecError
+    from teachsweep.sweep import run_sweep
+
+    sweep = open_or_fail(name, results_dir)
+    spec = sweep.spec.model_copy(update={"results_dir": str(Path(results_dir))})
+    try:
+        outcome = run_sweep(spec, sweep.spec_text, callbacks=[Progress(spec.metric_names)])
+    except SpecError as error:
+        fail(str(error))
+    print_outcome(outcome)
+
+
+@app.command("list")
+def list_command(results_dir: str = RESULTS_OPTION) -> None:
+    """The sweeps in the results directory, with their progress."""
+    from teachsweep.results import list_sweeps, open_sweep, status
+
+    table = Table(title=f"sweeps in {Path(results_dir).resolve()}")
+    for column in ("name", "job", "status", "finished", "failed", "planned", "elapsed"):
+        table.add_column(column)
+    for name in list_sweeps(results_dir):
+        sweep = open_sweep(name, results_dir)
+        st = status(sweep)
+        table.add_row(name, sweep.spec.job, st["sweep_status"], str(st["finished"]), str(st["failed"]),
+                      str(st["planned"]), f"{st['elapsed_s']:.0f} s")  # fmt: skip
+    console.print(table)
+
+
+@app.command("status")
+def status_command(
+    name: str,
+    results_dir: str = RESULTS_OPTION,
+    watch: bool = typer.Option(False, "--watch", help="refresh every few seconds until the sweep ends"),
+) -> None:
+    """Trials done, running and failed, the best so far, and the elapsed time of sweep NAME."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from teachsweep.results import status
+
+    sweep = open_or_fail(name, results_dir)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[line]}"),
+                  console=console, transient=False) as bar:  # fmt: skip
+        task = bar.add_task(name, total=sweep.planned_trials, line="")
+        while True:
+            st = status(sweep)
+            best = st["best"][0]["values"] if st["best"] else {}
+            line = (f"{st['finished']}/{st['planned']} done, {st['running']} running, {st['failed']} failed, "
+                    f"{st['elapsed_s']:.0f} s, {st['sweep_status']}; best so far {best}")  # fmt: skip
+            bar.update(task, completed=st["finished"] + st["failed"], line=line)
+            if not watch or st["sweep_status"] != "RUNNING":
+                break
+            time.sleep(5)
+
+
+@app.command()
+def best(name: str, results_dir: str = RESULTS_OPTION) -> None:
+    """The best trial of sweep NAME, or its Pareto front when the sweep has several objectives."""
+    from teachsweep.results import best_trials
+
+    sweep = open_or_fail(name, results_dir)
+    front = best_trials(sweep)
+    if not front:
+        fail(f"sweep '{name}' has no finished trial with {', '.join(sweep.spec.metric_names)}")
+    title = "Pareto front" if len(sweep.spec.objectives) > 1 else "best trial"
+    table = Table(title=f"{name}: {title} ({', '.join(f'{o.metric} {o.mode}' for o in sweep.spec.objectives)})")
+    for column in ("values", "params", "MLflow run"):
+        table.add_column(column)
+    for row in front:
+        values = ", ".join(f"{k}={short(v)}" for k, v in row["values"].items())
+        params = ", ".join(f"{k}={short(v)}" for k, v in row["params"].items())
+        table.add_row(values, params, str(row["mlflow_run_id"]))
+    console.print(table)
+
+
+@app.command()
+def export(
+    name: str,
+    results_dir: str = RESULTS_OPTION,
+    out: Path = typer.Option(None, help="directory for the exported files (default: the sweep's export/)"),
+) -> None:
+    """Write the best configuration of sweep NAME as a job config and as a runnable spec."""
+    import yaml
+
+    from teachsweep.results import best_trials, full_config
+
+    sweep = open_or_fail(name, results_dir)
+    front = best_trials(sweep)
+    if not front or not front[0]["mlflow_run_id"]:
+        fail(f"sweep '{name}' has no finished trial to export")
+    run_id = front[0]["mlflow_run_id"]
+    config = full_config(sweep, run_id)
+    out = out or sweep.directory / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "best_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    spec = {"name": f"{name}-best", "job": sweep.spec.job, "description": f"best trial of {name} (run {run_id})",
+            "config": {}, "variants": {"best": config}, "seeds": sweep.spec.seeds,
+            "objectives": [o.model_dump() for o in sweep.spec.objectives]}  # fmt: skip
+    (out / "best_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    console.print(f"best {front[0]['values']}  MLflow run {run_id}")
+    console.print("checkpoint: none (jobs do not save checkpoints yet)")
+    console.print(f"job config: {out / 'best_config.yaml'}\nspec:       {out / 'best_spec.yaml'}"
+                  f"  (run it: teachsweep run {out / 'best_spec.yaml'})")  # fmt: skip
+
+
+@app.command()
+def ui(
+    name: str,
+    results_dir: str = RESULTS_OPTION,
+    port: int = typer.Option(5000, help="MLflow UI port; optuna-dashboard uses port + 1"),
+) -> None:
+    """Start the MLflow UI and optuna-dashboard on this sweep's stores, on 127.0.0.1, and print the URLs."""
+    import shutil
+    import subprocess
+
+    sweep = open_or_fail(name, results_dir)
+    bin_dir = Path(sys.executable).parent
+    commands = [[str(bin_dir / "mlflow"), "ui", "--backend-store-uri", sweep.tracking_uri, "--host", "127.0.0.1",
+                 "--port", str(port)]]  # fmt: skip
+    dashboard = shutil.which("optuna-dashboard", path=str(bin_dir)) or shutil.which("optuna-dashboard")
+    if sweep.spec.space and dashboard:
+        commands.append([dashboard, sweep.optuna_url, "--host", "127.0.0.1", "--port", str(port + 1)])
+    processes = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in commands]
+    console.print(f"MLflow UI:        http://127.0.0.1:{port}  (experiment '{sweep.spec.experiment or name}')")
+    if len(processes) > 1:
+        console.print(f"optuna-dashboard: http://127.0.0.1:{port + 1}  (study '{name}')")
+    console.print("Ctrl-C stops both.")
+    try:
+        for process in processes:
+            process.wait()
+    except KeyboardInterrupt:
+        for process in processes:
+            process.terminate()
+
+
 @bench_app.command("overhead")
 def bench_overhead(
     trials: int = typer.Option(4, help="trials per sweep"),
@@ -144,3 +297,7 @@ def main() -> None:  # pragma: no cover - console entry point
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m teachsweep.cli
+    main()

@@ -59,6 +59,14 @@ class SweepPaths:
     def fingerprint(self) -> Path:
         return self.sweep / "spec.json"
 
+    @property
+    def parent_run(self) -> Path:
+        return self.sweep / "mlflow_parent_run_id"
+
+    @property
+    def tracking_uri(self) -> Path:
+        return self.sweep / "tracking_uri"
+
 
 @dataclass
 class SweepOutcome:
@@ -283,12 +291,15 @@ def run_sweep(spec: SweepSpec, spec_text: str, callbacks: list | None = None) ->
     paths.sweep.mkdir(parents=True, exist_ok=True)
     paths.fingerprint.write_text(json.dumps(spec.fingerprint(), indent=1, sort_keys=True))
     (paths.sweep / "spec.yaml").write_text(spec_text)
+    paths.tracking_uri.write_text(uri)
 
     client = tracking.client_for(uri)
     experiment_id = tracking.ensure_experiment(client, spec.experiment or spec.name)
     parent_params = {"job": spec.job, "config": spec.config, "space": spec.model_dump()["space"],
                      "seeds": spec.seeds, "num_samples": spec.num_samples, "objectives": spec.metric_names}  # fmt: skip
-    parent_run_id = tracking.start_parent_run(client, experiment_id, spec.name, parent_params, spec_text)
+    known_parent = paths.parent_run.read_text().strip() if paths.parent_run.exists() else None
+    parent_run_id = tracking.start_parent_run(client, experiment_id, spec.name, parent_params, spec_text, known_parent)
+    paths.parent_run.write_text(parent_run_id)
 
     init_ray()
     ctx = TrialContext(
@@ -374,12 +385,19 @@ class FixedThenSearch:
                 return self.searcher.suggest(trial_id)
 
             def on_trial_result(self, trial_id, result):
-                if trial_id not in self.fixed_ids:
+                if trial_id in self.fixed_ids:
+                    return
+                if not failed_on_resume(self.searcher, trial_id):
                     self.searcher.on_trial_result(trial_id, result)
 
             def on_trial_complete(self, trial_id, result=None, error=False):
-                if trial_id not in self.fixed_ids:
-                    self.searcher.on_trial_complete(trial_id, result=result, error=error)
+                if trial_id in self.fixed_ids:
+                    return
+                if failed_on_resume(self.searcher, trial_id):
+                    if not error:
+                        tell_again(self.searcher, trial_id, result)
+                    return
+                self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
             def get_state(self):
                 return {"pending": list(self.pending), "fixed_ids": set(self.fixed_ids)}
@@ -394,6 +412,52 @@ class FixedThenSearch:
                 self.searcher.restore(checkpoint_path)
 
         return _FixedThenSearch()
+
+
+def fail_interrupted_optuna_trials(spec: SweepSpec, paths: SweepPaths) -> list[int]:
+    """Optuna trials left RUNNING by a driver that died are marked FAIL; Tune re-runs their trials, and their
+    results come back to the study as new trials (see `tell_again`)."""
+    if not spec.space or not (paths.sweep / "optuna.db").exists():
+        return []
+    import optuna
+
+    storage = optuna.storages.RDBStorage(paths.optuna_url)
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+    except KeyError:
+        return []
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        failed.append(trial.number)
+    return failed
+
+
+def failed_on_resume(searcher, trial_id: str) -> bool:
+    """Whether the Optuna trial behind a running Tune trial is already finished (failed on resume)."""
+    original = getattr(searcher, "_ot_trials", {}).get(trial_id)
+    if original is None:
+        return False
+    return searcher._ot_study._storage.get_trial(original._trial_id).state.is_finished()
+
+
+def tell_again(searcher, trial_id: str, result: dict | None) -> None:
+    """Report a re-run trial whose original Optuna trial was failed on resume, as a new finished trial."""
+    import optuna
+
+    original = searcher._ot_trials.get(trial_id)
+    metrics = searcher.metric if isinstance(searcher.metric, list) else [searcher.metric]
+    if original is None or not result or any(m not in result for m in metrics):
+        return
+    values = [float(result[m]) for m in metrics]
+    searcher._ot_study.add_trial(
+        optuna.trial.create_trial(
+            params=original.params,
+            distributions=original.distributions,
+            values=values if len(values) > 1 else None,
+            value=values[0] if len(values) == 1 else None,
+        )  # fmt: skip
+    )
 
 
 def make_searcher(spec: SweepSpec, paths: SweepPaths):
@@ -443,6 +507,7 @@ def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks):
 
     experiment = paths.tune / "trials"
     if tune.Tuner.can_restore(str(experiment)):
+        fail_interrupted_optuna_trials(spec, paths)
         return tune.Tuner.restore(str(experiment), trainable, resume_errored=True).fit()
     searcher, total = make_searcher(spec, paths)
     tuner = tune.Tuner(
@@ -465,6 +530,13 @@ def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks):
     return tuner.fit()
 
 
+def describe_error(error: BaseException) -> str:
+    """The root cause of a trial's failure in one line (Ray wraps it in task errors with tracebacks)."""
+    while getattr(error, "cause", None) is not None and error.cause is not error:
+        error = error.cause
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"[:500]
+
+
 def trial_rows(grid, spec: SweepSpec) -> list[dict[str, Any]]:
     rows = []
     for result in grid:
@@ -477,7 +549,7 @@ def trial_rows(grid, spec: SweepSpec) -> list[dict[str, Any]]:
             "label": label,
             "params": {**spec.config, **overrides, **config},  # the trial's full job config
             "status": "ERROR" if result.error else "OK",
-            "error": f"{type(result.error).__name__}: {result.error}"[:300] if result.error else "",
+            "error": describe_error(result.error) if result.error else "",
             "mlflow_run_id": metrics.get("mlflow_run_id", ""),
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float) and "/" in k},
         }

@@ -122,15 +122,18 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> No
         retry(lambda s=start: client.log_batch(run_id, metrics=batch[s : s + 500]))
 
 
-def start_parent_run(client, experiment_id: str, sweep: str, params: dict[str, Any], spec_text: str) -> str:
-    """Find or create the sweep's parent run; log the spec once."""
-    tags = {"teachsweep.sweep": sweep, "teachsweep.role": PARENT}
-    run_id = find_run(client, experiment_id, tags)
+def start_parent_run(
+    client, experiment_id: str, sweep: str, params: dict[str, Any], spec_text: str, run_id: str | None
+) -> str:
+    """Resume the sweep's parent run `run_id`, or create one (logging the spec) when the sweep is new.
+
+    The run id lives in the sweep's results directory, next to the Tune and Optuna state it belongs to, so
+    a sweep deleted and started again gets a fresh parent run instead of inheriting stale children."""
     if run_id is None:
+        tags = {"teachsweep.sweep": sweep, "teachsweep.role": PARENT}
         commit = git_commit()
         run_tags = tags | ({"mlflow.source.git.commit": commit} if commit else {})
-        run = retry(lambda: client.create_run(experiment_id, run_name=sweep, tags=run_tags))
-        run_id = run.info.run_id
+        run_id = retry(lambda: client.create_run(experiment_id, run_name=sweep, tags=run_tags)).info.run_id
         retry(lambda: client.log_text(run_id, spec_text, "spec.yaml"))
     else:
         retry(lambda: client.update_run(run_id, status="RUNNING"))
@@ -143,7 +146,7 @@ def start_child_run(
 ) -> str:
     """Find or create the run identified by `key` (a trial id, or trial id + seed) under `parent_run_id`."""
     ident = {"teachsweep.run_key": key}
-    run_id = find_run(client, experiment_id, ident)
+    run_id = find_run(client, experiment_id, ident | {"mlflow.parentRunId": parent_run_id})
     if run_id is None:
         all_tags = ident | tags | {"mlflow.parentRunId": parent_run_id}
         run_id = retry(lambda: client.create_run(experiment_id, run_name=name, tags=all_tags)).info.run_id

@@ -1,0 +1,166 @@
+"""Reading a sweep back: its spec, MLflow runs and Optuna study, for the CLI (status, best, export, list) and
+for notebooks. Everything is found from the sweep's name and its results directory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from teachsweep.spec import SpecError, SweepSpec, parse_spec
+
+DEFAULT_RESULTS = "teachsweep-results"
+
+
+@dataclass
+class Sweep:
+    name: str
+    directory: Path
+    spec: SweepSpec
+    spec_text: str
+    tracking_uri: str
+    parent_run_id: str | None
+
+    @property
+    def optuna_url(self) -> str:
+        return f"sqlite:///{self.directory / 'optuna.db'}"
+
+    @property
+    def planned_trials(self) -> int:
+        from teachsweep.sweep import fixed_trials
+
+        return len(fixed_trials(self.spec)) + (self.spec.num_samples if self.spec.space else 0)
+
+
+def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
+    directory = Path(results_dir).expanduser().resolve() / name
+    spec_file = directory / "spec.yaml"
+    if not spec_file.is_file():
+        raise SpecError(f"no sweep named '{name}' in {directory.parent}")
+    text = spec_file.read_text()
+    spec = parse_spec(text, where=f"{spec_file}: ")
+    uri_file, parent_file = directory / "tracking_uri", directory / "mlflow_parent_run_id"
+    uri = uri_file.read_text().strip() if uri_file.exists() else f"sqlite:///{directory.parent}/mlflow.db"
+    parent = parent_file.read_text().strip() if parent_file.exists() else latest_parent_run(uri, spec)
+    return Sweep(name, directory, spec, text, uri, parent)
+
+
+def latest_parent_run(uri: str, spec: SweepSpec) -> str | None:
+    """The newest parent run tagged with the sweep's name (for results directories without the id file)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(spec.experiment or spec.name)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`teachsweep.sweep` = '{spec.name}' and tags.`teachsweep.role` = 'parent'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def list_sweeps(results_dir: str | Path = DEFAULT_RESULTS) -> list[str]:
+    root = Path(results_dir).expanduser()
+    return sorted(p.parent.name for p in root.glob("*/spec.yaml")) if root.is_dir() else []
+
+
+def trial_runs(sweep: Sweep):
+    """A DataFrame of the sweep's trial runs (params.*, metrics.*, tags.*, status), one row per trial."""
+    import mlflow
+
+    mlflow.set_tracking_uri(sweep.tracking_uri)
+    if sweep.parent_run_id is None:
+        import pandas as pd
+
+        return pd.DataFrame()
+    return mlflow.search_runs(
+        experiment_names=[sweep.spec.experiment or sweep.name],
+        filter_string=f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}' and tags.`teachsweep.role` = 'trial'",
+    )
+
+
+def status(sweep: Sweep) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    runs = trial_runs(sweep)
+    counts = runs["status"].value_counts().to_dict() if len(runs) else {}
+    parent = MlflowClient(sweep.tracking_uri).get_run(sweep.parent_run_id) if sweep.parent_run_id else None
+    start = parent.info.start_time / 1000 if parent else time.time()
+    end = parent.info.end_time / 1000 if parent and parent.info.status != "RUNNING" and parent.info.end_time else None
+    return {
+        "planned": sweep.planned_trials,
+        "finished": counts.get("FINISHED", 0),
+        "running": counts.get("RUNNING", 0),
+        "failed": counts.get("FAILED", 0),
+        "sweep_status": parent.info.status if parent else "NOT STARTED",
+        "elapsed_s": (end or time.time()) - start,
+        "best": best_trials(sweep, runs),
+    }
+
+
+def best_trials(sweep: Sweep, runs=None) -> list[dict[str, Any]]:
+    """Single objective: the best finished trial. Several: the Pareto front of the Optuna study (searched
+    trials), each matched to its MLflow run by parameters."""
+    runs = trial_runs(sweep) if runs is None else runs
+    spec = sweep.spec
+    if not len(runs):
+        return []
+    finished = runs[runs["status"] == "FINISHED"]
+    if len(spec.objectives) > 1 and spec.space:
+        import optuna
+
+        try:
+            study = optuna.load_study(study_name=sweep.name, storage=sweep.optuna_url)
+        except KeyError:
+            return []
+        front = []
+        for trial in study.best_trials:
+            values = dict(zip(spec.metric_names, trial.values, strict=True))
+            run_id = match_run(finished, trial.params)
+            front.append(
+                {"params": trial.params, "values": values, "optuna_trial": trial.number, "mlflow_run_id": run_id}
+            )
+        return front
+    column, mode = f"metrics.{spec.metric_names[0]}", spec.mode_names[0]
+    if column not in finished or finished[column].isna().all():
+        return []
+    row = finished.loc[finished[column].idxmax() if mode == "max" else finished[column].idxmin()]
+    return [{"params": params_of(row, spec), "values": {spec.metric_names[0]: float(row[column])},
+             "mlflow_run_id": row["run_id"], "trial_id": row.get("tags.teachsweep.trial_id")}]  # fmt: skip
+
+
+def params_of(row, spec: SweepSpec) -> dict[str, Any]:
+    """The searched (or, for grids, the overlaid) parameters of a run row, typed back from MLflow's strings."""
+    import yaml
+
+    keys = list(spec.space) or sorted({k for v in spec.variants.values() for k in v} | {"arm", "seed"})
+    out = {}
+    for key in keys:
+        value = row.get(f"params.{key}")
+        if value is not None and value == value:  # not NaN
+            out[key] = yaml.safe_load(value) if value not in ("None",) else None
+    return out
+
+
+def match_run(runs, params: dict[str, Any]) -> str | None:
+    for _, row in runs.iterrows():
+        if all(str(row.get(f"params.{k}")) == str(v) for k, v in params.items()):
+            return row["run_id"]
+    return None
+
+
+def full_config(sweep: Sweep, run_id: str) -> dict[str, Any]:
+    """The complete job config a trial ran, read back from its MLflow params and typed by the job's model."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from teachsweep.jobs import JOBS
+
+    params = MlflowClient(sweep.tracking_uri).get_run(run_id).data.params
+    fields = JOBS[sweep.spec.job].config_class.model_fields
+    config = {k: yaml.safe_load(v) if v != "None" else None for k, v in params.items() if k in fields}
+    return JOBS[sweep.spec.job].config_class.model_validate(config).model_dump()

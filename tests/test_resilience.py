@@ -1,0 +1,167 @@
+"""A sweep people can trust: a driver killed with SIGKILL resumes without duplicates, failing trials are
+recorded and the sweep goes on, several objectives keep a Pareto front, and the CLI reads it all back."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from teachsweep.cli import app
+from teachsweep.results import open_sweep
+from teachsweep.spec import parse_spec
+from teachsweep.sweep import run_sweep
+
+pytestmark = pytest.mark.integration
+TEACHSWEEP = str(Path(sys.executable).parent / "teachsweep")
+
+SPEC = """
+name: {name}
+job: lot
+config: {{task: digits, teacher: "cnn:8", epochs: {epochs}, steps_per_epoch: {steps}, batch_size: 32, max_eval_examples: 64,
+          optimizer: sgd, lr: 0.05}}
+space:
+  alpha: {{type: loguniform, low: 0.1, high: 1.0}}
+  student_steps: {{type: int, low: 1, high: 2}}
+num_samples: {samples}
+max_concurrent_trials: 2
+results_dir: {results}
+"""
+
+
+def trial_runs(sweep):
+    client = MlflowClient(sweep.tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.name)
+    query = f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}' and tags.`teachsweep.role` = 'trial'"
+    return client.search_runs([experiment.experiment_id], filter_string=query)
+
+
+def test_killed_driver_resumes_with_one_run_per_trial_and_no_running_optuna_trial(tmp_path):
+    results = tmp_path / "results"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(SPEC.format(name="killed", epochs=4, steps=150, samples=4, results=results))
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed with the process
+    driver = subprocess.Popen([TEACHSWEEP, "run", str(spec_file)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    killed_mid_trial = False
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(1)
+        if not (results / "killed" / "mlflow_parent_run_id").exists():
+            continue  # still starting; reading a store the driver is creating would race its schema set-up
+        runs = trial_runs(open_sweep("killed", results))
+        running = [r for r in runs if r.info.status == "RUNNING" and r.data.metrics]
+        if running and any(r.info.status == "FINISHED" for r in runs):
+            driver.send_signal(signal.SIGKILL)  # the driver only: its Ray processes share its fate
+            killed_mid_trial = True
+            break
+    driver.wait(timeout=60)
+    assert killed_mid_trial, (
+        "the sweep ended before it could be killed: " + (tmp_path / "driver.log").read_text()[-3000:]
+    )
+    time.sleep(3)
+
+    resumed = subprocess.run([TEACHSWEEP, "resume", "killed", "--results-dir", str(results)], env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+
+    sweep = open_sweep("killed", results)
+    runs = trial_runs(sweep)
+    trial_ids = [r.data.tags["teachsweep.trial_id"] for r in runs]
+    assert len(runs) == 4 and len(set(trial_ids)) == 4  # every planned trial, each with exactly one run
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        steps = [
+            m.step for m in MlflowClient(sweep.tracking_uri).get_metric_history(run.info.run_id, "teacher/val_acc")
+        ]
+        assert sorted(set(steps)) == [1, 2, 3, 4]
+    study = optuna.load_study(study_name="killed", storage=sweep.optuna_url)
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
+
+
+def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_session, tmp_path):
+    text = SPEC.format(name="failing", epochs=1, steps=5, samples=4, results=tmp_path / "r")
+    text = text.replace(
+        "student_steps: {type: int, low: 1, high: 2}", "lr: {type: categorical, values: [0.05, 1.0e+30]}"
+    )
+    spec = parse_spec(text)
+    outcome = run_sweep(spec, text)
+    failed = [row for row in outcome.trials if row["status"] == "ERROR"]
+    ok = [row for row in outcome.trials if row["status"] == "OK"]
+    assert failed and ok and len(outcome.trials) == 4
+    assert all("not finite" in row["error"] for row in failed)
+
+    sweep = open_sweep("failing", tmp_path / "r")
+    runs = {r.data.tags["teachsweep.trial_id"]: r for r in trial_runs(sweep)}
+    for row in failed:
+        run = runs[row["trial_id"]]
+        assert run.info.status == "FAILED" and "FloatingPointError" in run.data.tags["teachsweep.error"]
+    study = optuna.load_study(study_name="failing", storage=sweep.optuna_url)
+    assert sorted(t.state.name for t in study.trials) == sorted(["FAIL"] * len(failed) + ["COMPLETE"] * len(ok))
+
+
+def test_two_objectives_keep_a_pareto_front_and_the_cli_reads_it(ray_session, tmp_path):
+    results = tmp_path / "results"
+    text = SPEC.format(name="pareto", epochs=1, steps=4, samples=3, results=results)
+    text += "objectives:\n  - {metric: teacher/best_val_acc, mode: max}\n  - {metric: time/teacher_step_s, mode: min}\n"
+    outcome = run_sweep(parse_spec(text), text)
+    assert outcome.best and all(
+        set(b["values"]) == {"teacher/best_val_acc", "time/teacher_step_s"} for b in outcome.best
+    )
+
+    runner = CliRunner()
+    best = runner.invoke(app, ["best", "pareto", "--results-dir", str(results)])
+    assert best.exit_code == 0 and "Pareto front" in best.output
+    status = runner.invoke(app, ["status", "pareto", "--results-dir", str(results)])
+    assert status.exit_code == 0 and "3/3 done" in status.output and "FINISHED" in status.output
+    listing = runner.invoke(app, ["list", "--results-dir", str(results)])
+    assert listing.exit_code == 0 and "pareto" in listing.output
+    export = runner.invoke(app, ["export", "pareto", "--results-dir", str(results), "--out", str(tmp_path / "ex")])
+    assert export.exit_code == 0, export.output
+    exported = parse_spec((tmp_path / "ex" / "best_spec.yaml").read_text())  # a runnable, valid spec
+    assert exported.variants["best"]["task"] == "digits" and exported.variants["best"]["teacher"] == "cnn:8"
+
+
+def test_resume_of_a_sweep_that_does_not_exist(tmp_path):
+    outcome = CliRunner().invoke(app, ["resume", "ghost", "--results-dir", str(tmp_path)])
+    assert outcome.exit_code == 2 and "no sweep named 'ghost'" in outcome.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spec_changed_since_the_sweep_started_is_refused_with_what_changed(ray_session, tmp_path):
+    results = tmp_path / "results"
+    text = SPEC.format(name="changing", epochs=1, steps=2, samples=1, results=results)
+    run_sweep(parse_spec(text), text)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(text.replace("high: 1.0}", "high: 2.0}"))
+    outcome = CliRunner().invoke(app, ["run", str(spec_file)])
+    assert outcome.exit_code == 2 and "space.alpha.high: 1.0 -> 2.0" in outcome.output
+
+
+def test_concurrent_writers_on_one_sqlite_store_lose_no_metric(tmp_path):
+    """Four processes log 60 epochs of 5 metrics each into one SQLite MLflow store at the same time."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("concurrent")
+    run_ids = [client.create_run(experiment).info.run_id for _ in range(4)]
+    script = (
+        "import sys\nfrom teachsweep import tracking\nclient = tracking.client_for(sys.argv[1])\n"
+        "for epoch in range(60):\n"
+        "    tracking.log_metrics(client, sys.argv[2], {f'm{i}': epoch * 10 + i for i in range(5)}, step=epoch)\n"
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", script, uri, run_id]) for run_id in run_ids]
+    assert [w.wait(timeout=300) for w in writers] == [0, 0, 0, 0]
+    for run_id in run_ids:
+        for i in range(5):
+            history = client.get_metric_history(run_id, f"m{i}")
+            assert sorted(m.step for m in history) == list(range(60))
+            assert sorted(m.value for m in history) == [epoch * 10 + i for epoch in range(60)]
