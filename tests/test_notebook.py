@@ -1,0 +1,53 @@
+"""The analysis notebook runs top to bottom (nbclient, a real kernel) against a sweep made here."""
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from teachsweep.spec import parse_spec
+from teachsweep.sweep import run_sweep
+
+pytestmark = pytest.mark.integration
+NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "analyze_sweep.ipynb"
+
+SPEC = """
+name: nb
+job: lot
+config: {task: digits, teacher: "cnn:8", epochs: 2, steps_per_epoch: 3, batch_size: 32, max_eval_examples: 64}
+space:
+  alpha: {type: loguniform, low: 0.1, high: 1.0}
+  student_steps: {type: int, low: 1, high: 3}
+num_samples: 3
+max_concurrent_trials: 3
+baseline: {budget: teacher_steps}
+results_dir: RESULTS
+"""
+
+
+def test_notebook_is_committed_without_outputs():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(
+        not cell.get("outputs") and not cell.get("execution_count")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+    )
+
+
+def test_analysis_notebook_executes_against_a_real_sweep(ray_session, tmp_path, monkeypatch):
+    text = SPEC.replace("RESULTS", str(tmp_path / "results"))
+    run_sweep(parse_spec(text), text)
+    monkeypatch.setenv("TEACHSWEEP_SWEEP", "nb")
+    monkeypatch.setenv("TEACHSWEEP_RESULTS", str(tmp_path / "results"))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text_out = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "sweep nb: job lot, 4 trial runs" in text_out
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # heatmap, parallel coordinates, curves
+    assert os.environ.get("TEACHSWEEP_SWEEP") == "nb"
