@@ -97,9 +97,22 @@ class TextClassifier(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder.get_input_embeddings()(input_ids)
+
+    def classify(self, batch: dict, inputs_embeds: torch.Tensor | None = None, output_attentions: bool = False):
+        """(logits, attentions or None); `inputs_embeds` replaces the token ids (gradient explainers)."""
+        out = self.encoder(
+            input_ids=None if inputs_embeds is not None else batch["input_ids"],
+            inputs_embeds=inputs_embeds,
+            attention_mask=batch["attention_mask"],
+            output_attentions=output_attentions,
+        )
+        logits = self.head(self.dropout(self.pool(out.last_hidden_state, batch["attention_mask"])))
+        return logits, out.attentions if output_attentions else None
+
     def forward(self, batch: dict, state=None):
-        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return self.head(self.dropout(self.pool(hidden, batch["attention_mask"]))), None
+        return self.classify(batch)[0], None
 
 
 class ImageClassifier(nn.Module):

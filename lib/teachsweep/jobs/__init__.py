@@ -26,4 +26,6 @@ class Job:
 
 JOBS: dict[str, Job] = {
     "lot": Job("teachsweep.jobs.lot", "LoTConfig", "teacher/best_val_acc", "max"),
+    "teacher": Job("teachsweep.jobs.teacher", "TeacherConfig", "teacher/best_val_acc", "max"),
+    "scaffold": Job("teachsweep.jobs.scaffold", "ScaffoldConfig", "simulability/best_val", "max"),
 }

@@ -14,19 +14,16 @@ matches total model-steps. Works for text and image classification and for langu
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import nn
 
 from teachsweep import data, models
 from teachsweep.reporter import Reporter
+from teachsweep.training import TaskData, autocast, evaluate, make_optimizer, pick_device, to_device, update
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -163,112 +160,6 @@ def student_loss(
     return loss
 
 
-# ---------------------------------------------------------------------------------------------- set-up helpers
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def make_optimizer(model: nn.Module, cfg: LoTConfig, total_steps: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-            weight_decay=cfg.weight_decay,
-        )  # fmt: skip
-    elif cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        )
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    return opt, sched
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def update(model: nn.Module, optimizer, scheduler, clip: float | None) -> None:
-    if clip is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-class TaskData:
-    """Train streams and evaluation splits of one task, shaped for one model family."""
-
-    def __init__(self, cfg: LoTConfig):
-        self.cfg = cfg
-        self.task = data.load_task(cfg.task, cfg.text_column, cfg.label_column)
-        self.is_lm = self.task.kind == "lm"
-        tokenizer = models.load_tokenizer(cfg.teacher) if self.task.kind == "text" else None
-        if cfg.student and tokenizer is not None and models.load_tokenizer(cfg.student).vocab != tokenizer.vocab:
-            raise ValueError("teacher and student must share a tokenizer (their KL compares the same inputs)")
-        if self.is_lm:
-            self.train_tokens = self.task.splits["train"].tokens
-            self.eval_tokens = {s: self.task.splits[s].tokens[: cfg.max_eval_examples] for s in ("validation", "test")}
-        else:
-            split = lambda s, n: data.make_batches(self.task, s, tokenizer, cfg.max_length, n)  # noqa: E731
-            self.train = split("train", cfg.max_train_examples)
-            self.eval = {s: split(s, cfg.max_eval_examples) for s in ("validation", "test")}
-
-    def steps_per_pass(self) -> int:
-        if self.is_lm:
-            return max(1, (len(self.train_tokens) // self.cfg.batch_size - 1) // self.cfg.bptt)
-        return max(1, len(self.train.split) // self.cfg.batch_size)
-
-    def stream(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        cfg = self.cfg
-        if self.is_lm:
-            start = torch.randint(0, 1 << 30, (1,), generator=torch.Generator().manual_seed(seed)).item()
-            return data.lm_stream(self.train_tokens, cfg.batch_size, cfg.bptt, start=start)
-        return data.train_stream(self.train, cfg.batch_size, seed, cfg.augment_pad, cfg.augment_flip)
-
-    def eval_stream(self, split: str) -> Iterator[dict[str, torch.Tensor]]:
-        if self.is_lm:
-            return data.lm_stream(self.eval_tokens[split], 10, self.cfg.bptt, endless=False)
-        return data.eval_batches(self.eval[split], self.cfg.eval_batch_size)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterator[dict], device, precision) -> tuple[float, torch.Tensor]:
-    """(accuracy, predictions) for classifiers; (perplexity, empty) for language models."""
-    model.eval()
-    total_loss, correct, count, state, predictions = 0.0, 0, 0, None, []
-    for batch in batches:
-        batch = to_device(batch, device)
-        with autocast(device, precision):
-            logits, state = model(batch, state)
-        labels = batch["labels"]
-        if logits.dim() == 3:
-            total_loss += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item()
-        else:
-            predictions.append(logits.argmax(-1).cpu())
-            correct += (predictions[-1] == labels.cpu()).sum().item()
-        count += labels.numel()
-    model.train()
-    if predictions:
-        return correct / count, torch.cat(predictions)
-    return math.exp(min(total_loss / count, 50.0)), torch.empty(0)
-
-
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -277,7 +168,7 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
     reporter = reporter or Reporter()
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    task_data = TaskData(cfg)
+    task_data = TaskData(cfg, [cfg.teacher, cfg.student])
 
     teacher = models.build_model(cfg.teacher, task_data.task, cfg.seed, cfg.bptt).to(device).train()
     n_students = cfg.num_students if cfg.arm == "lot" else 0

@@ -1,0 +1,318 @@
+"""SMaT: Learning to Scaffold (Fernandes et al. 2022), one file, top to bottom.
+
+A frozen teacher T explains its predictions with E_T,phi (a head mix of its attention, or a static explainer).
+A student S_theta, initialised from the PRE-TRAINED weights, with its own learnable attention explainer E_S,psi,
+learns to simulate T from a few hundred examples:
+
+    L_train = CE(S(x), argmax T(x)) + beta * KL(E_T(x) || E_S(x))
+
+With `explainer: smat`, phi is meta-learned: after each student step, a differentiable look-ahead through the
+SAME optimizer update on the same batch gives theta'(phi), and phi follows the gradient of the look-ahead
+student's simulation loss on a validation batch (no dropout), with AdamW. The score of record is the test
+simulability (agreement with the teacher on unexplained inputs) of the student with the best validation
+simulability (early stopping with patience)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+from torch.func import functional_call
+
+from teachsweep import data, models
+from teachsweep.explain import registry
+from teachsweep.explain.attention import AttentionExplainer, full_precision, head_scores, token_distribution
+from teachsweep.jobs import teacher as teacher_job
+from teachsweep.reporter import Reporter
+from teachsweep.training import pick_device, to_device
+
+
+class ScaffoldConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: dict | str = Field(default_factory=dict)  # TeacherConfig fields, a checkpoint dir, or "mlflow:<run>"
+    student: str | None = None  # default: the teacher's architecture, from its pre-trained weights
+    explainer: str = "smat"
+    beta: float | None = Field(None, ge=0)  # default: the explainer's (5 attention, 0.2 gradients)
+    normalizer: Literal["sparsemax", "softmax", "entmax15"] = "sparsemax"
+    meta_lr: float = Field(5e-4, gt=0)
+    meta_clip: float = Field(5.0, gt=0)
+    student_optimizer: Literal["sgd", "adamw"] = "sgd"
+    student_lr: float = Field(5e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    clip_grad_norm: float = Field(5.0, gt=0)
+    num_train_examples: int = Field(500, ge=8)
+    batch_size: int = Field(32, ge=1)
+    max_epochs: int = Field(20, ge=1)
+    patience: int = Field(10, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    max_length: int = Field(128, ge=8)
+    ig_steps: int = Field(10, ge=2)
+    ig_baseline: Literal["zero", "pad"] = "zero"
+    seed: int = 0
+    device: str = "auto"
+
+    @field_validator("explainer")
+    @classmethod
+    def _known_explainer(cls, value: str) -> str:
+        registry.explainer_info(value)
+        return value
+
+    @field_validator("teacher")
+    @classmethod
+    def _valid_teacher(cls, value: dict | str) -> dict | str:
+        if isinstance(value, dict):
+            teacher_job.TeacherConfig.model_validate(value)
+        return value
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def explanation_kl(teacher_probs: torch.Tensor, student_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean_b sum_j m_j p^T_j (log p^T_j - log p^S_j), both clamped to [1e-7, 1 - 1e-7], terms with p^T = 0
+    set to 0."""
+    p_t = teacher_probs.clamp(1e-7, 1 - 1e-7)
+    p_s = student_probs.clamp(1e-7, 1 - 1e-7)
+    terms = torch.where(teacher_probs > 0, p_t * (p_t.log() - p_s.log()), torch.zeros_like(p_t))
+    return (terms * mask).sum(-1).mean()
+
+
+def simulation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the teacher's hard predictions."""
+    return F.cross_entropy(full_precision(student_logits), teacher_logits.argmax(-1))
+
+
+class ExplainedStudent(nn.Module):
+    """The student and its explainer as one module, so that one functional_call runs the look-ahead."""
+
+    def __init__(self, student: nn.Module, explainer: AttentionExplainer):
+        super().__init__()
+        self.student, self.explainer = student, explainer
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, attentions = self.student.classify(batch, output_attentions=True)
+        return logits, self.explainer(head_scores(attentions, batch["attention_mask"]), batch["attention_mask"])
+
+
+def inner_loss(student_out, teacher_logits, teacher_scores, mask, beta: float) -> torch.Tensor:
+    logits, student_scores = student_out
+    loss = simulation_loss(logits, teacher_logits)
+    if teacher_scores is not None and beta > 0:
+        loss = loss + beta * explanation_kl(
+            token_distribution(teacher_scores, mask), token_distribution(student_scores, mask), mask
+        )
+    return loss
+
+
+def lookahead(params, grads, optimizer, cfg: ScaffoldConfig) -> list[torch.Tensor]:
+    """One differentiable step of the student's own update rule: global-norm clipping, then SGD (or AdamW from
+    the optimizer's current moments), with decoupled weight decay."""
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+    scale = torch.clamp(cfg.clip_grad_norm / (norm + 1e-6), max=1.0)
+    updated = []
+    for p, g in zip(params, grads, strict=True):
+        g = g * scale
+        if cfg.student_optimizer == "adamw":
+            state = optimizer.state.get(p, {})
+            (beta1, beta2), eps = optimizer.defaults["betas"], optimizer.defaults["eps"]
+            step = float(state.get("step", 0)) + 1
+            m = beta1 * state.get("exp_avg", torch.zeros_like(p)) + (1 - beta1) * g
+            v = beta2 * state.get("exp_avg_sq", torch.zeros_like(p)) + (1 - beta2) * g * g
+            direction = (m / (1 - beta1**step)) / ((v / (1 - beta2**step) + 1e-16).sqrt() + eps)
+        else:
+            direction = g
+        updated.append(p - cfg.student_lr * (direction + cfg.weight_decay * p))
+    return updated
+
+
+def student_step(params: list[torch.Tensor], optimizer, cfg: ScaffoldConfig) -> None:
+    """The real update that `lookahead` mirrors: global-norm clipping, decoupled weight decay, the step."""
+    nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+    if cfg.student_optimizer == "sgd" and cfg.weight_decay:
+        with torch.no_grad():
+            for p in params:
+                p.mul_(1 - cfg.student_lr * cfg.weight_decay)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch, meta_targets):
+    """d L_meta / d phi through one unrolled student update on `batch` (exact second order), where L_meta is the
+    look-ahead student's simulation loss on `meta_batch` without dropout. Returns (gradient, meta loss)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    mask = batch["attention_mask"]
+    teacher_scores = teacher_explainer(evidence, mask)  # depends on phi
+    loss = inner_loss(functional_call(model, dict(zip(names, params, strict=True)), (batch,)), t_logits,
+                      teacher_scores, mask, beta)  # fmt: skip
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    ahead = dict(zip(names, lookahead(params, grads, optimizer, cfg), strict=True))
+    was_training = model.training
+    model.eval()
+    meta_logits, _ = functional_call(model, ahead, (meta_batch,))
+    model.train(was_training)
+    meta_loss = simulation_loss(meta_logits, meta_targets)
+    (phi_grad,) = torch.autograd.grad(meta_loss, teacher_explainer.phi)
+    return phi_grad, meta_loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def make_student_optimizer(params, cfg: ScaffoldConfig):
+    if cfg.student_optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.student_lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.student_lr, weight_decay=0.0)  # decay is applied decoupled, below
+
+
+@torch.no_grad()
+def simulability(model, teacher, batches, device) -> tuple[float, float]:
+    """(agreement with the teacher, accuracy on gold labels) on unexplained inputs."""
+    model.eval()
+    agree = correct = count = 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        student_pred = model(batch)[0].argmax(-1)
+        teacher_pred = teacher(batch)[0].argmax(-1)
+        agree += (student_pred == teacher_pred).sum().item()
+        correct += (student_pred == batch["labels"]).sum().item()
+        count += len(student_pred)
+    model.train()
+    return agree / count, correct / count
+
+
+def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
+    cfg = ScaffoldConfig.model_validate(config)
+    reporter = reporter or Reporter()
+    device = pick_device(cfg.device)
+    teacher, teacher_cfg = teacher_job.resolve(cfg.teacher, device)
+    task = data.load_task(teacher_cfg.task, teacher_cfg.text_column, teacher_cfg.label_column)
+    if task.kind != "text":
+        raise ValueError(
+            f"scaffold: task '{task.name}' is not text classification (ViT students are not supported yet)"
+        )
+    student_name = cfg.student or teacher_cfg.model
+    tokenizer = models.load_tokenizer(student_name)
+    info = registry.explainer_info(cfg.explainer)
+    beta = info.default_beta if cfg.beta is None else cfg.beta
+
+    # The student's data: a fixed subset of the training split (the same for every seed).
+    train_batches = data.make_batches(task, "train", tokenizer, cfg.max_length, cfg.num_train_examples)
+    val_batches = data.make_batches(task, "validation", tokenizer, cfg.max_length, cfg.max_eval_examples)
+    test_batches = data.make_batches(task, "test", tokenizer, cfg.max_length, cfg.max_eval_examples)
+    stream = data.train_stream(train_batches, cfg.batch_size, cfg.seed)
+    meta_stream = data.train_stream(val_batches, cfg.batch_size, cfg.seed + 1)
+
+    torch.manual_seed(cfg.seed)
+    student = models.build_model(student_name, task, cfg.seed).to(device).train()
+    layers, heads = student.encoder.config.num_hidden_layers, student.encoder.config.num_attention_heads
+    model = ExplainedStudent(student, AttentionExplainer(layers, heads, cfg.normalizer)).to(device)
+    t_layers, t_heads = teacher.encoder.config.num_hidden_layers, teacher.encoder.config.num_attention_heads
+    teacher_explainer = AttentionExplainer(
+        t_layers, t_heads, cfg.normalizer, layer=info.layer, learnable=info.learnable
+    ).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_student_optimizer(params, cfg)
+    meta_optimizer = (
+        torch.optim.AdamW([teacher_explainer.phi], lr=cfg.meta_lr, weight_decay=0.0) if info.learnable else None
+    )
+
+    def teacher_evidence(batch):
+        """The frozen teacher's logits and what its explanation is made of: head scores (attention explainers,
+        mixed by phi later, so the look-ahead can differentiate through the mix) or static token scores."""
+        with torch.no_grad():
+            logits, attentions = teacher.classify(batch, output_attentions=info.kind == "attention")
+        if info.kind == "attention":
+            return logits, head_scores(attentions, batch["attention_mask"])
+        if info.kind == "static":
+            fn = registry.STATIC[cfg.explainer][0]
+            ig = cfg.explainer == "integrated_gradients"
+            kwargs = {"steps": cfg.ig_steps, "baseline": cfg.ig_baseline} if ig else {}
+            return logits, fn(teacher, batch, **kwargs).detach()
+        return logits, None
+
+    def teacher_scores(evidence, mask):
+        return teacher_explainer(evidence, mask) if info.kind == "attention" else evidence
+
+    steps_per_epoch = max(1, math.ceil(len(train_batches.split) / cfg.batch_size))
+    best_val, best_epoch, best_state, metrics = -1.0, 0, None, {}
+    for epoch in range(1, cfg.max_epochs + 1):
+        train_loss = meta_loss_sum = 0.0
+        for _ in range(steps_per_epoch):
+            batch = to_device(next(stream), device)
+            mask = batch["attention_mask"]
+            t_logits, evidence = teacher_evidence(batch)
+            with torch.no_grad():
+                fixed_scores = None if evidence is None else teacher_scores(evidence, mask)
+            loss = inner_loss(model(batch), t_logits, fixed_scores, mask, beta)
+            loss.backward()
+            student_step(params, optimizer, cfg)
+            train_loss += loss.item()
+
+            if meta_optimizer is not None:  # the explainer step: look-ahead through the same update
+                meta_batch = to_device(next(meta_stream), device)
+                with torch.no_grad():
+                    meta_targets = teacher.classify(meta_batch)[0]
+                phi_grad, meta_loss = meta_gradient(
+                    model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch, meta_targets
+                )
+                teacher_explainer.phi.grad = phi_grad * torch.clamp(cfg.meta_clip / (phi_grad.norm() + 1e-6), max=1.0)
+                meta_optimizer.step()
+                meta_optimizer.zero_grad(set_to_none=True)
+                meta_loss_sum += meta_loss.item()
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"student loss is not finite in epoch {epoch}")
+
+        val_sim, _ = simulability(student, teacher, data.eval_batches(val_batches, cfg.eval_batch_size), device)
+        if val_sim > best_val:
+            best_val, best_epoch = val_sim, epoch
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in student.state_dict().items()})
+        metrics = {
+            "simulability/val": val_sim,
+            "simulability/best_val": best_val,
+            "loss/train": train_loss / steps_per_epoch,
+            "loss/meta": meta_loss_sum / steps_per_epoch,
+            "explainer/beta": beta,
+        }
+        reporter.report(metrics, epoch)
+        if epoch - best_epoch >= cfg.patience:
+            break
+
+    student.load_state_dict(best_state)
+    test_sim, student_acc = simulability(student, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device)
+    _, teacher_acc = simulability(teacher, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device)
+    metrics |= {"simulability/test": test_sim, "student/test_acc": student_acc, "teacher/test_acc": teacher_acc,
+                "best_epoch": best_epoch}  # fmt: skip
+    reporter.report(metrics, epoch)
+    if info.kind == "attention":
+        log_head_coefficients(teacher_explainer, reporter)
+    return metrics
+
+
+def log_head_coefficients(explainer: AttentionExplainer, reporter: Reporter) -> None:
+    """The teacher explainer's head mix as JSON and as a layers x heads heatmap."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    coefficients = explainer.coefficient_map()
+    reporter.log_dict("head_coefficients.json", {"layers_by_heads": coefficients, "normalizer": explainer.normalizer})
+    figure, axes = plt.subplots(figsize=(1 + 0.4 * explainer.num_heads, 1 + 0.4 * explainer.num_layers))
+    image = axes.imshow(coefficients, cmap="magma", vmin=0)
+    axes.set_xlabel("head"), axes.set_ylabel("layer"), figure.colorbar(image)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "head_coefficients.png"
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        reporter.log_file(path)

@@ -1,0 +1,159 @@
+"""Teacher job: fine-tune a classifier on gold labels, early stopping on validation accuracy, and keep the best
+checkpoint in a registry keyed by the config, so that many student trials reuse one teacher.
+
+Registry: <cache>/teachers/<hash of the config>/{model.pt, config.json, metrics.json}; `model.pt` is a
+state_dict loaded with `weights_only=True`. A sweep names a teacher by its config (trained once, on first use,
+under a file lock), by a checkpoint directory, or by the MLflow run that logged it."""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from teachsweep import data, models
+from teachsweep.reporter import Reporter
+from teachsweep.training import TaskData, autocast, evaluate, make_optimizer, pick_device, to_device, update
+
+
+class TeacherConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = "rotten_tomatoes"
+    model: str = "minilm:2"
+    optimizer: Literal["sgd", "adamw", "adam"] = "adamw"
+    lr: float = Field(5e-5, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    clip_grad_norm: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(5, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1)
+    patience: int = Field(5, ge=1)
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    max_length: int = Field(128, ge=8)
+    freeze_embeddings: bool = False
+    text_column: str | None = None
+    label_column: str | None = None
+    augment_pad: int = 0
+    augment_flip: bool = False
+    bptt: int = 35
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        return data.validate_task_name(value)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return models.validate_model_name(value)
+
+    def key(self) -> str:
+        fields = self.model_dump(exclude={"device", "precision"})
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def registry_dir(cfg: TeacherConfig) -> Path:
+    return data.cache_dir() / "teachers" / cfg.key()
+
+
+def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
+    """Fine-tune, keep the best validation epoch, save it to the registry (and as an MLflow artifact)."""
+    cfg = TeacherConfig.model_validate(config)
+    reporter = reporter or Reporter()
+    device = pick_device(cfg.device)
+    task_data = TaskData(cfg, [cfg.model])
+    model = models.build_model(cfg.model, task_data.task, cfg.seed, cfg.bptt).to(device).train()
+    if cfg.freeze_embeddings:
+        models.freeze_word_embeddings(model)
+    steps = cfg.steps_per_epoch or task_data.steps_per_pass()
+    optimizer, scheduler = make_optimizer(model, cfg, steps * cfg.epochs)
+    stream = task_data.stream(cfg.seed)
+
+    best_acc, best_state, best_epoch, metrics = -1.0, None, 0, {}
+    for epoch in range(1, cfg.epochs + 1):
+        for _ in range(steps):
+            batch = to_device(next(stream), device)
+            with autocast(device, cfg.precision):
+                logits, _ = model(batch)
+                loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
+            loss.backward()
+            update(model, optimizer, scheduler, cfg.clip_grad_norm)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"teacher loss is not finite in epoch {epoch}")
+        val_acc, _ = evaluate(model, task_data.eval_stream("validation"), device, cfg.precision)
+        if val_acc > best_acc:
+            best_acc, best_epoch = val_acc, epoch
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        metrics = {"teacher/val_acc": val_acc, "teacher/best_val_acc": best_acc, "teacher/loss": loss.item()}
+        reporter.report(metrics, epoch)
+        if epoch - best_epoch >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    test_acc, _ = evaluate(model, task_data.eval_stream("test"), device, cfg.precision)
+    metrics |= {"teacher/test_acc": test_acc, "teacher/best_epoch": best_epoch}
+    reporter.report(metrics, epoch)
+    directory = save(cfg, best_state, metrics)
+    reporter.log_file(directory / "model.pt")
+    reporter.log_file(directory / "config.json")
+    return metrics
+
+
+def save(cfg: TeacherConfig, state: dict, metrics: dict) -> Path:
+    directory = registry_dir(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "model.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(directory / "model.pt")
+    (directory / "config.json").write_text(cfg.model_dump_json(indent=1))
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return directory
+
+
+def load_checkpoint(directory: Path, device: torch.device) -> tuple[nn.Module, TeacherConfig]:
+    cfg = TeacherConfig.model_validate_json((Path(directory) / "config.json").read_text())
+    task = data.load_task(cfg.task, cfg.text_column, cfg.label_column)
+    model = models.build_model(cfg.model, task, cfg.seed, cfg.bptt)
+    model.load_state_dict(torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=True))
+    return model.to(device).eval().requires_grad_(False), cfg
+
+
+def resolve(teacher: dict | str, device: torch.device, tracking_uri: str | None = None):
+    """A frozen teacher from a config (trained once into the registry), a checkpoint directory, or an MLflow run
+    id (`mlflow:<run_id>`, the run's logged model.pt and config.json)."""
+    if isinstance(teacher, str) and teacher.startswith("mlflow:"):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        run_id = teacher.removeprefix("mlflow:")
+        target = data.cache_dir() / "teachers" / f"mlflow-{run_id}"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("model.pt", "config.json"):
+            client.download_artifacts(run_id, name, str(target))
+        return load_checkpoint(target, device)
+    if isinstance(teacher, str):
+        return load_checkpoint(Path(teacher), device)
+    cfg = TeacherConfig.model_validate(teacher)
+    directory = registry_dir(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:  # concurrent trials: one trains, the others wait and reuse
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / "model.pt").exists():
+            train(cfg)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return load_checkpoint(directory, device)

@@ -1,0 +1,173 @@
+"""SMaT: attention explainer, losses, the look-ahead update, the meta-gradient, static explainers, teachers."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from teachsweep import data, models
+from teachsweep.explain import gradient
+from teachsweep.explain.attention import AttentionExplainer, head_scores, token_distribution
+from teachsweep.jobs import scaffold
+from teachsweep.jobs import teacher as teacher_job
+
+
+def tiny_bert(seed=0, dropout=False):
+    model = models.build_model("tiny-bert", data.load_task("rotten_tomatoes"), seed)
+    if not dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    return model
+
+
+def text_batch(n=4, length=24):
+    task = data.load_task("rotten_tomatoes")
+    batches = data.make_batches(task, "validation", models.load_tokenizer("tiny-bert"), length, 64)
+    return next(data.train_stream(batches, n, seed=3))
+
+
+def test_log_attention_gives_the_same_explanation_as_pre_softmax_scores():
+    torch.manual_seed(0)
+    B, L, H, n = 2, 2, 3, 5
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    z = torch.randn(B, L, H, n, n) * 3
+    bias = (1 - mask)[:, None, None, None, :] * -1e9
+    attentions = tuple(torch.softmax(z[:, layer] + bias[:, 0], dim=-1) for layer in range(L))
+    explainer = AttentionExplainer(L, H, "sparsemax")
+    with torch.no_grad():
+        explainer.phi.copy_(torch.tensor([0.5, 0.1, 0.0, 0.3, 0.2, 0.4]))
+    from_log_a = token_distribution(explainer(head_scores(attentions, mask), mask), mask)
+    rows = mask.float() / mask.sum(-1, keepdim=True)
+    from_z = torch.einsum("bkij,bi->bkj", z.flatten(1, 2), rows)
+    expected = token_distribution(explainer(from_z, mask), mask)
+    assert torch.allclose(from_log_a, expected, atol=1e-5)
+    assert (from_log_a[1, 3:] == 0).all()  # padding never gets probability
+
+
+def test_head_coefficients_start_uniform_and_layer_restriction_zeroes_other_layers():
+    explainer = AttentionExplainer(3, 4, "sparsemax")
+    assert torch.allclose(explainer.coefficients(), torch.full((12,), 1 / 12))
+    last = AttentionExplainer(3, 4, "sparsemax", layer=-1, learnable=False)
+    coefficients = last.coefficients().view(3, 4)
+    assert torch.allclose(coefficients[2], torch.full((4,), 0.25)) and (coefficients[:2] == 0).all()
+    assert not last.phi.requires_grad
+    one_head = AttentionExplainer(3, 4, "softmax", head=5).coefficients().detach()
+    assert one_head[5] == pytest.approx(1.0) and one_head.sum() == pytest.approx(1.0)
+
+
+def test_explanation_kl_matches_a_hand_computation_and_ignores_padding():
+    p_t = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    p_s = torch.tensor([[0.25, 0.75, 0.0], [0.2, 0.3, 0.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    by_hand = (0.5 * torch.log(torch.tensor(0.5 / 0.25)) + 0.5 * torch.log(torch.tensor(0.5 / 0.75))) / 2
+    assert scaffold.explanation_kl(p_t, p_s, mask).item() == pytest.approx(by_hand.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_lookahead_is_the_same_update_as_the_real_optimizer(optimizer):
+    cfg = scaffold.ScaffoldConfig(student_optimizer=optimizer, student_lr=0.05, weight_decay=0.1, clip_grad_norm=0.5)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    params = list(net.parameters())
+    opt = scaffold.make_student_optimizer(params, cfg)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    for _ in range(2):  # a step first, so AdamW has moments
+        nn.functional.cross_entropy(net(x), y).backward()
+        scaffold.student_step(params, opt, cfg)
+    grads = torch.autograd.grad(nn.functional.cross_entropy(net(x), y), params)
+    predicted = [p.detach() for p in scaffold.lookahead(params, grads, opt, cfg)]
+    nn.functional.cross_entropy(net(x), y).backward()
+    scaffold.student_step(params, opt, cfg)
+    for real, ahead in zip(params, predicted, strict=True):
+        assert torch.allclose(real.detach(), ahead, atol=1e-6)
+
+
+def test_meta_gradient_matches_finite_differences():
+    torch.set_default_dtype(torch.float64)
+    try:
+        cfg = scaffold.ScaffoldConfig(student_lr=0.5, weight_decay=0.01, clip_grad_norm=100.0)
+        teacher, student = tiny_bert(0).double(), tiny_bert(1).double()
+        teacher.eval()
+        layers, heads = 2, 4
+        model = scaffold.ExplainedStudent(student, AttentionExplainer(layers, heads, "softmax")).double()
+        explainer = AttentionExplainer(layers, heads, "softmax").double()
+        with torch.no_grad():
+            explainer.phi.copy_(torch.linspace(-1, 1, layers * heads))
+        batch, meta_batch = text_batch(4), text_batch(4, 20)
+        with torch.no_grad():
+            t_logits, attentions = teacher.classify(batch, output_attentions=True)
+            meta_targets = teacher.classify(meta_batch)[0]
+        evidence = head_scores(attentions, batch["attention_mask"])
+        opt = scaffold.make_student_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+        grad, _ = scaffold.meta_gradient(
+            model, explainer, opt, cfg, 5.0, batch, t_logits, evidence, meta_batch, meta_targets
+        )
+
+        direction = torch.randn(layers * heads)
+        eps = 1e-5
+
+        def meta_loss_at(phi):
+            probe = copy.deepcopy(explainer)
+            with torch.no_grad():
+                probe.phi.copy_(phi)
+            return scaffold.meta_gradient(
+                model, probe, opt, cfg, 5.0, batch, t_logits, evidence, meta_batch, meta_targets
+            )[1]
+
+        numeric = (meta_loss_at(explainer.phi + eps * direction) - meta_loss_at(explainer.phi - eps * direction)) / (
+            2 * eps
+        )
+        assert grad.abs().sum() > 0
+        assert (grad @ direction).item() == pytest.approx(numeric.item(), rel=1e-3, abs=1e-8)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_integrated_gradients_follow_the_whole_straight_line_path():
+    """Completeness: attributions sum to f(input) - f(baseline) when the path really reaches the input."""
+    model = tiny_bert(0).eval()
+    batch = text_batch(2)
+    scores = gradient.integrated_gradients(model, batch, steps=200)
+    with torch.no_grad():
+        logits = model.classify(batch)[0]
+        target = logits.argmax(-1)
+        zero = model.classify(batch, inputs_embeds=torch.zeros_like(model.embed(batch["input_ids"])))[0]
+    gap = logits.gather(1, target[:, None]) - zero.gather(1, target[:, None])
+    assert torch.allclose(scores.sum(-1), gap.squeeze(1), rtol=0.05, atol=1e-3)
+    assert gradient.gradient_norm(model, batch).shape == batch["input_ids"].shape
+    assert (gradient.gradient_norm(model, batch) >= 0).all()
+
+
+def test_teacher_registry_trains_once_and_reloads_with_weights_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
+    config = dict(task="rotten_tomatoes", model="tiny-bert", lr=1e-3, epochs=1, steps_per_epoch=3,
+                  max_eval_examples=32, max_length=24, max_train_examples=64)  # fmt: skip
+    first, cfg = teacher_job.resolve(config, torch.device("cpu"))
+    checkpoint = teacher_job.registry_dir(teacher_job.TeacherConfig(**config)) / "model.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    second, _ = teacher_job.resolve(config, torch.device("cpu"))
+    assert checkpoint.stat().st_mtime_ns == stamp  # reused, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert not any(p.requires_grad for p in second.parameters()) and not second.training
+    torch.load(checkpoint, weights_only=True)
+
+
+@pytest.mark.parametrize("explainer", ["none", "attention_last", "smat", "grad_x_input"])
+def test_scaffold_job_trains_a_student_and_reports_simulability(tmp_path, monkeypatch, explainer):
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
+    teacher = dict(task="rotten_tomatoes", model="tiny-bert", lr=1e-3, epochs=1, steps_per_epoch=5,
+                   max_eval_examples=32, max_length=24, max_train_examples=128)  # fmt: skip
+    from teachsweep.reporter import Reporter
+
+    reporter = Reporter()
+    metrics = scaffold.train(dict(teacher=teacher, explainer=explainer, num_train_examples=32, batch_size=8,
+                                  max_epochs=2, max_eval_examples=32, max_length=24), reporter)  # fmt: skip
+    assert 0.0 <= metrics["simulability/test"] <= 1.0 and "student/test_acc" in metrics
+    assert [h["epoch"] for h in reporter.history][:2] == [1, 2]
+    if explainer == "smat":
+        coefficients = reporter.artifacts["head_coefficients.json"]["layers_by_heads"]
+        assert len(coefficients) == 2 and len(coefficients[0]) == 4
+        assert sum(map(sum, coefficients)) == pytest.approx(1.0, abs=1e-5)
+        assert metrics["loss/meta"] > 0
