@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -149,7 +150,9 @@ def test_teacher_registry_trains_once_and_reloads_with_weights_only(tmp_path, mo
     stamp = checkpoint.stat().st_mtime_ns
     second, _ = teacher_job.resolve(config, torch.device("cpu"))
     assert checkpoint.stat().st_mtime_ns == stamp  # reused, not retrained
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    )
     assert not any(p.requires_grad for p in second.parameters()) and not second.training
     torch.load(checkpoint, weights_only=True)
 
@@ -171,3 +174,77 @@ def test_scaffold_job_trains_a_student_and_reports_simulability(tmp_path, monkey
         assert len(coefficients) == 2 and len(coefficients[0]) == 4
         assert sum(map(sum, coefficients)) == pytest.approx(1.0, abs=1e-5)
         assert metrics["loss/meta"] > 0
+
+
+def test_plausibility_metrics_on_hand_made_rationales():
+    from teachsweep.metrics import mean_plausibility, plausibility, word_scores
+
+    rationale = np.array([0, 1, 1, 0, 0])
+    perfect = plausibility(np.array([0.1, 0.9, 0.8, 0.2, 0.0]), rationale)
+    assert perfect == {"auc": 1.0, "ap": 1.0, "recall_at_k": 1.0}
+    assert plausibility(np.array([0.9, 0.1, 0.0, 0.8, 0.7]), rationale)["auc"] == 0.0
+    assert plausibility(np.ones(3), np.ones(3)) is None  # nothing to rank: skipped
+    # word pieces are summed into words; special tokens (None) are dropped
+    assert word_scores(np.array([0.5, 0.2, 0.3, 0.9]), [None, 0, 0, 1], 2).tolist() == [0.5, 0.9]
+    assert mean_plausibility([(np.array([1.0, 0.0]), np.array([1, 0])), (np.ones(2), np.ones(2))])["n"] == 1.0
+
+
+def test_scaffold_reports_plausibility_against_a_rationale_set_built_here(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
+    lexicon = {"good", "bad", "great", "best", "worst", "funny", "boring", "dull", "fun", "love"}
+    task = data.load_task("rotten_tomatoes")
+    lines = []
+    for text in task.splits["validation"].texts[:400]:
+        words = text.split()
+        mask = [int(w.lower().strip(".,!?") in lexicon) for w in words]
+        if 0 < sum(mask) < len(words):
+            lines.append(json.dumps({"words": words, "rationale": mask}))
+    assert len(lines) >= 10
+    (tmp_path / "rationales.jsonl").write_text("\n".join(lines))
+    teacher = dict(task="rotten_tomatoes", model="tiny-bert", lr=1e-3, epochs=1, steps_per_epoch=5,
+                   max_eval_examples=32, max_length=24, max_train_examples=128)  # fmt: skip
+    metrics = scaffold.train(dict(teacher=teacher, explainer="smat", num_train_examples=32, batch_size=8, max_epochs=1,
+                                  max_eval_examples=32, max_length=48, rationales=f"jsonl:{tmp_path / 'rationales.jsonl'}"))  # fmt: skip
+    for who in ("teacher", "student"):
+        assert 0.0 <= metrics[f"plausibility/{who}_auc"] <= 1.0 and metrics[f"plausibility/{who}_n"] >= 10
+        assert 0.0 <= metrics[f"plausibility/{who}_recall_at_k"] <= 1.0
+
+
+SMAT_SPEC = """
+name: smat-it
+job: scaffold
+config:
+  teacher: {task: rotten_tomatoes, model: tiny-bert, lr: 1.0e-3, epochs: 1, steps_per_epoch: 5, max_eval_examples: 32,
+            max_length: 24, max_train_examples: 128}
+  explainer: smat
+  num_train_examples: 32
+  batch_size: 8
+  max_epochs: 2
+  max_eval_examples: 32
+  max_length: 24
+space:
+  meta_lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
+num_samples: 2
+max_concurrent_trials: 2
+results_dir: RESULTS
+"""
+
+
+@pytest.mark.integration
+def test_smat_sweep_logs_simulability_and_head_coefficient_artifacts(ray_session, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from teachsweep.spec import parse_spec
+    from teachsweep.sweep import run_sweep
+
+    text = SMAT_SPEC.replace("RESULTS", str(tmp_path / "results"))
+    outcome = run_sweep(parse_spec(text), text)
+    assert [row["status"] for row in outcome.trials] == ["OK", "OK"]
+    client = MlflowClient(outcome.tracking_uri)
+    for row in outcome.trials:
+        run = client.get_run(row["mlflow_run_id"])
+        assert 0.0 <= run.data.metrics["simulability/test"] <= 1.0
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"head_coefficients.json", "head_coefficients.png"} <= artifacts

@@ -39,6 +39,7 @@ BAD = [
     ("empty categorical", GOOD + "  temperature: {type: categorical, values: []}\n", "non-empty 'values'"),
     ("missing name", GOOD.replace("name: ok", ""), "name: required key is missing"),
     ("bad name", GOOD.replace("name: ok", "name: ../escape"), "name: use letters"),
+    ("unknown explainer", "name: s\njob: scaffold\nconfig: {explainer: lime}\nspace: {beta: {type: uniform, low: 0.1, high: 1}}\n", "config.explainer: unknown explainer 'lime'"),
     ("model for the wrong task kind", GOOD.replace("teacher: cnn", "teacher: lstm"), "is for lm tasks"),
 ]  # fmt: skip
 

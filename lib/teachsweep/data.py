@@ -485,3 +485,40 @@ def lm_stream(
         if not endless:
             return
         position, first = 0, True
+
+
+# ---------------------------------------------------------------------------------------------- rationales
+
+
+def load_rationales(name: str, max_examples: int | None = None) -> list[tuple[list[str], np.ndarray]]:
+    """Human rationales as (words, 0/1 mask per word).
+
+    `jsonl:<path>`: one {"words": [...], "rationale": [0/1 per word]} per line.
+    `hf:movie_rationales`: ERASER movie reviews; words inside any evidence span are marked."""
+    import json
+
+    examples: list[tuple[list[str], np.ndarray]] = []
+    if name.startswith("jsonl:"):
+        path = Path(name[6:])
+        if not path.is_file():
+            raise DataError(f"rationale file not found: {path}")
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                examples.append((list(row["words"]), np.asarray(row["rationale"], dtype=int)))
+    elif name.startswith("hf:"):
+        import datasets
+
+        split = datasets.load_dataset(name[3:], split="test")
+        for row in split:
+            words = row["review"].split()
+            mask = np.zeros(len(words), dtype=int)
+            for evidence in row["evidences"]:
+                span = evidence.split()
+                for start in range(len(words) - len(span) + 1):
+                    if words[start : start + len(span)] == span:
+                        mask[start : start + len(span)] = 1
+            examples.append((words, mask))
+    else:
+        raise DataError(f"unknown rationale source '{name}' (jsonl:<path> or hf:movie_rationales)")
+    return examples[:max_examples]

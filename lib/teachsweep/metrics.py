@@ -102,3 +102,40 @@ def lot_comparisons(trials: list[dict[str, Any]], metrics: list[str]) -> list[di
                 **paired_difference(lot_values, base_values),
             })  # fmt: skip
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- plausibility
+
+
+def word_scores(token_scores: np.ndarray, word_ids: list[int | None], num_words: int) -> np.ndarray:
+    """Word-piece scores summed into words; special tokens (word id None) and padding dropped."""
+    scores = np.zeros(num_words)
+    for score, word in zip(token_scores, word_ids, strict=False):
+        if word is not None and word < num_words:
+            scores[word] += float(score)
+    return scores
+
+
+def plausibility(scores: np.ndarray, rationale: np.ndarray) -> dict[str, float] | None:
+    """ROC-AUC, average precision and recall@k (k = number of rationale words) of one example's word scores
+    against its human rationale mask; None when the mask is all 0 or all 1 (nothing to rank)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rationale = np.asarray(rationale, dtype=int)
+    if rationale.min() == rationale.max():
+        return None
+    k = int(rationale.sum())
+    top_k = np.argsort(-scores, kind="stable")[:k]
+    return {
+        "auc": float(roc_auc_score(rationale, scores)),
+        "ap": float(average_precision_score(rationale, scores)),
+        "recall_at_k": float(rationale[top_k].sum() / k),
+    }
+
+
+def mean_plausibility(examples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Averages over the examples that have something to rank, and how many there were."""
+    results = [r for r in (plausibility(s, m) for s, m in examples) if r is not None]
+    if not results:
+        return {"n": 0.0}
+    return {key: float(np.mean([r[key] for r in results])) for key in results[0]} | {"n": float(len(results))}

@@ -29,6 +29,7 @@ from teachsweep import data, models
 from teachsweep.explain import registry
 from teachsweep.explain.attention import AttentionExplainer, full_precision, head_scores, token_distribution
 from teachsweep.jobs import teacher as teacher_job
+from teachsweep.metrics import mean_plausibility, word_scores
 from teachsweep.reporter import Reporter
 from teachsweep.training import pick_device, to_device
 
@@ -54,6 +55,8 @@ class ScaffoldConfig(BaseModel):
     max_eval_examples: int | None = Field(None, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     max_length: int = Field(128, ge=8)
+    rationales: str | None = None  # jsonl:<path> or hf:movie_rationales: plausibility of the explanations
+    max_rationale_examples: int = Field(200, ge=1)
     ig_steps: int = Field(10, ge=2)
     ig_baseline: Literal["zero", "pad"] = "zero"
     seed: int = 0
@@ -291,10 +294,33 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
     _, teacher_acc = simulability(teacher, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device)
     metrics |= {"simulability/test": test_sim, "student/test_acc": student_acc, "teacher/test_acc": teacher_acc,
                 "best_epoch": best_epoch}  # fmt: skip
+    if cfg.rationales and info.kind != "none":
+        examples = data.load_rationales(cfg.rationales, cfg.max_rationale_examples)
+        for who, scores_of in (("teacher", lambda b: teacher_scores(teacher_evidence(b)[1], b["attention_mask"])),
+                               ("student", lambda b: model(b)[1])):  # fmt: skip
+            found = explanation_plausibility(examples, tokenizer, scores_of, cfg, device)
+            metrics |= {f"plausibility/{who}_{k}": v for k, v in found.items()}
     reporter.report(metrics, epoch)
     if info.kind == "attention":
         log_head_coefficients(teacher_explainer, reporter)
     return metrics
+
+
+@torch.no_grad()
+def explanation_plausibility(examples, tokenizer, scores_of, cfg: ScaffoldConfig, device) -> dict[str, float]:
+    """Token explanations summed into words and scored against human rationales (special tokens dropped)."""
+    pairs = []
+    for start in range(0, len(examples), cfg.eval_batch_size):
+        chunk = examples[start : start + cfg.eval_batch_size]
+        encoded = tokenizer([w for w, _ in chunk], is_split_into_words=True, truncation=True,
+                            max_length=cfg.max_length, padding=True, return_tensors="pt")  # fmt: skip
+        batch = to_device({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, device)
+        with torch.enable_grad():  # gradient explainers need autograd even here
+            scores = token_distribution(scores_of(batch), batch["attention_mask"]).detach().cpu().numpy()
+        for row, (words, rationale) in enumerate(chunk):
+            word_ids = encoded.word_ids(row)
+            pairs.append((word_scores(scores[row], word_ids, len(words)), rationale))
+    return mean_plausibility(pairs)
 
 
 def log_head_coefficients(explainer: AttentionExplainer, reporter: Reporter) -> None:
