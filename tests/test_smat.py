@@ -248,3 +248,17 @@ def test_smat_sweep_logs_simulability_and_head_coefficient_artifacts(ray_session
         assert 0.0 <= run.data.metrics["simulability/test"] <= 1.0
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"head_coefficients.json", "head_coefficients.png"} <= artifacts
+
+
+def test_smat_on_a_vit_explains_patch_tokens(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
+    from teachsweep.reporter import Reporter
+
+    teacher = dict(task="digits", model="vit:2", lr=1e-3, epochs=1, steps_per_epoch=5, max_eval_examples=32)
+    reporter = Reporter()
+    metrics = scaffold.train(dict(teacher=teacher, explainer="smat", num_train_examples=32, batch_size=8,
+                                  max_epochs=1, max_eval_examples=32), reporter)  # fmt: skip
+    assert 0.0 <= metrics["simulability/test"] <= 1.0 and metrics["loss/meta"] > 0
+    assert len(reporter.artifacts["head_coefficients.json"]["layers_by_heads"]) == 2
+    with pytest.raises(ValueError, match="not available for image tasks"):
+        scaffold.train(dict(teacher=teacher, explainer="grad_norm", num_train_examples=32, max_epochs=1))

@@ -120,9 +120,18 @@ class ImageClassifier(nn.Module):
         super().__init__()
         self.net, self.is_hf = net, hf
 
+    def classify(self, batch: dict, output_attentions: bool = False):
+        """(logits, attentions or None); attentions (ViT) cover [CLS] and the patch tokens."""
+        if not self.is_hf:
+            if output_attentions:
+                raise ModelError("attention explanations need a transformer image model (vit)")
+            return self.net(batch["pixel_values"]), None
+        kwargs = {"output_attentions": True} if output_attentions else {}
+        out = self.net(pixel_values=batch["pixel_values"], **kwargs)
+        return out.logits, out.attentions if output_attentions else None
+
     def forward(self, batch: dict, state=None):
-        out = self.net(pixel_values=batch["pixel_values"]) if self.is_hf else self.net(batch["pixel_values"])
-        return (out.logits if self.is_hf else out), None
+        return self.classify(batch)[0], None
 
 
 class CausalLM(nn.Module):

@@ -93,6 +93,23 @@ def simulation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) 
     return F.cross_entropy(full_precision(student_logits), teacher_logits.argmax(-1))
 
 
+def token_mask(batch: dict, attentions: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """Real tokens: the text attention mask, or every ViT token ([CLS] and patches)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"]
+    batch_size, tokens = attentions[0].shape[0], attentions[0].shape[-1]
+    return torch.ones(batch_size, tokens, dtype=torch.long, device=attentions[0].device)
+
+
+def with_mask(batch: dict, model) -> dict:
+    """Image batches get an all-ones token mask sized by the model's attention (text batches have one)."""
+    if "attention_mask" in batch:
+        return batch
+    with torch.no_grad():
+        _, attentions = model.classify(batch, output_attentions=True)
+    return batch | {"attention_mask": token_mask(batch, attentions)}
+
+
 class ExplainedStudent(nn.Module):
     """The student and its explainer as one module, so that one functional_call runs the look-ahead."""
 
@@ -170,6 +187,14 @@ def meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logit
 # ---------------------------------------------------------------------------------------------- training
 
 
+def transformer_shape(model: nn.Module) -> tuple[int, int]:
+    """(layers, heads) of a text encoder or a ViT."""
+    config = model.encoder.config if hasattr(model, "encoder") else model.net.config
+    if not hasattr(config, "num_attention_heads"):
+        raise ValueError("scaffold needs transformer teacher and student models (text encoders or vit)")
+    return config.num_hidden_layers, config.num_attention_heads
+
+
 def make_student_optimizer(params, cfg: ScaffoldConfig):
     if cfg.student_optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.student_lr, weight_decay=cfg.weight_decay)
@@ -198,13 +223,11 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
     device = pick_device(cfg.device)
     teacher, teacher_cfg = teacher_job.resolve(cfg.teacher, device)
     task = data.load_task(teacher_cfg.task, teacher_cfg.text_column, teacher_cfg.label_column)
-    if task.kind != "text":
-        raise ValueError(
-            f"scaffold: task '{task.name}' is not text classification (ViT students are not supported yet)"
-        )
     student_name = cfg.student or teacher_cfg.model
-    tokenizer = models.load_tokenizer(student_name)
     info = registry.explainer_info(cfg.explainer)
+    if task.kind == "lm" or (task.kind == "image" and info.kind == "static"):
+        raise ValueError(f"scaffold: explainer '{cfg.explainer}' is not available for {task.kind} tasks")
+    tokenizer = models.load_tokenizer(student_name) if task.kind == "text" else None
     beta = info.default_beta if cfg.beta is None else cfg.beta
 
     # The student's data: a fixed subset of the training split (the same for every seed).
@@ -216,9 +239,9 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
 
     torch.manual_seed(cfg.seed)
     student = models.build_model(student_name, task, cfg.seed).to(device).train()
-    layers, heads = student.encoder.config.num_hidden_layers, student.encoder.config.num_attention_heads
+    layers, heads = transformer_shape(student)
     model = ExplainedStudent(student, AttentionExplainer(layers, heads, cfg.normalizer)).to(device)
-    t_layers, t_heads = teacher.encoder.config.num_hidden_layers, teacher.encoder.config.num_attention_heads
+    t_layers, t_heads = transformer_shape(teacher)
     teacher_explainer = AttentionExplainer(
         t_layers, t_heads, cfg.normalizer, layer=info.layer, learnable=info.learnable
     ).to(device)
@@ -250,7 +273,7 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
     for epoch in range(1, cfg.max_epochs + 1):
         train_loss = meta_loss_sum = 0.0
         for _ in range(steps_per_epoch):
-            batch = to_device(next(stream), device)
+            batch = with_mask(to_device(next(stream), device), teacher)
             mask = batch["attention_mask"]
             t_logits, evidence = teacher_evidence(batch)
             with torch.no_grad():
@@ -261,7 +284,7 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
             train_loss += loss.item()
 
             if meta_optimizer is not None:  # the explainer step: look-ahead through the same update
-                meta_batch = to_device(next(meta_stream), device)
+                meta_batch = with_mask(to_device(next(meta_stream), device), teacher)
                 with torch.no_grad():
                     meta_targets = teacher.classify(meta_batch)[0]
                 phi_grad, meta_loss = meta_gradient(
@@ -294,7 +317,7 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
     _, teacher_acc = simulability(teacher, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device)
     metrics |= {"simulability/test": test_sim, "student/test_acc": student_acc, "teacher/test_acc": teacher_acc,
                 "best_epoch": best_epoch}  # fmt: skip
-    if cfg.rationales and info.kind != "none":
+    if cfg.rationales and info.kind != "none" and task.kind == "text":
         examples = data.load_rationales(cfg.rationales, cfg.max_rationale_examples)
         for who, scores_of in (("teacher", lambda b: teacher_scores(teacher_evidence(b)[1], b["attention_mask"])),
                                ("student", lambda b: model(b)[1])):  # fmt: skip
