@@ -121,3 +121,34 @@ def lot_cost(steps: int, repeats: int, model: str, console: Console) -> None:
         ideal = 1.0 if arm == "teacher_only" else (6 + 4 * (n - 1)) / 3
         table.add_row(arm, str(n), f"{step:.4f}", f"{step / base:.2f}", f"{ideal:.2f}", f"{step / base / ideal:.2f}")
     console.print(table)
+
+
+def relevance_throughput(examples: int, batch_size: int, model_name: str, console: Console) -> None:
+    """Explanations per second of the batched relevance explainers versus a loop over single examples (the
+    reference code's way), same model, same inputs, one run."""
+    import torch
+
+    from teachsweep import data, models
+    from teachsweep.explain import relevance
+
+    task = data.load_task("rotten_tomatoes")
+    model = models.build_model(model_name, task, seed=0).eval()
+    batches = data.make_batches(task, "test", models.load_tokenizer(model_name), 64, examples)
+    inputs = list(data.eval_batches(batches, batch_size))
+    table = Table(title=f"bench relevance: {model_name}, {examples} rotten_tomatoes test sentences, "
+                        f"{torch.get_num_threads()} threads")  # fmt: skip
+    for column in ("explainer", f"batched ({batch_size}) expl/s", "single-example loop expl/s", "speed-up"):
+        table.add_column(column)
+    for name in ("relevance", "rollout", "attention_gradcam"):
+        explainer = relevance.EXPLAINERS[name]
+        explainer(model, inputs[0])  # warm-up
+        start = time.perf_counter()
+        for batch in inputs:
+            explainer(model, batch)
+        batched = examples / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for batch in inputs:
+            relevance.single_example_loop(explainer, model, batch)
+        single = examples / (time.perf_counter() - start)
+        table.add_row(name, f"{batched:.1f}", f"{single:.1f}", f"{batched / single:.1f}x")
+    console.print(table)

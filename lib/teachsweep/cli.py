@@ -292,6 +292,18 @@ def bench_lot(
     lot_cost(steps, repeats, model, console)
 
 
+@bench_app.command("relevance")
+def bench_relevance(
+    examples: int = typer.Option(256, help="sentences explained"),
+    batch_size: int = typer.Option(32, help="batch size of the batched explainers"),
+    model: str = typer.Option("minilm", help="text model (the pre-trained 6-layer MiniLM by default)"),
+) -> None:
+    """Relevance explanations per second: batched generic rule (and rollout, GradCAM) vs one example at a time."""
+    from teachsweep.bench import relevance_throughput
+
+    relevance_throughput(examples, batch_size, model, console)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     try:
         app()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from teachsweep.explain import gradient
+from teachsweep.explain import gradient, relevance
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class ExplainerInfo:
     default_beta: float
     learnable: bool = False
     layer: int | None = None  # attention: restrict to one layer
+    images: bool = True  # works for ViT too
 
 
 ATTENTION = {
@@ -27,10 +28,23 @@ ATTENTION = {
     "attention": ExplainerInfo("attention", 5.0),  # all layers, frozen uniform head mix
     "attention_last": ExplainerInfo("attention", 5.0, layer=-1),
 }
-STATIC: dict[str, tuple[Callable[..., torch.Tensor], float]] = {
-    "grad_norm": (gradient.gradient_norm, 0.2),
-    "grad_x_input": (gradient.gradient_x_input, 0.2),
-    "integrated_gradients": (gradient.integrated_gradients, 0.2),
+
+
+def _relevance_scores(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def scores(model, batch, **_):
+        return relevance.as_scores(fn(model, batch))
+
+    scores.__name__ = fn.__name__
+    return scores
+
+
+# name: (function(model, batch) -> pre-softmax token scores, default beta, works for ViT)
+STATIC: dict[str, tuple[Callable[..., torch.Tensor], float, bool]] = {
+    "grad_norm": (gradient.gradient_norm, 0.2, False),
+    "grad_x_input": (gradient.gradient_x_input, 0.2, False),
+    "integrated_gradients": (gradient.integrated_gradients, 0.2, False),
+    # Relevance maps are distributions over tokens like attention: the attention explainers' beta.
+    **{name: (_relevance_scores(fn), 5.0, True) for name, fn in relevance.EXPLAINERS.items()},
 }
 
 
@@ -40,9 +54,24 @@ def explainer_info(name: str) -> ExplainerInfo:
     if name in ATTENTION:
         return ATTENTION[name]
     if name in STATIC:
-        return ExplainerInfo("static", STATIC[name][1])
+        return ExplainerInfo("static", STATIC[name][1], images=STATIC[name][2])
     raise ValueError(f"unknown explainer '{name}' (known: {', '.join(names())})")
 
 
 def names() -> list[str]:
     return ["none", *ATTENTION, *STATIC]
+
+
+def explain(name: str, model, batch: dict, **kwargs) -> torch.Tensor:
+    """Pre-softmax token scores of a frozen model for one explainer (attention mixes use uniform heads)."""
+    from teachsweep.explain.attention import AttentionExplainer, head_scores
+
+    info = explainer_info(name)
+    if info.kind == "static":
+        return STATIC[name][0](model, batch, **kwargs)
+    if info.kind != "attention" or info.learnable:
+        raise ValueError(f"explainer '{name}' needs training (use the scaffold job); it cannot explain a model alone")
+    _, attentions, _, mask = relevance.target_and_attentions(model, batch, need_grad=False)
+    layers, heads = len(attentions), attentions[0].shape[1]
+    mixer = AttentionExplainer(layers, heads, layer=info.layer, learnable=False).to(mask.device)
+    return mixer(head_scores(attentions, mask), mask)

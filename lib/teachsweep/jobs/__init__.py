@@ -28,4 +28,5 @@ JOBS: dict[str, Job] = {
     "lot": Job("teachsweep.jobs.lot", "LoTConfig", "teacher/best_val_acc", "max"),
     "teacher": Job("teachsweep.jobs.teacher", "TeacherConfig", "teacher/best_val_acc", "max"),
     "scaffold": Job("teachsweep.jobs.scaffold", "ScaffoldConfig", "simulability/best_val", "max"),
+    "explain": Job("teachsweep.jobs.explain", "ExplainConfig", "faithfulness/negative_auc", "max"),
 }

@@ -225,7 +225,7 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
     task = data.load_task(teacher_cfg.task, teacher_cfg.text_column, teacher_cfg.label_column)
     student_name = cfg.student or teacher_cfg.model
     info = registry.explainer_info(cfg.explainer)
-    if task.kind == "lm" or (task.kind == "image" and info.kind == "static"):
+    if task.kind == "lm" or (task.kind == "image" and not info.images):
         raise ValueError(f"scaffold: explainer '{cfg.explainer}' is not available for {task.kind} tasks")
     tokenizer = models.load_tokenizer(student_name) if task.kind == "text" else None
     beta = info.default_beta if cfg.beta is None else cfg.beta

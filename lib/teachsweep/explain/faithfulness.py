@@ -1,0 +1,65 @@
+"""Perturbation tests (Chefer et al. CVPR 2021): remove the most (positive test) or least (negative test)
+relevant 10%..90% of tokens or patches and record how often the model keeps its original prediction.
+
+Text tokens are removed by masking them out of attention ([CLS]/[SEP] and padding are never candidates); ViT
+patches by setting their pixels to 0 (the normalised data mean). The AUC is the area under accuracy vs. removed
+fraction over [0.1, 0.9], divided by 0.8 so that it reads as a mean accuracy: lower is better for the positive
+test, higher for the negative test."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+FRACTIONS = tuple(round(0.1 * k, 1) for k in range(1, 10))
+
+
+def candidate_mask(batch: dict, special_ids: set[int], num_tokens: int) -> torch.Tensor:
+    """Tokens an explanation may rank: real, non-special text tokens, or every ViT patch (not [CLS])."""
+    if "input_ids" in batch:
+        special = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        for token_id in special_ids:
+            special |= batch["input_ids"] == token_id
+        return (batch["attention_mask"] == 1) & ~special
+    mask = torch.ones(batch["pixel_values"].shape[0], num_tokens, dtype=torch.bool)
+    mask[:, 0] = False
+    return mask
+
+
+def remove(batch: dict, removed: torch.Tensor, patch_size: int | None) -> dict:
+    """A copy of the batch with the `removed` tokens (bool, batch x tokens) taken out."""
+    if "input_ids" in batch:
+        return batch | {"attention_mask": batch["attention_mask"] * (~removed).long()}
+    pixels = batch["pixel_values"].clone()
+    grid = pixels.shape[-1] // patch_size
+    for row, token in zip(*torch.nonzero(removed[:, 1:], as_tuple=True), strict=True):
+        y, x = divmod(int(token), grid)
+        pixels[row, :, y * patch_size : (y + 1) * patch_size, x * patch_size : (x + 1) * patch_size] = 0.0
+    return batch | {"pixel_values": pixels}
+
+
+@torch.no_grad()
+def perturbation_curves(model, batch: dict, relevance: torch.Tensor, special_ids: set[int], patch_size=None):
+    """{"positive": [accuracy per fraction], "negative": [...]} against the unperturbed predictions."""
+    model.eval()
+    original = model(batch)[0].argmax(-1)
+    candidates = candidate_mask(batch, special_ids, relevance.shape[1]).to(relevance.device)
+    counts = candidates.sum(-1)
+    curves = {}
+    for test, descending in (("positive", True), ("negative", False)):
+        fill = -torch.inf if descending else torch.inf
+        order = torch.argsort(relevance.masked_fill(~candidates, fill), dim=-1, descending=descending)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        accuracies = []
+        for fraction in FRACTIONS:
+            k = torch.round(fraction * counts).long()
+            removed = (rank < k[:, None]) & candidates
+            predictions = model(remove(batch, removed, patch_size))[0].argmax(-1)
+            accuracies.append((predictions == original).float().mean().item())
+        curves[test] = accuracies
+    return curves
+
+
+def auc(accuracies: list[float]) -> float:
+    return float(np.trapezoid(accuracies, FRACTIONS) / (FRACTIONS[-1] - FRACTIONS[0]))

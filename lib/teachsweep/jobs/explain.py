@@ -1,0 +1,160 @@
+"""Explain job: compute and evaluate every explainer of a frozen teacher on one split.
+
+Per explainer: faithfulness (positive and negative perturbation AUC), plausibility against human rationales when
+given, and milliseconds per explanation (batched). Artifacts: token heatmaps (HTML and PNG) for a few text
+examples, or patch heatmaps overlaid on the image for a ViT."""
+
+from __future__ import annotations
+
+import html
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from teachsweep import data, models
+from teachsweep.explain import faithfulness, registry
+from teachsweep.explain.attention import token_distribution
+from teachsweep.jobs import teacher as teacher_job
+from teachsweep.metrics import mean_plausibility, word_scores
+from teachsweep.reporter import Reporter
+from teachsweep.training import pick_device, to_device
+
+DEFAULT_EXPLAINERS = ["raw_attention", "rollout", "attention_gradcam", "relevance", "attention", "grad_x_input",
+                      "integrated_gradients"]  # fmt: skip
+
+
+class ExplainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: dict | str = Field(default_factory=dict)  # as in the scaffold job
+    explainers: list[str] = Field(default_factory=lambda: list(DEFAULT_EXPLAINERS), min_length=1)
+    split: Literal["validation", "test"] = "test"
+    max_examples: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8)
+    rationales: str | None = None
+    heatmaps: int = Field(4, ge=0)
+    seed: int = 0  # picks which examples are explained
+    device: str = "auto"
+
+    @field_validator("explainers")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        for name in names:
+            info = registry.explainer_info(name)
+            if info.kind == "none" or info.learnable:
+                raise ValueError(f"explainer '{name}' cannot explain a model on its own")
+        return names
+
+
+def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
+    cfg = ExplainConfig.model_validate(config)
+    reporter = reporter or Reporter()
+    device = pick_device(cfg.device)
+    model, teacher_cfg = teacher_job.resolve(cfg.teacher, device)
+    task = data.load_task(teacher_cfg.task, teacher_cfg.text_column, teacher_cfg.label_column)
+    tokenizer = models.load_tokenizer(teacher_cfg.model) if task.kind == "text" else None
+    split = data.subset(task.splits[cfg.split], cfg.max_examples, seed=cfg.seed)
+    part = data.Batches(task, split, None, 0)
+    if tokenizer is not None:
+        part = data.Batches(
+            task, split, data.tokenize_split(split.texts, tokenizer, cfg.max_length), tokenizer.pad_token_id
+        )
+    special = set(tokenizer.all_special_ids) if tokenizer else set()
+    patch = getattr(getattr(model, "net", None), "config", None)
+    patch_size = getattr(patch, "patch_size", None)
+
+    metrics: dict[str, float] = {}
+    for name in cfg.explainers:
+        info = registry.explainer_info(name)
+        if task.kind == "image" and not info.images:
+            continue
+        seconds, count, curves = 0.0, 0, {"positive": [], "negative": []}
+        shown = []
+        for batch in data.eval_batches(part, cfg.batch_size):
+            batch = to_device(batch, device)
+            start = time.perf_counter()
+            scores = registry.explain(name, model, batch)
+            seconds += time.perf_counter() - start
+            mask = batch.get("attention_mask", torch.ones_like(scores, dtype=torch.long))
+            probs = token_distribution(scores, mask).detach()
+            batch_curves = faithfulness.perturbation_curves(model, batch, probs, special, patch_size)
+            for test in curves:
+                curves[test].append(np.asarray(batch_curves[test]) * len(probs))
+            count += len(probs)
+            if len(shown) < cfg.heatmaps:
+                shown += [(batch, probs, row) for row in range(min(len(probs), cfg.heatmaps - len(shown)))]
+        for test in ("positive", "negative"):
+            metrics[f"{name}/{test}_auc"] = faithfulness.auc(list(np.sum(curves[test], axis=0) / count))
+        metrics[f"{name}/ms_per_example"] = 1000 * seconds / count
+        if cfg.rationales and task.kind == "text":
+            found = plausibility(name, model, tokenizer, cfg, device)
+            metrics |= {f"{name}/plausibility_{k}": v for k, v in found.items()}
+        if shown:
+            log_heatmaps(name, shown, tokenizer, patch_size, reporter)
+    if len(cfg.explainers) == 1:  # one explainer per trial (explainer x seeds sweeps): unprefixed names too
+        prefix = f"{cfg.explainers[0]}/"
+        metrics |= {f"faithfulness/{k.removeprefix(prefix)}": v for k, v in list(metrics.items())}
+    reporter.report(metrics, 1)
+    return metrics
+
+
+def plausibility(name, model, tokenizer, cfg: ExplainConfig, device) -> dict[str, float]:
+    pairs = []
+    examples = data.load_rationales(cfg.rationales, cfg.max_examples)
+    for start in range(0, len(examples), cfg.batch_size):
+        chunk = examples[start : start + cfg.batch_size]
+        encoded = tokenizer([w for w, _ in chunk], is_split_into_words=True, truncation=True,
+                            max_length=cfg.max_length, padding=True, return_tensors="pt")  # fmt: skip
+        batch = to_device({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, device)
+        probs = token_distribution(registry.explain(name, model, batch), batch["attention_mask"]).detach().cpu().numpy()
+        for row, (words, rationale) in enumerate(chunk):
+            pairs.append((word_scores(probs[row], encoded.word_ids(row), len(words)), rationale))
+    return mean_plausibility(pairs)
+
+
+def log_heatmaps(name: str, shown, tokenizer, patch_size, reporter: Reporter) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if tokenizer is not None:
+            rows = []
+            for batch, probs, row in shown:
+                length = int(batch["attention_mask"][row].sum())
+                tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][row, :length].tolist())
+                weights = probs[row, :length].cpu().numpy()
+                weights = weights / max(weights.max(), 1e-12)
+                rows.append(" ".join(f'<span style="background: rgba(255,0,0,{w:.2f})">{html.escape(t)}</span>'
+                                     for t, w in zip(tokens, weights, strict=True)))  # fmt: skip
+            page = Path(tmp) / f"{name}_tokens.html"
+            page.write_text(f"<html><body><h3>{name}</h3><p>" + "</p><p>".join(rows) + "</p></body></html>")
+            reporter.log_file(page)
+            figure, axes = plt.subplots(len(shown), 1, figsize=(10, 0.9 * len(shown)), squeeze=False)
+            for axis, (batch, probs, row) in zip(axes[:, 0], shown, strict=True):
+                length = int(batch["attention_mask"][row].sum())
+                tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][row, :length].tolist())
+                axis.imshow(probs[row, :length].cpu().numpy()[None], cmap="Reds", aspect="auto")
+                axis.set_xticks(range(length), tokens, rotation=90, fontsize=6)
+                axis.set_yticks([])
+        else:
+            figure, axes = plt.subplots(1, len(shown), figsize=(2.2 * len(shown), 2.4), squeeze=False)
+            for axis, (batch, probs, row) in zip(axes[0], shown, strict=True):
+                image = batch["pixel_values"][row].mean(0).cpu().numpy()
+                grid = image.shape[-1] // patch_size
+                patches = probs[row, 1:].cpu().numpy().reshape(grid, grid)
+                axis.imshow(image, cmap="gray")
+                axis.imshow(np.kron(patches, np.ones((patch_size, patch_size))), cmap="jet", alpha=0.5)
+                axis.axis("off")
+        figure.suptitle(name)
+        path = Path(tmp) / f"{name}_heatmap.png"
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        reporter.log_file(path)

@@ -1,0 +1,140 @@
+"""Relevance explainers: batched equals one-by-one, rollout rows sum to one, padding gets nothing, targets
+matter, and running an explainer leaves no trace on later training."""
+
+import pytest
+import torch
+from torch import nn
+
+from teachsweep import data, models
+from teachsweep.explain import relevance
+
+
+def tiny_text_model(pooling="mean", seed=0):
+    model = models.build_model("tiny-bert", data.load_task("rotten_tomatoes"), seed).eval()
+    model.pooling = pooling
+    return model
+
+
+def padded_text_batch(n=6):
+    task = data.load_task("rotten_tomatoes")
+    batches = data.make_batches(task, "validation", models.load_tokenizer("tiny-bert"), 40, 200)
+    batch = next(data.eval_batches(batches, 64))
+    lengths = batch["attention_mask"].sum(-1)
+    order = torch.argsort(lengths)  # short and long examples together: real padding
+    pick = torch.cat([order[:3], order[-3:]])[:n]
+    return {k: v[pick] for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("name", list(relevance.EXPLAINERS))
+def test_batched_equals_single_examples_and_padding_gets_nothing(name, pooling):
+    model, batch = tiny_text_model(pooling), padded_text_batch()
+    explainer = relevance.EXPLAINERS[name]
+    batched = explainer(model, batch)
+    singles = relevance.single_example_loop(explainer, model, batch)
+    assert (batch["attention_mask"] == 0).any()
+    for row, single in enumerate(singles):
+        length = len(single)
+        assert torch.allclose(batched[row, :length], single, atol=1e-5, rtol=1e-4), name
+        assert (batched[row, length:] == 0).all()  # padding never gets relevance
+        assert (batched[row, :length] >= 0).all()
+
+
+def test_batched_equals_single_examples_on_a_vit():
+    task = data.load_task("digits")
+    model = models.build_model("vit:2", task, 0).eval()
+    batch = next(data.eval_batches(data.make_batches(task, "validation"), 5))
+    batched = relevance.generic_rule(model, batch)
+    singles = relevance.single_example_loop(relevance.generic_rule, model, batch)
+    assert batched.shape == (5, 1 + 16)  # [CLS] + 4x4 patches of 2x2 pixels
+    assert all(torch.allclose(batched[i], s, atol=1e-5, rtol=1e-4) for i, s in enumerate(singles))
+
+
+def test_rollout_rows_sum_to_one():
+    model, batch = tiny_text_model(), padded_text_batch()
+    _, attentions, _, _ = relevance.target_and_attentions(model, batch, need_grad=False)
+    matrix = relevance.rollout_matrix(attentions)
+    assert torch.allclose(matrix.sum(-1), torch.ones(matrix.shape[:2]), atol=1e-5)
+
+
+def test_explanations_for_different_target_classes_differ():
+    model, batch = tiny_text_model("cls"), padded_text_batch(4)
+    zero = relevance.generic_rule(model, batch, target=torch.zeros(4, dtype=torch.long))
+    one = relevance.generic_rule(model, batch, target=torch.ones(4, dtype=torch.long))
+    assert not torch.allclose(zero, one)
+
+
+def test_running_explainers_changes_nothing_global():
+    """A model trained after the explainers ran, in the same process, trains exactly as without them."""
+
+    def train_copy(run_explainers: bool) -> list[torch.Tensor]:
+        model, batch = tiny_text_model(seed=3), padded_text_batch()
+        if run_explainers:
+            for explainer in relevance.EXPLAINERS.values():
+                explainer(model, batch)
+            assert all(p.grad is None for p in model.parameters())
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            loss = nn.functional.cross_entropy(model(batch)[0], batch["labels"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    torch.manual_seed(0)
+    without = train_copy(False)
+    torch.manual_seed(0)
+    with_explainers = train_copy(True)
+    assert all(torch.equal(a, b) for a, b in zip(without, with_explainers, strict=True))
+    assert nn.LayerNorm.forward is torch.nn.modules.normalization.LayerNorm.forward
+
+
+class DependsOnOneToken(nn.Module):
+    """Predicts class 1 exactly when token position 1 is present (attended), else class 0."""
+
+    def forward(self, batch, state=None):
+        present = batch["attention_mask"][:, 1].float()
+        return torch.stack([1 - present, present], dim=-1), None
+
+
+def test_perturbation_curves_reward_the_explanation_that_finds_the_decisive_token():
+    from teachsweep.explain import faithfulness
+
+    batch = {"input_ids": torch.tensor([[101, 7, 8, 9, 10, 11, 12, 13, 14, 15, 102]] * 4),
+             "attention_mask": torch.ones(4, 11, dtype=torch.long)}  # fmt: skip
+    right = torch.zeros(4, 11)
+    right[:, 1] = 1.0  # all relevance on the decisive token
+    wrong = torch.rand(4, 11)
+    wrong[:, 1] = -1.0  # the decisive token ranked last
+    model = DependsOnOneToken()
+    good = faithfulness.perturbation_curves(model, batch, right, {101, 102})
+    bad = faithfulness.perturbation_curves(model, batch, wrong, {101, 102})
+    assert good["positive"] == [0.0] * 9  # removing the top 10% already flips every prediction
+    assert good["negative"] == [1.0] * 9  # removing the least relevant never touches it
+    assert faithfulness.auc(good["positive"]) < faithfulness.auc(bad["positive"])
+    assert faithfulness.auc(bad["positive"]) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("task", "model", "expected"), [("rotten_tomatoes", "tiny-bert", "grad_x_input"), ("digits", "vit:1", "rollout")]
+)
+def test_explain_job_scores_every_explainer_and_draws_heatmaps(tmp_path, monkeypatch, task, model, expected):
+    from teachsweep.jobs import explain
+    from teachsweep.reporter import Reporter
+
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
+    teacher = dict(task=task, model=model, lr=1e-3, epochs=1, steps_per_epoch=5, max_eval_examples=32, max_length=24)
+    reporter = Reporter()
+    metrics = explain.train(dict(teacher=teacher, max_examples=24, batch_size=8, max_length=24, heatmaps=2), reporter)
+    assert 0.0 <= metrics[f"{expected}/positive_auc"] <= 1.0 and metrics[f"{expected}/ms_per_example"] > 0
+    assert f"{expected}_heatmap.png" in reporter.artifacts
+    if task == "digits":
+        assert "grad_x_input/positive_auc" not in metrics  # gradient explainers are text-only
+    else:
+        assert "relevance_tokens.html" in reporter.artifacts
+    single = explain.train(dict(teacher=teacher, explainers=["relevance"], max_examples=16, heatmaps=0))
+    assert single["faithfulness/positive_auc"] == single["relevance/positive_auc"]
