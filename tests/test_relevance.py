@@ -138,3 +138,37 @@ def test_explain_job_scores_every_explainer_and_draws_heatmaps(tmp_path, monkeyp
         assert "relevance_tokens.html" in reporter.artifacts
     single = explain.train(dict(teacher=teacher, explainers=["relevance"], max_examples=16, heatmaps=0))
     assert single["faithfulness/positive_auc"] == single["relevance/positive_auc"]
+
+
+@pytest.mark.parametrize("model_name", ["tiny-bert", "vit:2"])
+def test_lrp_re_forward_matches_the_model_and_conserves_relevance_layer_by_layer(model_name):
+    from teachsweep.explain import lrp
+
+    task = data.load_task("rotten_tomatoes" if model_name == "tiny-bert" else "digits")
+    model = models.build_model(model_name, task, 0).eval()
+    tok = models.load_tokenizer(model_name) if task.kind == "text" else None
+    batch = next(data.eval_batches(data.make_batches(task, "validation", tok, 32, 16), 6))
+    logits, _, _ = lrp.trace(model, batch)
+    assert torch.allclose(logits, model(batch)[0], atol=1e-5)
+    with torch.no_grad():  # the alpha-beta rule conserves relevance when linear layers have no bias
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+    *_, totals, input_relevance, _ = lrp.propagate(model, batch)
+    for layer_in, layer_out in totals:
+        assert torch.allclose(layer_in, layer_out, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(totals[-1][1], torch.ones(6), atol=1e-5)  # starts as the one-hot of the target
+    assert torch.allclose(input_relevance.sum(dim=(1, 2)), torch.ones(6), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["lrp", "partial_lrp", "full_lrp"])
+def test_lrp_explainers_batched_equal_single_and_ignore_padding(name):
+    from teachsweep.explain import lrp
+
+    explainer = getattr(lrp, {"lrp": "lrp_attribution"}.get(name, name))
+    model, batch = tiny_text_model(), padded_text_batch()
+    batched = explainer(model, batch)
+    for row, single in enumerate(relevance.single_example_loop(explainer, model, batch)):
+        assert torch.allclose(batched[row, : len(single)], single, atol=1e-5, rtol=1e-3)
+        assert (batched[row, len(single) :] == 0).all()
+    assert all(p.grad is None for p in model.parameters())

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from teachsweep.explain import gradient, relevance
+from teachsweep.explain import gradient, lrp, relevance
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ STATIC: dict[str, tuple[Callable[..., torch.Tensor], float, bool]] = {
     "integrated_gradients": (gradient.integrated_gradients, 0.2, False),
     # Relevance maps are distributions over tokens like attention: the attention explainers' beta.
     **{name: (_relevance_scores(fn), 5.0, True) for name, fn in relevance.EXPLAINERS.items()},
+    "lrp": (_relevance_scores(lrp.lrp_attribution), 5.0, True),  # Chefer et al. CVPR 2021
+    "partial_lrp": (_relevance_scores(lrp.partial_lrp), 5.0, True),
+    "full_lrp": (_relevance_scores(lrp.full_lrp), 5.0, True),
 }
 
 

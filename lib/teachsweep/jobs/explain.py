@@ -24,8 +24,8 @@ from teachsweep.metrics import mean_plausibility, word_scores
 from teachsweep.reporter import Reporter
 from teachsweep.training import pick_device, to_device
 
-DEFAULT_EXPLAINERS = ["raw_attention", "rollout", "attention_gradcam", "relevance", "attention", "grad_x_input",
-                      "integrated_gradients"]  # fmt: skip
+DEFAULT_EXPLAINERS = ["raw_attention", "rollout", "attention_gradcam", "relevance", "lrp", "partial_lrp", "full_lrp",
+                      "attention", "grad_x_input", "integrated_gradients"]  # fmt: skip
 
 
 class ExplainConfig(BaseModel):
