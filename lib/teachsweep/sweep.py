@@ -394,7 +394,9 @@ class FixedThenSearch:
                 if trial_id in self.fixed_ids:
                     return
                 if failed_on_resume(self.searcher, trial_id):
-                    if not error:
+                    # Re-run after a resume. A trial whose result reached Optuna before the driver died is
+                    # not told twice; one failed on resume comes back as a new trial with the same parameters.
+                    if not error and optuna_state(self.searcher, trial_id) == "FAIL":
                         tell_again(self.searcher, trial_id, result)
                     return
                 self.searcher.on_trial_complete(trial_id, result=result, error=error)
@@ -439,6 +441,11 @@ def failed_on_resume(searcher, trial_id: str) -> bool:
     if original is None:
         return False
     return searcher._ot_study._storage.get_trial(original._trial_id).state.is_finished()
+
+
+def optuna_state(searcher, trial_id: str) -> str | None:
+    original = getattr(searcher, "_ot_trials", {}).get(trial_id)
+    return None if original is None else searcher._ot_study._storage.get_trial(original._trial_id).state.name
 
 
 def tell_again(searcher, trial_id: str, result: dict | None) -> None:
