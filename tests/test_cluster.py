@@ -51,5 +51,5 @@ def test_launcher_runtime_env_and_submit_script():
     runtime = load_all("runtime_env.yaml")[0]
     assert runtime["working_dir"] == "." and ".venv" in runtime["excludes"]
     script = (CLUSTER / "submit.sh").read_text()
-    assert "ray\" job submit" in script or "job submit" in script
+    assert 'ray" job submit' in script or "job submit" in script
     assert (CLUSTER / "submit.sh").stat().st_mode & 0o111

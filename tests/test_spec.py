@@ -40,6 +40,7 @@ BAD = [
     ("missing name", GOOD.replace("name: ok", ""), "name: required key is missing"),
     ("bad name", GOOD.replace("name: ok", "name: ../escape"), "name: use letters"),
     ("unknown explainer", "name: s\njob: scaffold\nconfig: {explainer: lime}\nspace: {beta: {type: uniform, low: 0.1, high: 1}}\n", "config.explainer: unknown explainer 'lime'"),
+    ("seed in config", GOOD.replace("epochs: 1", "epochs: 1, seed: 4"), "config.seed: seeds are set by the top-level 'seeds' list"),
     ("model for the wrong task kind", GOOD.replace("teacher: cnn", "teacher: lstm"), "is for lm tasks"),
 ]  # fmt: skip
 

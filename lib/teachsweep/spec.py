@@ -87,13 +87,6 @@ class Resources(Strict):
     workers: int = Field(1, ge=1)
     gpu_type: str | None = None
 
-    @field_validator("workers")
-    @classmethod
-    def _single_worker_for_now(cls, value: int) -> int:
-        if value > 1:
-            raise ValueError("multi-worker trials (TorchTrainer/DDP) are not implemented yet; use workers: 1")
-        return value
-
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -147,6 +140,13 @@ class SweepSpec(Strict):
             raise ValueError("give either 'space' (Optuna search) or 'variants' (a fixed grid), not both")
         if self.scheduler is not None and len(self.seeds) > 1:
             raise ValueError("scheduler: early stopping needs one seed per trial (seeds run inside a trial)")
+        for where, keys in [("config", self.config), ("space", self.space)] + [
+            (f"variants.{n}", v) for n, v in self.variants.items()
+        ]:
+            if "seed" in keys:
+                raise ValueError(f"{where}.seed: seeds are set by the top-level 'seeds' list")
+        if self.resources.workers > 1 and (self.job != "lot" or (len(self.seeds) > 1 and self.space)):
+            raise ValueError("resources.workers > 1 (DDP) is implemented for the lot job with one seed per trial")
         if self.baseline is not None and self.job != "lot":
             raise ValueError("baseline: the teacher-only arm exists for the lot job only")
         if not self.objectives:

@@ -40,6 +40,8 @@ class TrialContext:
     parent_run_id: str
     cpus: float
     workers: int
+    gpus: float = 0.0
+    train_storage: str | None = None  # where multi-worker trials keep their Train runs
 
 
 @dataclass
@@ -126,7 +128,10 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     try:
         if len(seeds) == 1:
             reporter = tracking.TrialReporter(client, run_id, extra={"mlflow_run_id": run_id})
-            launch.run_job(ctx.job, {**config, "seed": seeds[0]}, reporter, ctx.cpus, ctx.workers)
+            launch.run_job(
+                ctx.job, {**config, "seed": seeds[0]}, reporter, ctx.cpus, ctx.workers, ctx.gpus,
+                tracking=(ctx.tracking_uri, run_id), storage=ctx.train_storage, name=f"{ctx.sweep}-{trial_id}",
+            )  # fmt: skip
         else:
             finals = []
             for done, seed in enumerate(seeds, start=1):
@@ -304,11 +309,14 @@ def run_sweep(spec: SweepSpec, spec_text: str, callbacks: list | None = None) ->
     init_ray()
     ctx = TrialContext(
         spec.name, spec.job, spec.config, spec.seeds, uri, experiment_id, parent_run_id,
-        spec.resources.cpus, spec.resources.workers,
+        spec.resources.cpus, spec.resources.workers, spec.resources.gpus, str(paths.tune / "train"),
     )  # fmt: skip
+    # A multi-worker trial only drives its TorchTrainer, whose workers reserve the CPUs and GPUs themselves
+    # (Tune refuses an empty request: the driver takes a token 0.01 CPU).
+    single = spec.resources.workers == 1
     trainable = tune.with_resources(
         lambda params: run_trial(params, ctx),
-        {"cpu": spec.resources.cpus * spec.resources.workers, "gpu": spec.resources.gpus * spec.resources.workers},
+        {"cpu": spec.resources.cpus if single else 0.01, "gpu": spec.resources.gpus if single else 0},
     )
     outcome = SweepOutcome(spec, paths, uri, parent_run_id)
     error: BaseException | None = None

@@ -168,19 +168,25 @@ def finish_run(client, run_id: str, error: BaseException | None = None) -> None:
 class TrialReporter(Reporter):
     """Reports each epoch to MLflow (rank 0 only) and, when `to_tune`, to Ray Tune for Optuna and ASHA."""
 
-    def __init__(self, client, run_id: str, to_tune: bool = True, rank: int = 0, extra: dict | None = None):
+    def __init__(self, client, run_id: str, to_tune: bool = True, rank: int = 0, extra: dict | None = None,
+                 report=None):  # fmt: skip
+        """`report` sends a result to Ray: `ray.tune.report` in a trial (the default), `ray.train.report` in a
+        Train worker (every rank calls it: it is a barrier)."""
         super().__init__()
         self.client, self.run_id, self.to_tune, self.rank = client, run_id, to_tune, rank
         self.extra = extra or {}
+        self.send = report
 
     def report(self, metrics: dict[str, float], epoch: int) -> None:
         super().report(metrics, epoch)
         if self.rank == 0:
             log_metrics(self.client, self.run_id, metrics, step=epoch)
         if self.to_tune:
-            from ray import tune
+            if self.send is None:
+                from ray import tune
 
-            tune.report(finite_metrics(metrics) | {"epoch": epoch} | self.extra)
+                self.send = tune.report
+            self.send(finite_metrics(metrics) | {"epoch": epoch} | self.extra)
 
     def log_dict(self, name: str, obj: dict) -> None:
         super().log_dict(name, obj)

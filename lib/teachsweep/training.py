@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachsweep import data, models
+from teachsweep import data, distributed, models
 
 
 def pick_device(name: str) -> torch.device:
@@ -102,11 +102,12 @@ class TaskData:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterator[dict], device, precision) -> tuple[float, torch.Tensor]:
-    """(accuracy, predictions) for classifiers; (perplexity, empty) for language models."""
+    """(accuracy, this worker's predictions) for classifiers; (perplexity, empty) for language models.
+    Under DDP each worker evaluates its shard of every batch and the totals are summed over workers."""
     model.eval()
     total_loss, correct, count, state, predictions = 0.0, 0, 0, None, []
     for batch in batches:
-        batch = to_device(batch, device)
+        batch = to_device(distributed.shard(batch), device)
         with autocast(device, precision):
             logits, state = model(batch, state)
         labels = batch["labels"]
@@ -117,6 +118,7 @@ def evaluate(model: nn.Module, batches: Iterator[dict], device, precision) -> tu
             correct += (predictions[-1] == labels.cpu()).sum().item()
         count += labels.numel()
     model.train()
+    total_loss, correct, count = distributed.all_sum([total_loss, correct, count], device)
     if predictions:
         return correct / count, torch.cat(predictions)
     return math.exp(min(total_loss / count, 50.0)), torch.empty(0)

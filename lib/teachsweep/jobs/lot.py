@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from teachsweep import data, models
+from teachsweep import data, distributed, models
 from teachsweep.reporter import Reporter
 from teachsweep.training import TaskData, autocast, evaluate, make_optimizer, pick_device, to_device, update
 
@@ -181,6 +181,8 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
         for model in [teacher, *students]:
             models.freeze_word_embeddings(model)
 
+    # Under DDP every worker draws the same global batches and trains on its shard of each.
+    teacher, students = distributed.wrap(teacher), [distributed.wrap(s) for s in students]
     steps_per_epoch = round((cfg.steps_per_epoch or task_data.steps_per_pass()) * cfg.budget_multiplier)
     teacher_total = steps_per_epoch * cfg.epochs
     teacher_opt, teacher_sched = make_optimizer(teacher, cfg, teacher_total)
@@ -200,7 +202,7 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
         loss_sums = torch.zeros(2, device=device)  # teacher, students: checked for NaN once per epoch
         epoch_start = time.perf_counter()
         for _ in range(steps_per_epoch):
-            batch = to_device(next(joint_stream), device)
+            batch = to_device(distributed.shard(next(joint_stream)), device)
             with autocast(device, cfg.precision):
                 t_logits, joint_state[0] = teacher(batch, joint_state[0])
                 s_logits = []
@@ -222,10 +224,10 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
             student_steps += 1 if students else 0
 
             for _ in range(cfg.student_steps - 1 if students else 0):
-                batch = to_device(next(student_stream), device)
+                batch = to_device(distributed.shard(next(student_stream)), device)
                 with autocast(device, cfg.precision):
                     with torch.no_grad():  # the teacher only provides targets here: no graph
-                        t_logits, extra_state[0] = teacher(batch, extra_state[0])
+                        t_logits, extra_state[0] = distributed.unwrap(teacher)(batch, extra_state[0])
                     for i, (student, (opt, sched)) in enumerate(zip(students, student_opts, strict=True)):
                         logits, extra_state[i + 1] = student(batch, extra_state[i + 1])
                         loss = student_loss(logits, t_logits, batch["labels"], cfg)
@@ -238,10 +240,14 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
         if not torch.isfinite(loss_sums).all():
             raise FloatingPointError(f"loss is not finite in epoch {epoch} (teacher, students: {loss_sums.tolist()})")
 
-        metrics = evaluate_all(teacher, students, task_data, device, cfg.precision)
+        metrics = evaluate_all(
+            distributed.unwrap(teacher), [distributed.unwrap(s) for s in students], task_data, device, cfg.precision
+        )
+        world = distributed.world()[1]
+        loss_teacher, loss_student = distributed.all_sum(loss_sums.tolist(), device)
         metrics |= {
-            "loss/teacher": loss_sums[0].item() / steps_per_epoch,
-            "loss/student": loss_sums[1].item() / steps_per_epoch / max(1, n_students),
+            "loss/teacher": loss_teacher / world / steps_per_epoch,
+            "loss/student": loss_student / world / steps_per_epoch / max(1, n_students),
             "steps/teacher": teacher_steps,
             "steps/student": student_steps,
             "steps/model": teacher_steps + student_steps * n_students,
@@ -270,7 +276,8 @@ def evaluate_all(teacher, students, task_data: TaskData, device, precision) -> d
             if len(students) > 1:
                 out[f"student{i}/{short}_{metric}"] = s_value
             if len(s_pred):
-                agreements.append((s_pred == t_pred).float().mean().item())
+                same, total = distributed.all_sum([(s_pred == t_pred).sum().item(), len(s_pred)], device)
+                agreements.append(same / total)
         if values:
             out[f"student/{short}_{metric}"] = sum(values) / len(values)
         if agreements:

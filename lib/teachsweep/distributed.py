@@ -1,0 +1,45 @@
+"""What a job needs to run under DDP: its rank and world size, a shard of each global batch, and sums reduced
+across workers. Everything is a no-op in a single process, so jobs call these unconditionally."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This worker's rows of a global batch (every worker draws the same global batch from the same seed), so
+    that N workers with DDP's gradient averaging take the same step as one worker on the whole batch."""
+    rank, size = world()
+    if size == 1:
+        return batch
+    return {k: v if v.dim() == 0 else v[rank::size] for k, v in batch.items()}
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """DDP around a model (gloo on CPU, NCCL on GPU, chosen by whoever initialised the process group)."""
+    if world()[1] == 1:
+        return model
+    device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums over workers (counts and totals for metrics reported once)."""
+    if world()[1] == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
