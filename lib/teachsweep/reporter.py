@@ -16,8 +16,15 @@ class Reporter:
         self.history: list[dict[str, float]] = []
         self.artifacts: dict[str, Any] = {}
 
-    def report(self, metrics: dict[str, float], epoch: int) -> None:
+    def report(self, metrics: dict[str, float], epoch: int, checkpoint: dict | None = None) -> None:
+        """One epoch's metrics; `checkpoint` (state dicts and counters) lets a restarted trial resume here."""
         self.history.append({"epoch": epoch, **metrics})
+        if checkpoint is not None:
+            self.saved = checkpoint
+
+    def restore(self) -> dict | None:
+        """The last checkpoint of this trial when it is being restarted after a failure, else None."""
+        return None
 
     def log_dict(self, name: str, obj: dict) -> None:
         """A small JSON artifact (head coefficients, confusion matrices...)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -124,6 +125,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         client, ctx.experiment_id, ctx.parent_run_id, trial_id, f"{label}-{trial_id}", tags,
         config | {"seeds": seeds},
     )  # fmt: skip
+    # Which process runs the trial now (a restarted trial gets a new one): for operators and fault tests.
+    tracking.retry(lambda: client.set_tag(run_id, "teachsweep.pid", f"{socket.gethostname()}:{os.getpid()}"))
     job_start = time.perf_counter()
     try:
         if len(seeds) == 1:
@@ -299,7 +302,9 @@ def run_sweep(spec: SweepSpec, spec_text: str, callbacks: list | None = None) ->
     paths.tracking_uri.write_text(uri)
 
     client = tracking.client_for(uri)
-    experiment_id = tracking.ensure_experiment(client, spec.experiment or spec.name)
+    # A SQLite store keeps artifacts beside it (MLflow's default would be ./mlruns in the current directory).
+    artifacts = (paths.root / "artifacts").as_uri() if uri.startswith("sqlite:") else None
+    experiment_id = tracking.ensure_experiment(client, spec.experiment or spec.name, artifacts)
     parent_params = {"job": spec.job, "config": spec.config, "space": spec.model_dump()["space"],
                      "seeds": spec.seeds, "num_samples": spec.num_samples, "objectives": spec.metric_names}  # fmt: skip
     known_parent = paths.parent_run.read_text().strip() if paths.parent_run.exists() else None
@@ -540,6 +545,7 @@ def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks):
             verbose=0,
             callbacks=callbacks or [],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),  # fmt: skip
     )
     return tuner.fit()

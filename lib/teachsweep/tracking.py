@@ -85,14 +85,15 @@ def git_commit() -> str | None:
         return None
 
 
-def ensure_experiment(client, name: str) -> str:
+def ensure_experiment(client, name: str, artifact_root: str | None = None) -> str:
     experiment = retry(lambda: client.get_experiment_by_name(name))
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             retry(lambda: client.restore_experiment(experiment.experiment_id))
         return experiment.experiment_id
     try:
-        return retry(lambda: client.create_experiment(name))
+        location = f"{artifact_root}/{name}" if artifact_root else None
+        return retry(lambda: client.create_experiment(name, artifact_location=location))
     except Exception:  # noqa: BLE001 - created concurrently by another process
         return retry(lambda: client.get_experiment_by_name(name)).experiment_id
 
@@ -177,16 +178,43 @@ class TrialReporter(Reporter):
         self.extra = extra or {}
         self.send = report
 
-    def report(self, metrics: dict[str, float], epoch: int) -> None:
+    def report(self, metrics: dict[str, float], epoch: int, checkpoint: dict | None = None) -> None:
         super().report(metrics, epoch)
         if self.rank == 0:
             log_metrics(self.client, self.run_id, metrics, step=epoch)
-        if self.to_tune:
-            if self.send is None:
-                from ray import tune
+        if not self.to_tune:
+            return
+        if self.send is None:
+            from ray import tune
 
-                self.send = tune.report
-            self.send(finite_metrics(metrics) | {"epoch": epoch} | self.extra)
+            self.send = tune.report
+        result = finite_metrics(metrics) | {"epoch": epoch} | self.extra
+        if checkpoint is None or self.rank != 0:
+            self.send(result)
+            return
+        import tempfile
+
+        import torch
+        from ray.tune import Checkpoint
+
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(checkpoint, f"{directory}/state.pt")
+            self.send(result, checkpoint=Checkpoint.from_directory(directory))
+
+    def restore(self) -> dict | None:
+        if not self.to_tune:
+            return None
+        import torch
+
+        if self.send is not None and self.send.__module__.startswith("ray.train"):
+            from ray.train import get_checkpoint
+        else:
+            from ray.tune import get_checkpoint
+        checkpoint = get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return torch.load(f"{directory}/state.pt", weights_only=True, map_location="cpu")
 
     def log_dict(self, name: str, obj: dict) -> None:
         super().log_dict(name, obj)

@@ -72,6 +72,7 @@ class LoTConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    checkpoint_every: int = Field(1, ge=0)  # epochs between checkpoints a restarted trial resumes from; 0: none
 
     @field_validator("task")
     @classmethod
@@ -196,9 +197,24 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
 
     teacher_steps = student_steps = 0
     train_seconds = 0.0
-    best_val, metrics = None, {}
+    best_val, metrics, first_epoch = None, {}, 1
     higher_is_better = not task_data.is_lm
-    for epoch in range(1, cfg.epochs + 1):
+    saved = reporter.restore()
+    if saved is not None:  # a restarted trial: continue after the last checkpointed epoch
+        distributed.unwrap(teacher).load_state_dict(saved["teacher"])
+        teacher_opt.load_state_dict(saved["teacher_opt"])
+        teacher_sched.load_state_dict(saved["teacher_sched"])
+        for student, (opt, sched), state in zip(students, student_opts, saved["students"], strict=True):
+            distributed.unwrap(student).load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+        teacher_steps, student_steps = saved["teacher_steps"], saved["student_steps"]
+        train_seconds, best_val, first_epoch = saved["train_seconds"], saved["best_val"], saved["epoch"] + 1
+        for _ in range(teacher_steps):  # the streams are deterministic: replay them to where they were
+            next(joint_stream)
+        for _ in range(student_steps - teacher_steps if students else 0):
+            next(student_stream)
+    for epoch in range(first_epoch, cfg.epochs + 1):
         loss_sums = torch.zeros(2, device=device)  # teacher, students: checked for NaN once per epoch
         epoch_start = time.perf_counter()
         for _ in range(steps_per_epoch):
@@ -258,8 +274,28 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
         if best_val is None or (metrics[key] > best_val if higher_is_better else metrics[key] < best_val):
             best_val = metrics[key]
         metrics[key.replace("teacher/", "teacher/best_")] = best_val
-        reporter.report(metrics, epoch)
+        checkpoint = None
+        if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
+            counters = {"epoch": epoch, "teacher_steps": teacher_steps, "student_steps": student_steps,
+                        "train_seconds": train_seconds, "best_val": best_val}  # fmt: skip
+            checkpoint = counters | training_state(teacher, (teacher_opt, teacher_sched), students, student_opts)
+        if saved is not None:
+            metrics["trial/resumed_from_epoch"] = saved["epoch"]
+        reporter.report(metrics, epoch, checkpoint=checkpoint)
     return metrics
+
+
+def training_state(teacher, teacher_opt, students, student_opts) -> dict:
+    """Every model, optimizer and schedule state a restarted trial needs (tensors and numbers only)."""
+    return {
+        "teacher": distributed.unwrap(teacher).state_dict(),
+        "teacher_opt": teacher_opt[0].state_dict(),
+        "teacher_sched": teacher_opt[1].state_dict(),
+        "students": [
+            {"model": distributed.unwrap(s).state_dict(), "opt": o.state_dict(), "sched": c.state_dict()}
+            for s, (o, c) in zip(students, student_opts, strict=True)
+        ],
+    }
 
 
 def evaluate_all(teacher, students, task_data: TaskData, device, precision) -> dict[str, float]:
