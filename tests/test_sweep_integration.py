@@ -91,3 +91,19 @@ def test_baseline_arm_and_seeds(ray_session, tmp_path):
         assert sorted(run.data.tags["teachsweep.seed"] for run in seeds) == ["0", "1"]
     study = optuna.load_study(study_name="seeded", storage=paths_for(spec).optuna_url)
     assert len(study.trials) == 1  # the baseline arm is not a search point
+
+
+def test_a_grid_sweep_run_again_is_restored_not_repeated(ray_session, tmp_path):
+    text = f"""
+name: grid-again
+job: lot
+config: {{task: digits, teacher: "cnn:8", epochs: 1, steps_per_epoch: 2, max_eval_examples: 32}}
+variants: {{small: {{alpha: 0.2}}, large: {{alpha: 1.0}}}}
+results_dir: {tmp_path / "results"}
+"""
+    spec = parse_spec(text)
+    first = run_sweep(spec, text)
+    again = run_sweep(spec, text)  # Tune restores the finished experiment, its searcher included
+    assert sorted(r["trial_id"] for r in again.trials) == sorted(r["trial_id"] for r in first.trials)
+    client = MlflowClient(again.tracking_uri)
+    assert len(child_runs(client, client.get_experiment_by_name("grid-again").experiment_id, again.parent_run_id)) == 2

@@ -181,7 +181,8 @@ def unseeded_fixed_trials(spec: SweepSpec) -> list[dict[str, Any]]:
         config = {**spec.config, **overlay}
         tag = {"variant": name} if name else {}
         if spec.variants:
-            trials.append({"label": f"{name}-{config.get('arm', 'lot')}", **tag, **overlay})
+            arm = config.get("arm", "lot") if spec.job == "lot" else None
+            trials.append({"label": f"{name}-{arm}" if arm else name, **tag, **overlay})
         if spec.baseline is not None:
             for arm in baseline_arms(spec, config):
                 label = f"{name}-{arm.pop('label')}" if name else arm.pop("label")
@@ -377,7 +378,9 @@ class FixedThenSearch:
                 pass
 
             def save(self, checkpoint_path):
-                pass
+                # Nothing to keep, but Tune's restore insists on finding the base searcher's file.
+                with open(checkpoint_path, "wb") as f:
+                    f.write(b"")
 
             def restore(self, checkpoint_path):
                 pass
