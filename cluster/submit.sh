@@ -2,6 +2,7 @@
 # Submit a sweep to a running Ray cluster: cluster/submit.sh SPEC [RAY_ADDRESS]
 #   RAY_ADDRESS defaults to $RAY_ADDRESS or http://127.0.0.1:8265 (the dashboard / job server).
 #   MLFLOW_TRACKING_URI should name a tracking server the workers can reach.
+#   Token authentication (Ray 2.59+): RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token) as on the head.
 set -euo pipefail
 spec=${1:?usage: cluster/submit.sh SPEC [RAY_ADDRESS]}
 address=${2:-${RAY_ADDRESS:-http://127.0.0.1:8265}}

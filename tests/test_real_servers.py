@@ -1,0 +1,102 @@
+"""A real Ray head started with `ray start` on loopback, a real `mlflow server` (SQLite backend, loopback port),
+and a 2-trial sweep submitted with `ray job submit`: the runs must arrive through the HTTP tracking server."""
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers (401: Ray's token authentication is on; `ray job submit` sends the token)
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(url)
+
+
+def test_sweep_submitted_as_a_ray_job_logs_through_an_mlflow_server(tmp_path):
+    # Token authentication, as on a real cluster: the head and `ray job submit` share RAY_AUTH_TOKEN.
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
+                        "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
+    mlflow_port, gcs_port, dashboard_port = free_port(), free_port(), free_port()
+    tracking = f"http://127.0.0.1:{mlflow_port}"
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "art"),
+         "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    # --block: the head lives exactly as long as this process, so stopping it stops only this cluster
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
+         "--temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp"),  # short: Unix socket paths are limited
+         # own ports for every agent, so that other Ray instances on the machine (the test session's) don't clash
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+         "--min-worker-port", "20000", "--max-worker-port", "20999"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(f"{tracking}/health", 120)
+        wait_for(f"http://127.0.0.1:{dashboard_port}/api/version", 120)
+        spec = tmp_path / "sweep.yaml"
+        spec.write_text(f"""
+name: submitted
+job: lot
+config: {{task: digits, teacher: "cnn:8", epochs: 2, steps_per_epoch: 3, max_eval_examples: 32}}
+space: {{alpha: {{type: loguniform, low: 0.1, high: 1.0}}}}
+num_samples: 2
+max_concurrent_trials: 2
+tracking_uri: {tracking}
+results_dir: {tmp_path / "results"}
+""")
+        for _ in range(12):  # the head's job agent can take a while to come up on a loaded machine
+            submit = subprocess.run(
+                [str(ROOT / "cluster" / "submit.sh"), str(spec), f"http://127.0.0.1:{dashboard_port}"],
+                env=env | {"RAY_BIN": str(BIN / "ray"), "MLFLOW_TRACKING_URI": tracking}, capture_output=True,
+                text=True, timeout=600, cwd=ROOT,
+            )  # fmt: skip
+            if "No available agent" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(10)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        client = MlflowClient(tracking)
+        experiment = client.get_experiment_by_name("submitted")
+        runs = client.search_runs([experiment.experiment_id], "tags.`teachsweep.role` = 'trial'")
+        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+        assert all(len(client.get_metric_history(r.info.run_id, "teacher/val_acc")) == 2 for r in runs)
+        assert not (tmp_path / "results" / "mlflow.db").exists()  # nothing bypassed the server
+    finally:
+        for process in (head, server):
+            os.killpg(process.pid, 15)
+        for process in (head, server):
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
