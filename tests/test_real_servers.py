@@ -42,7 +42,7 @@ def wait_for(url: str, seconds: float) -> None:
 def test_sweep_submitted_as_a_ray_job_logs_through_an_mlflow_server(tmp_path):
     # Token authentication, as on a real cluster: the head and `ray job submit` share RAY_AUTH_TOKEN.
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
-                        "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
+                        "RAY_AUTH_TOKEN": secrets.token_hex(32), "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
     mlflow_port, gcs_port, dashboard_port = free_port(), free_port(), free_port()
     tracking = f"http://127.0.0.1:{mlflow_port}"
     server = subprocess.Popen(
