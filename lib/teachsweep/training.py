@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from teachsweep import data, distributed, models
@@ -24,6 +26,20 @@ def autocast(device: torch.device, precision: str):
     if not use_bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class OptimizerConfig(BaseModel):
+    """The optimizer fields shared by job configs (teacher and students use the same optimizer and lr)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    optimizer: Literal["sgd", "adamw", "adam"] = "adamw"
+    lr: float = Field(5e-5, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    clip_grad_norm: float | None = Field(1.0, gt=0)
 
 
 def make_optimizer(model: nn.Module, cfg, total_steps: int):

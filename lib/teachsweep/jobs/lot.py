@@ -19,16 +19,25 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from teachsweep import data, distributed, models
 from teachsweep.reporter import Reporter
-from teachsweep.training import TaskData, autocast, evaluate, make_optimizer, pick_device, to_device, update
+from teachsweep.training import (
+    OptimizerConfig,
+    TaskData,
+    autocast,
+    evaluate,
+    make_optimizer,
+    pick_device,
+    to_device,
+    update,
+)
 
 # ---------------------------------------------------------------------------------------------- config
 
 
-class LoTConfig(BaseModel):
+class LoTConfig(OptimizerConfig):
     model_config = ConfigDict(extra="forbid")
 
     task: str = "rotten_tomatoes"
@@ -44,14 +53,6 @@ class LoTConfig(BaseModel):
     student_ce: bool = True  # students also fit the labels (the public code's default `kl_ce`)
     symmetric_kl: bool = False  # teacher term alpha * [KL(S||T) + KL(T||S)]
     detach: bool = True  # each model's distillation target is detached from the other's graph
-
-    optimizer: Literal["sgd", "adamw", "adam"] = "adamw"
-    lr: float = Field(5e-5, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(0.01, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    clip_grad_norm: float | None = Field(1.0, gt=0)
 
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(3, ge=1)

@@ -15,26 +15,28 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
 from teachsweep import data, models
 from teachsweep.reporter import Reporter
-from teachsweep.training import TaskData, autocast, evaluate, make_optimizer, pick_device, to_device, update
+from teachsweep.training import (
+    OptimizerConfig,
+    TaskData,
+    autocast,
+    evaluate,
+    make_optimizer,
+    pick_device,
+    to_device,
+    update,
+)
 
 
-class TeacherConfig(BaseModel):
+class TeacherConfig(OptimizerConfig):
     model_config = ConfigDict(extra="forbid")
 
     task: str = "rotten_tomatoes"
     model: str = "minilm:2"
-    optimizer: Literal["sgd", "adamw", "adam"] = "adamw"
-    lr: float = Field(5e-5, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(0.01, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    clip_grad_norm: float | None = Field(1.0, gt=0)
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(5, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1)
