@@ -60,6 +60,22 @@ def test_bad_spec_gives_one_line_error_and_creates_nothing(tmp_path: Path, label
     assert not results.exists()
 
 
+def test_missing_csv_column_is_refused_before_anything_runs(tmp_path):
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("review,stars\ngood,5\n")
+    results = tmp_path / "results"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(GOOD.replace("task: digits, teacher: cnn", f"task: 'csv:{csv}', teacher: tiny-bert, text_column: text, label_column: stars")
+                         + f"results_dir: {results}\n")  # fmt: skip
+    outcome = CliRunner().invoke(app, ["run", str(spec_file)])
+    assert (
+        outcome.exit_code == 2
+        and "column 'text' not in" in outcome.output
+        and len(outcome.output.strip().splitlines()) == 1
+    )
+    assert not results.exists()
+
+
 def test_good_spec_parses_with_defaults():
     spec = parse_spec(GOOD)
     assert spec.metric_names == ["teacher/best_val_acc"] and spec.mode_names == ["max"]

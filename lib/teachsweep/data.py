@@ -301,6 +301,19 @@ def validate_task_name(name: str) -> str:
     raise DataError(f"unknown task '{name}' (known: {', '.join(OFFLINE_TASKS)}, hf:<name>, csv:<path>)")
 
 
+def validate_columns(name: str, text_column: str | None, label_column: str | None) -> None:
+    """For `csv:` tasks, check before anything runs that the named columns exist (reads the header only)."""
+    if not name.startswith("csv:"):
+        return
+    if not (text_column and label_column):
+        raise DataError(f"{name}: set text_column and label_column")
+    with open(name[4:], newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    for column in (text_column, label_column):
+        if column not in header:
+            raise DataError(f"column '{column}' not in {name[4:]} (columns: {', '.join(header)})")
+
+
 def task_kind(name: str) -> TaskKind | None:
     """The kind of a task from its name alone (None for hub datasets, known only once loaded)."""
     kinds: dict[str, TaskKind] = {"rotten_tomatoes": "text", "bbc_news": "text", "bbc_news_lm": "lm",

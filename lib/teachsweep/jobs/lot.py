@@ -87,6 +87,7 @@ class LoTConfig(OptimizerConfig):
 
     @model_validator(mode="after")
     def _models_fit_the_task(self) -> LoTConfig:
+        data.validate_columns(self.task, self.text_column, self.label_column)
         kind = data.task_kind(self.task)
         for name in (self.teacher, self.student):
             if name is not None and kind is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from teachsweep import data, models
@@ -64,6 +64,11 @@ class TeacherConfig(OptimizerConfig):
     @classmethod
     def _known_model(cls, value: str) -> str:
         return models.validate_model_name(value)
+
+    @model_validator(mode="after")
+    def _columns_exist(self) -> TeacherConfig:
+        data.validate_columns(self.task, self.text_column, self.label_column)
+        return self
 
     def key(self) -> str:
         fields = self.model_dump(exclude={"device", "precision"})
