@@ -226,11 +226,13 @@ def export(
         fail(f"sweep '{name}' has no finished trial to export")
     run_id = front[0]["mlflow_run_id"]
     config = full_config(sweep, run_id)
+    seed = config.pop("seed", None)  # a spec sets seeds at the top level
     out = out or sweep.directory / "export"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "best_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    job_config = config if seed is None else config | {"seed": seed}  # runnable as job.train(config)
+    (out / "best_config.yaml").write_text(yaml.safe_dump(job_config, sort_keys=False))
     spec = {"name": f"{name}-best", "job": sweep.spec.job, "description": f"best trial of {name} (run {run_id})",
-            "config": {}, "variants": {"best": config}, "seeds": sweep.spec.seeds,
+            "config": {}, "variants": {"best": config}, "seeds": sweep.spec.seeds if seed is None else [seed],
             "objectives": [o.model_dump() for o in sweep.spec.objectives]}  # fmt: skip
     (out / "best_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     console.print(f"best {front[0]['values']}  MLflow run {run_id}")
