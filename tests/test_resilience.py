@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -77,6 +78,11 @@ def test_killed_driver_resumes_with_one_run_per_trial_and_no_running_optuna_tria
     trial_ids = [r.data.tags["teachsweep.trial_id"] for r in runs]
     assert len(runs) == 4 and len(set(trial_ids)) == 4  # every planned trial, each with exactly one run
     assert all(r.info.status == "FINISHED" for r in runs)
+    # A trial started after Tune's last snapshot is re-run under a new id; its first run is set aside, not lost.
+    client = MlflowClient(sweep.tracking_uri)
+    experiment_id = client.get_experiment_by_name("killed").experiment_id
+    deleted = client.search_runs([experiment_id], run_view_type=ViewType.DELETED_ONLY)
+    assert all(r.info.status != "RUNNING" and "teachsweep.orphaned" in r.data.tags for r in deleted)
     for run in runs:
         steps = [
             m.step for m in MlflowClient(sweep.tracking_uri).get_metric_history(run.info.run_id, "teacher/val_acc")

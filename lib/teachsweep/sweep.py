@@ -12,6 +12,7 @@ import shutil
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,7 +328,11 @@ def run_sweep(spec: SweepSpec, spec_text: str, callbacks: list | None = None) ->
     outcome = SweepOutcome(spec, paths, uri, parent_run_id)
     error: BaseException | None = None
     try:
-        grid = run_experiment(spec, paths, trainable, callbacks)
+
+        def forget_unrecorded_trials(known_trial_ids: set[str]) -> None:
+            tracking.drop_orphan_trial_runs(client, experiment_id, parent_run_id, known_trial_ids)
+
+        grid = run_experiment(spec, paths, trainable, callbacks, forget_unrecorded_trials)
         outcome.trials = trial_rows(grid, spec)
         outcome.best = best_trials(spec, paths, outcome.trials)
         outcome.comparisons = lot_comparisons(merge_seed_trials(outcome.trials), comparison_metrics(spec))
@@ -525,13 +530,16 @@ def make_scheduler(spec: SweepSpec):
     )  # fmt: skip
 
 
-def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks):
+def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks, on_restore: Callable[[set[str]], None]):
+    """Run the sweep's Tune experiment, or resume it; `on_restore` gets the ids of the trials Tune recorded."""
     from ray import tune
 
     experiment = paths.tune / "trials"
     if tune.Tuner.can_restore(str(experiment)):
         fail_interrupted_optuna_trials(spec, paths)
-        return tune.Tuner.restore(str(experiment), trainable, resume_errored=True).fit()
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+        on_restore({Path(result.path).name for result in tuner.get_results()})  # trial dirs are named by id
+        return tuner.fit()
     searcher, total = make_searcher(spec, paths)
     tuner = tune.Tuner(
         trainable,

@@ -157,6 +157,29 @@ def start_child_run(
     return run_id
 
 
+def drop_orphan_trial_runs(client, experiment_id: str, parent_run_id: str, known_trial_ids: set[str]) -> list[str]:
+    """Soft-delete the trial runs (and their seed runs) of trials Ray Tune never recorded.
+
+    Tune snapshots its experiment state every few seconds; a driver killed between a trial's start and the
+    next snapshot leaves an MLflow run for a trial the resumed sweep does not know and runs again under a
+    new id. That run is marked KILLED, tagged with the reason and deleted (recoverable in the MLflow UI), so
+    every trial of the sweep keeps exactly one run."""
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`teachsweep.role` = '{TRIAL}'"
+    runs = retry(lambda: client.search_runs([experiment_id], filter_string=query, max_results=10000))
+    reason = "the driver died before Ray Tune recorded this trial; it ran again as a new trial"
+    orphans = [r for r in runs if r.data.tags.get("teachsweep.trial_id") not in known_trial_ids]
+    for run in orphans:
+        seed_query = f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+        seed_runs = retry(lambda q=seed_query: client.search_runs([experiment_id], filter_string=q))
+        for orphan in [*seed_runs, run]:
+            orphan_id = orphan.info.run_id
+            retry(lambda r=orphan_id: client.set_tag(r, "teachsweep.orphaned", reason))
+            if orphan.info.status == "RUNNING":
+                retry(lambda r=orphan_id: client.set_terminated(r, status="KILLED"))
+            retry(lambda r=orphan_id: client.delete_run(r))
+    return [r.info.run_id for r in orphans]
+
+
 def finish_run(client, run_id: str, error: BaseException | None = None) -> None:
     if error is not None:
         message = f"{type(error).__name__}: {error}"
