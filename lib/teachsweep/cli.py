@@ -75,6 +75,8 @@ def print_outcome(outcome) -> None:
                 f"[{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]", str(c["n_seeds"]),
             )  # fmt: skip
         console.print(compare)
+    if outcome.seed_summaries:
+        console.print(seed_summary_table(outcome.seed_summaries))
     for best in outcome.best:
         shown_params = {k: v for k, v in best["params"].items() if k in searched or k == "arm"}
         console.print(f"[bold]best[/] {best['values']}  params {shown_params}  MLflow run {best.get('mlflow_run_id')}")
@@ -83,6 +85,23 @@ def print_outcome(outcome) -> None:
             console.print(f"[red]trial {row['trial_id']} failed:[/] {row['error']}")
     uri = outcome.tracking_uri
     console.print(f"\nOpen the runs:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000", soft_wrap=True)
+
+
+def seed_summary_table(rows: list[dict]) -> Table:
+    """Per variant over seeds: median [IQR], mean with a 95% bootstrap CI, the per-seed test-point CI, and the
+    paired difference to the `none` variant when there is one."""
+    table = Table(title="over seeds: median [IQR], mean (95% bootstrap CI over seeds)")
+    for column in ("variant", "metric", "seeds", "median [IQR]", "mean (95% CI)", "test-point CI", "vs none (95% CI)"):
+        table.add_column(column)
+    for r in rows:
+        points = f"[{r['test_points_ci_low']:.4g}, {r['test_points_ci_high']:.4g}]" if "test_points_ci_low" in r else ""
+        versus = (f"{r['vs_none_diff_mean']:+.4g} [{r['vs_none_ci_low']:+.4g}, {r['vs_none_ci_high']:+.4g}]"
+                  if "vs_none_diff_mean" in r else "")  # fmt: skip
+        table.add_row(
+            r["label"], r["metric"], str(r["n_seeds"]), f"{r['median']:.4g} [{r['q25']:.4g}, {r['q75']:.4g}]",
+            f"{r['mean']:.4g} ({r['ci_low']:.4g}, {r['ci_high']:.4g})", points, versus,
+        )  # fmt: skip
+    return table
 
 
 @app.command()

@@ -31,6 +31,18 @@ def bootstrap_ci(values: np.ndarray, resamples: int = 10_000, level: float = 0.9
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
+def subsample_bootstrap_ci(
+    hits: np.ndarray, resamples: int = 500, fraction: float = 0.5, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """CI of a mean over test points from `resamples` random halves without replacement (SMaT's protocol:
+    500 resamples of 50% of the test points)."""
+    rng = np.random.default_rng(seed)
+    size = max(1, int(len(hits) * fraction))
+    means = [rng.choice(hits, size=size, replace=False).mean() for _ in range(resamples)]
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, float]:
     """mean(a - b) over the seeds both have, its std and a 95% bootstrap CI."""
     seeds = sorted(set(a) & set(b))
@@ -70,6 +82,34 @@ def merge_seed_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         row["metrics"] |= {f"{k}@seed{seed}": v for k, v in trial["metrics"].items() if "@seed" not in k}
     return out + list(merged.values())
+
+
+def seed_summaries(trials: list[dict[str, Any]], metrics: list[str], reference: str = "none") -> list[dict[str, Any]]:
+    """Per label (variant) and metric over seeds: median and IQR, mean with a bootstrap CI, the mean of the
+    per-seed test-point CIs where the job reports them (`<metric>_ci_low/high`), and the paired difference
+    to the `reference` label (SMaT's "no explanation" students) when it ran with the same seeds."""
+    rows = []
+    by_label = {t["label"]: t for t in trials if t["status"] == "OK"}
+    for trial in by_label.values():
+        for metric in metrics:
+            values = per_seed(trial["metrics"], metric)
+            if len(values) < 2:
+                continue
+            xs = np.asarray(list(values.values()))
+            low, high = bootstrap_ci(xs)
+            q25, median, q75 = np.quantile(xs, [0.25, 0.5, 0.75])
+            row = {"label": trial["label"], "metric": metric, "n_seeds": len(xs), "median": float(median),
+                   "q25": float(q25), "q75": float(q75), "mean": float(xs.mean()),
+                   "ci_low": low, "ci_high": high}  # fmt: skip
+            for bound in ("ci_low", "ci_high"):
+                per_seed_bound = per_seed(trial["metrics"], f"{metric}_{bound}")
+                if per_seed_bound:
+                    row[f"test_points_{bound}"] = statistics.fmean(per_seed_bound.values())
+            if reference in by_label and trial["label"] != reference:
+                difference = paired_difference(values, per_seed(by_label[reference]["metrics"], metric))
+                row |= {f"vs_{reference}_{k}": v for k, v in difference.items() if k != "n_seeds"}
+            rows.append(row)
+    return rows
 
 
 def lot_comparisons(trials: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 from teachsweep import launch, tracking  # noqa: E402
-from teachsweep.metrics import lot_comparisons, merge_seed_trials  # noqa: E402
+from teachsweep.metrics import lot_comparisons, merge_seed_trials, seed_summaries  # noqa: E402
 from teachsweep.spec import SpecError, SweepSpec, describe_changes  # noqa: E402
 
 
@@ -81,6 +81,7 @@ class SweepOutcome:
     trials: list[dict[str, Any]] = field(default_factory=list)
     best: list[dict[str, Any]] = field(default_factory=list)
     comparisons: list[dict[str, Any]] = field(default_factory=list)
+    seed_summaries: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -335,8 +336,12 @@ def run_sweep(spec: SweepSpec, spec_text: str, callbacks: list | None = None) ->
         grid = run_experiment(spec, paths, trainable, callbacks, forget_unrecorded_trials)
         outcome.trials = trial_rows(grid, spec)
         outcome.best = best_trials(spec, paths, outcome.trials)
-        outcome.comparisons = lot_comparisons(merge_seed_trials(outcome.trials), comparison_metrics(spec))
+        merged = merge_seed_trials(outcome.trials)
+        outcome.comparisons = lot_comparisons(merged, comparison_metrics(spec))
         log_comparisons(client, parent_run_id, outcome.comparisons)
+        outcome.seed_summaries = seed_summaries(merged, comparison_metrics(spec))
+        if outcome.seed_summaries:
+            tracking.retry(lambda: client.log_dict(parent_run_id, outcome.seed_summaries, "seed_summary.json"))
     except BaseException as err:
         error = err
         raise
@@ -350,8 +355,10 @@ def run_sweep(spec: SweepSpec, spec_text: str, callbacks: list | None = None) ->
 
 
 def comparison_metrics(spec: SweepSpec) -> list[str]:
-    """Objectives plus the teacher's test score (accuracy or perplexity, whichever the trials report)."""
-    return list(dict.fromkeys(spec.metric_names + ["teacher/test_acc", "teacher/test_ppl"]))
+    """Objectives plus the test scores of record (whichever the trials report): the teacher's accuracy or
+    perplexity (LoT), the student's test simulability and accuracy (SMaT)."""
+    scores = ["teacher/test_acc", "teacher/test_ppl", "simulability/test", "student/test_acc"]
+    return list(dict.fromkeys(spec.metric_names + scores))
 
 
 def log_comparisons(client, parent_run_id: str, comparisons: list[dict[str, Any]]) -> None:

@@ -29,7 +29,7 @@ from teachsweep import data, models
 from teachsweep.explain import registry
 from teachsweep.explain.attention import AttentionExplainer, full_precision, head_scores, token_distribution
 from teachsweep.jobs import teacher as teacher_job
-from teachsweep.metrics import mean_plausibility, word_scores
+from teachsweep.metrics import mean_plausibility, subsample_bootstrap_ci, word_scores
 from teachsweep.reporter import Reporter
 from teachsweep.training import pick_device, to_device
 
@@ -202,19 +202,24 @@ def make_student_optimizer(params, cfg: ScaffoldConfig):
 
 
 @torch.no_grad()
-def simulability(model, teacher, batches, device) -> tuple[float, float]:
-    """(agreement with the teacher, accuracy on gold labels) on unexplained inputs."""
+def agreement(model, teacher, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: does the student agree with the teacher, is it right on the gold label (unexplained inputs)."""
     model.eval()
-    agree = correct = count = 0
+    agrees, corrects = [], []
     for batch in batches:
         batch = to_device(batch, device)
         student_pred = model(batch)[0].argmax(-1)
         teacher_pred = teacher(batch)[0].argmax(-1)
-        agree += (student_pred == teacher_pred).sum().item()
-        correct += (student_pred == batch["labels"]).sum().item()
-        count += len(student_pred)
+        agrees.append((student_pred == teacher_pred).cpu())
+        corrects.append((student_pred == batch["labels"]).cpu())
     model.train()
-    return agree / count, correct / count
+    return torch.cat(agrees).float(), torch.cat(corrects).float()
+
+
+def simulability(model, teacher, batches, device) -> tuple[float, float]:
+    """(agreement with the teacher, accuracy on gold labels) on unexplained inputs."""
+    agrees, corrects = agreement(model, teacher, batches, device)
+    return agrees.mean().item(), corrects.mean().item()
 
 
 def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
@@ -313,10 +318,14 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
             break
 
     student.load_state_dict(best_state)
-    test_sim, student_acc = simulability(student, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device)
+    test_agrees, student_right = agreement(
+        student, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device
+    )
     _, teacher_acc = simulability(teacher, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device)
-    metrics |= {"simulability/test": test_sim, "student/test_acc": student_acc, "teacher/test_acc": teacher_acc,
-                "best_epoch": best_epoch}  # fmt: skip
+    ci_low, ci_high = subsample_bootstrap_ci(test_agrees.numpy())
+    metrics |= {"simulability/test": test_agrees.mean().item(), "simulability/test_ci_low": ci_low,
+                "simulability/test_ci_high": ci_high, "student/test_acc": student_right.mean().item(),
+                "teacher/test_acc": teacher_acc, "best_epoch": best_epoch}  # fmt: skip
     if cfg.rationales and info.kind != "none" and task.kind == "text":
         examples = data.load_rationales(cfg.rationales, cfg.max_rationale_examples)
         for who, scores_of in (("teacher", lambda b: teacher_scores(teacher_evidence(b)[1], b["attention_mask"])),
