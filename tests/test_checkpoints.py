@@ -96,3 +96,29 @@ results_dir: {tmp_path / "results"}
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "teacher/val_acc")}
     assert steps == {1, 2, 3, 4}
+
+
+def test_a_restarted_smat_job_continues_exactly_where_it_stopped(tmp_path, monkeypatch):
+    from teachsweep.jobs import scaffold
+
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
+    teacher = {
+        "task": "digits",
+        "model": "vit:1",
+        "lr": 1e-3,
+        "epochs": 1,
+        "steps_per_epoch": 5,
+        "max_eval_examples": 32,
+    }
+    job = {"teacher": teacher, "explainer": "smat", "num_train_examples": 32, "batch_size": 8, "max_epochs": 3,
+           "patience": 3, "max_eval_examples": 32}  # fmt: skip
+    uninterrupted = scaffold.train(job)
+    crashed = CrashAfter(1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        scaffold.train(job, crashed)
+    assert {"student", "optimizer", "teacher_explainer", "meta_optimizer", "best_student"} <= set(crashed.saved)
+    resumed = Resume(crashed.saved)
+    final = scaffold.train(job, resumed)
+    assert [h["epoch"] for h in resumed.history[:-1]] == [2, 3] and final["trial/resumed_from_epoch"] == 1
+    for key in ("loss/train", "loss/meta", "simulability/val", "simulability/test", "best_epoch"):
+        assert final[key] == pytest.approx(uninterrupted[key], rel=1e-6), key

@@ -44,15 +44,16 @@ def overhead(trials: int, steps: int, console: Console) -> None:
             lot.train(job | {"alpha": config["alpha"]})
             tune.report({"job_s": time.perf_counter() - start})
 
-        start = time.perf_counter()
-        grid = tune.Tuner(
-            bare_trainable,
-            param_space={"alpha": tune.grid_search([0.5] * trials)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=1),
-            run_config=tune.RunConfig(name="bare", storage_path=tmp, verbose=0),
-        ).fit()
-        bare_wall = time.perf_counter() - start
-        bare_inside = sum(r.metrics["job_s"] for r in grid)
+        bare = {}  # Tune's default (a fresh process per trial), and with reuse_actors as teachsweep runs it
+        for reuse in (False, True):
+            start = time.perf_counter()
+            grid = tune.Tuner(
+                bare_trainable,
+                param_space={"alpha": tune.grid_search([0.5] * trials)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse),
+                run_config=tune.RunConfig(name=f"bare-{reuse}", storage_path=tmp, verbose=0),
+            ).fit()
+            bare[reuse] = (time.perf_counter() - start, sum(r.metrics["job_s"] for r in grid))
 
         spec_text = f"""
 name: bench-overhead
@@ -76,18 +77,21 @@ results_dir: {Path(tmp) / "results"}
         sweep_inside = sum(run.data.metrics["time/job_s"] for run in runs)
     ray.shutdown()
 
-    bare_overhead = (bare_wall - bare_inside) / trials
     sweep_overhead = (sweep_wall - sweep_inside) / trials
     table = Table(title=f"bench overhead: {trials} trials, {steps} teacher steps each, one at a time")
     for column in ("", "wall s", "inside job s", "overhead s/trial", "fraction in job"):
         table.add_column(column)
     table.add_row("(a) plain call", f"{job_s:.2f}", f"{job_s:.2f}", "0", "1.00")
-    table.add_row("(b) bare Tune trainable", f"{bare_wall:.1f}", f"{bare_inside:.1f}", f"{bare_overhead:.2f}",
-                  f"{bare_inside / bare_wall:.2f}")  # fmt: skip
-    table.add_row("(c) teachsweep sweep", f"{sweep_wall:.1f}", f"{sweep_inside:.1f}", f"{sweep_overhead:.2f}",
-                  f"{sweep_inside / sweep_wall:.2f}")  # fmt: skip
+    rows = [("(b) bare Tune trainable, Tune defaults", *bare[False]),
+            ("(b') bare Tune trainable, reuse_actors", *bare[True]),
+            ("(c) teachsweep sweep (reuse_actors)", sweep_wall, sweep_inside)]  # fmt: skip
+    for name, wall, inside in rows:
+        table.add_row(name, f"{wall:.1f}", f"{inside:.1f}", f"{(wall - inside) / trials:.2f}", f"{inside / wall:.2f}")
     console.print(table)
-    console.print(f"per-trial overhead, teachsweep / bare Tune: {sweep_overhead / bare_overhead:.2f}x (target <= 1.1x)")
+    for name, reuse in (("Tune defaults", False), ("reuse_actors", True)):
+        bare_overhead = (bare[reuse][0] - bare[reuse][1]) / trials
+        console.print(f"per-trial overhead, teachsweep / bare Tune ({name}): {sweep_overhead / bare_overhead:.2f}x"
+                      " (target <= 1.1x)")  # fmt: skip
     for seconds in (60.0,):
         console.print(f"fraction of wall time inside the job for {seconds:.0f} s trials at this overhead: "
                       f"{seconds / (seconds + sweep_overhead):.3f} (target >= 0.85)")  # fmt: skip
@@ -151,4 +155,119 @@ def relevance_throughput(examples: int, batch_size: int, model_name: str, consol
             relevance.single_example_loop(explainer, model, batch)
         single = examples / (time.perf_counter() - start)
         table.add_row(name, f"{batched:.1f}", f"{single:.1f}", f"{batched / single:.1f}x")
+    console.print(table)
+
+
+def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
+    """One SMaT iteration (student step + look-ahead + meta step) over one plain student step with the same
+    explanation loss, same batch, interleaved; the teacher's head scores are computed once per batch either way."""
+    import torch
+
+    from teachsweep import data, models
+    from teachsweep.explain.attention import AttentionExplainer, head_scores
+    from teachsweep.jobs import scaffold
+
+    cfg = scaffold.ScaffoldConfig(explainer="smat", max_length=64)
+    task = data.load_task("rotten_tomatoes")
+    batches = data.make_batches(task, "train", models.load_tokenizer(model_name), cfg.max_length, 256)
+    stream = data.train_stream(batches, cfg.batch_size, seed=0)
+    teacher = models.build_model(model_name, task, seed=0).eval().requires_grad_(False)
+    student = models.build_model(model_name, task, seed=1).train()
+    layers, heads = scaffold.transformer_shape(student)
+    model = scaffold.ExplainedStudent(student, AttentionExplainer(layers, heads))
+    teacher_explainer = AttentionExplainer(layers, heads)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = scaffold.make_student_optimizer(params, cfg)
+    meta_optimizer = torch.optim.AdamW([teacher_explainer.phi], lr=cfg.meta_lr, weight_decay=0.0)
+    beta = 5.0
+
+    def iteration(meta: bool) -> float:
+        batch, meta_batch = next(stream), next(stream)
+        start = time.perf_counter()
+        mask = batch["attention_mask"]
+        with torch.no_grad():
+            t_logits, attentions = teacher.classify(batch, output_attentions=True)
+            evidence = head_scores(attentions, mask)
+            teacher_scores = teacher_explainer(evidence, mask)
+        loss = scaffold.inner_loss(model(batch), t_logits, teacher_scores, mask, beta)
+        loss.backward()
+        scaffold.student_step(params, optimizer, cfg)
+        if meta:
+            with torch.no_grad():
+                meta_targets = teacher.classify(meta_batch)[0]
+            phi_grad, _ = scaffold.meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logits,
+                                                 evidence, meta_batch, meta_targets)  # fmt: skip
+            teacher_explainer.phi.grad = phi_grad
+            meta_optimizer.step()
+            meta_optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    iteration(True), iteration(False)  # warm-up
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(steps):
+        for meta in (False, True):
+            timings[meta].append(iteration(meta))
+    plain, smat = statistics.median(timings[False]), statistics.median(timings[True])
+    table = Table(title=f"bench scaffold: {model_name}, batch {cfg.batch_size}, length <= {cfg.max_length}, "
+                        f"{steps} interleaved iterations, medians, {torch.get_num_threads()} threads")  # fmt: skip
+    for column in ("", "s / iteration", "ratio"):
+        table.add_column(column)
+    table.add_row("plain student step (CE + beta * explanation KL)", f"{plain:.4f}", "1.00")
+    table.add_row("SMaT iteration (+ look-ahead + meta step)", f"{smat:.4f}", f"{smat / plain:.2f}")
+    console.print(table)
+    console.print(f"SMaT iteration / plain student step: {smat / plain:.2f}x (target <= 3x)")
+
+
+def distributed_cost(steps: int, console: Console) -> None:
+    """The same small LoT job in-process, under a 1-worker TorchTrainer and under a 2-worker gloo TorchTrainer,
+    each at `steps` and 3 x `steps` teacher steps inside a Tune trial: the slope is the time per step, the
+    intercept the fixed start-up cost."""
+    import ray
+    from ray import tune
+
+    from teachsweep import launch, tracking
+    from teachsweep.reporter import Reporter
+    from teachsweep.sweep import init_ray, quiet_libraries
+
+    quiet_libraries()
+    job = OVERHEAD_JOB | {"epochs": 1, "max_eval_examples": 64}
+    arms = [("in-process", 1), ("TorchTrainer", 1), ("TorchTrainer", 2)]
+    init_ray(total_cpus=4)  # two 1-CPU workers plus the trial's token CPU on a 2-core machine
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        experiment_id = tracking.ensure_experiment(tracking.client_for(uri), "bench-distributed")
+
+        cases = [(arm, workers, n) for arm, workers in arms for n in (steps, 3 * steps)]
+
+        def trainable(config):
+            arm, workers, n = cases[config["case"]]
+            client = tracking.client_for(uri)
+            run_id = client.create_run(experiment_id).info.run_id
+            arm_job = job | {"steps_per_epoch": n}
+            start = time.perf_counter()
+            if arm == "in-process":
+                launch.run_job("lot", arm_job, Reporter(), cpus=1)
+            else:
+                launch.run_distributed("lot", arm_job, workers, 1, 0, (uri, run_id), f"{tmp}/train",
+                                       f"bench-{workers}-{n}")  # fmt: skip
+            tune.report({"wall_s": time.perf_counter() - start})
+
+        grid = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": 0.01}),
+            param_space={"case": tune.grid_search(list(range(len(cases))))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=1),
+            run_config=tune.RunConfig(name="bench-distributed", storage_path=tmp, verbose=0),
+        ).fit()
+        wall = {cases[r.config["case"]]: r.metrics["wall_s"] for r in grid}
+    ray.shutdown()
+
+    table = Table(title=f"bench distributed: LoT cnn:16 on digits, batch 64 (global), {steps} and {3 * steps} steps")
+    for column in ("arm", "workers", f"wall s ({steps} steps)", f"wall s ({3 * steps} steps)", "s / step",
+                   "fixed start-up s"):  # fmt: skip
+        table.add_column(column)
+    for arm, workers in arms:
+        short, long = wall[(arm, workers, steps)], wall[(arm, workers, 3 * steps)]
+        per_step = (long - short) / (2 * steps)
+        table.add_row(arm, str(workers), f"{short:.1f}", f"{long:.1f}", f"{per_step:.4f}",
+                      f"{short - steps * per_step:.1f}")  # fmt: skip
     console.print(table)

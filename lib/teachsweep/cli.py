@@ -325,6 +325,28 @@ def bench_relevance(
     relevance_throughput(examples, batch_size, model, console)
 
 
+@bench_app.command("scaffold")
+def bench_scaffold(
+    steps: int = typer.Option(20, help="interleaved iterations per arm (the median is shown)"),
+    model: str = typer.Option("minilm:2", help="teacher and student architecture"),
+) -> None:
+    """One SMaT iteration (student step + look-ahead + meta step) over one plain student step, same batch."""
+    from teachsweep.bench import scaffold_cost
+
+    scaffold_cost(steps, model, console)
+
+
+@bench_app.command("distributed")
+def bench_distributed(
+    steps: int = typer.Option(20, help="teacher steps of the short run (the long one runs 3x)"),
+) -> None:
+    """The same job in-process, under a 1-worker TorchTrainer and a 2-worker gloo TorchTrainer: time per step
+    and fixed start-up cost."""
+    from teachsweep.bench import distributed_cost
+
+    distributed_cost(steps, console)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     try:
         app()

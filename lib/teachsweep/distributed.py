@@ -3,16 +3,33 @@ across workers. Everything is a no-op in a single process, so jobs call these un
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
+_alone = False
+
 
 def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, world size); (0, 1) outside torch.distributed or inside `alone()`."""
+    if not _alone and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Run as if there were one worker (no sharding, no collectives): for work one worker does for all, such as
+    training the shared teacher while the others wait on its registry lock."""
+    global _alone
+    previous, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = previous
 
 
 def shard(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,3 +60,34 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Average `.grad` over workers in place: what DDP's hooks do, for jobs that step without a DDP wrapper."""
+    size = world()[1]
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= size
+
+
+def all_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over workers (a new tensor, outside autograd)."""
+    size = world()[1]
+    if size == 1:
+        return tensor.detach()
+    tensor = tensor.detach().clone()
+    dist.all_reduce(tensor)
+    return tensor / size
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every worker's `tensor` (any length along dim 0), concatenated in rank order, on every worker."""
+    size = world()[1]
+    if size == 1:
+        return tensor
+    parts: list = [None] * size
+    dist.all_gather_object(parts, tensor.detach().cpu())
+    return torch.cat(parts)

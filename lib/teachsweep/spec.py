@@ -145,8 +145,10 @@ class SweepSpec(Strict):
         ]:
             if "seed" in keys:
                 raise ValueError(f"{where}.seed: seeds are set by the top-level 'seeds' list")
-        if self.resources.workers > 1 and (self.job != "lot" or (len(self.seeds) > 1 and self.space)):
-            raise ValueError("resources.workers > 1 (DDP) is implemented for the lot job with one seed per trial")
+        if self.resources.workers > 1 and self.job == "explain":
+            raise ValueError("resources.workers: the explain job runs in one process (it trains nothing)")
+        if self.resources.workers > 1 and len(self.seeds) > 1 and self.space:
+            raise ValueError("resources.workers > 1 (DDP) runs one seed per trial: give seeds to a grid, not a search")
         if self.baseline is not None and self.job != "lot":
             raise ValueError("baseline: the teacher-only arm exists for the lot job only")
         if not self.objectives:

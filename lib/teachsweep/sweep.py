@@ -556,6 +556,8 @@ def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks, on_
             num_samples=total,
             max_concurrent_trials=max_concurrency(spec),
             trial_dirname_creator=lambda trial: trial.trial_id,
+            # One trial process runs trial after trial: imports, data and tokenizer caches are paid once.
+            reuse_actors=True,
         ),  # fmt: skip
         run_config=tune.RunConfig(
             name="trials",

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.func import functional_call
 
-from teachsweep import data, models
+from teachsweep import data, distributed, models
 from teachsweep.explain import registry
 from teachsweep.explain.attention import AttentionExplainer, full_precision, head_scores, token_distribution
 from teachsweep.jobs import teacher as teacher_job
@@ -59,6 +59,7 @@ class ScaffoldConfig(BaseModel):
     max_rationale_examples: int = Field(200, ge=1)
     ig_steps: int = Field(10, ge=2)
     ig_baseline: Literal["zero", "pad"] = "zero"
+    checkpoint_every: int = Field(1, ge=0)  # epochs between checkpoints a restarted trial resumes from; 0: none
     seed: int = 0
     device: str = "auto"
 
@@ -166,22 +167,38 @@ def student_step(params: list[torch.Tensor], optimizer, cfg: ScaffoldConfig) -> 
 
 def meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch, meta_targets):
     """d L_meta / d phi through one unrolled student update on `batch` (exact second order), where L_meta is the
-    look-ahead student's simulation loss on `meta_batch` without dropout. Returns (gradient, meta loss)."""
+    look-ahead student's simulation loss on `meta_batch` without dropout. Returns (gradient, meta loss).
+
+    The chain rule runs in two stages around g, the inner-loss gradient averaged over workers:
+        c = d L_meta / d g                      (the look-ahead takes the averaged step, as the real one does)
+        d L_meta / d phi = mean_w (d g_w / d phi)^T c
+    Under DDP each worker holds a shard of both batches; functional calls bypass DDP's gradient hooks, so g, c
+    and the result are all-reduced here explicitly (no-ops in one process), and every worker ends with the
+    meta-gradient of the global meta batch through the global-batch look-ahead."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     mask = batch["attention_mask"]
     teacher_scores = teacher_explainer(evidence, mask)  # depends on phi
     loss = inner_loss(functional_call(model, dict(zip(names, params, strict=True)), (batch,)), t_logits,
                       teacher_scores, mask, beta)  # fmt: skip
-    grads = torch.autograd.grad(loss, params, create_graph=True)
+    local_grads = torch.autograd.grad(loss, params, create_graph=True)
+    grads = [distributed.all_mean(g).requires_grad_() for g in local_grads]
     ahead = dict(zip(names, lookahead(params, grads, optimizer, cfg), strict=True))
     was_training = model.training
     model.eval()
     meta_logits, _ = functional_call(model, ahead, (meta_batch,))
     model.train(was_training)
     meta_loss = simulation_loss(meta_logits, meta_targets)
-    (phi_grad,) = torch.autograd.grad(meta_loss, teacher_explainer.phi)
-    return phi_grad, meta_loss.detach()
+    cotangents = torch.autograd.grad(meta_loss, grads, allow_unused=True, materialize_grads=True)
+    cotangents = [distributed.all_mean(c) for c in cotangents]
+    pairs = [(g, c) for g, c in zip(local_grads, cotangents, strict=True) if g.requires_grad]
+    if not pairs:  # nothing in the inner gradient depends on phi (beta = 0 or no explainer in the loss)
+        return torch.zeros_like(teacher_explainer.phi), distributed.all_mean(meta_loss)
+    (phi_grad,) = torch.autograd.grad(
+        [g for g, _ in pairs], teacher_explainer.phi, grad_outputs=[c for _, c in pairs], allow_unused=True,
+        materialize_grads=True,
+    )  # fmt: skip
+    return distributed.all_mean(phi_grad), distributed.all_mean(meta_loss)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -203,11 +220,12 @@ def make_student_optimizer(params, cfg: ScaffoldConfig):
 
 @torch.no_grad()
 def agreement(model, teacher, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per example: does the student agree with the teacher, is it right on the gold label (unexplained inputs)."""
+    """Per example: does the student agree with the teacher, is it right on the gold label (unexplained inputs).
+    Under DDP each worker scores its shard of every batch."""
     model.eval()
     agrees, corrects = [], []
     for batch in batches:
-        batch = to_device(batch, device)
+        batch = to_device(distributed.shard(batch), device)
         student_pred = model(batch)[0].argmax(-1)
         teacher_pred = teacher(batch)[0].argmax(-1)
         agrees.append((student_pred == teacher_pred).cpu())
@@ -217,9 +235,10 @@ def agreement(model, teacher, batches, device) -> tuple[torch.Tensor, torch.Tens
 
 
 def simulability(model, teacher, batches, device) -> tuple[float, float]:
-    """(agreement with the teacher, accuracy on gold labels) on unexplained inputs."""
+    """(agreement with the teacher, accuracy on gold labels) on unexplained inputs, over all workers' shards."""
     agrees, corrects = agreement(model, teacher, batches, device)
-    return agrees.mean().item(), corrects.mean().item()
+    agreed, correct, count = distributed.all_sum([agrees.sum().item(), corrects.sum().item(), len(agrees)], device)
+    return agreed / count, correct / count
 
 
 def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
@@ -274,22 +293,41 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
         return teacher_explainer(evidence, mask) if info.kind == "attention" else evidence
 
     steps_per_epoch = max(1, math.ceil(len(train_batches.split) / cfg.batch_size))
-    best_val, best_epoch, best_state, metrics = -1.0, 0, None, {}
-    for epoch in range(1, cfg.max_epochs + 1):
+    best_val, best_epoch, best_state, metrics, first_epoch = -1.0, 0, None, {}, 1
+    saved = reporter.restore()
+    if saved is not None:  # a restarted trial: continue after the last checkpointed epoch
+        model.load_state_dict(saved["student"])
+        optimizer.load_state_dict(saved["optimizer"])
+        teacher_explainer.load_state_dict(saved["teacher_explainer"])
+        if meta_optimizer is not None:
+            meta_optimizer.load_state_dict(saved["meta_optimizer"])
+        best_val, best_epoch, best_state = saved["best_val"], saved["best_epoch"], saved["best_student"]
+        metrics, first_epoch = saved["metrics"], saved["epoch"] + 1
+        for _ in range(saved["epoch"] * steps_per_epoch):  # the streams are deterministic: replay them
+            next(stream)
+            if meta_optimizer is not None:
+                next(meta_stream)
+    # Under DDP every worker draws the same global batches and trains on its shard; gradients are averaged
+    # explicitly (the student is not DDP-wrapped: the look-ahead's functional calls would bypass its hooks).
+    world = distributed.world()[1]
+    epoch = first_epoch - 1
+    stopped = saved is not None and epoch - best_epoch >= cfg.patience  # restarted after its early stop
+    for epoch in range(first_epoch, cfg.max_epochs + 1 if not stopped else first_epoch):
         train_loss = meta_loss_sum = 0.0
         for _ in range(steps_per_epoch):
-            batch = with_mask(to_device(next(stream), device), teacher)
+            batch = with_mask(to_device(distributed.shard(next(stream)), device), teacher)
             mask = batch["attention_mask"]
             t_logits, evidence = teacher_evidence(batch)
             with torch.no_grad():
                 fixed_scores = None if evidence is None else teacher_scores(evidence, mask)
             loss = inner_loss(model(batch), t_logits, fixed_scores, mask, beta)
             loss.backward()
+            distributed.average_gradients(params)
             student_step(params, optimizer, cfg)
             train_loss += loss.item()
 
             if meta_optimizer is not None:  # the explainer step: look-ahead through the same update
-                meta_batch = with_mask(to_device(next(meta_stream), device), teacher)
+                meta_batch = with_mask(to_device(distributed.shard(next(meta_stream)), device), teacher)
                 with torch.no_grad():
                     meta_targets = teacher.classify(meta_batch)[0]
                 phi_grad, meta_loss = meta_gradient(
@@ -299,6 +337,7 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
                 meta_optimizer.step()
                 meta_optimizer.zero_grad(set_to_none=True)
                 meta_loss_sum += meta_loss.item()
+        train_loss, meta_loss_sum = (v / world for v in distributed.all_sum([train_loss, meta_loss_sum], device))
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"student loss is not finite in epoch {epoch}")
 
@@ -313,14 +352,24 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
             "loss/meta": meta_loss_sum / steps_per_epoch,
             "explainer/beta": beta,
         }
-        reporter.report(metrics, epoch)
+        if saved is not None:
+            metrics["trial/resumed_from_epoch"] = saved["epoch"]
+        checkpoint = None
+        if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+            checkpoint = {
+                "epoch": epoch, "metrics": metrics, "best_val": best_val, "best_epoch": best_epoch,
+                "best_student": best_state,
+                "student": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "teacher_explainer": teacher_explainer.state_dict(),
+                **({"meta_optimizer": meta_optimizer.state_dict()} if meta_optimizer is not None else {}),
+            }  # fmt: skip
+        reporter.report(metrics, epoch, checkpoint=checkpoint)
         if epoch - best_epoch >= cfg.patience:
             break
 
     student.load_state_dict(best_state)
-    test_agrees, student_right = agreement(
-        student, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device
-    )
+    test_batches_here = data.eval_batches(test_batches, cfg.eval_batch_size)
+    test_agrees, student_right = (distributed.gather(t) for t in agreement(student, teacher, test_batches_here, device))
     _, teacher_acc = simulability(teacher, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device)
     ci_low, ci_high = subsample_bootstrap_ci(test_agrees.numpy())
     metrics |= {"simulability/test": test_agrees.mean().item(), "simulability/test_ci_low": ci_low,

@@ -7,7 +7,6 @@ under a file lock), by a checkpoint directory, or by the MLflow run that logged 
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import hashlib
 import json
@@ -18,7 +17,7 @@ import torch
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from teachsweep import data, models
+from teachsweep import data, distributed, models
 from teachsweep.reporter import Reporter
 from teachsweep.training import (
     OptimizerConfig,
@@ -88,6 +87,7 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
     model = models.build_model(cfg.model, task_data.task, cfg.seed, cfg.bptt).to(device).train()
     if cfg.freeze_embeddings:
         models.freeze_word_embeddings(model)
+    model = distributed.wrap(model)  # under DDP: every worker draws the same global batch and trains on its shard
     steps = cfg.steps_per_epoch or task_data.steps_per_pass()
     optimizer, scheduler = make_optimizer(model, cfg, steps * cfg.epochs)
     stream = task_data.stream(cfg.seed)
@@ -95,7 +95,7 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
     best_acc, best_state, best_epoch, metrics = -1.0, None, 0, {}
     for epoch in range(1, cfg.epochs + 1):
         for _ in range(steps):
-            batch = to_device(next(stream), device)
+            batch = to_device(distributed.shard(next(stream)), device)
             with autocast(device, cfg.precision):
                 logits, _ = model(batch)
                 loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
@@ -103,21 +103,23 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
             update(model, optimizer, scheduler, cfg.clip_grad_norm)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"teacher loss is not finite in epoch {epoch}")
-        val_acc, _ = evaluate(model, task_data.eval_stream("validation"), device, cfg.precision)
+        val_acc, _ = evaluate(distributed.unwrap(model), task_data.eval_stream("validation"), device, cfg.precision)
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            best_state = {k: v.detach().cpu().clone() for k, v in distributed.unwrap(model).state_dict().items()}
         metrics = {"teacher/val_acc": val_acc, "teacher/best_val_acc": best_acc, "teacher/loss": loss.item()}
         reporter.report(metrics, epoch)
         if epoch - best_epoch >= cfg.patience:
             break
+    model = distributed.unwrap(model)
     model.load_state_dict(best_state)
     test_acc, _ = evaluate(model, task_data.eval_stream("test"), device, cfg.precision)
     metrics |= {"teacher/test_acc": test_acc, "teacher/best_epoch": best_epoch}
     reporter.report(metrics, epoch)
-    directory = save(cfg, best_state, metrics)
-    reporter.log_file(directory / "model.pt")
-    reporter.log_file(directory / "config.json")
+    if distributed.world()[0] == 0:
+        directory = save(cfg, best_state, metrics)
+        reporter.log_file(directory / "model.pt")
+        reporter.log_file(directory / "config.json")
     return metrics
 
 
@@ -161,6 +163,7 @@ def resolve(teacher: dict | str, device: torch.device, tracking_uri: str | None 
     with open(directory / ".lock", "w") as lock:  # concurrent trials: one trains, the others wait and reuse
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (directory / "model.pt").exists():
-            train(cfg)
+            with distributed.alone():  # under DDP the first worker here trains it for all; the others wait
+                train(cfg)
         fcntl.flock(lock, fcntl.LOCK_UN)
     return load_checkpoint(directory, device)
