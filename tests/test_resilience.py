@@ -125,6 +125,7 @@ def test_two_objectives_keep_a_pareto_front_and_the_cli_reads_it(ray_session, tm
     )
 
     runner = CliRunner()
+    tracking_before = os.environ.get("MLFLOW_TRACKING_URI")
     best = runner.invoke(app, ["best", "pareto", "--results-dir", str(results)])
     assert best.exit_code == 0 and "Pareto front" in best.output
     status = runner.invoke(app, ["status", "pareto", "--results-dir", str(results)])
@@ -135,6 +136,8 @@ def test_two_objectives_keep_a_pareto_front_and_the_cli_reads_it(ray_session, tm
     assert export.exit_code == 0, export.output
     exported = parse_spec((tmp_path / "ex" / "best_spec.yaml").read_text())  # a runnable, valid spec
     assert exported.variants["best"]["task"] == "digits" and exported.variants["best"]["teacher"] == "cnn:8"
+    # reading a sweep back must not point the process's MLflow at its store (the next sweep would log there)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == tracking_before
 
 
 def test_resume_of_a_sweep_that_does_not_exist(tmp_path):

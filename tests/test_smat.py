@@ -262,3 +262,53 @@ def test_smat_on_a_vit_explains_patch_tokens(tmp_path, monkeypatch):
     assert len(reporter.artifacts["head_coefficients.json"]["layers_by_heads"]) == 2
     with pytest.raises(ValueError, match="not available for image tasks"):
         scaffold.train(dict(teacher=teacher, explainer="grad_norm", num_train_examples=32, max_epochs=1))
+
+
+def regression_csv(path) -> str:
+    """A real-valued target on real sentences: the review's polarity plus a length term (so it is not binary)."""
+    import pandas as pd
+
+    task = data.load_task("rotten_tomatoes")
+    split = task.splits["train"]
+    texts = split.texts[:600]
+    labels = split.labels.tolist()[:600]
+    target = [float(label) + 0.02 * len(text.split()) for text, label in zip(texts, labels, strict=True)]
+    pd.DataFrame({"sentence": texts, "score": target}).to_csv(path, index=False)
+    return f"csv:{path}"
+
+
+def test_a_float_target_column_makes_a_regression_task_with_target_stratified_splits(tmp_path):
+    from teachsweep.training import pearson
+
+    task = data.load_task(regression_csv(tmp_path / "scores.csv"), "sentence", "score")
+    assert task.regression and task.num_classes == 1 and task.splits["train"].labels.dtype == torch.float32
+    sizes = {name: len(split) for name, split in task.splits.items()}
+    assert sum(sizes.values()) <= 600 and sizes["validation"] >= 55 and sizes["test"] >= 55
+    means = [split.labels.mean().item() for split in task.splits.values()]
+    assert max(means) - min(means) < 0.1  # quintile strata keep the target's distribution in every split
+    x, y = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    assert pearson(x, y) == pytest.approx(float(np.corrcoef(x.numpy(), y.numpy())[0, 1]), abs=1e-12)
+    assert pearson(x, 3 * x + 1) == pytest.approx(1.0) and pearson(x, torch.ones(50)) == 0.0
+
+
+@pytest.mark.parametrize("explainer", ["attention", "smat"])
+def test_a_regression_teacher_is_simulated_with_mse_and_scored_by_pearson(tmp_path, monkeypatch, explainer):
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
+    task = regression_csv(tmp_path / "scores.csv")
+    teacher = dict(task=task, text_column="sentence", label_column="score", model="tiny-bert", lr=1e-3, epochs=2,
+                   steps_per_epoch=10, max_eval_examples=64, max_length=24)  # fmt: skip
+    teacher_metrics = teacher_job.train(teacher)
+    assert {"teacher/val_pearson", "teacher/test_pearson"} <= set(teacher_metrics)
+    assert "teacher/test_acc" not in teacher_metrics
+    metrics = scaffold.train(dict(teacher=teacher, explainer=explainer, num_train_examples=64, batch_size=8,
+                                  max_epochs=2, max_eval_examples=64, max_length=24))  # fmt: skip
+    assert -1.0 <= metrics["simulability/test"] <= 1.0 and "student/test_pearson" in metrics
+    assert metrics["simulability/test_ci_low"] <= metrics["simulability/test_ci_high"]
+    assert metrics["teacher/test_pearson"] == pytest.approx(teacher_metrics["teacher/test_pearson"], abs=1e-6)
+    if explainer == "smat":
+        assert metrics["loss/meta"] > 0
+
+
+def test_the_simulation_loss_is_mse_to_a_regression_teachers_output():
+    student, teacher = torch.tensor([[0.5], [2.0]]), torch.tensor([[1.0], [1.0]])
+    assert scaffold.simulation_loss(student, teacher).item() == pytest.approx((0.25 + 1.0) / 2)

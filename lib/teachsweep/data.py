@@ -66,9 +66,12 @@ class Task:
     splits: dict[str, Split]
     label_names: list[str] = field(default_factory=list)
     vocab: list[str] | None = None  # language modelling: id -> word
+    regression: bool = False  # a real-valued target (one output, MSE; Pearson correlation as the score)
 
     @property
     def num_classes(self) -> int:
+        if self.regression:
+            return 1
         return len(self.vocab) if self.kind == "lm" else len(self.label_names)
 
     @property
@@ -90,9 +93,19 @@ def package_file(package: str, *parts: str) -> Path:
     return path
 
 
+def strata(labels: np.ndarray) -> np.ndarray:
+    """What splits and subsets stratify on: the class, or for a real-valued target its quintile."""
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.floating):
+        return labels
+    edges = np.quantile(labels, [0.2, 0.4, 0.6, 0.8])
+    return np.digitize(labels, edges)
+
+
 def stratified_split(labels: np.ndarray, fractions=(0.8, 0.1, 0.1), seed: int = SPLIT_SEED):
-    """Deterministic disjoint index arrays for train/validation/test, stratified by label."""
+    """Deterministic disjoint index arrays for train/validation/test, stratified by label (or target quintile)."""
     rng = np.random.default_rng(seed)
+    labels = strata(labels)
     parts: list[list[int]] = [[], [], []]
     for label in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == label))
@@ -113,11 +126,12 @@ def deduplicate(texts: list[str], labels: np.ndarray) -> tuple[list[str], np.nda
 
 
 def _labelled_text_task(name: str, texts: list[str], labels: np.ndarray, label_names: list[str]) -> Task:
+    """Classes (integer labels) or, with float labels, a regression task."""
     texts, labels = deduplicate(texts, np.asarray(labels))
     splits = {}
     for split, idx in zip(SPLITS, stratified_split(labels), strict=True):
         splits[split] = Split(texts=[texts[i] for i in idx], labels=torch.as_tensor(labels[idx]))
-    return Task(name, "text", splits, label_names)
+    return Task(name, "text", splits, label_names, regression=bool(np.issubdtype(labels.dtype, np.floating)))
 
 
 def _image_task(name: str, images: np.ndarray, labels: np.ndarray, label_names: list[str]) -> Task:
@@ -223,9 +237,15 @@ def load_csv(path: str, text_column: str, label_column: str) -> Task:
     for column in (text_column, label_column):
         if column not in frame.columns:
             raise DataError(f"column '{column}' not in {path} (columns: {', '.join(map(str, frame.columns))})")
-    label_names = sorted(frame[label_column].astype(str).unique())
-    labels = frame[label_column].astype(str).map({n: i for i, n in enumerate(label_names)}).to_numpy()
-    return _labelled_text_task(f"csv:{path}", frame[text_column].astype(str).tolist(), labels, label_names)
+    texts = frame[text_column].astype(str).tolist()
+    target = frame[label_column]
+    if pd.api.types.is_float_dtype(target) and not np.allclose(target.dropna(), target.dropna().round()):
+        if target.isna().any():
+            raise DataError(f"column '{label_column}' in {path} has empty values")
+        return _labelled_text_task(f"csv:{path}", texts, target.to_numpy(np.float32), [label_column])
+    label_names = sorted(target.astype(str).unique())
+    labels = target.astype(str).map({n: i for i, n in enumerate(label_names)}).to_numpy()
+    return _labelled_text_task(f"csv:{path}", texts, labels, label_names)
 
 
 def load_hf(spec: str, text_column: str | None, label_column: str | None) -> Task:
@@ -346,7 +366,7 @@ def subset(split: Split, max_examples: int | None, seed: int = SPLIT_SEED) -> Sp
     """A fixed, stratified subset of a labelled split (the same for every trial seed)."""
     if max_examples is None or split.labels is None or max_examples >= len(split):
         return split
-    labels = split.labels.numpy()
+    labels = strata(split.labels.numpy())
     rng = np.random.default_rng(seed)
     # Rank each example within its shuffled class by relative position; the smallest ranks are a proportional,
     # exactly sized sample of every class.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,15 +33,20 @@ def bootstrap_ci(values: np.ndarray, resamples: int = 10_000, level: float = 0.9
 
 
 def subsample_bootstrap_ci(
-    hits: np.ndarray, resamples: int = 500, fraction: float = 0.5, level: float = 0.95, seed: int = 0
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    resamples: int = 500,
+    fraction: float = 0.5,
+    level: float = 0.95,
+    seed: int = 0,
 ) -> tuple[float, float]:
-    """CI of a mean over test points from `resamples` random halves without replacement (SMaT's protocol:
-    500 resamples of 50% of the test points)."""
+    """CI of `statistic(rows)` over n test points from `resamples` random halves drawn without replacement
+    (SMaT's protocol: 500 resamples of 50% of the test points)."""
     rng = np.random.default_rng(seed)
-    size = max(1, int(len(hits) * fraction))
-    means = [rng.choice(hits, size=size, replace=False).mean() for _ in range(resamples)]
+    size = max(2, int(n * fraction))
+    values = [statistic(rng.choice(n, size=size, replace=False)) for _ in range(resamples)]
     tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+    return float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, float]:

@@ -69,18 +69,30 @@ def list_sweeps(results_dir: str | Path = DEFAULT_RESULTS) -> list[str]:
 
 
 def trial_runs(sweep: Sweep):
-    """A DataFrame of the sweep's trial runs (params.*, metrics.*, tags.*, status), one row per trial."""
-    import mlflow
+    """A DataFrame of the sweep's trial runs (run_id, status, start_time, params.*, metrics.*, tags.*), one row
+    per trial, like `mlflow.search_runs` gives, but through a client: no process-wide tracking URI is set (a
+    notebook or a driver that reads one sweep must not redirect the next sweep's logging)."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(sweep.tracking_uri)
-    if sweep.parent_run_id is None:
-        import pandas as pd
-
+    client = MlflowClient(sweep.tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.spec.experiment or sweep.name)
+    if sweep.parent_run_id is None or experiment is None:
         return pd.DataFrame()
-    return mlflow.search_runs(
-        experiment_names=[sweep.spec.experiment or sweep.name],
-        filter_string=f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}' and tags.`teachsweep.role` = 'trial'",
-    )
+    query = f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}' and tags.`teachsweep.role` = 'trial'"
+    runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=50_000)
+    rows = [
+        {
+            "run_id": run.info.run_id,
+            "status": run.info.status,
+            "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True),
+            **{f"params.{k}": v for k, v in run.data.params.items()},
+            **{f"metrics.{k}": v for k, v in run.data.metrics.items()},
+            **{f"tags.{k}": v for k, v in run.data.tags.items()},
+        }  # fmt: skip
+        for run in runs
+    ]
+    return pd.DataFrame(rows)
 
 
 def status(sweep: Sweep) -> dict[str, Any]:

@@ -116,17 +116,37 @@ class TaskData:
         return data.eval_batches(self.eval[split], self.cfg.eval_batch_size)
 
 
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on classes, or mean squared error when the model has one output (a regression task)."""
+    if logits.size(-1) == 1:
+        return F.mse_loss(logits.float().squeeze(-1), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two 1-d series (0 when either is constant)."""
+    x, y = x.double().flatten(), y.double().flatten()
+    x, y = x - x.mean(), y - y.mean()
+    denominator = (x.norm() * y.norm()).item()
+    return (x @ y).item() / denominator if denominator > 0 else 0.0
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterator[dict], device, precision) -> tuple[float, torch.Tensor]:
-    """(accuracy, this worker's predictions) for classifiers; (perplexity, empty) for language models.
+    """(accuracy, this worker's predictions) for classifiers; (Pearson correlation with the targets, all
+    predictions) for regression; (perplexity, empty) for language models.
     Under DDP each worker evaluates its shard of every batch and the totals are summed over workers."""
     model.eval()
-    total_loss, correct, count, state, predictions = 0.0, 0, 0, None, []
+    total_loss, correct, count, state, predictions, targets = 0.0, 0, 0, None, [], []
     for batch in batches:
         batch = to_device(distributed.shard(batch), device)
         with autocast(device, precision):
             logits, state = model(batch, state)
         labels = batch["labels"]
+        if logits.dim() == 2 and logits.size(-1) == 1:
+            predictions.append(logits.float().squeeze(-1).cpu())
+            targets.append(labels.cpu())
+            continue
         if logits.dim() == 3:
             total_loss += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item()
         else:
@@ -134,6 +154,9 @@ def evaluate(model: nn.Module, batches: Iterator[dict], device, precision) -> tu
             correct += (predictions[-1] == labels.cpu()).sum().item()
         count += labels.numel()
     model.train()
+    if targets:
+        outputs, gold = distributed.gather(torch.cat(predictions)), distributed.gather(torch.cat(targets))
+        return pearson(outputs, gold), outputs
     total_loss, correct, count = distributed.all_sum([total_loss, correct, count], device)
     if predictions:
         return correct / count, torch.cat(predictions)

@@ -172,6 +172,8 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     task_data = TaskData(cfg, [cfg.teacher, cfg.student])
+    if task_data.task.regression:
+        raise ValueError(f"task {cfg.task}: LoT's KL term needs classes, and this task has a real-valued target")
 
     teacher = models.build_model(cfg.teacher, task_data.task, cfg.seed, cfg.bptt).to(device).train()
     n_students = cfg.num_students if cfg.arm == "lot" else 0

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -31,7 +32,7 @@ from teachsweep.explain.attention import AttentionExplainer, full_precision, hea
 from teachsweep.jobs import teacher as teacher_job
 from teachsweep.metrics import mean_plausibility, subsample_bootstrap_ci, word_scores
 from teachsweep.reporter import Reporter
-from teachsweep.training import pick_device, to_device
+from teachsweep.training import pearson, pick_device, to_device
 
 
 class ScaffoldConfig(BaseModel):
@@ -90,7 +91,10 @@ def explanation_kl(teacher_probs: torch.Tensor, student_probs: torch.Tensor, mas
 
 
 def simulation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy to the teacher's hard predictions."""
+    """Cross-entropy to the teacher's hard predictions; for a regression teacher (one output), the mean squared
+    error to its output."""
+    if teacher_logits.size(-1) == 1:
+        return F.mse_loss(full_precision(student_logits), full_precision(teacher_logits))
     return F.cross_entropy(full_precision(student_logits), teacher_logits.argmax(-1))
 
 
@@ -219,26 +223,27 @@ def make_student_optimizer(params, cfg: ScaffoldConfig):
 
 
 @torch.no_grad()
-def agreement(model, teacher, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per example: does the student agree with the teacher, is it right on the gold label (unexplained inputs).
-    Under DDP each worker scores its shard of every batch."""
+def outputs(model, teacher, batches, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student outputs, teacher outputs and gold labels on unexplained inputs, over every worker's shard."""
     model.eval()
-    agrees, corrects = [], []
+    student_out, teacher_out, labels = [], [], []
     for batch in batches:
         batch = to_device(distributed.shard(batch), device)
-        student_pred = model(batch)[0].argmax(-1)
-        teacher_pred = teacher(batch)[0].argmax(-1)
-        agrees.append((student_pred == teacher_pred).cpu())
-        corrects.append((student_pred == batch["labels"]).cpu())
+        student_out.append(model(batch)[0].float().cpu())
+        teacher_out.append(teacher(batch)[0].float().cpu())
+        labels.append(batch["labels"].cpu())
     model.train()
-    return torch.cat(agrees).float(), torch.cat(corrects).float()
+    return tuple(distributed.gather(torch.cat(t)) for t in (student_out, teacher_out, labels))
 
 
-def simulability(model, teacher, batches, device) -> tuple[float, float]:
-    """(agreement with the teacher, accuracy on gold labels) on unexplained inputs, over all workers' shards."""
-    agrees, corrects = agreement(model, teacher, batches, device)
-    agreed, correct, count = distributed.all_sum([agrees.sum().item(), corrects.sum().item(), len(agrees)], device)
-    return agreed / count, correct / count
+def simulability(student_out, teacher_out, labels) -> tuple[float, float]:
+    """(simulability, student score on gold labels): agreement of hard predictions and accuracy, or for a
+    regression teacher the Pearson correlations with the teacher's outputs and with the gold targets."""
+    if teacher_out.size(-1) == 1:
+        return pearson(student_out, teacher_out), pearson(student_out, labels)
+    student_pred = student_out.argmax(-1)
+    agree = (student_pred == teacher_out.argmax(-1)).float().mean().item()
+    return agree, (student_pred == labels).float().mean().item()
 
 
 def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
@@ -341,7 +346,9 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"student loss is not finite in epoch {epoch}")
 
-        val_sim, _ = simulability(student, teacher, data.eval_batches(val_batches, cfg.eval_batch_size), device)
+        val_sim, _ = simulability(
+            *outputs(student, teacher, data.eval_batches(val_batches, cfg.eval_batch_size), device)
+        )
         if val_sim > best_val:
             best_val, best_epoch = val_sim, epoch
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in student.state_dict().items()})
@@ -368,13 +375,20 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
             break
 
     student.load_state_dict(best_state)
-    test_batches_here = data.eval_batches(test_batches, cfg.eval_batch_size)
-    test_agrees, student_right = (distributed.gather(t) for t in agreement(student, teacher, test_batches_here, device))
-    _, teacher_acc = simulability(teacher, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device)
-    ci_low, ci_high = subsample_bootstrap_ci(test_agrees.numpy())
-    metrics |= {"simulability/test": test_agrees.mean().item(), "simulability/test_ci_low": ci_low,
-                "simulability/test_ci_high": ci_high, "student/test_acc": student_right.mean().item(),
-                "teacher/test_acc": teacher_acc, "best_epoch": best_epoch}  # fmt: skip
+    student_out, teacher_out, labels = outputs(
+        student, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device
+    )
+    test_sim, student_score = simulability(student_out, teacher_out, labels)
+    _, teacher_score = simulability(teacher_out, teacher_out, labels)
+
+    def simulability_of(rows: np.ndarray) -> float:
+        return simulability(student_out[rows], teacher_out[rows], labels[rows])[0]
+
+    ci_low, ci_high = subsample_bootstrap_ci(simulability_of, len(labels))
+    score = "pearson" if task.regression else "acc"
+    metrics |= {"simulability/test": test_sim, "simulability/test_ci_low": ci_low, "simulability/test_ci_high": ci_high,
+                f"student/test_{score}": student_score, f"teacher/test_{score}": teacher_score,
+                "best_epoch": best_epoch}  # fmt: skip
     if cfg.rationales and info.kind != "none" and task.kind == "text":
         examples = data.load_rationales(cfg.rationales, cfg.max_rationale_examples)
         for who, scores_of in (("teacher", lambda b: teacher_scores(teacher_evidence(b)[1], b["attention_mask"])),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,7 @@ from teachsweep.training import (
     evaluate,
     make_optimizer,
     pick_device,
+    supervised_loss,
     to_device,
     update,
 )
@@ -92,29 +94,34 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
     optimizer, scheduler = make_optimizer(model, cfg, steps * cfg.epochs)
     stream = task_data.stream(cfg.seed)
 
-    best_acc, best_state, best_epoch, metrics = -1.0, None, 0, {}
+    score = "pearson" if task_data.task.regression else "acc"  # the validation score early stopping follows
+    best_score, best_state, best_epoch, metrics = -math.inf, None, 0, {}
     for epoch in range(1, cfg.epochs + 1):
         for _ in range(steps):
             batch = to_device(distributed.shard(next(stream)), device)
             with autocast(device, cfg.precision):
                 logits, _ = model(batch)
-                loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
+                loss = supervised_loss(logits, batch["labels"])
             loss.backward()
             update(model, optimizer, scheduler, cfg.clip_grad_norm)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"teacher loss is not finite in epoch {epoch}")
-        val_acc, _ = evaluate(distributed.unwrap(model), task_data.eval_stream("validation"), device, cfg.precision)
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
+        val_score, _ = evaluate(distributed.unwrap(model), task_data.eval_stream("validation"), device, cfg.precision)
+        if val_score > best_score:
+            best_score, best_epoch = val_score, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in distributed.unwrap(model).state_dict().items()}
-        metrics = {"teacher/val_acc": val_acc, "teacher/best_val_acc": best_acc, "teacher/loss": loss.item()}
+        metrics = {
+            f"teacher/val_{score}": val_score,
+            f"teacher/best_val_{score}": best_score,
+            "teacher/loss": loss.item(),
+        }
         reporter.report(metrics, epoch)
         if epoch - best_epoch >= cfg.patience:
             break
     model = distributed.unwrap(model)
     model.load_state_dict(best_state)
-    test_acc, _ = evaluate(model, task_data.eval_stream("test"), device, cfg.precision)
-    metrics |= {"teacher/test_acc": test_acc, "teacher/best_epoch": best_epoch}
+    test_score, _ = evaluate(model, task_data.eval_stream("test"), device, cfg.precision)
+    metrics |= {f"teacher/test_{score}": test_score, "teacher/best_epoch": best_epoch}
     reporter.report(metrics, epoch)
     if distributed.world()[0] == 0:
         directory = save(cfg, best_state, metrics)
