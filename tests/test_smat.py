@@ -260,8 +260,26 @@ def test_smat_on_a_vit_explains_patch_tokens(tmp_path, monkeypatch):
                                   max_epochs=1, max_eval_examples=32), reporter)  # fmt: skip
     assert 0.0 <= metrics["simulability/test"] <= 1.0 and metrics["loss/meta"] > 0
     assert len(reporter.artifacts["head_coefficients.json"]["layers_by_heads"]) == 2
-    with pytest.raises(ValueError, match="not available for image tasks"):
-        scaffold.train(dict(teacher=teacher, explainer="grad_norm", num_train_examples=32, max_epochs=1))
+    gradient_student = scaffold.train(dict(teacher=teacher, explainer="integrated_gradients", num_train_examples=32,
+                                           batch_size=8, max_epochs=1, max_eval_examples=32))  # fmt: skip
+    assert 0.0 <= gradient_student["simulability/test"] <= 1.0
+
+
+def test_gradient_explainers_score_a_vits_cls_and_patch_tokens_with_complete_integrated_gradients():
+    task = data.load_task("digits")
+    model = models.build_model("vit:2", task, seed=0).eval()
+    batch = next(data.train_stream(data.make_batches(task, "validation"), 3, seed=1))
+    with torch.no_grad():
+        logits = model.classify(batch)[0]
+        assert torch.allclose(model.classify(batch, inputs_embeds=model.embed(batch))[0], logits, atol=1e-5)
+        zero = model.classify(batch, inputs_embeds=torch.zeros_like(model.embed(batch)))[0]
+    tokens = model.classify(batch, output_attentions=True)[1][0].shape[-1]  # [CLS] + patches
+    for explainer in (gradient.gradient_norm, gradient.gradient_x_input):
+        assert explainer(model, batch).shape == (3, tokens)
+    scores = gradient.integrated_gradients(model, batch, steps=200)
+    target = logits.argmax(-1)[:, None]
+    gap = (logits.gather(1, target) - zero.gather(1, target)).squeeze(1)
+    assert scores.shape == (3, tokens) and torch.allclose(scores.sum(-1), gap, rtol=0.05, atol=1e-3)
 
 
 def regression_csv(path) -> str:
@@ -312,3 +330,22 @@ def test_a_regression_teacher_is_simulated_with_mse_and_scored_by_pearson(tmp_pa
 def test_the_simulation_loss_is_mse_to_a_regression_teachers_output():
     student, teacher = torch.tensor([[0.5], [2.0]]), torch.tensor([[1.0], [1.0]])
     assert scaffold.simulation_loss(student, teacher).item() == pytest.approx((0.25 + 1.0) / 2)
+
+
+def test_cached_teacher_evidence_equals_computing_it_on_the_shuffled_padded_batch():
+    teacher = tiny_bert(0).eval().requires_grad_(False)
+    task = data.load_task("rotten_tomatoes")
+    batches = data.make_batches(task, "validation", models.load_tokenizer("tiny-bert"), 32, 48)
+
+    def evidence_of(batch):
+        logits, attentions = teacher.classify(batch, output_attentions=True)
+        return logits, head_scores(attentions, batch["attention_mask"])
+
+    cache = scaffold.TeacherCache(batches, evidence_of, teacher, torch.device("cpu"), batch_size=16)
+    batch = next(data.train_stream(batches, 8, seed=5))  # shuffled rows, padded to this batch's longest
+    cached_logits, cached = cache.lookup(batch)
+    logits, direct = evidence_of(batch)
+    mask = batch["attention_mask"].bool()
+    assert torch.allclose(cached_logits, logits, atol=1e-5)
+    assert torch.allclose(cached.transpose(1, 2)[mask], direct.transpose(1, 2)[mask], atol=1e-4)
+    assert (cached.transpose(1, 2)[~mask] == 0).all()

@@ -429,7 +429,9 @@ class Batches:
     pad_id: int = 0
 
     def collate(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        batch = {"labels": self.split.labels[idx]}
+        """The examples `idx` of the split as one padded batch; `index` says which they are (for per-example
+        caches such as SMaT's precomputed teacher explanations)."""
+        batch = {"labels": self.split.labels[idx], "index": idx}
         if self.task.kind == "text":
             batch |= pad_batch([self.token_ids[i] for i in idx.tolist()], self.pad_id)
         else:

@@ -120,8 +120,28 @@ class ImageClassifier(nn.Module):
         super().__init__()
         self.net, self.is_hf = net, hf
 
-    def classify(self, batch: dict, output_attentions: bool = False):
-        """(logits, attentions or None); attentions (ViT) cover [CLS] and the patch tokens."""
+    def embed(self, batch: dict) -> torch.Tensor:
+        """A ViT's input tokens before position embeddings: [CLS] and the patch projections, (batch, 1 + patches,
+        hidden); what gradient explainers differentiate, as a text model's token embeddings."""
+        if not self.is_hf or not hasattr(self.net, "vit"):
+            raise ModelError("gradient explanations of images need a vit (they score its tokens)")
+        embeddings = self.net.vit.embeddings
+        patches = embeddings.patch_embeddings(batch["pixel_values"])
+        return torch.cat([embeddings.cls_token.expand(len(patches), -1, -1), patches], dim=1)
+
+    def classify_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of a ViT from its input tokens (`embed`'s output, or a point on a path to it)."""
+        vit = self.net.vit
+        hidden = vit.embeddings.dropout(tokens + vit.embeddings.position_embeddings)
+        for layer in vit.layers:
+            hidden = layer(hidden, None)
+        return self.net.classifier(vit.layernorm(hidden)[:, 0])
+
+    def classify(self, batch: dict, inputs_embeds: torch.Tensor | None = None, output_attentions: bool = False):
+        """(logits, attentions or None); attentions (ViT) cover [CLS] and the patch tokens. `inputs_embeds`
+        replaces the image by its input tokens (gradient explainers; no attentions then)."""
+        if inputs_embeds is not None:
+            return self.classify_tokens(inputs_embeds), None
         if not self.is_hf:
             if output_attentions:
                 raise ModelError("attention explanations need a transformer image model (vit)")

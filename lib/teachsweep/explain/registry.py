@@ -40,9 +40,9 @@ def _relevance_scores(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Te
 
 # name: (function(model, batch) -> pre-softmax token scores, default beta, works for ViT)
 STATIC: dict[str, tuple[Callable[..., torch.Tensor], float, bool]] = {
-    "grad_norm": (gradient.gradient_norm, 0.2, False),
-    "grad_x_input": (gradient.gradient_x_input, 0.2, False),
-    "integrated_gradients": (gradient.integrated_gradients, 0.2, False),
+    "grad_norm": (gradient.gradient_norm, 0.2, True),
+    "grad_x_input": (gradient.gradient_x_input, 0.2, True),
+    "integrated_gradients": (gradient.integrated_gradients, 0.2, True),
     # Relevance maps are distributions over tokens like attention: the attention explainers' beta.
     **{name: (_relevance_scores(fn), 5.0, True) for name, fn in relevance.EXPLAINERS.items()},
     "lrp": (_relevance_scores(lrp.lrp_attribution), 5.0, True),  # Chefer et al. CVPR 2021

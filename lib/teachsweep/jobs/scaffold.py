@@ -208,6 +208,34 @@ def meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logit
 # ---------------------------------------------------------------------------------------------- training
 
 
+class TeacherCache:
+    """The frozen teacher's logits and explanation evidence for every example of a split, computed once in
+    eval batches; `lookup` assembles them for a training batch by its `index`, padded to its length."""
+
+    def __init__(self, batches: data.Batches, evidence_of, teacher, device, batch_size: int):
+        self.logits: list[torch.Tensor] = []
+        self.evidence: list[torch.Tensor | None] = []
+        for batch in data.eval_batches(batches, batch_size):
+            batch = with_mask(to_device(batch, device), teacher)
+            logits, evidence = evidence_of(batch)
+            lengths = batch["attention_mask"].sum(-1).tolist()
+            for row, length in enumerate(lengths):
+                self.logits.append(logits[row].detach().cpu())
+                self.evidence.append(None if evidence is None else evidence[row, ..., :length].detach().cpu())
+
+    def lookup(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = batch["index"].tolist()
+        device = batch["attention_mask"].device
+        logits = torch.stack([self.logits[i] for i in rows]).to(device)
+        if self.evidence[rows[0]] is None:
+            return logits, None
+        first = self.evidence[rows[0]]
+        evidence = torch.zeros(len(rows), *first.shape[:-1], batch["attention_mask"].shape[-1], dtype=first.dtype)
+        for row, i in enumerate(rows):
+            evidence[row, ..., : self.evidence[i].shape[-1]] = self.evidence[i]
+        return logits, evidence.to(device)
+
+
 def transformer_shape(model: nn.Module) -> tuple[int, int]:
     """(layers, heads) of a text encoder or a ViT."""
     config = model.encoder.config if hasattr(model, "encoder") else model.net.config
@@ -297,6 +325,12 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
     def teacher_scores(evidence, mask):
         return teacher_explainer(evidence, mask) if info.kind == "attention" else evidence
 
+    # The teacher is frozen: its logits and explanation evidence (head scores, or static token scores) do not
+    # depend on phi, so they are computed once per example here and only mixed by phi in the loop.
+    train_cache = TeacherCache(train_batches, teacher_evidence, teacher, device, cfg.eval_batch_size)
+    meta_cache = TeacherCache(val_batches, lambda b: (teacher.classify(b)[0], None), teacher, device,
+                              cfg.eval_batch_size)  # fmt: skip
+
     steps_per_epoch = max(1, math.ceil(len(train_batches.split) / cfg.batch_size))
     best_val, best_epoch, best_state, metrics, first_epoch = -1.0, 0, None, {}, 1
     saved = reporter.restore()
@@ -322,7 +356,7 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
         for _ in range(steps_per_epoch):
             batch = with_mask(to_device(distributed.shard(next(stream)), device), teacher)
             mask = batch["attention_mask"]
-            t_logits, evidence = teacher_evidence(batch)
+            t_logits, evidence = train_cache.lookup(batch)
             with torch.no_grad():
                 fixed_scores = None if evidence is None else teacher_scores(evidence, mask)
             loss = inner_loss(model(batch), t_logits, fixed_scores, mask, beta)
@@ -333,8 +367,7 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
 
             if meta_optimizer is not None:  # the explainer step: look-ahead through the same update
                 meta_batch = with_mask(to_device(distributed.shard(next(meta_stream)), device), teacher)
-                with torch.no_grad():
-                    meta_targets = teacher.classify(meta_batch)[0]
+                meta_targets = meta_cache.lookup(meta_batch)[0]
                 phi_grad, meta_loss = meta_gradient(
                     model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch, meta_targets
                 )
