@@ -42,6 +42,9 @@ BAD = [
     ("unknown explainer", "name: s\njob: scaffold\nconfig: {explainer: lime}\nspace: {beta: {type: uniform, low: 0.1, high: 1}}\n", "config.explainer: unknown explainer 'lime'"),
     ("seed in config", GOOD.replace("epochs: 1", "epochs: 1, seed: 4"), "config.seed: seeds are set by the top-level 'seeds' list"),
     ("model for the wrong task kind", GOOD.replace("teacher: cnn", "teacher: lstm"), "is for lm tasks"),
+    ("gpu type without gpus", GOOD + "resources: {gpu_type: A100}\n", "resources: gpu_type needs gpus > 0"),
+    ("ddp for the explain job", "name: e\njob: explain\nconfig: {}\nvariants: {a: {}}\nresources: {workers: 2}\n",
+     "resources.workers: the explain job runs in one process"),
 ]  # fmt: skip
 
 
@@ -74,6 +77,12 @@ def test_missing_csv_column_is_refused_before_anything_runs(tmp_path):
         and len(outcome.output.strip().splitlines()) == 1
     )
     assert not results.exists()
+
+
+def test_gpu_type_becomes_rays_accelerator_resource():
+    spec = parse_spec(GOOD + "resources: {gpus: 1, gpu_type: A100, workers: 2}\n")
+    assert spec.resources.accelerator() == {"accelerator_type:A100": 0.001}
+    assert parse_spec(GOOD).resources.accelerator() == {}
 
 
 def test_good_spec_parses_with_defaults():

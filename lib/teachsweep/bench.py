@@ -133,7 +133,7 @@ def relevance_throughput(examples: int, batch_size: int, model_name: str, consol
     import torch
 
     from teachsweep import data, models
-    from teachsweep.explain import relevance
+    from teachsweep.explain import lrp, relevance
 
     task = data.load_task("rotten_tomatoes")
     model = models.build_model(model_name, task, seed=0).eval()
@@ -143,8 +143,9 @@ def relevance_throughput(examples: int, batch_size: int, model_name: str, consol
                         f"{torch.get_num_threads()} threads")  # fmt: skip
     for column in ("explainer", f"batched ({batch_size}) expl/s", "single-example loop expl/s", "speed-up"):
         table.add_column(column)
-    for name in ("relevance", "rollout", "attention_gradcam"):
-        explainer = relevance.EXPLAINERS[name]
+    explainers = {name: relevance.EXPLAINERS[name] for name in ("relevance", "rollout", "attention_gradcam")}
+    explainers["lrp"] = lrp.lrp_attribution
+    for name, explainer in explainers.items():
         explainer(model, inputs[0])  # warm-up
         start = time.perf_counter()
         for batch in inputs:

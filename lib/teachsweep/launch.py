@@ -20,16 +20,17 @@ from teachsweep.reporter import Reporter
 
 def run_job(job: str, config: dict[str, Any], reporter: Reporter, cpus: float = 1, workers: int = 1,
             gpus: float = 0, tracking: tuple[str, str] | None = None, storage: str | None = None,
-            name: str = "trial") -> dict:  # fmt: skip
+            name: str = "trial", accelerator: dict[str, float] | None = None) -> dict:  # fmt: skip
     if workers > 1:
         if tracking is None:
             raise ValueError("multi-worker trials need a tracking (uri, run id) to log from rank 0")
-        return run_distributed(job, config, workers, cpus, gpus, tracking, storage, name)
+        return run_distributed(job, config, workers, cpus, gpus, tracking, storage, name, accelerator)
     torch.set_num_threads(max(1, int(cpus)))
     return JOBS[job].train(config, reporter)
 
 
-def run_distributed(job: str, config: dict, workers: int, cpus: float, gpus: float, tracking, storage, name):
+def run_distributed(job: str, config: dict, workers: int, cpus: float, gpus: float, tracking, storage, name,
+                    accelerator: dict[str, float] | None = None):  # fmt: skip
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -48,7 +49,7 @@ def run_distributed(job: str, config: dict, workers: int, cpus: float, gpus: flo
         )  # fmt: skip
         JOBS[loop_config["job"]].train(loop_config["config"], reporter)
 
-    resources = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+    resources = {"CPU": cpus} | ({"GPU": gpus} if gpus else {}) | (accelerator or {})
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"job": job, "config": config, "cpus": cpus, "tracking": tracking},

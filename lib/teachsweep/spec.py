@@ -85,7 +85,17 @@ class Resources(Strict):
     cpus: float = Field(1.0, gt=0)  # per worker
     gpus: float = Field(0.0, ge=0)  # per worker
     workers: int = Field(1, ge=1)
-    gpu_type: str | None = None
+    gpu_type: str | None = None  # Ray's accelerator type, e.g. A100, H100, A10G (nodes advertise it)
+
+    @model_validator(mode="after")
+    def _gpu_type_needs_gpus(self) -> Resources:
+        if self.gpu_type and not self.gpus:
+            raise ValueError("gpu_type needs gpus > 0")
+        return self
+
+    def accelerator(self) -> dict[str, float]:
+        """The custom resource that pins a worker to nodes with this GPU type (a token amount of it)."""
+        return {f"accelerator_type:{self.gpu_type}": 0.001} if self.gpu_type else {}
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

@@ -44,6 +44,7 @@ class TrialContext:
     workers: int
     gpus: float = 0.0
     train_storage: str | None = None  # where multi-worker trials keep their Train runs
+    accelerator: dict[str, float] = field(default_factory=dict)  # e.g. {"accelerator_type:A100": 0.001}
 
 
 @dataclass
@@ -136,6 +137,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
             launch.run_job(
                 ctx.job, {**config, "seed": seeds[0]}, reporter, ctx.cpus, ctx.workers, ctx.gpus,
                 tracking=(ctx.tracking_uri, run_id), storage=ctx.train_storage, name=f"{ctx.sweep}-{trial_id}",
+                accelerator=ctx.accelerator,
             )  # fmt: skip
         else:
             finals = []
@@ -318,13 +320,15 @@ def run_sweep(spec: SweepSpec, spec_text: str, callbacks: list | None = None) ->
     ctx = TrialContext(
         spec.name, spec.job, spec.config, spec.seeds, uri, experiment_id, parent_run_id,
         spec.resources.cpus, spec.resources.workers, spec.resources.gpus, str(paths.tune / "train"),
+        spec.resources.accelerator(),
     )  # fmt: skip
     # A multi-worker trial only drives its TorchTrainer, whose workers reserve the CPUs and GPUs themselves
     # (Tune refuses an empty request: the driver takes a token 0.01 CPU).
     single = spec.resources.workers == 1
     trainable = tune.with_resources(
         lambda params: run_trial(params, ctx),
-        {"cpu": spec.resources.cpus if single else 0.01, "gpu": spec.resources.gpus if single else 0},
+        {"cpu": spec.resources.cpus if single else 0.01, "gpu": spec.resources.gpus if single else 0}
+        | (spec.resources.accelerator() if single else {}),
     )
     outcome = SweepOutcome(spec, paths, uri, parent_run_id)
     error: BaseException | None = None
