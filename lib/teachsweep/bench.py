@@ -17,8 +17,10 @@ OVERHEAD_JOB = {
 
 
 def overhead(trials: int, steps: int, console: Console) -> None:
-    """(a) the job as a plain call, (b) k trials of a bare Tune function trainable running it, (c) a k-trial
-    teachsweep sweep (Optuna + MLflow + reporter) running it; one trial at a time so walls add up."""
+    """Wall time outside the job for (b) a bare Tune function trainable running the job (Tune's defaults, and
+    with reuse_actors) and (c) a teachsweep sweep (Optuna RDB + MLflow + reporter + checkpoints), each at k and
+    3k trials run one at a time: the difference gives the marginal overhead per trial, the rest is the fixed
+    cost per sweep (for teachsweep: creating the MLflow store, the study, the parent run, the final tables)."""
     import ray
     from ray import tune
 
@@ -29,72 +31,79 @@ def overhead(trials: int, steps: int, console: Console) -> None:
     quiet_libraries()
     job = OVERHEAD_JOB | {"steps_per_epoch": max(1, steps // 2)}
     lot.train(job)  # warm caches (data, kernels) so that (a) is not charged for first-use costs
-    plain = []
-    for _ in range(2):
-        start = time.perf_counter()
-        lot.train(job)
-        plain.append(time.perf_counter() - start)
-    job_s = statistics.fmean(plain)
+    start = time.perf_counter()
+    lot.train(job)
+    job_s = time.perf_counter() - start
 
-    init_ray()
-    with tempfile.TemporaryDirectory() as tmp:
-
+    def bare_tune(count: int, reuse: bool, storage: str) -> tuple[float, float]:
         def bare_trainable(config):
-            start = time.perf_counter()
+            begin = time.perf_counter()
             lot.train(job | {"alpha": config["alpha"]})
-            tune.report({"job_s": time.perf_counter() - start})
+            tune.report({"job_s": time.perf_counter() - begin})
 
-        bare = {}  # Tune's default (a fresh process per trial), and with reuse_actors as teachsweep runs it
-        for reuse in (False, True):
-            start = time.perf_counter()
-            grid = tune.Tuner(
-                bare_trainable,
-                param_space={"alpha": tune.grid_search([0.5] * trials)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse),
-                run_config=tune.RunConfig(name=f"bare-{reuse}", storage_path=tmp, verbose=0),
-            ).fit()
-            bare[reuse] = (time.perf_counter() - start, sum(r.metrics["job_s"] for r in grid))
+        begin = time.perf_counter()
+        grid = tune.Tuner(
+            bare_trainable,
+            param_space={"alpha": tune.grid_search([0.5] * count)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse),
+            run_config=tune.RunConfig(name=f"bare-{reuse}-{count}", storage_path=storage, verbose=0),
+        ).fit()
+        return time.perf_counter() - begin, sum(r.metrics["job_s"] for r in grid)
 
+    def teachsweep_sweep(count: int, storage: str) -> tuple[float, float]:
+        from mlflow.tracking import MlflowClient
+
+        name = f"bench-overhead-{count}"
         spec_text = f"""
-name: bench-overhead
+name: {name}
 job: lot
 config: {job!r}
 space: {{alpha: {{type: uniform, low: 0.4999, high: 0.5001}}}}
-num_samples: {trials}
+num_samples: {count}
 max_concurrent_trials: 1
-results_dir: {Path(tmp) / "results"}
+results_dir: {Path(storage) / name}
 """
-        start = time.perf_counter()
+        begin = time.perf_counter()
         outcome = run_sweep(parse_spec(spec_text.replace("'", '"')), spec_text)
-        sweep_wall = time.perf_counter() - start
-        from mlflow.tracking import MlflowClient
-
+        wall = time.perf_counter() - begin
+        failed = [row for row in outcome.trials if row["status"] != "OK"]
+        if failed:
+            raise RuntimeError(f"bench overhead: trial {failed[0]['trial_id']} failed: {failed[0]['error']}")
         client = MlflowClient(outcome.tracking_uri)
-        runs = client.search_runs(
-            [client.get_experiment_by_name("bench-overhead").experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'",
-        )
-        sweep_inside = sum(run.data.metrics["time/job_s"] for run in runs)
+        runs = client.search_runs([client.get_experiment_by_name(name).experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")  # fmt: skip
+        return wall, sum(run.data.metrics["time/job_s"] for run in runs)
+
+    init_ray()
+    arms = {
+        "(b) bare Tune trainable, Tune defaults": lambda n, tmp: bare_tune(n, False, tmp),
+        "(b') bare Tune trainable, reuse_actors": lambda n, tmp: bare_tune(n, True, tmp),
+        "(c) teachsweep sweep (reuse_actors)": teachsweep_sweep,
+    }
+    measured = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, run in arms.items():
+            measured[name] = [run(n, tmp) for n in (trials, 3 * trials)]
     ray.shutdown()
 
-    sweep_overhead = (sweep_wall - sweep_inside) / trials
-    table = Table(title=f"bench overhead: {trials} trials, {steps} teacher steps each, one at a time")
-    for column in ("", "wall s", "inside job s", "overhead s/trial", "fraction in job"):
+    table = Table(title=f"bench overhead: {trials} and {3 * trials} trials of {steps} teacher steps, one at a time "
+                        f"(the job alone: {job_s:.2f} s)")  # fmt: skip
+    for column in ("", f"wall s ({trials} / {3 * trials})", "inside jobs s", "overhead s / trial (marginal)",
+                   "fixed s / sweep"):  # fmt: skip
         table.add_column(column)
-    table.add_row("(a) plain call", f"{job_s:.2f}", f"{job_s:.2f}", "0", "1.00")
-    rows = [("(b) bare Tune trainable, Tune defaults", *bare[False]),
-            ("(b') bare Tune trainable, reuse_actors", *bare[True]),
-            ("(c) teachsweep sweep (reuse_actors)", sweep_wall, sweep_inside)]  # fmt: skip
-    for name, wall, inside in rows:
-        table.add_row(name, f"{wall:.1f}", f"{inside:.1f}", f"{(wall - inside) / trials:.2f}", f"{inside / wall:.2f}")
+    per_trial = {}
+    for name, ((wall_k, in_k), (wall_3k, in_3k)) in measured.items():
+        per_trial[name] = ((wall_3k - in_3k) - (wall_k - in_k)) / (2 * trials)
+        fixed = (wall_k - in_k) - trials * per_trial[name]
+        table.add_row(name, f"{wall_k:.1f} / {wall_3k:.1f}", f"{in_k:.1f} / {in_3k:.1f}", f"{per_trial[name]:.2f}",
+                      f"{fixed:.1f}")  # fmt: skip
     console.print(table)
-    for name, reuse in (("Tune defaults", False), ("reuse_actors", True)):
-        bare_overhead = (bare[reuse][0] - bare[reuse][1]) / trials
-        console.print(f"per-trial overhead, teachsweep / bare Tune ({name}): {sweep_overhead / bare_overhead:.2f}x"
+    ours = per_trial["(c) teachsweep sweep (reuse_actors)"]
+    for name in list(arms)[:2]:
+        console.print(f"marginal per-trial overhead, teachsweep / {name[4:]}: {ours / per_trial[name]:.2f}x"
                       " (target <= 1.1x)")  # fmt: skip
-    for seconds in (60.0,):
-        console.print(f"fraction of wall time inside the job for {seconds:.0f} s trials at this overhead: "
-                      f"{seconds / (seconds + sweep_overhead):.3f} (target >= 0.85)")  # fmt: skip
+    console.print(f"fraction of wall time inside the job for 60 s trials at this overhead: {60 / (60 + ours):.3f}"
+                  " (target >= 0.85)")  # fmt: skip
 
 
 LOT_BENCH_JOB = {
@@ -219,10 +228,10 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
     console.print(f"SMaT iteration / plain student step: {smat / plain:.2f}x (target <= 3x)")
 
 
-def distributed_cost(steps: int, console: Console) -> None:
+def distributed_cost(steps: int, repeats: int, console: Console) -> None:
     """The same small LoT job in-process, under a 1-worker TorchTrainer and under a 2-worker gloo TorchTrainer,
-    each at `steps` and 3 x `steps` teacher steps inside a Tune trial: the slope is the time per step, the
-    intercept the fixed start-up cost."""
+    each inside a Tune trial: time per teacher step as the job measures it, and the fixed cost (wall time minus
+    the steps), which holds the TorchTrainer start-up. Interleaved repeats, the fastest of each arm shown."""
     import ray
     from ray import tune
 
@@ -231,27 +240,24 @@ def distributed_cost(steps: int, console: Console) -> None:
     from teachsweep.sweep import init_ray, quiet_libraries
 
     quiet_libraries()
-    job = OVERHEAD_JOB | {"epochs": 1, "max_eval_examples": 64}
+    job = OVERHEAD_JOB | {"epochs": 1, "max_eval_examples": 64, "steps_per_epoch": steps}
     arms = [("in-process", 1), ("TorchTrainer", 1), ("TorchTrainer", 2)]
+    cases = [arm for _ in range(repeats) for arm in arms]
     init_ray(total_cpus=4)  # two 1-CPU workers plus the trial's token CPU on a 2-core machine
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         experiment_id = tracking.ensure_experiment(tracking.client_for(uri), "bench-distributed")
 
-        cases = [(arm, workers, n) for arm, workers in arms for n in (steps, 3 * steps)]
-
         def trainable(config):
-            arm, workers, n = cases[config["case"]]
-            client = tracking.client_for(uri)
-            run_id = client.create_run(experiment_id).info.run_id
-            arm_job = job | {"steps_per_epoch": n}
+            arm, workers = cases[config["case"]]
+            run_id = tracking.client_for(uri).create_run(experiment_id).info.run_id
             start = time.perf_counter()
             if arm == "in-process":
-                launch.run_job("lot", arm_job, Reporter(), cpus=1)
+                metrics = launch.run_job("lot", job, Reporter(), cpus=1)
             else:
-                launch.run_distributed("lot", arm_job, workers, 1, 0, (uri, run_id), f"{tmp}/train",
-                                       f"bench-{workers}-{n}")  # fmt: skip
-            tune.report({"wall_s": time.perf_counter() - start})
+                metrics = launch.run_distributed("lot", job, workers, 1, 0, (uri, run_id), f"{tmp}/train",
+                                                 f"bench-{config['case']}")  # fmt: skip
+            tune.report({"wall_s": time.perf_counter() - start, "step_s": metrics["time/teacher_step_s"]})
 
         grid = tune.Tuner(
             tune.with_resources(trainable, {"cpu": 0.01}),
@@ -259,16 +265,16 @@ def distributed_cost(steps: int, console: Console) -> None:
             tune_config=tune.TuneConfig(max_concurrent_trials=1),
             run_config=tune.RunConfig(name="bench-distributed", storage_path=tmp, verbose=0),
         ).fit()
-        wall = {cases[r.config["case"]]: r.metrics["wall_s"] for r in grid}
+        measured: dict[tuple[str, int], list[tuple[float, float]]] = {arm: [] for arm in arms}
+        for result in grid:
+            measured[cases[result.config["case"]]].append((result.metrics["wall_s"], result.metrics["step_s"]))
     ray.shutdown()
 
-    table = Table(title=f"bench distributed: LoT cnn:16 on digits, batch 64 (global), {steps} and {3 * steps} steps")
-    for column in ("arm", "workers", f"wall s ({steps} steps)", f"wall s ({3 * steps} steps)", "s / step",
-                   "fixed start-up s"):  # fmt: skip
+    table = Table(title=f"bench distributed: LoT cnn:16 on digits, global batch 64, {steps} teacher steps, "
+                        f"best of {repeats}")  # fmt: skip
+    for column in ("arm", "workers", "wall s", "s / teacher step", "fixed s (wall - steps)"):
         table.add_column(column)
     for arm, workers in arms:
-        short, long = wall[(arm, workers, steps)], wall[(arm, workers, 3 * steps)]
-        per_step = (long - short) / (2 * steps)
-        table.add_row(arm, str(workers), f"{short:.1f}", f"{long:.1f}", f"{per_step:.4f}",
-                      f"{short - steps * per_step:.1f}")  # fmt: skip
+        wall, step = min(measured[(arm, workers)])
+        table.add_row(arm, str(workers), f"{wall:.1f}", f"{step:.4f}", f"{wall - steps * step:.1f}")
     console.print(table)

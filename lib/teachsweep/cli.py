@@ -292,7 +292,7 @@ def ui(
 
 @bench_app.command("overhead")
 def bench_overhead(
-    trials: int = typer.Option(4, help="trials per sweep"),
+    trials: int = typer.Option(4, help="trials of the small sweeps (the large ones run 3x as many)"),
     steps: int = typer.Option(40, help="teacher steps per trial (sizes the job)"),
 ) -> None:
     """Per-trial overhead of a teachsweep sweep versus a bare Ray Tune function trainable doing the same job."""
@@ -338,13 +338,14 @@ def bench_scaffold(
 
 @bench_app.command("distributed")
 def bench_distributed(
-    steps: int = typer.Option(20, help="teacher steps of the short run (the long one runs 3x)"),
+    steps: int = typer.Option(60, help="teacher steps per run"),
+    repeats: int = typer.Option(2, help="interleaved repeats per arm (the fastest is shown)"),
 ) -> None:
     """The same job in-process, under a 1-worker TorchTrainer and a 2-worker gloo TorchTrainer: time per step
     and fixed start-up cost."""
     from teachsweep.bench import distributed_cost
 
-    distributed_cost(steps, console)
+    distributed_cost(steps, repeats, console)
 
 
 def main() -> None:  # pragma: no cover - console entry point
