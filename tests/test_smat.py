@@ -79,6 +79,11 @@ def test_lookahead_is_the_same_update_as_the_real_optimizer(optimizer):
         scaffold.student_step(params, opt, cfg)
     grads = torch.autograd.grad(nn.functional.cross_entropy(net(x), y), params)
     predicted = [p.detach() for p in scaffold.lookahead(params, grads, opt, cfg)]
+    some_rows = torch.tensor([1, 5, 6])  # a row-restricted update (the word-embedding path): those rows only
+    restricted = scaffold.lookahead(params, grads, opt, cfg, rows={0: some_rows})[0].detach()
+    assert torch.allclose(restricted[some_rows], predicted[0][some_rows], atol=1e-6)
+    untouched = torch.tensor([r for r in range(8) if r not in some_rows.tolist()])
+    assert torch.equal(restricted[untouched], params[0].detach()[untouched])
     nn.functional.cross_entropy(net(x), y).backward()
     scaffold.student_step(params, opt, cfg)
     for real, ahead in zip(params, predicted, strict=True):

@@ -137,24 +137,32 @@ def inner_loss(student_out, teacher_logits, teacher_scores, mask, beta: float) -
     return loss
 
 
-def lookahead(params, grads, optimizer, cfg: ScaffoldConfig) -> list[torch.Tensor]:
+def lookahead(params, grads, optimizer, cfg: ScaffoldConfig, rows: dict[int, torch.Tensor] | None = None):
     """One differentiable step of the student's own update rule: global-norm clipping, then SGD (or AdamW from
-    the optimizer's current moments), with decoupled weight decay."""
+    the optimizer's current moments), with decoupled weight decay.
+
+    `rows` ({param index: row indices}) restricts the update of a table (the word embeddings) to the rows a
+    later forward reads; the other rows keep their old values, which that forward never sees."""
     norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
     scale = torch.clamp(cfg.clip_grad_norm / (norm + 1e-6), max=1.0)
     updated = []
-    for p, g in zip(params, grads, strict=True):
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        state = optimizer.state.get(p, {}) if cfg.student_optimizer == "adamw" else {}
+        m, v = state.get("exp_avg", torch.zeros_like(p)), state.get("exp_avg_sq", torch.zeros_like(p))
+        table = p
+        if rows and i in rows:
+            p, g, m, v = (t[rows[i]] for t in (p, g, m, v))
         g = g * scale
         if cfg.student_optimizer == "adamw":
-            state = optimizer.state.get(p, {})
             (beta1, beta2), eps = optimizer.defaults["betas"], optimizer.defaults["eps"]
             step = float(state.get("step", 0)) + 1
-            m = beta1 * state.get("exp_avg", torch.zeros_like(p)) + (1 - beta1) * g
-            v = beta2 * state.get("exp_avg_sq", torch.zeros_like(p)) + (1 - beta2) * g * g
+            m = beta1 * m + (1 - beta1) * g
+            v = beta2 * v + (1 - beta2) * g * g
             direction = (m / (1 - beta1**step)) / ((v / (1 - beta2**step) + 1e-16).sqrt() + eps)
         else:
             direction = g
-        updated.append(p - cfg.student_lr * (direction + cfg.weight_decay * p))
+        new = p - cfg.student_lr * (direction + cfg.weight_decay * p)
+        updated.append(table.detach().index_copy(0, rows[i], new) if rows and i in rows else new)
     return updated
 
 
@@ -187,7 +195,13 @@ def meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logit
                       teacher_scores, mask, beta)  # fmt: skip
     local_grads = torch.autograd.grad(loss, params, create_graph=True)
     grads = [distributed.all_mean(g).requires_grad_() for g in local_grads]
-    ahead = dict(zip(names, lookahead(params, grads, optimizer, cfg), strict=True))
+    # The meta forward reads only the meta batch's rows of the word-embedding table: updating just those keeps
+    # the look-ahead exact and spares a dense pass (and its backward) over the whole vocabulary.
+    rows = {}
+    if "input_ids" in meta_batch:
+        table = model.student.encoder.get_input_embeddings().weight
+        rows = {i: meta_batch["input_ids"].unique() for i, p in enumerate(params) if p is table}
+    ahead = dict(zip(names, lookahead(params, grads, optimizer, cfg, rows), strict=True))
     was_training = model.training
     model.eval()
     meta_logits, _ = functional_call(model, ahead, (meta_batch,))
