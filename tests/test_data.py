@@ -151,3 +151,14 @@ def test_hf_path_running_text_becomes_a_language_modelling_task(tmp_path):
     task = data.load_task(f"hf:{folder}")
     assert task.kind == "lm" and "line" in task.vocab
     assert len(task.splits["test"]) == 5 * 6  # 5 tokens ("test line number i .") + <eos> per line
+
+
+def test_length_grouped_eval_batches_cover_every_example_once_with_less_padding():
+    task = data.load_task("rotten_tomatoes")
+    batches = data.make_batches(task, "test", models.load_tokenizer("minilm"), 64, 200)
+    plain = list(data.eval_batches(batches, 32))
+    grouped = list(data.eval_batches(batches, 32, by_length=True))
+    assert sorted(torch.cat([b["index"] for b in grouped]).tolist()) == list(range(200))
+    for batch in grouped:  # labels and tokens still belong to the examples `index` names
+        assert torch.equal(batch["labels"], batches.split.labels[batch["index"]])
+    assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in plain)

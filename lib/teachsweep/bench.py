@@ -147,7 +147,7 @@ def relevance_throughput(examples: int, batch_size: int, model_name: str, consol
     task = data.load_task("rotten_tomatoes")
     model = models.build_model(model_name, task, seed=0).eval()
     batches = data.make_batches(task, "test", models.load_tokenizer(model_name), 64, examples)
-    inputs = list(data.eval_batches(batches, batch_size))
+    inputs = list(data.eval_batches(batches, batch_size, by_length=True))  # as the explain job batches them
     table = Table(title=f"bench relevance: {model_name}, {examples} rotten_tomatoes test sentences, "
                         f"{torch.get_num_threads()} threads")  # fmt: skip
     for column in ("explainer", f"batched ({batch_size}) expl/s", "single-example loop expl/s", "speed-up"):

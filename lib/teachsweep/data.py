@@ -485,10 +485,15 @@ def train_stream(
             yield batch
 
 
-def eval_batches(batches: Batches, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+def eval_batches(batches: Batches, batch_size: int, by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Every example once, in order; `by_length` groups texts of similar length (far less padding for the
+    explainers whose cost grows with the padded length cubed); each batch's `index` says which examples."""
     n = len(batches.split)
+    order = torch.arange(n)
+    if by_length and batches.token_ids is not None:
+        order = torch.tensor(sorted(range(n), key=lambda i: len(batches.token_ids[i])), dtype=torch.long)
     for start in range(0, n, batch_size):
-        yield batches.collate(torch.arange(start, min(start + batch_size, n)))
+        yield batches.collate(order[start : start + batch_size])
 
 
 # ---------------------------------------------------------------------------------------------- language modelling

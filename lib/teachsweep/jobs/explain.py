@@ -76,7 +76,7 @@ def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dic
             continue
         seconds, count, curves = 0.0, 0, {"positive": [], "negative": []}
         shown = []
-        for batch in data.eval_batches(part, cfg.batch_size):
+        for batch in data.eval_batches(part, cfg.batch_size, by_length=True):
             batch = to_device(batch, device)
             start = time.perf_counter()
             scores = registry.explain(name, model, batch)
