@@ -204,7 +204,8 @@ def meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logit
     ahead = dict(zip(names, lookahead(params, grads, optimizer, cfg, rows), strict=True))
     was_training = model.training
     model.eval()
-    meta_logits, _ = functional_call(model, ahead, (meta_batch,))
+    student_ahead = {k.removeprefix("student."): v for k, v in ahead.items() if k.startswith("student.")}
+    meta_logits, _ = functional_call(model.student, student_ahead, (meta_batch,))  # logits only: no explainer
     model.train(was_training)
     meta_loss = simulation_loss(meta_logits, meta_targets)
     cotangents = torch.autograd.grad(meta_loss, grads, allow_unused=True, materialize_grads=True)
