@@ -79,11 +79,14 @@ def test_lookahead_is_the_same_update_as_the_real_optimizer(optimizer):
         scaffold.student_step(params, opt, cfg)
     grads = torch.autograd.grad(nn.functional.cross_entropy(net(x), y), params)
     predicted = [p.detach() for p in scaffold.lookahead(params, grads, opt, cfg)]
-    some_rows = torch.tensor([1, 5, 6])  # a row-restricted update (the word-embedding path): those rows only
-    restricted = scaffold.lookahead(params, grads, opt, cfg, rows={0: some_rows})[0].detach()
-    assert torch.allclose(restricted[some_rows], predicted[0][some_rows], atol=1e-6)
-    untouched = torch.tensor([r for r in range(8) if r not in some_rows.tolist()])
-    assert torch.equal(restricted[untouched], params[0].detach()[untouched])
+    # The word-embedding path: a table whose gradient is zero outside some rows gets the gradient of those rows
+    # alone, and the step returns those rows as the whole-table step would update them (same clipping norm).
+    some_rows = torch.tensor([1, 5, 6])
+    sparse = [grads[0] * torch.isin(torch.arange(8), some_rows)[:, None], *grads[1:]]
+    whole = scaffold.lookahead(params, sparse, opt, cfg)[0].detach()
+    restricted = scaffold.lookahead(params, [sparse[0][some_rows], *sparse[1:]], opt, cfg, rows={0: some_rows})
+    assert restricted[0].shape == (3, 4)
+    assert torch.allclose(restricted[0].detach(), whole[some_rows], atol=1e-7)
     nn.functional.cross_entropy(net(x), y).backward()
     scaffold.student_step(params, opt, cfg)
     for real, ahead in zip(params, predicted, strict=True):
@@ -107,9 +110,9 @@ def test_meta_gradient_matches_finite_differences():
             meta_targets = teacher.classify(meta_batch)[0]
         evidence = head_scores(attentions, batch["attention_mask"])
         opt = scaffold.make_student_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-        grad, _ = scaffold.meta_gradient(
+        grad = scaffold.meta_gradient(
             model, explainer, opt, cfg, 5.0, batch, t_logits, evidence, meta_batch, meta_targets
-        )
+        ).phi_grad
 
         direction = torch.randn(layers * heads)
         eps = 1e-5
@@ -120,7 +123,7 @@ def test_meta_gradient_matches_finite_differences():
                 probe.phi.copy_(phi)
             return scaffold.meta_gradient(
                 model, probe, opt, cfg, 5.0, batch, t_logits, evidence, meta_batch, meta_targets
-            )[1]
+            ).meta_loss
 
         numeric = (meta_loss_at(explainer.phi + eps * direction) - meta_loss_at(explainer.phi - eps * direction)) / (
             2 * eps
@@ -129,6 +132,41 @@ def test_meta_gradient_matches_finite_differences():
         assert (grad @ direction).item() == pytest.approx(numeric.item(), rel=1e-3, abs=1e-8)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_student_step_unroll_takes_exactly_the_plain_student_step(optimizer):
+    """meta_unroll=student_step: the meta step's gradients (word-embedding rows gathered) make the real step,
+    which must leave the student exactly where the plain step does."""
+    cfg = scaffold.ScaffoldConfig(student_optimizer=optimizer, student_lr=0.05, clip_grad_norm=0.5)
+    teacher = tiny_bert(0).eval()
+    batch, meta_batch = text_batch(4), text_batch(4, 20)
+    with torch.no_grad():
+        t_logits, attentions = teacher.classify(batch, output_attentions=True)
+        meta_targets = teacher.classify(meta_batch)[0]
+    evidence = head_scores(attentions, batch["attention_mask"])
+    after = []
+    for combined in (False, True):
+        model = scaffold.ExplainedStudent(tiny_bert(1), AttentionExplainer(2, 4))
+        explainer = AttentionExplainer(2, 4)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = scaffold.make_student_optimizer(params, cfg)
+        for _ in range(2):  # the second step starts from AdamW moments
+            if combined:
+                meta = scaffold.meta_gradient(model, explainer, opt, cfg, 5.0, batch, t_logits, evidence,
+                                              meta_batch, meta_targets)  # fmt: skip
+                assert meta.rows and meta.grads[next(iter(meta.rows))].shape[0] < params[0].shape[0]
+                assert meta.phi_grad.abs().sum() > 0
+                scaffold.step_with(params, meta.grads, meta.rows, opt, cfg)
+            else:
+                with torch.no_grad():
+                    scores = explainer(evidence, batch["attention_mask"])
+                scaffold.inner_loss(model(batch), t_logits, scores, batch["attention_mask"], 5.0).backward()
+                scaffold.student_step(params, opt, cfg)
+        after.append([p.detach().clone() for p in params])
+    for plain, combined in zip(*after, strict=True):
+        assert torch.allclose(plain, combined, atol=1e-6)
+    assert not torch.equal(after[0][0], tiny_bert(1).encoder.get_input_embeddings().weight)  # it did move
 
 
 def test_integrated_gradients_follow_the_whole_straight_line_path():
@@ -162,7 +200,7 @@ def test_teacher_registry_trains_once_and_reloads_with_weights_only(tmp_path, mo
     torch.load(checkpoint, weights_only=True)
 
 
-@pytest.mark.parametrize("explainer", ["none", "attention_last", "smat", "grad_x_input"])
+@pytest.mark.parametrize("explainer", ["none", "attention_last", "smat", "smat_student_step", "grad_x_input"])
 def test_scaffold_job_trains_a_student_and_reports_simulability(tmp_path, monkeypatch, explainer):
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
     teacher = dict(task="rotten_tomatoes", model="tiny-bert", lr=1e-3, epochs=1, steps_per_epoch=5,
@@ -170,11 +208,13 @@ def test_scaffold_job_trains_a_student_and_reports_simulability(tmp_path, monkey
     from teachsweep.reporter import Reporter
 
     reporter = Reporter()
-    metrics = scaffold.train(dict(teacher=teacher, explainer=explainer, num_train_examples=32, batch_size=8,
-                                  max_epochs=2, max_eval_examples=32, max_length=24), reporter)  # fmt: skip
+    unroll = "student_step" if explainer == "smat_student_step" else "lookahead"
+    metrics = scaffold.train(dict(teacher=teacher, explainer=explainer.removesuffix("_student_step"),
+                                  meta_unroll=unroll, num_train_examples=32, batch_size=8, max_epochs=2,
+                                  max_eval_examples=32, max_length=24), reporter)  # fmt: skip
     assert 0.0 <= metrics["simulability/test"] <= 1.0 and "student/test_acc" in metrics
     assert [h["epoch"] for h in reporter.history][:2] == [1, 2]
-    if explainer == "smat":
+    if explainer.startswith("smat"):
         coefficients = reporter.artifacts["head_coefficients.json"]["layers_by_heads"]
         assert len(coefficients) == 2 and len(coefficients[0]) == 4
         assert sum(map(sum, coefficients)) == pytest.approx(1.0, abs=1e-5)

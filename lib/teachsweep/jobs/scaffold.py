@@ -8,16 +8,17 @@ learns to simulate T from a few hundred examples:
 
 With `explainer: smat`, phi is meta-learned: after each student step, a differentiable look-ahead through the
 SAME optimizer update on the same batch gives theta'(phi), and phi follows the gradient of the look-ahead
-student's simulation loss on a validation batch (no dropout), with AdamW. The score of record is the test
-simulability (agreement with the teacher on unexplained inputs) of the student with the best validation
-simulability (early stopping with patience)."""
+student's simulation loss on a validation batch (no dropout), with AdamW. (`meta_unroll: student_step`
+differentiates through the student's own step instead: as exact, one forward/backward less.) The score of
+record is the test simulability (agreement with the teacher on unexplained inputs) of the student with the best
+validation simulability (early stopping with patience)."""
 
 from __future__ import annotations
 
 import copy
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +45,10 @@ class ScaffoldConfig(BaseModel):
     beta: float | None = Field(None, ge=0)  # default: the explainer's (5 attention, 0.2 gradients)
     normalizer: Literal["sparsemax", "softmax", "entmax15"] = "sparsemax"
     meta_lr: float = Field(5e-4, gt=0)
+    # lookahead: the paper's meta step, a look-ahead from the updated student, thrown away. student_step: the
+    # meta-gradient of the student's own step (from the student before it), which reuses that step's forward and
+    # backward: one forward/backward less per iteration, a different (L2RW-style) unroll point.
+    meta_unroll: Literal["lookahead", "student_step"] = "lookahead"
     meta_clip: float = Field(5.0, gt=0)
     student_optimizer: Literal["sgd", "adamw"] = "sgd"
     student_lr: float = Field(5e-3, gt=0)
@@ -122,8 +127,13 @@ class ExplainedStudent(nn.Module):
         super().__init__()
         self.student, self.explainer = student, explainer
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, attentions = self.student.classify(batch, output_attentions=True)
+    def forward(
+        self, batch: dict, inputs_embeds: torch.Tensor | None = None, explain: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, explanation scores, or None when `explain` is off); `inputs_embeds` replaces the token ids."""
+        logits, attentions = self.student.classify(batch, inputs_embeds=inputs_embeds, output_attentions=explain)
+        if not explain:
+            return logits, None
         return logits, self.explainer(head_scores(attentions, batch["attention_mask"]), batch["attention_mask"])
 
 
@@ -141,19 +151,22 @@ def lookahead(params, grads, optimizer, cfg: ScaffoldConfig, rows: dict[int, tor
     """One differentiable step of the student's own update rule: global-norm clipping, then SGD (or AdamW from
     the optimizer's current moments), with decoupled weight decay.
 
-    `rows` ({param index: row indices}) restricts the update of a table (the word embeddings) to the rows a
-    later forward reads; the other rows keep their old values, which that forward never sees."""
+    `rows` ({param index: row indices}) marks a table (the word embeddings) whose gradient in `grads` covers
+    only those rows, every other row's gradient being zero: the step returns the updated rows alone, all that a
+    later forward reading only them needs, and the clipping norm is the same as over the whole table."""
     norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
     scale = torch.clamp(cfg.clip_grad_norm / (norm + 1e-6), max=1.0)
     updated = []
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        state = optimizer.state.get(p, {}) if cfg.student_optimizer == "adamw" else {}
-        m, v = state.get("exp_avg", torch.zeros_like(p)), state.get("exp_avg_sq", torch.zeros_like(p))
-        table = p
-        if rows and i in rows:
-            p, g, m, v = (t[rows[i]] for t in (p, g, m, v))
+        rows_of_p = rows.get(i) if rows else None
+        if rows_of_p is not None:
+            p = p[rows_of_p]
         g = g * scale
         if cfg.student_optimizer == "adamw":
+            state = optimizer.state.get(params[i], {})
+            m, v = state.get("exp_avg", torch.zeros_like(p)), state.get("exp_avg_sq", torch.zeros_like(p))
+            if rows_of_p is not None and "exp_avg" in state:
+                m, v = m[rows_of_p], v[rows_of_p]
             (beta1, beta2), eps = optimizer.defaults["betas"], optimizer.defaults["eps"]
             step = float(state.get("step", 0)) + 1
             m = beta1 * m + (1 - beta1) * g
@@ -161,8 +174,7 @@ def lookahead(params, grads, optimizer, cfg: ScaffoldConfig, rows: dict[int, tor
             direction = (m / (1 - beta1**step)) / ((v / (1 - beta2**step) + 1e-16).sqrt() + eps)
         else:
             direction = g
-        new = p - cfg.student_lr * (direction + cfg.weight_decay * p)
-        updated.append(table.detach().index_copy(0, rows[i], new) if rows and i in rows else new)
+        updated.append(p - cfg.student_lr * (direction + cfg.weight_decay * p))
     return updated
 
 
@@ -177,47 +189,93 @@ def student_step(params: list[torch.Tensor], optimizer, cfg: ScaffoldConfig) -> 
     optimizer.zero_grad(set_to_none=True)
 
 
-def meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch, meta_targets):
-    """d L_meta / d phi through one unrolled student update on `batch` (exact second order), where L_meta is the
-    look-ahead student's simulation loss on `meta_batch` without dropout. Returns (gradient, meta loss).
+def word_rows(model, params: list[torch.Tensor], batch: dict, meta_batch: dict):
+    """(index of the word-embedding table in `params`, the sorted ids of the rows the two batches read, on every
+    worker) for a text student that trains its table; None for images or a frozen table."""
+    if "input_ids" not in batch:
+        return None
+    table = model.student.encoder.get_input_embeddings().weight
+    index = next((i for i, p in enumerate(params) if p is table), None)
+    if index is None:
+        return None
+    ids = torch.cat([batch["input_ids"].flatten(), meta_batch["input_ids"].flatten()]).unique()
+    return index, distributed.gather(ids).unique().to(ids.device)  # the same rows on every worker
+
+
+class MetaStep(NamedTuple):
+    phi_grad: torch.Tensor  # d L_meta / d phi, averaged over workers
+    meta_loss: torch.Tensor  # averaged over workers
+    loss: torch.Tensor  # this worker's inner loss of the unrolled step
+    grads: list[torch.Tensor]  # its gradient averaged over workers, one per student parameter (see `rows`)
+    rows: dict[int, torch.Tensor]  # {param index: word-embedding rows its entry of `grads` covers}
+
+
+def meta_gradient(
+    model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch, meta_targets
+) -> MetaStep:
+    """d L_meta / d phi through one unrolled student update on `batch` from the student's current state (exact
+    second order), where L_meta is the updated student's simulation loss on `meta_batch` without dropout.
 
     The chain rule runs in two stages around g, the inner-loss gradient averaged over workers:
         c = d L_meta / d g                      (the look-ahead takes the averaged step, as the real one does)
         d L_meta / d phi = mean_w (d g_w / d phi)^T c
     Under DDP each worker holds a shard of both batches; functional calls bypass DDP's gradient hooks, so g, c
     and the result are all-reduced here explicitly (no-ops in one process), and every worker ends with the
-    meta-gradient of the global meta batch through the global-batch look-ahead."""
+    meta-gradient of the global meta batch through the global-batch look-ahead.
+
+    The word-embedding table (most of a small encoder's parameters) enters as just the rows the two batches
+    read: the others have zero inner gradient and the meta forward never reads them, so this is exact, and it
+    spares dense passes over the whole vocabulary in the gradient, its norm, the step and the double backward."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     mask = batch["attention_mask"]
     teacher_scores = teacher_explainer(evidence, mask)  # depends on phi
-    loss = inner_loss(functional_call(model, dict(zip(names, params, strict=True)), (batch,)), t_logits,
-                      teacher_scores, mask, beta)  # fmt: skip
-    local_grads = torch.autograd.grad(loss, params, create_graph=True)
+    table = word_rows(model, params, batch, meta_batch)
+    inner_kwargs, rows = {}, {}
+    leaves = list(params)
+    if table is not None:
+        index, row_ids = table
+        leaves[index] = params[index].detach()[row_ids].requires_grad_()
+        inner_kwargs["inputs_embeds"] = F.embedding(torch.searchsorted(row_ids, batch["input_ids"]), leaves[index])
+        rows = {index: row_ids}
+    loss = inner_loss(model(batch, **inner_kwargs), t_logits, teacher_scores, mask, beta)
+    local_grads = torch.autograd.grad(loss, leaves, create_graph=True)
     grads = [distributed.all_mean(g).requires_grad_() for g in local_grads]
-    # The meta forward reads only the meta batch's rows of the word-embedding table: updating just those keeps
-    # the look-ahead exact and spares a dense pass (and its backward) over the whole vocabulary.
-    rows = {}
-    if "input_ids" in meta_batch:
-        table = model.student.encoder.get_input_embeddings().weight
-        rows = {i: meta_batch["input_ids"].unique() for i, p in enumerate(params) if p is table}
     ahead = dict(zip(names, lookahead(params, grads, optimizer, cfg, rows), strict=True))
+    meta_kwargs = {"explain": False}  # logits only: the meta loss does not read the student's explainer
+    if table is not None:
+        meta_ids = torch.searchsorted(rows[index], meta_batch["input_ids"])
+        meta_kwargs["inputs_embeds"] = F.embedding(meta_ids, ahead.pop(names[index]))
     was_training = model.training
     model.eval()
-    student_ahead = {k.removeprefix("student."): v for k, v in ahead.items() if k.startswith("student.")}
-    meta_logits, _ = functional_call(model.student, student_ahead, (meta_batch,))  # logits only: no explainer
+    meta_logits, _ = functional_call(model, ahead, (meta_batch,), meta_kwargs)
     model.train(was_training)
     meta_loss = simulation_loss(meta_logits, meta_targets)
     cotangents = torch.autograd.grad(meta_loss, grads, allow_unused=True, materialize_grads=True)
     cotangents = [distributed.all_mean(c) for c in cotangents]
     pairs = [(g, c) for g, c in zip(local_grads, cotangents, strict=True) if g.requires_grad]
     if not pairs:  # nothing in the inner gradient depends on phi (beta = 0 or no explainer in the loss)
-        return torch.zeros_like(teacher_explainer.phi), distributed.all_mean(meta_loss)
+        phi_grad = torch.zeros_like(teacher_explainer.phi)
+        return MetaStep(phi_grad, distributed.all_mean(meta_loss), loss.detach(), detached(grads), rows)
     (phi_grad,) = torch.autograd.grad(
         [g for g, _ in pairs], teacher_explainer.phi, grad_outputs=[c for _, c in pairs], allow_unused=True,
         materialize_grads=True,
     )  # fmt: skip
-    return distributed.all_mean(phi_grad), distributed.all_mean(meta_loss)
+    return MetaStep(distributed.all_mean(phi_grad), distributed.all_mean(meta_loss), loss.detach(), detached(grads),
+                    rows)  # fmt: skip
+
+
+def detached(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach() for t in tensors]
+
+
+def step_with(params: list[torch.Tensor], grads: list[torch.Tensor], rows: dict[int, torch.Tensor], optimizer,
+              cfg: ScaffoldConfig) -> None:  # fmt: skip
+    """The real student step with gradients the meta step computed (a row-gathered table gradient is scattered
+    back into the whole table, zero elsewhere, as a backward pass would give it)."""
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        p.grad = torch.zeros_like(p).index_copy_(0, rows[i], g) if i in rows else g.clone()
+    student_step(params, optimizer, cfg)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -374,22 +432,31 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
             t_logits, evidence = train_cache.lookup(batch)
             with torch.no_grad():
                 fixed_scores = None if evidence is None else teacher_scores(evidence, mask)
-            loss = inner_loss(model(batch), t_logits, fixed_scores, mask, beta)
-            loss.backward()
-            distributed.average_gradients(params)
-            student_step(params, optimizer, cfg)
-            train_loss += loss.item()
-
-            if meta_optimizer is not None:  # the explainer step: look-ahead through the same update
+            meta_batch = meta_targets = None
+            if meta_optimizer is not None:
                 meta_batch = with_mask(to_device(distributed.shard(next(meta_stream)), device), teacher)
                 meta_targets = meta_cache.lookup(meta_batch)[0]
-                phi_grad, meta_loss = meta_gradient(
-                    model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch, meta_targets
-                )
+            if meta_optimizer is not None and cfg.meta_unroll == "student_step":
+                # the meta-gradient of this very step, whose gradients then make the real step
+                meta = meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence,
+                                     meta_batch, meta_targets)  # fmt: skip
+                step_with(params, meta.grads, meta.rows, optimizer, cfg)
+                loss = meta.loss
+            else:
+                loss = inner_loss(model(batch), t_logits, fixed_scores, mask, beta)
+                loss.backward()
+                distributed.average_gradients(params)
+                student_step(params, optimizer, cfg)
+                if meta_optimizer is not None:  # the paper's explainer step: a look-ahead from the updated student
+                    meta = meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence,
+                                         meta_batch, meta_targets)  # fmt: skip
+            train_loss += loss.item()
+            if meta_optimizer is not None:
+                phi_grad = meta.phi_grad
                 teacher_explainer.phi.grad = phi_grad * torch.clamp(cfg.meta_clip / (phi_grad.norm() + 1e-6), max=1.0)
                 meta_optimizer.step()
                 meta_optimizer.zero_grad(set_to_none=True)
-                meta_loss_sum += meta_loss.item()
+                meta_loss_sum += meta.meta_loss.item()
         train_loss, meta_loss_sum = (v / world for v in distributed.all_sum([train_loss, meta_loss_sum], device))
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"student loss is not finite in epoch {epoch}")
