@@ -192,13 +192,19 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
     meta_optimizer = torch.optim.AdamW([teacher_explainer.phi], lr=cfg.meta_lr, weight_decay=0.0)
     beta = 5.0
 
-    def iteration(arm: str) -> float:
+    def draw() -> tuple:
+        """A batch, a meta batch and the teacher's outputs on them (precomputed once per example in the job, by
+        its TeacherCache: not timed)."""
         batch, meta_batch = next(stream), next(stream)
-        mask = batch["attention_mask"]
-        with torch.no_grad():  # precomputed once per example in the job (its TeacherCache): not timed
+        with torch.no_grad():
             t_logits, attentions = teacher.classify(batch, output_attentions=True)
-            evidence = head_scores(attentions, mask)
+            evidence = head_scores(attentions, batch["attention_mask"])
             meta_targets = teacher.classify(meta_batch)[0]
+        return batch, t_logits, evidence, meta_batch, meta_targets
+
+    def iteration(arm: str, drawn: tuple) -> float:
+        batch, t_logits, evidence, meta_batch, meta_targets = drawn
+        mask = batch["attention_mask"]
         meta_args = (model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch,
                      meta_targets)  # fmt: skip
         start = time.perf_counter()
@@ -219,16 +225,19 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
         return time.perf_counter() - start
 
     arms = ("plain", "lookahead", "student_step")
+    drawn = draw()
     for arm in arms:  # warm-up
-        iteration(arm)
+        iteration(arm, drawn)
+    flops = {arm: matmul_flops(lambda arm=arm: iteration(arm, drawn)) for arm in arms}
     timings: dict[str, list[float]] = {arm: [] for arm in arms}
-    for _ in range(steps):
+    for _ in range(steps):  # every arm on the same batches, interleaved
+        drawn = draw()
         for arm in arms:
-            timings[arm].append(iteration(arm))
+            timings[arm].append(iteration(arm, drawn))
     plain = statistics.median(timings["plain"])
     table = Table(title=f"bench scaffold: {model_name}, batch {cfg.batch_size}, length <= {cfg.max_length}, "
                         f"{steps} interleaved iterations, medians, {torch.get_num_threads()} threads")  # fmt: skip
-    for column in ("", "s / iteration", "ratio"):
+    for column in ("", "s / iteration", "ratio", "matmul GFLOP", "FLOP ratio"):
         table.add_column(column)
     labels = {
         "plain": "plain student step (CE + beta * explanation KL)",
@@ -237,11 +246,22 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
     }
     for arm in arms:
         median = statistics.median(timings[arm])
-        table.add_row(labels[arm], f"{median:.4f}", f"{median / plain:.2f}")
+        table.add_row(labels[arm], f"{median:.4f}", f"{median / plain:.2f}", f"{flops[arm] / 1e9:.1f}",
+                      f"{flops[arm] / flops['plain']:.2f}")  # fmt: skip
     console.print(table)
     for arm in arms[1:]:
         console.print(f"SMaT iteration ({arm}) / plain student step: "
                       f"{statistics.median(timings[arm]) / plain:.2f}x (target <= 3x)")  # fmt: skip
+
+
+def matmul_flops(work) -> float:
+    """Floating-point operations of the matrix products (mm, bmm, addmm, ...) one call of `work` runs, as the
+    PyTorch profiler counts them: a hardware-independent cost, what a saturated accelerator's time follows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        work()
+    return float(sum(event.flops for event in prof.key_averages() if event.flops))
 
 
 def distributed_cost(steps: int, repeats: int, console: Console) -> None:
