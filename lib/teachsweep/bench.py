@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -136,36 +137,71 @@ def lot_cost(steps: int, repeats: int, model: str, console: Console) -> None:
     console.print(table)
 
 
-def relevance_throughput(examples: int, batch_size: int, model_name: str, console: Console) -> None:
+def relevance_throughput(examples: int, batch_size: int, model_names: list[str], console: Console) -> None:
     """Explanations per second of the batched relevance explainers versus a loop over single examples (the
-    reference code's way), same model, same inputs, one run."""
+    reference code's way), same model, same inputs, one run: text models on rotten_tomatoes test sentences,
+    image models on mnist_5k test digits (weights as initialised: the cost does not depend on them).
+
+    Beside the speed-up, the matmul GFLOP/s each way reaches and this machine's float32 matmul peak: the loop's
+    FLOPs are the useful work, so peak / (loop GFLOP/s) bounds what any batching can gain here."""
     import torch
 
     from teachsweep import data, models
     from teachsweep.explain import lrp, relevance
 
-    task = data.load_task("rotten_tomatoes")
-    model = models.build_model(model_name, task, seed=0).eval()
-    batches = data.make_batches(task, "test", models.load_tokenizer(model_name), 64, examples)
-    inputs = list(data.eval_batches(batches, batch_size, by_length=True))  # as the explain job batches them
-    table = Table(title=f"bench relevance: {model_name}, {examples} rotten_tomatoes test sentences, "
-                        f"{torch.get_num_threads()} threads")  # fmt: skip
-    for column in ("explainer", f"batched ({batch_size}) expl/s", "single-example loop expl/s", "speed-up"):
-        table.add_column(column)
+    peak = matmul_peak_gflops()
     explainers = {name: relevance.EXPLAINERS[name] for name in ("relevance", "rollout", "attention_gradcam")}
     explainers["lrp"] = lrp.lrp_attribution
-    for name, explainer in explainers.items():
-        explainer(model, inputs[0])  # warm-up
+    for model_name in model_names:
+        kind = "image" if models.parse_name(model_name)[0] in models.IMAGE_MODELS else "text"
+        task = data.load_task("mnist_5k" if kind == "image" else "rotten_tomatoes")
+        model = models.build_model(model_name, task, seed=0).eval()
+        tokenizer = models.load_tokenizer(model_name) if kind == "text" else None
+        batches = data.make_batches(task, "test", tokenizer, 64, examples)
+        inputs = list(data.eval_batches(batches, batch_size, by_length=True))  # as the explain job batches them
+        table = Table(title=f"bench relevance: {model_name}, {examples} {task.name} test examples, "
+                            f"{torch.get_num_threads()} threads, float32 matmul peak {peak:.0f} GFLOP/s")  # fmt: skip
+        for column in ("explainer", f"batched ({batch_size}) expl/s", "single-example loop expl/s", "speed-up",
+                       "GFLOP/s batched / loop", "ceiling here"):  # fmt: skip
+            table.add_column(column)
+        for name, explainer in explainers.items():
+            explainer(model, inputs[0])  # warm-up
+            batched, single = (partial(explain_all, explainer, model, inputs, one_by_one) for one_by_one in (0, 1))
+            batched_s, single_s = seconds(batched), seconds(single)
+            batched_rate = matmul_flops(batched) / batched_s / 1e9
+            single_rate = matmul_flops(single) / single_s / 1e9
+            table.add_row(name, f"{examples / batched_s:.1f}", f"{examples / single_s:.1f}",
+                          f"{single_s / batched_s:.1f}x", f"{batched_rate:.1f} / {single_rate:.1f}",
+                          f"{peak / single_rate:.1f}x")  # fmt: skip
+        console.print(table)
+    console.print("ceiling here: the speed-up batching would reach if it ran the loop's FLOPs at the matmul peak "
+                  "(target for the generic rule: >= 8x)")  # fmt: skip
+
+
+def explain_all(explainer, model, inputs: list[dict], one_by_one: bool) -> None:
+    from teachsweep.explain import relevance
+
+    for batch in inputs:
+        relevance.single_example_loop(explainer, model, batch) if one_by_one else explainer(model, batch)
+
+
+def seconds(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
+    """This machine's float32 matrix-product rate: the best of `repeats` square products."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
         start = time.perf_counter()
-        for batch in inputs:
-            explainer(model, batch)
-        batched = examples / (time.perf_counter() - start)
-        start = time.perf_counter()
-        for batch in inputs:
-            relevance.single_example_loop(explainer, model, batch)
-        single = examples / (time.perf_counter() - start)
-        table.add_row(name, f"{batched:.1f}", f"{single:.1f}", f"{batched / single:.1f}x")
-    console.print(table)
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 def scaffold_cost(steps: int, model_name: str, console: Console) -> None:

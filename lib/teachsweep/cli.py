@@ -315,11 +315,14 @@ def bench_lot(
 
 @bench_app.command("relevance")
 def bench_relevance(
-    examples: int = typer.Option(256, help="sentences explained"),
+    examples: int = typer.Option(256, help="examples explained per model"),
     batch_size: int = typer.Option(32, help="batch size of the batched explainers"),
-    model: str = typer.Option("minilm", help="text model (the pre-trained 6-layer MiniLM by default)"),
+    model: list[str] = typer.Option(
+        ["minilm", "vit:4"], help="models, each on its task (text: rotten_tomatoes, image: mnist_5k); repeatable"
+    ),
 ) -> None:
-    """Relevance explanations per second: batched generic rule (and rollout, GradCAM) vs one example at a time."""
+    """Relevance explanations per second: batched generic rule (and rollout, GradCAM, LRP) vs one example at a
+    time, with the matmul GFLOP/s each reaches against this machine's peak."""
     from teachsweep.bench import relevance_throughput
 
     relevance_throughput(examples, batch_size, model, console)
