@@ -76,3 +76,59 @@ results_dir: {tmp_path / "results"}
     expected = [c for row in reporter.artifacts["head_coefficients.json"]["layers_by_heads"] for c in row]
     assert distributed == pytest.approx(expected, abs=1e-5)
     assert expected != pytest.approx([1 / len(expected)] * len(expected), abs=1e-3)  # phi did move
+
+
+def smat_iteration(unroll: str):
+    """One SMaT iteration (student step and meta-gradient) of tiny float64 BERTs without dropout, on this
+    worker's shard of fixed global batches (all of them in one process): (phi gradient, student after)."""
+    import torch
+    from test_smat import text_batch, tiny_bert
+
+    from teachsweep import distributed
+    from teachsweep.explain.attention import AttentionExplainer, head_scores
+    from teachsweep.jobs import scaffold
+
+    cfg = scaffold.ScaffoldConfig(meta_unroll=unroll, student_lr=0.05, clip_grad_norm=0.5)
+    teacher = tiny_bert(0).double().eval()
+    batch, meta_batch = text_batch(8), text_batch(8, 20)
+    with torch.no_grad():
+        t_logits, attentions = teacher.classify(batch, output_attentions=True)
+        meta_targets = teacher.classify(meta_batch)[0]
+    evidence = head_scores(attentions, batch["attention_mask"])
+    model = scaffold.ExplainedStudent(tiny_bert(1), AttentionExplainer(2, 4)).double()
+    explainer = AttentionExplainer(2, 4).double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = scaffold.make_student_optimizer(params, cfg)
+    inner = distributed.shard(batch | {"t_logits": t_logits, "evidence": evidence})
+    meta = distributed.shard(meta_batch | {"targets": meta_targets})
+    shard_logits, shard_evidence, shard_targets = inner.pop("t_logits"), inner.pop("evidence"), meta.pop("targets")
+    _, step = scaffold.student_iteration(model, params, optimizer, cfg, 5.0, inner, shard_logits, shard_evidence,
+                                         explainer, explainer, meta, shard_targets)  # fmt: skip
+    return step.phi_grad, [p.detach() for p in params]
+
+
+def _smat_worker(rank: int, world: int, init_file: str, unroll: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(smat_iteration(unroll), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("unroll", ["lookahead", "student_step"])
+def test_two_gloo_workers_take_the_smat_step_of_one_process_on_text(tmp_path, unroll):
+    """Text students: each worker's shard reads other word-embedding rows, so the meta step's gathered rows must
+    be the union over workers for the all-reduced gradients to line up; both unrolls, against one process."""
+    import torch
+
+    torch.multiprocessing.spawn(_smat_worker, args=(2, str(tmp_path / "init"), unroll, str(tmp_path)), nprocs=2)
+    phi_grad, student = smat_iteration(unroll)
+    assert phi_grad.abs().sum() > 0
+    for rank in range(2):
+        worker_phi_grad, worker_student = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.allclose(worker_phi_grad, phi_grad, rtol=1e-6, atol=1e-12)
+        for mine, theirs in zip(worker_student, student, strict=True):
+            assert torch.allclose(mine, theirs, rtol=1e-8, atol=1e-10)

@@ -240,21 +240,12 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
 
     def iteration(arm: str, drawn: tuple) -> float:
         batch, t_logits, evidence, meta_batch, meta_targets = drawn
-        mask = batch["attention_mask"]
-        meta_args = (model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch,
-                     meta_targets)  # fmt: skip
+        arm_cfg = cfg.model_copy(update={"meta_unroll": arm if arm != "plain" else "lookahead"})
+        meta_args = (meta_batch, meta_targets) if arm != "plain" else ()
         start = time.perf_counter()
-        if arm == "student_step":
-            meta = scaffold.meta_gradient(*meta_args)
-            scaffold.step_with(params, meta.grads, meta.rows, optimizer, cfg)
-        else:
-            with torch.no_grad():
-                teacher_scores = teacher_explainer(evidence, mask)
-            scaffold.inner_loss(model(batch), t_logits, teacher_scores, mask, beta).backward()
-            scaffold.student_step(params, optimizer, cfg)
-            if arm == "lookahead":
-                meta = scaffold.meta_gradient(*meta_args)
-        if arm != "plain":
+        _, meta = scaffold.student_iteration(model, params, optimizer, arm_cfg, beta, batch, t_logits, evidence,
+                                             teacher_explainer, teacher_explainer, *meta_args)  # fmt: skip
+        if meta is not None:
             teacher_explainer.phi.grad = meta.phi_grad
             meta_optimizer.step()
             meta_optimizer.zero_grad(set_to_none=True)

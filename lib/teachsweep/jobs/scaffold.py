@@ -278,6 +278,30 @@ def step_with(params: list[torch.Tensor], grads: list[torch.Tensor], rows: dict[
     student_step(params, optimizer, cfg)
 
 
+def student_iteration(model, params, optimizer, cfg: ScaffoldConfig, beta, batch, t_logits, evidence,
+                      teacher_explainer, teacher_scores, meta_batch=None, meta_targets=None):  # fmt: skip
+    """One student step on `batch` and, given a meta batch, the explainer's meta-gradient, in the order
+    `cfg.meta_unroll` says. `teacher_scores(evidence, mask)` is the teacher's explanation (its phi mix, or static
+    scores). Returns (this worker's inner loss, the MetaStep or None); the caller steps phi."""
+    if meta_batch is not None and cfg.meta_unroll == "student_step":
+        meta = meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch,
+                             meta_targets)  # fmt: skip
+        step_with(params, meta.grads, meta.rows, optimizer, cfg)
+        return meta.loss, meta
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        fixed_scores = None if evidence is None else teacher_scores(evidence, mask)
+    loss = inner_loss(model(batch), t_logits, fixed_scores, mask, beta)
+    loss.backward()
+    distributed.average_gradients(params)
+    student_step(params, optimizer, cfg)
+    meta = None
+    if meta_batch is not None:  # the paper's explainer step: a look-ahead from the updated student
+        meta = meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch,
+                             meta_targets)  # fmt: skip
+    return loss.detach(), meta
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -428,32 +452,17 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
         train_loss = meta_loss_sum = 0.0
         for _ in range(steps_per_epoch):
             batch = with_mask(to_device(distributed.shard(next(stream)), device), teacher)
-            mask = batch["attention_mask"]
             t_logits, evidence = train_cache.lookup(batch)
-            with torch.no_grad():
-                fixed_scores = None if evidence is None else teacher_scores(evidence, mask)
             meta_batch = meta_targets = None
             if meta_optimizer is not None:
                 meta_batch = with_mask(to_device(distributed.shard(next(meta_stream)), device), teacher)
                 meta_targets = meta_cache.lookup(meta_batch)[0]
-            if meta_optimizer is not None and cfg.meta_unroll == "student_step":
-                # the meta-gradient of this very step, whose gradients then make the real step
-                meta = meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence,
-                                     meta_batch, meta_targets)  # fmt: skip
-                step_with(params, meta.grads, meta.rows, optimizer, cfg)
-                loss = meta.loss
-            else:
-                loss = inner_loss(model(batch), t_logits, fixed_scores, mask, beta)
-                loss.backward()
-                distributed.average_gradients(params)
-                student_step(params, optimizer, cfg)
-                if meta_optimizer is not None:  # the paper's explainer step: a look-ahead from the updated student
-                    meta = meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence,
-                                         meta_batch, meta_targets)  # fmt: skip
+            loss, meta = student_iteration(model, params, optimizer, cfg, beta, batch, t_logits, evidence,
+                                           teacher_explainer, teacher_scores, meta_batch, meta_targets)  # fmt: skip
             train_loss += loss.item()
-            if meta_optimizer is not None:
-                phi_grad = meta.phi_grad
-                teacher_explainer.phi.grad = phi_grad * torch.clamp(cfg.meta_clip / (phi_grad.norm() + 1e-6), max=1.0)
+            if meta is not None:
+                clip = torch.clamp(cfg.meta_clip / (meta.phi_grad.norm() + 1e-6), max=1.0)
+                teacher_explainer.phi.grad = meta.phi_grad * clip
                 meta_optimizer.step()
                 meta_optimizer.zero_grad(set_to_none=True)
                 meta_loss_sum += meta.meta_loss.item()
