@@ -160,19 +160,25 @@ def relevance_throughput(examples: int, batch_size: int, model_names: list[str],
         batches = data.make_batches(task, "test", tokenizer, 64, examples)
         inputs = list(data.eval_batches(batches, batch_size, by_length=True))  # as the explain job batches them
         table = Table(title=f"bench relevance: {model_name}, {examples} {task.name} test examples, "
-                            f"{torch.get_num_threads()} threads, float32 matmul peak {peak:.0f} GFLOP/s")  # fmt: skip
+                            f"{torch.get_num_threads()} threads")  # fmt: skip
         for column in ("explainer", f"batched ({batch_size}) expl/s", "single-example loop expl/s", "speed-up",
                        "GFLOP/s batched / loop", "ceiling here"):  # fmt: skip
             table.add_column(column)
+        for one_by_one in (0, 1):  # every input shape once before any timing, so no arm pays first-use costs
+            explain_all(relevance.generic_rule, model, inputs, one_by_one)
+        rows = []
         for name, explainer in explainers.items():
-            explainer(model, inputs[0])  # warm-up
             batched, single = (partial(explain_all, explainer, model, inputs, one_by_one) for one_by_one in (0, 1))
             batched_s, single_s = seconds(batched), seconds(single)
-            batched_rate = matmul_flops(batched) / batched_s / 1e9
-            single_rate = matmul_flops(single) / single_s / 1e9
+            rates = matmul_flops(batched) / batched_s / 1e9, matmul_flops(single) / single_s / 1e9
+            rows.append((name, batched_s, single_s, *rates))
+        # a peak read in a slow moment of a shared machine must not fall below what the explainers reached
+        peak = max(peak, *(row[3] for row in rows))
+        for name, batched_s, single_s, batched_rate, single_rate in rows:
             table.add_row(name, f"{examples / batched_s:.1f}", f"{examples / single_s:.1f}",
                           f"{single_s / batched_s:.1f}x", f"{batched_rate:.1f} / {single_rate:.1f}",
                           f"{peak / single_rate:.1f}x")  # fmt: skip
+        table.caption = f"float32 matmul peak {peak:.0f} GFLOP/s"
         console.print(table)
     console.print("ceiling here: the speed-up batching would reach if it ran the loop's FLOPs at the matmul peak "
                   "(target for the generic rule: >= 8x)")  # fmt: skip
@@ -191,7 +197,7 @@ def seconds(work) -> float:
     return time.perf_counter() - start
 
 
-def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
     """This machine's float32 matrix-product rate: the best of `repeats` square products."""
     import torch
 
