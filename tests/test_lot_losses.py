@@ -92,7 +92,7 @@ def record_teacher_forwards(monkeypatch):
 
     def build(name, task, seed, bptt=64):
         model = original(name, task, seed, bptt)
-        model.role = "teacher" if seed == 0 else "student"
+        model.role = "teacher" if seed == lot.models.init_seed(0, "teacher") else "student"
         model.register_forward_hook(
             lambda m, args, out: calls.append((m.role, torch.is_grad_enabled(), args[0]["pixel_values"].clone()))
         )
@@ -143,3 +143,27 @@ def test_student_gradients_only_from_student_loss_in_a_real_step():
     alone = lot.train(c.model_dump() | {"arm": "teacher_only"})
     assert with_student["teacher/val_acc"] == alone["teacher/val_acc"]
     assert with_student["loss/teacher"] == pytest.approx(alone["loss/teacher"], rel=1e-6)
+
+
+def test_no_two_models_share_an_initialisation_across_seeds_and_roles(monkeypatch):
+    """LoT's student of seed s used to start where the teacher of seed s+1 started: init seeds now derive from
+    (seed, role, index), so within a sweep only the same role at the same seed (paired arms) shares weights."""
+    original, built = lot.models.build_model, []
+
+    def build(name, task, seed, bptt=64):
+        model = original(name, task, seed, bptt)
+        built.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        return model
+
+    monkeypatch.setattr(lot.models, "build_model", build)
+    for seed in (0, 1, 2):
+        lot.train(cfg(seed=seed, num_students=2, steps_per_epoch=1, max_eval_examples=8))
+    assert len(built) == 9  # a teacher and two students per seed
+    for i in range(len(built)):
+        for j in range(i):
+            assert not torch.equal(built[i], built[j]), f"models {j} and {i} start from the same weights"
+    teacher_again = built[0]
+    lot.train(cfg(seed=0, arm="teacher_only", steps_per_epoch=1, max_eval_examples=8))
+    assert torch.equal(built[-1], teacher_again)  # the teacher-only arm pairs with LoT's teacher of the same seed
+    seeds = {lot.models.init_seed(s, role, i) for s in range(200) for role in ("teacher", "student") for i in range(4)}
+    assert len(seeds) == 200 * 2 * 4

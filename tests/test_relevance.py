@@ -172,3 +172,26 @@ def test_lrp_explainers_batched_equal_single_and_ignore_padding(name):
         assert torch.allclose(batched[row, : len(single)], single, atol=1e-5, rtol=1e-3)
         assert (batched[row, len(single) :] == 0).all()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_attention_gradcam_weights_heads_by_the_read_out_row_alone_on_padded_batches(pooling):
+    """relevance.md: a head's GradCAM weight is its mean gradient over the read-out row; padded keys (whose
+    gradient is not zero) must not enter, so a padded batch gives each example's batch-1 weights and map."""
+    model, batch = tiny_text_model(pooling, seed=3), padded_text_batch()
+    nonzero = 0
+    for target in (torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)):
+        _, _, grads, mask = relevance.target_and_attentions(model, batch, target)
+        weights = relevance.gradcam_head_weights(grads[-1], mask, model)
+        batched = relevance.attention_gradcam(model, batch, target)
+        for row in range(6):
+            length = int(mask[row].sum())
+            single = {k: batch[k][row : row + 1, :length] for k in ("input_ids", "attention_mask")}
+            _, _, single_grads, _ = relevance.target_and_attentions(model, single, target[row : row + 1])
+            g = single_grads[-1][0]  # (H, L, L), no padding
+            expected = g[:, 0].mean(-1) if pooling == "cls" else g.mean(dim=(1, 2))
+            assert torch.allclose(weights[row], expected, atol=1e-7, rtol=1e-4), (row, weights[row], expected)
+            single_map = relevance.attention_gradcam(model, single, target[row : row + 1])[0]
+            assert torch.allclose(batched[row, :length], single_map, atol=1e-6, rtol=1e-4)
+            nonzero += int((single_map > 0).any())
+    assert nonzero > 0, "every GradCAM map was zero: the comparison above would be vacuous"

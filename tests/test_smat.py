@@ -217,7 +217,7 @@ def test_scaffold_job_trains_a_student_and_reports_simulability(tmp_path, monkey
 
 
 def test_plausibility_metrics_on_hand_made_rationales():
-    from teachsweep.metrics import mean_plausibility, plausibility, word_scores
+    from teachsweep.plausibility import mean_plausibility, plausibility, word_scores
 
     rationale = np.array([0, 1, 1, 0, 0])
     perfect = plausibility(np.array([0.1, 0.9, 0.8, 0.2, 0.0]), rationale)
@@ -229,10 +229,10 @@ def test_plausibility_metrics_on_hand_made_rationales():
     assert mean_plausibility([(np.array([1.0, 0.0]), np.array([1, 0])), (np.ones(2), np.ones(2))])["n"] == 1.0
 
 
-def test_scaffold_reports_plausibility_against_a_rationale_set_built_here(tmp_path, monkeypatch):
+def write_rationales(tmp_path):
+    """Rationales built here: words of a small sentiment lexicon in validation sentences, as jsonl."""
     import json
 
-    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
     lexicon = {"good", "bad", "great", "best", "worst", "funny", "boring", "dull", "fun", "love"}
     task = data.load_task("rotten_tomatoes")
     lines = []
@@ -243,10 +243,16 @@ def test_scaffold_reports_plausibility_against_a_rationale_set_built_here(tmp_pa
             lines.append(json.dumps({"words": words, "rationale": mask}))
     assert len(lines) >= 10
     (tmp_path / "rationales.jsonl").write_text("\n".join(lines))
+    return f"jsonl:{tmp_path / 'rationales.jsonl'}"
+
+
+def test_scaffold_reports_plausibility_against_a_rationale_set_built_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
+    rationales = write_rationales(tmp_path)
     teacher = dict(task="rotten_tomatoes", model="tiny-bert", lr=1e-3, epochs=1, steps_per_epoch=5,
                    max_eval_examples=32, max_length=24, max_train_examples=128)  # fmt: skip
     metrics = scaffold.train(dict(teacher=teacher, explainer="smat", num_train_examples=32, batch_size=8, max_epochs=1,
-                                  max_eval_examples=32, max_length=48, rationales=f"jsonl:{tmp_path / 'rationales.jsonl'}"))  # fmt: skip
+                                  max_eval_examples=32, max_length=48, rationales=rationales))  # fmt: skip
     for who in ("teacher", "student"):
         assert 0.0 <= metrics[f"plausibility/{who}_auc"] <= 1.0 and metrics[f"plausibility/{who}_n"] >= 10
         assert 0.0 <= metrics[f"plausibility/{who}_recall_at_k"] <= 1.0
@@ -389,3 +395,62 @@ def test_cached_teacher_evidence_equals_computing_it_on_the_shuffled_padded_batc
     assert torch.allclose(cached_logits, logits, atol=1e-5)
     assert torch.allclose(cached.transpose(1, 2)[mask], direct.transpose(1, 2)[mask], atol=1e-4)
     assert (cached.transpose(1, 2)[~mask] == 0).all()
+
+
+def test_student_explanations_use_attention_before_attention_dropout():
+    """transformers' eager attention returns weights after attention dropout (exact zeros, the rest scaled by
+    1/(1-p)): the student's explanation must be the softmax itself, while dropout still mixes the values."""
+    student = models.build_model("tiny-bert:1", data.load_task("rotten_tomatoes"), 0)  # one layer: its attention
+    for name, module in student.named_modules():  # depends on the embeddings alone, the same in train and eval
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if name.endswith("attention.self.dropout"):
+            module.p = 0.5  # attention dropout on, every other dropout off
+    model = scaffold.ExplainedStudent(student, AttentionExplainer(1, 4)).train()
+    batch = text_batch(4, 24)
+    torch.manual_seed(0)
+    logits, train_scores = model(batch)
+    _, attentions = student.classify(batch, output_attentions=True)
+    real_keys = batch["attention_mask"].bool()[:, None, None, :].expand_as(attentions[0])
+    assert all((a[real_keys] > 0).all() for a in attentions), "attention dropout zeroed real tokens"
+    model.eval()
+    eval_logits, eval_scores = model(batch)
+    assert torch.allclose(train_scores, eval_scores, atol=1e-5)
+    assert not torch.allclose(logits, eval_logits)  # the dropout that regularises the student is still there
+
+
+def test_student_plausibility_comes_from_the_best_student_and_its_explainer_in_eval_mode(tmp_path, monkeypatch):
+    from teachsweep.plausibility import load_rationales, rationale_plausibility
+    from teachsweep.reporter import Reporter
+
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
+    rationales = write_rationales(tmp_path)
+    teacher = dict(task="rotten_tomatoes", model="tiny-bert", lr=1e-3, epochs=1, steps_per_epoch=5,
+                   max_eval_examples=32, max_length=24, max_train_examples=128)  # fmt: skip
+    reporter = Reporter()
+    metrics = scaffold.train(dict(teacher=teacher, explainer="smat", num_train_examples=32, batch_size=8, max_epochs=3,
+                                  max_eval_examples=32, max_length=16, rationales=rationales), reporter)  # fmt: skip
+    best = reporter.saved["best_student"]
+    student = models.build_model("tiny-bert", data.load_task("rotten_tomatoes"), 123)
+    model = scaffold.ExplainedStudent(student, AttentionExplainer(2, 4))
+    model.load_state_dict(best["model"])
+    model.eval()
+    found = rationale_plausibility(load_rationales(rationales, 200), models.load_tokenizer("tiny-bert"),
+                                   lambda b: model(b)[1], 16, 64, torch.device("cpu"))  # fmt: skip
+    for key in ("auc", "ap", "recall_at_k"):
+        assert metrics[f"plausibility/student_{key}"] == pytest.approx(found[key], abs=1e-9), key
+    assert 0 < metrics["plausibility/student_rationale_cut_fraction"] < 1  # max_length 16 cuts long sentences
+
+
+def test_a_language_model_teacher_keeps_its_lowest_validation_perplexity(tmp_path, monkeypatch):
+    from teachsweep.reporter import Reporter
+
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
+    reporter = Reporter()
+    metrics = teacher_job.train(dict(task="bbc_news_lm", model="lstm:1", optimizer="sgd", lr=20.0, momentum=0.0,
+                                     weight_decay=0.0, epochs=3, steps_per_epoch=4, batch_size=4, bptt=16,
+                                     max_eval_examples=2000, patience=3), reporter)  # fmt: skip
+    curve = [h["teacher/val_ppl"] for h in reporter.history if "teacher/test_ppl" not in h]
+    assert len(curve) == 3 and len(set(curve)) == 3
+    assert metrics["teacher/best_val_ppl"] == min(curve)
+    assert metrics["teacher/best_epoch"] == 1 + curve.index(min(curve))

@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from teachsweep.metrics import PAIRED_METHOD, T_METHOD
+
 app = typer.Typer(
     help="Hyperparameter sweeps for teachability research on Ray Tune + Optuna + MLflow.\n\n"
     "Run a sweep:  teachsweep run sweeps/quickstart.yaml",
@@ -56,7 +58,7 @@ def print_outcome(outcome) -> None:
         )
     console.print(table)
     if outcome.comparisons:
-        compare = Table(title="LoT minus teacher-only (paired by seed, 95% bootstrap CI)")
+        compare = Table(title=f"LoT minus teacher-only ({PAIRED_METHOD})")
         for column in (
             "variant",
             "trial",
@@ -65,6 +67,7 @@ def print_outcome(outcome) -> None:
             "teacher-only mean ± std",
             "diff",
             "95% CI",
+            "p",
             "seeds",
         ):
             compare.add_column(column)
@@ -72,7 +75,7 @@ def print_outcome(outcome) -> None:
             compare.add_row(
                 c["variant"] or "-", c["trial"], c["metric"], f"{c['lot_mean']:.4g} ± {c['lot_std']:.2g}",
                 f"{c['teacher_only_mean']:.4g} ± {c['teacher_only_std']:.2g}", f"{c['diff_mean']:+.4g}",
-                f"[{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]", str(c["n_seeds"]),
+                f"[{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]", f"{c['p_value']:.3g}", str(c["n_seeds"]),
             )  # fmt: skip
         console.print(compare)
     if outcome.seed_summaries:
@@ -88,18 +91,20 @@ def print_outcome(outcome) -> None:
 
 
 def seed_summary_table(rows: list[dict]) -> Table:
-    """Per variant over seeds: median [IQR], mean with a 95% bootstrap CI, the per-seed test-point CI, and the
-    paired difference to the `none` variant when there is one."""
-    table = Table(title="over seeds: median [IQR], mean (95% bootstrap CI over seeds)")
-    for column in ("variant", "metric", "seeds", "median [IQR]", "mean (95% CI)", "test-point CI", "vs none (95% CI)"):
+    """Per variant over seeds: median [IQR], mean with a Student-t 95% CI, the per-seed test-point CI (bootstrap
+    over test points), and the paired difference to the `none` variant when there is one (paired t, sign-flip p)."""
+    table = Table(title=f"over seeds: median [IQR], mean ({T_METHOD}); vs none: {PAIRED_METHOD}")
+    for column in ("variant", "metric", "seeds", "median [IQR]", "mean (95% CI)", "test-point CI", "vs none (95% CI)",
+                   "p"):  # fmt: skip
         table.add_column(column)
     for r in rows:
         points = f"[{r['test_points_ci_low']:.4g}, {r['test_points_ci_high']:.4g}]" if "test_points_ci_low" in r else ""
         versus = (f"{r['vs_none_diff_mean']:+.4g} [{r['vs_none_ci_low']:+.4g}, {r['vs_none_ci_high']:+.4g}]"
                   if "vs_none_diff_mean" in r else "")  # fmt: skip
+        p_value = f"{r['vs_none_p_value']:.3g}" if "vs_none_p_value" in r else ""
         table.add_row(
             r["label"], r["metric"], str(r["n_seeds"]), f"{r['median']:.4g} [{r['q25']:.4g}, {r['q75']:.4g}]",
-            f"{r['mean']:.4g} ({r['ci_low']:.4g}, {r['ci_high']:.4g})", points, versus,
+            f"{r['mean']:.4g} ({r['ci_low']:.4g}, {r['ci_high']:.4g})", points, versus, p_value,
         )  # fmt: skip
     return table
 

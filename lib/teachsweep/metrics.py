@@ -1,4 +1,8 @@
-"""Aggregation over seeds: mean, std, and paired differences with bootstrap confidence intervals."""
+"""Aggregation over seeds and test points.
+
+Over seeds (a handful of values) intervals are Student-t: of a mean, and of a mean paired difference, with the
+exact sign-flip permutation p-value of the difference. A percentile bootstrap over 5 values under-covers a 95%
+interval (tests/test_metrics.py measures it), so the bootstrap is kept only for intervals over test points."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+T_METHOD = "Student-t 95% over seeds"
+PAIRED_METHOD = "paired Student-t 95% over seeds; exact sign-flip permutation p"
 SEED_KEY = re.compile(r"^(?P<metric>.+)@seed(?P<seed>-?\d+)$")
 
 
@@ -22,8 +28,34 @@ def per_seed(metrics: dict[str, float], metric: str) -> dict[int, float]:
     return out
 
 
+def t_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of `values` (nan for fewer than 2 values)."""
+    from scipy import stats
+
+    xs = np.asarray(list(values), dtype=float)
+    if len(xs) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, df=len(xs) - 1) * xs.std(ddof=1) / np.sqrt(len(xs))
+    return float(xs.mean() - half), float(xs.mean() + half)
+
+
+def sign_flip_p_value(differences, exact_up_to: int = 16, resamples: int = 100_000, seed: int = 0) -> float:
+    """Two-sided permutation p-value of mean(differences) = 0 under random signs: exact (all 2^n sign patterns)
+    up to `exact_up_to` values, Monte Carlo beyond."""
+    d = np.asarray(list(differences), dtype=float)
+    if len(d) == 0:
+        return float("nan")
+    if len(d) <= exact_up_to:
+        signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
+    else:
+        signs = np.random.default_rng(seed).choice([-1, 1], size=(resamples, len(d)))
+    means = np.abs((signs * d).mean(axis=1))
+    observed = abs(d.mean())
+    return float(np.mean(means >= observed - 1e-12 * max(1.0, observed)))
+
+
 def bootstrap_ci(values: np.ndarray, resamples: int = 10_000, level: float = 0.95, seed: int = 0):
-    """Percentile bootstrap CI of the mean."""
+    """Percentile bootstrap CI of the mean (for many values; over a few seeds use `t_interval`)."""
     rng = np.random.default_rng(seed)
     if len(values) < 2:
         return float("nan"), float("nan")
@@ -50,24 +82,31 @@ def subsample_bootstrap_ci(
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, float]:
-    """mean(a - b) over the seeds both have, its std and a 95% bootstrap CI."""
+    """mean(a - b) over the seeds both have, its std, the paired Student-t 95% CI and the exact sign-flip
+    permutation p-value."""
     seeds = sorted(set(a) & set(b))
     diffs = np.asarray([a[s] - b[s] for s in seeds])
-    low, high = bootstrap_ci(diffs)
+    low, high = t_interval(diffs)
     return {
         "diff_mean": float(diffs.mean()) if len(diffs) else float("nan"),
         "diff_std": float(diffs.std(ddof=1)) if len(diffs) > 1 else float("nan"),
         "ci_low": low,
         "ci_high": high,
+        "p_value": sign_flip_p_value(diffs),
         "n_seeds": len(seeds),
+        "method": PAIRED_METHOD,
     }
 
 
 def summarize(values: dict[int, float]) -> dict[str, float]:
+    """Mean, std and the Student-t 95% CI of the mean over seeds."""
     xs = list(values.values())
+    low, high = t_interval(xs)
     return {
         "mean": statistics.fmean(xs) if xs else float("nan"),
         "std": statistics.stdev(xs) if len(xs) > 1 else float("nan"),
+        "ci_low": low,
+        "ci_high": high,
     }
 
 
@@ -91,7 +130,7 @@ def merge_seed_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def seed_summaries(trials: list[dict[str, Any]], metrics: list[str], reference: str = "none") -> list[dict[str, Any]]:
-    """Per label (variant) and metric over seeds: median and IQR, mean with a bootstrap CI, the mean of the
+    """Per label (variant) and metric over seeds: median and IQR, mean with a Student-t CI, the mean of the
     per-seed test-point CIs where the job reports them (`<metric>_ci_low/high`), and the paired difference
     to the `reference` label (SMaT's "no explanation" students) when it ran with the same seeds."""
     rows = []
@@ -102,18 +141,19 @@ def seed_summaries(trials: list[dict[str, Any]], metrics: list[str], reference: 
             if len(values) < 2:
                 continue
             xs = np.asarray(list(values.values()))
-            low, high = bootstrap_ci(xs)
+            low, high = t_interval(xs)
             q25, median, q75 = np.quantile(xs, [0.25, 0.5, 0.75])
             row = {"label": trial["label"], "metric": metric, "n_seeds": len(xs), "median": float(median),
                    "q25": float(q25), "q75": float(q75), "mean": float(xs.mean()),
-                   "ci_low": low, "ci_high": high}  # fmt: skip
+                   "ci_low": low, "ci_high": high, "method": T_METHOD}  # fmt: skip
             for bound in ("ci_low", "ci_high"):
                 per_seed_bound = per_seed(trial["metrics"], f"{metric}_{bound}")
                 if per_seed_bound:
                     row[f"test_points_{bound}"] = statistics.fmean(per_seed_bound.values())
             if reference in by_label and trial["label"] != reference:
                 difference = paired_difference(values, per_seed(by_label[reference]["metrics"], metric))
-                row |= {f"vs_{reference}_{k}": v for k, v in difference.items() if k != "n_seeds"}
+                row |= {f"vs_{reference}_{k}": v for k, v in difference.items() if k not in ("n_seeds", "method")}
+                row["vs_method"] = PAIRED_METHOD
             rows.append(row)
     return rows
 
@@ -148,40 +188,3 @@ def lot_comparisons(trials: list[dict[str, Any]], metrics: list[str]) -> list[di
                 **paired_difference(lot_values, base_values),
             })  # fmt: skip
     return rows
-
-
-# ---------------------------------------------------------------------------------------------- plausibility
-
-
-def word_scores(token_scores: np.ndarray, word_ids: list[int | None], num_words: int) -> np.ndarray:
-    """Word-piece scores summed into words; special tokens (word id None) and padding dropped."""
-    scores = np.zeros(num_words)
-    for score, word in zip(token_scores, word_ids, strict=False):
-        if word is not None and word < num_words:
-            scores[word] += float(score)
-    return scores
-
-
-def plausibility(scores: np.ndarray, rationale: np.ndarray) -> dict[str, float] | None:
-    """ROC-AUC, average precision and recall@k (k = number of rationale words) of one example's word scores
-    against its human rationale mask; None when the mask is all 0 or all 1 (nothing to rank)."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    rationale = np.asarray(rationale, dtype=int)
-    if rationale.min() == rationale.max():
-        return None
-    k = int(rationale.sum())
-    top_k = np.argsort(-scores, kind="stable")[:k]
-    return {
-        "auc": float(roc_auc_score(rationale, scores)),
-        "ap": float(average_precision_score(rationale, scores)),
-        "recall_at_k": float(rationale[top_k].sum() / k),
-    }
-
-
-def mean_plausibility(examples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """Averages over the examples that have something to rank, and how many there were."""
-    results = [r for r in (plausibility(s, m) for s, m in examples) if r is not None]
-    if not results:
-        return {"n": 0.0}
-    return {key: float(np.mean([r[key] for r in results])) for key in results[0]} | {"n": float(len(results))}

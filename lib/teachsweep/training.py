@@ -117,10 +117,11 @@ class TaskData:
 
 
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on classes, or mean squared error when the model has one output (a regression task)."""
+    """Cross-entropy on classes (per token for a language model), or mean squared error when the model has one
+    output (a regression task)."""
     if logits.size(-1) == 1:
         return F.mse_loss(logits.float().squeeze(-1), labels.float())
-    return F.cross_entropy(logits.float(), labels)
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten())
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -84,11 +84,19 @@ def raw_attention(model, batch: dict, target: torch.Tensor | None = None) -> tor
     return readout(attentions[-1].mean(dim=1), mask, model)
 
 
+def gradcam_head_weights(grads: torch.Tensor, mask: torch.Tensor, model) -> torch.Tensor:
+    """(B, H): each head's weight, the mean gradient over the real keys of the read-out row (the [CLS] row, or
+    the mean of the real rows for a mean-pooled encoder); padded rows and keys never enter."""
+    batch_size, heads, n, _ = grads.shape
+    rows = readout(grads.flatten(0, 1), mask.repeat_interleave(heads, dim=0), model).view(batch_size, heads, n)
+    return rows.sum(-1) / mask.sum(-1, keepdim=True).to(rows.dtype)
+
+
 def attention_gradcam(model, batch: dict, target: torch.Tensor | None = None) -> torch.Tensor:
-    """GradCAM on the last attention layer: heads weighted by their mean gradient, positive part."""
+    """GradCAM on the last attention layer: heads weighted by their mean read-out-row gradient, positive part."""
     _, attentions, grads, mask = target_and_attentions(model, batch, target)
-    weights = grads[-1].mean(dim=(2, 3), keepdim=True)  # (B, H, 1, 1)
-    cam = (weights * attentions[-1]).sum(dim=1).clamp(min=0)
+    weights = gradcam_head_weights(grads[-1], mask, model)
+    cam = (weights[:, :, None, None] * attentions[-1]).sum(dim=1).clamp(min=0)
     return readout(cam, mask, model)
 
 

@@ -20,7 +20,7 @@ from teachsweep import data, models
 from teachsweep.explain import faithfulness, registry
 from teachsweep.explain.attention import token_distribution
 from teachsweep.jobs import teacher as teacher_job
-from teachsweep.metrics import mean_plausibility, word_scores
+from teachsweep.plausibility import load_rationales, rationale_plausibility
 from teachsweep.reporter import Reporter
 from teachsweep.training import pick_device, to_device
 
@@ -93,7 +93,9 @@ def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dic
             metrics[f"{name}/{test}_auc"] = faithfulness.auc(list(np.sum(curves[test], axis=0) / count))
         metrics[f"{name}/ms_per_example"] = 1000 * seconds / count
         if cfg.rationales and task.kind == "text":
-            found = plausibility(name, model, tokenizer, cfg, device)
+            examples = load_rationales(cfg.rationales, cfg.max_examples)
+            found = rationale_plausibility(examples, tokenizer, lambda b, name=name: registry.explain(name, model, b),
+                                           cfg.max_length, cfg.batch_size, device)  # fmt: skip
             metrics |= {f"{name}/plausibility_{k}": v for k, v in found.items()}
         if shown:
             log_heatmaps(name, shown, tokenizer, patch_size, reporter)
@@ -102,20 +104,6 @@ def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dic
         metrics |= {f"faithfulness/{k.removeprefix(prefix)}": v for k, v in list(metrics.items())}
     reporter.report(metrics, 1)
     return metrics
-
-
-def plausibility(name, model, tokenizer, cfg: ExplainConfig, device) -> dict[str, float]:
-    pairs = []
-    examples = data.load_rationales(cfg.rationales, cfg.max_examples)
-    for start in range(0, len(examples), cfg.batch_size):
-        chunk = examples[start : start + cfg.batch_size]
-        encoded = tokenizer([w for w, _ in chunk], is_split_into_words=True, truncation=True,
-                            max_length=cfg.max_length, padding=True, return_tensors="pt")  # fmt: skip
-        batch = to_device({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, device)
-        probs = token_distribution(registry.explain(name, model, batch), batch["attention_mask"]).detach().cpu().numpy()
-        for row, (words, rationale) in enumerate(chunk):
-            pairs.append((word_scores(probs[row], encoded.word_ids(row), len(words)), rationale))
-    return mean_plausibility(pairs)
 
 
 def log_heatmaps(name: str, shown, tokenizer, patch_size, reporter: Reporter) -> None:

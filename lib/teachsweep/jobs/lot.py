@@ -175,10 +175,15 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
     if task_data.task.regression:
         raise ValueError(f"task {cfg.task}: LoT's KL term needs classes, and this task has a real-valued target")
 
-    teacher = models.build_model(cfg.teacher, task_data.task, cfg.seed, cfg.bptt).to(device).train()
+    teacher = models.build_model(cfg.teacher, task_data.task, models.init_seed(cfg.seed, "teacher"), cfg.bptt)
+    teacher = teacher.to(device).train()
     n_students = cfg.num_students if cfg.arm == "lot" else 0
     students = [
-        models.build_model(cfg.student or cfg.teacher, task_data.task, cfg.seed + 1 + i, cfg.bptt).to(device).train()
+        models.build_model(
+            cfg.student or cfg.teacher, task_data.task, models.init_seed(cfg.seed, "student", i), cfg.bptt
+        )
+        .to(device)
+        .train()
         for i in range(n_students)
     ]
 

@@ -15,7 +15,6 @@ validation simulability (early stopping with patience)."""
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -31,7 +30,8 @@ from teachsweep import data, distributed, models
 from teachsweep.explain import registry
 from teachsweep.explain.attention import AttentionExplainer, full_precision, head_scores, token_distribution
 from teachsweep.jobs import teacher as teacher_job
-from teachsweep.metrics import mean_plausibility, subsample_bootstrap_ci, word_scores
+from teachsweep.metrics import subsample_bootstrap_ci
+from teachsweep.plausibility import load_rationales, rationale_plausibility
 from teachsweep.reporter import Reporter
 from teachsweep.training import pearson, pick_device, to_device
 
@@ -371,6 +371,13 @@ def simulability(student_out, teacher_out, labels) -> tuple[float, float]:
     return agree, (student_pred == labels).float().mean().item()
 
 
+def best_epoch_state(model: ExplainedStudent, teacher_explainer: AttentionExplainer) -> dict:
+    """What the best epoch leaves behind: the student with its explainer, and the teacher explainer it learned
+    from (copies on the CPU)."""
+    copy_of = lambda module: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}  # noqa: E731
+    return {"model": copy_of(model), "teacher_explainer": copy_of(teacher_explainer)}
+
+
 def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
     cfg = ScaffoldConfig.model_validate(config)
     reporter = reporter or Reporter()
@@ -392,7 +399,7 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
     meta_stream = data.train_stream(val_batches, cfg.batch_size, cfg.seed + 1)
 
     torch.manual_seed(cfg.seed)
-    student = models.build_model(student_name, task, cfg.seed).to(device).train()
+    student = models.build_model(student_name, task, models.init_seed(cfg.seed, "student")).to(device).train()
     layers, heads = transformer_shape(student)
     model = ExplainedStudent(student, AttentionExplainer(layers, heads, cfg.normalizer)).to(device)
     t_layers, t_heads = transformer_shape(teacher)
@@ -475,7 +482,7 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
         )
         if val_sim > best_val:
             best_val, best_epoch = val_sim, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in student.state_dict().items()})
+            best_state = best_epoch_state(model, teacher_explainer)
         metrics = {
             "simulability/val": val_sim,
             "simulability/best_val": best_val,
@@ -498,7 +505,9 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
         if epoch - best_epoch >= cfg.patience:
             break
 
-    student.load_state_dict(best_state)
+    # The best student is evaluated together with its own explainer and the teacher explainer of that epoch.
+    model.load_state_dict(best_state["model"])
+    teacher_explainer.load_state_dict(best_state["teacher_explainer"])
     student_out, teacher_out, labels = outputs(
         student, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device
     )
@@ -514,32 +523,16 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
                 f"student/test_{score}": student_score, f"teacher/test_{score}": teacher_score,
                 "best_epoch": best_epoch}  # fmt: skip
     if cfg.rationales and info.kind != "none" and task.kind == "text":
-        examples = data.load_rationales(cfg.rationales, cfg.max_rationale_examples)
+        examples = load_rationales(cfg.rationales, cfg.max_rationale_examples)
+        model.eval()  # the best student with its own explainer, without dropout
         for who, scores_of in (("teacher", lambda b: teacher_scores(teacher_evidence(b)[1], b["attention_mask"])),
                                ("student", lambda b: model(b)[1])):  # fmt: skip
-            found = explanation_plausibility(examples, tokenizer, scores_of, cfg, device)
+            found = rationale_plausibility(examples, tokenizer, scores_of, cfg.max_length, cfg.eval_batch_size, device)
             metrics |= {f"plausibility/{who}_{k}": v for k, v in found.items()}
     reporter.report(metrics, epoch)
     if info.kind == "attention":
         log_head_coefficients(teacher_explainer, reporter)
     return metrics
-
-
-@torch.no_grad()
-def explanation_plausibility(examples, tokenizer, scores_of, cfg: ScaffoldConfig, device) -> dict[str, float]:
-    """Token explanations summed into words and scored against human rationales (special tokens dropped)."""
-    pairs = []
-    for start in range(0, len(examples), cfg.eval_batch_size):
-        chunk = examples[start : start + cfg.eval_batch_size]
-        encoded = tokenizer([w for w, _ in chunk], is_split_into_words=True, truncation=True,
-                            max_length=cfg.max_length, padding=True, return_tensors="pt")  # fmt: skip
-        batch = to_device({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, device)
-        with torch.enable_grad():  # gradient explainers need autograd even here
-            scores = token_distribution(scores_of(batch), batch["attention_mask"]).detach().cpu().numpy()
-        for row, (words, rationale) in enumerate(chunk):
-            word_ids = encoded.word_ids(row)
-            pairs.append((word_scores(scores[row], word_ids, len(words)), rationale))
-    return mean_plausibility(pairs)
 
 
 def log_head_coefficients(explainer: AttentionExplainer, reporter: Reporter) -> None:

@@ -72,7 +72,9 @@ class TeacherConfig(OptimizerConfig):
         return self
 
     def key(self) -> str:
-        fields = self.model_dump(exclude={"device", "precision"})
+        # The version changes whenever the same config would train a different teacher (v2: derived init seeds,
+        # perplexity minimised for language models).
+        fields = self.model_dump(exclude={"device", "precision"}) | {"registry_version": 2}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -86,7 +88,8 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
     reporter = reporter or Reporter()
     device = pick_device(cfg.device)
     task_data = TaskData(cfg, [cfg.model])
-    model = models.build_model(cfg.model, task_data.task, cfg.seed, cfg.bptt).to(device).train()
+    model = models.build_model(cfg.model, task_data.task, models.init_seed(cfg.seed, "teacher"), cfg.bptt)
+    model = model.to(device).train()
     if cfg.freeze_embeddings:
         models.freeze_word_embeddings(model)
     model = distributed.wrap(model)  # under DDP: every worker draws the same global batch and trains on its shard
@@ -94,7 +97,9 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
     optimizer, scheduler = make_optimizer(model, cfg, steps * cfg.epochs)
     stream = task_data.stream(cfg.seed)
 
-    score = "pearson" if task_data.task.regression else "acc"  # the validation score early stopping follows
+    # The validation score early stopping follows, and its direction (perplexity is minimised).
+    score = "ppl" if task_data.is_lm else "pearson" if task_data.task.regression else "acc"
+    sign = -1.0 if task_data.is_lm else 1.0
     best_score, best_state, best_epoch, metrics = -math.inf, None, 0, {}
     for epoch in range(1, cfg.epochs + 1):
         for _ in range(steps):
@@ -107,12 +112,12 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
         if not torch.isfinite(loss):
             raise FloatingPointError(f"teacher loss is not finite in epoch {epoch}")
         val_score, _ = evaluate(distributed.unwrap(model), task_data.eval_stream("validation"), device, cfg.precision)
-        if val_score > best_score:
-            best_score, best_epoch = val_score, epoch
+        if sign * val_score > best_score:
+            best_score, best_epoch = sign * val_score, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in distributed.unwrap(model).state_dict().items()}
         metrics = {
             f"teacher/val_{score}": val_score,
-            f"teacher/best_val_{score}": best_score,
+            f"teacher/best_val_{score}": sign * best_score,
             "teacher/loss": loss.item(),
         }
         reporter.report(metrics, epoch)
