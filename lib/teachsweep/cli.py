@@ -62,6 +62,7 @@ def print_outcome(outcome) -> None:
         for column in (
             "variant",
             "trial",
+            "budget",
             "metric",
             "LoT mean ± std",
             "teacher-only mean ± std",
@@ -73,7 +74,7 @@ def print_outcome(outcome) -> None:
             compare.add_column(column)
         for c in outcome.comparisons:
             compare.add_row(
-                c["variant"] or "-", c["trial"], c["metric"], f"{c['lot_mean']:.4g} ± {c['lot_std']:.2g}",
+                c["variant"] or "-", c["trial"], c["budget"], c["metric"], f"{c['lot_mean']:.4g} ± {c['lot_std']:.2g}",
                 f"{c['teacher_only_mean']:.4g} ± {c['teacher_only_std']:.2g}", f"{c['diff_mean']:+.4g}",
                 f"[{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]", f"{c['p_value']:.3g}", str(c["n_seeds"]),
             )  # fmt: skip

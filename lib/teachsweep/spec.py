@@ -78,7 +78,12 @@ class Scheduler(Strict):
 class Baseline(Strict):
     """An automatic teacher-only arm for LoT sweeps, at a matched budget."""
 
-    budget: Literal["teacher_steps", "model_steps"] = "teacher_steps"
+    budget: Literal["teacher_steps", "model_steps"] | list[Literal["teacher_steps", "model_steps"]] = "teacher_steps"
+
+    @property
+    def budgets(self) -> list[str]:
+        """Each matched budget to run a teacher-only arm at (one or both)."""
+        return list(dict.fromkeys([self.budget] if isinstance(self.budget, str) else self.budget))
 
 
 class Resources(Strict):

@@ -195,22 +195,25 @@ def unseeded_fixed_trials(spec: SweepSpec) -> list[dict[str, Any]]:
 
 
 def baseline_arms(spec: SweepSpec, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Teacher-only arms at a matched budget. Same teacher steps: one arm. Same total model-steps: the
+    """Teacher-only arms at each matched budget. Same teacher steps: one arm. Same total model-steps: the
     teacher trains (1 + N*K) times as many steps, one arm per N the sweep can pick."""
     from teachsweep.jobs.lot import LoTConfig
 
     base = LoTConfig.model_validate(config)
-    if spec.baseline.budget == "teacher_steps":
-        return [{"label": "teacher_only", "arm": "teacher_only"}]
-    n_values = [base.student_steps]
-    if "student_steps" in spec.space:
-        param = spec.space["student_steps"]
-        n_values = param.values if param.type == "categorical" else list(range(int(param.low), int(param.high) + 1))
-    k = config.get("num_students", base.num_students)
-    return [
-        {"label": f"teacher_only-N{n}", "arm": "teacher_only", "budget_multiplier": float(1 + n * k)}
-        for n in sorted(set(n_values))
-    ]
+    arms = []
+    if "teacher_steps" in spec.baseline.budgets:
+        arms.append({"label": "teacher_only", "arm": "teacher_only"})
+    if "model_steps" in spec.baseline.budgets:
+        n_values = [base.student_steps]
+        if "student_steps" in spec.space:
+            param = spec.space["student_steps"]
+            n_values = param.values if param.type == "categorical" else list(range(int(param.low), int(param.high) + 1))
+        k = config.get("num_students", base.num_students)
+        arms += [
+            {"label": f"teacher_only-N{n}", "arm": "teacher_only", "budget_multiplier": float(1 + n * k)}
+            for n in sorted(set(n_values))
+        ]
+    return arms
 
 
 def optuna_space(spec: SweepSpec) -> dict[str, Any]:
@@ -361,7 +364,9 @@ def run_sweep(spec: SweepSpec, spec_text: str, callbacks: list | None = None) ->
 def comparison_metrics(spec: SweepSpec) -> list[str]:
     """Objectives plus the test scores of record (whichever the trials report): the teacher's accuracy or
     perplexity (LoT), the student's test simulability and accuracy (SMaT)."""
-    scores = ["teacher/test_acc", "teacher/test_ppl", "simulability/test", "student/test_acc"]
+    scores = ["teacher/test_acc", "teacher/test_ppl", "simulability/test", "student/test_acc",
+              "teacher/test_acc_at_best_val", "teacher/test_ppl_at_best_val", "steps/teacher_at_best_val",
+              "steps/model_at_best_val"]  # fmt: skip
     return list(dict.fromkeys(spec.metric_names + scores))
 
 
@@ -372,7 +377,8 @@ def log_comparisons(client, parent_run_id: str, comparisons: list[dict[str, Any]
     tracking.retry(lambda: client.log_dict(parent_run_id, comparisons, "lot_vs_teacher_only.json"))
     flat = {}
     for row in comparisons:
-        prefix = f"compare/{row['variant'] + '/' if row['variant'] else ''}{row['trial']}/{row['metric']}"
+        variant = row["variant"] + "/" if row["variant"] else ""
+        prefix = f"compare/{variant}{row['trial']}/{row['budget']}/{row['metric']}"
         flat |= {f"{prefix}/{k}": row[k] for k in ("diff_mean", "ci_low", "ci_high", "p_value", "lot_mean",
                                                      "teacher_only_mean")}  # fmt: skip
     tracking.log_metrics(client, parent_run_id, flat, step=0)

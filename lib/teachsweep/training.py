@@ -91,7 +91,7 @@ class TaskData:
             raise ValueError("teacher and student must share a tokenizer (they must see the same inputs)")
         self.tokenizer = tokenizer
         if self.is_lm:
-            self.train_tokens = self.task.splits["train"].tokens
+            self.train_tokens = self.task.splits["train"].tokens[: cfg.max_train_examples]
             self.eval_tokens = {s: self.task.splits[s].tokens[: cfg.max_eval_examples] for s in ("validation", "test")}
         else:
             split = lambda s, n: data.make_batches(self.task, s, tokenizer, cfg.max_length, n)  # noqa: E731

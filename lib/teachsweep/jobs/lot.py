@@ -56,9 +56,11 @@ class LoTConfig(OptimizerConfig):
 
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(3, ge=1)
+    patience: int | None = Field(None, ge=1)  # stop when the teacher's validation score has not improved for this
+    # many epochs (training "to convergence"); None: train every epoch
     steps_per_epoch: int | None = Field(None, ge=1)  # teacher steps between evaluations; None = one pass
     budget_multiplier: float = Field(1.0, ge=1)  # teacher-only arm at matched model-steps
-    max_train_examples: int | None = Field(None, ge=1)
+    max_train_examples: int | None = Field(None, ge=1)  # LM: tokens of the training text
     max_eval_examples: int | None = Field(None, ge=1)  # per evaluation split; LM: tokens
     eval_batch_size: int = Field(128, ge=1)
 
@@ -207,6 +209,7 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
     teacher_steps = student_steps = 0
     train_seconds = 0.0
     best_val, metrics, first_epoch = None, {}, 1
+    at_best: dict[str, float] = {}  # test score and step counts at the best validation epoch
     higher_is_better = not task_data.is_lm
     saved = reporter.restore()
     if saved is not None:  # a restarted trial: continue after the last checkpointed epoch
@@ -219,11 +222,13 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
             sched.load_state_dict(state["sched"])
         teacher_steps, student_steps = saved["teacher_steps"], saved["student_steps"]
         train_seconds, best_val, first_epoch = saved["train_seconds"], saved["best_val"], saved["epoch"] + 1
+        at_best, metrics = saved.get("at_best", {}), saved.get("metrics", {})
         for _ in range(teacher_steps):  # the streams are deterministic: replay them to where they were
             next(joint_stream)
         for _ in range(student_steps - teacher_steps if students else 0):
             next(student_stream)
-    for epoch in range(first_epoch, cfg.epochs + 1):
+    stopped = saved is not None and cfg.patience is not None and saved["epoch"] - at_best["best_epoch"] >= cfg.patience
+    for epoch in range(first_epoch, cfg.epochs + 1 if not stopped else first_epoch):  # (restarted after its stop)
         loss_sums = torch.zeros(2, device=device)  # teacher, students: checked for NaN once per epoch
         epoch_start = time.perf_counter()
         for _ in range(steps_per_epoch):
@@ -282,15 +287,26 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
         key = "teacher/val_ppl" if task_data.is_lm else "teacher/val_acc"
         if best_val is None or (metrics[key] > best_val if higher_is_better else metrics[key] < best_val):
             best_val = metrics[key]
+            test_key = key.replace("/val_", "/test_")
+            at_best = {
+                f"{test_key}_at_best_val": metrics[test_key],
+                "steps/teacher_at_best_val": teacher_steps,
+                "steps/model_at_best_val": metrics["steps/model"],
+                "best_epoch": epoch,
+            }
         metrics[key.replace("teacher/", "teacher/best_")] = best_val
+        metrics |= at_best
         checkpoint = None
         if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
             counters = {"epoch": epoch, "teacher_steps": teacher_steps, "student_steps": student_steps,
-                        "train_seconds": train_seconds, "best_val": best_val}  # fmt: skip
+                        "train_seconds": train_seconds, "best_val": best_val, "at_best": at_best,
+                        "metrics": metrics}  # fmt: skip
             checkpoint = counters | training_state(teacher, (teacher_opt, teacher_sched), students, student_opts)
         if saved is not None:
             metrics["trial/resumed_from_epoch"] = saved["epoch"]
         reporter.report(metrics, epoch, checkpoint=checkpoint)
+        if cfg.patience is not None and epoch - at_best["best_epoch"] >= cfg.patience:
+            break
     return metrics
 
 
