@@ -68,3 +68,16 @@ def test_plausibility_ranks_only_the_words_the_model_saw_and_reports_what_was_cu
     # What scoring the cut words at 0 gives: the cut rationale words rank below every seen word.
     padded = mean_plausibility([(np.r_[np.full(1, 0.9), np.full(14, 0.01), np.zeros(22)], rationale)])
     assert padded["auc"] < 0.9
+
+
+def test_steps_to_a_common_target_is_the_first_evaluation_reaching_the_worse_arms_best():
+    curves = {
+        "lot": {0: [(10, 300.0), (20, 200.0), (30, 150.0), (40, 160.0)], 1: [(10, 250.0), (20, 180.0)]},
+        "teacher_only": {0: [(10, 280.0), (20, 210.0), (30, 220.0)], 1: [(10, 175.0), (20, 170.0)]},
+    }
+    steps = metrics.convergence_comparison(curves, higher_is_better=False)  # perplexity: lower is better
+    # seed 0: bests 150 and 210, common target 210: lot reaches it at 20 (200), teacher-only at 20 (210)
+    # seed 1: bests 180 and 170, target 180: lot reaches it at 20, teacher-only at 10 (175)
+    assert steps == {"lot": {0: 20.0, 1: 20.0}, "teacher_only": {0: 20.0, 1: 10.0}}
+    assert metrics.steps_to_target([(5, 0.5), (10, 0.9)], 0.8, higher_is_better=True) == 10.0
+    assert np.isnan(metrics.steps_to_target([(5, 0.5)], 0.8, higher_is_better=True))

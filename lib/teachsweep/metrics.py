@@ -186,3 +186,27 @@ def lot_comparisons(trials: list[dict[str, Any]], metrics: list[str]) -> list[di
                     **paired_difference(lot_values, base_values),
                 })  # fmt: skip
     return rows
+
+
+def steps_to_target(curve: list[tuple[float, float]], target: float, higher_is_better: bool) -> float:
+    """The step count of the first evaluation on `curve` ((steps, validation score) in training order) that
+    reaches `target`; nan when none does."""
+    for steps, value in curve:
+        if (value >= target) if higher_is_better else (value <= target):
+            return float(steps)
+    return float("nan")
+
+
+def convergence_comparison(
+    curves: dict[str, dict[int, list[tuple[float, float]]]], higher_is_better: bool
+) -> dict[str, dict[int, float]]:
+    """Per arm and seed, the steps to reach the common target of that seed: the worst of the arms' best
+    validation scores (a level every arm reaches). `curves[arm][seed]` = [(steps, validation score), ...]."""
+    seeds = set.intersection(*(set(by_seed) for by_seed in curves.values()))
+    pick_best, pick_worst = (max, min) if higher_is_better else (min, max)
+    out: dict[str, dict[int, float]] = {arm: {} for arm in curves}
+    for seed in sorted(seeds):
+        target = pick_worst(pick_best(v for _, v in curves[arm][seed]) for arm in curves)
+        for arm in curves:
+            out[arm][seed] = steps_to_target(curves[arm][seed], target, higher_is_better)
+    return out
