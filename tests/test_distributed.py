@@ -2,6 +2,7 @@
 the same global batches."""
 
 import pytest
+import yaml
 
 from teachsweep.jobs import lot
 from teachsweep.spec import parse_spec
@@ -15,15 +16,16 @@ JOB = {"task": "digits", "teacher": "vit:1", "alpha": 0.5, "student_steps": 2, "
 
 def test_two_ddp_workers_match_one_process_with_the_same_global_batch(ray_session, tmp_path):
     single = lot.train(JOB | {"seed": 3})
-    text = f"""
-name: ddp
-job: lot
-config: {JOB!r}
-variants: {{ddp: {{}}}}
-resources: {{workers: 2, cpus: 1}}
-seeds: [3]
-results_dir: {tmp_path / "results"}
-""".replace("'", '"')
+    spec = {
+        "name": "ddp",
+        "job": "lot",
+        "config": JOB,
+        "variants": {"ddp": {}},
+        "resources": {"workers": 2, "cpus": 1},
+        "seeds": [3],
+        "results_dir": str(tmp_path / "results"),
+    }
+    text = yaml.safe_dump(spec, sort_keys=False)
     outcome = run_sweep(parse_spec(text), text)
     (row,) = outcome.trials
     assert row["status"] == "OK", row["error"]
@@ -53,15 +55,16 @@ def test_two_ddp_workers_meta_learn_the_same_explainer_as_one_process(ray_sessio
 
     reporter = Reporter()
     single = scaffold.train(SMAT_JOB | {"seed": 3}, reporter)  # also trains the shared teacher, once
-    text = f"""
-name: ddp-smat
-job: scaffold
-config: {SMAT_JOB!r}
-variants: {{ddp: {{}}}}
-resources: {{workers: 2, cpus: 1}}
-seeds: [3]
-results_dir: {tmp_path / "results"}
-""".replace("'", '"')
+    spec = {
+        "name": "ddp-smat",
+        "job": "scaffold",
+        "config": SMAT_JOB,
+        "variants": {"ddp": {}},
+        "resources": {"workers": 2, "cpus": 1},
+        "seeds": [3],
+        "results_dir": str(tmp_path / "results"),
+    }
+    text = yaml.safe_dump(spec, sort_keys=False)
     outcome = run_sweep(parse_spec(text), text)
     (row,) = outcome.trials
     assert row["status"] == "OK", row["error"]
@@ -102,8 +105,9 @@ def smat_iteration(unroll: str):
     inner = distributed.shard(batch | {"t_logits": t_logits, "evidence": evidence})
     meta = distributed.shard(meta_batch | {"targets": meta_targets})
     shard_logits, shard_evidence, shard_targets = inner.pop("t_logits"), inner.pop("evidence"), meta.pop("targets")
-    _, step = scaffold.student_iteration(model, params, optimizer, cfg, 5.0, inner, shard_logits, shard_evidence,
-                                         explainer, explainer, meta, shard_targets)  # fmt: skip
+    learner = scaffold.Learner(model, params, optimizer, cfg, 5.0)
+    _, step = scaffold.student_iteration(learner, scaffold.Lesson(inner, shard_logits, shard_evidence), explainer,
+                                         explainer, scaffold.MetaBatch(meta, shard_targets))  # fmt: skip
     return step.phi_grad, [p.detach() for p in params]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from teachsweep import data
+from teachsweep import data, tasks
 from teachsweep.jobs import lot
 
 
@@ -110,7 +110,7 @@ def test_extra_student_steps_use_an_independent_stream_and_no_teacher_graph(monk
     teacher_train = [(grad, x) for role, grad, x in calls if role == "teacher" and x.shape[0] == 16]
     # Per teacher step: one joint forward with autograd on, then N-1 = 2 forwards under no_grad.
     assert [grad for grad, _ in teacher_train] == [True, False, False] * 3
-    task = data.load_task("digits")
+    task = tasks.load_task("digits")
     batches = data.make_batches(task, "train")
     joint = data.train_stream(batches, 16, 0)
     extra = data.train_stream(batches, 16, 10_000)

@@ -1,6 +1,5 @@
 """The analysis notebook runs top to bottom (nbclient, a real kernel) against a sweep made here."""
 
-import os
 from pathlib import Path
 
 import nbformat
@@ -50,4 +49,3 @@ def test_analysis_notebook_executes_against_a_real_sweep(ray_session, tmp_path, 
     text_out = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "sweep nb: job lot, 4 trial runs" in text_out
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # heatmap, parallel coordinates, curves
-    assert os.environ.get("TEACHSWEEP_SWEEP") == "nb"

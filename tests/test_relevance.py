@@ -5,18 +5,18 @@ import pytest
 import torch
 from torch import nn
 
-from teachsweep import data, models
+from teachsweep import data, models, tasks
 from teachsweep.explain import relevance
 
 
 def tiny_text_model(pooling="mean", seed=0):
-    model = models.build_model("tiny-bert", data.load_task("rotten_tomatoes"), seed).eval()
+    model = models.build_model("tiny-bert", tasks.load_task("rotten_tomatoes"), seed).eval()
     model.pooling = pooling
     return model
 
 
 def padded_text_batch(n=6):
-    task = data.load_task("rotten_tomatoes")
+    task = tasks.load_task("rotten_tomatoes")
     batches = data.make_batches(task, "validation", models.load_tokenizer("tiny-bert"), 40, 200)
     batch = next(data.eval_batches(batches, 64))
     lengths = batch["attention_mask"].sum(-1)
@@ -41,7 +41,7 @@ def test_batched_equals_single_examples_and_padding_gets_nothing(name, pooling):
 
 
 def test_batched_equals_single_examples_on_a_vit():
-    task = data.load_task("digits")
+    task = tasks.load_task("digits")
     model = models.build_model("vit:2", task, 0).eval()
     batch = next(data.eval_batches(data.make_batches(task, "validation"), 5))
     batched = relevance.generic_rule(model, batch)
@@ -144,7 +144,7 @@ def test_explain_job_scores_every_explainer_and_draws_heatmaps(tmp_path, monkeyp
 def test_lrp_re_forward_matches_the_model_and_conserves_relevance_layer_by_layer(model_name):
     from teachsweep.explain import lrp
 
-    task = data.load_task("rotten_tomatoes" if model_name == "tiny-bert" else "digits")
+    task = tasks.load_task("rotten_tomatoes" if model_name == "tiny-bert" else "digits")
     model = models.build_model(model_name, task, 0).eval()
     tok = models.load_tokenizer(model_name) if task.kind == "text" else None
     batch = next(data.eval_batches(data.make_batches(task, "validation", tok, 32, 16), 6))

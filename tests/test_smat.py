@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from teachsweep import data, models
+from teachsweep import data, models, tasks
 from teachsweep.explain import gradient
 from teachsweep.explain.attention import AttentionExplainer, head_scores, token_distribution
 from teachsweep.jobs import scaffold
@@ -15,7 +15,7 @@ from teachsweep.jobs import teacher as teacher_job
 
 
 def tiny_bert(seed=0, dropout=False):
-    model = models.build_model("tiny-bert", data.load_task("rotten_tomatoes"), seed)
+    model = models.build_model("tiny-bert", tasks.load_task("rotten_tomatoes"), seed)
     if not dropout:
         for module in model.modules():
             if isinstance(module, nn.Dropout):
@@ -24,7 +24,7 @@ def tiny_bert(seed=0, dropout=False):
 
 
 def text_batch(n=4, length=24):
-    task = data.load_task("rotten_tomatoes")
+    task = tasks.load_task("rotten_tomatoes")
     batches = data.make_batches(task, "validation", models.load_tokenizer("tiny-bert"), length, 64)
     return next(data.train_stream(batches, n, seed=3))
 
@@ -110,9 +110,9 @@ def test_meta_gradient_matches_finite_differences():
             meta_targets = teacher.classify(meta_batch)[0]
         evidence = head_scores(attentions, batch["attention_mask"])
         opt = scaffold.make_student_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-        grad = scaffold.meta_gradient(
-            model, explainer, opt, cfg, 5.0, batch, t_logits, evidence, meta_batch, meta_targets
-        ).phi_grad
+        learner = scaffold.Learner(model, [p for p in model.parameters() if p.requires_grad], opt, cfg, 5.0)
+        lesson, meta = scaffold.Lesson(batch, t_logits, evidence), scaffold.MetaBatch(meta_batch, meta_targets)
+        grad = scaffold.meta_gradient(learner, explainer, lesson, meta).phi_grad
 
         direction = torch.randn(layers * heads)
         eps = 1e-5
@@ -121,9 +121,7 @@ def test_meta_gradient_matches_finite_differences():
             probe = copy.deepcopy(explainer)
             with torch.no_grad():
                 probe.phi.copy_(phi)
-            return scaffold.meta_gradient(
-                model, probe, opt, cfg, 5.0, batch, t_logits, evidence, meta_batch, meta_targets
-            ).meta_loss
+            return scaffold.meta_gradient(learner, probe, lesson, meta).meta_loss
 
         numeric = (meta_loss_at(explainer.phi + eps * direction) - meta_loss_at(explainer.phi - eps * direction)) / (
             2 * eps
@@ -152,9 +150,10 @@ def test_student_step_unroll_takes_exactly_the_plain_student_step(optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = scaffold.make_student_optimizer(params, cfg)
         for _ in range(2):  # the second step starts from AdamW moments
-            meta_args = (meta_batch, meta_targets) if combined else ()
-            _, meta = scaffold.student_iteration(model, params, opt, cfg.model_copy(update={"meta_unroll": "student_step"}),
-                                                 5.0, batch, t_logits, evidence, explainer, explainer, *meta_args)  # fmt: skip
+            learner = scaffold.Learner(model, params, opt, cfg.model_copy(update={"meta_unroll": "student_step"}), 5.0)
+            meta_args = (scaffold.MetaBatch(meta_batch, meta_targets),) if combined else ()
+            _, meta = scaffold.student_iteration(learner, scaffold.Lesson(batch, t_logits, evidence), explainer, explainer,
+                                                 *meta_args)  # fmt: skip
             if combined:  # the table's gradient came as the rows the two batches read, and phi has a gradient
                 assert meta.rows and meta.grads[next(iter(meta.rows))].shape[0] < params[0].shape[0]
                 assert meta.phi_grad.abs().sum() > 0
@@ -234,7 +233,7 @@ def write_rationales(tmp_path):
     import json
 
     lexicon = {"good", "bad", "great", "best", "worst", "funny", "boring", "dull", "fun", "love"}
-    task = data.load_task("rotten_tomatoes")
+    task = tasks.load_task("rotten_tomatoes")
     lines = []
     for text in task.splits["validation"].texts[:400]:
         words = text.split()
@@ -312,7 +311,7 @@ def test_smat_on_a_vit_explains_patch_tokens(tmp_path, monkeypatch):
 
 
 def test_gradient_explainers_score_a_vits_cls_and_patch_tokens_with_complete_integrated_gradients():
-    task = data.load_task("digits")
+    task = tasks.load_task("digits")
     model = models.build_model("vit:2", task, seed=0).eval()
     batch = next(data.train_stream(data.make_batches(task, "validation"), 3, seed=1))
     with torch.no_grad():
@@ -332,7 +331,7 @@ def regression_csv(path) -> str:
     """A real-valued target on real sentences: the review's polarity plus a length term (so it is not binary)."""
     import pandas as pd
 
-    task = data.load_task("rotten_tomatoes")
+    task = tasks.load_task("rotten_tomatoes")
     split = task.splits["train"]
     texts = split.texts[:600]
     labels = split.labels.tolist()[:600]
@@ -344,7 +343,7 @@ def regression_csv(path) -> str:
 def test_a_float_target_column_makes_a_regression_task_with_target_stratified_splits(tmp_path):
     from teachsweep.training import pearson
 
-    task = data.load_task(regression_csv(tmp_path / "scores.csv"), "sentence", "score")
+    task = tasks.load_task(regression_csv(tmp_path / "scores.csv"), "sentence", "score")
     assert task.regression and task.num_classes == 1 and task.splits["train"].labels.dtype == torch.float32
     sizes = {name: len(split) for name, split in task.splits.items()}
     assert sum(sizes.values()) <= 600 and sizes["validation"] >= 55 and sizes["test"] >= 55
@@ -380,7 +379,7 @@ def test_the_simulation_loss_is_mse_to_a_regression_teachers_output():
 
 def test_cached_teacher_evidence_equals_computing_it_on_the_shuffled_padded_batch():
     teacher = tiny_bert(0).eval().requires_grad_(False)
-    task = data.load_task("rotten_tomatoes")
+    task = tasks.load_task("rotten_tomatoes")
     batches = data.make_batches(task, "validation", models.load_tokenizer("tiny-bert"), 32, 48)
 
     def evidence_of(batch):
@@ -400,7 +399,7 @@ def test_cached_teacher_evidence_equals_computing_it_on_the_shuffled_padded_batc
 def test_student_explanations_use_attention_before_attention_dropout():
     """transformers' eager attention returns weights after attention dropout (exact zeros, the rest scaled by
     1/(1-p)): the student's explanation must be the softmax itself, while dropout still mixes the values."""
-    student = models.build_model("tiny-bert:1", data.load_task("rotten_tomatoes"), 0)  # one layer: its attention
+    student = models.build_model("tiny-bert:1", tasks.load_task("rotten_tomatoes"), 0)  # one layer: its attention
     for name, module in student.named_modules():  # depends on the embeddings alone, the same in train and eval
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -431,7 +430,7 @@ def test_student_plausibility_comes_from_the_best_student_and_its_explainer_in_e
     metrics = scaffold.train(dict(teacher=teacher, explainer="smat", num_train_examples=32, batch_size=8, max_epochs=3,
                                   max_eval_examples=32, max_length=16, rationales=rationales), reporter)  # fmt: skip
     best = reporter.saved["best_student"]
-    student = models.build_model("tiny-bert", data.load_task("rotten_tomatoes"), 123)
+    student = models.build_model("tiny-bert", tasks.load_task("rotten_tomatoes"), 123)
     model = scaffold.ExplainedStudent(student, AttentionExplainer(2, 4))
     model.load_state_dict(best["model"])
     model.eval()

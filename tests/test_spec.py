@@ -45,6 +45,26 @@ BAD = [
     ("gpu type without gpus", GOOD + "resources: {gpu_type: A100}\n", "resources: gpu_type needs gpus > 0"),
     ("ddp for the explain job", "name: e\njob: explain\nconfig: {}\nvariants: {a: {}}\nresources: {workers: 2}\n",
      "resources.workers: the explain job runs in one process"),
+    # Refused up front since issue 11 (before, these failed inside Ray after trials had started):
+    ("objective the job never reports", GOOD + "objectives: [{metric: simulability/best_val, mode: max}]\n",
+     "objectives: 'simulability/best_val' is never reported by job 'lot'"),
+    ("perplexity objective on an image task", GOOD + "objectives: [{metric: teacher/best_val_ppl, mode: min}]\n",
+     "objectives: 'teacher/best_val_ppl' is never reported"),
+    ("objective optimised the wrong way", GOOD + "objectives: [{metric: teacher/best_val_acc, mode: min}]\n",
+     "objectives: 'teacher/best_val_acc' is better when higher"),
+    ("resnet depth that does not build", GOOD.replace("teacher: cnn", "teacher: 'resnet:7'"), "must be 6n+2"),
+    ("more MiniLM layers than it has", GOOD.replace("task: digits, teacher: cnn", "task: rotten_tomatoes, teacher: 'minilm:9'"),
+     "all-MiniLM-L6-v2 has 6 pretrained layers"),
+    ("missing teacher checkpoint", "name: s\njob: scaffold\nconfig: {teacher: /no/such/teacher}\nvariants: {a: {}}\n",
+     "config.teacher: no teacher checkpoint at /no/such/teacher"),
+    ("missing mlflow teacher run", "name: s\njob: scaffold\nconfig: {explainer: none}\nvariants: {a: {teacher: 'mlflow:0a1b2c'}}\n",
+     "variants.a.teacher: MLflow run 0a1b2c not found"),
+    ("missing teacher of the explain job", "name: e\njob: explain\nconfig: {teacher: /no/such/dir}\nvariants: {a: {}}\n",
+     "teacher: no teacher checkpoint at /no/such/dir"),
+    ("scaffold teacher without attention", "name: s\njob: scaffold\nconfig: {teacher: {task: digits, model: cnn}}\nvariants: {a: {}}\n",
+     "teacher.model: 'cnn' has no attention"),
+    ("scaffold on a language model", "name: s\njob: scaffold\nconfig: {teacher: {task: bbc_news_lm, model: 'lstm:1'}}\nvariants: {a: {}}\n",
+     "teacher.task: 'bbc_news_lm' is language modelling"),
 ]  # fmt: skip
 
 
@@ -126,3 +146,23 @@ def test_spec_files_shipped_in_sweeps_all_validate():
 def test_yaml_is_data_never_code():
     with pytest.raises(SpecError, match="malformed YAML"):
         parse_spec(textwrap.dedent("name: !!python/object/apply:os.system ['true']\njob: lot\n"))
+
+
+def test_an_mlflow_teacher_reference_is_checked_against_the_sweeps_own_store(tmp_path):
+    """The store exists but holds no such run, or a run that logged no teacher: refused, nothing created."""
+    from mlflow.tracking import MlflowClient
+
+    results = tmp_path / "results"
+    results.mkdir()
+    client = MlflowClient(f"sqlite:///{results}/mlflow.db")
+    experiment = client.create_experiment("elsewhere", artifact_location=(tmp_path / "artifacts").as_uri())
+    empty_run = client.create_run(experiment).info.run_id
+    for reference, expected in ((f"mlflow:{'f' * 32}", "not found"), (f"mlflow:{empty_run}", "logged no teacher")):
+        spec_file = tmp_path / "spec.yaml"
+        spec_file.write_text(f"name: s\njob: scaffold\nconfig: {{teacher: '{reference}'}}\nvariants: {{a: {{}}}}\n"
+                             f"results_dir: {results}\n")  # fmt: skip
+        outcome = CliRunner().invoke(app, ["run", str(spec_file)])
+        assert outcome.exit_code == 2 and len(outcome.output.strip().splitlines()) == 1, outcome.output
+        assert "config.teacher: MLflow run" in outcome.output and expected in outcome.output
+        assert not (results / "s").exists()
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [empty_run]  # nothing was added

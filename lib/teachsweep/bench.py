@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
+import sys
 import tempfile
+import threading
 import time
 from functools import partial
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -55,17 +59,18 @@ def overhead(trials: int, steps: int, console: Console) -> None:
         from mlflow.tracking import MlflowClient
 
         name = f"bench-overhead-{count}"
-        spec_text = f"""
-name: {name}
-job: lot
-config: {job!r}
-space: {{alpha: {{type: uniform, low: 0.4999, high: 0.5001}}}}
-num_samples: {count}
-max_concurrent_trials: 1
-results_dir: {Path(storage) / name}
-"""
+        spec = {
+            "name": name,
+            "job": "lot",
+            "config": job,
+            "space": {"alpha": {"type": "uniform", "low": 0.4999, "high": 0.5001}},
+            "num_samples": count,
+            "max_concurrent_trials": 1,
+            "results_dir": str(Path(storage) / name),
+        }
+        spec_text = yaml.safe_dump(spec, sort_keys=False)
         begin = time.perf_counter()
-        outcome = run_sweep(parse_spec(spec_text.replace("'", '"')), spec_text)
+        outcome = run_sweep(parse_spec(spec_text), spec_text)
         wall = time.perf_counter() - begin
         failed = [row for row in outcome.trials if row["status"] != "OK"]
         if failed:
@@ -82,10 +87,10 @@ results_dir: {Path(storage) / name}
         "(c) teachsweep sweep (reuse_actors)": teachsweep_sweep,
     }
     measured = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with ProcessTreePeak() as tree, tempfile.TemporaryDirectory() as tmp:
         for name, run in arms.items():
             measured[name] = [run(n, tmp) for n in (trials, 3 * trials)]
-    ray.shutdown()
+        ray.shutdown()
 
     table = Table(title=f"bench overhead: {trials} and {3 * trials} trials of {steps} teacher steps, one at a time "
                         f"(the job alone: {job_s:.2f} s)")  # fmt: skip
@@ -105,6 +110,7 @@ results_dir: {Path(storage) / name}
                       " (target <= 1.1x)")  # fmt: skip
     console.print(f"fraction of wall time inside the job for 60 s trials at this overhead: {60 / (60 + ours):.3f}"
                   " (target >= 0.85)")  # fmt: skip
+    console.print(peak_memory(tree))
 
 
 LOT_BENCH_JOB = {
@@ -135,6 +141,7 @@ def lot_cost(steps: int, repeats: int, model: str, console: Console) -> None:
         ideal = 1.0 if arm == "teacher_only" else (6 + 4 * (n - 1)) / 3
         table.add_row(arm, str(n), f"{step:.4f}", f"{step / base:.2f}", f"{ideal:.2f}", f"{step / base / ideal:.2f}")
     console.print(table)
+    console.print(peak_memory())
 
 
 def relevance_throughput(examples: int, batch_size: int, model_names: list[str], console: Console) -> None:
@@ -143,10 +150,11 @@ def relevance_throughput(examples: int, batch_size: int, model_names: list[str],
     image models on mnist_5k test digits (weights as initialised: the cost does not depend on them).
 
     Beside the speed-up, the matmul GFLOP/s each way reaches and this machine's float32 matmul peak: the loop's
-    FLOPs are the useful work, so peak / (loop GFLOP/s) bounds what any batching can gain here."""
+    FLOPs are the useful work, so peak / (loop GFLOP/s) bounds what any batching can gain here. FLOPs are counted
+    one batch at a time (see run_flops): memory stays at about one batch's worth whatever `examples` is."""
     import torch
 
-    from teachsweep import data, models
+    from teachsweep import data, models, tasks
     from teachsweep.explain import lrp, relevance
 
     peak = matmul_peak_gflops()
@@ -154,7 +162,7 @@ def relevance_throughput(examples: int, batch_size: int, model_names: list[str],
     explainers["lrp"] = lrp.lrp_attribution
     for model_name in model_names:
         kind = "image" if models.parse_name(model_name)[0] in models.IMAGE_MODELS else "text"
-        task = data.load_task("mnist_5k" if kind == "image" else "rotten_tomatoes")
+        task = tasks.load_task("mnist_5k" if kind == "image" else "rotten_tomatoes")
         model = models.build_model(model_name, task, seed=0).eval()
         tokenizer = models.load_tokenizer(model_name) if kind == "text" else None
         batches = data.make_batches(task, "test", tokenizer, 64, examples)
@@ -170,7 +178,8 @@ def relevance_throughput(examples: int, batch_size: int, model_names: list[str],
         for name, explainer in explainers.items():
             batched, single = (partial(explain_all, explainer, model, inputs, one_by_one) for one_by_one in (0, 1))
             batched_s, single_s = seconds(batched), seconds(single)
-            rates = matmul_flops(batched) / batched_s / 1e9, matmul_flops(single) / single_s / 1e9
+            rates = (run_flops(explainer, model, inputs, False) / batched_s / 1e9,
+                     run_flops(explainer, model, inputs, True) / single_s / 1e9)  # fmt: skip
             rows.append((name, batched_s, single_s, *rates))
         # a peak read in a slow moment of a shared machine must not fall below what the explainers reached
         peak = max(peak, *(row[3] for row in rows))
@@ -180,6 +189,8 @@ def relevance_throughput(examples: int, batch_size: int, model_names: list[str],
                           f"{peak / single_rate:.1f}x")  # fmt: skip
         table.caption = f"float32 matmul peak {peak:.0f} GFLOP/s"
         console.print(table)
+        console.print(peak_memory(), f"(after {model_name})")
+        del model, batches, inputs  # before the next model is built
     console.print("ceiling here: the speed-up batching would reach if it ran the loop's FLOPs at the matmul peak "
                   "(target for the generic rule: >= 8x)")  # fmt: skip
 
@@ -189,6 +200,24 @@ def explain_all(explainer, model, inputs: list[dict], one_by_one: bool) -> None:
 
     for batch in inputs:
         relevance.single_example_loop(explainer, model, batch) if one_by_one else explainer(model, batch)
+
+
+def run_flops(explainer, model, inputs: list[dict], one_by_one: bool) -> float:
+    """The matmul FLOPs of explain_all(explainer, model, inputs, one_by_one), counted one batch per profile (a
+    profile with FLOPs records shapes, and so holds every tensor the profiled work made until it stops: one
+    profile over all the inputs held every example's activations at once, tens of GB at the default 256
+    examples) and once per distinct input (the same shapes and real lengths run the same matmuls: every image
+    batch of a size is profiled once)."""
+    counted: dict[tuple, float] = {}
+    total = 0.0
+    for batch in inputs:
+        mask = batch.get("attention_mask")
+        key = (tuple((name, tuple(value.shape)) for name, value in batch.items()),
+               None if mask is None else tuple(mask.sum(-1).tolist()))  # fmt: skip
+        if key not in counted:
+            counted[key] = matmul_flops(partial(explain_all, explainer, model, [batch], one_by_one))
+        total += counted[key]
+    return total
 
 
 def seconds(work) -> float:
@@ -216,12 +245,12 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
     meta-gradient of the student's own step. The teacher's outputs are precomputed (as the job caches them)."""
     import torch
 
-    from teachsweep import data, models
+    from teachsweep import data, models, tasks
     from teachsweep.explain.attention import AttentionExplainer, head_scores
     from teachsweep.jobs import scaffold
 
     cfg = scaffold.ScaffoldConfig(explainer="smat", max_length=64)
-    task = data.load_task("rotten_tomatoes")
+    task = tasks.load_task("rotten_tomatoes")
     batches = data.make_batches(task, "train", models.load_tokenizer(model_name), cfg.max_length, 256)
     stream = data.train_stream(batches, cfg.batch_size, seed=0)
     teacher = models.build_model(model_name, task, seed=0).eval().requires_grad_(False)
@@ -285,16 +314,77 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
     for arm in arms[1:]:
         console.print(f"SMaT iteration ({arm}) / plain student step: "
                       f"{statistics.median(timings[arm]) / plain:.2f}x (target <= 3x)")  # fmt: skip
+    console.print(peak_memory())
 
 
 def matmul_flops(work) -> float:
     """Floating-point operations of the matrix products (mm, bmm, addmm, ...) one call of `work` runs, as the
-    PyTorch profiler counts them: a hardware-independent cost, what a saturated accelerator's time follows."""
+    PyTorch profiler counts them: a hardware-independent cost, what a saturated accelerator's time follows.
+
+    Keep `work` small (one batch, one iteration): to count FLOPs the profiler records input shapes, which holds
+    a reference to every op's inputs and outputs until the profile is released, so memory grows with all the
+    work profiled, not with what it keeps (pytorch/pytorch#133444)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         work()
-    return float(sum(event.flops for event in prof.key_averages() if event.flops))
+    flops = float(sum(event.flops for event in prof.key_averages() if event.flops))
+    del prof  # its records hold the tensors: release them now, not when the caller's frame goes
+    return flops
+
+
+def peak_memory(tree: ProcessTreePeak | None = None) -> str:
+    """One line: the peak resident memory of this process (its exact high-water mark, from getrusage), the
+    largest of any finished child processes (getrusage counts only children already waited for, such as Ray's
+    after ray.shutdown()), and, with `tree`, the sampled peak of this process and all its live descendants
+    summed."""
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    parts = [f"this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**30:.2f} GiB"]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit
+    if children:
+        parts.append(f"largest finished child process {children / 2**30:.2f} GiB")
+    if tree is not None and tree.peak:
+        parts.append(f"this process and its descendants together {tree.peak / 2**30:.2f} GiB (summed resident "
+                     f"memory sampled every {tree.interval:g} s: shared pages count in each process)")  # fmt: skip
+    return "peak resident memory: " + ", ".join(parts)
+
+
+class ProcessTreePeak:
+    """While open, samples every `interval` seconds the resident memory of this process and all its live
+    descendants (Ray's raylet and workers, TorchTrainer workers), summed, and keeps the largest sum in `peak`
+    (bytes). Short spikes between samples are missed; processes of a cluster this one only connected to
+    (RAY_ADDRESS) are not its descendants and are not counted."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="bench-memory", daemon=True)
+
+    def __enter__(self) -> ProcessTreePeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        try:
+            import psutil  # Ray's dependency (and vendored by it): every bench that starts processes imports Ray
+        except ImportError:
+            return
+        me = psutil.Process()
+        while True:
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    total += process.memory_info().rss
+                except psutil.Error:  # it ended between the listing and the reading
+                    pass
+            self.peak = max(self.peak, total)
+            if self._stop.wait(self.interval):
+                return
 
 
 def distributed_cost(steps: int, repeats: int, console: Console) -> None:
@@ -313,7 +403,7 @@ def distributed_cost(steps: int, repeats: int, console: Console) -> None:
     arms = [("in-process", 1), ("TorchTrainer", 1), ("TorchTrainer", 2)]
     cases = [arm for _ in range(repeats) for arm in arms]
     init_ray(total_cpus=4)  # two 1-CPU workers plus the trial's token CPU on a 2-core machine
-    with tempfile.TemporaryDirectory() as tmp:
+    with ProcessTreePeak() as tree, tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         experiment_id = tracking.ensure_experiment(tracking.client_for(uri), "bench-distributed")
 
@@ -337,7 +427,7 @@ def distributed_cost(steps: int, repeats: int, console: Console) -> None:
         measured: dict[tuple[str, int], list[tuple[float, float]]] = {arm: [] for arm in arms}
         for result in grid:
             measured[cases[result.config["case"]]].append((result.metrics["wall_s"], result.metrics["step_s"]))
-    ray.shutdown()
+        ray.shutdown()
 
     table = Table(title=f"bench distributed: LoT cnn:16 on digits, global batch 64, {steps} teacher steps, "
                         f"best of {repeats}")  # fmt: skip
@@ -347,3 +437,4 @@ def distributed_cost(steps: int, repeats: int, console: Console) -> None:
         wall, step = min(measured[(arm, workers)])
         table.add_row(arm, str(workers), f"{wall:.1f}", f"{step:.4f}", f"{wall - steps * step:.1f}")
     console.print(table)
+    console.print(peak_memory(tree))

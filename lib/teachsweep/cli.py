@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from teachsweep.jobs import JOBS
 from teachsweep.metrics import PAIRED_METHOD, T_METHOD
 
 app = typer.Typer(
@@ -38,7 +39,7 @@ def short(value) -> str:
 
 def print_outcome(outcome) -> None:
     spec = outcome.spec
-    shown = list(dict.fromkeys(spec.metric_names + ["teacher/test_acc", "student/test_acc", "teacher/test_ppl"]))
+    shown = list(dict.fromkeys(spec.metric_names + JOBS[spec.job].scores))
     varying = sorted({k for r in outcome.trials for k in r["params"]
                       if len({str(t["params"].get(k)) for t in outcome.trials}) > 1} - {"variant", "task"})  # fmt: skip
     searched = list(spec.space) or varying
@@ -137,7 +138,7 @@ def validate(spec_file: Path = typer.Argument(..., help="a sweep spec (YAML)")) 
         spec = load_spec(spec_file)
     except SpecError as error:
         fail(str(error))
-    from teachsweep.sweep import fixed_trials
+    from teachsweep.plan import fixed_trials
 
     searched = spec.num_samples if spec.space else 0
     console.print(f"{spec_file}: ok (job {spec.job}: {len(fixed_trials(spec))} fixed trials, {searched} searched)")

@@ -129,7 +129,9 @@ def merge_seed_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out + list(merged.values())
 
 
-def seed_summaries(trials: list[dict[str, Any]], metrics: list[str], reference: str = "none") -> list[dict[str, Any]]:
+def seed_summaries(
+    trials: list[dict[str, Any]], metrics: list[str], reference: str | None = None
+) -> list[dict[str, Any]]:
     """Per label (variant) and metric over seeds: median and IQR, mean with a Student-t CI, the mean of the
     per-seed test-point CIs where the job reports them (`<metric>_ci_low/high`), and the paired difference
     to the `reference` label (SMaT's "no explanation" students) when it ran with the same seeds."""
@@ -155,36 +157,6 @@ def seed_summaries(trials: list[dict[str, Any]], metrics: list[str], reference: 
                 row |= {f"vs_{reference}_{k}": v for k, v in difference.items() if k not in ("n_seeds", "method")}
                 row["vs_method"] = PAIRED_METHOD
             rows.append(row)
-    return rows
-
-
-def lot_comparisons(trials: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
-    """Each LoT trial against its teacher-only arm at each budget the sweep ran (same variant): `teacher_steps`
-    (the arm labelled `teacher_only`) and `model_steps` (the arm `teacher_only-N<n>` of the trial's N), per metric.
-
-    `trials` are sweep rows: {"label", "params", "metrics"} with per-seed `metric@seedN` values."""
-    rows = []
-    baselines = [t for t in trials if t["params"].get("arm") == "teacher_only" and t["status"] == "OK"]
-    for trial in trials:
-        if trial["params"].get("arm", "lot") != "lot" or trial["status"] != "OK":
-            continue
-        variant = trial["params"].get("variant", "")
-        n = trial["params"].get("student_steps")
-        candidates = [b for b in baselines if b["params"].get("variant", "") == variant]
-        matched = [("model_steps", b) for b in candidates if b["label"].endswith(f"-N{n}")]
-        matched += [("teacher_steps", b) for b in candidates if "-N" not in b["label"]]
-        for budget, baseline in matched:
-            for metric in metrics:
-                lot_values, base_values = per_seed(trial["metrics"], metric), per_seed(baseline["metrics"], metric)
-                if not lot_values or not base_values:
-                    continue
-                rows.append({
-                    "variant": variant, "trial": trial["trial_id"], "baseline": baseline["trial_id"],
-                    "baseline_label": baseline["label"], "budget": budget, "metric": metric,
-                    **{f"lot_{k}": v for k, v in summarize(lot_values).items()},
-                    **{f"teacher_only_{k}": v for k, v in summarize(base_values).items()},
-                    **paired_difference(lot_values, base_values),
-                })  # fmt: skip
     return rows
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from teachsweep.data import Task
+from teachsweep.tasks import Task
 
 TEXT_MODELS = ("minilm", "tiny-bert")
 IMAGE_MODELS = ("cnn", "resnet", "vit")
@@ -81,10 +81,24 @@ def is_external(name: str) -> bool:
     return "/" in name or Path(name).is_dir()
 
 
+def check_size(base: str, size: int | None, name: str) -> None:
+    """The size after ':' must build: MiniLM has 6 pretrained layers, CIFAR ResNets are 6n+2 deep, and every
+    count is at least 1."""
+    if size is None:
+        return
+    if size < 1:
+        raise ModelError(f"model '{name}': the size after ':' must be at least 1")
+    if base == "minilm" and size > 6:
+        raise ModelError(f"model '{name}': all-MiniLM-L6-v2 has 6 pretrained layers (minilm:1 .. minilm:6)")
+    if base == "resnet" and ((size - 2) % 6 or size < 8):
+        raise ModelError(f"model '{name}': CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 56...)")
+
+
 def validate_model_name(name: str, kind: str | None = None) -> str:
-    base, _ = parse_name(name)
+    base, size = parse_name(name)
     if base not in KNOWN_MODELS and not is_external(base):
         raise ModelError(f"unknown model '{name}' (known: {', '.join(KNOWN_MODELS)}, a hub name or a directory)")
+    check_size(base, size, name)
     family = {**dict.fromkeys(TEXT_MODELS, "text"), **dict.fromkeys(IMAGE_MODELS, "image")}
     family |= dict.fromkeys(LM_MODELS, "lm")
     if kind is not None and base in family and family[base] != kind:
@@ -212,7 +226,10 @@ class LSTMLanguageModel(nn.Module):
     def forward(self, batch: dict, state=None):
         if state is not None and bool(batch.get("reset", False)):
             state = None
-        hidden, (h, c) = self.lstm(self.dropout(self.embedding(batch["input_ids"])), state)
+        inputs = self.dropout(self.embedding(batch["input_ids"]))
+        # Recurrent cells run in float32 even under autocast (cuDNN would cast them to fp16 with no loss scaler).
+        with torch.autocast(inputs.device.type, enabled=False):
+            hidden, (h, c) = self.lstm(inputs.float(), state)
         return self.decoder(self.dropout(hidden)), (h.detach(), c.detach())
 
 
@@ -270,7 +287,12 @@ def build_text(name: str, task: Task):
         )  # fmt: skip
         encoder = AutoModel.from_config(config, attn_implementation=register_attention(), add_pooling_layer=False)
         return TextClassifier(encoder, task.num_classes, pooling="mean")
-    encoder = AutoModel.from_pretrained(base, attn_implementation=register_attention())
+    # The classifier reads the [CLS] hidden state, never the pooler: build the encoder without it where the model
+    # allows, so that DDP finds no parameter without a gradient.
+    try:
+        encoder = AutoModel.from_pretrained(base, attn_implementation=register_attention(), add_pooling_layer=False)
+    except TypeError:  # architectures without a pooler refuse the argument
+        encoder = AutoModel.from_pretrained(base, attn_implementation=register_attention())
     return TextClassifier(encoder, task.num_classes, pooling="cls")
 
 

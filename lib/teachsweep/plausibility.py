@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from teachsweep.data import DataError
 from teachsweep.explain.attention import token_distribution
+from teachsweep.tasks import DataError
 
 
 def load_rationales(name: str, max_examples: int | None = None) -> list[tuple[list[str], np.ndarray]]:

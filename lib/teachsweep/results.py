@@ -28,7 +28,7 @@ class Sweep:
 
     @property
     def planned_trials(self) -> int:
-        from teachsweep.sweep import fixed_trials
+        from teachsweep.plan import fixed_trials
 
         return len(fixed_trials(self.spec)) + (self.spec.num_samples if self.spec.space else 0)
 
@@ -114,33 +114,63 @@ def status(sweep: Sweep) -> dict[str, Any]:
     }
 
 
+def pick_best(candidates: list[tuple[float, str, Any]], mode: str) -> Any:
+    """THE best-trial rule, for the runner and the CLI alike: among finished trials that reported the objective,
+    the highest (mode max) or lowest final value; ties go to the smallest trial id. `candidates` are
+    (value, trial id, payload); returns the payload, or None."""
+    finite = [c for c in candidates if c[0] == c[0]]  # NaN never wins
+    if not finite:
+        return None
+    sign = -1.0 if mode == "max" else 1.0
+    return min(finite, key=lambda c: (sign * c[0], c[1]))[2]
+
+
+def best_of_rows(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The best of the runner's trial rows (single objective)."""
+    metric, mode = spec.metric_names[0], spec.mode_names[0]
+    done = [(r["metrics"][metric], r["trial_id"], r) for r in rows if r["status"] == "OK" and metric in r["metrics"]]
+    best = pick_best(done, mode)
+    if best is None:
+        return []
+    return [{"params": best["params"], "values": {metric: best["metrics"][metric]}, "trial_id": best["trial_id"],
+             "label": best["label"], "mlflow_run_id": best["mlflow_run_id"]}]  # fmt: skip
+
+
+def pareto_front(spec: SweepSpec, storage_url: str, runs=None) -> list[dict[str, Any]]:
+    """Several objectives: the Pareto front of the sweep's Optuna study (searched trials), each matched to its
+    MLflow run by parameters when `runs` (finished trial runs) are given."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=storage_url)
+    except KeyError:
+        return []
+    front = []
+    for trial in study.best_trials:
+        entry = {"params": trial.params, "values": dict(zip(spec.metric_names, trial.values, strict=True)),
+                 "optuna_trial": trial.number}  # fmt: skip
+        if runs is not None:
+            entry["mlflow_run_id"] = match_run(runs, trial.params)
+        front.append(entry)
+    return front
+
+
 def best_trials(sweep: Sweep, runs=None) -> list[dict[str, Any]]:
-    """Single objective: the best finished trial. Several: the Pareto front of the Optuna study (searched
-    trials), each matched to its MLflow run by parameters."""
+    """Single objective: the best finished trial (`pick_best` over the MLflow runs). Several: the Pareto front."""
     runs = trial_runs(sweep) if runs is None else runs
     spec = sweep.spec
     if not len(runs):
         return []
     finished = runs[runs["status"] == "FINISHED"]
     if len(spec.objectives) > 1 and spec.space:
-        import optuna
-
-        try:
-            study = optuna.load_study(study_name=sweep.name, storage=sweep.optuna_url)
-        except KeyError:
-            return []
-        front = []
-        for trial in study.best_trials:
-            values = dict(zip(spec.metric_names, trial.values, strict=True))
-            run_id = match_run(finished, trial.params)
-            front.append(
-                {"params": trial.params, "values": values, "optuna_trial": trial.number, "mlflow_run_id": run_id}
-            )
-        return front
+        return pareto_front(spec, sweep.optuna_url, finished)
     column, mode = f"metrics.{spec.metric_names[0]}", spec.mode_names[0]
-    if column not in finished or finished[column].isna().all():
+    if column not in finished:
         return []
-    row = finished.loc[finished[column].idxmax() if mode == "max" else finished[column].idxmin()]
+    candidates = [(float(row[column]), str(row.get("tags.teachsweep.trial_id")), row) for _, row in finished.iterrows()]
+    row = pick_best(candidates, mode)
+    if row is None:
+        return []
     return [{"params": params_of(row, spec), "values": {spec.metric_names[0]: float(row[column])},
              "mlflow_run_id": row["run_id"], "trial_id": row.get("tags.teachsweep.trial_id")}]  # fmt: skip
 

@@ -96,6 +96,12 @@ class Resources(Strict):
     def _gpu_type_needs_gpus(self) -> Resources:
         if self.gpu_type and not self.gpus:
             raise ValueError("gpu_type needs gpus > 0")
+        if self.gpus > 1:
+            raise ValueError(f"gpus: {self.gpus:g} per worker, but a worker drives one GPU; for several GPUs set "
+                             "workers (one per GPU) and gpus: 1")  # fmt: skip
+        if self.workers > 1 and 0 < self.gpus < 1:
+            raise ValueError(f"gpus: {self.gpus:g} with {self.workers} workers would put several NCCL ranks on one "
+                             "GPU, which NCCL refuses; use gpus: 1 per worker")  # fmt: skip
         return self
 
     def accelerator(self) -> dict[str, float]:
@@ -164,10 +170,11 @@ class SweepSpec(Strict):
             raise ValueError("resources.workers: the explain job runs in one process (it trains nothing)")
         if self.resources.workers > 1 and len(self.seeds) > 1 and self.space:
             raise ValueError("resources.workers > 1 (DDP) runs one seed per trial: give seeds to a grid, not a search")
-        if self.baseline is not None and self.job != "lot":
-            raise ValueError("baseline: the teacher-only arm exists for the lot job only")
+        if self.baseline is not None and not JOBS[self.job].has_fixed_arms:
+            raise ValueError(f"baseline: job '{self.job}' has no baseline arms (the teacher-only arm is LoT's)")
         if not self.objectives:
-            self.objectives = [Objective(metric=JOBS[self.job].default_metric, mode=JOBS[self.job].default_mode)]
+            metric, mode = JOBS[self.job].objective
+            self.objectives = [Objective(metric=metric, mode=mode)]
         return self
 
     @property
@@ -228,6 +235,54 @@ def validate_job_config(spec: SweepSpec, where: str) -> None:
                     raise SpecError(f"{where}space.{key}: value {value!r} is invalid: {_one_line(error)}") from None
 
 
+def tracking_uri_of(spec: SweepSpec) -> str:
+    """The MLflow store a sweep will log to (nothing is created here)."""
+    from teachsweep.tracking import default_tracking_uri
+
+    return spec.tracking_uri or default_tracking_uri(Path(spec.results_dir).expanduser())
+
+
+def check_planned_trials(spec: SweepSpec, where: str) -> None:
+    """What used to fail only inside trials, refused before anything exists: each planned config's own checks
+    and teacher references, and objectives that no trial reports (or optimises in the wrong direction)."""
+    from teachsweep import references
+    from teachsweep.plan import planned_configs
+
+    job = JOBS[spec.job]
+    uri = None
+    reported: dict[str, str | None] = {}
+    for label, config, overridden in planned_configs(spec):
+        try:
+            job.check(config)
+        except ValueError as error:
+            field = str(error).split(":")[0].split(".")[0]
+            at = label if field in overridden else "config"
+            raise SpecError(f"{where}{at}.{error}" if ":" in str(error) else f"{where}{label}: {error}") from None
+        for field in job.teacher_fields:
+            if field in config:
+                uri = uri or tracking_uri_of(spec)
+                try:
+                    references.check(config[field], field, uri)
+                except references.ReferenceError as error:
+                    raise SpecError(f"{where}{label if field in overridden else 'config'}.{error}") from None
+        metrics = job.metrics(config)
+        reported |= metrics
+        if label == "config" and spec.space:  # searched trials: Optuna needs every objective from each of them
+            for objective in spec.objectives:
+                if objective.metric not in metrics:
+                    raise SpecError(f"{where}objectives: '{objective.metric}' is never reported by job '{spec.job}' "
+                                    f"with this config (it reports {', '.join(sorted(metrics))})")  # fmt: skip
+    for objective in spec.objectives:
+        if objective.metric not in reported:
+            raise SpecError(f"{where}objectives: '{objective.metric}' is never reported by job '{spec.job}' "
+                            f"(it reports {', '.join(sorted(reported))})")  # fmt: skip
+        direction = reported[objective.metric]
+        if direction is not None and direction != objective.mode:
+            raise SpecError(f"{where}objectives: '{objective.metric}' is better when "
+                            f"{'higher' if direction == 'max' else 'lower'}; mode {objective.mode} would "
+                            f"optimise it the wrong way")  # fmt: skip
+
+
 def parse_spec(text: str, where: str = "") -> SweepSpec:
     """Parse and validate a spec given as YAML text; `where` prefixes error messages (the file name)."""
     try:
@@ -243,6 +298,7 @@ def parse_spec(text: str, where: str = "") -> SweepSpec:
     except ValidationError as error:
         raise SpecError(where + _one_line(error)) from None
     validate_job_config(spec, where)
+    check_planned_trials(spec, where)
     return spec
 
 

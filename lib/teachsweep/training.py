@@ -5,27 +5,78 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from teachsweep import data, distributed, models
+from teachsweep import data, distributed, models, tasks
 
 
 def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA when this process may use a GPU, else the CPU. A sweep trial that reserved no GPU gets
+    `device: cpu` from the trial layer (Ray no longer hides the node's GPUs from it)."""
     if name != "auto":
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 tensor cores exist from compute capability 8.0 (A100, H100, L4...); V100 and T4 only emulate it."""
+    return tuple(capability) >= (8, 0)
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    if precision == "bf16":
+        return True
+    return precision == "auto" and device.type == "cuda" and native_bf16(torch.cuda.get_device_capability(device))
+
+
 def autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if not use_bf16:
+    if not uses_bf16(device, precision):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock timing measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DataConfig(BaseModel):
+    """The task and batching fields of the jobs that train on a task (lot, teacher): a config mixin."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = "rotten_tomatoes"
+    batch_size: int = Field(32, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1)  # steps between evaluations; None = one pass
+    max_train_examples: int | None = Field(None, ge=1)  # LM: tokens of the training text
+    max_eval_examples: int | None = Field(None, ge=1)  # per evaluation split; LM: tokens
+    eval_batch_size: int = Field(128, ge=1)
+    max_length: int = Field(128, ge=8)  # text: tokens per example
+    freeze_embeddings: bool = False  # text: keep the token embedding table fixed (speed on CPU)
+    text_column: str | None = None  # csv:/hf: tasks
+    label_column: str | None = None
+    augment_pad: int = Field(0, ge=0)  # images: random-crop padding
+    augment_flip: bool = False  # images: horizontal flips (not for digits)
+    bptt: int = Field(35, ge=2)  # language modelling: tokens per chunk
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        return tasks.validate_task_name(value)
+
+    @model_validator(mode="after")
+    def _columns_exist(self):
+        tasks.validate_columns(self.task, self.text_column, self.label_column)
+        return self
 
 
 class OptimizerConfig(BaseModel):
@@ -67,6 +118,25 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def state_of(stateful: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's training state: each model's, optimizer's or schedule's state_dict, by key (None skipped)."""
+    return {key: obj.state_dict() for key, obj in stateful.items() if obj is not None}
+
+
+def restore_into(saved: dict[str, Any], stateful: dict[str, Any]) -> None:
+    """Resume a restarted trial: load each saved state_dict into the object of the same key (the other way
+    round from `state_of`; every job that checkpoints uses the pair)."""
+    for key, obj in stateful.items():
+        if obj is not None:
+            obj.load_state_dict(saved[key])
+
+
+def replay(stream: Iterator, steps: int) -> None:
+    """Advance a deterministic batch stream to where a checkpointed run had taken it."""
+    for _ in range(steps):
+        next(stream)
+
+
 def update(model: nn.Module, optimizer, scheduler, clip: float | None) -> None:
     if clip is not None:
         nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -83,7 +153,7 @@ class TaskData:
 
     def __init__(self, cfg, model_names: list[str | None]):
         self.cfg = cfg
-        self.task = data.load_task(cfg.task, cfg.text_column, cfg.label_column)
+        self.task = tasks.load_task(cfg.task, cfg.text_column, cfg.label_column)
         self.is_lm = self.task.kind == "lm"
         names = [n for n in model_names if n]
         tokenizer = models.load_tokenizer(names[0]) if self.task.kind == "text" else None

@@ -1,32 +1,94 @@
-"""The jobs a sweep can run. Each job is one readable module with a pydantic config class and
-`train(config, reporter) -> final metrics`; jobs know nothing about Tune or MLflow."""
+"""The jobs a sweep can run, and the protocol through which the sweep layer knows them.
+
+A job is one readable module (lot, teacher, scaffold, explain) that declares:
+
+    Config                    its pydantic config model (extra="forbid")
+    train(config, reporter)   the training loop; returns the final metrics; knows nothing of Ray or MLflow
+    metrics(config)           {metric name: "max" | "min" | None} it reports for that config (None: no direction)
+    OBJECTIVE                 (metric, mode) a sweep optimises when its spec names no objective
+    SCORES                    the held-out scores of record that comparisons and tables show
+    TEACHER_FIELDS            config fields holding a teacher reference (config, checkpoint dir, mlflow:<run>),
+                              resolved and checked by the sweep layer before anything starts
+    check(config)             optional: refuse, with a message naming the field, what would fail in a trial
+    fixed_arms(config, plan)  optional: extra trials the job wants beside each variant (LoT's teacher-only arms)
+    compare(trials, metrics)  optional: the job's own comparisons over finished trials (LoT minus teacher-only)
+    REFERENCE_ARM             optional: the variant every other one is compared with, paired by seed (SMaT: none)
+
+A new job plugs in by adding its module to MODULES; nothing else in the sweep layer names a job."""
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
+
+MODULES = {
+    "lot": "teachsweep.jobs.lot",
+    "teacher": "teachsweep.jobs.teacher",
+    "scaffold": "teachsweep.jobs.scaffold",
+    "explain": "teachsweep.jobs.explain",
+}
+
+
+@dataclass(frozen=True)
+class ArmPlan:
+    """What a job sees of the spec when it plans its fixed arms: the budgets the spec's `baseline` asks for, and
+    the values each discrete searched parameter can take."""
+
+    budgets: list[str] = field(default_factory=list)
+    choices: dict[str, list[Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Job:
-    module: str
-    config_name: str
-    default_metric: str
-    default_mode: str
+    name: str
+    module_name: str
+
+    @property
+    def module(self) -> ModuleType:
+        return importlib.import_module(self.module_name)
 
     @property
     def config_class(self) -> Any:
-        return getattr(importlib.import_module(self.module), self.config_name)
+        return self.module.Config
 
     @property
     def train(self) -> Any:
-        return importlib.import_module(self.module).train
+        return self.module.train
+
+    @property
+    def objective(self) -> tuple[str, str]:
+        return self.module.OBJECTIVE
+
+    @property
+    def scores(self) -> list[str]:
+        return list(self.module.SCORES)
+
+    @property
+    def teacher_fields(self) -> tuple[str, ...]:
+        return tuple(getattr(self.module, "TEACHER_FIELDS", ()))
+
+    @property
+    def has_fixed_arms(self) -> bool:
+        return hasattr(self.module, "fixed_arms")
+
+    @property
+    def reference_arm(self) -> str | None:
+        return getattr(self.module, "REFERENCE_ARM", None)
+
+    def metrics(self, config: dict[str, Any]) -> dict[str, str | None]:
+        return self.module.metrics(self.config_class.model_validate(config))
+
+    def check(self, config: dict[str, Any]) -> None:
+        if hasattr(self.module, "check"):
+            self.module.check(self.config_class.model_validate(config))
+
+    def fixed_arms(self, config: dict[str, Any], plan: ArmPlan) -> list[dict[str, Any]]:
+        return self.module.fixed_arms(self.config_class.model_validate(config), plan) if self.has_fixed_arms else []
+
+    def compare(self, trials: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
+        return self.module.compare(trials, metrics) if hasattr(self.module, "compare") else []
 
 
-JOBS: dict[str, Job] = {
-    "lot": Job("teachsweep.jobs.lot", "LoTConfig", "teacher/best_val_acc", "max"),
-    "teacher": Job("teachsweep.jobs.teacher", "TeacherConfig", "teacher/best_val_acc", "max"),
-    "scaffold": Job("teachsweep.jobs.scaffold", "ScaffoldConfig", "simulability/best_val", "max"),
-    "explain": Job("teachsweep.jobs.explain", "ExplainConfig", "faithfulness/negative_auc", "max"),
-}
+JOBS: dict[str, Job] = {name: Job(name, module) for name, module in MODULES.items()}

@@ -14,24 +14,23 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from teachsweep import data, models
+from teachsweep import data, models, tasks
 from teachsweep.explain import faithfulness, registry
 from teachsweep.explain.attention import token_distribution
 from teachsweep.jobs import teacher as teacher_job
 from teachsweep.plausibility import load_rationales, rationale_plausibility
 from teachsweep.reporter import Reporter
-from teachsweep.training import pick_device, to_device
+from teachsweep.training import pick_device, synchronize, to_device
 
 DEFAULT_EXPLAINERS = ["raw_attention", "rollout", "attention_gradcam", "relevance", "lrp", "partial_lrp", "full_lrp",
                       "attention", "grad_x_input", "integrated_gradients"]  # fmt: skip
 
 
-class ExplainConfig(BaseModel):
+class ExplainConfig(teacher_job.TeacherReference):
     model_config = ConfigDict(extra="forbid")
 
-    teacher: dict | str = Field(default_factory=dict)  # as in the scaffold job
     explainers: list[str] = Field(default_factory=lambda: list(DEFAULT_EXPLAINERS), min_length=1)
     split: Literal["validation", "test"] = "test"
     max_examples: int = Field(256, ge=1)
@@ -52,14 +51,33 @@ class ExplainConfig(BaseModel):
         return names
 
 
+Config = ExplainConfig
+OBJECTIVE = ("faithfulness/negative_auc", "max")
+SCORES: list[str] = []
+TEACHER_FIELDS = ("teacher",)
+
+
+def metrics(cfg: ExplainConfig) -> dict[str, str | None]:
+    """Per explainer: perturbation AUCs (positive: lower is better), speed, plausibility with rationales; with a
+    single explainer the same under `faithfulness/` too."""
+    out: dict[str, str | None] = {}
+    prefixes = [f"{name}/" for name in cfg.explainers] + (["faithfulness/"] if len(cfg.explainers) == 1 else [])
+    for prefix in prefixes:
+        out |= {f"{prefix}positive_auc": "min", f"{prefix}negative_auc": "max", f"{prefix}ms_per_example": "min"}
+        if cfg.rationales:
+            out |= {f"{prefix}plausibility_{k}": "max" for k in ("auc", "ap", "recall_at_k")}
+            out |= {f"{prefix}plausibility_{k}": None for k in ("n", "rationale_cut_fraction")}
+    return out
+
+
 def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
     cfg = ExplainConfig.model_validate(config)
     reporter = reporter or Reporter()
     device = pick_device(cfg.device)
     model, teacher_cfg = teacher_job.resolve(cfg.teacher, device)
-    task = data.load_task(teacher_cfg.task, teacher_cfg.text_column, teacher_cfg.label_column)
+    task = tasks.load_task(teacher_cfg.task, teacher_cfg.text_column, teacher_cfg.label_column)
     tokenizer = models.load_tokenizer(teacher_cfg.model) if task.kind == "text" else None
-    split = data.subset(task.splits[cfg.split], cfg.max_examples, seed=cfg.seed)
+    split = tasks.subset(task.splits[cfg.split], cfg.max_examples, seed=cfg.seed)
     part = data.Batches(task, split, None, 0)
     if tokenizer is not None:
         part = data.Batches(
@@ -78,8 +96,10 @@ def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dic
         shown = []
         for batch in data.eval_batches(part, cfg.batch_size, by_length=True):
             batch = to_device(batch, device)
+            synchronize(device)
             start = time.perf_counter()
             scores = registry.explain(name, model, batch)
+            synchronize(device)
             seconds += time.perf_counter() - start
             mask = batch.get("attention_mask", torch.ones_like(scores, dtype=torch.long))
             probs = token_distribution(scores, mask).detach()

@@ -15,21 +15,27 @@ matches total model-steps. Works for text and image classification and for langu
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from teachsweep import data, distributed, models
+from teachsweep import distributed, models, tasks
+from teachsweep.jobs import ArmPlan
+from teachsweep.metrics import paired_difference, per_seed, summarize
 from teachsweep.reporter import Reporter
 from teachsweep.training import (
+    DataConfig,
     OptimizerConfig,
     TaskData,
     autocast,
     evaluate,
     make_optimizer,
     pick_device,
+    replay,
+    restore_into,
+    state_of,
     to_device,
     update,
 )
@@ -37,10 +43,9 @@ from teachsweep.training import (
 # ---------------------------------------------------------------------------------------------- config
 
 
-class LoTConfig(OptimizerConfig):
+class LoTConfig(DataConfig, OptimizerConfig):
     model_config = ConfigDict(extra="forbid")
 
-    task: str = "rotten_tomatoes"
     teacher: str = "minilm:2"
     student: str | None = None  # default: the teacher's architecture
     arm: Literal["lot", "teacher_only"] = "lot"
@@ -54,33 +59,12 @@ class LoTConfig(OptimizerConfig):
     symmetric_kl: bool = False  # teacher term alpha * [KL(S||T) + KL(T||S)]
     detach: bool = True  # each model's distillation target is detached from the other's graph
 
-    batch_size: int = Field(32, ge=1)
     epochs: int = Field(3, ge=1)
     patience: int | None = Field(None, ge=1)  # stop when the teacher's validation score has not improved for this
     # many epochs (training "to convergence"); None: train every epoch
-    steps_per_epoch: int | None = Field(None, ge=1)  # teacher steps between evaluations; None = one pass
     budget_multiplier: float = Field(1.0, ge=1)  # teacher-only arm at matched model-steps
-    max_train_examples: int | None = Field(None, ge=1)  # LM: tokens of the training text
-    max_eval_examples: int | None = Field(None, ge=1)  # per evaluation split; LM: tokens
-    eval_batch_size: int = Field(128, ge=1)
 
-    max_length: int = Field(128, ge=8)  # text: tokens per example
-    freeze_embeddings: bool = False  # text: keep the token embedding table fixed (speed on CPU)
-    text_column: str | None = None  # csv:/hf: tasks
-    label_column: str | None = None
-    augment_pad: int = Field(0, ge=0)  # images: random-crop padding
-    augment_flip: bool = False  # images: horizontal flips (not for digits)
-    bptt: int = Field(35, ge=2)  # language modelling: tokens per chunk
-
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
     checkpoint_every: int = Field(1, ge=0)  # epochs between checkpoints a restarted trial resumes from; 0: none
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, value: str) -> str:
-        return data.validate_task_name(value)
 
     @field_validator("teacher", "student")
     @classmethod
@@ -89,8 +73,7 @@ class LoTConfig(OptimizerConfig):
 
     @model_validator(mode="after")
     def _models_fit_the_task(self) -> LoTConfig:
-        data.validate_columns(self.task, self.text_column, self.label_column)
-        kind = data.task_kind(self.task)
+        kind = tasks.task_kind(self.task)
         for name in (self.teacher, self.student):
             if name is not None and kind is not None:
                 models.validate_model_name(name, kind)
@@ -113,6 +96,85 @@ class LoTConfig(OptimizerConfig):
     def model_steps_per_teacher_step(self) -> int:
         """Forward/backward model updates per teacher step: 1 + N*K for LoT, 1 for the teacher alone."""
         return 1 if self.arm == "teacher_only" else 1 + self.student_steps * self.num_students
+
+
+Config = LoTConfig
+OBJECTIVE = ("teacher/best_val_acc", "max")
+SCORES = ["teacher/test_acc", "teacher/test_ppl", "teacher/test_acc_at_best_val", "teacher/test_ppl_at_best_val",
+          "student/test_acc", "steps/teacher_at_best_val", "steps/model_at_best_val"]  # fmt: skip
+
+
+def metrics(cfg: LoTConfig) -> dict[str, str | None]:
+    """What `train` reports for this config: accuracy (classification) or perplexity (language modelling)."""
+    kind = tasks.task_kind(cfg.task)  # None for a hub dataset: either
+    scores = (
+        {"acc": "max"}
+        if kind in ("text", "image")
+        else {"ppl": "min"}
+        if kind == "lm"
+        else {"acc": "max", "ppl": "min"}
+    )
+    out: dict[str, str | None] = {}
+    for score, mode in scores.items():
+        out |= {f"teacher/{split}_{score}": mode for split in ("val", "test", "best_val")}
+        out[f"teacher/test_{score}_at_best_val"] = mode
+        if cfg.arm == "lot":
+            out |= {f"student/{split}_{score}": mode for split in ("val", "test")}
+            if cfg.num_students > 1:
+                out |= {
+                    f"student{i}/{split}_{score}": mode for i in range(cfg.num_students) for split in ("val", "test")
+                }
+            if score == "acc":
+                out |= {"agreement/val": "max", "agreement/test": "max"}
+    out |= {"loss/teacher": "min", "loss/student": "min", "steps/teacher": None, "steps/student": None,
+            "steps/model": None, "steps/teacher_at_best_val": None, "steps/model_at_best_val": None,
+            "best_epoch": None, "time/teacher_step_s": "min", "time/train_s": "min"}  # fmt: skip
+    return out
+
+
+def fixed_arms(cfg: LoTConfig, plan: ArmPlan) -> list[dict[str, Any]]:
+    """Teacher-only arms at each budget the spec's `baseline` asks for. `teacher_steps`: the same number of teacher
+    steps, one arm. `model_steps`: the teacher-only arm trains (1 + N*K) times as many steps, one arm per N the
+    sweep can pick."""
+    arms: list[dict[str, Any]] = []
+    if "teacher_steps" in plan.budgets:
+        arms.append({"label": "teacher_only", "arm": "teacher_only"})
+    if "model_steps" in plan.budgets:
+        n_values = plan.choices.get("student_steps", [cfg.student_steps])
+        arms += [
+            {"label": f"teacher_only-N{n}", "arm": "teacher_only", "budget_multiplier": float(1 + n * cfg.num_students)}
+            for n in sorted(set(n_values))
+        ]
+    return arms
+
+
+def compare(trials: list[dict[str, Any]], metric_names: list[str]) -> list[dict[str, Any]]:
+    """Each LoT trial against its teacher-only arm at each budget the sweep ran (same variant): `teacher_steps`
+    (the arm labelled `teacher_only`) and `model_steps` (the arm `teacher_only-N<n>` of the trial's N), per metric,
+    paired by seed. `trials` are sweep rows: {"label", "params", "metrics"} with per-seed `metric@seedN` values."""
+    rows = []
+    baselines = [t for t in trials if t["params"].get("arm") == "teacher_only" and t["status"] == "OK"]
+    for trial in trials:
+        if trial["params"].get("arm", "lot") != "lot" or trial["status"] != "OK":
+            continue
+        variant = trial["params"].get("variant", "")
+        n = trial["params"].get("student_steps")
+        candidates = [b for b in baselines if b["params"].get("variant", "") == variant]
+        matched = [("model_steps", b) for b in candidates if b["label"].endswith(f"-N{n}")]
+        matched += [("teacher_steps", b) for b in candidates if "-N" not in b["label"]]
+        for budget, baseline in matched:
+            for metric in metric_names:
+                lot_values, base_values = per_seed(trial["metrics"], metric), per_seed(baseline["metrics"], metric)
+                if not lot_values or not base_values:
+                    continue
+                rows.append({
+                    "variant": variant, "trial": trial["trial_id"], "baseline": baseline["trial_id"],
+                    "baseline_label": baseline["label"], "budget": budget, "metric": metric,
+                    **{f"lot_{k}": v for k, v in summarize(lot_values).items()},
+                    **{f"teacher_only_{k}": v for k, v in summarize(base_values).items()},
+                    **paired_difference(lot_values, base_values),
+                })  # fmt: skip
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -212,21 +274,14 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
     at_best: dict[str, float] = {}  # test score and step counts at the best validation epoch
     higher_is_better = not task_data.is_lm
     saved = reporter.restore()
+    stateful = training_objects(teacher, (teacher_opt, teacher_sched), students, student_opts)
     if saved is not None:  # a restarted trial: continue after the last checkpointed epoch
-        distributed.unwrap(teacher).load_state_dict(saved["teacher"])
-        teacher_opt.load_state_dict(saved["teacher_opt"])
-        teacher_sched.load_state_dict(saved["teacher_sched"])
-        for student, (opt, sched), state in zip(students, student_opts, saved["students"], strict=True):
-            distributed.unwrap(student).load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
+        restore_into(saved, stateful)
         teacher_steps, student_steps = saved["teacher_steps"], saved["student_steps"]
         train_seconds, best_val, first_epoch = saved["train_seconds"], saved["best_val"], saved["epoch"] + 1
         at_best, metrics = saved.get("at_best", {}), saved.get("metrics", {})
-        for _ in range(teacher_steps):  # the streams are deterministic: replay them to where they were
-            next(joint_stream)
-        for _ in range(student_steps - teacher_steps if students else 0):
-            next(student_stream)
+        replay(joint_stream, teacher_steps)  # the streams are deterministic: replay them to where they were
+        replay(student_stream, student_steps - teacher_steps if students else 0)
     stopped = saved is not None and cfg.patience is not None and saved["epoch"] - at_best["best_epoch"] >= cfg.patience
     for epoch in range(first_epoch, cfg.epochs + 1 if not stopped else first_epoch):  # (restarted after its stop)
         loss_sums = torch.zeros(2, device=device)  # teacher, students: checked for NaN once per epoch
@@ -301,7 +356,7 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
             counters = {"epoch": epoch, "teacher_steps": teacher_steps, "student_steps": student_steps,
                         "train_seconds": train_seconds, "best_val": best_val, "at_best": at_best,
                         "metrics": metrics}  # fmt: skip
-            checkpoint = counters | training_state(teacher, (teacher_opt, teacher_sched), students, student_opts)
+            checkpoint = counters | state_of(stateful)
         if saved is not None:
             metrics["trial/resumed_from_epoch"] = saved["epoch"]
         reporter.report(metrics, epoch, checkpoint=checkpoint)
@@ -310,17 +365,12 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
     return metrics
 
 
-def training_state(teacher, teacher_opt, students, student_opts) -> dict:
-    """Every model, optimizer and schedule state a restarted trial needs (tensors and numbers only)."""
-    return {
-        "teacher": distributed.unwrap(teacher).state_dict(),
-        "teacher_opt": teacher_opt[0].state_dict(),
-        "teacher_sched": teacher_opt[1].state_dict(),
-        "students": [
-            {"model": distributed.unwrap(s).state_dict(), "opt": o.state_dict(), "sched": c.state_dict()}
-            for s, (o, c) in zip(students, student_opts, strict=True)
-        ],
-    }
+def training_objects(teacher, teacher_opt, students, student_opts) -> dict[str, Any]:
+    """Every model, optimizer and schedule a checkpoint saves and a restarted trial loads, by key."""
+    objects = {"teacher": distributed.unwrap(teacher), "teacher_opt": teacher_opt[0], "teacher_sched": teacher_opt[1]}
+    for i, (student, (opt, sched)) in enumerate(zip(students, student_opts, strict=True)):
+        objects |= {f"student{i}": distributed.unwrap(student), f"student{i}_opt": opt, f"student{i}_sched": sched}
+    return objects
 
 
 def evaluate_all(teacher, students, task_data: TaskData, device, precision) -> dict[str, float]:

@@ -16,30 +16,31 @@ validation simulability (early stopping with patience)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 from torch.func import functional_call
 
-from teachsweep import data, distributed, models
+from teachsweep import data, distributed, models, tasks
 from teachsweep.explain import registry
 from teachsweep.explain.attention import AttentionExplainer, full_precision, head_scores, token_distribution
 from teachsweep.jobs import teacher as teacher_job
 from teachsweep.metrics import subsample_bootstrap_ci
 from teachsweep.plausibility import load_rationales, rationale_plausibility
 from teachsweep.reporter import Reporter
-from teachsweep.training import pearson, pick_device, to_device
+from teachsweep.training import pearson, pick_device, replay, restore_into, state_of, to_device
 
 
-class ScaffoldConfig(BaseModel):
+class ScaffoldConfig(teacher_job.TeacherReference):
     model_config = ConfigDict(extra="forbid")
 
-    teacher: dict | str = Field(default_factory=dict)  # TeacherConfig fields, a checkpoint dir, or "mlflow:<run>"
     student: str | None = None  # default: the teacher's architecture, from its pre-trained weights
     explainer: str = "smat"
     beta: float | None = Field(None, ge=0)  # default: the explainer's (5 attention, 0.2 gradients)
@@ -75,12 +76,49 @@ class ScaffoldConfig(BaseModel):
         registry.explainer_info(value)
         return value
 
-    @field_validator("teacher")
-    @classmethod
-    def _valid_teacher(cls, value: dict | str) -> dict | str:
-        if isinstance(value, dict):
-            teacher_job.TeacherConfig.model_validate(value)
-        return value
+
+Config = ScaffoldConfig
+OBJECTIVE = ("simulability/best_val", "max")
+SCORES = ["simulability/test", "student/test_acc", "student/test_pearson"]
+TEACHER_FIELDS = ("teacher",)
+REFERENCE_ARM = "none"  # every explainer is compared with the unexplained student, paired by seed
+TRANSFORMERS = ("minilm", "tiny-bert", "vit")
+
+
+def metrics(cfg: ScaffoldConfig) -> dict[str, str | None]:
+    out: dict[str, str | None] = {
+        "simulability/val": "max", "simulability/best_val": "max", "simulability/test": "max",
+        "simulability/test_ci_low": None, "simulability/test_ci_high": None, "loss/train": "min", "loss/meta": "min",
+        "explainer/beta": None, "best_epoch": None,
+    }  # fmt: skip
+    for score in ("acc", "pearson"):
+        out |= {f"student/test_{score}": "max", f"teacher/test_{score}": "max"}
+    if cfg.rationales and cfg.explainer != "none":
+        for who in ("teacher", "student"):
+            out |= {f"plausibility/{who}_{k}": "max" for k in ("auc", "ap", "recall_at_k")}
+            out |= {f"plausibility/{who}_{k}": None for k in ("n", "rationale_cut_fraction")}
+    return out
+
+
+def check(cfg: ScaffoldConfig) -> None:
+    """What only showed inside trials: a teacher or student that is no transformer, an explainer for images on a
+    model that cannot give it, a language-modelling teacher. (Teachers given by checkpoint or MLflow run are
+    checked once the sweep layer has resolved them.)"""
+    if not isinstance(cfg.teacher, dict):
+        return
+    teacher = teacher_job.TeacherConfig.model_validate(cfg.teacher)
+    kind = tasks.task_kind(teacher.task)
+    if kind == "lm":
+        raise ValueError(f"teacher.task: '{teacher.task}' is language modelling; scaffold simulates classifiers")
+    for field, name in (("teacher.model", teacher.model), ("student", cfg.student)):
+        if name is not None and models.parse_name(name)[0] in models.KNOWN_MODELS:
+            if models.parse_name(name)[0] not in TRANSFORMERS:
+                raise ValueError(f"{field}: '{name}' has no attention to explain (scaffold needs minilm, tiny-bert, "
+                                 "vit or a hub transformer)")  # fmt: skip
+    if kind == "image" and not registry.explainer_info(cfg.explainer).images:
+        raise ValueError(f"explainer: '{cfg.explainer}' is not available for image tasks")
+    if cfg.student is not None and kind is not None:
+        models.validate_model_name(cfg.student, kind)
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -202,6 +240,33 @@ def word_rows(model, params: list[torch.Tensor], batch: dict, meta_batch: dict):
     return index, distributed.gather(ids).unique().to(ids.device)  # the same rows on every worker
 
 
+class Learner(NamedTuple):
+    """The student side of one step: the explained student, its trainable parameters and optimizer, the config,
+    and the explanation weight beta."""
+
+    model: nn.Module
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    cfg: ScaffoldConfig
+    beta: float
+
+
+class Lesson(NamedTuple):
+    """One training batch with what the frozen teacher says about it: its logits, and its explanation evidence
+    (head scores mixed by phi, static token scores, or None)."""
+
+    batch: dict
+    logits: torch.Tensor
+    evidence: torch.Tensor | None
+
+
+class MetaBatch(NamedTuple):
+    """A validation batch and the teacher's logits on it: what the explainer's meta loss is measured on."""
+
+    batch: dict
+    targets: torch.Tensor
+
+
 class MetaStep(NamedTuple):
     phi_grad: torch.Tensor  # d L_meta / d phi, averaged over workers
     meta_loss: torch.Tensor  # averaged over workers
@@ -210,9 +275,7 @@ class MetaStep(NamedTuple):
     rows: dict[int, torch.Tensor]  # {param index: word-embedding rows its entry of `grads` covers}
 
 
-def meta_gradient(
-    model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch, meta_targets
-) -> MetaStep:
+def meta_gradient(learner: Learner, teacher_explainer: AttentionExplainer, lesson: Lesson, meta: MetaBatch) -> MetaStep:
     """d L_meta / d phi through one unrolled student update on `batch` from the student's current state (exact
     second order), where L_meta is the updated student's simulation loss on `meta_batch` without dropout.
 
@@ -226,6 +289,8 @@ def meta_gradient(
     The word-embedding table (most of a small encoder's parameters) enters as just the rows the two batches
     read: the others have zero inner gradient and the meta forward never reads them, so this is exact, and it
     spares dense passes over the whole vocabulary in the gradient, its norm, the step and the double backward."""
+    model, optimizer, cfg, beta = learner.model, learner.optimizer, learner.cfg, learner.beta
+    (batch, t_logits, evidence), (meta_batch, meta_targets) = lesson, meta
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     mask = batch["attention_mask"]
@@ -278,28 +343,26 @@ def step_with(params: list[torch.Tensor], grads: list[torch.Tensor], rows: dict[
     student_step(params, optimizer, cfg)
 
 
-def student_iteration(model, params, optimizer, cfg: ScaffoldConfig, beta, batch, t_logits, evidence,
-                      teacher_explainer, teacher_scores, meta_batch=None, meta_targets=None):  # fmt: skip
-    """One student step on `batch` and, given a meta batch, the explainer's meta-gradient, in the order
+def student_iteration(learner: Learner, lesson: Lesson, teacher_explainer: AttentionExplainer, teacher_scores,
+                      meta: MetaBatch | None = None) -> tuple[torch.Tensor, MetaStep | None]:  # fmt: skip
+    """One student step on the lesson and, given a meta batch, the explainer's meta-gradient, in the order
     `cfg.meta_unroll` says. `teacher_scores(evidence, mask)` is the teacher's explanation (its phi mix, or static
     scores). Returns (this worker's inner loss, the MetaStep or None); the caller steps phi."""
-    if meta_batch is not None and cfg.meta_unroll == "student_step":
-        meta = meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch,
-                             meta_targets)  # fmt: skip
-        step_with(params, meta.grads, meta.rows, optimizer, cfg)
-        return meta.loss, meta
-    mask = batch["attention_mask"]
+    if meta is not None and learner.cfg.meta_unroll == "student_step":
+        step = meta_gradient(learner, teacher_explainer, lesson, meta)
+        step_with(learner.params, step.grads, step.rows, learner.optimizer, learner.cfg)
+        return step.loss, step
+    mask = lesson.batch["attention_mask"]
     with torch.no_grad():
-        fixed_scores = None if evidence is None else teacher_scores(evidence, mask)
-    loss = inner_loss(model(batch), t_logits, fixed_scores, mask, beta)
+        fixed_scores = None if lesson.evidence is None else teacher_scores(lesson.evidence, mask)
+    loss = inner_loss(learner.model(lesson.batch), lesson.logits, fixed_scores, mask, learner.beta)
     loss.backward()
-    distributed.average_gradients(params)
-    student_step(params, optimizer, cfg)
-    meta = None
-    if meta_batch is not None:  # the paper's explainer step: a look-ahead from the updated student
-        meta = meta_gradient(model, teacher_explainer, optimizer, cfg, beta, batch, t_logits, evidence, meta_batch,
-                             meta_targets)  # fmt: skip
-    return loss.detach(), meta
+    distributed.average_gradients(learner.params)
+    student_step(learner.params, learner.optimizer, learner.cfg)
+    step = None
+    if meta is not None:  # the paper's explainer step: a look-ahead from the updated student
+        step = meta_gradient(learner, teacher_explainer, lesson, meta)
+    return loss.detach(), step
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -371,146 +434,140 @@ def simulability(student_out, teacher_out, labels) -> tuple[float, float]:
     return agree, (student_pred == labels).float().mean().item()
 
 
-def best_epoch_state(model: ExplainedStudent, teacher_explainer: AttentionExplainer) -> dict:
-    """What the best epoch leaves behind: the student with its explainer, and the teacher explainer it learned
-    from (copies on the CPU)."""
-    copy_of = lambda module: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}  # noqa: E731
-    return {"model": copy_of(model), "teacher_explainer": copy_of(teacher_explainer)}
+@dataclass
+class Scaffold:
+    """Everything one SMaT run holds: the frozen teacher and its explainer, the student with its own explainer
+    and optimizer, the student's data and the teacher's outputs on it (cached), and the best epoch so far."""
+
+    cfg: ScaffoldConfig
+    device: torch.device
+    task: tasks.Task
+    tokenizer: Any
+    info: registry.ExplainerInfo
+    teacher: nn.Module
+    teacher_explainer: AttentionExplainer
+    learner: Learner
+    meta_optimizer: torch.optim.Optimizer | None
+    splits: dict[str, data.Batches]
+    stream: Iterator[dict]
+    meta_stream: Iterator[dict]
+    steps_per_epoch: int
+    train_cache: TeacherCache | None = None
+    meta_cache: TeacherCache | None = None
+    best_val: float = -1.0
+    best_epoch: int = 0
+    best_state: dict | None = None
+
+    @property
+    def student(self) -> nn.Module:
+        return self.learner.model.student
+
+    def teacher_evidence(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen teacher's logits and what its explanation is made of: head scores (attention explainers,
+        mixed by phi later, so the look-ahead can differentiate through the mix) or static token scores."""
+        with torch.no_grad():
+            logits, attentions = self.teacher.classify(batch, output_attentions=self.info.kind == "attention")
+        if self.info.kind == "attention":
+            return logits, head_scores(attentions, batch["attention_mask"])
+        if self.info.kind == "static":
+            fn = registry.STATIC[self.cfg.explainer][0]
+            ig = self.cfg.explainer == "integrated_gradients"
+            kwargs = {"steps": self.cfg.ig_steps, "baseline": self.cfg.ig_baseline} if ig else {}
+            return logits, fn(self.teacher, batch, **kwargs).detach()
+        return logits, None
+
+    def teacher_scores(self, evidence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.teacher_explainer(evidence, mask) if self.info.kind == "attention" else evidence
+
+    def stateful(self) -> dict[str, Any]:
+        """What a checkpoint saves and a restarted trial loads, by key."""
+        return {"student": self.learner.model, "optimizer": self.learner.optimizer,
+                "teacher_explainer": self.teacher_explainer, "meta_optimizer": self.meta_optimizer}  # fmt: skip
+
+    def keep_best(self) -> None:
+        """The best epoch leaves behind the student with its explainer, and the teacher explainer it learned from
+        (copies on the CPU)."""
+        copy_of = lambda module: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}  # noqa: E731
+        self.best_state = {"model": copy_of(self.learner.model), "teacher_explainer": copy_of(self.teacher_explainer)}
 
 
-def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
-    cfg = ScaffoldConfig.model_validate(config)
-    reporter = reporter or Reporter()
+def setup(cfg: ScaffoldConfig) -> Scaffold:
     device = pick_device(cfg.device)
     teacher, teacher_cfg = teacher_job.resolve(cfg.teacher, device)
-    task = data.load_task(teacher_cfg.task, teacher_cfg.text_column, teacher_cfg.label_column)
+    task = tasks.load_task(teacher_cfg.task, teacher_cfg.text_column, teacher_cfg.label_column)
     student_name = cfg.student or teacher_cfg.model
     info = registry.explainer_info(cfg.explainer)
     if task.kind == "lm" or (task.kind == "image" and not info.images):
         raise ValueError(f"scaffold: explainer '{cfg.explainer}' is not available for {task.kind} tasks")
     tokenizer = models.load_tokenizer(student_name) if task.kind == "text" else None
-    beta = info.default_beta if cfg.beta is None else cfg.beta
 
     # The student's data: a fixed subset of the training split (the same for every seed).
-    train_batches = data.make_batches(task, "train", tokenizer, cfg.max_length, cfg.num_train_examples)
-    val_batches = data.make_batches(task, "validation", tokenizer, cfg.max_length, cfg.max_eval_examples)
-    test_batches = data.make_batches(task, "test", tokenizer, cfg.max_length, cfg.max_eval_examples)
-    stream = data.train_stream(train_batches, cfg.batch_size, cfg.seed)
-    meta_stream = data.train_stream(val_batches, cfg.batch_size, cfg.seed + 1)
-
+    splits = {
+        "train": data.make_batches(task, "train", tokenizer, cfg.max_length, cfg.num_train_examples),
+        "validation": data.make_batches(task, "validation", tokenizer, cfg.max_length, cfg.max_eval_examples),
+        "test": data.make_batches(task, "test", tokenizer, cfg.max_length, cfg.max_eval_examples),
+    }
     torch.manual_seed(cfg.seed)
     student = models.build_model(student_name, task, models.init_seed(cfg.seed, "student")).to(device).train()
-    layers, heads = transformer_shape(student)
-    model = ExplainedStudent(student, AttentionExplainer(layers, heads, cfg.normalizer)).to(device)
-    t_layers, t_heads = transformer_shape(teacher)
+    model = ExplainedStudent(student, AttentionExplainer(*transformer_shape(student), cfg.normalizer)).to(device)
     teacher_explainer = AttentionExplainer(
-        t_layers, t_heads, cfg.normalizer, layer=info.layer, learnable=info.learnable
+        *transformer_shape(teacher), cfg.normalizer, layer=info.layer, learnable=info.learnable
     ).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_student_optimizer(params, cfg)
-    meta_optimizer = (
-        torch.optim.AdamW([teacher_explainer.phi], lr=cfg.meta_lr, weight_decay=0.0) if info.learnable else None
-    )
-
-    def teacher_evidence(batch):
-        """The frozen teacher's logits and what its explanation is made of: head scores (attention explainers,
-        mixed by phi later, so the look-ahead can differentiate through the mix) or static token scores."""
-        with torch.no_grad():
-            logits, attentions = teacher.classify(batch, output_attentions=info.kind == "attention")
-        if info.kind == "attention":
-            return logits, head_scores(attentions, batch["attention_mask"])
-        if info.kind == "static":
-            fn = registry.STATIC[cfg.explainer][0]
-            ig = cfg.explainer == "integrated_gradients"
-            kwargs = {"steps": cfg.ig_steps, "baseline": cfg.ig_baseline} if ig else {}
-            return logits, fn(teacher, batch, **kwargs).detach()
-        return logits, None
-
-    def teacher_scores(evidence, mask):
-        return teacher_explainer(evidence, mask) if info.kind == "attention" else evidence
-
+    beta = info.default_beta if cfg.beta is None else cfg.beta
+    run = Scaffold(
+        cfg, device, task, tokenizer, info, teacher, teacher_explainer,
+        Learner(model, params, make_student_optimizer(params, cfg), cfg, beta),
+        torch.optim.AdamW([teacher_explainer.phi], lr=cfg.meta_lr, weight_decay=0.0) if info.learnable else None,
+        splits, data.train_stream(splits["train"], cfg.batch_size, cfg.seed),
+        data.train_stream(splits["validation"], cfg.batch_size, cfg.seed + 1),
+        max(1, math.ceil(len(splits["train"].split) / cfg.batch_size)),
+    )  # fmt: skip
     # The teacher is frozen: its logits and explanation evidence (head scores, or static token scores) do not
     # depend on phi, so they are computed once per example here and only mixed by phi in the loop.
-    train_cache = TeacherCache(train_batches, teacher_evidence, teacher, device, cfg.eval_batch_size)
-    meta_cache = TeacherCache(val_batches, lambda b: (teacher.classify(b)[0], None), teacher, device,
-                              cfg.eval_batch_size)  # fmt: skip
+    run.train_cache = TeacherCache(splits["train"], run.teacher_evidence, teacher, device, cfg.eval_batch_size)
+    run.meta_cache = TeacherCache(splits["validation"], lambda b: (teacher.classify(b)[0], None), teacher, device,
+                                  cfg.eval_batch_size)  # fmt: skip
+    return run
 
-    steps_per_epoch = max(1, math.ceil(len(train_batches.split) / cfg.batch_size))
-    best_val, best_epoch, best_state, metrics, first_epoch = -1.0, 0, None, {}, 1
-    saved = reporter.restore()
-    if saved is not None:  # a restarted trial: continue after the last checkpointed epoch
-        model.load_state_dict(saved["student"])
-        optimizer.load_state_dict(saved["optimizer"])
-        teacher_explainer.load_state_dict(saved["teacher_explainer"])
-        if meta_optimizer is not None:
-            meta_optimizer.load_state_dict(saved["meta_optimizer"])
-        best_val, best_epoch, best_state = saved["best_val"], saved["best_epoch"], saved["best_student"]
-        metrics, first_epoch = saved["metrics"], saved["epoch"] + 1
-        for _ in range(saved["epoch"] * steps_per_epoch):  # the streams are deterministic: replay them
-            next(stream)
-            if meta_optimizer is not None:
-                next(meta_stream)
-    # Under DDP every worker draws the same global batches and trains on its shard; gradients are averaged
-    # explicitly (the student is not DDP-wrapped: the look-ahead's functional calls would bypass its hooks).
+
+def train_epoch(run: Scaffold) -> tuple[float, float]:
+    """One pass of student steps (and explainer steps for SMaT); (mean inner loss, mean meta loss).
+
+    Under DDP every worker draws the same global batches and trains on its shard; gradients are averaged
+    explicitly (the student is not DDP-wrapped: the look-ahead's functional calls would bypass its hooks)."""
+    cfg, device = run.cfg, run.device
+    train_loss = meta_loss = 0.0
+    for _ in range(run.steps_per_epoch):
+        batch = with_mask(to_device(distributed.shard(next(run.stream)), device), run.teacher)
+        meta = None
+        if run.meta_optimizer is not None:
+            meta_batch = with_mask(to_device(distributed.shard(next(run.meta_stream)), device), run.teacher)
+            meta = MetaBatch(meta_batch, run.meta_cache.lookup(meta_batch)[0])
+        lesson = Lesson(batch, *run.train_cache.lookup(batch))
+        loss, step = student_iteration(run.learner, lesson, run.teacher_explainer, run.teacher_scores, meta)
+        train_loss += loss.item()
+        if step is not None:
+            clip = torch.clamp(cfg.meta_clip / (step.phi_grad.norm() + 1e-6), max=1.0)
+            run.teacher_explainer.phi.grad = step.phi_grad * clip
+            run.meta_optimizer.step()
+            run.meta_optimizer.zero_grad(set_to_none=True)
+            meta_loss += step.meta_loss.item()
     world = distributed.world()[1]
-    epoch = first_epoch - 1
-    stopped = saved is not None and epoch - best_epoch >= cfg.patience  # restarted after its early stop
-    for epoch in range(first_epoch, cfg.max_epochs + 1 if not stopped else first_epoch):
-        train_loss = meta_loss_sum = 0.0
-        for _ in range(steps_per_epoch):
-            batch = with_mask(to_device(distributed.shard(next(stream)), device), teacher)
-            t_logits, evidence = train_cache.lookup(batch)
-            meta_batch = meta_targets = None
-            if meta_optimizer is not None:
-                meta_batch = with_mask(to_device(distributed.shard(next(meta_stream)), device), teacher)
-                meta_targets = meta_cache.lookup(meta_batch)[0]
-            loss, meta = student_iteration(model, params, optimizer, cfg, beta, batch, t_logits, evidence,
-                                           teacher_explainer, teacher_scores, meta_batch, meta_targets)  # fmt: skip
-            train_loss += loss.item()
-            if meta is not None:
-                clip = torch.clamp(cfg.meta_clip / (meta.phi_grad.norm() + 1e-6), max=1.0)
-                teacher_explainer.phi.grad = meta.phi_grad * clip
-                meta_optimizer.step()
-                meta_optimizer.zero_grad(set_to_none=True)
-                meta_loss_sum += meta.meta_loss.item()
-        train_loss, meta_loss_sum = (v / world for v in distributed.all_sum([train_loss, meta_loss_sum], device))
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"student loss is not finite in epoch {epoch}")
-
-        val_sim, _ = simulability(
-            *outputs(student, teacher, data.eval_batches(val_batches, cfg.eval_batch_size), device)
-        )
-        if val_sim > best_val:
-            best_val, best_epoch = val_sim, epoch
-            best_state = best_epoch_state(model, teacher_explainer)
-        metrics = {
-            "simulability/val": val_sim,
-            "simulability/best_val": best_val,
-            "loss/train": train_loss / steps_per_epoch,
-            "loss/meta": meta_loss_sum / steps_per_epoch,
-            "explainer/beta": beta,
-        }
-        if saved is not None:
-            metrics["trial/resumed_from_epoch"] = saved["epoch"]
-        checkpoint = None
-        if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
-            checkpoint = {
-                "epoch": epoch, "metrics": metrics, "best_val": best_val, "best_epoch": best_epoch,
-                "best_student": best_state,
-                "student": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "teacher_explainer": teacher_explainer.state_dict(),
-                **({"meta_optimizer": meta_optimizer.state_dict()} if meta_optimizer is not None else {}),
-            }  # fmt: skip
-        reporter.report(metrics, epoch, checkpoint=checkpoint)
-        if epoch - best_epoch >= cfg.patience:
-            break
-
-    # The best student is evaluated together with its own explainer and the teacher explainer of that epoch.
-    model.load_state_dict(best_state["model"])
-    teacher_explainer.load_state_dict(best_state["teacher_explainer"])
-    student_out, teacher_out, labels = outputs(
-        student, teacher, data.eval_batches(test_batches, cfg.eval_batch_size), device
+    train_loss, meta_loss = (
+        v / world / run.steps_per_epoch for v in distributed.all_sum([train_loss, meta_loss], device)
     )
+    return train_loss, meta_loss
+
+
+def final_evaluation(run: Scaffold) -> dict[str, float]:
+    """The best student, with its own explainer and the teacher explainer of that epoch, on the test split:
+    simulability with its CI over test points (500 random halves), accuracy, and plausibility when asked."""
+    cfg = run.cfg
+    run.learner.model.load_state_dict(run.best_state["model"])
+    run.teacher_explainer.load_state_dict(run.best_state["teacher_explainer"])
+    test = data.eval_batches(run.splits["test"], cfg.eval_batch_size)
+    student_out, teacher_out, labels = outputs(run.student, run.teacher, test, run.device)
     test_sim, student_score = simulability(student_out, teacher_out, labels)
     _, teacher_score = simulability(teacher_out, teacher_out, labels)
 
@@ -518,20 +575,64 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
         return simulability(student_out[rows], teacher_out[rows], labels[rows])[0]
 
     ci_low, ci_high = subsample_bootstrap_ci(simulability_of, len(labels))
-    score = "pearson" if task.regression else "acc"
-    metrics |= {"simulability/test": test_sim, "simulability/test_ci_low": ci_low, "simulability/test_ci_high": ci_high,
-                f"student/test_{score}": student_score, f"teacher/test_{score}": teacher_score,
-                "best_epoch": best_epoch}  # fmt: skip
-    if cfg.rationales and info.kind != "none" and task.kind == "text":
+    score = "pearson" if run.task.regression else "acc"
+    metrics = {"simulability/test": test_sim, "simulability/test_ci_low": ci_low, "simulability/test_ci_high": ci_high,
+               f"student/test_{score}": student_score, f"teacher/test_{score}": teacher_score,
+               "best_epoch": run.best_epoch}  # fmt: skip
+    if cfg.rationales and run.info.kind != "none" and run.task.kind == "text":
         examples = load_rationales(cfg.rationales, cfg.max_rationale_examples)
-        model.eval()  # the best student with its own explainer, without dropout
-        for who, scores_of in (("teacher", lambda b: teacher_scores(teacher_evidence(b)[1], b["attention_mask"])),
-                               ("student", lambda b: model(b)[1])):  # fmt: skip
-            found = rationale_plausibility(examples, tokenizer, scores_of, cfg.max_length, cfg.eval_batch_size, device)
+        model = run.learner.model.eval()  # the best student with its own explainer, without dropout
+
+        def teacher_explanation(batch: dict) -> torch.Tensor:
+            return run.teacher_scores(run.teacher_evidence(batch)[1], batch["attention_mask"])
+
+        for who, scores_of in (("teacher", teacher_explanation), ("student", lambda b: model(b)[1])):
+            found = rationale_plausibility(examples, run.tokenizer, scores_of, cfg.max_length, cfg.eval_batch_size,
+                                           run.device)  # fmt: skip
             metrics |= {f"plausibility/{who}_{k}": v for k, v in found.items()}
+    return metrics
+
+
+def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
+    cfg = ScaffoldConfig.model_validate(config)
+    reporter = reporter or Reporter()
+    run = setup(cfg)
+    metrics, first_epoch = {}, 1
+    saved = reporter.restore()
+    if saved is not None:  # a restarted trial: continue after the last checkpointed epoch
+        restore_into(saved, run.stateful())
+        run.best_val, run.best_epoch, run.best_state = saved["best_val"], saved["best_epoch"], saved["best_student"]
+        metrics, first_epoch = saved["metrics"], saved["epoch"] + 1
+        replay(run.stream, saved["epoch"] * run.steps_per_epoch)  # the streams are deterministic
+        if run.meta_optimizer is not None:
+            replay(run.meta_stream, saved["epoch"] * run.steps_per_epoch)
+    epoch = first_epoch - 1
+    stopped = saved is not None and epoch - run.best_epoch >= cfg.patience  # restarted after its early stop
+    for epoch in range(first_epoch, cfg.max_epochs + 1 if not stopped else first_epoch):
+        train_loss, meta_loss = train_epoch(run)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"student loss is not finite in epoch {epoch}")
+        validation = data.eval_batches(run.splits["validation"], cfg.eval_batch_size)
+        val_sim, _ = simulability(*outputs(run.student, run.teacher, validation, run.device))
+        if val_sim > run.best_val:
+            run.best_val, run.best_epoch = val_sim, epoch
+            run.keep_best()
+        metrics = {"simulability/val": val_sim, "simulability/best_val": run.best_val, "loss/train": train_loss,
+                   "loss/meta": meta_loss, "explainer/beta": run.learner.beta}  # fmt: skip
+        if saved is not None:
+            metrics["trial/resumed_from_epoch"] = saved["epoch"]
+        checkpoint = None
+        if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+            checkpoint = {"epoch": epoch, "metrics": metrics, "best_val": run.best_val, "best_epoch": run.best_epoch,
+                          "best_student": run.best_state, **state_of(run.stateful())}  # fmt: skip
+        reporter.report(metrics, epoch, checkpoint=checkpoint)
+        if epoch - run.best_epoch >= cfg.patience:
+            break
+
+    metrics |= final_evaluation(run)
     reporter.report(metrics, epoch)
-    if info.kind == "attention":
-        log_head_coefficients(teacher_explainer, reporter)
+    if run.info.kind == "attention":
+        log_head_coefficients(run.teacher_explainer, reporter)
     return metrics
 
 

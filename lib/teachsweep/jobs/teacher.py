@@ -11,16 +11,18 @@ import fcntl
 import hashlib
 import json
 import math
+import os
+import uuid
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from teachsweep import data, distributed, models
+from teachsweep import data, distributed, models, tasks
 from teachsweep.reporter import Reporter
 from teachsweep.training import (
+    DataConfig,
     OptimizerConfig,
     TaskData,
     autocast,
@@ -33,49 +35,62 @@ from teachsweep.training import (
 )
 
 
-class TeacherConfig(OptimizerConfig):
+class TeacherConfig(DataConfig, OptimizerConfig):
     model_config = ConfigDict(extra="forbid")
 
-    task: str = "rotten_tomatoes"
     model: str = "minilm:2"
-    batch_size: int = Field(32, ge=1)
     epochs: int = Field(5, ge=1)
-    steps_per_epoch: int | None = Field(None, ge=1)
     patience: int = Field(5, ge=1)
-    max_train_examples: int | None = Field(None, ge=1)
-    max_eval_examples: int | None = Field(None, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    max_length: int = Field(128, ge=8)
-    freeze_embeddings: bool = False
-    text_column: str | None = None
-    label_column: str | None = None
-    augment_pad: int = 0
-    augment_flip: bool = False
-    bptt: int = 35
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, value: str) -> str:
-        return data.validate_task_name(value)
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
         return models.validate_model_name(value)
 
-    @model_validator(mode="after")
-    def _columns_exist(self) -> TeacherConfig:
-        data.validate_columns(self.task, self.text_column, self.label_column)
-        return self
-
     def key(self) -> str:
         # The version changes whenever the same config would train a different teacher (v2: derived init seeds,
         # perplexity minimised for language models).
         fields = self.model_dump(exclude={"device", "precision"}) | {"registry_version": 2}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class TeacherReference(BaseModel):
+    """A config mixin for jobs that take a frozen teacher: its config, a checkpoint directory, or mlflow:<run_id>
+    (resolved by the sweep layer, see teachsweep.references)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: dict | str = Field(default_factory=dict)
+
+    @field_validator("teacher")
+    @classmethod
+    def _valid_teacher(cls, value: dict | str) -> dict | str:
+        if isinstance(value, dict):
+            TeacherConfig.model_validate(value)
+        return value
+
+
+Config = TeacherConfig
+OBJECTIVE = ("teacher/best_val_acc", "max")
+SCORES = ["teacher/test_acc", "teacher/test_pearson", "teacher/test_ppl"]
+
+
+def score_names(task: str) -> dict[str, str]:
+    """The validation/test score of a task and its direction: accuracy, Pearson r (a csv task may have a float
+    target), or perplexity; both classification scores when the kind is known only once loaded."""
+    kind = tasks.task_kind(task)
+    if kind == "lm":
+        return {"ppl": "min"}
+    if kind is None or task.startswith("csv:"):
+        return {"acc": "max", "pearson": "max", **({"ppl": "min"} if kind is None else {})}
+    return {"acc": "max"}
+
+
+def metrics(cfg: TeacherConfig) -> dict[str, str | None]:
+    out: dict[str, str | None] = {"teacher/loss": "min", "teacher/best_epoch": None}
+    for score, mode in score_names(cfg.task).items():
+        out |= {f"teacher/{split}_{score}": mode for split in ("val", "best_val", "test")}
+    return out
 
 
 def registry_dir(cfg: TeacherConfig) -> Path:
@@ -138,7 +153,7 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
 def save(cfg: TeacherConfig, state: dict, metrics: dict) -> Path:
     directory = registry_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "model.pt.tmp"
+    tmp = directory / f"model.pt.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # concurrent writers never share it
     torch.save(state, tmp)
     tmp.replace(directory / "model.pt")
     (directory / "config.json").write_text(cfg.model_dump_json(indent=1))
@@ -148,25 +163,15 @@ def save(cfg: TeacherConfig, state: dict, metrics: dict) -> Path:
 
 def load_checkpoint(directory: Path, device: torch.device) -> tuple[nn.Module, TeacherConfig]:
     cfg = TeacherConfig.model_validate_json((Path(directory) / "config.json").read_text())
-    task = data.load_task(cfg.task, cfg.text_column, cfg.label_column)
+    task = tasks.load_task(cfg.task, cfg.text_column, cfg.label_column)
     model = models.build_model(cfg.model, task, cfg.seed, cfg.bptt)
     model.load_state_dict(torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=True))
     return model.to(device).eval().requires_grad_(False), cfg
 
 
-def resolve(teacher: dict | str, device: torch.device, tracking_uri: str | None = None):
-    """A frozen teacher from a config (trained once into the registry), a checkpoint directory, or an MLflow run
-    id (`mlflow:<run_id>`, the run's logged model.pt and config.json)."""
-    if isinstance(teacher, str) and teacher.startswith("mlflow:"):
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        run_id = teacher.removeprefix("mlflow:")
-        target = data.cache_dir() / "teachers" / f"mlflow-{run_id}"
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("model.pt", "config.json"):
-            client.download_artifacts(run_id, name, str(target))
-        return load_checkpoint(target, device)
+def resolve(teacher: dict | str, device: torch.device):
+    """A frozen teacher from a config (trained once into the registry) or a checkpoint directory (the sweep layer
+    turns `mlflow:<run_id>` references into one before the job runs: see teachsweep.references)."""
     if isinstance(teacher, str):
         return load_checkpoint(Path(teacher), device)
     cfg = TeacherConfig.model_validate(teacher)

@@ -1,0 +1,98 @@
+"""Teacher references in job configs, checked before a sweep creates anything and resolved for each trial.
+
+A job declares which of its config fields hold a teacher (`TEACHER_FIELDS`); each may be
+
+    {task: ..., model: ...}   a teacher config: trained once into the teacher registry on first use
+    <directory>               a checkpoint directory: model.pt (a state_dict) and config.json (its teacher config)
+    mlflow:<run_id>           the model.pt and config.json an MLflow run logged, in the sweep's tracking store
+
+The sweep layer resolves `mlflow:` references to a local directory (`materialize`) so that jobs never talk to
+MLflow, and checks every reference up front (`check`): a run, directory or file that does not exist is a
+one-line error naming the field, before any trial, run or study exists."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from teachsweep import data
+
+MLFLOW = "mlflow:"
+CHECKPOINT_FILES = ("model.pt", "config.json")
+
+
+class ReferenceError(ValueError):
+    """A teacher reference that cannot be resolved; the message names the field."""
+
+
+def check(value: Any, field: str, tracking_uri: str) -> None:
+    """Refuse a reference that could not be resolved (reads only; creates no store, run or file)."""
+    from teachsweep.jobs.teacher import TeacherConfig
+
+    if isinstance(value, dict):
+        try:
+            TeacherConfig.model_validate(value)
+        except ValueError as error:
+            raise ReferenceError(f"{field}: {str(error).splitlines()[-1].strip()}") from None
+        return
+    if not isinstance(value, str):
+        raise ReferenceError(f"{field}: a teacher config, a checkpoint directory or mlflow:<run_id>")
+    if value.startswith(MLFLOW):
+        check_mlflow_run(value.removeprefix(MLFLOW), field, tracking_uri)
+        return
+    directory = Path(value).expanduser()
+    missing = [name for name in CHECKPOINT_FILES if not (directory / name).is_file()]
+    if not directory.is_dir() or missing:
+        raise ReferenceError(f"{field}: no teacher checkpoint at {directory} (needs {', '.join(CHECKPOINT_FILES)})")
+    try:
+        TeacherConfig.model_validate(json.loads((directory / "config.json").read_text()))
+    except ValueError as error:
+        raise ReferenceError(f"{field}: {directory / 'config.json'} is not a teacher config: {error}") from None
+
+
+def check_mlflow_run(run_id: str, field: str, tracking_uri: str) -> None:
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise ReferenceError(f"{field}: MLflow run {run_id} not found (no tracking store at {tracking_uri})")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_run(run_id)
+        logged = {artifact.path for artifact in client.list_artifacts(run_id)}
+    except MlflowException:
+        raise ReferenceError(f"{field}: MLflow run {run_id} not found in {tracking_uri}") from None
+    missing = [name for name in CHECKPOINT_FILES if name not in logged]
+    if missing:
+        raise ReferenceError(f"{field}: MLflow run {run_id} logged no teacher ({', '.join(missing)} missing)")
+
+
+def materialize(value: Any, tracking_uri: str) -> Any:
+    """A reference a job can load without MLflow: `mlflow:<run>` becomes the local directory its checkpoint was
+    downloaded to (in the cache, once per run); configs and directories are returned unchanged."""
+    if not (isinstance(value, str) and value.startswith(MLFLOW)):
+        return value
+    from mlflow.tracking import MlflowClient
+
+    run_id = value.removeprefix(MLFLOW)
+    target = data.cache_dir() / "teachers" / f"mlflow-{run_id}"
+    if all((target / name).is_file() for name in CHECKPOINT_FILES):
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".mlflow-{run_id}-", dir=target.parent))  # concurrent trials: each
+    client = MlflowClient(tracking_uri)  # downloads into its own directory, and the first complete one is kept
+    for name in CHECKPOINT_FILES:
+        client.download_artifacts(run_id, name, str(staging))
+    try:
+        staging.rename(target)
+    except OSError:  # another trial finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def resolve_config(config: dict[str, Any], fields: tuple[str, ...], tracking_uri: str) -> dict[str, Any]:
+    """`config` with each teacher field materialized."""
+    return config | {f: materialize(config[f], tracking_uri) for f in fields if f in config}

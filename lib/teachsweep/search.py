@@ -1,0 +1,198 @@
+"""Search: which trial Tune starts next. The fixed trials (plan.py) come first, then Optuna's suggestions.
+
+The search state lives in the sweep's Optuna RDB study and is read and written through Optuna's public API only
+(`ask`, `tell`, `add_trial`, `get_trials`): a driver that dies and is resumed finds the study as it was, marks
+the trials that were running then as failed, and tells their re-runs as new trials. Tune checkpoints only the
+map from its trial ids to Optuna trial numbers."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from teachsweep.plan import fixed_trials
+from teachsweep.spec import SweepSpec
+
+
+def optuna_space(spec: SweepSpec) -> dict[str, Any]:
+    space = {}
+    for key, p in spec.space.items():
+        if p.type == "categorical":
+            space[key] = CategoricalDistribution(p.values)
+        elif p.type == "int":
+            space[key] = IntDistribution(int(p.low), int(p.high), log=p.log)
+        else:
+            space[key] = FloatDistribution(p.low, p.high, log=p.type == "loguniform")
+    return space
+
+
+def open_study(spec: SweepSpec, storage_url: str) -> optuna.Study:
+    """The sweep's study (created on first use), named after the sweep, with its metric names recorded."""
+    sampler = (
+        optuna.samplers.TPESampler(seed=spec.sampler.seed)
+        if spec.sampler.type == "tpe"
+        else optuna.samplers.RandomSampler(seed=spec.sampler.seed)
+    )
+    directions = ["maximize" if mode == "max" else "minimize" for mode in spec.mode_names]
+    study = optuna.create_study(
+        study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url), sampler=sampler,
+        directions=directions, load_if_exists=True,
+    )  # fmt: skip
+    if study.metric_names is None:  # what optuna-dashboard labels the objectives with
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(spec.metric_names)
+    return study
+
+
+class StudySearcher(Searcher):
+    """Optuna's suggestions through ask/tell on the sweep's study."""
+
+    def __init__(self, spec: SweepSpec, storage_url: str):
+        super().__init__(metric=spec.metric_names[0], mode=spec.mode_names[0])
+        self.spec, self.storage_url = spec, storage_url
+        self.space = optuna_space(spec)
+        self.numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number
+        self.asked: dict[str, optuna.Trial] = {}  # trials asked by this driver (for intermediate values)
+        self._study: optuna.Study | None = None
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            self._study = open_study(self.spec, self.storage_url)
+        return self._study
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        trial = self.study.ask(self.space)
+        self.numbers[trial_id], self.asked[trial_id] = trial.number, trial
+        return dict(trial.params)
+
+    def frozen(self, trial_id: str) -> optuna.trial.FrozenTrial | None:
+        number = self.numbers.get(trial_id)
+        if number is None:
+            return None
+        return next((t for t in self.study.get_trials(deepcopy=False) if t.number == number), None)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Intermediate values of a single objective, by epoch (what Optuna's own pruners and plots read)."""
+        trial, metric = self.asked.get(trial_id), self.spec.metric_names[0]
+        if trial is None or len(self.spec.metric_names) > 1 or metric not in result:
+            return
+        frozen = self.frozen(trial_id)
+        if frozen is not None and frozen.state == TrialState.RUNNING:
+            trial.report(float(result[metric]), step=int(result.get("training_iteration", 0)))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        frozen = self.frozen(trial_id)
+        if frozen is None:
+            return
+        values = [result.get(m) for m in self.spec.metric_names] if result else None
+        complete = not error and values is not None and all(v is not None for v in values)
+        if frozen.state.is_finished():
+            # A trial re-run after a resume: its Optuna trial was failed then; a result that already reached
+            # the study before the driver died is not told twice.
+            if complete and frozen.state == TrialState.FAIL:
+                self.study.add_trial(
+                    optuna.trial.create_trial(
+                        params=frozen.params, distributions=frozen.distributions, values=[float(v) for v in values]
+                    )  # fmt: skip
+                )
+            return
+        if complete:
+            self.study.tell(frozen.number, [float(v) for v in values])
+        else:  # a trial stopped before reporting its objective (an error, or early stopping)
+            self.study.tell(frozen.number, state=TrialState.FAIL if error else TrialState.PRUNED)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"numbers": self.numbers}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.numbers = pickle.load(f)["numbers"]
+
+
+class NothingToSearch(Searcher):
+    """The searcher of a grid: Tune's restore insists on finding a searcher file, so it writes an empty one."""
+
+    def suggest(self, trial_id: str):
+        return Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            f.write(b"")
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+
+class FixedThenSearch(Searcher):
+    """Hands out the fixed trials first, then the searcher's suggestions. Fixed trials are never told to the
+    study, so it holds searched trials only, while all trials share one Tune experiment (and the machine)."""
+
+    def __init__(self, fixed: list[dict[str, Any]], searcher: Searcher, metric: str, mode: str):
+        super().__init__(metric=metric, mode=mode)
+        self.pending, self.fixed_ids, self.searcher = list(fixed), set(), searcher
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str):
+        if self.pending:
+            self.fixed_ids.add(trial_id)
+            return {"fixed_trial": self.pending.pop(0)}
+        return self.searcher.suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self.fixed_ids:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        if trial_id not in self.fixed_ids:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def get_state(self) -> dict:
+        return {"pending": list(self.pending), "fixed_ids": set(self.fixed_ids)}
+
+    def set_state(self, state: dict) -> None:
+        self.pending, self.fixed_ids = state["pending"], state["fixed_ids"]
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)
+
+
+def make_searcher(spec: SweepSpec, storage_url: str) -> tuple[FixedThenSearch, int]:
+    """The sweep's searcher and how many trials it will hand out."""
+    fixed = fixed_trials(spec)
+    metric, mode = spec.metric_names[0], spec.mode_names[0]
+    searcher = StudySearcher(spec, storage_url) if spec.space else NothingToSearch(metric=metric, mode=mode)
+    total = len(fixed) + (spec.num_samples if spec.space else 0)
+    return FixedThenSearch(fixed, searcher, metric, mode), total
+
+
+def fail_interrupted_trials(spec: SweepSpec, storage_url: str) -> list[int]:
+    """Optuna trials left RUNNING by a driver that died are told FAIL; Tune re-runs their trials, and their
+    results come back to the study as new trials (StudySearcher.on_trial_complete)."""
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url))
+    except KeyError:
+        return []
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
+        study.tell(trial.number, state=TrialState.FAIL)
+    return [t.number for t in running]
