@@ -112,10 +112,15 @@ def seed_summary_table(rows: list[dict]) -> Table:
 
 
 @app.command()
-def run(spec_file: Path = typer.Argument(..., help="a sweep spec (YAML)")) -> None:
-    """Run (or resume) the sweep described by SPEC_FILE and print a table of its trials and the best one."""
+def run(spec_file: Path = typer.Argument(..., help="a sweep spec or a pipeline of them (YAML)")) -> None:
+    """Run (or resume) the sweep described by SPEC_FILE and print a table of its trials and the best one; a
+    pipeline file (`stages:`) runs its stages in order, skipping the finished ones."""
+    from teachsweep.pipeline import is_pipeline
     from teachsweep.spec import SpecError, load_spec
 
+    if spec_file.is_file() and is_pipeline(spec_file.read_text()):
+        run_pipeline_file(spec_file)
+        return
     try:
         spec = load_spec(spec_file)
         from teachsweep.progress import Progress
@@ -129,11 +134,44 @@ def run(spec_file: Path = typer.Argument(..., help="a sweep spec (YAML)")) -> No
         raise typer.Exit(1)
 
 
+def run_pipeline_file(spec_file: Path) -> None:
+    from teachsweep.pipeline import parse_pipeline, run_pipeline
+    from teachsweep.progress import Progress
+    from teachsweep.spec import SpecError
+
+    text = spec_file.read_text()
+
+    def on_stage(stage, outcome) -> None:
+        if outcome is None:
+            console.print(f"[bold]stage {stage.index} {stage.name}[/]: finished before, skipped")
+        else:
+            console.print(f"[bold]stage {stage.index} {stage.name}[/]")
+            print_outcome(outcome)
+
+    try:
+        pipeline = parse_pipeline(text, where=f"{spec_file}: ")
+        outcomes = run_pipeline(pipeline, text, lambda spec: [Progress(spec.metric_names)], on_stage)
+    except SpecError as error:
+        fail(str(error))
+    if any(row["status"] != "OK" for outcome in outcomes for row in outcome.trials):
+        raise typer.Exit(1)
+
+
 @app.command()
-def validate(spec_file: Path = typer.Argument(..., help="a sweep spec (YAML)")) -> None:
+def validate(spec_file: Path = typer.Argument(..., help="a sweep spec or pipeline (YAML)")) -> None:
     """Check a spec without running anything."""
+    from teachsweep.pipeline import is_pipeline, parse_pipeline
     from teachsweep.spec import SpecError, load_spec
 
+    if spec_file.is_file() and is_pipeline(spec_file.read_text()):
+        try:
+            pipeline = parse_pipeline(spec_file.read_text(), where=f"{spec_file}: ")
+        except SpecError as error:
+            fail(str(error))
+        console.print(
+            f"{spec_file}: ok (pipeline {pipeline.name}: stages {', '.join(s.name for s in pipeline.stages)})"
+        )
+        return
     try:
         spec = load_spec(spec_file)
     except SpecError as error:
@@ -179,12 +217,13 @@ def list_command(results_dir: str = RESULTS_OPTION) -> None:
     from teachsweep.results import list_sweeps, open_sweep, status
 
     table = Table(title=f"sweeps in {Path(results_dir).resolve()}")
-    for column in ("name", "job", "status", "finished", "failed", "planned", "elapsed"):
+    for column in ("name", "pipeline stage", "job", "status", "finished", "failed", "planned", "elapsed"):
         table.add_column(column)
     for name in list_sweeps(results_dir):
         sweep = open_sweep(name, results_dir)
         st = status(sweep)
-        table.add_row(name, sweep.spec.job, st["sweep_status"], str(st["finished"]), str(st["failed"]),
+        stage = f"{sweep.spec.pipeline} #{sweep.spec.stage}" if sweep.spec.pipeline else ""
+        table.add_row(name, stage, sweep.spec.job, st["sweep_status"], str(st["finished"]), str(st["failed"]),
                       str(st["planned"]), f"{st['elapsed_s']:.0f} s")  # fmt: skip
     console.print(table)
 
@@ -207,7 +246,8 @@ def status_command(
         while True:
             st = status(sweep)
             best = st["best"][0]["values"] if st["best"] else {}
-            line = (f"{st['finished']}/{st['planned']} done, {st['running']} running, {st['failed']} failed, "
+            stage = f"stage {sweep.spec.stage} of pipeline {sweep.spec.pipeline}; " if sweep.spec.pipeline else ""
+            line = (f"{stage}{st['finished']}/{st['planned']} done, {st['running']} running, {st['failed']} failed, "
                     f"{st['elapsed_s']:.0f} s, {st['sweep_status']}; best so far {best}")  # fmt: skip
             bar.update(task, completed=st["finished"] + st["failed"], line=line)
             if not watch or st["sweep_status"] != "RUNNING":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from teachsweep import references
 from teachsweep.jobs import JOBS, ArmPlan
 from teachsweep.spec import SweepSpec
 
@@ -29,30 +30,52 @@ def arm_plan(spec: SweepSpec) -> ArmPlan:
     return ArmPlan(spec.baseline.budgets if spec.baseline else [], choices)
 
 
-def unseeded_fixed_trials(spec: SweepSpec) -> list[dict[str, Any]]:
+def teacher_choices(
+    spec: SweepSpec, name: str, overlay: dict[str, Any], pending: set[str] = frozenset()
+) -> list[tuple[str, dict[str, Any]]]:
+    """(label suffix, overlay) per teacher a variant runs with: a `sweep:<name>/each` reference fans the variant
+    out over the earlier sweep's teachers (`sweep:...` becomes the `mlflow:<run>` of each, and `teacher_source`
+    records which for MLflow); any other reference stays as it is."""
+    choices = [("", {})]
+    for field in JOBS[spec.job].teacher_fields:
+        value = overlay.get(field, spec.config.get(field))
+        where = f"variants.{name}.{field}" if field in overlay else f"config.{field}"
+        expanded = references.expand(value, where, spec.results_dir, pending)
+        if expanded[0][0] is None:
+            continue
+        choices = [
+            (f"{suffix}-teacher{trial}" if len(expanded) > 1 else suffix,
+             chosen | {field: reference, "teacher_source": f"{value.split('/')[0]}/{trial}"})
+            for suffix, chosen in choices for trial, reference in expanded
+        ]  # fmt: skip
+    return choices
+
+
+def unseeded_fixed_trials(spec: SweepSpec, pending: set[str] = frozenset()) -> list[dict[str, Any]]:
     job = JOBS[spec.job]
     overlays = spec.variants.items() if spec.variants else [("", {})]
     trials = []
     for name, overlay in overlays:
-        config = {**spec.config, **overlay}
         tag = {"variant": name} if name else {}
-        if spec.variants:
-            arm = config.get("arm", "lot") if job.has_fixed_arms else None
-            trials.append({"label": f"{name}-{arm}" if arm else name, **tag, **overlay})
-        if spec.baseline is not None:
-            for arm in job.fixed_arms(config, arm_plan(spec)):
-                label = f"{name}-{arm.pop('label')}" if name else arm.pop("label")
-                trials.append({"label": label, **tag, **overlay, **arm})
+        for suffix, teacher in teacher_choices(spec, name, overlay, pending) if spec.variants else [("", {})]:
+            config = {**spec.config, **overlay, **teacher}
+            if spec.variants:
+                arm = config.get("arm", "lot") if job.has_fixed_arms else None
+                trials.append({"label": (f"{name}-{arm}" if arm else name) + suffix, **tag, **overlay, **teacher})
+            if spec.baseline is not None:
+                for arm in job.fixed_arms(config, arm_plan(spec)):
+                    label = (f"{name}-{arm.pop('label')}" if name else arm.pop("label")) + suffix
+                    trials.append({"label": label, **tag, **overlay, **teacher, **arm})
     return trials
 
 
-def planned_configs(spec: SweepSpec) -> list[tuple[str, dict[str, Any], set[str]]]:
+def planned_configs(spec: SweepSpec, pending: set[str] = frozenset()) -> list[tuple[str, dict[str, Any], set[str]]]:
     """(where, job config, the keys set there rather than in `config`) of every kind of trial the spec can start:
     each fixed trial, and the base config of the search (its searched values are checked at the corners of the
     space by spec validation)."""
     configs = [("config", dict(spec.config), set())] if spec.space else []
-    for trial in unseeded_fixed_trials(spec):
-        overrides = {k: v for k, v in trial.items() if k not in ("label", "variant")}
+    for trial in unseeded_fixed_trials(spec, pending):
+        overrides = {k: v for k, v in trial.items() if k not in ("label", "variant", "teacher_source")}
         where = f"variants.{trial['variant']}" if "variant" in trial else "baseline"
         configs.append((where, {**spec.config, **overrides}, set(overrides)))
     return configs

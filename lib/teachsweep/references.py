@@ -5,6 +5,9 @@ A job declares which of its config fields hold a teacher (`TEACHER_FIELDS`); eac
     {task: ..., model: ...}   a teacher config: trained once into the teacher registry on first use
     <directory>               a checkpoint directory: model.pt (a state_dict) and config.json (its teacher config)
     mlflow:<run_id>           the model.pt and config.json an MLflow run logged, in the sweep's tracking store
+    sweep:<name>/<selector>   the teachers an earlier sweep (in the same results directory) trained: `best` (its
+                              best trial by its own objective), a trial id, or `each` (one teacher per finished
+                              trial, fixed arms included: the planner fans a trial out per teacher)
 
 The sweep layer resolves `mlflow:` references to a local directory (`materialize`) so that jobs never talk to
 MLflow, and checks every reference up front (`check`): a run, directory or file that does not exist is a
@@ -21,6 +24,8 @@ from typing import Any
 from teachsweep import data
 
 MLFLOW = "mlflow:"
+SWEEP = "sweep:"
+SELECTORS = ("best", "each")
 CHECKPOINT_FILES = ("model.pt", "config.json")
 
 
@@ -28,10 +33,19 @@ class ReferenceError(ValueError):
     """A teacher reference that cannot be resolved; the message names the field."""
 
 
-def check(value: Any, field: str, tracking_uri: str) -> None:
-    """Refuse a reference that could not be resolved (reads only; creates no store, run or file)."""
+def check(
+    value: Any, field: str, tracking_uri: str, results_dir: str | Path = ".", pending: set[str] = frozenset()
+) -> None:
+    """Refuse a reference that could not be resolved (reads only; creates no store, run or file). References to
+    `pending` sweeps (earlier stages of a pipeline that have not run yet) are checked when those have run."""
     from teachsweep.jobs.teacher import TeacherConfig
 
+    if isinstance(value, str) and value.startswith(SWEEP):
+        if parse_sweep(value, field)[0] in pending:
+            return
+        for run_id in sweep_teachers(value, field, results_dir).values():
+            check_mlflow_run(run_id, field, tracking_uri)
+        return
     if isinstance(value, dict):
         try:
             TeacherConfig.model_validate(value)
@@ -68,6 +82,55 @@ def check_mlflow_run(run_id: str, field: str, tracking_uri: str) -> None:
     missing = [name for name in CHECKPOINT_FILES if name not in logged]
     if missing:
         raise ReferenceError(f"{field}: MLflow run {run_id} logged no teacher ({', '.join(missing)} missing)")
+
+
+def parse_sweep(value: str, field: str) -> tuple[str, str]:
+    """`sweep:<name>/<selector>` -> (name, selector); the selector defaults to `best`."""
+    name, _, selector = value.removeprefix(SWEEP).partition("/")
+    if not name:
+        raise ReferenceError(
+            f"{field}: '{value}': give sweep:<name>/best, sweep:<name>/<trial id> or sweep:<name>/each"
+        )
+    return name, selector or "best"
+
+
+def sweep_teachers(value: str, field: str, results_dir: str | Path) -> dict[str, str]:
+    """{trial id: MLflow run id} of the teachers a `sweep:` reference selects, from the earlier sweep's own
+    store (finished trials that logged a teacher; for a trial that ran several seeds, its first seed's)."""
+    from teachsweep.results import best_trials, open_sweep, teacher_runs
+    from teachsweep.spec import SpecError
+
+    name, selector = parse_sweep(value, field)
+    try:
+        sweep = open_sweep(name, results_dir)
+    except SpecError:
+        raise ReferenceError(f"{field}: no sweep named '{name}' in {Path(results_dir).resolve()}") from None
+    teachers = teacher_runs(sweep)
+    if not teachers:
+        raise ReferenceError(f"{field}: sweep '{name}' has no finished trial that saved a teacher")
+    if selector == "each":
+        return teachers
+    if selector == "best":
+        best = best_trials(sweep)
+        trial = str(best[0].get("trial_id")) if best else None
+        if trial not in teachers:
+            raise ReferenceError(f"{field}: sweep '{name}' has no best trial with a saved teacher")
+        return {trial: teachers[trial]}
+    if selector not in teachers:
+        raise ReferenceError(f"{field}: sweep '{name}' has no finished trial '{selector}' with a saved teacher "
+                             f"(trials: {', '.join(sorted(teachers))})")  # fmt: skip
+    return {selector: teachers[selector]}
+
+
+def expand(
+    value: Any, field: str, results_dir: str | Path, pending: set[str] = frozenset()
+) -> list[tuple[str | None, Any]]:
+    """The teachers one reference stands for, as (trial id of the earlier sweep or None, reference a trial can
+    materialize): `sweep:` references become `mlflow:<run_id>` (several for `each`), others stay as they are, and
+    so do references to `pending` sweeps (not run yet)."""
+    if not (isinstance(value, str) and value.startswith(SWEEP)) or parse_sweep(value, field)[0] in pending:
+        return [(None, value)]
+    return [(trial, f"{MLFLOW}{run}") for trial, run in sorted(sweep_teachers(value, field, results_dir).items())]
 
 
 def materialize(value: Any, tracking_uri: str) -> Any:

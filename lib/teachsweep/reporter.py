@@ -33,6 +33,11 @@ class Reporter:
     def log_file(self, path: str | Path) -> None:
         self.artifacts[Path(path).name] = str(path)
 
+    def log_teacher(self, state: dict, config: dict) -> None:
+        """The teacher a later stage should load as a frozen teacher: its state_dict (tensors only, loadable with
+        weights_only=True) and its teacher config, saved as `model.pt` and `config.json` of the trial's run."""
+        self.teacher = {"state": state, "config": json.loads(json.dumps(config))}
+
     @property
     def last(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}

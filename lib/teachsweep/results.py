@@ -95,6 +95,26 @@ def trial_runs(sweep: Sweep):
     return pd.DataFrame(rows)
 
 
+def teacher_runs(sweep: Sweep) -> dict[str, str]:
+    """{trial id: MLflow run id} of the sweep's finished trials that saved a teacher (`model.pt`; for a trial that
+    ran several seeds, its first seed's run)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sweep.tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.spec.experiment or sweep.name)
+    if experiment is None:
+        return {}
+    query = f"tags.`teachsweep.sweep` = '{sweep.name}' and tags.`teachsweep.teacher_artifact` = 'model.pt'"
+    runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=50_000,
+                              order_by=["attributes.start_time ASC"])  # fmt: skip
+    out: dict[str, str] = {}
+    for run in runs:
+        trial = run.data.tags.get("teachsweep.trial_id")
+        if run.info.status == "FINISHED" and trial and trial not in out:
+            out[trial] = run.info.run_id
+    return out
+
+
 def status(sweep: Sweep) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 

@@ -129,7 +129,9 @@ class SweepSpec(Strict):
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(0, ge=0)
     tracking_uri: str | None = None  # default: sqlite file in the results directory ($MLFLOW_TRACKING_URI wins)
-    experiment: str | None = None  # MLflow experiment; default: the sweep name
+    experiment: str | None = None  # MLflow experiment; default: the sweep name (a pipeline's stages: the pipeline's)
+    pipeline: str | None = None  # set by a pipeline on its stages (pipeline.py)
+    stage: int | None = None
     results_dir: str = "teachsweep-results"
 
     @field_validator("name")
@@ -242,16 +244,35 @@ def tracking_uri_of(spec: SweepSpec) -> str:
     return spec.tracking_uri or default_tracking_uri(Path(spec.results_dir).expanduser())
 
 
-def check_planned_trials(spec: SweepSpec, where: str) -> None:
+def check_planned_trials(spec: SweepSpec, where: str, pending: dict[str, str] | None = None) -> None:
     """What used to fail only inside trials, refused before anything exists: each planned config's own checks
-    and teacher references, and objectives that no trial reports (or optimises in the wrong direction)."""
+    and teacher references, and objectives that no trial reports (or optimises in the wrong direction).
+    `pending` ({stage name: job}) are earlier stages of a pipeline that have not run yet: references to them are
+    checked when their stage has finished, here only that their job saves teachers."""
     from teachsweep import references
     from teachsweep.plan import planned_configs
 
     job = JOBS[spec.job]
     uri = None
     reported: dict[str, str | None] = {}
-    for label, config, overridden in planned_configs(spec):
+    for field in job.teacher_fields:
+        value = spec.config.get(field)
+        if spec.space and isinstance(value, str) and value.startswith(references.SWEEP) and value.endswith("/each"):
+            raise SpecError(f"{where}config.{field}: '/each' fans out one trial per teacher: give it in a grid "
+                            "(variants), not to a search")  # fmt: skip
+    pending = pending or {}
+    for field in job.teacher_fields:
+        for value in [spec.config.get(field)] + [v.get(field) for v in spec.variants.values()]:
+            if isinstance(value, str) and value.startswith(references.SWEEP):
+                name = references.parse_sweep(value, field)[0]
+                if name in pending and not JOBS[pending[name]].saves_teacher:
+                    raise SpecError(f"{where}{field}: stage '{name}' runs job '{pending[name]}', which saves no "
+                                    "teacher")  # fmt: skip
+    try:
+        planned = planned_configs(spec, set(pending))
+    except references.ReferenceError as error:
+        raise SpecError(f"{where}{error}") from None
+    for label, config, overridden in planned:
         try:
             job.check(config)
         except ValueError as error:
@@ -262,7 +283,7 @@ def check_planned_trials(spec: SweepSpec, where: str) -> None:
             if field in config:
                 uri = uri or tracking_uri_of(spec)
                 try:
-                    references.check(config[field], field, uri)
+                    references.check(config[field], field, uri, spec.results_dir, set(pending))
                 except references.ReferenceError as error:
                     raise SpecError(f"{where}{label if field in overridden else 'config'}.{error}") from None
         metrics = job.metrics(config)
@@ -283,7 +304,7 @@ def check_planned_trials(spec: SweepSpec, where: str) -> None:
                             f"optimise it the wrong way")  # fmt: skip
 
 
-def parse_spec(text: str, where: str = "") -> SweepSpec:
+def parse_spec(text: str, where: str = "", pending: dict[str, str] | None = None) -> SweepSpec:
     """Parse and validate a spec given as YAML text; `where` prefixes error messages (the file name)."""
     try:
         raw = yaml.safe_load(text)
@@ -298,7 +319,7 @@ def parse_spec(text: str, where: str = "") -> SweepSpec:
     except ValidationError as error:
         raise SpecError(where + _one_line(error)) from None
     validate_job_config(spec, where)
-    check_planned_trials(spec, where)
+    check_planned_trials(spec, where, pending)
     return spec
 
 

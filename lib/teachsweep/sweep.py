@@ -30,7 +30,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # models); trial_rows() flags searched trials that never reported their objective instead.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
-from teachsweep import tracking  # noqa: E402
+from teachsweep import references, tracking  # noqa: E402
 from teachsweep.jobs import JOBS  # noqa: E402
 from teachsweep.metrics import PAIRED_METHOD, merge_seed_trials, seed_summaries  # noqa: E402
 from teachsweep.results import best_of_rows, pareto_front  # noqa: E402
@@ -154,7 +154,10 @@ def quiet_libraries() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def run_sweep(spec: SweepSpec, spec_text: str, callbacks: list | None = None) -> SweepOutcome:
+def run_sweep(
+    spec: SweepSpec, spec_text: str, callbacks: list | None = None, pipeline_run_id: str | None = None
+) -> SweepOutcome:
+    """Run or resume one sweep; a pipeline's stage nests its parent run under the pipeline's run."""
     quiet_libraries()
     paths = paths_for(spec)
     uri = preflight(spec, paths)
@@ -176,13 +179,17 @@ def run_sweep(spec: SweepSpec, spec_text: str, callbacks: list | None = None) ->
     parent_params = {"job": spec.job, "config": spec.config, "space": spec.model_dump()["space"],
                      "seeds": spec.seeds, "num_samples": spec.num_samples, "objectives": spec.metric_names}  # fmt: skip
     known_parent = paths.parent_run.read_text().strip() if paths.parent_run.exists() else None
-    parent_run_id = tracking.start_parent_run(client, experiment_id, spec.name, parent_params, spec_text, known_parent)
+    stage_tags = {"teachsweep.pipeline": spec.pipeline, "teachsweep.stage": str(spec.stage)} if spec.pipeline else {}
+    if pipeline_run_id:
+        stage_tags["mlflow.parentRunId"] = pipeline_run_id
+    parent_run_id = tracking.start_parent_run(client, experiment_id, spec.name, parent_params, spec_text, known_parent,
+                                              stage_tags)  # fmt: skip
     paths.parent_run.write_text(parent_run_id)
 
     ctx = TrialContext(
-        spec.name, spec.job, spec.config, spec.seeds, uri, experiment_id, parent_run_id,
+        spec.name, spec.job, searched_config(spec), spec.seeds, uri, experiment_id, parent_run_id,
         spec.resources.cpus, spec.resources.workers, spec.resources.gpus, str(paths.tune / "train"),
-        spec.resources.accelerator(),
+        spec.resources.accelerator(), {k: v for k, v in stage_tags.items() if k.startswith("teachsweep.")},
     )  # fmt: skip
     # A multi-worker trial only drives its TorchTrainer, whose workers reserve the CPUs and GPUs themselves
     # (Tune refuses an empty request: the driver takes a token 0.01 CPU).
@@ -218,6 +225,17 @@ def run_sweep(spec: SweepSpec, spec_text: str, callbacks: list | None = None) ->
             tracking.retry(lambda: client.log_dict(parent_run_id, outcome.best, "best.json"))
         tracking.finish_run(client, parent_run_id, error if not isinstance(error, KeyboardInterrupt) else None)
     return outcome
+
+
+def searched_config(spec: SweepSpec) -> dict[str, Any]:
+    """The fixed config searched trials start from, with a `sweep:<name>/best` (or trial id) teacher reference
+    resolved now, once, to the MLflow run it names (fixed trials carry their own, from plan.py)."""
+    config = dict(spec.config)
+    for name in JOBS[spec.job].teacher_fields:
+        (_, reference), *rest = references.expand(config.get(name), f"config.{name}", spec.results_dir)
+        if name in config and not rest:
+            config[name] = reference
+    return config
 
 
 def comparison_metrics(spec: SweepSpec) -> list[str]:

@@ -124,14 +124,20 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> No
 
 
 def start_parent_run(
-    client, experiment_id: str, sweep: str, params: dict[str, Any], spec_text: str, run_id: str | None
+    client,
+    experiment_id: str,
+    sweep: str,
+    params: dict[str, Any],
+    spec_text: str,
+    run_id: str | None,
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
     """Resume the sweep's parent run `run_id`, or create one (logging the spec) when the sweep is new.
 
     The run id lives in the sweep's results directory, next to the Tune and Optuna state it belongs to, so
     a sweep deleted and started again gets a fresh parent run instead of inheriting stale children."""
     if run_id is None:
-        tags = {"teachsweep.sweep": sweep, "teachsweep.role": PARENT}
+        tags = {"teachsweep.sweep": sweep, "teachsweep.role": PARENT} | (extra_tags or {})
         commit = git_commit()
         run_tags = tags | ({"mlflow.source.git.commit": commit} if commit else {})
         run_id = retry(lambda: client.create_run(experiment_id, run_name=sweep, tags=run_tags)).info.run_id
@@ -248,3 +254,20 @@ class TrialReporter(Reporter):
         super().log_file(path)
         if self.rank == 0:
             retry(lambda: self.client.log_artifact(self.run_id, str(path)))
+
+    def log_teacher(self, state: dict, config: dict) -> None:
+        super().log_teacher(state, config)
+        if self.rank != 0:
+            return
+        import json
+        import tempfile
+
+        import torch
+
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(state, f"{directory}/model.pt")
+            with open(f"{directory}/config.json", "w") as f:
+                json.dump(config, f, indent=1)
+            for name in ("model.pt", "config.json"):
+                retry(lambda name=name: self.client.log_artifact(self.run_id, f"{directory}/{name}"))
+        retry(lambda: self.client.set_tag(self.run_id, "teachsweep.teacher_artifact", "model.pt"))

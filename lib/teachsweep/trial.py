@@ -34,6 +34,7 @@ class TrialContext:
     gpus: float = 0.0
     train_storage: str | None = None  # where multi-worker trials keep their Train runs
     accelerator: dict[str, float] = field(default_factory=dict)  # e.g. {"accelerator_type:A100": 0.001}
+    stage_tags: dict[str, str] = field(default_factory=dict)  # a pipeline stage's trials: pipeline and stage
 
 
 def device_for(config: dict[str, Any], gpus: float, cuda_available: bool) -> dict[str, Any]:
@@ -66,9 +67,11 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     overrides = dict(params.get("fixed_trial", {}))
     label = overrides.pop("label", None)
     overrides.pop("variant", None)
+    teacher_source = overrides.pop("teacher_source", None)
     config = {**ctx.fixed, **overrides, **{k: v for k, v in params.items() if k != "fixed_trial"}}
     label = label or str(config.get("arm", ctx.job))
     seeds = [overrides["seed"]] if "seed" in overrides else ctx.seeds  # a grid runs each seed as its own trial
+    teachers = {f: str(teacher_source or config[f])[:250] for f in JOBS[ctx.job].teacher_fields if f in config}
     config = references.resolve_config(config, JOBS[ctx.job].teacher_fields, ctx.tracking_uri)
     if "device" in JOBS[ctx.job].config_class.model_fields and (ctx.workers == 1 or not ctx.gpus):  # (DDP workers
         # with GPUs run where Ray Train placed them, and this process drives them without one)
@@ -81,6 +84,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         "teachsweep.job": ctx.job,
         "teachsweep.arm": str(config.get("arm", "")),
         "teachsweep.label": label,
+        **{f"teachsweep.{field}": source for field, source in teachers.items()},  # which teacher it used
+        **ctx.stage_tags,
     }
     run_id = tracking.start_child_run(
         client, ctx.experiment_id, ctx.parent_run_id, trial_id, f"{label}-{trial_id}", tags,

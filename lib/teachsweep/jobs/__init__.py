@@ -13,6 +13,7 @@ A job is one readable module (lot, teacher, scaffold, explain) that declares:
     fixed_arms(config, plan)  optional: extra trials the job wants beside each variant (LoT's teacher-only arms)
     compare(trials, metrics)  optional: the job's own comparisons over finished trials (LoT minus teacher-only)
     REFERENCE_ARM             optional: the variant every other one is compared with, paired by seed (SMaT: none)
+    SAVES_TEACHER             optional: it hands a teacher to `reporter.log_teacher` (a later stage can use it)
 
 A new job plugs in by adding its module to MODULES; nothing else in the sweep layer names a job."""
 
@@ -68,6 +69,10 @@ class Job:
     @property
     def teacher_fields(self) -> tuple[str, ...]:
         return tuple(getattr(self.module, "TEACHER_FIELDS", ()))
+
+    @property
+    def saves_teacher(self) -> bool:
+        return bool(getattr(self.module, "SAVES_TEACHER", False))
 
     @property
     def has_fixed_arms(self) -> bool:

@@ -98,6 +98,7 @@ class LoTConfig(DataConfig, OptimizerConfig):
         return 1 if self.arm == "teacher_only" else 1 + self.student_steps * self.num_students
 
 
+SAVES_TEACHER = True  # the best-validation teacher, as model.pt + config.json of the trial's run
 Config = LoTConfig
 OBJECTIVE = ("teacher/best_val_acc", "max")
 SCORES = ["teacher/test_acc", "teacher/test_ppl", "teacher/test_acc_at_best_val", "teacher/test_ppl_at_best_val",
@@ -270,7 +271,7 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
 
     teacher_steps = student_steps = 0
     train_seconds = 0.0
-    best_val, metrics, first_epoch = None, {}, 1
+    best_val, metrics, first_epoch, best_teacher = None, {}, 1, None
     at_best: dict[str, float] = {}  # test score and step counts at the best validation epoch
     higher_is_better = not task_data.is_lm
     saved = reporter.restore()
@@ -279,7 +280,7 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
         restore_into(saved, stateful)
         teacher_steps, student_steps = saved["teacher_steps"], saved["student_steps"]
         train_seconds, best_val, first_epoch = saved["train_seconds"], saved["best_val"], saved["epoch"] + 1
-        at_best, metrics = saved.get("at_best", {}), saved.get("metrics", {})
+        at_best, metrics, best_teacher = saved["at_best"], saved["metrics"], saved["best_teacher"]
         replay(joint_stream, teacher_steps)  # the streams are deterministic: replay them to where they were
         replay(student_stream, student_steps - teacher_steps if students else 0)
     stopped = saved is not None and cfg.patience is not None and saved["epoch"] - at_best["best_epoch"] >= cfg.patience
@@ -349,20 +350,31 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
                 "steps/model_at_best_val": metrics["steps/model"],
                 "best_epoch": epoch,
             }
+            best_teacher = {k: v.detach().cpu().clone() for k, v in distributed.unwrap(teacher).state_dict().items()}
         metrics[key.replace("teacher/", "teacher/best_")] = best_val
         metrics |= at_best
         checkpoint = None
         if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
             counters = {"epoch": epoch, "teacher_steps": teacher_steps, "student_steps": student_steps,
                         "train_seconds": train_seconds, "best_val": best_val, "at_best": at_best,
-                        "metrics": metrics}  # fmt: skip
+                        "metrics": metrics, "best_teacher": best_teacher}  # fmt: skip
             checkpoint = counters | state_of(stateful)
         if saved is not None:
             metrics["trial/resumed_from_epoch"] = saved["epoch"]
         reporter.report(metrics, epoch, checkpoint=checkpoint)
         if cfg.patience is not None and epoch - at_best["best_epoch"] >= cfg.patience:
             break
+    if distributed.world()[0] == 0 and best_teacher is not None:  # the best-validation teacher, for later stages
+        reporter.log_teacher(best_teacher, teacher_config(cfg))
     return metrics
+
+
+def teacher_config(cfg: LoTConfig) -> dict[str, Any]:
+    """The teacher config a saved LoT teacher is loaded with (jobs/teacher.py rebuilds the model from it)."""
+    from teachsweep.jobs.teacher import TeacherConfig
+
+    shared = {k: v for k, v in cfg.model_dump().items() if k in TeacherConfig.model_fields and k != "patience"}
+    return TeacherConfig.model_validate(shared | {"model": cfg.teacher}).model_dump()
 
 
 def training_objects(teacher, teacher_opt, students, student_opts) -> dict[str, Any]:

@@ -70,6 +70,7 @@ class TeacherReference(BaseModel):
         return value
 
 
+SAVES_TEACHER = True  # the best-validation teacher, as model.pt + config.json of the trial's run
 Config = TeacherConfig
 OBJECTIVE = ("teacher/best_val_acc", "max")
 SCORES = ["teacher/test_acc", "teacher/test_pearson", "teacher/test_ppl"]
@@ -98,7 +99,8 @@ def registry_dir(cfg: TeacherConfig) -> Path:
 
 
 def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
-    """Fine-tune, keep the best validation epoch, save it to the registry (and as an MLflow artifact)."""
+    """Fine-tune, keep the best validation epoch, save it to the registry and hand it to the reporter (the sweep
+    logs it as the trial's teacher artifact)."""
     cfg = TeacherConfig.model_validate(config)
     reporter = reporter or Reporter()
     device = pick_device(cfg.device)
@@ -144,9 +146,8 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
     metrics |= {f"teacher/test_{score}": test_score, "teacher/best_epoch": best_epoch}
     reporter.report(metrics, epoch)
     if distributed.world()[0] == 0:
-        directory = save(cfg, best_state, metrics)
-        reporter.log_file(directory / "model.pt")
-        reporter.log_file(directory / "config.json")
+        save(cfg, best_state, metrics)
+        reporter.log_teacher(best_state, cfg.model_dump())
     return metrics
 
 

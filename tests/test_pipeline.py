@@ -1,0 +1,137 @@
+"""Chained studies: teachers saved by one stage, loaded by the next; a pipeline that resumes after kill -9."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from teachsweep.cli import app
+from teachsweep.references import ReferenceError, expand
+from teachsweep.results import open_sweep
+
+pytestmark = pytest.mark.integration
+TEACHSWEEP = str(Path(sys.executable).parent / "teachsweep")
+
+
+def pipeline_text(results: Path, name: str = "chain", student_epochs: int = 1) -> str:
+    """Stage 1: LoT teachers (a ViT, so that attention can explain them), LoT and teacher-only. Stage 2: each of
+    them explained with attention to a student."""
+    teachers = {
+        "name": f"{name}-teachers", "job": "lot",
+        "config": {"task": "digits", "teacher": "vit:1", "epochs": 2, "steps_per_epoch": 3, "batch_size": 16,
+                   "max_eval_examples": 64, "lr": 1e-3, "alpha": 0.5, "student_steps": 1},
+        "variants": {"lot": {}}, "baseline": {"budget": "teacher_steps"}, "max_concurrent_trials": 2,
+    }  # fmt: skip
+    students = {
+        "name": f"{name}-students", "job": "scaffold",
+        "config": {"teacher": f"sweep:{name}-teachers/each", "num_train_examples": 32, "batch_size": 8,
+                   "max_epochs": student_epochs, "max_eval_examples": 32},
+        "variants": {"attention": {"explainer": "attention"}}, "max_concurrent_trials": 2,
+    }  # fmt: skip
+    return yaml.safe_dump({"pipeline": name, "results_dir": str(results), "stages": [teachers, students]})
+
+
+def runs_of(results: Path, sweep_name: str, role: str = "trial"):
+    sweep = open_sweep(sweep_name, results)
+    client = MlflowClient(sweep.tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.spec.experiment)
+    query = f"tags.`teachsweep.sweep` = '{sweep_name}' and tags.`teachsweep.role` = '{role}'"
+    return client.search_runs([experiment.experiment_id], filter_string=query)
+
+
+def test_a_two_stage_pipeline_fans_out_over_each_teacher_and_resumes_without_repeating(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path / "cache"))
+    results = tmp_path / "results"
+    spec_file = tmp_path / "pipeline.yaml"
+    spec_file.write_text(pipeline_text(results))
+    assert CliRunner().invoke(app, ["validate", str(spec_file)]).exit_code == 0  # stage 2 refers to a stage to come
+    outcome = CliRunner().invoke(app, ["run", str(spec_file)])
+    assert outcome.exit_code == 0, outcome.output
+
+    teachers, students = runs_of(results, "chain-teachers"), runs_of(results, "chain-students")
+    assert len(teachers) == 2 and len(students) == 2, (len(teachers), len(students))  # one student per teacher
+    teacher_trials = {r.data.tags["teachsweep.trial_id"] for r in teachers}
+    used = {r.data.tags["teachsweep.teacher"] for r in students}
+    assert used == {f"sweep:chain-teachers/{t}" for t in teacher_trials}, used
+    assert all(r.data.tags["teachsweep.stage"] == "1" and r.data.tags["teachsweep.pipeline"] == "chain"
+               for r in students)  # fmt: skip
+    # Teachers round-trip: the artifact a LoT trial saved loads with weights_only into the frozen teacher
+    client = MlflowClient(open_sweep("chain-teachers", results).tracking_uri)
+    path = client.download_artifacts(teachers[0].info.run_id, "model.pt", str(tmp_path))
+    state = torch.load(path, weights_only=True)
+    assert any(k.startswith("net.vit") for k in state)
+    # the stages' parent runs hang under the pipeline's run, in one experiment
+    pipeline_run = (results / "chain" / "mlflow_pipeline_run_id").read_text().strip()
+    parents = runs_of(results, "chain-teachers", "parent") + runs_of(results, "chain-students", "parent")
+    assert {p.data.tags["mlflow.parentRunId"] for p in parents} == {pipeline_run}
+
+    again = CliRunner().invoke(app, ["run", str(spec_file)])  # resume: both stages finished, nothing runs
+    assert again.exit_code == 0 and again.output.count("finished before, skipped") == 2, again.output
+    assert len(runs_of(results, "chain-teachers")) == 2 and len(runs_of(results, "chain-students")) == 2
+    listing = CliRunner().invoke(app, ["list", "--results-dir", str(results)])
+    assert "chain #0" in listing.output and "chain #1" in listing.output
+
+
+def test_sweep_references_select_best_a_trial_or_each_and_refuse_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path / "cache"))
+    results = tmp_path / "results"
+    spec_file = tmp_path / "pipeline.yaml"
+    only_teachers = yaml.safe_load(pipeline_text(results, name="refs"))
+    only_teachers["stages"] = only_teachers["stages"][:1]
+    spec_file.write_text(yaml.safe_dump(only_teachers))
+    assert CliRunner().invoke(app, ["run", str(spec_file)]).exit_code == 0
+    each = expand("sweep:refs-teachers/each", "teacher", results)
+    assert len(each) == 2 and all(ref.startswith("mlflow:") for _, ref in each)
+    ((best_trial, best),) = expand("sweep:refs-teachers/best", "teacher", results)
+    assert (best_trial, best) in each
+    other_trial, other = next(pair for pair in each if pair[0] != best_trial)
+    assert expand(f"sweep:refs-teachers/{other_trial}", "teacher", results) == [(other_trial, other)]
+    for reference, message in (("sweep:nothing/best", "no sweep named 'nothing'"),
+                               ("sweep:refs-teachers/abc123", "no finished trial 'abc123'")):  # fmt: skip
+        with pytest.raises(ReferenceError, match=message):
+            expand(reference, "teacher", results)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: s\njob: scaffold\nconfig: {{teacher: 'sweep:nothing/each'}}\nvariants: {{a: {{}}}}\n"
+                   f"results_dir: {results}\n")  # fmt: skip
+    outcome = CliRunner().invoke(app, ["run", str(bad)])
+    assert outcome.exit_code == 2 and "config.teacher: no sweep named 'nothing'" in outcome.output
+    assert not (results / "s").exists()
+
+
+def test_a_pipeline_killed_in_its_second_stage_resumes_with_one_run_per_trial(tmp_path):
+    results = tmp_path / "results"
+    spec_file = tmp_path / "pipeline.yaml"
+    spec_file.write_text(pipeline_text(results, name="killed", student_epochs=8))
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "TEACHSWEEP_CACHE": str(tmp_path / "cache")}
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed with the process
+    driver = subprocess.Popen([TEACHSWEEP, "run", str(spec_file)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # fmt: skip
+    deadline, killed = time.time() + 600, False
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(1)
+        if not (results / "killed-students" / "mlflow_parent_run_id").exists():
+            continue
+        if any(r.info.status == "RUNNING" for r in runs_of(results, "killed-students")):
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray workers, mid-stage 2
+            killed = True
+            break
+    driver.wait()
+    log.close()
+    assert killed, (tmp_path / "driver.log").read_text()[-2000:]
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env)  # what was left of that Ray
+    resumed = subprocess.run([TEACHSWEEP, "run", str(spec_file)], env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "stage 0 killed-teachers[/]" not in resumed.stdout and "finished before, skipped" in resumed.stdout
+    teachers, students = runs_of(results, "killed-teachers"), runs_of(results, "killed-students")
+    trial_ids = [r.data.tags["teachsweep.trial_id"] for r in students]
+    assert len(teachers) == 2, f"{len(teachers)} teacher runs"
+    assert len(students) == 2 and len(set(trial_ids)) == 2, f"student runs for trials {trial_ids}"
+    assert all(r.info.status == "FINISHED" for r in teachers + students)
