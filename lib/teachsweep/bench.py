@@ -151,7 +151,8 @@ def relevance_throughput(examples: int, batch_size: int, model_names: list[str],
 
     Beside the speed-up, the matmul GFLOP/s each way reaches and this machine's float32 matmul peak: the loop's
     FLOPs are the useful work, so peak / (loop GFLOP/s) bounds what any batching can gain here. FLOPs are counted
-    one batch at a time (see run_flops): memory stays at about one batch's worth whatever `examples` is."""
+    first, one batch per profile (see run_flops), so memory stays at one batch's worth whatever `examples` is, and
+    before the warm-up, so no timed run follows a profile."""
     import torch
 
     from teachsweep import data, models, tasks
@@ -172,15 +173,15 @@ def relevance_throughput(examples: int, batch_size: int, model_names: list[str],
         for column in ("explainer", f"batched ({batch_size}) expl/s", "single-example loop expl/s", "speed-up",
                        "GFLOP/s batched / loop", "ceiling here"):  # fmt: skip
             table.add_column(column)
+        flops = {name: [run_flops(explainer, model, inputs, one_by_one) for one_by_one in (0, 1)]
+                 for name, explainer in explainers.items()}  # fmt: skip
         for one_by_one in (0, 1):  # every input shape once before any timing, so no arm pays first-use costs
             explain_all(relevance.generic_rule, model, inputs, one_by_one)
         rows = []
         for name, explainer in explainers.items():
             batched, single = (partial(explain_all, explainer, model, inputs, one_by_one) for one_by_one in (0, 1))
             batched_s, single_s = seconds(batched), seconds(single)
-            rates = (run_flops(explainer, model, inputs, False) / batched_s / 1e9,
-                     run_flops(explainer, model, inputs, True) / single_s / 1e9)  # fmt: skip
-            rows.append((name, batched_s, single_s, *rates))
+            rows.append((name, batched_s, single_s, flops[name][0] / batched_s / 1e9, flops[name][1] / single_s / 1e9))
         # a peak read in a slow moment of a shared machine must not fall below what the explainers reached
         peak = max(peak, *(row[3] for row in rows))
         for name, batched_s, single_s, batched_rate, single_rate in rows:
@@ -330,7 +331,21 @@ def matmul_flops(work) -> float:
         work()
     flops = float(sum(event.flops for event in prof.key_averages() if event.flops))
     del prof  # its records hold the tensors: release them now, not when the caller's frame goes
+    release_freed_memory()
     return flops
+
+
+def release_freed_memory() -> None:
+    """Hands the heap's freed pages back to the system (glibc keeps them otherwise: after a profile of a few GB,
+    this process would stay that large, and the next profile would start from there)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def peak_memory(tree: ProcessTreePeak | None = None) -> str:

@@ -42,11 +42,16 @@ def shard(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def wrap(model: nn.Module) -> nn.Module:
-    """DDP around a model (gloo on CPU, NCCL on GPU, chosen by whoever initialised the process group)."""
+    """DDP around a model (gloo on CPU, NCCL on GPU, chosen by whoever initialised the process group). On GPUs,
+    batch norms become synchronised batch norms, so that N workers normalise with the global batch's statistics,
+    as one process would; torch has no synchronised batch norm on the CPU, where each gloo worker normalises its
+    own shard (the README says so)."""
     if world()[1] == 1:
         return model
-    device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    on_gpu = next(model.parameters()).is_cuda
+    if on_gpu:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if on_gpu else None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -18,9 +18,11 @@ from teachsweep import data, distributed, models, tasks
 def pick_device(name: str) -> torch.device:
     """`auto`: CUDA when this process may use a GPU, else the CPU. A sweep trial that reserved no GPU gets
     `device: cpu` from the trial layer (Ray no longer hides the node's GPUs from it)."""
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (what bf16 autocast leaves)
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 def native_bf16(capability: tuple[int, int]) -> bool:
@@ -115,7 +117,12 @@ def make_optimizer(model: nn.Module, cfg, total_steps: int):
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """A batch on `device`; to a GPU from pinned memory, so the copy overlaps the computation."""
+    if device.type == "cuda":
+        return {
+            k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True) for k, v in batch.items()
+        }
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def state_of(stateful: dict[str, Any]) -> dict[str, Any]:

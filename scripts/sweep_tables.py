@@ -1,0 +1,86 @@
+"""Markdown tables of a sweep's finished trials, read from its MLflow runs (also while it runs, or after it was
+stopped): per variant over seeds (median [IQR], mean with a Student-t 95% CI), paired differences against the
+job's reference arm (paired t, exact sign-flip p), and the job's own comparisons (LoT minus teacher-only).
+
+    python scripts/sweep_tables.py repro-smat [--results-dir teachsweep-results] [--metric simulability/test ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from teachsweep.jobs import JOBS
+from teachsweep.metrics import PAIRED_METHOD, T_METHOD, merge_seed_trials, seed_summaries
+from teachsweep.results import DEFAULT_RESULTS, open_sweep, trial_runs
+
+
+def variant_of(label: str, variants: list[str]) -> str:
+    """The variant a trial label starts with ('lm' of 'lm-teacher_only-N5'); '' for searched trials."""
+    return max((v for v in variants if label == v or label.startswith(f"{v}-")), key=len, default="")
+
+
+def rows_of(runs, variants: list[str]) -> list[dict]:
+    """Finished MLflow trial runs as the sweep's trial rows (label, params with the seed, final metrics)."""
+    rows = []
+    for _, run in runs[runs["status"] == "FINISHED"].iterrows():
+        params = {k[7:]: yaml.safe_load(v) for k, v in run.items() if k.startswith("params.") and isinstance(v, str)}
+        metrics = {k[8:]: float(v) for k, v in run.items() if k.startswith("metrics.") and v == v}
+        params["variant"] = variant_of(run["tags.teachsweep.label"], variants)
+        params.pop("seeds", None)
+        rows.append({"trial_id": run["tags.teachsweep.trial_id"], "label": run["tags.teachsweep.label"],
+                     "params": params, "status": "OK", "metrics": metrics})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("--results-dir", default=DEFAULT_RESULTS)
+    parser.add_argument("--metric", action="append", help="metrics to tabulate (default: the job's scores)")
+    args = parser.parse_args()
+    sweep = open_sweep(args.name, args.results_dir)
+    job = JOBS[sweep.spec.job]
+    metrics = args.metric or list(dict.fromkeys(sweep.spec.metric_names + job.scores))
+    rows = rows_of(trial_runs(sweep), list(sweep.spec.variants))
+    merged = merge_seed_trials(rows)
+    summaries = seed_summaries(merged, metrics, job.reference_arm)
+    if summaries:
+        ref = job.reference_arm
+        print(f"\n{T_METHOD}; vs {ref}: {PAIRED_METHOD}\n")
+        print(f"| variant | metric | seeds | median [IQR] | mean (95% CI) | test-point CI | vs {ref} (95% CI) | p |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in summaries:
+            points = ""
+            if "test_points_ci_low" in r:
+                points = f"[{r['test_points_ci_low']:.3f}, {r['test_points_ci_high']:.3f}]"
+            versus = p_value = ""
+            if f"vs_{ref}_diff_mean" in r:
+                low, high = r[f"vs_{ref}_ci_low"], r[f"vs_{ref}_ci_high"]
+                versus = f"{r[f'vs_{ref}_diff_mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
+                p_value = f"{r[f'vs_{ref}_p_value']:.3g}"
+            median = f"{r['median']:.4g} [{r['q25']:.4g}, {r['q75']:.4g}]"
+            mean = f"{r['mean']:.4g} ({r['ci_low']:.4g}, {r['ci_high']:.4g})"
+            print(
+                f"| {r['label']} | {r['metric']} | {r['n_seeds']} | {median} | {mean} | {points} | {versus} | {p_value} |"
+            )
+    comparisons = job.compare(merged, metrics)
+    if comparisons:
+        print(f"\nLoT minus teacher-only, {PAIRED_METHOD}\n")
+        print(
+            "| variant | budget | metric | LoT mean (95% CI) | teacher-only mean (95% CI) | LoT − teacher-only | p | seeds |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for c in comparisons:
+            lot = f"{c['lot_mean']:.4g} ({c['lot_ci_low']:.4g}, {c['lot_ci_high']:.4g})"
+            alone = f"{c['teacher_only_mean']:.4g} ({c['teacher_only_ci_low']:.4g}, {c['teacher_only_ci_high']:.4g})"
+            diff = f"{c['diff_mean']:+.4g} [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]"
+            print(
+                f"| {c['variant'] or '-'} | {c['budget']} | {c['metric']} | {lot} | {alone} | {diff} | "
+                f"{c['p_value']:.3g} | {c['n_seeds']} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
