@@ -62,14 +62,13 @@ def main() -> None:
                 p_value = f"{r[f'vs_{ref}_p_value']:.3g}"
             median = f"{r['median']:.4g} [{r['q25']:.4g}, {r['q75']:.4g}]"
             mean = f"{r['mean']:.4g} ({r['ci_low']:.4g}, {r['ci_high']:.4g})"
-            print(
-                f"| {r['label']} | {r['metric']} | {r['n_seeds']} | {median} | {mean} | {points} | {versus} | {p_value} |"
-            )
+            cells = [r["label"], r["metric"], str(r["n_seeds"]), median, mean, points, versus, p_value]
+            print("| " + " | ".join(cells) + " |")
     comparisons = job.compare(merged, metrics)
     if comparisons:
         print(f"\nLoT minus teacher-only, {PAIRED_METHOD}\n")
         print(
-            "| variant | budget | metric | LoT mean (95% CI) | teacher-only mean (95% CI) | LoT − teacher-only | p | seeds |"
+            "| variant | budget | metric | LoT mean (95% CI) | teacher-only mean (95% CI) | LoT − teacher-only | p | n |"
         )
         print("|---|---|---|---|---|---|---|---|")
         for c in comparisons:
