@@ -67,9 +67,7 @@ def main() -> None:
     comparisons = job.compare(merged, metrics)
     if comparisons:
         print(f"\nLoT minus teacher-only, {PAIRED_METHOD}\n")
-        print(
-            "| variant | budget | metric | LoT mean (95% CI) | teacher-only mean (95% CI) | LoT − teacher-only | p | n |"
-        )
+        print("| variant | budget | metric | LoT (95% CI) | teacher-only (95% CI) | LoT − teacher-only | p | n |")
         print("|---|---|---|---|---|---|---|---|")
         for c in comparisons:
             lot = f"{c['lot_mean']:.4g} ({c['lot_ci_low']:.4g}, {c['lot_ci_high']:.4g})"
