@@ -48,7 +48,7 @@ def main() -> None:
     summaries = seed_summaries(merged, metrics, job.reference_arm)
     if summaries:
         ref = job.reference_arm
-        print(f"\n{T_METHOD}; vs {ref}: {PAIRED_METHOD}\n")
+        print(f"\n{T_METHOD}" + (f"; vs {ref}: {PAIRED_METHOD}" if ref else "") + "\n")
         print(f"| variant | metric | seeds | median [IQR] | mean (95% CI) | test-point CI | vs {ref} (95% CI) | p |")
         print("|---|---|---|---|---|---|---|---|")
         for r in summaries:

@@ -277,10 +277,11 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
     def iteration(arm: str, drawn: tuple) -> float:
         batch, t_logits, evidence, meta_batch, meta_targets = drawn
         arm_cfg = cfg.model_copy(update={"meta_unroll": arm if arm != "plain" else "lookahead"})
-        meta_args = (meta_batch, meta_targets) if arm != "plain" else ()
+        meta_args = (scaffold.MetaBatch(meta_batch, meta_targets),) if arm != "plain" else ()
+        learner = scaffold.Learner(model, params, optimizer, arm_cfg, beta)
         start = time.perf_counter()
-        _, meta = scaffold.student_iteration(model, params, optimizer, arm_cfg, beta, batch, t_logits, evidence,
-                                             teacher_explainer, teacher_explainer, *meta_args)  # fmt: skip
+        _, meta = scaffold.student_iteration(learner, scaffold.Lesson(batch, t_logits, evidence), teacher_explainer,
+                                             teacher_explainer, *meta_args)  # fmt: skip
         if meta is not None:
             teacher_explainer.phi.grad = meta.phi_grad
             meta_optimizer.step()
