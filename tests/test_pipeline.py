@@ -119,14 +119,14 @@ def test_a_pipeline_killed_in_its_second_stage_resumes_with_one_run_per_trial(tm
         time.sleep(1)
         if not (results / "killed-students" / "mlflow_parent_run_id").exists():
             continue
-        if any(r.info.status == "RUNNING" for r in runs_of(results, "killed-students")):
-            os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray workers, mid-stage 2
+        if any(r.info.status == "RUNNING" and r.data.metrics for r in runs_of(results, "killed-students")):
+            driver.send_signal(signal.SIGKILL)  # mid-stage 2; the driver's Ray processes share its fate
             killed = True
             break
-    driver.wait()
+    driver.wait(timeout=60)
     log.close()
     assert killed, (tmp_path / "driver.log").read_text()[-2000:]
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env)  # what was left of that Ray
+    time.sleep(3)
     resumed = subprocess.run([TEACHSWEEP, "run", str(spec_file)], env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "stage 0 killed-teachers[/]" not in resumed.stdout and "finished before, skipped" in resumed.stdout
