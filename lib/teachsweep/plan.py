@@ -60,7 +60,7 @@ def unseeded_fixed_trials(spec: SweepSpec, pending: set[str] = frozenset()) -> l
         for suffix, teacher in teacher_choices(spec, name, overlay, pending) if spec.variants else [("", {})]:
             config = {**spec.config, **overlay, **teacher}
             if spec.variants:
-                arm = config.get("arm", "lot") if job.has_fixed_arms else None
+                arm = config.get("arm", job.default_arm) if job.default_arm else None
                 trials.append({"label": (f"{name}-{arm}" if arm else name) + suffix, **tag, **overlay, **teacher})
             if spec.baseline is not None:
                 for arm in job.fixed_arms(config, arm_plan(spec)):

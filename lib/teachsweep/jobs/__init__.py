@@ -13,6 +13,7 @@ A job is one readable module (lot, teacher, scaffold, explain) that declares:
     fixed_arms(config, plan)  optional: extra trials the job wants beside each variant (LoT's teacher-only arms)
     compare(trials, metrics)  optional: the job's own comparisons over finished trials (LoT minus teacher-only)
     REFERENCE_ARM             optional: the variant every other one is compared with, paired by seed (SMaT: none)
+    DEFAULT_ARM               optional: the `arm` a config has when it names none (LoT: lot); labels fixed trials
     SAVES_TEACHER             optional: it hands a teacher to `reporter.log_teacher` (a later stage can use it)
 
 A new job plugs in by adding its module to MODULES; nothing else in the sweep layer names a job."""
@@ -69,6 +70,10 @@ class Job:
     @property
     def teacher_fields(self) -> tuple[str, ...]:
         return tuple(getattr(self.module, "TEACHER_FIELDS", ()))
+
+    @property
+    def default_arm(self) -> str | None:
+        return getattr(self.module, "DEFAULT_ARM", None)
 
     @property
     def saves_teacher(self) -> bool:

@@ -98,6 +98,7 @@ class LoTConfig(DataConfig, OptimizerConfig):
         return 1 if self.arm == "teacher_only" else 1 + self.student_steps * self.num_students
 
 
+DEFAULT_ARM = "lot"
 SAVES_TEACHER = True  # the best-validation teacher, as model.pt + config.json of the trial's run
 Config = LoTConfig
 OBJECTIVE = ("teacher/best_val_acc", "max")
