@@ -44,7 +44,7 @@ BAD = [
     ("model for the wrong task kind", GOOD.replace("teacher: cnn", "teacher: lstm"), "is for lm tasks"),
     ("gpu type without gpus", GOOD + "resources: {gpu_type: A100}\n", "resources: gpu_type needs gpus > 0"),
     ("ddp for the explain job", "name: e\njob: explain\nconfig: {}\nvariants: {a: {}}\nresources: {workers: 2}\n",
-     "resources.workers: the explain job runs in one process"),
+     "resources.workers: job 'explain' runs in one process"),
     # Refused up front since issue 11 (before, these failed inside Ray after trials had started):
     ("objective the job never reports", GOOD + "objectives: [{metric: simulability/best_val, mode: max}]\n",
      "objectives: 'simulability/best_val' is never reported by job 'lot'"),

@@ -386,6 +386,19 @@ def bench_scaffold(
     scaffold_cost(steps, model, console)
 
 
+@bench_app.command("rl")
+def bench_rl(
+    rollouts: int = typer.Option(20, help="rollouts (teacher updates) per run"),
+    repeats: int = typer.Option(3, help="interleaved repeats per loop (the median is shown)"),
+    task: str = typer.Option("gym:CartPole-v1", help="an RL task (gym:, minatar:, ale:)"),
+) -> None:
+    """Teacher-only PPO's env steps per second against a minimal PPO loop, and LoT's time per teacher update
+    against teacher-only beside the FLOP ideal."""
+    from teachsweep.bench import rl_cost
+
+    rl_cost(rollouts, repeats, task, console)
+
+
 @bench_app.command("distributed")
 def bench_distributed(
     steps: int = typer.Option(60, help="teacher steps per run"),

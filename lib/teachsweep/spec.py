@@ -168,8 +168,8 @@ class SweepSpec(Strict):
         ]:
             if "seed" in keys:
                 raise ValueError(f"{where}.seed: seeds are set by the top-level 'seeds' list")
-        if self.resources.workers > 1 and self.job == "explain":
-            raise ValueError("resources.workers: the explain job runs in one process (it trains nothing)")
+        if self.resources.workers > 1 and JOBS[self.job].single_process:
+            raise ValueError(f"resources.workers: job '{self.job}' runs in one process (no DDP workers)")
         if self.resources.workers > 1 and len(self.seeds) > 1 and self.space:
             raise ValueError("resources.workers > 1 (DDP) runs one seed per trial: give seeds to a grid, not a search")
         if self.baseline is not None and not JOBS[self.job].has_fixed_arms:
@@ -208,6 +208,9 @@ def _one_line(error: ValidationError, prefix: str = "") -> str:
     if first["type"] == "missing":
         return f"{loc}: required key is missing"
     msg = first["msg"].removeprefix("Value error, ")
+    field, sep, rest = msg.partition(": ")
+    if not first["loc"] and sep and field.isidentifier():  # a whole-config check that names its field
+        return f"{prefix}{field}: {rest}"
     if first["type"] in ("int_type", "float_type", "string_type", "bool_type", "list_type", "dict_type", "model_type",
                          "int_parsing", "float_parsing", "bool_parsing", "literal_error"):  # fmt: skip
         msg += f" (got {first.get('input')!r})"

@@ -328,7 +328,9 @@ def trial_rows(grid, spec: SweepSpec) -> list[dict[str, Any]]:
         metrics = result.metrics or {}
         config = dict(result.config or {})
         overrides = dict(config.pop("fixed_trial", {}))
-        label = overrides.pop("label", None) or str({**spec.config, **config}.get("arm", spec.job))
+        label = overrides.pop("label", None) or str(
+            {**spec.config, **config}.get("arm", JOBS[spec.job].default_arm or spec.job)
+        )
         row = {
             "trial_id": metrics.get("trial_id") or (result.path or "").rsplit("/", 1)[-1],
             "label": label,

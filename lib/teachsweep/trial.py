@@ -69,7 +69,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     overrides.pop("variant", None)
     teacher_source = overrides.pop("teacher_source", None)
     config = {**ctx.fixed, **overrides, **{k: v for k, v in params.items() if k != "fixed_trial"}}
-    label = label or str(config.get("arm", ctx.job))
+    arm = str(config.get("arm", JOBS[ctx.job].default_arm or ""))
+    label = label or arm or ctx.job
     seeds = [overrides["seed"]] if "seed" in overrides else ctx.seeds  # a grid runs each seed as its own trial
     teachers = {f: str(teacher_source or config[f])[:250] for f in JOBS[ctx.job].teacher_fields if f in config}
     config = references.resolve_config(config, JOBS[ctx.job].teacher_fields, ctx.tracking_uri)
@@ -82,7 +83,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         "teachsweep.role": tracking.TRIAL,
         "teachsweep.trial_id": trial_id,
         "teachsweep.job": ctx.job,
-        "teachsweep.arm": str(config.get("arm", "")),
+        "teachsweep.arm": arm,
         "teachsweep.label": label,
         **{f"teachsweep.{field}": source for field, source in teachers.items()},  # which teacher it used
         **ctx.stage_tags,

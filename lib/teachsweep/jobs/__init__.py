@@ -1,6 +1,6 @@
 """The jobs a sweep can run, and the protocol through which the sweep layer knows them.
 
-A job is one readable module (lot, teacher, scaffold, explain) that declares:
+A job is one readable module (lot, lot_rl, teacher, scaffold, explain) that declares:
 
     Config                    its pydantic config model (extra="forbid")
     train(config, reporter)   the training loop; returns the final metrics; knows nothing of Ray or MLflow
@@ -15,6 +15,7 @@ A job is one readable module (lot, teacher, scaffold, explain) that declares:
     REFERENCE_ARM             optional: the variant every other one is compared with, paired by seed (SMaT: none)
     DEFAULT_ARM               optional: the `arm` a config has when it names none (LoT: lot); labels fixed trials
     SAVES_TEACHER             optional: it hands a teacher to `reporter.log_teacher` (a later stage can use it)
+    SINGLE_PROCESS            optional: it runs in one process (no DDP workers): the spec refuses `workers` > 1
 
 A new job plugs in by adding its module to MODULES; nothing else in the sweep layer names a job."""
 
@@ -30,6 +31,7 @@ MODULES = {
     "teacher": "teachsweep.jobs.teacher",
     "scaffold": "teachsweep.jobs.scaffold",
     "explain": "teachsweep.jobs.explain",
+    "lot_rl": "teachsweep.jobs.lot_rl",
 }
 
 
@@ -78,6 +80,10 @@ class Job:
     @property
     def saves_teacher(self) -> bool:
         return bool(getattr(self.module, "SAVES_TEACHER", False))
+
+    @property
+    def single_process(self) -> bool:
+        return bool(getattr(self.module, "SINGLE_PROCESS", False))
 
     @property
     def has_fixed_arms(self) -> bool:

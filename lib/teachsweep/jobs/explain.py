@@ -52,6 +52,7 @@ class ExplainConfig(teacher_job.TeacherReference):
 
 
 Config = ExplainConfig
+SINGLE_PROCESS = True  # it trains nothing: one process
 OBJECTIVE = ("faithfulness/negative_auc", "max")
 SCORES: list[str] = []
 TEACHER_FIELDS = ("teacher",)

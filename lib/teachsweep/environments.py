@@ -1,0 +1,118 @@
+"""Reinforcement-learning tasks: what `gym:`, `minatar:` and `ale:` task names mean, checked before a trial starts,
+and the vectorised environments a PPO trial steps. Everything here installs offline from the package registry
+(gymnasium's classic control, the `minatar` package, ale-py with its ROMs).
+
+    gym:CartPole-v1      any registered gymnasium id with discrete actions and a flat observation (an MLP policy)
+    minatar:breakout     MinAtar's 10x10 games (asterix, breakout, freeway, seaquest, space_invaders; a small CNN)
+    ale:Breakout         ALE Atari games with the standard preprocessing (no-op starts, frame skip 4, 84x84 grey,
+                         4 stacked frames, FIRE on reset, rewards clipped to their sign in training; the Nature CNN).
+                         v5 dynamics: sticky actions with probability 0.25 (Machado et al. 2018).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+
+FAMILIES = ("gym", "minatar", "ale")
+MINATAR_GAMES = ("asterix", "breakout", "freeway", "seaquest", "space_invaders")
+EnvKind = Literal["mlp", "minatar", "atari"]
+
+
+def split_name(name: str) -> tuple[str, str]:
+    family, sep, game = name.partition(":")
+    if not sep or family not in FAMILIES or not game:
+        raise ValueError(f"task {name!r}: an RL task is gym:<id>, minatar:<game> or ale:<Game> (e.g. gym:CartPole-v1)")
+    return family, game
+
+
+def env_kind(name: str) -> EnvKind:
+    family, _ = split_name(name)
+    return {"gym": "mlp", "minatar": "minatar", "ale": "atari"}[family]  # type: ignore[return-value]
+
+
+def _register_ale() -> None:
+    import ale_py
+
+    gym.register_envs(ale_py)
+
+
+def validate_env_name(name: str) -> str:
+    """The task name, or a one-line ValueError saying what is wrong with it."""
+    family, game = split_name(name)
+    if family == "minatar":
+        if game not in MINATAR_GAMES:
+            raise ValueError(f"task {name!r}: MinAtar games are {', '.join(MINATAR_GAMES)}")
+        return name
+    if family == "ale":
+        _register_ale()
+        if f"ALE/{game}-v5" not in gym.envs.registry:
+            raise ValueError(f"task {name!r}: ale-py has no game {game!r} (names as in ALE/<Game>-v5, e.g. Breakout)")
+        return name
+    if game not in gym.envs.registry:
+        raise ValueError(f"task {name!r}: gymnasium has no environment {game!r}")
+    env = gym.make(game)
+    try:
+        if not isinstance(env.action_space, gym.spaces.Discrete):
+            raise ValueError(f"task {name!r}: PPO here needs discrete actions, {game} has {env.action_space}")
+        if len(env.observation_space.shape or ()) != 1:
+            raise ValueError(f"task {name!r}: a gym: task needs flat observations for its MLP policy")
+    finally:
+        env.close()
+    return name
+
+
+class FireOnReset(gym.Wrapper):
+    """Press FIRE after each reset, for the games that wait for it (Breakout would otherwise idle)."""
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        obs, _, terminated, truncated, info = self.env.step(1)
+        if terminated or truncated:
+            obs, info = self.env.reset(**kwargs)
+        return obs, info
+
+
+def make_env(name: str, step_limit: int | None = None, clip_rewards: bool = True) -> gym.Env:
+    """One environment of the task. Episode statistics record the game's own rewards; in training Atari rewards are
+    then clipped to their sign (`clip_rewards`), as PPO on Atari does."""
+    family, game = split_name(name)
+    if family == "gym":
+        env = gym.make(game, max_episode_steps=step_limit)
+    elif family == "minatar":
+        from minatar.gym import BaseEnv
+
+        env = gym.wrappers.TimeLimit(BaseEnv(game, use_minimal_action_set=True), step_limit or 10_000)
+    else:
+        _register_ale()
+        env = gym.make(f"ALE/{game}-v5", frameskip=1, max_episode_steps=step_limit or 108_000)
+        env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84, grayscale_obs=True)
+        if "FIRE" in env.unwrapped.get_action_meanings():
+            env = FireOnReset(env)
+        env = gym.wrappers.FrameStackObservation(env, 4)
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    if family == "ale" and clip_rewards:
+        env = gym.wrappers.TransformReward(env, lambda r: float(np.sign(r)))
+    return env
+
+
+def make_vector_env(
+    name: str, num_envs: int, step_limit: int | None = None, clip_rewards: bool = True
+) -> gym.vector.VectorEnv:
+    """`num_envs` copies stepped together in this process. An episode that ends is reset in the same step (its last
+    observation is in info["final_obs"], its return in info["final_info"]["episode"]), so a rollout never holds a
+    step whose action was ignored."""
+    factories: list[Callable[[], gym.Env]] = [lambda: make_env(name, step_limit, clip_rewards) for _ in range(num_envs)]
+    return gym.vector.SyncVectorEnv(factories, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def finished_episodes(info: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of the envs whose episode ended in this step, their episodic returns) from a vector step's info."""
+    final = info.get("final_info", {})
+    mask = np.asarray(final.get("_episode", np.zeros(0, dtype=bool)), dtype=bool)
+    if not mask.any():
+        return mask, np.zeros(0)
+    return mask, np.asarray(final["episode"]["r"], dtype=np.float64)[mask]
