@@ -9,29 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
 from teachsweep.jobs import JOBS
-from teachsweep.metrics import PAIRED_METHOD, T_METHOD, merge_seed_trials, seed_summaries
-from teachsweep.results import DEFAULT_RESULTS, open_sweep, trial_runs
-
-
-def variant_of(label: str, variants: list[str]) -> str:
-    """The variant a trial label starts with ('lm' of 'lm-teacher_only-N5'); '' for searched trials."""
-    return max((v for v in variants if label == v or label.startswith(f"{v}-")), key=len, default="")
-
-
-def rows_of(runs, variants: list[str]) -> list[dict]:
-    """Finished MLflow trial runs as the sweep's trial rows (label, params with the seed, final metrics)."""
-    rows = []
-    for _, run in runs[runs["status"] == "FINISHED"].iterrows():
-        params = {k[7:]: yaml.safe_load(v) for k, v in run.items() if k.startswith("params.") and isinstance(v, str)}
-        metrics = {k[8:]: float(v) for k, v in run.items() if k.startswith("metrics.") and v == v}
-        params["variant"] = variant_of(run["tags.teachsweep.label"], variants)
-        params.pop("seeds", None)
-        rows.append({"trial_id": run["tags.teachsweep.trial_id"], "label": run["tags.teachsweep.label"],
-                     "params": params, "status": "OK", "metrics": metrics})  # fmt: skip
-    return rows
+from teachsweep.metrics import PAIRED_METHOD, T_METHOD, seed_summaries
+from teachsweep.results import DEFAULT_RESULTS, open_sweep, trial_rows
 
 
 def main() -> None:
@@ -43,8 +23,7 @@ def main() -> None:
     sweep = open_sweep(args.name, args.results_dir)
     job = JOBS[sweep.spec.job]
     metrics = args.metric or list(dict.fromkeys(sweep.spec.metric_names + job.scores))
-    rows = rows_of(trial_runs(sweep), list(sweep.spec.variants))
-    merged = merge_seed_trials(rows)
+    merged = trial_rows(sweep)
     summaries = seed_summaries(merged, metrics, job.reference_arm)
     if summaries:
         ref = job.reference_arm

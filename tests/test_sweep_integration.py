@@ -1,9 +1,12 @@
 """A real sweep through real Ray Tune, a real Optuna RDB study and a real MLflow store."""
 
+import re
+
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from teachsweep.results import open_sweep, ui_urls
 from teachsweep.spec import parse_spec
 from teachsweep.sweep import paths_for, run_sweep
 
@@ -91,6 +94,27 @@ def test_baseline_arm_and_seeds(ray_session, tmp_path):
         assert sorted(run.data.tags["teachsweep.seed"] for run in seeds) == ["0", "1"]
     study = optuna.load_study(study_name="seeded", storage=paths_for(spec).optuna_url)
     assert len(study.trials) == 1  # the baseline arm is not a search point
+
+    # The report: written at the end, logged to the parent run, self-contained, its numbers those of MLflow.
+    page = outcome.report.read_text()
+    assert not re.search(r"(src|href)\s*=\s*[\"']?(?!data:)", page) and "<link" not in page  # all inline
+    for title in (
+        "teacher/best_val_acc against alpha",
+        "Learning curves of the best trials",
+        "LoT minus teacher-only, paired by seed",
+        "Scores by variant, over seeds",
+        "Verdict",
+    ):
+        assert title in page, title
+    assert page.count("<img") == 5
+    for trial in trials:
+        assert f"<td>{trial.data.metrics['teacher/best_val_acc']:.4g}</td>" in page  # the mean over its 2 seeds
+    assert "report.html" in [a.path for a in client.list_artifacts(outcome.parent_run_id)]
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
+    urls = ui_urls(open_sweep("seeded", tmp_path / "results"))
+    assert urls["trials"].startswith(f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?")
+    assert "orderByAsc=false" in urls["trials"] and outcome.parent_run_id in urls["report"]
+    assert urls["study"].endswith(f"/dashboard/studies/{study._study_id}")
 
 
 def test_a_grid_sweep_run_again_is_restored_not_repeated(ray_session, tmp_path):

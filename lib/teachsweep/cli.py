@@ -11,10 +11,11 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from teachsweep.jobs import JOBS
-from teachsweep.metrics import PAIRED_METHOD, T_METHOD
+from teachsweep.metrics import PAIRED_METHOD, T_METHOD, merge_seed_trials
 
 app = typer.Typer(
     help="Hyperparameter sweeps for teachability research on Ray Tune + Optuna + MLflow.\n\n"
@@ -85,11 +86,21 @@ def print_outcome(outcome) -> None:
     for best in outcome.best:
         shown_params = {k: v for k, v in best["params"].items() if k in searched or k == "arm"}
         console.print(f"[bold]best[/] {best['values']}  params {shown_params}  MLflow run {best.get('mlflow_run_id')}")
+    print_verdict(spec, merge_seed_trials(outcome.trials))
     for row in outcome.trials:
         if row["error"]:
             console.print(f"[red]trial {row['trial_id']} failed:[/] {row['error']}")
-    uri = outcome.tracking_uri
-    console.print(f"\nOpen the runs:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000", soft_wrap=True)
+    if outcome.report:
+        console.print(f"\nReport: file://{outcome.report}", soft_wrap=True, highlight=False)
+    console.print(f"Open the runs:  teachsweep ui {spec.name}  (MLflow UI and optuna-dashboard, with the URLs of the "
+                  "trials, the report and the study)", soft_wrap=True)  # fmt: skip
+
+
+def print_verdict(spec, rows: list[dict]) -> None:
+    from teachsweep.results import verdict
+
+    if len(spec.objectives) == 1:
+        console.print("[bold]verdict[/] " + escape("\n        ".join(verdict(spec, rows))), soft_wrap=True)
 
 
 def seed_summary_table(rows: list[dict]) -> Table:
@@ -258,7 +269,7 @@ def status_command(
 @app.command()
 def best(name: str, results_dir: str = RESULTS_OPTION) -> None:
     """The best trial of sweep NAME, or its Pareto front when the sweep has several objectives."""
-    from teachsweep.results import best_trials
+    from teachsweep.results import best_trials, trial_rows
 
     sweep = open_or_fail(name, results_dir)
     front = best_trials(sweep)
@@ -273,6 +284,17 @@ def best(name: str, results_dir: str = RESULTS_OPTION) -> None:
         params = ", ".join(f"{k}={short(v)}" for k, v in row["params"].items())
         table.add_row(values, params, str(row["mlflow_run_id"]))
     console.print(table)
+    print_verdict(sweep.spec, trial_rows(sweep))
+
+
+@app.command()
+def report(name: str, results_dir: str = RESULTS_OPTION) -> None:
+    """Write sweep NAME's HTML report (self-contained) into its results directory and its parent MLflow run."""
+    from teachsweep.report import write_report
+
+    sweep = open_or_fail(name, results_dir)
+    path = write_report(sweep)
+    console.print(f"report: file://{path}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -317,6 +339,8 @@ def ui(
     import shutil
     import subprocess
 
+    from teachsweep.results import ui_urls
+
     sweep = open_or_fail(name, results_dir)
     bin_dir = Path(sys.executable).parent
     commands = [[str(bin_dir / "mlflow"), "ui", "--backend-store-uri", sweep.tracking_uri, "--host", "127.0.0.1",
@@ -325,9 +349,8 @@ def ui(
     if sweep.spec.space and dashboard:
         commands.append([dashboard, sweep.optuna_url, "--host", "127.0.0.1", "--port", str(port + 1)])
     processes = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in commands]
-    console.print(f"MLflow UI:        http://127.0.0.1:{port}  (experiment '{sweep.spec.experiment or name}')")
-    if len(processes) > 1:
-        console.print(f"optuna-dashboard: http://127.0.0.1:{port + 1}  (study '{name}')")
+    for page, url in ui_urls(sweep, port=port).items():
+        console.print(f"{page + ':':8} {url}", soft_wrap=True, highlight=False)
     console.print("Ctrl-C stops both.")
     try:
         for process in processes:

@@ -182,3 +182,77 @@ def convergence_comparison(
         for arm in curves:
             out[arm][seed] = steps_to_target(curves[arm][seed], target, higher_is_better)
     return out
+
+
+# ------------------------------------------------------------------------------- one trial's uncertainty
+
+WILSON_METHOD = "Wilson score 95% over evaluation examples"
+POINTS_METHOD = "bootstrap 95% over test points"
+MOVER_METHOD = "difference of independent 95% intervals (MOVER, Newcombe)"
+PROPORTION = re.compile(r"(^|/)(\w*_)?acc(_|$)|^(agreement|simulability)/")
+
+
+def wilson_interval(proportion: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion measured on n examples (nan for n = 0)."""
+    from scipy import stats
+
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = stats.norm.ppf(0.5 + level / 2)
+    centre = (proportion + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(proportion * (1 - proportion) / n + z * z / (4 * n * n))
+    return float(centre - half), float(centre + half)
+
+
+def examples_metric(metric: str) -> str | None:
+    """The count a proportion metric was measured on: `examples/val` for validation scores (best_val included),
+    `examples/test` for test scores; None when the metric is not a proportion of examples."""
+    if not PROPORTION.search(metric):
+        return None
+    split = metric.rsplit("/", 1)[-1].removeprefix("best_")
+    if split.startswith("val"):
+        return "examples/val"
+    return "examples/test" if split.startswith("test") else None
+
+
+def interval_of(metrics: dict[str, float], metric: str) -> tuple[float, float, float, str] | None:
+    """(point, low, high, method) of one trial's `metric`: the Student-t interval over its seeds when it ran
+    several; else the job's own interval over test points (`<metric>_ci_low/high`); else a Wilson interval when
+    the metric is a proportion of a known number of examples. None when nothing says how uncertain it is."""
+    seeds = per_seed(metrics, metric)
+    if len(seeds) >= 2:
+        low, high = t_interval(seeds.values())
+        return statistics.fmean(seeds.values()), low, high, T_METHOD
+    if metric not in metrics:
+        return None
+    point = float(metrics[metric])
+    if f"{metric}_ci_low" in metrics and f"{metric}_ci_high" in metrics:
+        return point, float(metrics[f"{metric}_ci_low"]), float(metrics[f"{metric}_ci_high"]), POINTS_METHOD
+    count = examples_metric(metric)
+    if count and count in metrics and 0 <= point <= 1:
+        low, high = wilson_interval(point, int(metrics[count]))
+        return point, low, high, WILSON_METHOD
+    return None
+
+
+def mover_difference(a: tuple[float, float, float], b: tuple[float, float, float]) -> tuple[float, float, float]:
+    """a - b with a 95% interval from the two independent intervals (point, low, high) of a and b (MOVER: Zou &
+    Donner 2008; for Wilson intervals this is Newcombe's hybrid score interval)."""
+    (pa, la, ua), (pb, lb, ub) = a, b
+    d = pa - pb
+    return d, d - float(np.hypot(pa - la, ub - pb)), d + float(np.hypot(ua - pa, pb - lb))
+
+
+def compare_to_best(best: dict[str, Any], other: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """best - other on `metric` with a 95% interval: paired by seed when both ran the same >= 2 seeds, else from
+    the two trials' own intervals. None when either has no interval."""
+    a, b = per_seed(best["metrics"], metric), per_seed(other["metrics"], metric)
+    if len(set(a) & set(b)) >= 2:
+        difference = paired_difference(a, b)
+        return {"diff": difference["diff_mean"], "low": difference["ci_low"], "high": difference["ci_high"],
+                "method": PAIRED_METHOD}  # fmt: skip
+    ia, ib = interval_of(best["metrics"], metric), interval_of(other["metrics"], metric)
+    if ia is None or ib is None:
+        return None
+    d, low, high = mover_difference(ia[:3], ib[:3])
+    return {"diff": d, "low": low, "high": high, "method": MOVER_METHOD}

@@ -3,6 +3,7 @@ for notebooks. Everything is found from the sweep's name and its results directo
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,3 +227,126 @@ def full_config(sweep: Sweep, run_id: str) -> dict[str, Any]:
     fields = JOBS[sweep.spec.job].config_class.model_fields
     config = {k: yaml.safe_load(v) if v != "None" else None for k, v in params.items() if k in fields}
     return JOBS[sweep.spec.job].config_class.model_validate(config).model_dump()
+
+
+def variant_of(label: str, variants: list[str]) -> str:
+    """The variant a trial label starts with ('lm' of 'lm-teacher_only-N5'); '' for searched trials."""
+    return max((v for v in variants if label == v or label.startswith(f"{v}-")), key=len, default="")
+
+
+def trial_rows(sweep: Sweep, runs=None) -> list[dict[str, Any]]:
+    """The sweep's finished trials as the runner's rows ({trial_id, label, params, status, metrics}), read from
+    MLflow: params typed back, `variant` from the label, per-seed values as `metric@seedN` (from the seed runs of
+    a trial that ran several seeds; a grid's one-seed trials merged into one row per label)."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from teachsweep.metrics import merge_seed_trials
+
+    runs = trial_runs(sweep) if runs is None else runs
+    if not len(runs):
+        return []
+    variants = list(sweep.spec.variants)
+    client = MlflowClient(sweep.tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.spec.experiment or sweep.name)
+    seed_runs: dict[str, dict[str, float]] = {}
+    query = f"tags.`teachsweep.sweep` = '{sweep.spec.name}' and tags.`teachsweep.role` = 'seed'"
+    for run in client.search_runs([experiment.experiment_id], filter_string=query, max_results=50_000):
+        if run.info.status == "FINISHED":
+            seed = run.data.tags["teachsweep.seed"]
+            values = {f"{k}@seed{seed}": v for k, v in run.data.metrics.items()}
+            seed_runs.setdefault(run.data.tags.get("mlflow.parentRunId", ""), {}).update(values)
+    rows = []
+    for _, run in runs[runs["status"] == "FINISHED"].iterrows():
+        params = {k[7:]: yaml.safe_load(v) for k, v in run.items() if k.startswith("params.") and isinstance(v, str)}
+        metrics = {k[8:]: float(v) for k, v in run.items() if k.startswith("metrics.") and v == v}
+        params["variant"] = variant_of(run["tags.teachsweep.label"], variants)
+        params.pop("seeds", None)
+        rows.append({"trial_id": run["tags.teachsweep.trial_id"], "label": run["tags.teachsweep.label"],
+                     "params": params, "status": "OK", "metrics": metrics | seed_runs.get(run["run_id"], {}),
+                     "mlflow_run_id": run["run_id"]})  # fmt: skip
+    return merge_seed_trials(rows)
+
+
+def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
+    """What the sweep found on its first objective, and how sure it is: the best trial with its interval, how many
+    trials are within noise of it (their difference to the best has a 95% interval containing 0), and the best
+    against each baseline arm. Plain sentences, for the end of `run`, `best` and the report."""
+    from teachsweep.jobs import JOBS
+    from teachsweep.metrics import compare_to_best, interval_of, per_seed
+
+    metric, mode = spec.metric_names[0], spec.mode_names[0]
+    job = JOBS[spec.job]
+
+    def point(row) -> float | None:
+        seeds = per_seed(row["metrics"], metric)
+        return statistics.fmean(seeds.values()) if seeds else row["metrics"].get(metric)
+
+    done = [r for r in rows if r["status"] == "OK" and point(r) is not None]
+    if not done:
+        return [f"no finished trial reported {metric}"]
+
+    def is_baseline(row):
+        arm = row["params"].get("arm")
+        return (job.default_arm is not None and arm not in (None, job.default_arm)) or (
+            job.reference_arm is not None and row["label"] == job.reference_arm
+        )
+
+    candidates = [r for r in done if not is_baseline(r)] or done
+    best = pick_best([(point(r), str(r["trial_id"]), r) for r in candidates], mode)
+    own = interval_of(best["metrics"], metric)
+    shown = f"{own[0]:.4g} ({own[1]:.4g}, {own[2]:.4g}; {own[3]})" if own else f"{point(best):.4g} (no interval)"
+    lines = [f"best on {metric} ({mode}): trial {best['trial_id']} [{best['label']}] {shown}"]
+    others = [r for r in candidates if r is not best]
+    if others:
+        compared = [(r, compare_to_best(best, r, metric)) for r in others]
+        known = [(r, c) for r, c in compared if c is not None]
+        close = [r for r, c in known if c["low"] <= 0 <= c["high"]]
+        if not known:
+            lines.append(f"{len(others)} other trial(s): no interval to tell them apart from the best")
+        elif close:
+            lines.append(f"{len(close)} of {len(others)} other trials are within noise of the best (their difference "
+                         f"to it has a 95% interval containing 0: {known[0][1]['method']}); the best is not a clear "
+                         "winner")  # fmt: skip
+        else:
+            lines.append(f"the best is distinguishable from all {len(known)} other trials ({known[0][1]['method']})")
+    same_variant = [r for r in done if r["params"].get("variant", "") == best["params"].get("variant", "")]
+    for base in [r for r in same_variant if is_baseline(r) and r is not best]:
+        c = compare_to_best(best, base, metric)
+        if c is None:
+            lines.append(f"vs {base['label']}: {point(best) - point(base):+.4g} (no interval)")
+            continue
+        noise = "within noise" if c["low"] <= 0 <= c["high"] else "distinguishable"
+        lines.append(f"vs {base['label']}: {c['diff']:+.4g} [{c['low']:+.4g}, {c['high']:+.4g}] ({noise}; "
+                     f"{c['method']})")  # fmt: skip
+    return lines
+
+
+def ui_urls(sweep: Sweep, host: str = "127.0.0.1", port: int = 5000) -> dict[str, str]:
+    """The pages a sweep's user needs in the MLflow UI (on `port`) and optuna-dashboard (on port + 1): the trials
+    in the model-training view, flat (the parent run filtered out) and ordered by the first objective; the parent
+    run's artifacts (the report); the study."""
+    from urllib.parse import quote, urlencode
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    spec = sweep.spec
+    experiment = MlflowClient(sweep.tracking_uri).get_experiment_by_name(spec.experiment or spec.name)
+    base = f"http://{host}:{port}/#/experiments/{experiment.experiment_id if experiment else ''}"
+    query = urlencode({
+        "workflowType": "machine_learning",
+        "searchFilter": f"tags.`teachsweep.sweep` = '{spec.name}' and tags.`teachsweep.role` = 'trial'",
+        "orderByKey": f"metrics.`{spec.metric_names[0]}`",
+        "orderByAsc": "true" if spec.mode_names[0] == "min" else "false",
+    }, quote_via=quote)  # fmt: skip
+    urls = {"trials": f"{base}/runs?{query}"}
+    if sweep.parent_run_id:
+        urls["report"] = f"{base}/runs/{sweep.parent_run_id}/artifacts/report.html"
+    if spec.space and (sweep.directory / "optuna.db").exists():
+        try:
+            storage = optuna.storages.RDBStorage(sweep.optuna_url)
+            urls["study"] = f"http://{host}:{port + 1}/dashboard/studies/{storage.get_study_id_from_name(spec.name)}"
+        except KeyError:
+            pass
+    return urls

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class SweepOutcome:
     comparisons: list[dict[str, Any]] = field(default_factory=list)
     seed_summaries: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    report: Path | None = None  # report.html (also an artifact of the parent run)
 
 
 def paths_for(spec: SweepSpec) -> SweepPaths:
@@ -224,7 +226,21 @@ def run_sweep(
         if outcome.best:
             tracking.retry(lambda: client.log_dict(parent_run_id, outcome.best, "best.json"))
         tracking.finish_run(client, parent_run_id, error if not isinstance(error, KeyboardInterrupt) else None)
+    outcome.report = write_report(spec)
     return outcome
+
+
+def write_report(spec: SweepSpec) -> Path | None:
+    """The sweep's HTML report. Everything it reads is already recorded, so a report that cannot be drawn costs a
+    warning, not the sweep (`teachsweep report NAME` draws it again)."""
+    from teachsweep import report
+    from teachsweep.results import open_sweep
+
+    try:
+        return report.write_report(open_sweep(spec.name, spec.results_dir))
+    except Exception as error:  # noqa: BLE001
+        print(f"warning: the report of sweep '{spec.name}' was not written: {error}", file=sys.stderr)
+        return None
 
 
 def searched_config(spec: SweepSpec) -> dict[str, Any]:

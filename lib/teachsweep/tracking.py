@@ -85,15 +85,22 @@ def git_commit() -> str | None:
         return None
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens its model-training view,
+# not the GenAI overview (traces, prompts) that MLflow 3 shows experiments of unknown kind
+
+
 def ensure_experiment(client, name: str, artifact_root: str | None = None) -> str:
     experiment = retry(lambda: client.get_experiment_by_name(name))
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             retry(lambda: client.restore_experiment(experiment.experiment_id))
+        if experiment.tags.get("mlflow.experimentKind") is None:
+            for key, value in EXPERIMENT_KIND.items():
+                retry(lambda: client.set_experiment_tag(experiment.experiment_id, key, value))  # noqa: B023
         return experiment.experiment_id
     try:
         location = f"{artifact_root}/{name}" if artifact_root else None
-        return retry(lambda: client.create_experiment(name, artifact_location=location))
+        return retry(lambda: client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND))
     except Exception:  # noqa: BLE001 - created concurrently by another process
         return retry(lambda: client.get_experiment_by_name(name)).experiment_id
 

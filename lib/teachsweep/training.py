@@ -175,6 +175,14 @@ class TaskData:
             self.train = split("train", cfg.max_train_examples)
             self.eval = {s: split(s, cfg.max_eval_examples) for s in ("validation", "test")}
 
+    def examples(self) -> dict[str, float]:
+        """`examples/val` and `examples/test`: how many examples each evaluation split scores (what an accuracy's
+        interval needs); empty for language modelling and regression, whose scores are not proportions."""
+        if self.is_lm or self.task.regression:
+            return {}
+        return {f"examples/{short}": float(len(self.eval[split].split))
+                for split, short in (("validation", "val"), ("test", "test"))}  # fmt: skip
+
     def steps_per_pass(self) -> int:
         if self.is_lm:
             return max(1, (len(self.train_tokens) // self.cfg.batch_size - 1) // self.cfg.bptt)

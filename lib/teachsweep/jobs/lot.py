@@ -131,6 +131,8 @@ def metrics(cfg: LoTConfig) -> dict[str, str | None]:
     out |= {"loss/teacher": "min", "loss/student": "min", "steps/teacher": None, "steps/student": None,
             "steps/model": None, "steps/teacher_at_best_val": None, "steps/model_at_best_val": None,
             "best_epoch": None, "time/teacher_step_s": "min", "time/train_s": "min"}  # fmt: skip
+    if kind in ("text", "image"):
+        out |= {"examples/val": None, "examples/test": None}
     return out
 
 
@@ -332,7 +334,7 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
         )
         world = distributed.world()[1]
         loss_teacher, loss_student = distributed.all_sum(loss_sums.tolist(), device)
-        metrics |= {
+        metrics |= task_data.examples() | {
             "loss/teacher": loss_teacher / world / steps_per_epoch,
             "loss/student": loss_student / world / steps_per_epoch / max(1, n_students),
             "steps/teacher": teacher_steps,

@@ -88,7 +88,8 @@ def score_names(task: str) -> dict[str, str]:
 
 
 def metrics(cfg: TeacherConfig) -> dict[str, str | None]:
-    out: dict[str, str | None] = {"teacher/loss": "min", "teacher/best_epoch": None}
+    out: dict[str, str | None] = {"teacher/loss": "min", "teacher/best_epoch": None, "examples/val": None,
+                                  "examples/test": None}  # fmt: skip
     for score, mode in score_names(cfg.task).items():
         out |= {f"teacher/{split}_{score}": mode for split in ("val", "best_val", "test")}
     return out
@@ -136,6 +137,7 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
             f"teacher/val_{score}": val_score,
             f"teacher/best_val_{score}": sign * best_score,
             "teacher/loss": loss.item(),
+            **task_data.examples(),
         }
         reporter.report(metrics, epoch)
         if epoch - best_epoch >= cfg.patience:

@@ -1,0 +1,398 @@
+"""A sweep's report: one self-contained HTML file (figures embedded as PNG, no external URL), read from the sweep's
+MLflow runs and Optuna study, written at the end of every sweep (`report.html` in its results directory, and an
+artifact of its parent MLflow run) and by `teachsweep report NAME`.
+
+Each figure fits the sweep it describes, and a caption says what it shows and how many seeds and examples stand
+behind it: the verdict (best trial, how many are within noise of it, the best against the baseline arms); the
+objective against each searched parameter; for LoT the alpha x N map and LoT-minus-teacher-only paired
+differences; the Pareto front for several objectives; per-variant scores over seeds (simulability by explainer);
+learning curves of the best trials; SMaT's head coefficients; RL return curves."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from teachsweep.jobs import JOBS  # noqa: E402
+from teachsweep.metrics import (  # noqa: E402
+    PAIRED_METHOD,
+    T_METHOD,
+    interval_of,
+    per_seed,
+    seed_summaries,
+)
+from teachsweep.results import Sweep, trial_rows, trial_runs, verdict  # noqa: E402
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
+figure{margin:1em 0}figcaption{font-size:.9em;color:#444;max-width:900px}
+table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
+.verdict{background:#f4f6fa;border-left:4px solid #4a6fa5;padding:.6em 1em}code{background:#f2f2f2}"""
+
+
+class Figure:
+    """One figure of the report: a title, the PNG and a caption."""
+
+    def __init__(self, title: str, fig, caption: str) -> None:
+        buffer = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        self.title, self.caption = title, caption
+        self.png = base64.b64encode(buffer.getvalue()).decode()
+
+    def html(self) -> str:
+        title, caption = html.escape(self.title), html.escape(self.caption)
+        return (f'<h2>{title}</h2><figure><img alt="{title}" src="data:image/png;base64,{self.png}">'
+                f"<figcaption>{caption}</figcaption></figure>")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def value_and_error(row: dict[str, Any], metric: str) -> tuple[float, float, float] | None:
+    """(point, lower error, upper error) of a trial's metric for error bars (zero errors without an interval)."""
+    own = interval_of(row["metrics"], metric)
+    if own is not None:
+        return own[0], own[0] - own[1], own[2] - own[0]
+    seeds = per_seed(row["metrics"], metric)
+    value = statistics.fmean(seeds.values()) if seeds else row["metrics"].get(metric)
+    return None if value is None else (float(value), 0.0, 0.0)
+
+
+def seeds_of(row: dict[str, Any], metric: str) -> int:
+    return max(1, len(per_seed(row["metrics"], metric)))
+
+
+def objective_vs_parameters(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
+    spec = sweep.spec
+    metric = spec.metric_names[0]
+    searched = [r for r in rows if not r["label"].startswith(("teacher_only",)) and r["params"].get("arm") in
+                (None, JOBS[spec.job].default_arm)]  # fmt: skip
+    figures = []
+    for name, param in spec.space.items():
+        points = [(r["params"].get(name), value_and_error(r, metric)) for r in searched]
+        points = [(x, v) for x, v in points if x is not None and v is not None]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        categorical = param.type == "categorical" and not all(isinstance(x, int | float) for x, _ in points)
+        xs = [str(x) for x, _ in points] if categorical else [float(x) for x, _ in points]
+        ax.errorbar(xs, [v[0] for _, v in points], yerr=[[v[1] for _, v in points], [v[2] for _, v in points]],
+                    fmt="o", capsize=3)  # fmt: skip
+        if param.type == "loguniform":
+            ax.set_xscale("log")
+        if param.type == "int":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(name)
+        ax.set_ylabel(metric)
+        seeds = max(seeds_of(r, metric) for r in searched)
+        figures.append(Figure(f"{metric} against {name}", fig,
+                              f"Each point is one searched trial ({len(points)}), its final {metric}; bars are 95% "
+                              f"intervals ({interval_words(searched, metric)}); {seeds} seed(s) per trial. Points "
+                              "whose bars overlap a lot are not told apart by this sweep."))  # fmt: skip
+    return figures
+
+
+def interval_words(rows: list[dict[str, Any]], metric: str) -> str:
+    methods = {own[3] for r in rows if (own := interval_of(r["metrics"], metric)) is not None}
+    return "; ".join(sorted(methods)) if methods else "none known: single measurements"
+
+
+def alpha_n_map(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
+    """LoT: the mean objective over bins of alpha (ascending, log-spaced) and each N (ascending)."""
+    spec = sweep.spec
+    if not {"alpha", "student_steps"} <= set(spec.space):
+        return []
+    metric = spec.metric_names[0]
+    lot = [r for r in rows if r["params"].get("arm", "lot") == "lot" and value_and_error(r, metric)]
+    if len(lot) < 2:
+        return []
+    alphas = np.array([float(r["params"]["alpha"]) for r in lot])
+    ns = sorted({int(r["params"]["student_steps"]) for r in lot})
+    edges = np.geomspace(alphas.min(), alphas.max() * (1 + 1e-9), 5) if alphas.min() > 0 else np.linspace(
+        alphas.min(), alphas.max() + 1e-9, 5)  # fmt: skip
+    grid = np.full((len(ns), len(edges) - 1), np.nan)
+    counts = np.zeros_like(grid, dtype=int)
+    for r, a in zip(lot, alphas, strict=True):
+        i, j = ns.index(int(r["params"]["student_steps"])), min(np.searchsorted(edges, a, side="right") - 1, 3)
+        value = value_and_error(r, metric)[0]
+        grid[i, j] = value if counts[i, j] == 0 else (grid[i, j] * counts[i, j] + value) / (counts[i, j] + 1)
+        counts[i, j] += 1
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.5 * len(ns)))
+    image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+    fig.colorbar(image, ax=ax, label=metric)
+    ax.set_xticks(range(len(edges) - 1), [f"{edges[k]:.3g}–{edges[k + 1]:.3g}" for k in range(len(edges) - 1)])
+    ax.set_yticks(range(len(ns)), [str(n) for n in ns])
+    ax.set_xlabel("alpha (bins, ascending)")
+    ax.set_ylabel("N (student steps)")
+    for i in range(len(ns)):
+        for j in range(len(edges) - 1):
+            if counts[i, j]:
+                ax.text(j, i, f"{grid[i, j]:.3g}\nn={counts[i, j]}", ha="center", va="center", color="w", fontsize=8)
+    return [Figure("LoT: alpha × N", fig,
+                   f"Mean final {metric} of the LoT trials in each cell (n = trials in the cell; {len(lot)} in all), "
+                   "alpha in four log-spaced bins. One-trial cells carry all its noise.")]  # fmt: skip
+
+
+def comparison_forest(sweep: Sweep, comparisons: list[dict[str, Any]]) -> list[Figure]:
+    """LoT minus teacher-only (or any job comparison), paired by seed, with intervals: one panel per metric."""
+    rows = [c for c in comparisons if c.get("n_seeds", 0) >= 2]
+    metrics = list(dict.fromkeys(c["metric"] for c in rows))[:6]
+    if not metrics:
+        return []
+    pairs = list(dict.fromkeys((c["variant"], c["trial"], c["baseline_label"]) for c in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.2 + 2.6 * len(metrics), 1.0 + 0.35 * len(pairs)),
+                             sharey=True, squeeze=False)  # fmt: skip
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for c in (c for c in rows if c["metric"] == metric):
+            k = pairs.index((c["variant"], c["trial"], c["baseline_label"]))
+            excludes_zero = c["ci_low"] > 0 or c["ci_high"] < 0
+            ax.errorbar([c["diff_mean"]], [k], xerr=[[c["diff_mean"] - c["ci_low"]], [c["ci_high"] - c["diff_mean"]]],
+                        fmt="o", capsize=3, color="C0" if excludes_zero else "0.4")  # fmt: skip
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(metric, fontsize=8)
+    axes[0][0].set_yticks(range(len(pairs)), [f"{t} vs {b}" for _, t, b in pairs], fontsize=7)
+    seeds = ", ".join(str(n) for n in sorted({c["n_seeds"] for c in rows}))
+    return [Figure("LoT minus teacher-only, paired by seed", fig,
+                   f"One panel per metric, one row per LoT trial and its teacher-only arm (the budget is in the arm's "
+                   f"label: -N<n> = matched model steps): mean paired difference (LoT − teacher-only) and its 95% "
+                   f"interval ({PAIRED_METHOD}); {seeds} seeds. Blue: the interval excludes 0.")]  # fmt: skip
+
+
+def pareto_figure(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
+    from teachsweep.results import pareto_front
+
+    spec = sweep.spec
+    if len(spec.objectives) < 2:
+        return []
+    (m1, o1), (m2, o2) = [(o.metric, o.mode) for o in spec.objectives[:2]]
+    points = [(r["metrics"].get(m1), r["metrics"].get(m2)) for r in rows]
+    points = [p for p in points if None not in p]
+    front = pareto_front(spec, sweep.optuna_url)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.scatter(*zip(*points, strict=True), color="0.6", label="trials") if points else None
+    if front:
+        fx, fy = zip(*sorted((f["values"][m1], f["values"][m2]) for f in front), strict=True)
+        ax.plot(fx, fy, "o-", color="C3", label="Pareto front")
+    ax.set_xlabel(f"{m1} ({o1})")
+    ax.set_ylabel(f"{m2} ({o2})")
+    ax.legend()
+    return [Figure("Pareto front", fig, f"{len(points)} trials on the first two objectives; red: the {len(front)} "
+                   "trials no other trial beats on both (Optuna's front of the searched trials).")]  # fmt: skip
+
+
+def variant_forest(sweep: Sweep, summaries: list[dict[str, Any]]) -> list[Figure]:
+    """Per variant (explainer, arm) over seeds: mean and Student-t interval, one panel per metric."""
+    metrics = list(dict.fromkeys(s["metric"] for s in summaries))[:4]
+    if not metrics:
+        return []
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 0.9 + 0.35 * len(summaries) /
+                             len(metrics)), squeeze=False)  # fmt: skip
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        rows = [s for s in summaries if s["metric"] == metric]
+        for k, s in enumerate(rows):
+            ax.errorbar([s["mean"]], [k], xerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]], fmt="o",
+                        capsize=3)  # fmt: skip
+        ax.set_yticks(range(len(rows)), [s["label"] for s in rows], fontsize=8)
+        ax.set_title(metric, fontsize=9)
+    seeds = ", ".join(str(n) for n in sorted({s["n_seeds"] for s in summaries}))
+    return [Figure("Scores by variant, over seeds", fig,
+                   f"Mean over seeds with its 95% interval ({T_METHOD}); {seeds} seeds per variant. For SMaT sweeps "
+                   "the variants are the explainers, the score simulability.")]  # fmt: skip
+
+
+def curve_metric(spec_metric: str) -> str:
+    """The per-epoch metric behind an objective: teacher/best_val_acc is the running best of teacher/val_acc."""
+    return spec_metric.replace("/best_", "/")
+
+
+def learning_curves(sweep: Sweep, rows: list[dict[str, Any]], top: int = 3) -> list[Figure]:
+    from mlflow.tracking import MlflowClient
+
+    spec = sweep.spec
+    metric, mode = spec.metric_names[0], spec.mode_names[0]
+    curve = curve_metric(metric)
+    ranked = [r for r in rows if value_and_error(r, metric) and r.get("mlflow_run_id")]
+    ranked.sort(key=lambda r: value_and_error(r, metric)[0], reverse=mode == "max")
+    client = MlflowClient(sweep.tracking_uri)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    drawn = 0
+    for row in ranked[:top]:
+        run_id = first_seed_run(client, row["mlflow_run_id"]) or row["mlflow_run_id"]
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, curve))
+        if len(history) < 2:
+            continue
+        ax.plot(*zip(*history, strict=True), "o-", ms=3, label=f"{row['label']} {row['trial_id']}")
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return []
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(curve)
+    ax.legend(fontsize=8)
+    return [Figure("Learning curves of the best trials", fig,
+                   f"{curve} per epoch of the {drawn} best trials on {metric} (for a trial that ran several seeds, "
+                   "its first seed).")]  # fmt: skip
+
+
+def first_seed_run(client, trial_run_id: str) -> str | None:
+    runs = client.search_runs(
+        [client.get_run(trial_run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{trial_run_id}' and tags.`teachsweep.role` = 'seed'",
+        order_by=["attributes.start_time ASC"], max_results=1,
+    )  # fmt: skip
+    return runs[0].info.run_id if runs else None
+
+
+def rl_return_curves(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
+    """RL: the teacher's greedy evaluation return per epoch, mean over each trial's seeds."""
+    if sweep.spec.job != "lot_rl":
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sweep.tracking_uri)
+    runs = trial_runs(sweep)
+    if not len(runs):
+        return []
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    by_label: dict[str, list[list[tuple[int, float]]]] = {}
+    for _, run in runs[runs["status"] == "FINISHED"].iterrows():
+        ids = [run["run_id"]]
+        seeds = client.search_runs([run["experiment_id"]] if "experiment_id" in run else
+                                   [client.get_run(run["run_id"]).info.experiment_id],
+                                   filter_string=f"tags.`mlflow.parentRunId` = '{run['run_id']}'")  # fmt: skip
+        ids = [s.info.run_id for s in seeds] or ids
+        for run_id in ids:
+            history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "teacher/eval_return"))
+            if history:
+                by_label.setdefault(run["tags.teachsweep.label"], []).append(history)
+    for label, curves in sorted(by_label.items()):
+        epochs = sorted({step for c in curves for step, _ in c})
+        means = [statistics.fmean(v for c in curves for s, v in c if s == e) for e in epochs]
+        ax.plot(epochs, means, "o-", ms=3, label=f"{label} ({len(curves)} runs)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (a fixed number of environment steps)")
+    ax.set_ylabel("teacher greedy evaluation return")
+    ax.legend(fontsize=7)
+    return [Figure("RL: evaluation return per epoch", fig,
+                   "The teacher's greedy return per epoch, averaged over each label's runs (seeds); each point is "
+                   "the mean of the evaluation episodes of that epoch.")]  # fmt: skip
+
+
+def head_coefficients(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
+    """SMaT: the learned head coefficients (layers x heads) of the best trial that logged them."""
+    if sweep.spec.job != "scaffold":
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sweep.tracking_uri)
+    metric, mode = sweep.spec.metric_names[0], sweep.spec.mode_names[0]
+    ranked = sorted((r for r in rows if value_and_error(r, metric) and r.get("mlflow_run_id")),
+                    key=lambda r: value_and_error(r, metric)[0], reverse=mode == "max")  # fmt: skip
+    for row in ranked:
+        run_id = first_seed_run(client, row["mlflow_run_id"]) or row["mlflow_run_id"]
+        try:
+            path = client.download_artifacts(run_id, "head_coefficients.json")
+        except Exception:  # noqa: BLE001 (a trial without a learnable explainer has none)
+            continue
+        coefficients = np.asarray(json.loads(Path(path).read_text())["layers_by_heads"], dtype=float)
+        fig, ax = plt.subplots(figsize=(5, 1 + 0.4 * coefficients.shape[0]))
+        image = ax.imshow(coefficients, aspect="auto", cmap="magma")
+        fig.colorbar(image, ax=ax)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        return [Figure("SMaT head coefficients", fig,
+                       f"The explainer's normalised head coefficients of trial {row['trial_id']} ({row['label']}), "
+                       "the best on the objective that learned them (first seed).")]  # fmt: skip
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- the page
+
+
+def trials_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
+    metric = sweep.spec.metric_names[0]
+    searched = list(sweep.spec.space)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["trial", "label", *searched, metric, "95% interval",
+                                                           "method", "seeds"])  # fmt: skip
+    body = []
+    for r in rows:
+        own = interval_of(r["metrics"], metric)
+        value = value_and_error(r, metric)
+        cells = [r["trial_id"], r["label"], *[r["params"].get(k, "") for k in searched],
+                 f"{value[0]:.4g}" if value else "", f"({own[1]:.4g}, {own[2]:.4g})" if own else "",
+                 own[3] if own else "", seeds_of(r, metric)]  # fmt: skip
+        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return f"<h2>Trials</h2><table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def comparisons_table(comparisons: list[dict[str, Any]]) -> str:
+    if not comparisons:
+        return ""
+    head = "".join(f"<th>{c}</th>" for c in ["variant", "trial", "budget", "metric", "LoT", "teacher-only",
+                                              "LoT − teacher-only [95%]", "p", "seeds"])  # fmt: skip
+    body = []
+    for c in comparisons:
+        cells = [c["variant"] or "-", c["trial"], c["budget"], c["metric"], f"{c['lot_mean']:.4g}",
+                 f"{c['teacher_only_mean']:.4g}",
+                 f"{c['diff_mean']:+.4g} [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]", f"{c['p_value']:.3g}",
+                 c["n_seeds"]]  # fmt: skip
+        body.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
+    return f"<p>{html.escape(PAIRED_METHOD)}</p><table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def build_report(sweep: Sweep) -> str:
+    spec = sweep.spec
+    job = JOBS[spec.job]
+    rows = trial_rows(sweep)
+    metrics = list(dict.fromkeys(spec.metric_names + job.scores))
+    comparisons = job.compare(rows, metrics)
+    summaries = seed_summaries(rows, metrics, job.reference_arm)
+    figures: list[Figure] = []
+    for make in (objective_vs_parameters, alpha_n_map, pareto_figure, learning_curves, rl_return_curves,
+                 head_coefficients):  # fmt: skip
+        figures += make(sweep, rows)
+    figures += comparison_forest(sweep, comparisons) + variant_forest(sweep, summaries)
+    lines = "".join(f"<li>{html.escape(line)}</li>" for line in verdict(spec, rows)) if len(spec.objectives) == 1 else \
+        "<li>several objectives: see the Pareto front</li>"  # fmt: skip
+    objectives = ", ".join(f"{o.metric} ({o.mode})" for o in spec.objectives)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>teachsweep report: {html.escape(spec.name)}
+</title><style>{STYLE}</style></head><body>
+<h1>Sweep <code>{html.escape(spec.name)}</code></h1>
+<p>job <code>{html.escape(spec.job)}</code> · objective {html.escape(objectives)} · {len(rows)} finished trial rows
+· seeds {html.escape(str(spec.seeds))} · MLflow parent run <code>{html.escape(str(sweep.parent_run_id))}</code></p>
+<div class="verdict"><b>Verdict</b><ul>{lines}</ul></div>
+{"".join(f.html() for f in figures)}
+{"<h2>Comparisons</h2>" + comparisons_table(comparisons) if comparisons else ""}
+{trials_table(sweep, rows)}
+<p style="font-size:.8em;color:#666">Intervals: {html.escape(T_METHOD)} when a trial ran several seeds; else the
+job's interval over test points, or a Wilson score interval over the evaluation examples for accuracies and
+agreements; differences between trials are paired by seed when both ran the same seeds, else combined from
+their two intervals (MOVER).</p></body></html>"""
+
+
+def write_report(sweep: Sweep) -> Path:
+    """Write `report.html` into the sweep's directory and log it to the sweep's parent MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    path = sweep.directory / "report.html"
+    path.write_text(build_report(sweep))
+    if sweep.parent_run_id:
+        MlflowClient(sweep.tracking_uri).log_artifact(sweep.parent_run_id, str(path))
+    return path
