@@ -97,7 +97,8 @@ def test_baseline_arm_and_seeds(ray_session, tmp_path):
 
     # The report: written at the end, logged to the parent run, self-contained, its numbers those of MLflow.
     page = outcome.report.read_text()
-    assert not re.search(r"(src|href)\s*=\s*[\"']?(?!data:)", page) and "<link" not in page  # all inline
+    sources = re.findall(r"(?:src|href)\s*=\s*[\"']([^\"']*)", page)
+    assert sources and all(s.startswith("data:") for s in sources) and "<link" not in page  # all inline
     for title in (
         "teacher/best_val_acc against alpha",
         "Learning curves of the best trials",
