@@ -18,22 +18,19 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure as MplFigure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from teachsweep.jobs import JOBS  # noqa: E402
-from teachsweep.metrics import (  # noqa: E402
+from teachsweep.jobs import JOBS
+from teachsweep.metrics import (
     PAIRED_METHOD,
     T_METHOD,
     interval_of,
     per_seed,
     seed_summaries,
 )
-from teachsweep.results import Sweep, trial_rows, trial_runs, verdict  # noqa: E402
+from teachsweep.results import Sweep, trial_rows, trial_runs, verdict
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
@@ -49,7 +46,6 @@ class Figure:
         buffer = io.BytesIO()
         fig.tight_layout()
         fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
         self.title, self.caption = title, caption
         self.png = base64.b64encode(buffer.getvalue()).decode()
 
@@ -60,6 +56,12 @@ class Figure:
 
 
 # ---------------------------------------------------------------------------------------------- figures
+
+
+def subplots(figsize, nrows: int = 1, ncols: int = 1, **kwargs):
+    """A figure outside pyplot's global state: drawing a report never changes a notebook's backend or figures."""
+    fig = MplFigure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def value_and_error(row: dict[str, Any], metric: str) -> tuple[float, float, float] | None:
@@ -87,7 +89,7 @@ def objective_vs_parameters(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Fi
         points = [(x, v) for x, v in points if x is not None and v is not None]
         if not points:
             continue
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, ax = subplots(figsize=(6, 3.6))
         categorical = param.type == "categorical" and not all(isinstance(x, int | float) for x, _ in points)
         xs = [str(x) for x, _ in points] if categorical else [float(x) for x, _ in points]
         ax.errorbar(xs, [v[0] for _, v in points], yerr=[[v[1] for _, v in points], [v[2] for _, v in points]],
@@ -131,7 +133,7 @@ def alpha_n_map(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
         value = value_and_error(r, metric)[0]
         grid[i, j] = value if counts[i, j] == 0 else (grid[i, j] * counts[i, j] + value) / (counts[i, j] + 1)
         counts[i, j] += 1
-    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.5 * len(ns)))
+    fig, ax = subplots(figsize=(6.5, 1.2 + 0.5 * len(ns)))
     image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
     fig.colorbar(image, ax=ax, label=metric)
     ax.set_xticks(range(len(edges) - 1), [f"{edges[k]:.3g}–{edges[k + 1]:.3g}" for k in range(len(edges) - 1)])
@@ -154,7 +156,7 @@ def comparison_forest(sweep: Sweep, comparisons: list[dict[str, Any]]) -> list[F
     if not metrics:
         return []
     pairs = list(dict.fromkeys((c["variant"], c["trial"], c["baseline_label"]) for c in rows))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(2.2 + 2.6 * len(metrics), 1.0 + 0.35 * len(pairs)),
+    fig, axes = subplots(1, len(metrics), figsize=(2.2 + 2.6 * len(metrics), 1.0 + 0.35 * len(pairs)),
                              sharey=True, squeeze=False)  # fmt: skip
     for ax, metric in zip(axes[0], metrics, strict=True):
         for c in (c for c in rows if c["metric"] == metric):
@@ -182,7 +184,7 @@ def pareto_figure(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     points = [(r["metrics"].get(m1), r["metrics"].get(m2)) for r in rows]
     points = [p for p in points if None not in p]
     front = pareto_front(spec, sweep.optuna_url)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = subplots(figsize=(5.5, 4))
     ax.scatter(*zip(*points, strict=True), color="0.6", label="trials") if points else None
     if front:
         fx, fy = zip(*sorted((f["values"][m1], f["values"][m2]) for f in front), strict=True)
@@ -199,7 +201,7 @@ def variant_forest(sweep: Sweep, summaries: list[dict[str, Any]]) -> list[Figure
     metrics = list(dict.fromkeys(s["metric"] for s in summaries))[:4]
     if not metrics:
         return []
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 0.9 + 0.35 * len(summaries) /
+    fig, axes = subplots(1, len(metrics), figsize=(4.5 * len(metrics), 0.9 + 0.35 * len(summaries) /
                              len(metrics)), squeeze=False)  # fmt: skip
     for ax, metric in zip(axes[0], metrics, strict=True):
         rows = [s for s in summaries if s["metric"] == metric]
@@ -228,7 +230,7 @@ def learning_curves(sweep: Sweep, rows: list[dict[str, Any]], top: int = 3) -> l
     ranked = [r for r in rows if value_and_error(r, metric) and r.get("mlflow_run_id")]
     ranked.sort(key=lambda r: value_and_error(r, metric)[0], reverse=mode == "max")
     client = MlflowClient(sweep.tracking_uri)
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = subplots(figsize=(6.5, 3.8))
     drawn = 0
     for row in ranked[:top]:
         run_id = first_seed_run(client, row["mlflow_run_id"]) or row["mlflow_run_id"]
@@ -238,7 +240,6 @@ def learning_curves(sweep: Sweep, rows: list[dict[str, Any]], top: int = 3) -> l
         ax.plot(*zip(*history, strict=True), "o-", ms=3, label=f"{row['label']} {row['trial_id']}")
         drawn += 1
     if not drawn:
-        plt.close(fig)
         return []
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
@@ -268,7 +269,7 @@ def rl_return_curves(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     runs = trial_runs(sweep)
     if not len(runs):
         return []
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = subplots(figsize=(6.5, 3.8))
     by_label: dict[str, list[list[tuple[int, float]]]] = {}
     for _, run in runs[runs["status"] == "FINISHED"].iterrows():
         ids = [run["run_id"]]
@@ -310,7 +311,7 @@ def head_coefficients(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
         except Exception:  # noqa: BLE001 (a trial without a learnable explainer has none)
             continue
         coefficients = np.asarray(json.loads(Path(path).read_text())["layers_by_heads"], dtype=float)
-        fig, ax = plt.subplots(figsize=(5, 1 + 0.4 * coefficients.shape[0]))
+        fig, ax = subplots(figsize=(5, 1 + 0.4 * coefficients.shape[0]))
         image = ax.imshow(coefficients, aspect="auto", cmap="magma")
         fig.colorbar(image, ax=ax)
         ax.set_xlabel("head")
