@@ -119,12 +119,12 @@ LOT_BENCH_JOB = {
 }  # fmt: skip
 
 
-def lot_cost(steps: int, repeats: int, model: str, console: Console) -> None:
+def lot_cost(steps: int, repeats: int, model: str, console: Console, device: str = "auto") -> None:
     """Time per teacher step of LoT over the teacher-only step, for N in {1, 2, 4}, equal-sized models, next
     to the FLOP ideal (6 + 4(N-1)) / 3 (forward = 1 unit, backward = 2)."""
     from teachsweep.jobs import lot
 
-    job = LOT_BENCH_JOB | {"teacher": model, "steps_per_epoch": steps}
+    job = LOT_BENCH_JOB | {"teacher": model, "steps_per_epoch": steps, "device": device}
     lot.train(job | {"steps_per_epoch": 3})  # warm-up: data, kernels
     arms = [("teacher_only", 1), ("lot", 1), ("lot", 2), ("lot", 4)]
     timings: dict[tuple[str, int], list[float]] = {arm: [] for arm in arms}
@@ -133,7 +133,8 @@ def lot_cost(steps: int, repeats: int, model: str, console: Console) -> None:
             metrics = lot.train(job | {"arm": arm, "student_steps": n})
             timings[(arm, n)].append(metrics["time/teacher_step_s"])
     base = statistics.median(timings[("teacher_only", 1)])
-    table = Table(title=f"bench lot: {model} on mnist_5k, batch 64, {steps} teacher steps x {repeats} repeats")
+    table = Table(title=f"bench lot: {model} on mnist_5k, batch 64, {steps} teacher steps x {repeats} repeats, "
+                        f"device {device}")  # fmt: skip
     for column in ("arm", "N", "s / teacher step", "ratio to teacher-only", "FLOP ideal", "ratio / ideal"):
         table.add_column(column)
     for arm, n in arms:
@@ -457,8 +458,9 @@ def distributed_cost(steps: int, repeats: int, console: Console) -> None:
 
 
 def reference_ppo_steps_per_s(config: dict, rollouts: int) -> float:
-    """Environment steps per second of a minimal PPO loop (sample, step, GAE, clipped update; nothing else), with
-    lot_rl's network and vectorised envs: the yardstick for the job's own teacher-only loop."""
+    """Environment steps per second of a minimal CleanRL-style PPO loop (sample, step, GAE, clipped policy and value
+    losses, the approximate KL it logs; nothing else), with lot_rl's network and vectorised envs: the yardstick for
+    the job's own teacher-only loop."""
     import torch
 
     from teachsweep import environments
@@ -466,7 +468,10 @@ def reference_ppo_steps_per_s(config: dict, rollouts: int) -> float:
 
     cfg = lot_rl.LoTRLConfig.model_validate(config)
     envs = environments.make_vector_env(cfg.task, cfg.num_envs)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)  # fmt: skip
     agent = lot_rl.build_agent(cfg, envs.single_observation_space.shape, int(envs.single_action_space.n), "teacher")
+    agent = agent.to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     obs, _ = envs.reset(seed=list(range(cfg.num_envs)))
     start = time.perf_counter()
@@ -474,35 +479,45 @@ def reference_ppo_steps_per_s(config: dict, rollouts: int) -> float:
         stored = []
         with torch.no_grad():
             for _ in range(cfg.num_steps):
-                obs_t = torch.as_tensor(obs)
+                obs_t = torch.as_tensor(obs, device=device)
                 logits, value = agent(obs_t)
                 dist = torch.distributions.Categorical(logits=logits)
                 action = dist.sample()
-                obs, reward, terminated, truncated, _ = envs.step(action.numpy())
-                stored.append((obs_t, action, dist.log_prob(action), value, torch.as_tensor(reward).float(),
-                               torch.as_tensor(terminated | truncated).float()))  # fmt: skip
-            last_value = agent(torch.as_tensor(obs))[1]
+                obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
+                stored.append((obs_t, action, dist.log_prob(action), value,
+                               torch.as_tensor(reward, device=device).float(),
+                               torch.as_tensor(terminated | truncated, device=device).float()))  # fmt: skip
+            last_value = agent(torch.as_tensor(obs, device=device))[1]
         b_obs, b_act, b_logp, b_val, b_rew, b_done = (torch.stack(c) for c in zip(*stored, strict=True))
-        advantages, running = torch.zeros_like(b_rew), torch.zeros(cfg.num_envs)
+        advantages, running = torch.zeros_like(b_rew), torch.zeros(cfg.num_envs, device=device)
         for t in reversed(range(cfg.num_steps)):
             next_value = last_value if t == cfg.num_steps - 1 else b_val[t + 1]
             delta = b_rew[t] + cfg.gamma * next_value * (1 - b_done[t]) - b_val[t]
             running = advantages[t] = delta + cfg.gamma * cfg.gae_lambda * (1 - b_done[t]) * running
         returns = (advantages + b_val).flatten()
         b_obs, b_act, b_logp, advantages = b_obs.flatten(0, 1), b_act.flatten(), b_logp.flatten(), advantages.flatten()
+        kls = []
         for _ in range(cfg.update_epochs):
-            for index in torch.randperm(cfg.rollout_size).split(cfg.minibatch_size):
+            for index in torch.randperm(cfg.rollout_size, device=device).split(cfg.minibatch_size):
                 logits, value = agent(b_obs[index])
                 dist = torch.distributions.Categorical(logits=logits)
-                ratio = (dist.log_prob(b_act[index]) - b_logp[index]).exp()
+                log_ratio = dist.log_prob(b_act[index]) - b_logp[index]
+                ratio = log_ratio.exp()
                 adv = (advantages[index] - advantages[index].mean()) / (advantages[index].std() + 1e-8)
                 policy = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
-                loss = policy + cfg.vf_coef * 0.5 * ((value - returns[index]) ** 2).mean()
-                loss = loss - cfg.ent_coef * dist.entropy().mean()
+                old_value = b_val.flatten()[index]  # clipped value loss, as CleanRL's default
+                clipped = old_value + (value - old_value).clamp(-cfg.clip_coef, cfg.clip_coef)
+                v_loss = 0.5 * torch.max((value - returns[index]) ** 2, (clipped - returns[index]) ** 2).mean()
+                loss = policy + cfg.vf_coef * v_loss - cfg.ent_coef * dist.entropy().mean()
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
                 optimizer.step()
+                with torch.no_grad():
+                    kls.append((ratio - 1 - log_ratio).mean())  # approx KL, logged by CleanRL-style loops
+        float(torch.stack(kls).mean())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     envs.close()
     return rollouts * cfg.rollout_size / elapsed
@@ -537,13 +552,13 @@ def rl_forward_flops(cfg) -> tuple[float, float]:
     return counts[0], counts[1]
 
 
-def rl_cost(rollouts: int, repeats: int, task: str, console: Console) -> None:
+def rl_cost(rollouts: int, repeats: int, task: str, console: Console, device: str = "cpu") -> None:
     """(1) Environment steps per second of lot_rl's teacher-only PPO against a minimal PPO loop, same network and
     envs; (2) LoT's time per teacher update against teacher-only, beside the FLOP ideal of what the run did
     (lot.md: a teacher minibatch = 3 units, LoT's joint minibatch = 6, each extra student minibatch = 4)."""
     from teachsweep.jobs import lot_rl
 
-    job = RL_BENCH_JOB | {"task": task}
+    job = RL_BENCH_JOB | {"task": task, "device": device}
     cfg = lot_rl.LoTRLConfig.model_validate(job)
     job["steps_per_epoch"] = rollouts * cfg.rollout_size
     lot_rl.train(job | {"steps_per_epoch": cfg.rollout_size})  # warm-up
@@ -555,7 +570,7 @@ def rl_cost(rollouts: int, repeats: int, task: str, console: Console) -> None:
     reference = statistics.median(runs["reference"])
     job_rate = statistics.median(m["time/env_steps_per_s"] for m in runs["teacher_only"])
     title = (f"bench rl: {task}, {cfg.num_envs} envs x {cfg.num_steps} steps, {rollouts} rollouts x {repeats} "
-             "repeats (medians)")  # fmt: skip
+             f"repeats (medians), device {device}")  # fmt: skip
     speed = Table(title=title)
     for column in ("loop", "env steps / s", "ratio to reference"):
         speed.add_column(column)

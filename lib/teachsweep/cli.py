@@ -376,11 +376,12 @@ def bench_lot(
     steps: int = typer.Option(30, help="teacher steps per measurement"),
     repeats: int = typer.Option(3, help="interleaved repeats per arm (the median is shown)"),
     model: str = typer.Option("resnet:8", help="teacher and student architecture"),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1... (auto: CUDA when visible)"),
 ) -> None:
     """LoT's cost per teacher step for N in {1, 2, 4} against the teacher-only step and the FLOP ideal."""
     from teachsweep.bench import lot_cost
 
-    lot_cost(steps, repeats, model, console)
+    lot_cost(steps, repeats, model, console, device)
 
 
 @bench_app.command("relevance")
@@ -414,12 +415,13 @@ def bench_rl(
     rollouts: int = typer.Option(20, help="rollouts (teacher updates) per run"),
     repeats: int = typer.Option(3, help="interleaved repeats per loop (the median is shown)"),
     task: str = typer.Option("gym:CartPole-v1", help="an RL task (gym:, minatar:, ale:)"),
+    device: str = typer.Option("cpu", help="cpu, cuda, auto... (small policies run best on the CPU)"),
 ) -> None:
     """Teacher-only PPO's env steps per second against a minimal PPO loop, and LoT's time per teacher update
     against teacher-only beside the FLOP ideal."""
     from teachsweep.bench import rl_cost
 
-    rl_cost(rollouts, repeats, task, console)
+    rl_cost(rollouts, repeats, task, console, device)
 
 
 @bench_app.command("distributed")

@@ -37,7 +37,7 @@ from teachsweep import environments, models
 from teachsweep.jobs import ArmPlan
 from teachsweep.jobs.lot import compare, kl_divergence  # noqa: F401 (compare: LoT minus teacher-only, by seed)
 from teachsweep.reporter import Reporter
-from teachsweep.training import autocast, pick_device, restore_into, state_of, synchronize
+from teachsweep.training import autocast, pick_device, restore_into, state_of, synchronize, uses_bf16
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -357,14 +357,14 @@ def teacher_update(teacher, students, optimizers, rollout: Rollout, cfg: LoTRLCo
     obs, actions, old_log_probs, old_values = map(flat, (rollout.obs, rollout.actions, rollout.log_probs,
                                                          rollout.values))  # fmt: skip
     advantages, targets = flat(advantages), flat(targets)
-    sums = torch.zeros(6, device=device)  # policy, value, entropy, approx KL, teacher term, steps
+    terms: list[tuple[torch.Tensor, ...]] = []  # per minibatch: policy, value, entropy, approx KL (+ LoT term)
     for _ in range(cfg.update_epochs):
         order = torch.randperm(cfg.rollout_size, generator=generator).to(device)
         for index in order.split(cfg.minibatch_size):
             with autocast(device, precision):
                 logits, values = teacher(obs[index])
                 with torch.set_grad_enabled(cfg.joint_student_step):
-                    student_logits = [s.logits(obs[index]) for s in students]
+                    student_logits = [s.logits(obs[index]).float() for s in students]
             logits, values = logits.float(), values.float()
             dist = torch.distributions.Categorical(logits=logits)
             log_probs = dist.log_prob(actions[index])
@@ -375,22 +375,26 @@ def teacher_update(teacher, students, optimizers, rollout: Rollout, cfg: LoTRLCo
             v_loss = value_loss(values, old_values[index], targets[index], cfg.clip_coef if cfg.clip_value_loss
                                 else None)  # fmt: skip
             entropy = dist.entropy().mean()
-            lot_term = teacher_kl_term(logits, [s.float() for s in student_logits], cfg)
-            loss = policy + cfg.vf_coef * v_loss - cfg.ent_coef * entropy + cfg.alpha * lot_term
-            if cfg.joint_student_step:  # disjoint parameters: one backward serves every model
-                loss = loss + sum(student_imitation_loss(s.float(), logits, cfg.temperature) for s in student_logits)
+            loss = policy + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
+            term = (policy, v_loss, entropy)
+            if students:  # (the teacher-only arm launches none of this)
+                lot_term = teacher_kl_term(logits, student_logits, cfg)
+                loss = loss + cfg.alpha * lot_term
+                if cfg.joint_student_step:  # disjoint parameters: one backward serves every model
+                    loss = loss + sum(student_imitation_loss(s, logits, cfg.temperature) for s in student_logits)
+                term += (lot_term,)
             loss.backward()
             models_to_step = [teacher, *students] if cfg.joint_student_step else [teacher]
             for model, (optimizer, _) in zip(models_to_step, optimizers, strict=False):
                 step(model, optimizer, cfg.max_grad_norm)
             with torch.no_grad():
-                approx_kl = ((log_probs - old_log_probs[index]).exp() - 1 - (log_probs - old_log_probs[index])).mean()
-            sums += torch.stack([policy.detach(), v_loss.detach(), entropy.detach(), approx_kl, lot_term.detach(),
-                                 torch.ones((), device=device)])  # fmt: skip
-    policy, v_loss, entropy, approx_kl, lot_term, count = (sums / sums[-1]).tolist()
-    return {"loss/policy": policy, "loss/value": v_loss, "loss/entropy": entropy, "kl/approx": approx_kl,
-            "kl/teacher_term": lot_term,
-            "updates": int(sums[-1].item())}  # fmt: skip
+                log_ratio = log_probs - old_log_probs[index]
+                approx_kl = (log_ratio.exp() - 1 - log_ratio).mean()  # Schulman's k3 estimator of KL(old || new)
+            terms.append((*(t.detach() for t in term), approx_kl))
+    means = torch.stack([torch.stack(t) for t in terms]).mean(0).tolist()  # one device sync per update
+    stats = dict(zip(["loss/policy", "loss/value", "loss/entropy"], means[:3], strict=True))
+    stats |= {"kl/approx": means[-1], "kl/teacher_term": means[3] if students else 0.0, "updates": len(terms)}
+    return stats
 
 
 def student_passes(teacher: Agent, students, optimizers, buffer: deque, cfg: LoTRLConfig, generator, device,
@@ -509,17 +513,18 @@ def train(config: LoTRLConfig | dict, reporter: Reporter | None = None) -> dict[
         counters = dict(saved["counters"])
     obs, _ = envs.reset(seed=[cfg.seed * 10_000 + counters["epoch"] * 100 + i for i in range(cfg.num_envs)])
 
+    precision = "bf16" if uses_bf16(device, cfg.precision) else "fp32"  # decided once, not at every env step
     metrics: dict[str, float] = {}
     for epoch in range(counters["epoch"] + 1, cfg.epochs + 1):
         epoch_returns: list[float] = []
         epoch_start = time.perf_counter()
         for _ in range(cfg.rollouts_per_epoch):
-            rollout, obs, finished = collect_rollout(teacher, envs, obs, cfg, device, cfg.precision)
+            rollout, obs, finished = collect_rollout(teacher, envs, obs, cfg, device, precision)
             epoch_returns += finished
             update_start = time.perf_counter()
-            stats = teacher_update(teacher, students, optimizers, rollout, cfg, generator, device, cfg.precision)
+            stats = teacher_update(teacher, students, optimizers, rollout, cfg, generator, device, precision)
             buffer.append(rollout.obs.flatten(0, 1))
-            extra = student_passes(teacher, students, optimizers[1:], buffer, cfg, generator, device, cfg.precision)
+            extra = student_passes(teacher, students, optimizers[1:], buffer, cfg, generator, device, precision)
             for _, schedule in optimizers:
                 schedule.step()
             synchronize(device)

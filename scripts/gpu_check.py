@@ -1,0 +1,201 @@
+"""The GPU checklist of the README, as one script for the first time a device is lent (issue 17): each check runs the
+real job on CUDA without Ray or MLflow, prints what it measured, and a failure is printed and does not stop the
+others. Needs the package's job dependencies (not ray, optuna or mlflow) and its offline data packages.
+
+    PYTHONPATH=lib python scripts/gpu_check.py [device lot lstm rl scaffold mfu bench_lot bench_rl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import traceback
+
+import torch
+
+
+def check(name: str):
+    def wrap(fn):
+        def run(*args):
+            start = time.perf_counter()
+            print(f"\n=== {name}", flush=True)
+            try:
+                fn(*args)
+                print(f"--- ok ({time.perf_counter() - start:.1f} s)", flush=True)
+            except Exception:  # noqa: BLE001 (a report: every check runs)
+                traceback.print_exc()
+                print(f"--- FAILED ({time.perf_counter() - start:.1f} s)", flush=True)
+
+        return run
+
+    return wrap
+
+
+@check("device and precision")
+def device_and_precision() -> None:
+    from teachsweep.training import native_bf16, uses_bf16
+
+    device = torch.device("cuda")
+    capability = torch.cuda.get_device_capability(device)
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, capability {capability}, "
+          f"native bf16 {native_bf16(capability)}, precision auto uses bf16: {uses_bf16(device, 'auto')}")  # fmt: skip
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    print(f"bf16 8192^3 matmul: {10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12:.0f} TFLOP/s")
+
+
+@check("LoT on digits (cnn:8), CUDA, precision auto (bf16) and fp32")
+def lot_digits() -> None:
+    from teachsweep.jobs import lot
+
+    job = {"task": "digits", "teacher": "cnn:8", "epochs": 2, "steps_per_epoch": 30, "max_eval_examples": 200,
+           "optimizer": "sgd", "lr": 0.05, "device": "cuda"}  # fmt: skip
+    for precision in ("auto", "fp32"):
+        m = lot.train(job | {"precision": precision})
+        print(f"{precision}: teacher val acc {m['teacher/val_acc']:.3f}, student {m['student/val_acc']:.3f}, "
+              f"{m['time/teacher_step_s'] * 1e3:.1f} ms / teacher step")  # fmt: skip
+        assert math.isfinite(m["loss/teacher"]) and m["teacher/val_acc"] > 0.3
+
+
+@check("LoT LSTM language model under bf16 autocast: the recurrent cell stays fp32")
+def lot_lstm() -> None:
+    from teachsweep.jobs import lot
+
+    job = {"task": "bbc_news_lm_2k", "teacher": "lstm:1", "epochs": 2, "steps_per_epoch": 40, "max_train_examples":
+           30000, "max_eval_examples": 5000, "optimizer": "sgd", "lr": 20.0, "momentum": 0.0, "weight_decay": 0.0,
+           "clip_grad_norm": 0.25, "batch_size": 20, "bptt": 35, "alpha": 1.0, "student_steps": 5, "device": "cuda",
+           "precision": "bf16"}  # fmt: skip
+    reporter_history = []
+    from teachsweep.reporter import Reporter
+
+    reporter = Reporter()
+    m = lot.train(job, reporter)
+    reporter_history = [h["teacher/val_ppl"] for h in reporter.history]
+    print(f"val perplexity per epoch {[round(p, 1) for p in reporter_history]}, "
+          f"{m['time/teacher_step_s'] * 1e3:.1f} ms / teacher step")  # fmt: skip
+    assert reporter_history[-1] < reporter_history[0] and math.isfinite(m["loss/teacher"])
+
+
+@check("LoT for RL (CartPole) on CUDA learns")
+def lot_rl_cuda() -> None:
+    from teachsweep.jobs import lot_rl
+
+    config = {"task": "gym:CartPole-v1", "arm": "lot", "num_envs": 4, "num_steps": 128, "clip_coef": 0.2,
+              "lr": 2.5e-3, "steps_per_epoch": 10_240, "epochs": 4, "device": "cuda", "buffer_rollouts": 4}  # fmt: skip
+    m = lot_rl.train(config)
+    print(f"best greedy return {m['teacher/best_eval_return']:.0f}, student {m['student/eval_return']:.0f}, "
+          f"agreement {m['agreement/buffer']:.3f}, {m['time/env_steps_per_s']:.0f} env steps/s")  # fmt: skip
+    assert m["teacher/best_eval_return"] >= 200
+
+
+@check("bench rl on the CPU and on CUDA")
+def bench_rl() -> None:
+    from rich.console import Console
+
+    from teachsweep.bench import rl_cost
+
+    for device in ("cpu", "cuda"):
+        rl_cost(20, 3, "gym:CartPole-v1", Console(width=140), device)
+
+
+@check("bench lot on CUDA (resnet:8, mnist_5k)")
+def bench_lot() -> None:
+    from rich.console import Console
+
+    from teachsweep.bench import lot_cost
+
+    lot_cost(30, 3, "resnet:8", Console(width=140), "cuda")
+
+
+def random_minilm(layers: int = 6) -> None:
+    """The MiniLM package's directory with randomly initialised weights of MiniLM's shapes (its 90 MB of weights do
+    not travel to the device machine): enough for every code path and for FLOP utilisation, not for accuracy."""
+    from transformers import BertConfig, BertModel
+
+    from teachsweep import models
+
+    directory = models.minilm_dir()
+    if not (directory / "model.safetensors").exists():
+        config = BertConfig.from_pretrained(str(directory))
+        BertModel(config).save_pretrained(str(directory))
+
+
+@check("teacher + SMaT on rotten_tomatoes (minilm:2, random weights), CUDA, bf16")
+def scaffold_cuda() -> None:
+    from teachsweep.jobs import scaffold
+
+    random_minilm()
+    teacher = {"task": "rotten_tomatoes", "model": "minilm:2", "lr": 1e-4, "epochs": 1, "steps_per_epoch": 50,
+               "max_length": 64, "max_eval_examples": 300, "device": "cuda"}  # fmt: skip
+    for explainer in ("attention", "smat"):
+        start = time.perf_counter()
+        m = scaffold.train({"teacher": teacher, "explainer": explainer, "num_train_examples": 500, "max_epochs": 2,
+                            "max_length": 64, "max_eval_examples": 300, "device": "cuda"})  # fmt: skip
+        print(f"{explainer}: test simulability {m['simulability/test']:.3f} "
+              f"({time.perf_counter() - start:.1f} s for 2 epochs)")  # fmt: skip
+
+
+@check("model FLOP utilisation of a BERT-size classifier step (bf16), by batch size")
+def flop_utilisation() -> None:
+    from teachsweep import models, tasks
+    from teachsweep.bench import matmul_flops
+
+    random_minilm()
+    device = torch.device("cuda")
+    task = tasks.load_task("rotten_tomatoes")
+    model = models.build_model("minilm", task, seed=0).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    peak = 989e12  # H100 SXM dense bf16
+    from transformers import PreTrainedModel
+
+    for implementation, (batch_size, length) in [(i, shape) for i in (models.EXPLAINABLE_ATTENTION, "sdpa")
+                                                  for shape in ((32, 64), (256, 128), (512, 256))]:  # fmt: skip
+        for module in model.modules():  # what a job that never reads attention could use
+            if isinstance(module, PreTrainedModel):
+                module.set_attn_implementation(implementation)
+        batch = {"input_ids": torch.randint(1000, 20000, (batch_size, length), device=device),
+                 "attention_mask": torch.ones(batch_size, length, dtype=torch.long, device=device),
+                 "labels": torch.randint(0, 2, (batch_size,), device=device)}  # fmt: skip
+
+        def step(batch=batch):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits, _ = model(batch)
+                loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        flops = matmul_flops(step)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / 10
+        rate = flops / seconds
+        print(f"{implementation}, batch {batch_size} x {length}: {seconds * 1e3:.2f} ms / step, {rate / 1e12:.1f} "
+              f"TFLOP/s = {rate / peak:.1%} of 989 TFLOP/s (matmul FLOPs)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    checks = {"device": device_and_precision, "lot": lot_digits, "lstm": lot_lstm, "rl": lot_rl_cuda,
+              "scaffold": scaffold_cuda, "mfu": flop_utilisation, "bench_lot": bench_lot,
+              "bench_rl": bench_rl}  # fmt: skip
+    parser.add_argument("checks", nargs="*", help=f"the checks to run, of {', '.join(checks)} (default: all)")
+    args = parser.parse_args()
+    for name in args.checks or checks:
+        checks[name]()
+
+
+if __name__ == "__main__":
+    main()
