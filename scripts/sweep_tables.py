@@ -28,8 +28,9 @@ def main() -> None:
     if summaries:
         ref = job.reference_arm
         print(f"\n{T_METHOD}" + (f"; vs {ref}: {PAIRED_METHOD}" if ref else "") + "\n")
-        print(f"| variant | metric | seeds | median [IQR] | mean (95% CI) | test-point CI | vs {ref} (95% CI) | p |")
-        print("|---|---|---|---|---|---|---|---|")
+        versus_head = f"vs {ref} (95% CI) | p |" if ref else ""
+        print(f"| variant | metric | seeds | median [IQR] | mean (95% CI) | test-point CI | {versus_head}")
+        print("|---|---|---|---|---|---|" + ("---|---|" if ref else ""))
         for r in summaries:
             points = ""
             if "test_points_ci_low" in r:
@@ -41,7 +42,8 @@ def main() -> None:
                 p_value = f"{r[f'vs_{ref}_p_value']:.3g}"
             median = f"{r['median']:.4g} [{r['q25']:.4g}, {r['q75']:.4g}]"
             mean = f"{r['mean']:.4g} ({r['ci_low']:.4g}, {r['ci_high']:.4g})"
-            cells = [r["label"], r["metric"], str(r["n_seeds"]), median, mean, points, versus, p_value]
+            cells = [r["label"], r["metric"], str(r["n_seeds"]), median, mean, points]
+            cells += [versus, p_value] if ref else []
             print("| " + " | ".join(cells) + " |")
     comparisons = job.compare(merged, metrics)
     if comparisons:

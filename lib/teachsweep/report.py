@@ -58,7 +58,7 @@ class Figure:
 # ---------------------------------------------------------------------------------------------- figures
 
 
-def subplots(figsize, nrows: int = 1, ncols: int = 1, **kwargs):
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize, **kwargs):
     """A figure outside pyplot's global state: drawing a report never changes a notebook's backend or figures."""
     fig = MplFigure(figsize=figsize)
     return fig, fig.subplots(nrows, ncols, **kwargs)

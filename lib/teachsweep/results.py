@@ -297,7 +297,8 @@ def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
     own = interval_of(best["metrics"], metric)
     shown = f"{own[0]:.4g} ({own[1]:.4g}, {own[2]:.4g}; {own[3]})" if own else f"{point(best):.4g} (no interval)"
     lines = [f"best on {metric} ({mode}): trial {best['trial_id']} [{best['label']}] {shown}"]
-    others = [r for r in candidates if r is not best]
+    variant = best["params"].get("variant", "")
+    others = [r for r in candidates if r is not best and r["params"].get("variant", "") == variant]
     if others:
         compared = [(r, compare_to_best(best, r, metric)) for r in others]
         known = [(r, c) for r, c in compared if c is not None]
@@ -310,7 +311,7 @@ def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
                          "winner")  # fmt: skip
         else:
             lines.append(f"the best is distinguishable from all {len(known)} other trials ({known[0][1]['method']})")
-    same_variant = [r for r in done if r["params"].get("variant", "") == best["params"].get("variant", "")]
+    same_variant = [r for r in done if r["params"].get("variant", "") == variant]
     for base in [r for r in same_variant if is_baseline(r) and r is not best]:
         c = compare_to_best(best, base, metric)
         if c is None:
