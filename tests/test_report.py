@@ -14,6 +14,7 @@ from teachsweep.metrics import (
     interval_of,
     mover_difference,
     wilson_interval,
+    with_intervals,
 )
 from teachsweep.results import verdict
 from teachsweep.spec import parse_spec
@@ -77,3 +78,12 @@ def test_the_verdict_pairs_by_seed_when_trials_share_seeds():
     # paired differences 0.10, 0.11, 0.11: mean 0.1067, sd 0.00577, half-width 4.3027 * 0.00577 / sqrt(3) = 0.01434
     assert re.search(r"vs teacher_only: \+0\.1067 \[\+0\.09232, \+0\.121\] \(distinguishable", lines[1]), lines[1]
     assert PAIRED_METHOD in lines[1]
+
+
+def test_runs_log_each_accuracy_with_its_wilson_interval():
+    logged = with_intervals({"teacher/val_acc": 0.8, "examples/val": 100.0, "teacher/val_ppl": 3.0,
+                             "simulability/test": 0.9, "simulability/test_ci_low": 0.85})  # fmt: skip
+    assert (logged["teacher/val_acc_ci_low"], logged["teacher/val_acc_ci_high"]) == pytest.approx(
+        (0.7112, 0.8666), abs=1e-4
+    )
+    assert "teacher/val_ppl_ci_low" not in logged and "simulability/test_ci_high" not in logged  # own interval kept

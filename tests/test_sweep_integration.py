@@ -6,6 +6,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from teachsweep.metrics import wilson_interval
 from teachsweep.results import open_sweep, ui_urls
 from teachsweep.spec import parse_spec
 from teachsweep.sweep import paths_for, run_sweep
@@ -92,6 +93,11 @@ def test_baseline_arm_and_seeds(ray_session, tmp_path):
     for trial in trials:
         seeds = child_runs(client, experiment.experiment_id, trial.info.run_id)
         assert sorted(run.data.tags["teachsweep.seed"] for run in seeds) == ["0", "1"]
+        for run in seeds:  # every accuracy in MLflow carries its Wilson interval over the evaluation examples
+            m = run.data.metrics
+            assert (m["teacher/best_val_acc_ci_low"], m["teacher/best_val_acc_ci_high"]) == pytest.approx(
+                wilson_interval(m["teacher/best_val_acc"], int(m["examples/val"]))
+            )
     study = optuna.load_study(study_name="seeded", storage=paths_for(spec).optuna_url)
     assert len(study.trials) == 1  # the baseline arm is not a search point
 

@@ -44,7 +44,9 @@ def print_outcome(outcome) -> None:
     varying = sorted({k for r in outcome.trials for k in r["params"]
                       if len({str(t["params"].get(k)) for t in outcome.trials}) > 1} - {"variant", "task"})  # fmt: skip
     searched = list(spec.space) or varying
-    table = Table(title=f"sweep {spec.name}: {len(outcome.trials)} trials in {outcome.seconds:.0f} s")
+    table = Table(title=f"sweep {spec.name}: {len(outcome.trials)} trials in {outcome.seconds:.0f} s",
+                  caption="(low, high): 95% interval: Student-t over seeds, the job's bootstrap over test points, or "
+                  "Wilson over the evaluation examples")  # fmt: skip
     for column in [
         "trial",
         "arm/label",
@@ -53,7 +55,7 @@ def print_outcome(outcome) -> None:
     ]:
         table.add_column(column)
     for row in outcome.trials:
-        metrics = [short(row["metrics"].get(m, "")) for m in shown if any(m in r["metrics"] for r in outcome.trials)]
+        metrics = [with_interval(row["metrics"], m) for m in shown if any(m in r["metrics"] for r in outcome.trials)]
         params = [short(row["params"].get(k, "")) for k in searched]
         table.add_row(
             row["trial_id"], row["label"] if row["status"] == "OK" else f"{row['label']} FAILED", *params, *metrics
@@ -94,6 +96,14 @@ def print_outcome(outcome) -> None:
         console.print(f"\nReport: file://{outcome.report}", soft_wrap=True, highlight=False)
     console.print(f"Open the runs:  teachsweep ui {spec.name}  (MLflow UI and optuna-dashboard, with the URLs of the "
                   "trials, the report and the study)", soft_wrap=True)  # fmt: skip
+
+
+def with_interval(metrics: dict, metric: str) -> str:
+    """A table cell: the value and, where the data supports one, its 95% interval (metrics.interval_of)."""
+    from teachsweep.metrics import interval_of
+
+    own = interval_of(metrics, metric)
+    return f"{own[0]:.4g} ({own[1]:.3g}, {own[2]:.3g})" if own else short(metrics.get(metric, ""))
 
 
 def print_verdict(spec, rows: list[dict]) -> None:

@@ -256,3 +256,14 @@ def compare_to_best(best: dict[str, Any], other: dict[str, Any], metric: str) ->
         return None
     d, low, high = mover_difference(ia[:3], ib[:3])
     return {"diff": d, "low": low, "high": high, "method": MOVER_METHOD}
+
+
+def with_intervals(metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` plus `<metric>_ci_low/_ci_high` (Wilson score 95%) for each proportion measured on a known number
+    of examples that has no interval yet: what a run logs so that MLflow shows how uncertain each accuracy is."""
+    out = dict(metrics)
+    for metric, value in metrics.items():
+        count = examples_metric(metric)
+        if count and count in metrics and f"{metric}_ci_low" not in metrics and 0 <= value <= 1:
+            out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = wilson_interval(float(value), int(metrics[count]))
+    return out

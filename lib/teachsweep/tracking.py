@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from teachsweep.metrics import with_intervals
 from teachsweep.reporter import Reporter, finite_metrics
 
 T = TypeVar("T")
@@ -216,8 +217,8 @@ class TrialReporter(Reporter):
 
     def report(self, metrics: dict[str, float], epoch: int, checkpoint: dict | None = None) -> None:
         super().report(metrics, epoch)
-        if self.rank == 0:
-            log_metrics(self.client, self.run_id, metrics, step=epoch)
+        if self.rank == 0:  # accuracies with their Wilson intervals (metrics.with_intervals)
+            log_metrics(self.client, self.run_id, with_intervals(metrics), step=epoch)
         if not self.to_tune:
             return
         if self.send is None:
