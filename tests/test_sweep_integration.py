@@ -122,6 +122,7 @@ def test_baseline_arm_and_seeds(ray_session, tmp_path):
     assert urls["trials"].startswith(f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?")
     assert "orderByAsc=false" in urls["trials"] and outcome.parent_run_id in urls["report"]
     assert urls["study"].endswith(f"/dashboard/studies/{study._study_id}")
+    assert study.metric_names == ["teacher/best_val_acc"]  # what optuna-dashboard labels the objective with
 
 
 def test_a_grid_sweep_run_again_is_restored_not_repeated(ray_session, tmp_path):
