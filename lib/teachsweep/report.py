@@ -94,6 +94,13 @@ def objective_vs_parameters(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Fi
         xs = [str(x) for x, _ in points] if categorical else [float(x) for x, _ in points]
         ax.errorbar(xs, [v[0] for _, v in points], yerr=[[v[1] for _, v in points], [v[2] for _, v in points]],
                     fmt="o", capsize=3)  # fmt: skip
+        baselines = [r for r in rows if r not in searched and value_and_error(r, metric)]
+        for k, base in enumerate(baselines[:3]):  # the fixed arms (LoT's teacher-only) as bands to compare with
+            value, low, high = value_and_error(base, metric)
+            ax.axhline(value, color=f"C{k + 1}", lw=1, label=base["label"])
+            ax.axhspan(value - low, value + high, color=f"C{k + 1}", alpha=0.15)
+        if baselines:
+            ax.legend(fontsize=7)
         if param.type == "loguniform":
             ax.set_xscale("log")
         if param.type == "int":
@@ -101,10 +108,12 @@ def objective_vs_parameters(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Fi
         ax.set_xlabel(name)
         ax.set_ylabel(metric)
         seeds = max(seeds_of(r, metric) for r in searched)
+        arms = f" Lines and bands: the fixed arms ({', '.join(b['label'] for b in baselines[:3])}) with their " \
+            "intervals." if baselines else ""  # fmt: skip
         figures.append(Figure(f"{metric} against {name}", fig,
                               f"Each point is one searched trial ({len(points)}), its final {metric}; bars are 95% "
                               f"intervals ({interval_words(searched, metric)}); {seeds} seed(s) per trial. Points "
-                              "whose bars overlap a lot are not told apart by this sweep."))  # fmt: skip
+                              f"whose bars overlap a lot are not told apart by this sweep.{arms}"))  # fmt: skip
     return figures
 
 
