@@ -1,7 +1,11 @@
 """The cluster/ manifests parse, and carry the fields the README relies on."""
 
+import json
+import os
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 CLUSTER = Path(__file__).parents[1] / "cluster"
@@ -53,3 +57,21 @@ def test_launcher_runtime_env_and_submit_script():
     script = (CLUSTER / "submit.sh").read_text()
     assert 'ray" job submit' in script or "job submit" in script
     assert (CLUSTER / "submit.sh").stat().st_mode & 0o111
+
+
+@pytest.mark.parametrize("tracking", [None, "http://mlflow.example:5000"])
+def test_submit_sends_the_tracking_uri_only_when_it_is_set(tmp_path, tracking):
+    """An unset MLFLOW_TRACKING_URI must not reach the cluster as an empty value (it would override the nodes')."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TEACHSWEEP_SUBMIT_DRY_RUN": "1"}
+    if tracking:
+        env["MLFLOW_TRACKING_URI"] = tracking
+    out = subprocess.run([str(CLUSTER / "submit.sh"), str(spec), "http://head:8265"], env=env, capture_output=True,
+                         text=True, check=True).stdout.splitlines()  # fmt: skip
+    runtime_env = json.loads(out[out.index("--runtime-env-json") + 1])
+    assert out[out.index("--address") + 1] == "http://head:8265" and out[-1] == str(spec)
+    if tracking:
+        assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == tracking
+    else:
+        assert "MLFLOW_TRACKING_URI" not in runtime_env["env_vars"]
