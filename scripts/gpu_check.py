@@ -128,6 +128,16 @@ def bench_lot() -> None:
     lot_cost(30, 3, "resnet:8", Console(width=140), "cuda")
 
 
+@check("bench scaffold on CUDA (minilm:2 shapes): a SMaT iteration over a plain student step")
+def bench_scaffold() -> None:
+    from rich.console import Console
+
+    from teachsweep.bench import scaffold_cost
+
+    random_minilm()
+    scaffold_cost(20, "minilm:2", Console(width=140), "cuda")
+
+
 def random_minilm(layers: int = 6) -> None:
     """The MiniLM package's directory with randomly initialised weights of MiniLM's shapes (its 90 MB of weights do
     not travel to the device machine): enough for every code path and for FLOP utilisation, not for accuracy."""
@@ -204,7 +214,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     checks = {"device": device_and_precision, "lot": lot_digits, "lot_text": lot_text, "lstm": lot_lstm,
               "rl": lot_rl_cuda, "scaffold": scaffold_cuda, "mfu": flop_utilisation, "bench_lot": bench_lot,
-              "bench_rl": bench_rl}  # fmt: skip
+              "bench_rl": bench_rl, "bench_scaffold": bench_scaffold}  # fmt: skip
     parser.add_argument("checks", nargs="*", help=f"the checks to run, of {', '.join(checks)} (default: all)")
     args = parser.parse_args()
     for name in args.checks or checks:

@@ -241,7 +241,7 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
+def scaffold_cost(steps: int, model_name: str, console: Console, device_name: str = "cpu") -> None:
     """One SMaT iteration (student step + meta step) over one plain student step with the same explanation loss,
     same batches, interleaved, for both unroll points: the paper's look-ahead from the updated student and the
     meta-gradient of the student's own step. The teacher's outputs are precomputed (as the job caches them)."""
@@ -250,16 +250,18 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
     from teachsweep import data, models, tasks
     from teachsweep.explain.attention import AttentionExplainer, head_scores
     from teachsweep.jobs import scaffold
+    from teachsweep.training import pick_device, synchronize, to_device
 
+    device = pick_device(device_name)
     cfg = scaffold.ScaffoldConfig(explainer="smat", max_length=64)
     task = tasks.load_task("rotten_tomatoes")
     batches = data.make_batches(task, "train", models.load_tokenizer(model_name), cfg.max_length, 256)
     stream = data.train_stream(batches, cfg.batch_size, seed=0)
-    teacher = models.build_model(model_name, task, seed=0).eval().requires_grad_(False)
-    student = models.build_model(model_name, task, seed=1).train()
+    teacher = models.build_model(model_name, task, seed=0).to(device).eval().requires_grad_(False)
+    student = models.build_model(model_name, task, seed=1).to(device).train()
     layers, heads = scaffold.transformer_shape(student)
-    model = scaffold.ExplainedStudent(student, AttentionExplainer(layers, heads))
-    teacher_explainer = AttentionExplainer(layers, heads)
+    model = scaffold.ExplainedStudent(student, AttentionExplainer(layers, heads)).to(device)
+    teacher_explainer = AttentionExplainer(layers, heads).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = scaffold.make_student_optimizer(params, cfg)
     meta_optimizer = torch.optim.AdamW([teacher_explainer.phi], lr=cfg.meta_lr, weight_decay=0.0)
@@ -268,7 +270,7 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
     def draw() -> tuple:
         """A batch, a meta batch and the teacher's outputs on them (precomputed once per example in the job, by
         its TeacherCache: not timed)."""
-        batch, meta_batch = next(stream), next(stream)
+        batch, meta_batch = to_device(next(stream), device), to_device(next(stream), device)
         with torch.no_grad():
             t_logits, attentions = teacher.classify(batch, output_attentions=True)
             evidence = head_scores(attentions, batch["attention_mask"])
@@ -280,6 +282,7 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
         arm_cfg = cfg.model_copy(update={"meta_unroll": arm if arm != "plain" else "lookahead"})
         meta_args = (scaffold.MetaBatch(meta_batch, meta_targets),) if arm != "plain" else ()
         learner = scaffold.Learner(model, params, optimizer, arm_cfg, beta)
+        synchronize(device)
         start = time.perf_counter()
         _, meta = scaffold.student_iteration(learner, scaffold.Lesson(batch, t_logits, evidence), teacher_explainer,
                                              teacher_explainer, *meta_args)  # fmt: skip
@@ -287,6 +290,7 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
             teacher_explainer.phi.grad = meta.phi_grad
             meta_optimizer.step()
             meta_optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
         return time.perf_counter() - start
 
     arms = ("plain", "lookahead", "student_step")
@@ -301,7 +305,8 @@ def scaffold_cost(steps: int, model_name: str, console: Console) -> None:
             timings[arm].append(iteration(arm, drawn))
     plain = statistics.median(timings["plain"])
     table = Table(title=f"bench scaffold: {model_name}, batch {cfg.batch_size}, length <= {cfg.max_length}, "
-                        f"{steps} interleaved iterations, medians, {torch.get_num_threads()} threads")  # fmt: skip
+                        f"{steps} interleaved iterations, medians, {device}, "
+                        f"{torch.get_num_threads()} threads")  # fmt: skip
     for column in ("", "s / iteration", "ratio", "matmul GFLOP", "FLOP ratio"):
         table.add_column(column)
     labels = {

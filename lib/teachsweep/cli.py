@@ -413,11 +413,12 @@ def bench_relevance(
 def bench_scaffold(
     steps: int = typer.Option(20, help="interleaved iterations per arm (the median is shown)"),
     model: str = typer.Option("minilm:2", help="teacher and student architecture"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1..."),
 ) -> None:
     """One SMaT iteration (student step + look-ahead + meta step) over one plain student step, same batch."""
     from teachsweep.bench import scaffold_cost
 
-    scaffold_cost(steps, model, console)
+    scaffold_cost(steps, model, console, device)
 
 
 @bench_app.command("rl")
