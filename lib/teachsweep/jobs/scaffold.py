@@ -383,8 +383,10 @@ class TeacherCache:
                 self.logits.append(logits[row].detach().cpu())
                 self.evidence.append(None if evidence is None else evidence[row, ..., :length].detach().cpu())
 
-    def lookup(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        rows = batch["index"].tolist()
+    def lookup(self, batch: dict, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`rows`: the batch's example indices when the caller has them on the host (reading them back from a GPU
+        batch would wait for the device)."""
+        rows = batch["index"].tolist() if rows is None else rows
         device = batch["attention_mask"].device
         logits = torch.stack([self.logits[i] for i in rows]).to(device)
         if self.evidence[rows[0]] is None:
@@ -537,26 +539,27 @@ def train_epoch(run: Scaffold) -> tuple[float, float]:
     Under DDP every worker draws the same global batches and trains on its shard; gradients are averaged
     explicitly (the student is not DDP-wrapped: the look-ahead's functional calls would bypass its hooks)."""
     cfg, device = run.cfg, run.device
-    train_loss = meta_loss = 0.0
+    # inner and meta loss, summed on the device in float64 (as the host sums did), read once per epoch: no host sync
+    losses = torch.zeros(2, device=device, dtype=torch.float64)
     for _ in range(run.steps_per_epoch):
-        batch = with_mask(to_device(distributed.shard(next(run.stream)), device), run.teacher)
+        raw = distributed.shard(next(run.stream))
+        batch = with_mask(to_device(raw, device), run.teacher)
         meta = None
         if run.meta_optimizer is not None:
-            meta_batch = with_mask(to_device(distributed.shard(next(run.meta_stream)), device), run.teacher)
-            meta = MetaBatch(meta_batch, run.meta_cache.lookup(meta_batch)[0])
-        lesson = Lesson(batch, *run.train_cache.lookup(batch))
+            raw_meta = distributed.shard(next(run.meta_stream))
+            meta_batch = with_mask(to_device(raw_meta, device), run.teacher)
+            meta = MetaBatch(meta_batch, run.meta_cache.lookup(meta_batch, raw_meta["index"].tolist())[0])
+        lesson = Lesson(batch, *run.train_cache.lookup(batch, raw["index"].tolist()))
         loss, step = student_iteration(run.learner, lesson, run.teacher_explainer, run.teacher_scores, meta)
-        train_loss += loss.item()
+        losses[0] += loss
         if step is not None:
             clip = torch.clamp(cfg.meta_clip / (step.phi_grad.norm() + 1e-6), max=1.0)
             run.teacher_explainer.phi.grad = step.phi_grad * clip
             run.meta_optimizer.step()
             run.meta_optimizer.zero_grad(set_to_none=True)
-            meta_loss += step.meta_loss.item()
+            losses[1] += step.meta_loss.detach()
     world = distributed.world()[1]
-    train_loss, meta_loss = (
-        v / world / run.steps_per_epoch for v in distributed.all_sum([train_loss, meta_loss], device)
-    )
+    train_loss, meta_loss = (v / world / run.steps_per_epoch for v in distributed.all_sum(losses.tolist(), device))
     return train_loss, meta_loss
 
 
