@@ -1,7 +1,6 @@
 """Per-epoch checkpoints: a restarted LoT trial continues exactly where it stopped, and a trial whose worker
 process is killed is restarted by Tune from its checkpoint into the same MLflow run."""
 
-import copy
 import threading
 import time
 
@@ -9,34 +8,14 @@ import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from reporters import CrashAfter, Resume
 
 from teachsweep.jobs import lot
-from teachsweep.reporter import Reporter
 from teachsweep.spec import parse_spec
 from teachsweep.sweep import run_sweep
 
 JOB = {"task": "digits", "teacher": "cnn:8", "alpha": 0.5, "student_steps": 2, "epochs": 3, "steps_per_epoch": 5,
        "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "max_eval_examples": 64}  # fmt: skip
-
-
-class CrashAfter(Reporter):
-    def __init__(self, epochs: int):
-        super().__init__()
-        self.epochs = epochs
-
-    def report(self, metrics, epoch, checkpoint=None):
-        super().report(metrics, epoch, checkpoint=copy.deepcopy(checkpoint))
-        if epoch == self.epochs:
-            raise RuntimeError("simulated crash")
-
-
-class Resume(Reporter):
-    def __init__(self, saved):
-        super().__init__()
-        self.from_checkpoint = saved
-
-    def restore(self):
-        return self.from_checkpoint
 
 
 def test_a_restarted_job_continues_exactly_where_it_stopped():

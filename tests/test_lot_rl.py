@@ -2,7 +2,6 @@
 from the buffer only, a CartPole teacher that learns, checkpoints, and a small sweep through Tune, Optuna and
 MLflow."""
 
-import copy
 import math
 
 import gymnasium as gym
@@ -12,6 +11,7 @@ import torch
 import yaml
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 from mlflow.tracking import MlflowClient
+from reporters import CrashAfter, Resume
 
 from teachsweep import environments
 from teachsweep.jobs import ArmPlan, lot_rl
@@ -132,21 +132,7 @@ def test_a_short_cartpole_run_learns_well_above_a_random_policy():
 
 
 def test_a_restarted_rl_trial_continues_after_its_checkpoint():
-    class CrashAfterFirst(Reporter):
-        def report(self, metrics, epoch, checkpoint=None):
-            super().report(metrics, epoch, checkpoint=copy.deepcopy(checkpoint))
-            if epoch == 1:
-                raise RuntimeError("simulated crash")
-
-    class Resume(Reporter):
-        def __init__(self, saved):
-            super().__init__()
-            self.saved_state = saved
-
-        def restore(self):
-            return self.saved_state
-
-    crashed = CrashAfterFirst()
+    crashed = CrashAfter(1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         lot_rl.train(TINY, crashed)
     resumed = Resume(crashed.saved)

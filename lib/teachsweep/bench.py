@@ -551,7 +551,7 @@ def rl_forward_flops(cfg) -> tuple[float, float]:
     obs = torch.zeros(cfg.minibatch_size, *shape)
     counts = []
     for forward in (teacher, teacher.logits):
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
             forward(obs)
         counts.append(float(counter.get_total_flops()))
     return counts[0], counts[1]

@@ -279,10 +279,11 @@ def status_command(
 @app.command()
 def best(name: str, results_dir: str = RESULTS_OPTION) -> None:
     """The best trial of sweep NAME, or its Pareto front when the sweep has several objectives."""
-    from teachsweep.results import best_trials, trial_rows
+    from teachsweep.results import best_trials, trial_rows, trial_runs
 
     sweep = open_or_fail(name, results_dir)
-    front = best_trials(sweep)
+    runs = trial_runs(sweep)
+    front = best_trials(sweep, runs)
     if not front:
         fail(f"sweep '{name}' has no finished trial with {', '.join(sweep.spec.metric_names)}")
     title = "Pareto front" if len(sweep.spec.objectives) > 1 else "best trial"
@@ -294,7 +295,7 @@ def best(name: str, results_dir: str = RESULTS_OPTION) -> None:
         params = ", ".join(f"{k}={short(v)}" for k, v in row["params"].items())
         table.add_row(values, params, str(row["mlflow_run_id"]))
     console.print(table)
-    print_verdict(sweep.spec, trial_rows(sweep))
+    print_verdict(sweep.spec, trial_rows(sweep, runs))
 
 
 @app.command()

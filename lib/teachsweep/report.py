@@ -30,7 +30,7 @@ from teachsweep.metrics import (
     per_seed,
     seed_summaries,
 )
-from teachsweep.results import Sweep, trial_rows, trial_runs, verdict
+from teachsweep.results import Sweep, is_baseline, trial_rows, trial_runs, verdict
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
@@ -81,8 +81,7 @@ def seeds_of(row: dict[str, Any], metric: str) -> int:
 def objective_vs_parameters(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     spec = sweep.spec
     metric = spec.metric_names[0]
-    searched = [r for r in rows if not r["label"].startswith(("teacher_only",)) and r["params"].get("arm") in
-                (None, JOBS[spec.job].default_arm)]  # fmt: skip
+    searched = [r for r in rows if not is_baseline(r, JOBS[spec.job])]
     figures = []
     for name, param in spec.space.items():
         points = [(r["params"].get(name), value_and_error(r, metric)) for r in searched]
@@ -94,7 +93,7 @@ def objective_vs_parameters(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Fi
         xs = [str(x) for x, _ in points] if categorical else [float(x) for x, _ in points]
         ax.errorbar(xs, [v[0] for _, v in points], yerr=[[v[1] for _, v in points], [v[2] for _, v in points]],
                     fmt="o", capsize=3)  # fmt: skip
-        baselines = [r for r in rows if r not in searched and value_and_error(r, metric)]
+        baselines = [r for r in rows if is_baseline(r, JOBS[spec.job]) and value_and_error(r, metric)]
         for k, base in enumerate(baselines[:3]):  # the fixed arms (LoT's teacher-only) as bands to compare with
             value, low, high = value_and_error(base, metric)
             ax.axhline(value, color=f"C{k + 1}", lw=1, label=base["label"])
@@ -269,8 +268,9 @@ def first_seed_run(client, trial_run_id: str) -> str | None:
 
 
 def rl_return_curves(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
-    """RL: the teacher's greedy evaluation return per epoch, mean over each trial's seeds."""
-    if sweep.spec.job != "lot_rl":
+    """RL: the teacher's greedy evaluation return per epoch, mean over each trial's seeds (drawn when the runs
+    recorded one)."""
+    if not any("teacher/eval_return" in r["metrics"] or per_seed(r["metrics"], "teacher/eval_return") for r in rows):
         return []
     from mlflow.tracking import MlflowClient
 
@@ -305,8 +305,6 @@ def rl_return_curves(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
 
 def head_coefficients(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     """SMaT: the learned head coefficients (layers x heads) of the best trial that logged them."""
-    if sweep.spec.job != "scaffold":
-        return []
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(sweep.tracking_uri)
@@ -315,10 +313,9 @@ def head_coefficients(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
                     key=lambda r: value_and_error(r, metric)[0], reverse=mode == "max")  # fmt: skip
     for row in ranked:
         run_id = first_seed_run(client, row["mlflow_run_id"]) or row["mlflow_run_id"]
-        try:
-            path = client.download_artifacts(run_id, "head_coefficients.json")
-        except Exception:  # noqa: BLE001 (a trial without a learnable explainer has none)
-            continue
+        if "head_coefficients.json" not in [a.path for a in client.list_artifacts(run_id)]:
+            continue  # a trial without a learnable explainer
+        path = client.download_artifacts(run_id, "head_coefficients.json")
         coefficients = np.asarray(json.loads(Path(path).read_text())["layers_by_heads"], dtype=float)
         fig, ax = subplots(figsize=(5, 1 + 0.4 * coefficients.shape[0]))
         image = ax.imshow(coefficients, aspect="auto", cmap="magma")

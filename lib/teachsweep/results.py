@@ -268,6 +268,15 @@ def trial_rows(sweep: Sweep, runs=None) -> list[dict[str, Any]]:
     return merge_seed_trials(rows)
 
 
+def is_baseline(row: dict[str, Any], job) -> bool:
+    """A trial of the job's fixed comparison arms (an `arm` other than its DEFAULT_ARM, LoT's teacher-only) or of
+    its REFERENCE_ARM variant (SMaT's `none`): known through the job protocol only."""
+    arm = row["params"].get("arm")
+    return (job.default_arm is not None and arm not in (None, job.default_arm)) or (
+        job.reference_arm is not None and row["label"] == job.reference_arm
+    )
+
+
 def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
     """What the sweep found on its first objective, and how sure it is: the best trial with its interval, how many
     trials are within noise of it (their difference to the best has a 95% interval containing 0), and the best
@@ -286,13 +295,7 @@ def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
     if not done:
         return [f"no finished trial reported {metric}"]
 
-    def is_baseline(row):
-        arm = row["params"].get("arm")
-        return (job.default_arm is not None and arm not in (None, job.default_arm)) or (
-            job.reference_arm is not None and row["label"] == job.reference_arm
-        )
-
-    candidates = [r for r in done if not is_baseline(r)] or done
+    candidates = [r for r in done if not is_baseline(r, job)] or done
     best = pick_best([(point(r), str(r["trial_id"]), r) for r in candidates], mode)
     own = interval_of(best["metrics"], metric)
     shown = f"{own[0]:.4g} ({own[1]:.4g}, {own[2]:.4g}; {own[3]})" if own else f"{point(best):.4g} (no interval)"
@@ -312,7 +315,7 @@ def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
         else:
             lines.append(f"the best is distinguishable from all {len(known)} other trials ({known[0][1]['method']})")
     same_variant = [r for r in done if r["params"].get("variant", "") == variant]
-    for base in [r for r in same_variant if is_baseline(r) and r is not best]:
+    for base in [r for r in same_variant if is_baseline(r, job) and r is not best]:
         c = compare_to_best(best, base, metric)
         if c is None:
             lines.append(f"vs {base['label']}: {point(best) - point(base):+.4g} (no interval)")

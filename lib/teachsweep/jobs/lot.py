@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from teachsweep import distributed, models, tasks
 from teachsweep.jobs import ArmPlan
@@ -43,20 +43,40 @@ from teachsweep.training import (
 # ---------------------------------------------------------------------------------------------- config
 
 
-class LoTConfig(DataConfig, OptimizerConfig):
+class LoTTermConfig(BaseModel):
+    """The LoT regulariser's fields, shared by the supervised and the RL job: a config mixin."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(0.5, ge=0)
+    temperature: float = Field(1.5, gt=0)
+    num_students: int = Field(1, ge=1, description="K students in the teacher's regulariser")
+    student_weights: list[float] | None = None  # lambda_i; default 1/K each
+    symmetric_kl: bool = False  # teacher term alpha * [KL(S||T) + KL(T||S)]
+
+    @model_validator(mode="after")
+    def _weights_match_students(self):
+        if self.student_weights is not None:
+            if len(self.student_weights) != self.num_students:
+                raise ValueError("student_weights needs one weight per student (num_students)")
+            if any(w < 0 for w in self.student_weights):
+                raise ValueError("student_weights must be >= 0")
+        return self
+
+    @property
+    def lambdas(self) -> list[float]:
+        return self.student_weights or [1.0 / self.num_students] * self.num_students
+
+
+class LoTConfig(DataConfig, OptimizerConfig, LoTTermConfig):
     model_config = ConfigDict(extra="forbid")
 
     teacher: str = "minilm:2"
     student: str | None = None  # default: the teacher's architecture
     arm: Literal["lot", "teacher_only"] = "lot"
 
-    alpha: float = Field(0.5, ge=0)
     student_steps: int = Field(2, ge=1, description="N: student updates per teacher update")
-    temperature: float = Field(1.5, gt=0)
-    num_students: int = Field(1, ge=1, description="K students in the teacher's regulariser")
-    student_weights: list[float] | None = None  # lambda_i; default 1/K each
     student_ce: bool = True  # students also fit the labels (the public code's default `kl_ce`)
-    symmetric_kl: bool = False  # teacher term alpha * [KL(S||T) + KL(T||S)]
     detach: bool = True  # each model's distillation target is detached from the other's graph
 
     epochs: int = Field(3, ge=1)
@@ -78,19 +98,6 @@ class LoTConfig(DataConfig, OptimizerConfig):
             if name is not None and kind is not None:
                 models.validate_model_name(name, kind)
         return self
-
-    @model_validator(mode="after")
-    def _weights_match_students(self) -> LoTConfig:
-        if self.student_weights is not None:
-            if len(self.student_weights) != self.num_students:
-                raise ValueError("student_weights needs one weight per student (num_students)")
-            if any(w < 0 for w in self.student_weights):
-                raise ValueError("student_weights must be >= 0")
-        return self
-
-    @property
-    def lambdas(self) -> list[float]:
-        return self.student_weights or [1.0 / self.num_students] * self.num_students
 
     @property
     def model_steps_per_teacher_step(self) -> int:

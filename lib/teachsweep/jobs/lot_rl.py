@@ -30,31 +30,27 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from teachsweep import environments, models
 from teachsweep.jobs import ArmPlan
-from teachsweep.jobs.lot import compare, kl_divergence  # noqa: F401 (compare: LoT minus teacher-only, by seed)
+from teachsweep.jobs.lot import LoTTermConfig, compare, kl_divergence  # noqa: F401 (compare: by seed)
 from teachsweep.reporter import Reporter
 from teachsweep.training import autocast, pick_device, restore_into, state_of, synchronize, uses_bf16
 
 # ---------------------------------------------------------------------------------------------- config
 
 
-class LoTRLConfig(BaseModel):
+class LoTRLConfig(LoTTermConfig):
     model_config = ConfigDict(extra="forbid")
 
     task: str = "gym:CartPole-v1"
     arm: Literal["lot", "teacher_only"] = "lot"
 
-    alpha: float = Field(0.5, ge=0)
     student_steps: int = Field(5, ge=1, description="N: student passes over the buffer per teacher update")
-    temperature: float = Field(1.0, gt=0)
-    num_students: int = Field(1, ge=1, description="K students in the teacher's regulariser")
-    student_weights: list[float] | None = None  # lambda_i; default 1/K each
+    temperature: float = Field(1.0, gt=0)  # the public code's RL value
     joint_student_step: bool = True  # students also step on each teacher minibatch (the public code does)
-    symmetric_kl: bool = False  # teacher term alpha * [KL(S||T) + KL(T||S)]
     buffer_rollouts: int = Field(10, ge=1)  # FIFO of the observations of the last rollouts
     student_batch_size: int | None = Field(None, ge=1)  # default: the PPO minibatch size
     student_weight_decay: float = Field(1e-4, ge=0)
@@ -101,16 +97,7 @@ class LoTRLConfig(BaseModel):
         if self.steps_per_epoch % self.rollout_size:
             raise ValueError(f"steps_per_epoch: {self.steps_per_epoch} is not a whole number of rollouts of "
                              f"num_envs * num_steps = {self.rollout_size} steps")  # fmt: skip
-        if self.student_weights is not None:
-            if len(self.student_weights) != self.num_students:
-                raise ValueError("student_weights needs one weight per student (num_students)")
-            if any(w < 0 for w in self.student_weights):
-                raise ValueError("student_weights must be >= 0")
         return self
-
-    @property
-    def lambdas(self) -> list[float]:
-        return self.student_weights or [1.0 / self.num_students] * self.num_students
 
     @property
     def rollout_size(self) -> int:
