@@ -15,6 +15,6 @@ def ray_session():
     """One local Ray for the whole session (ray.init costs about 10 s); logical CPUs may exceed cores."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR", ignore_reinit_error=True)
     yield ray
     ray.shutdown()

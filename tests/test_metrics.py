@@ -81,3 +81,36 @@ def test_steps_to_a_common_target_is_the_first_evaluation_reaching_the_worse_arm
     assert steps == {"lot": {0: 20.0, 1: 20.0}, "teacher_only": {0: 20.0, 1: 10.0}}
     assert metrics.steps_to_target([(5, 0.5), (10, 0.9)], 0.8, higher_is_better=True) == 10.0
     assert np.isnan(metrics.steps_to_target([(5, 0.5)], 0.8, higher_is_better=True))
+
+
+def test_scores_by_teacher_pair_each_arm_with_the_baseline_teacher_of_the_same_seed():
+    teachers = {
+        "a": {"label": "teacher_only", "seed": 0, "scores": {"acc": 0.70}},
+        "b": {"label": "teacher_only", "seed": 1, "scores": {"acc": 0.80}},
+        "c": {"label": "lot", "seed": 0, "scores": {"acc": 0.75}},
+        "d": {"label": "lot", "seed": 1, "scores": {"acc": 0.90}},
+    }
+    students = [
+        {"teacher": "a", "variant": "none", "scores": {"sim": 0.50}},
+        {"teacher": "b", "variant": "none", "scores": {"sim": 0.60}},
+        {"teacher": "c", "variant": "none", "scores": {"sim": 0.50}},
+        {"teacher": "c", "variant": "none", "scores": {"sim": 0.70}},  # a second student seed: averaged first
+        {"teacher": "d", "variant": "none", "scores": {"sim": 0.65}},
+        {"teacher": "gone", "variant": "none", "scores": {"sim": 0.0}},  # a teacher not in the sweep: ignored
+    ]
+    rows = metrics.by_teacher(teachers, students, reference="teacher_only")
+    assert [(r["teacher"], r["variant"], r["metric"]) for r in rows] == [
+        ("teacher_only", "", "acc"),
+        ("lot", "", "acc"),
+        ("teacher_only", "none", "sim"),
+        ("lot", "none", "sim"),
+    ]
+    lot_acc, lot_sim = rows[1], rows[3]
+    assert lot_acc["mean"] == pytest.approx(0.825) and lot_acc["n_seeds"] == 2
+    # differences 0.05 and 0.10: mean 0.075, half-width t(0.975, 1) * sd / sqrt(2) = 12.706 * 0.035355 / 1.41421
+    assert lot_acc["vs_reference_diff_mean"] == pytest.approx(0.075)
+    assert lot_acc["vs_reference_ci_high"] - 0.075 == pytest.approx(12.706 * 0.0353553 / 2**0.5, rel=1e-3)
+    assert lot_sim["mean"] == pytest.approx((0.60 + 0.65) / 2)  # seed 0's two students averaged to 0.60
+    assert lot_sim["vs_reference_diff_mean"] == pytest.approx(((0.60 - 0.50) + (0.65 - 0.60)) / 2)
+    assert lot_sim["vs_reference_p_value"] == pytest.approx(0.5)  # both differences positive: 2 of 4 sign patterns
+    assert "vs_reference_diff_mean" not in rows[0] and "vs_reference_diff_mean" not in rows[2]

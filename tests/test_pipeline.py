@@ -7,15 +7,18 @@ import sys
 import time
 from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from nbclient import NotebookClient
+from test_notebook import NOTEBOOK
 from typer.testing import CliRunner
 
 from teachsweep.cli import app
 from teachsweep.references import ReferenceError, expand
-from teachsweep.results import open_sweep
+from teachsweep.results import open_sweep, teacher_effect
 
 pytestmark = pytest.mark.integration
 TEACHSWEEP = str(Path(sys.executable).parent / "teachsweep")
@@ -78,6 +81,32 @@ def test_a_two_stage_pipeline_fans_out_over_each_teacher_and_resumes_without_rep
     assert len(runs_of(results, "chain-teachers")) == 2 and len(runs_of(results, "chain-students")) == 2
     listing = CliRunner().invoke(app, ["list", "--results-dir", str(results)])
     assert "chain #0" in listing.output and "chain #1" in listing.output
+
+    # the study's answer: students' scores by the arm of their teacher, from the same MLflow runs, in the run's
+    # output and the students' report
+    assert "chain-students by the teacher from chain-teachers" in again.output, again.output
+    name, rows = teacher_effect(open_sweep("chain-students", results))
+    arm_of = {r.data.tags["teachsweep.trial_id"]: r.data.tags["teachsweep.label"] for r in teachers}
+    expected = {(arm_of[r.data.tags["teachsweep.teacher"].rpartition("/")[2]], r.data.metrics["simulability/test"])
+                for r in students}  # fmt: skip
+    got = {(r["teacher"], r["mean"]) for r in rows if r["metric"] == "simulability/test"}
+    assert name == "chain-teachers" and got == expected, (got, expected)
+    baseline = {r.data.tags["teachsweep.label"] for r in teachers if r.data.tags["teachsweep.arm"] == "teacher_only"}
+    compared = {(r["teacher"], r.get("reference")) for r in rows if r["metric"] == "simulability/test"}
+    (reference,) = baseline  # the baseline arm, known through the job protocol, is what the LoT teacher is paired with
+    assert compared == {(reference, None), (next(iter(set(arm_of.values()) - baseline)), reference)}, compared
+    assert "By teacher" in (results / "chain-students" / "report.html").read_text()
+
+    # ...and in the analysis notebook's chained-study section
+    monkeypatch.setenv("TEACHSWEEP_SWEEP", "chain-students")
+    monkeypatch.setenv("TEACHSWEEP_RESULTS", str(results))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # fmt: skip
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    shown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "teachers from `chain-teachers`" in shown and "Each point: the mean over 1 teacher seeds" in shown, shown
 
 
 def test_sweep_references_select_best_a_trial_or_each_and_refuse_what_is_missing(tmp_path, monkeypatch):

@@ -176,6 +176,30 @@ def run_pipeline_file(spec_file: Path) -> None:
         fail(str(error))
     if any(row["status"] != "OK" for outcome in outcomes for row in outcome.trials):
         raise typer.Exit(1)
+    for stage in pipeline.stages:
+        print_teacher_effect(stage.name, stage.raw.get("results_dir", pipeline.results_dir))
+
+
+def print_teacher_effect(name: str, results_dir: str) -> None:
+    """A chained stage's scores by the arm of its teacher (results.teacher_effect), if it took `each` teacher."""
+    from teachsweep.results import open_sweep, teacher_effect
+
+    chained = teacher_effect(open_sweep(name, results_dir))
+    if not chained:
+        return
+    teachers, rows = chained
+    table = Table(title=f"{name} by the teacher from {teachers}: mean ({T_METHOD}); vs the baseline teacher: "
+                  f"{PAIRED_METHOD}, paired by teacher seed")  # fmt: skip
+    for column in ("teacher", "student variant", "metric", "seeds", "mean (95% CI)", "vs baseline teacher (95% CI)",
+                   "p"):  # fmt: skip
+        table.add_column(column)
+    for r in rows:
+        versus = (f"{r['vs_reference_diff_mean']:+.4g} [{r['vs_reference_ci_low']:+.4g}, "
+                  f"{r['vs_reference_ci_high']:+.4g}]" if "vs_reference_diff_mean" in r else "")  # fmt: skip
+        table.add_row(r["teacher"], r["variant"] or "(the teacher)", r["metric"], str(r["n_seeds"]),
+                      f"{r['mean']:.4g} ({r['ci_low']:.4g}, {r['ci_high']:.4g})", versus,
+                      f"{r['vs_reference_p_value']:.3g}" if "vs_reference_p_value" in r else "")  # fmt: skip
+    console.print(table)
 
 
 @app.command()

@@ -267,3 +267,37 @@ def with_intervals(metrics: dict[str, float]) -> dict[str, float]:
         if count and count in metrics and f"{metric}_ci_low" not in metrics and 0 <= value <= 1:
             out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = wilson_interval(float(value), int(metrics[count]))
     return out
+
+
+def by_teacher(
+    teachers: dict[str, dict[str, Any]], students: list[dict[str, Any]], reference: str
+) -> list[dict[str, Any]]:
+    """How scores depend on the arm of the teacher, for a study whose later stage trained students on every teacher
+    of an earlier one. `teachers`: {trial id: {label, seed, scores}} (one trial per teacher seed); `students`:
+    [{teacher: trial id, variant, scores}]. One row per (teacher label, student variant, metric), the teacher's own
+    scores under student variant '': the mean over teacher seeds with its Student-t interval and, for every label
+    but `reference`, the difference to the `reference` teacher of the same seed (the same student variant), paired
+    t with the sign-flip p. A teacher's several students of one variant (student seeds) are averaged first."""
+    values: dict[tuple[str, str, str], dict[int, list[float]]] = {}
+    for teacher in teachers.values():
+        for metric, value in teacher["scores"].items():
+            values.setdefault((teacher["label"], "", metric), {}).setdefault(teacher["seed"], []).append(value)
+    for student in students:
+        teacher = teachers.get(student["teacher"])
+        if teacher is None:
+            continue
+        for metric, value in student["scores"].items():
+            key = (teacher["label"], student["variant"], metric)
+            values.setdefault(key, {}).setdefault(teacher["seed"], []).append(value)
+    means = {key: {seed: statistics.fmean(xs) for seed, xs in seeds.items()} for key, seeds in values.items()}
+    rows = []
+    order = sorted(means.items(), key=lambda item: (item[0][1], item[0][2], item[0][0] != reference, item[0][0]))
+    for (label, variant, metric), seeds in order:
+        row = {"teacher": label, "variant": variant, "metric": metric, "n_seeds": len(seeds), **summarize(seeds),
+               "method": T_METHOD}  # fmt: skip
+        baseline = means.get((reference, variant, metric))
+        if label != reference and baseline:
+            paired = paired_difference(seeds, baseline)
+            row |= {f"vs_reference_{k}": v for k, v in paired.items()} | {"reference": reference}
+        rows.append(row)
+    return rows

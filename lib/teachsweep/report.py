@@ -6,7 +6,8 @@ Each figure fits the sweep it describes, and a caption says what it shows and ho
 behind it: the verdict (best trial, how many are within noise of it, the best against the baseline arms); the
 objective against each searched parameter; for LoT the alpha x N map and LoT-minus-teacher-only paired
 differences; the Pareto front for several objectives; per-variant scores over seeds (simulability by explainer);
-learning curves of the best trials; SMaT's head coefficients; RL return curves."""
+learning curves of the best trials; SMaT's head coefficients; RL return curves; for a stage whose students
+learnt from every teacher of an earlier stage, each score by the teacher's arm."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from teachsweep.metrics import (
     per_seed,
     seed_summaries,
 )
-from teachsweep.results import Sweep, is_baseline, trial_rows, trial_runs, verdict
+from teachsweep.results import Sweep, is_baseline, teacher_effect, trial_rows, trial_runs, verdict
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
@@ -224,6 +225,53 @@ def variant_forest(sweep: Sweep, summaries: list[dict[str, Any]]) -> list[Figure
                    "the variants are the explainers, the score simulability.")]  # fmt: skip
 
 
+def teacher_effect_figure(teachers: str, rows: list[dict[str, Any]]) -> list[Figure]:
+    """A chained study's answer: each score against the arm of the teacher (the earlier sweep's labels, baseline
+    first), one line per student variant, mean over teacher seeds with its Student-t interval."""
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))[:4]
+    labels = list(dict.fromkeys(r["teacher"] for r in rows))
+    if not metrics or len(labels) < 2:
+        return []
+    fig, axes = subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        variants = list(dict.fromkeys(r["variant"] for r in rows if r["metric"] == metric))
+        for k, variant in enumerate(variants):
+            line = {r["teacher"]: r for r in rows if r["metric"] == metric and r["variant"] == variant}
+            xs = [i + 0.06 * (k - (len(variants) - 1) / 2) for i, label in enumerate(labels) if label in line]
+            shown = [line[label] for label in labels if label in line]
+            means = [r["mean"] for r in shown]
+            errors = np.nan_to_num(
+                [[r["mean"] - r["ci_low"] for r in shown], [r["ci_high"] - r["mean"] for r in shown]]
+            )
+            ax.errorbar(xs, means, yerr=errors, fmt="o-", capsize=3, label=variant or "the teacher itself")
+        ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+        ax.set_title(metric, fontsize=9)
+        ax.legend(fontsize=7)
+    seeds = ", ".join(str(n) for n in sorted({r["n_seeds"] for r in rows}))
+    return [Figure(f"Scores by the teacher from {teachers}", fig,
+                   f"Each point: the mean over {seeds} teacher seeds with its 95% interval ({T_METHOD}); teachers "
+                   f"by their arm in {teachers}, students by variant (SMaT: the explainer). Differences to the "
+                   "baseline teacher, paired by teacher seed, are in the table below.")]  # fmt: skip
+
+
+def teacher_effect_table(teachers: str, rows: list[dict[str, Any]]) -> str:
+    head = "".join(f"<th>{c}</th>" for c in ["teacher", "student variant", "metric", "seeds", "mean (95%)",
+                                              "vs baseline teacher [95%]", "p"])  # fmt: skip
+    body = []
+    for r in rows:
+        versus = (f"{r['vs_reference_diff_mean']:+.4g} [{r['vs_reference_ci_low']:+.4g}, "
+                  f"{r['vs_reference_ci_high']:+.4g}]" if "vs_reference_diff_mean" in r else "")  # fmt: skip
+        p_value = f"{r['vs_reference_p_value']:.3g}" if "vs_reference_p_value" in r else ""
+        cells = [r["teacher"], r["variant"] or "(the teacher)", r["metric"], r["n_seeds"],
+                 f"{r['mean']:.4g} ({r['ci_low']:.4g}, {r['ci_high']:.4g})", versus, p_value]  # fmt: skip
+        body.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
+    return (
+        f"<h2>By teacher (from <code>{html.escape(teachers)}</code>)</h2><p>{html.escape(T_METHOD)}; vs the "
+        f"baseline teacher: {html.escape(PAIRED_METHOD)}, paired by teacher seed</p>"
+        f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    )
+
+
 def curve_metric(spec_metric: str) -> str:
     """The per-epoch metric behind an objective: teacher/best_val_acc is the running best of teacher/val_acc."""
     return spec_metric.replace("/best_", "/")
@@ -376,6 +424,9 @@ def build_report(sweep: Sweep) -> str:
                  head_coefficients):  # fmt: skip
         figures += make(sweep, rows)
     figures += comparison_forest(sweep, comparisons) + variant_forest(sweep, summaries)
+    chained = teacher_effect(sweep)
+    if chained:
+        figures += teacher_effect_figure(*chained)
     lines = "".join(f"<li>{html.escape(line)}</li>" for line in verdict(spec, rows)) if len(spec.objectives) == 1 else \
         "<li>several objectives: see the Pareto front</li>"  # fmt: skip
     objectives = ", ".join(f"{o.metric} ({o.mode})" for o in spec.objectives)
@@ -387,6 +438,7 @@ def build_report(sweep: Sweep) -> str:
 <div class="verdict"><b>Verdict</b><ul>{lines}</ul></div>
 {"".join(f.html() for f in figures)}
 {"<h2>Comparisons</h2>" + comparisons_table(comparisons) if comparisons else ""}
+{teacher_effect_table(*chained) if chained else ""}
 {trials_table(sweep, rows)}
 <p style="font-size:.8em;color:#666">Intervals: {html.escape(T_METHOD)} when a trial ran several seeds; else the
 job's interval over test points, or a Wilson score interval over the evaluation examples for accuracies and

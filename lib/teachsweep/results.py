@@ -234,10 +234,11 @@ def variant_of(label: str, variants: list[str]) -> str:
     return max((v for v in variants if label == v or label.startswith(f"{v}-")), key=len, default="")
 
 
-def trial_rows(sweep: Sweep, runs=None) -> list[dict[str, Any]]:
+def trial_rows(sweep: Sweep, runs=None, merge_seeds: bool = True) -> list[dict[str, Any]]:
     """The sweep's finished trials as the runner's rows ({trial_id, label, params, status, metrics}), read from
     MLflow: params typed back, `variant` from the label, per-seed values as `metric@seedN` (from the seed runs of
-    a trial that ran several seeds; a grid's one-seed trials merged into one row per label)."""
+    a trial that ran several seeds; a grid's one-seed trials merged into one row per label unless not
+    `merge_seeds`)."""
     import yaml
     from mlflow.tracking import MlflowClient
 
@@ -265,7 +266,7 @@ def trial_rows(sweep: Sweep, runs=None) -> list[dict[str, Any]]:
         rows.append({"trial_id": run["tags.teachsweep.trial_id"], "label": run["tags.teachsweep.label"],
                      "params": params, "status": "OK", "metrics": metrics | seed_runs.get(run["run_id"], {}),
                      "mlflow_run_id": run["run_id"]})  # fmt: skip
-    return merge_seed_trials(rows)
+    return merge_seed_trials(rows) if merge_seeds else rows
 
 
 def is_baseline(row: dict[str, Any], job) -> bool:
@@ -275,6 +276,52 @@ def is_baseline(row: dict[str, Any], job) -> bool:
     return (job.default_arm is not None and arm not in (None, job.default_arm)) or (
         job.reference_arm is not None and row["label"] == job.reference_arm
     )
+
+
+def teacher_effect(students: Sweep) -> tuple[str, list[dict[str, Any]]] | None:
+    """For a sweep whose trials took their teachers from an earlier sweep (`sweep:<name>/each`, tagged
+    `teachsweep.teacher`): the teacher sweep's name and `metrics.by_teacher` rows, with the saved teacher's scores
+    (the teacher job's SAVED_TEACHER_SCORES) and the students' SCORES by the teacher's label, paired by teacher seed
+    against the teacher sweep's baseline arm (LoT's teacher-only). None when no trial used such a teacher."""
+    from teachsweep.jobs import JOBS
+    from teachsweep.metrics import by_teacher
+    from teachsweep.references import parse_sweep
+
+    runs = trial_runs(students)
+    if not len(runs) or "tags.teachsweep.teacher" not in runs:
+        return None
+    runs = runs[(runs["status"] == "FINISHED") & runs["tags.teachsweep.teacher"].fillna("").str.startswith("sweep:")]
+    names = {parse_sweep(ref, "teacher")[0] for ref in runs["tags.teachsweep.teacher"]}
+    if len(names) != 1:
+        return None
+    (name,) = names
+    teacher_sweep = open_sweep(name, students.directory.parent)
+    teacher_job = JOBS[teacher_sweep.spec.job]
+    teachers, reference = {}, None
+    for row in trial_rows(teacher_sweep, merge_seeds=False):
+        seeds = {int(k.rpartition("@seed")[2]) for k in row["metrics"] if "@seed" in k}
+        if seeds:  # a trial that ran several seeds itself: its first seed's teacher is the one saved
+            continue
+        seed = row["params"].get("seed", teacher_sweep.spec.seeds[0] if teacher_sweep.spec.seeds else 0)
+        scores = {m: row["metrics"][m] for m in teacher_job.saved_teacher_scores if m in row["metrics"]}
+        teachers[str(row["trial_id"])] = {"label": row["label"], "seed": int(seed), "scores": scores}
+        if is_baseline(row, teacher_job) and reference is None:
+            reference = row["label"]
+    variants = list(students.spec.variants)
+    student_scores = JOBS[students.spec.job].scores
+    rows = [
+        {
+            "teacher": parse_sweep(run["tags.teachsweep.teacher"], "teacher")[1],
+            "variant": variant_of(run["tags.teachsweep.label"], variants) or run["tags.teachsweep.label"],
+            "scores": {
+                m: float(run[f"metrics.{m}"])
+                for m in student_scores
+                if f"metrics.{m}" in run and run[f"metrics.{m}"] == run[f"metrics.{m}"]
+            },
+        }  # fmt: skip
+        for _, run in runs.iterrows()
+    ]
+    return name, by_teacher(teachers, rows, reference or "")
 
 
 def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:

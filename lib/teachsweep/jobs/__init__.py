@@ -15,6 +15,7 @@ A job is one readable module (lot, lot_rl, teacher, scaffold, explain) that decl
     REFERENCE_ARM             optional: the variant every other one is compared with, paired by seed (SMaT: none)
     DEFAULT_ARM               optional: the `arm` a config has when it names none (LoT: lot); labels fixed trials
     SAVES_TEACHER             optional: it hands a teacher to `reporter.log_teacher` (a later stage can use it)
+    SAVED_TEACHER_SCORES      optional: the held-out scores of that saved teacher (a chained study's teacher columns)
     SINGLE_PROCESS            optional: it runs in one process (no DDP workers): the spec refuses `workers` > 1
 
 A new job plugs in by adding its module to MODULES; nothing else in the sweep layer names a job."""
@@ -80,6 +81,10 @@ class Job:
     @property
     def saves_teacher(self) -> bool:
         return bool(getattr(self.module, "SAVES_TEACHER", False))
+
+    @property
+    def saved_teacher_scores(self) -> list[str]:
+        return list(getattr(self.module, "SAVED_TEACHER_SCORES", ()))
 
     @property
     def single_process(self) -> bool:

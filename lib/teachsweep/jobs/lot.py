@@ -107,6 +107,7 @@ class LoTConfig(DataConfig, OptimizerConfig, LoTTermConfig):
 
 DEFAULT_ARM = "lot"
 SAVES_TEACHER = True  # the best-validation teacher, as model.pt + config.json of the trial's run
+SAVED_TEACHER_SCORES = ["teacher/test_acc_at_best_val", "teacher/test_ppl_at_best_val"]
 Config = LoTConfig
 OBJECTIVE = ("teacher/best_val_acc", "max")
 SCORES = ["teacher/test_acc", "teacher/test_ppl", "teacher/test_acc_at_best_val", "teacher/test_ppl_at_best_val",

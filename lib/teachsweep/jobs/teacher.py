@@ -71,6 +71,7 @@ class TeacherReference(BaseModel):
 
 
 SAVES_TEACHER = True  # the best-validation teacher, as model.pt + config.json of the trial's run
+SAVED_TEACHER_SCORES = ["teacher/test_acc", "teacher/test_pearson", "teacher/test_ppl"]
 Config = TeacherConfig
 OBJECTIVE = ("teacher/best_val_acc", "max")
 SCORES = ["teacher/test_acc", "teacher/test_pearson", "teacher/test_ppl"]
