@@ -195,3 +195,17 @@ def test_attention_gradcam_weights_heads_by_the_read_out_row_alone_on_padded_bat
             assert torch.allclose(batched[row, :length], single_map, atol=1e-6, rtol=1e-4)
             nonzero += int((single_map > 0).any())
     assert nonzero > 0, "every GradCAM map was zero: the comparison above would be vacuous"
+
+
+def test_removing_vit_patches_zeroes_exactly_their_pixels():
+    from teachsweep.explain.faithfulness import remove
+
+    pixels = torch.rand(3, 2, 8, 8) + 1.0  # nothing is 0 before removal
+    removed = torch.zeros(3, 1 + 16, dtype=torch.bool)  # [CLS] + 4x4 patches of 2x2 pixels
+    removed[0, 1 + 5] = removed[2, 1 + 0] = removed[2, 1 + 15] = True
+    out = remove({"pixel_values": pixels}, removed, patch_size=2)["pixel_values"]
+    expected = pixels.clone()
+    for row, token in [(0, 5), (2, 0), (2, 15)]:
+        y, x = divmod(token, 4)
+        expected[row, :, 2 * y : 2 * y + 2, 2 * x : 2 * x + 2] = 0.0
+    assert torch.equal(out, expected) and (out == 0).sum() == 3 * 2 * 4

@@ -145,7 +145,9 @@ def lot_cost(steps: int, repeats: int, model: str, console: Console, device: str
     console.print(peak_memory())
 
 
-def relevance_throughput(examples: int, batch_size: int, model_names: list[str], console: Console) -> None:
+def relevance_throughput(
+    examples: int, batch_size: int, model_names: list[str], console: Console, device_name: str = "cpu"
+) -> None:
     """Explanations per second of the batched relevance explainers versus a loop over single examples (the
     reference code's way), same model, same inputs, one run: text models on rotten_tomatoes test sentences,
     image models on mnist_5k test digits (weights as initialised: the cost does not depend on them).
@@ -153,24 +155,27 @@ def relevance_throughput(examples: int, batch_size: int, model_names: list[str],
     Beside the speed-up, the matmul GFLOP/s each way reaches and this machine's float32 matmul peak: the loop's
     FLOPs are the useful work, so peak / (loop GFLOP/s) bounds what any batching can gain here. FLOPs are counted
     first, one batch per profile (see run_flops), so memory stays at one batch's worth whatever `examples` is, and
-    before the warm-up, so no timed run follows a profile."""
+    before the warm-up, so no timed run follows a profile. On a GPU (`device_name`), every timing waits for the
+    queued kernels, and the peak is the device's."""
     import torch
 
     from teachsweep import data, models, tasks
     from teachsweep.explain import lrp, relevance
+    from teachsweep.training import pick_device, to_device
 
-    peak = matmul_peak_gflops()
+    device = pick_device(device_name)
+    peak = matmul_peak_gflops(device=device)
     explainers = {name: relevance.EXPLAINERS[name] for name in ("relevance", "rollout", "attention_gradcam")}
     explainers["lrp"] = lrp.lrp_attribution
     for model_name in model_names:
         kind = "image" if models.parse_name(model_name)[0] in models.IMAGE_MODELS else "text"
         task = tasks.load_task("mnist_5k" if kind == "image" else "rotten_tomatoes")
-        model = models.build_model(model_name, task, seed=0).eval()
+        model = models.build_model(model_name, task, seed=0).eval().to(device)
         tokenizer = models.load_tokenizer(model_name) if kind == "text" else None
         batches = data.make_batches(task, "test", tokenizer, 64, examples)
-        inputs = list(data.eval_batches(batches, batch_size, by_length=True))  # as the explain job batches them
-        table = Table(title=f"bench relevance: {model_name}, {examples} {task.name} test examples, "
-                            f"{torch.get_num_threads()} threads")  # fmt: skip
+        inputs = [to_device(batch, device) for batch in data.eval_batches(batches, batch_size, by_length=True)]
+        where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+        table = Table(title=f"bench relevance: {model_name}, {examples} {task.name} test examples, {where}")
         for column in ("explainer", f"batched ({batch_size}) expl/s", "single-example loop expl/s", "speed-up",
                        "GFLOP/s batched / loop", "ceiling here"):  # fmt: skip
             table.add_column(column)
@@ -181,7 +186,7 @@ def relevance_throughput(examples: int, batch_size: int, model_names: list[str],
         rows = []
         for name, explainer in explainers.items():
             batched, single = (partial(explain_all, explainer, model, inputs, one_by_one) for one_by_one in (0, 1))
-            batched_s, single_s = seconds(batched), seconds(single)
+            batched_s, single_s = seconds(batched, device), seconds(single, device)
             rows.append((name, batched_s, single_s, flops[name][0] / batched_s / 1e9, flops[name][1] / single_s / 1e9))
         # a peak read in a slow moment of a shared machine must not fall below what the explainers reached
         peak = max(peak, *(row[3] for row in rows))
@@ -222,23 +227,26 @@ def run_flops(explainer, model, inputs: list[dict], one_by_one: bool) -> float:
     return total
 
 
-def seconds(work) -> float:
+def seconds(work, device=None) -> float:
+    """Wall-clock seconds of `work()`, including the GPU work it queued."""
+    from teachsweep.training import synchronize
+
+    if device is not None:
+        synchronize(device)
     start = time.perf_counter()
     work()
+    if device is not None:
+        synchronize(device)
     return time.perf_counter() - start
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """This machine's float32 matrix-product rate: the best of `repeats` square products."""
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10, device=None) -> float:
+    """This machine's (or `device`'s) float32 matrix-product rate: the best of `repeats` square products."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b  # first use: kernel selection, allocation
+    return max(2 * size**3 / seconds(lambda: a @ b, a.device) / 1e9 for _ in range(repeats))
 
 
 def scaffold_cost(steps: int, model_name: str, console: Console, device_name: str = "cpu") -> None:

@@ -426,12 +426,13 @@ def bench_relevance(
     model: list[str] = typer.Option(
         ["minilm", "vit:4"], help="models, each on its task (text: rotten_tomatoes, image: mnist_5k); repeatable"
     ),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1... (auto: CUDA when visible)"),
 ) -> None:
     """Relevance explanations per second: batched generic rule (and rollout, GradCAM, LRP) vs one example at a
-    time, with the matmul GFLOP/s each reaches against this machine's peak."""
+    time, with the matmul GFLOP/s each reaches against this machine's (or the GPU's) peak."""
     from teachsweep.bench import relevance_throughput
 
-    relevance_throughput(examples, batch_size, model, console)
+    relevance_throughput(examples, batch_size, model, console, device)
 
 
 @bench_app.command("scaffold")
