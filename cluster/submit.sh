@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Submit a sweep to a running Ray cluster: cluster/submit.sh SPEC [RAY_ADDRESS]
+# Submit a sweep (or pipeline) to a running Ray cluster: cluster/submit.sh SPEC [RAY_ADDRESS]
 #   RAY_ADDRESS defaults to $RAY_ADDRESS or http://127.0.0.1:8265 (the dashboard / job server).
-#   MLFLOW_TRACKING_URI, when set here, names the tracking server for the job; when unset, nothing is sent and the
-#   cluster's own value (its nodes' environment, or the spec's tracking_uri) stays in force.
+#   The job's runtime environment is cluster/runtime_env.yaml: it ships this directory and installs teachsweep from
+#   it on every node, so the cluster's image needs the dependencies, not the project.
+#   MLFLOW_TRACKING_URI and TEACHSWEEP_CACHE, when set here, are sent to the job; when unset, nothing is sent and
+#   the cluster's own values (its nodes' environment, or the spec's tracking_uri) stay in force.
 #   Token authentication (Ray 2.59+): RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token) as on the head.
 #   TEACHSWEEP_SUBMIT_DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
@@ -11,12 +13,16 @@ address=${2:-${RAY_ADDRESS:-http://127.0.0.1:8265}}
 cd "$(dirname "$0")/.."
 [ -f "$spec" ] || { echo "error: spec file not found: $spec" >&2; exit 2; }
 ray_bin=${RAY_BIN:-.venv/bin/ray}
-env_vars="\"RAY_USAGE_STATS_ENABLED\": \"0\""
-if [ -n "${MLFLOW_TRACKING_URI:-}" ]; then
-  env_vars="$env_vars, \"MLFLOW_TRACKING_URI\": \"$MLFLOW_TRACKING_URI\""
-fi
-runtime_env="{\"env_vars\": {$env_vars}, \"excludes\": [\".venv\", \"teachsweep-results\", \".git\", \".gpu\"]}"
-command=("$ray_bin" job submit --address "$address" --working-dir . --runtime-env-json "$runtime_env"
+python_bin=${PYTHON_BIN:-$(dirname "$ray_bin")/python}
+[ -x "$python_bin" ] || python_bin=python3
+runtime_env=$("$python_bin" - <<'PY'
+import json, os, yaml
+env = yaml.safe_load(open("cluster/runtime_env.yaml"))
+env["env_vars"] |= {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "TEACHSWEEP_CACHE") if os.environ.get(k)}
+print(json.dumps(env))
+PY
+)
+command=("$ray_bin" job submit --address "$address" --runtime-env-json "$runtime_env"
          -- python -m teachsweep.cli run "$spec")
 if [ -n "${TEACHSWEEP_SUBMIT_DRY_RUN:-}" ]; then
   printf '%s\n' "${command[@]}"

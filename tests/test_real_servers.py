@@ -1,5 +1,7 @@
-"""A real Ray head started with `ray start` on loopback, a real `mlflow server` (SQLite backend, loopback port),
-and a 2-trial sweep submitted with `ray job submit`: the runs must arrive through the HTTP tracking server."""
+"""A real Ray head started with `ray start` on loopback from an environment that has teachsweep's dependencies but
+not teachsweep, a real `mlflow server` (SQLite backend, loopback port), and a 2-trial sweep submitted with
+`cluster/submit.sh`: the job installs the project from its shipped working dir (cluster/runtime_env.yaml), and the
+runs arrive through the HTTP tracking server."""
 
 import os
 import secrets
@@ -39,7 +41,20 @@ def wait_for(url: str, seconds: float) -> None:
     raise TimeoutError(url)
 
 
-def test_sweep_submitted_as_a_ray_job_logs_through_an_mlflow_server(tmp_path):
+def environment_without_teachsweep(where: Path) -> Path:
+    """A virtual environment that sees this one's packages (a .pth line: their directory on sys.path, whose own .pth
+    files, teachsweep's editable hook among them, are not processed) but cannot import teachsweep; its python."""
+    import site
+
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(where)], check=True)
+    python = where / "bin" / "python"
+    own_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (Path(own_site) / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return python
+
+
+def test_sweep_submitted_as_a_ray_job_installs_itself_and_logs_through_an_mlflow_server(tmp_path):
     # Token authentication, as on a real cluster: the head and `ray job submit` share RAY_AUTH_TOKEN.
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
                         "RAY_AUTH_TOKEN": secrets.token_hex(32), "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
@@ -52,8 +67,12 @@ def test_sweep_submitted_as_a_ray_job_logs_through_an_mlflow_server(tmp_path):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     # --block: the head lives exactly as long as this process, so stopping it stops only this cluster
+    python = environment_without_teachsweep(tmp_path / "env")
+    missing = subprocess.run([str(python), "-c", "import teachsweep"], capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode != 0 and "No module named 'teachsweep'" in missing.stderr, missing.stderr
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+        [str(python), "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs_port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
          "--temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp"),  # short: Unix socket paths are limited
          # own ports for every agent, so that other Ray instances on the machine (the test session's) don't clash

@@ -94,6 +94,51 @@ def test_killed_driver_resumes_with_one_run_per_trial_and_no_running_optuna_tria
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4
 
 
+def test_a_driver_killed_while_the_last_trial_reports_completes_the_sweep_once_on_resume(tmp_path):
+    results, epochs, samples = tmp_path / "results", 4, 3
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(SPEC.format(name="last", epochs=epochs, steps=40, samples=samples, results=results))
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed with the process
+    driver = subprocess.Popen([TEACHSWEEP, "run", str(spec_file)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline, killed_at = time.time() + 400, None
+    while time.time() < deadline and driver.poll() is None and killed_at is None:
+        time.sleep(0.5)
+        if not (results / "last" / "mlflow_parent_run_id").exists():
+            continue
+        sweep = open_sweep("last", results)
+        runs = trial_runs(sweep)
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        last = [r for r in runs if r.info.status == "RUNNING"]
+        if len(finished) == samples - 1 and len(last) == 1:
+            history = MlflowClient(sweep.tracking_uri).get_metric_history(last[0].info.run_id, "teacher/val_acc")
+            if len(history) >= epochs - 1:  # the last trial is reporting its final epochs
+                driver.send_signal(signal.SIGKILL)
+                killed_at = len(history)
+    driver.wait(timeout=60)
+    assert killed_at is not None, (
+        "the sweep ended before it could be killed: " + (tmp_path / "driver.log").read_text()[-3000:]
+    )
+    time.sleep(3)
+
+    resumed = subprocess.run([TEACHSWEEP, "resume", "last", "--results-dir", str(results)], env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    sweep = open_sweep("last", results)
+    runs = trial_runs(sweep)
+    histories = [sorted(m.step for m in MlflowClient(sweep.tracking_uri).get_metric_history(r.info.run_id,
+                 "teacher/val_acc")) for r in runs]  # fmt: skip
+    study = optuna.load_study(study_name="last", storage=sweep.optuna_url)
+    states = [t.state.name for t in study.trials]
+    parent = MlflowClient(sweep.tracking_uri).get_run(sweep.parent_run_id)
+    counts = f"killed at epoch {killed_at} of the last trial; {len(runs)} runs, histories {histories}, Optuna {states}"
+    assert len(runs) == samples and all(r.info.status == "FINISHED" for r in runs), counts
+    assert all(h == list(range(1, epochs + 1)) for h in histories), counts  # each epoch logged exactly once
+    assert states.count("COMPLETE") == samples and "RUNNING" not in states, counts  # told to Optuna once
+    assert parent.info.status == "FINISHED" and resumed.stdout.count("verdict") == 1, counts
+
+
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_session, tmp_path):
     text = SPEC.format(name="failing", epochs=1, steps=5, samples=4, results=tmp_path / "r")
     text = text.replace(

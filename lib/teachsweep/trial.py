@@ -61,6 +61,7 @@ def mean_and_std(finals: list[dict[str, float]]) -> dict[str, float]:
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune function trainable: one configuration, every seed, one MLflow child run."""
+    import ray
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
@@ -92,8 +93,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         client, ctx.experiment_id, ctx.parent_run_id, trial_id, f"{label}-{trial_id}", tags,
         config | {"seeds": seeds},
     )  # fmt: skip
-    # Which process runs the trial now (a restarted trial gets a new one): for operators and fault tests.
+    # Which node and process run the trial now (a restarted trial gets new ones): for operators and fault tests.
     tracking.retry(lambda: client.set_tag(run_id, "teachsweep.pid", f"{socket.gethostname()}:{os.getpid()}"))
+    tracking.retry(lambda: client.set_tag(run_id, "teachsweep.node", ray.get_runtime_context().get_node_id()))
     job_start = time.perf_counter()
     try:
         if len(seeds) == 1:

@@ -1,0 +1,272 @@
+"""A multi-node Ray cluster on one machine: a head that only schedules and two worker nodes, each its own raylet
+started with `ray start` (distinct ports), an `mlflow server` over HTTP and one shared results directory; sweeps
+run by a driver process connected to the cluster (RAY_ADDRESS), as on a real cluster. Faults, each with its counts
+in the assertion messages: a worker node lost while its trial runs; the MLflow server down for tens of seconds
+mid-sweep. Load: 32 short trials, 4 at a time across the nodes, every epoch logged to the server."""
+
+import os
+import secrets
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from test_real_servers import free_port, wait_for
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+WORKER_CPUS = 2
+
+
+@dataclass
+class LocalCluster:
+    root: Path
+    env: dict
+    gcs: str = ""
+    tracking: str = ""
+    mlflow_port: int = 0
+    mlflow: subprocess.Popen | None = None
+    head: subprocess.Popen | None = None
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    def start_mlflow(self) -> None:
+        self.mlflow = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--default-artifact-root", str(self.root / "artifacts"), "--workers", "2"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        wait_for(f"{self.tracking}/health", 120)
+
+    def add_worker(self) -> subprocess.Popen:
+        """A worker node: its own raylet, object manager and agents on their own ports."""
+        low = 21000 + 1000 * (len(self.workers) % 8)
+        worker = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--address", self.gcs, "--block", "--node-ip-address", "127.0.0.1",
+             "--num-cpus", str(WORKER_CPUS), "--node-manager-port", str(free_port()),
+             "--object-manager-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+             "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
+             "--runtime-env-agent-port", str(free_port()), "--min-worker-port", str(low),
+             "--max-worker-port", str(low + 999), "--object-store-memory", str(200 * 2**20)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        self.workers.append(worker)
+        return worker
+
+    def alive_cpus(self) -> float:
+        code = (f"import ray; ray.init(address='{self.gcs}', logging_level='ERROR', log_to_driver=False); "
+                "print(ray.cluster_resources().get('CPU', 0))")  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
+        return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0.0
+
+    def wait_for_cpus(self, cpus: float, seconds: float = 180) -> None:
+        deadline = time.time() + seconds
+        while (found := self.alive_cpus()) < cpus:
+            assert time.time() < deadline, f"cluster has {found} CPUs, expected {cpus}"
+            time.sleep(2)
+
+    def node_of(self, pid: int) -> subprocess.Popen | None:
+        """The worker node (its `ray start` process) whose raylet runs process `pid`."""
+        ancestors = {p.pid for p in psutil.Process(pid).parents()}
+        return next((w for w in self.workers if w.poll() is None and w.pid in ancestors), None)
+
+    def sweep(self, spec: dict) -> subprocess.Popen:
+        """A driver process running `teachsweep run` against the cluster."""
+        path = self.root / f"{spec['name']}.yaml"
+        path.write_text(yaml.safe_dump(spec | {"results_dir": str(self.root / "results"),
+                                               "tracking_uri": self.tracking}, sort_keys=False))  # fmt: skip
+        return subprocess.Popen(
+            [str(BIN / "teachsweep"), "run", str(path)],
+            env=self.env | {"RAY_ADDRESS": self.gcs},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+
+def stop(process: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    # token authentication, as on a real cluster: every node, the driver and the CLI share RAY_AUTH_TOKEN
+    env |= {"RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32), "TEACHSWEEP_CACHE": str(root / "cache")}  # fmt: skip
+    local = LocalCluster(root, env, mlflow_port=free_port())
+    local.tracking = f"http://127.0.0.1:{local.mlflow_port}"
+    gcs_port = free_port()
+    local.gcs = f"127.0.0.1:{gcs_port}"
+    local.head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+         "--num-cpus", "0", "--include-dashboard", "false", "--temp-dir", tempfile.mkdtemp(prefix="rc", dir="/tmp"),
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+         "--min-worker-port", "20000", "--max-worker-port", "20999", "--object-store-memory", str(200 * 2**20)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        local.start_mlflow()
+        local.add_worker()
+        local.add_worker()
+        local.wait_for_cpus(2 * WORKER_CPUS)
+        yield local
+    finally:
+        for process in [*local.workers, local.head, local.mlflow]:
+            stop(process)
+
+
+def trial_runs(local: LocalCluster, name: str):
+    client = MlflowClient(local.tracking)
+    experiment = client.get_experiment_by_name(name)
+    return client, client.search_runs([experiment.experiment_id], "tags.`teachsweep.role` = 'trial'")
+
+
+def lot_spec(name: str, epochs: int, steps: int, **extra) -> dict:
+    config = {
+        "task": "digits",
+        "teacher": "cnn:8",
+        "alpha": 0.5,
+        "student_steps": 1,
+        "epochs": epochs,
+        "steps_per_epoch": steps,
+        "batch_size": 32,
+        "lr": 0.05,
+        "optimizer": "sgd",
+        "max_eval_examples": 64,
+    }
+    return {"name": name, "job": "lot", "config": config} | extra  # fmt: skip
+
+
+def epochs_logged(client, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "teacher/val_acc"))
+
+
+def test_a_lost_worker_node_restarts_its_trial_elsewhere_from_its_checkpoint_into_the_same_run(cluster):
+    epochs = 5
+    # two CPUs per trial: one trial per worker node, so the two trials run on different nodes
+    spec = lot_spec("node-loss", epochs, 60, space={"alpha": {"type": "uniform", "low": 0.1, "high": 1.0}},
+                    num_samples=2, resources={"cpus": WORKER_CPUS}, max_failures=2,
+                    max_concurrent_trials=2)  # fmt: skip
+    driver = cluster.sweep(spec)
+    lost, nodes_before = None, set()
+    deadline = time.time() + 400
+    while lost is None and time.time() < deadline and driver.poll() is None:
+        time.sleep(1)
+        try:
+            client, runs = trial_runs(cluster, "node-loss")
+        except AttributeError:  # the experiment does not exist yet
+            continue
+        nodes_before = {r.data.tags.get("teachsweep.node") for r in runs} - {None}
+        for run in runs:
+            if len(nodes_before) == 2 and len(epochs_logged(client, run.info.run_id)) >= 2:
+                node = cluster.node_of(int(run.data.tags["teachsweep.pid"].rpartition(":")[2]))
+                if node is not None:
+                    lost = (
+                        run.info.run_id,
+                        run.data.tags["teachsweep.node"],
+                        len(epochs_logged(client, run.info.run_id)),
+                    )
+                    os.killpg(node.pid, signal.SIGKILL)  # the node's raylet and its workers, as a machine lost
+                    node.wait()
+                    cluster.add_worker()  # a replacement joins, as an autoscaler would bring one
+                    break
+    output = driver.communicate(timeout=900)[0]
+    assert lost is not None, f"no trial reached 2 epochs on one of 2 nodes (nodes seen: {len(nodes_before)})\n{output}"
+    assert driver.returncode == 0, output[-4000:]
+    client, runs = trial_runs(cluster, "node-loss")
+    run_id, lost_node, epochs_before = lost
+    (restarted,) = [r for r in runs if r.info.run_id == run_id]
+    history = epochs_logged(client, run_id)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs), (
+        f"{len(runs)} trial runs (expected 2), statuses {[r.info.status for r in runs]}"
+    )
+    assert history == list(range(1, epochs + 1)), f"epochs logged into the restarted trial's run: {history}"
+    assert restarted.data.tags["teachsweep.node"] != lost_node, "the trial finished on the node that was lost"
+    resumed_from = restarted.data.metrics.get("trial/resumed_from_epoch", 0)
+    assert 1 <= resumed_from <= epochs_before, (resumed_from, epochs_before)  # from its last checkpoint, not epoch 0
+    study = optuna.load_study(
+        study_name="node-loss", storage=f"sqlite:///{cluster.root / 'results' / 'node-loss' / 'optuna.db'}"
+    )
+    states = [t.state.name for t in study.trials]
+    assert states.count("RUNNING") == 0 and states.count("COMPLETE") == 2, states
+    print(
+        f"node loss: trial lost its node after {epochs_before} logged epochs, resumed from epoch {resumed_from:.0f} "
+        f"on another node; {len(runs)} runs, {len(history)} epochs logged once each; Optuna {states}"
+    )
+    cluster.wait_for_cpus(2 * WORKER_CPUS)
+
+
+def test_the_mlflow_server_down_mid_sweep_loses_no_metric_and_fails_no_trial(cluster):
+    epochs, outage_s = 5, 20
+    spec = lot_spec("mlflow-outage", epochs, 30, variants={"a": {"alpha": 0.5}, "b": {"alpha": 1.0}},
+                    max_concurrent_trials=2)  # fmt: skip
+    driver = cluster.sweep(spec)
+    deadline = time.time() + 400
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(1)
+        try:
+            client, runs = trial_runs(cluster, "mlflow-outage")
+        except AttributeError:  # the experiment does not exist yet
+            continue
+        if runs and max(len(epochs_logged(client, r.info.run_id)) for r in runs) >= 1:
+            break
+    stop(cluster.mlflow, signal.SIGKILL)
+    down_at = time.time()
+    time.sleep(outage_s)
+    cluster.start_mlflow()
+    down_for = time.time() - down_at
+    output = driver.communicate(timeout=900)[0]
+    assert driver.returncode == 0, output[-4000:]
+    client, runs = trial_runs(cluster, "mlflow-outage")
+    histories = {r.data.tags["teachsweep.label"]: epochs_logged(client, r.info.run_id) for r in runs}
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    assert all(h == list(range(1, epochs + 1)) for h in histories.values()), (
+        f"server down {down_for:.0f} s; epochs logged per trial: {histories}"
+    )
+    print(f"MLflow outage: server down {down_for:.0f} s mid-sweep; {len(runs)} trials FINISHED, epochs logged per "
+          f"trial {[len(h) for h in histories.values()]} of {epochs}")  # fmt: skip
+
+
+def test_load_32_short_trials_4_at_a_time_across_the_nodes_lose_no_metric(cluster):
+    trials, epochs = 32, 3
+    spec = lot_spec("load", epochs, 2, space={"alpha": {"type": "uniform", "low": 0.1, "high": 1.0}},
+                    num_samples=trials, max_concurrent_trials=2 * WORKER_CPUS)  # fmt: skip
+    started = time.time()
+    driver = cluster.sweep(spec)
+    output = driver.communicate(timeout=1200)[0]
+    seconds = time.time() - started
+    assert driver.returncode == 0, output[-4000:]
+    client, runs = trial_runs(cluster, "load")
+    logged = {r.info.run_id: epochs_logged(client, r.info.run_id) for r in runs}
+    nodes = {r.data.tags.get("teachsweep.node") for r in runs}
+    with sqlite3.connect(cluster.root / "server.db") as db:  # every value the server stored for these runs
+        ids = ",".join(f"'{r.info.run_id}'" for r in runs)
+        (values,) = db.execute(f"SELECT COUNT(*) FROM metrics WHERE run_uuid IN ({ids})").fetchone()
+    print(
+        f"load: {len(runs)} trials in {seconds:.0f} s = {60 * len(runs) / seconds:.1f} trials/min; {values} metric "
+        f"values = {values / seconds:.1f}/s through the server; {len(nodes)} nodes"
+    )
+    assert len(runs) == trials and all(r.info.status == "FINISHED" for r in runs), (
+        f"{len(runs)} runs, {sum(r.info.status == 'FINISHED' for r in runs)} finished (expected {trials})"
+    )
+    lost = {k: v for k, v in logged.items() if v != list(range(1, epochs + 1))}
+    assert not lost, f"{len(lost)} of {trials} trials lost epochs: {lost}"
+    assert len(nodes) >= 2, f"trials ran on {len(nodes)} node(s)"
