@@ -214,11 +214,19 @@ class TrialReporter(Reporter):
         self.client, self.run_id, self.to_tune, self.rank = client, run_id, to_tune, rank
         self.extra = extra or {}
         self.send = report
+        self.logged_before: set[int] | None = None  # epochs this run holds from an attempt that died
 
     def report(self, metrics: dict[str, float], epoch: int, checkpoint: dict | None = None) -> None:
         super().report(metrics, epoch)
-        if self.rank == 0:  # accuracies with their Wilson intervals (metrics.with_intervals)
-            log_metrics(self.client, self.run_id, with_intervals(metrics), step=epoch)
+        if self.rank == 0 and metrics:
+            if self.logged_before is None:
+                # A trial restarted from its last checkpoint replays the epochs its dead attempt had logged after
+                # that checkpoint (bit-for-bit on CPU): each epoch is logged once, by the attempt that got there.
+                key = next(iter(metrics))
+                history = retry(lambda: self.client.get_metric_history(self.run_id, key))
+                self.logged_before = {m.step for m in history}
+            if epoch not in self.logged_before:  # accuracies with their Wilson intervals (metrics.with_intervals)
+                log_metrics(self.client, self.run_id, with_intervals(metrics), step=epoch)
         if not self.to_tune:
             return
         if self.send is None:
