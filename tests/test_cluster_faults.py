@@ -215,8 +215,8 @@ def test_a_lost_worker_node_restarts_its_trial_elsewhere_from_its_checkpoint_int
 
 
 def test_the_mlflow_server_down_mid_sweep_loses_no_metric_and_fails_no_trial(cluster):
-    epochs, outage_s = 5, 20
-    spec = lot_spec("mlflow-outage", epochs, 30, variants={"a": {"alpha": 0.5}, "b": {"alpha": 1.0}},
+    epochs, outage_s = 6, 30
+    spec = lot_spec("mlflow-outage", epochs, 40, variants={"a": {"alpha": 0.5}, "b": {"alpha": 1.0}},
                     max_concurrent_trials=2)  # fmt: skip
     driver = cluster.sweep(spec)
     deadline = time.time() + 400

@@ -69,23 +69,31 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 
 def average_gradients(params: list[torch.Tensor]) -> None:
     """Average `.grad` over workers in place: what DDP's hooks do, for jobs that step without a DDP wrapper."""
-    size = world()[1]
-    if size == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= size
+    grads = [p.grad for p in params if p.grad is not None]
+    for grad, mean in zip(grads, all_mean_many(grads), strict=True):
+        grad.copy_(mean)
 
 
 def all_mean(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of `tensor` over workers (a new tensor, outside autograd)."""
+    return all_mean_many([tensor])[0]
+
+
+def all_mean_many(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The means of `tensors` over workers (new tensors, outside autograd), in one all-reduce per dtype: one per
+    tensor would launch a collective for every parameter of the model and leave a GPU waiting between them."""
     size = world()[1]
     if size == 1:
-        return tensor.detach()
-    tensor = tensor.detach().clone()
-    dist.all_reduce(tensor)
-    return tensor / size
+        return [t.detach() for t in tensors]
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        group = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in group])
+        dist.all_reduce(flat)
+        flat /= size
+        for i, part in zip(group, flat.split([tensors[i].numel() for i in group]), strict=True):
+            out[i] = part.view_as(tensors[i]).clone()  # its own storage: a leaf autograd can differentiate by
+    return out
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:

@@ -305,7 +305,7 @@ def meta_gradient(learner: Learner, teacher_explainer: AttentionExplainer, lesso
         rows = {index: row_ids}
     loss = inner_loss(model(batch, **inner_kwargs), t_logits, teacher_scores, mask, beta)
     local_grads = torch.autograd.grad(loss, leaves, create_graph=True)
-    grads = [distributed.all_mean(g).requires_grad_() for g in local_grads]
+    grads = [g.requires_grad_() for g in distributed.all_mean_many(local_grads)]
     ahead = dict(zip(names, lookahead(params, grads, optimizer, cfg, rows), strict=True))
     meta_kwargs = {"explain": False}  # logits only: the meta loss does not read the student's explainer
     if table is not None:
@@ -317,7 +317,7 @@ def meta_gradient(learner: Learner, teacher_explainer: AttentionExplainer, lesso
     model.train(was_training)
     meta_loss = simulation_loss(meta_logits, meta_targets)
     cotangents = torch.autograd.grad(meta_loss, grads, allow_unused=True, materialize_grads=True)
-    cotangents = [distributed.all_mean(c) for c in cotangents]
+    cotangents = distributed.all_mean_many(cotangents)
     pairs = [(g, c) for g, c in zip(local_grads, cotangents, strict=True) if g.requires_grad]
     if not pairs:  # nothing in the inner gradient depends on phi (beta = 0 or no explainer in the loss)
         phi_grad = torch.zeros_like(teacher_explainer.phi)
