@@ -43,35 +43,45 @@ def trial_runs(sweep):
     return client.search_runs([experiment.experiment_id], filter_string=query)
 
 
-def test_killed_driver_resumes_with_one_run_per_trial_and_no_running_optuna_trial(tmp_path):
+def kill_then_resume(tmp_path, name: str, text: str, kill_when):
+    """Run the sweep in a driver process, SIGKILL the driver (only: its Ray processes share its fate) as soon as
+    `kill_when(sweep, trial runs)` returns a value, then `teachsweep resume` it: that value and the resume."""
     results = tmp_path / "results"
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(SPEC.format(name="killed", epochs=4, steps=150, samples=4, results=results))
+    spec_file.write_text(text)
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed with the process
     driver = subprocess.Popen([TEACHSWEEP, "run", str(spec_file)], env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 300
-    killed_mid_trial = False
-    while time.time() < deadline and driver.poll() is None:
-        time.sleep(1)
-        if not (results / "killed" / "mlflow_parent_run_id").exists():
+    deadline, killed = time.time() + 400, None
+    while killed is None and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+        if not (results / name / "mlflow_parent_run_id").exists():
             continue  # still starting; reading a store the driver is creating would race its schema set-up
-        runs = trial_runs(open_sweep("killed", results))
-        running = [r for r in runs if r.info.status == "RUNNING" and r.data.metrics]
-        if running and any(r.info.status == "FINISHED" for r in runs):
-            driver.send_signal(signal.SIGKILL)  # the driver only: its Ray processes share its fate
-            killed_mid_trial = True
-            break
+        sweep = open_sweep(name, results)
+        killed = kill_when(sweep, trial_runs(sweep))
+        if killed is not None:
+            driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=60)
-    assert killed_mid_trial, (
+    assert killed is not None, (
         "the sweep ended before it could be killed: " + (tmp_path / "driver.log").read_text()[-3000:]
     )
     time.sleep(3)
-
-    resumed = subprocess.run([TEACHSWEEP, "resume", "killed", "--results-dir", str(results)], env=env,
+    resumed = subprocess.run([TEACHSWEEP, "resume", name, "--results-dir", str(results)], env=env,
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    return killed, resumed
+
+
+def test_killed_driver_resumes_with_one_run_per_trial_and_no_running_optuna_trial(tmp_path):
+    results = tmp_path / "results"
+
+    def mid_trial(sweep, runs):
+        running = [r for r in runs if r.info.status == "RUNNING" and r.data.metrics]
+        return True if running and any(r.info.status == "FINISHED" for r in runs) else None
+
+    text = SPEC.format(name="killed", epochs=4, steps=150, samples=4, results=results)
+    kill_then_resume(tmp_path, "killed", text, mid_trial)
 
     sweep = open_sweep("killed", results)
     runs = trial_runs(sweep)
@@ -96,35 +106,17 @@ def test_killed_driver_resumes_with_one_run_per_trial_and_no_running_optuna_tria
 
 def test_a_driver_killed_while_the_last_trial_reports_completes_the_sweep_once_on_resume(tmp_path):
     results, epochs, samples = tmp_path / "results", 4, 3
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(SPEC.format(name="last", epochs=epochs, steps=40, samples=samples, results=results))
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed with the process
-    driver = subprocess.Popen([TEACHSWEEP, "run", str(spec_file)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    deadline, killed_at = time.time() + 400, None
-    while time.time() < deadline and driver.poll() is None and killed_at is None:
-        time.sleep(0.5)
-        if not (results / "last" / "mlflow_parent_run_id").exists():
-            continue
-        sweep = open_sweep("last", results)
-        runs = trial_runs(sweep)
+
+    def last_trial_reporting(sweep, runs):
         finished = [r for r in runs if r.info.status == "FINISHED"]
         last = [r for r in runs if r.info.status == "RUNNING"]
-        if len(finished) == samples - 1 and len(last) == 1:
-            history = MlflowClient(sweep.tracking_uri).get_metric_history(last[0].info.run_id, "teacher/val_acc")
-            if len(history) >= epochs - 1:  # the last trial is reporting its final epochs
-                driver.send_signal(signal.SIGKILL)
-                killed_at = len(history)
-    driver.wait(timeout=60)
-    assert killed_at is not None, (
-        "the sweep ended before it could be killed: " + (tmp_path / "driver.log").read_text()[-3000:]
-    )
-    time.sleep(3)
+        if len(finished) != samples - 1 or len(last) != 1:
+            return None
+        history = MlflowClient(sweep.tracking_uri).get_metric_history(last[0].info.run_id, "teacher/val_acc")
+        return len(history) if len(history) >= epochs - 1 else None  # the last trial reports its final epochs
 
-    resumed = subprocess.run([TEACHSWEEP, "resume", "last", "--results-dir", str(results)], env=env,
-                             capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    text = SPEC.format(name="last", epochs=epochs, steps=40, samples=samples, results=results)
+    killed_at, resumed = kill_then_resume(tmp_path, "last", text, last_trial_reporting)
     sweep = open_sweep("last", results)
     runs = trial_runs(sweep)
     histories = [sorted(m.step for m in MlflowClient(sweep.tracking_uri).get_metric_history(r.info.run_id,
