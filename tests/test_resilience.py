@@ -43,9 +43,13 @@ def trial_runs(sweep):
     return client.search_runs([experiment.experiment_id], filter_string=query)
 
 
-def kill_then_resume(tmp_path, name: str, text: str, kill_when):
-    """Run the sweep in a driver process, SIGKILL the driver (only: its Ray processes share its fate) as soon as
-    `kill_when(sweep, trial runs)` returns a value, then `teachsweep resume` it: that value and the resume."""
+def kill_driver(driver: subprocess.Popen) -> None:
+    driver.send_signal(signal.SIGKILL)  # the driver only: its Ray processes share its fate
+
+
+def kill_then_resume(tmp_path, name: str, text: str, kill_when, interrupt=kill_driver):
+    """Run the sweep in a driver process, `interrupt` it (SIGKILL by default) as soon as `kill_when(sweep, trial
+    runs)` returns a value, then `teachsweep resume` it: that value and the resume."""
     results = tmp_path / "results"
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(text)
@@ -61,7 +65,7 @@ def kill_then_resume(tmp_path, name: str, text: str, kill_when):
         sweep = open_sweep(name, results)
         killed = kill_when(sweep, trial_runs(sweep))
         if killed is not None:
-            driver.send_signal(signal.SIGKILL)
+            interrupt(driver)
     driver.wait(timeout=60)
     assert killed is not None, (
         "the sweep ended before it could be killed: " + (tmp_path / "driver.log").read_text()[-3000:]
@@ -129,6 +133,49 @@ def test_a_driver_killed_while_the_last_trial_reports_completes_the_sweep_once_o
     assert all(h == list(range(1, epochs + 1)) for h in histories), counts  # each epoch logged exactly once
     assert states.count("COMPLETE") == samples and "RUNNING" not in states, counts  # told to Optuna once
     assert parent.info.status == "FINISHED" and resumed.stdout.count("verdict") == 1, counts
+
+
+def set_writable(root: Path, writable: bool) -> None:
+    """Every directory under `root` writable or not: by mode bits, or for root (whom mode bits do not stop) by the
+    immutable attribute (ext2/3/4, XFS, Btrfs)."""
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i" if writable else "+i", str(directory)], check=True)
+        else:
+            directory.chmod(0o755 if writable else 0o555)
+
+
+def test_a_results_directory_unwritable_mid_sweep_stops_it_in_one_line_and_it_resumes(tmp_path):
+    results, epochs, samples = tmp_path / "results", 4, 3
+    stopped = {}
+
+    def two_epochs_logged(sweep, runs):
+        logged = [len(MlflowClient(sweep.tracking_uri).get_metric_history(r.info.run_id, "teacher/val_acc"))
+                  for r in runs]  # fmt: skip
+        return max(logged) if logged and max(logged) >= 2 else None
+
+    def lock_until_the_driver_stops(driver):
+        set_writable(results, False)
+        try:
+            stopped["code"] = driver.wait(timeout=600)
+        finally:
+            set_writable(results, True)
+        stopped["last line"] = (tmp_path / "driver.log").read_text().strip().splitlines()[-1]
+
+    text = SPEC.format(name="unwritable", epochs=epochs, steps=40, samples=samples, results=results)
+    _, resumed = kill_then_resume(tmp_path, "unwritable", text, two_epochs_logged, lock_until_the_driver_stops)
+    assert stopped["code"] == 2, stopped
+    assert stopped["last line"].startswith("error: results directory became unwritable during sweep 'unwritable'")
+    assert "teachsweep resume unwritable" in stopped["last line"], stopped
+    sweep = open_sweep("unwritable", results)
+    runs = trial_runs(sweep)
+    histories = [sorted(m.step for m in MlflowClient(sweep.tracking_uri).get_metric_history(r.info.run_id,
+                 "teacher/val_acc")) for r in runs]  # fmt: skip
+    states = [t.state.name for t in optuna.load_study(study_name="unwritable", storage=sweep.optuna_url).trials]
+    counts = f"{len(runs)} runs, histories {histories}, Optuna {states}"
+    assert len(runs) == samples and all(r.info.status == "FINISHED" for r in runs), counts
+    assert all(h == list(range(1, epochs + 1)) for h in histories), counts
+    assert states.count("COMPLETE") == samples and "RUNNING" not in states, counts
 
 
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(ray_session, tmp_path):

@@ -209,6 +209,7 @@ def run_sweep(
             tracking.drop_orphan_trial_runs(client, experiment_id, parent_run_id, known_trial_ids)
 
         grid = run_experiment(spec, paths, trainable, callbacks, forget_unrecorded_trials, concurrency)
+        stop_if_unwritable(spec, paths)
         outcome.trials = trial_rows(grid, spec)
         outcome.best = best_trials(spec, paths, outcome.trials)
         merged = merge_seed_trials(outcome.trials)
@@ -219,15 +220,48 @@ def run_sweep(
             tracking.retry(lambda: client.log_dict(parent_run_id, outcome.seed_summaries, "seed_summary.json"))
     except BaseException as err:
         error = err
+        if not isinstance(err, ResultsUnwritable) and unwritable(paths):
+            error = unwritable_error(spec, paths)  # the storage is the cause: said in one line
+            raise error from None
         raise
     finally:
         outcome.seconds = time.time() - start
-        tracking.log_metrics(client, parent_run_id, {"sweep/wall_s": outcome.seconds}, step=0)
-        if outcome.best:
-            tracking.retry(lambda: client.log_dict(parent_run_id, outcome.best, "best.json"))
-        tracking.finish_run(client, parent_run_id, error if not isinstance(error, KeyboardInterrupt) else None)
+        if not isinstance(error, ResultsUnwritable):  # else nothing can be recorded: the parent run stays open
+            tracking.log_metrics(client, parent_run_id, {"sweep/wall_s": outcome.seconds}, step=0)
+            if outcome.best:
+                tracking.retry(lambda: client.log_dict(parent_run_id, outcome.best, "best.json"))
+            tracking.finish_run(client, parent_run_id, error if not isinstance(error, KeyboardInterrupt) else None)
     outcome.report = write_report(spec)
     return outcome
+
+
+class ResultsUnwritable(SpecError):
+    """The results directory stopped accepting writes in the middle of a sweep."""
+
+
+def unwritable(paths: SweepPaths) -> str | None:
+    """Why the results directory (the sweep's own and the shared one holding the default MLflow store) cannot be
+    written now, or None: a probe file created and removed in each, as SQLite's journal and Tune's state need."""
+    for directory in (paths.sweep, paths.root):
+        probe = directory / f".probe-{os.getpid()}"
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            return f"{directory}: {error.strerror}"
+    return None
+
+
+def unwritable_error(spec: SweepSpec, paths: SweepPaths) -> ResultsUnwritable:
+    return ResultsUnwritable(
+        f"results directory became unwritable during sweep '{spec.name}' ({unwritable(paths)}); what happened "
+        f"after that was not recorded: make it writable and run `teachsweep resume {spec.name}`"
+    )
+
+
+def stop_if_unwritable(spec: SweepSpec, paths: SweepPaths) -> None:
+    if unwritable(paths):
+        raise unwritable_error(spec, paths)
 
 
 def write_report(spec: SweepSpec) -> Path | None:
