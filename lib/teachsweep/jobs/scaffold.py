@@ -369,33 +369,40 @@ def student_iteration(learner: Learner, lesson: Lesson, teacher_explainer: Atten
 
 
 class TeacherCache:
-    """The frozen teacher's logits and explanation evidence for every example of a split, computed once in
-    eval batches; `lookup` assembles them for a training batch by its `index`, padded to its length."""
+    """The frozen teacher's logits and explanation evidence for every example of a split, computed once in eval
+    batches and kept on the training device (padded to the split's longest example), so that `lookup` is an index
+    on the device: no per-row copies from the host on every step."""
 
     def __init__(self, batches: data.Batches, evidence_of, teacher, device, batch_size: int):
-        self.logits: list[torch.Tensor] = []
-        self.evidence: list[torch.Tensor | None] = []
+        logits, evidence, order = [], [], []
         for batch in data.eval_batches(batches, batch_size):
+            order.append(batch["index"])
             batch = with_mask(to_device(batch, device), teacher)
-            logits, evidence = evidence_of(batch)
-            lengths = batch["attention_mask"].sum(-1).tolist()
-            for row, length in enumerate(lengths):
-                self.logits.append(logits[row].detach().cpu())
-                self.evidence.append(None if evidence is None else evidence[row, ..., :length].detach().cpu())
+            batch_logits, batch_evidence = evidence_of(batch)
+            logits.append(batch_logits.detach())
+            if batch_evidence is not None:  # zero past each example's own length, as a lookup pads
+                mask = batch["attention_mask"].to(batch_evidence.dtype)
+                shape = (mask.shape[0], *([1] * (batch_evidence.dim() - 2)), mask.shape[-1])
+                evidence.append(batch_evidence.detach() * mask.view(shape))
+        self.logits = torch.cat(logits)
+        longest = max((e.shape[-1] for e in evidence), default=0)
+        self.evidence = torch.cat([F.pad(e, (0, longest - e.shape[-1])) for e in evidence]) if evidence else None
+        order = torch.cat(order)
+        position = torch.empty_like(order)  # example index -> row of the cache
+        position[order] = torch.arange(len(order))
+        self.position = position.to(device)
 
     def lookup(self, batch: dict, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`rows`: the batch's example indices when the caller has them on the host (reading them back from a GPU
         batch would wait for the device)."""
-        rows = batch["index"].tolist() if rows is None else rows
         device = batch["attention_mask"].device
-        logits = torch.stack([self.logits[i] for i in rows]).to(device)
-        if self.evidence[rows[0]] is None:
-            return logits, None
-        first = self.evidence[rows[0]]
-        evidence = torch.zeros(len(rows), *first.shape[:-1], batch["attention_mask"].shape[-1], dtype=first.dtype)
-        for row, i in enumerate(rows):
-            evidence[row, ..., : self.evidence[i].shape[-1]] = self.evidence[i]
-        return logits, evidence.to(device)
+        index = batch["index"].to(device) if rows is None else torch.as_tensor(rows).to(device, non_blocking=True)
+        at = self.position[index]
+        if self.evidence is None:
+            return self.logits[at], None
+        length = batch["attention_mask"].shape[-1]
+        evidence = self.evidence[at][..., :length]
+        return self.logits[at], F.pad(evidence, (0, length - evidence.shape[-1]))
 
 
 def transformer_shape(model: nn.Module) -> tuple[int, int]:
