@@ -258,3 +258,24 @@ def test_concurrent_writers_on_one_sqlite_store_lose_no_metric(tmp_path):
             history = client.get_metric_history(run_id, f"m{i}")
             assert sorted(m.step for m in history) == list(range(60))
             assert sorted(m.value for m in history) == [epoch * 10 + i for epoch in range(60)]
+
+
+def test_a_trial_tune_finished_before_its_result_reached_the_study_is_completed_on_resume(tmp_path):
+    """The driver can die between Tune recording a trial as finished and telling Optuna: on resume the study
+    gets that result (Tune will not run the trial again), while a trial that was still running is left to its
+    re-run."""
+    from types import SimpleNamespace
+
+    from teachsweep.search import StudySearcher, complete_finished_trials, fail_interrupted_trials
+
+    spec = parse_spec(SPEC.format(name="told", epochs=1, steps=1, samples=2, results=tmp_path / "r"))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = StudySearcher(spec, storage)
+    searcher.suggest("finished_1"), searcher.suggest("running_2")
+    failed = fail_interrupted_trials(spec, storage)  # what a resume does first: both were RUNNING
+    results = [SimpleNamespace(error=None, metrics={"trial_id": "finished_1", "done": True, "teacher/best_val_acc": 0.9}),
+               SimpleNamespace(error=None, metrics={"trial_id": "running_2", "done": False, "teacher/best_val_acc": 0.5})]  # fmt: skip
+    assert complete_finished_trials(spec, storage, failed, results) == 1
+    trials = optuna.load_study(study_name="told", storage=storage).trials
+    assert [(t.state.name, t.values) for t in trials] == [("FAIL", None), ("FAIL", None), ("COMPLETE", [0.9])]
+    assert trials[2].params == trials[0].params

@@ -19,6 +19,8 @@ from ray.tune.search import Searcher
 from teachsweep.plan import fixed_trials
 from teachsweep.spec import SweepSpec
 
+TUNE_TRIAL = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial
+
 
 def optuna_space(spec: SweepSpec) -> dict[str, Any]:
     space = {}
@@ -73,6 +75,7 @@ class StudySearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict[str, Any]:
         trial = self.study.ask(self.space)
+        trial.set_user_attr(TUNE_TRIAL, trial_id)  # read back on resume (complete_finished_trials)
         self.numbers[trial_id], self.asked[trial_id] = trial.number, trial
         return dict(trial.params)
 
@@ -183,6 +186,27 @@ def make_searcher(spec: SweepSpec, storage_url: str) -> tuple[FixedThenSearch, i
     searcher = StudySearcher(spec, storage_url) if spec.space else NothingToSearch(metric=metric, mode=mode)
     total = len(fixed) + (spec.num_samples if spec.space else 0)
     return FixedThenSearch(fixed, searcher, metric, mode), total
+
+
+def complete_finished_trials(spec: SweepSpec, storage_url: str, failed: list[int], results) -> int:
+    """Trials Tune recorded as finished (their last result `done`) whose Optuna trial the dead driver had not told
+    yet (one of `failed`, just told FAIL): Tune will not run them again, so their results reach the study now, as
+    new trials (as a re-run's would). Without this a driver killed between the two writes lost a result."""
+    if not failed:
+        return 0
+    study = optuna.load_study(study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url))
+    by_tune_id = {t.user_attrs.get(TUNE_TRIAL): t for t in study.get_trials(deepcopy=False) if t.number in failed}
+    told = 0
+    for result in results:
+        metrics = result.metrics or {}
+        trial = by_tune_id.get(metrics.get("trial_id"))
+        values = [metrics.get(m) for m in spec.metric_names]
+        if trial is None or result.error is not None or not metrics.get("done") or None in values:
+            continue
+        study.add_trial(optuna.trial.create_trial(params=trial.params, distributions=trial.distributions,
+                                                  values=[float(v) for v in values]))  # fmt: skip
+        told += 1
+    return told
 
 
 def fail_interrupted_trials(spec: SweepSpec, storage_url: str) -> list[int]:

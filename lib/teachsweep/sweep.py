@@ -332,14 +332,17 @@ def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks, on_
     """Run the sweep's Tune experiment, or resume it; `on_restore` gets the ids of the trials Tune recorded."""
     from ray import tune
 
-    from teachsweep.search import fail_interrupted_trials, make_searcher
+    from teachsweep.search import complete_finished_trials, fail_interrupted_trials, make_searcher
 
     experiment = paths.tune / "trials"
     if tune.Tuner.can_restore(str(experiment)):
+        failed = []
         if spec.space and (paths.sweep / "optuna.db").exists():
-            fail_interrupted_trials(spec, paths.optuna_url)
+            failed = fail_interrupted_trials(spec, paths.optuna_url)
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
-        on_restore({Path(result.path).name for result in tuner.get_results()})  # trial dirs are named by id
+        recorded = tuner.get_results()
+        complete_finished_trials(spec, paths.optuna_url, failed, recorded)
+        on_restore({Path(result.path).name for result in recorded})  # trial dirs are named by id
         return tuner.fit()
     searcher, total = make_searcher(spec, paths.optuna_url)
     tuner = tune.Tuner(
