@@ -223,27 +223,30 @@ def evaluate(model: nn.Module, batches: Iterator[dict], device, precision) -> tu
     predictions) for regression; (perplexity, empty) for language models.
     Under DDP each worker evaluates its shard of every batch and the totals are summed over workers."""
     model.eval()
-    total_loss, correct, count, state, predictions, targets = 0.0, 0, 0, None, [], []
+    # totals and predictions stay on the device, read once at the end: no host sync per batch
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    count, state, predictions, targets = 0, None, [], []
     for batch in batches:
         batch = to_device(distributed.shard(batch), device)
         with autocast(device, precision):
             logits, state = model(batch, state)
         labels = batch["labels"]
         if logits.dim() == 2 and logits.size(-1) == 1:
-            predictions.append(logits.float().squeeze(-1).cpu())
-            targets.append(labels.cpu())
+            predictions.append(logits.float().squeeze(-1))
+            targets.append(labels)
             continue
         if logits.dim() == 3:
-            total_loss += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item()
+            total_loss += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
         else:
-            predictions.append(logits.argmax(-1).cpu())
-            correct += (predictions[-1] == labels.cpu()).sum().item()
+            predictions.append(logits.argmax(-1))
+            correct += (predictions[-1] == labels).sum()
         count += labels.numel()
     model.train()
     if targets:
-        outputs, gold = distributed.gather(torch.cat(predictions)), distributed.gather(torch.cat(targets))
-        return pearson(outputs, gold), outputs
-    total_loss, correct, count = distributed.all_sum([total_loss, correct, count], device)
+        outputs = distributed.gather(torch.cat(predictions).cpu())
+        return pearson(outputs, distributed.gather(torch.cat(targets).cpu())), outputs
+    total_loss, correct, count = distributed.all_sum([total_loss.item(), correct.item(), count], device)
     if predictions:
-        return correct / count, torch.cat(predictions)
+        return correct / count, torch.cat(predictions).cpu()
     return math.exp(min(total_loss / count, 50.0)), torch.empty(0)

@@ -426,11 +426,11 @@ def outputs(model, teacher, batches, device) -> tuple[torch.Tensor, torch.Tensor
     student_out, teacher_out, labels = [], [], []
     for batch in batches:
         batch = to_device(distributed.shard(batch), device)
-        student_out.append(model(batch)[0].float().cpu())
-        teacher_out.append(teacher(batch)[0].float().cpu())
-        labels.append(batch["labels"].cpu())
-    model.train()
-    return tuple(distributed.gather(torch.cat(t)) for t in (student_out, teacher_out, labels))
+        student_out.append(model(batch)[0].float())
+        teacher_out.append(teacher(batch)[0].float())
+        labels.append(batch["labels"])
+    model.train()  # one copy to the host per output, not one per batch
+    return tuple(distributed.gather(torch.cat(t).cpu()) for t in (student_out, teacher_out, labels))
 
 
 def simulability(student_out, teacher_out, labels) -> tuple[float, float]:
