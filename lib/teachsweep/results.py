@@ -299,8 +299,7 @@ def teacher_effect(students: Sweep) -> tuple[str, list[dict[str, Any]]] | None:
     teacher_job = JOBS[teacher_sweep.spec.job]
     teachers, reference = {}, None
     for row in trial_rows(teacher_sweep, merge_seeds=False):
-        seeds = {int(k.rpartition("@seed")[2]) for k in row["metrics"] if "@seed" in k}
-        if seeds:  # a trial that ran several seeds itself: its first seed's teacher is the one saved
+        if any("@seed" in k for k in row["metrics"]):  # ran several seeds in one trial: no per-seed teacher to pair
             continue
         seed = row["params"].get("seed", teacher_sweep.spec.seeds[0] if teacher_sweep.spec.seeds else 0)
         scores = {m: row["metrics"][m] for m in teacher_job.saved_teacher_scores if m in row["metrics"]}

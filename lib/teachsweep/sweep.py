@@ -209,7 +209,8 @@ def run_sweep(
             tracking.drop_orphan_trial_runs(client, experiment_id, parent_run_id, known_trial_ids)
 
         grid = run_experiment(spec, paths, trainable, callbacks, forget_unrecorded_trials, concurrency)
-        stop_if_unwritable(spec, paths)
+        if stopped := unwritable_error(spec, paths):  # trials that could not record failed: say why, in one line
+            raise stopped
         outcome.trials = trial_rows(grid, spec)
         outcome.best = best_trials(spec, paths, outcome.trials)
         merged = merge_seed_trials(outcome.trials)
@@ -220,9 +221,9 @@ def run_sweep(
             tracking.retry(lambda: client.log_dict(parent_run_id, outcome.seed_summaries, "seed_summary.json"))
     except BaseException as err:
         error = err
-        if not isinstance(err, ResultsUnwritable) and unwritable(paths):
-            error = unwritable_error(spec, paths)  # the storage is the cause: said in one line
-            raise error from None
+        if not isinstance(err, ResultsUnwritable) and (stopped := unwritable_error(spec, paths)):
+            error = stopped  # the storage is the cause: said in one line
+            raise stopped from None
         raise
     finally:
         outcome.seconds = time.time() - start
@@ -239,29 +240,21 @@ class ResultsUnwritable(SpecError):
     """The results directory stopped accepting writes in the middle of a sweep."""
 
 
-def unwritable(paths: SweepPaths) -> str | None:
-    """Why the results directory (the sweep's own and the shared one holding the default MLflow store) cannot be
-    written now, or None: a probe file created and removed in each, as SQLite's journal and Tune's state need."""
+def unwritable_error(spec: SweepSpec, paths: SweepPaths) -> ResultsUnwritable | None:
+    """The error to stop with when the results directory (the sweep's own, and the shared one holding the default
+    MLflow store) cannot be written now, or None: a probe file created and removed in each, as SQLite's journal
+    and Tune's state need."""
     for directory in (paths.sweep, paths.root):
         probe = directory / f".probe-{os.getpid()}"
         try:
             probe.write_text("")
             probe.unlink()
         except OSError as error:
-            return f"{directory}: {error.strerror}"
+            return ResultsUnwritable(
+                f"results directory became unwritable during sweep '{spec.name}' ({directory}: {error.strerror}); "
+                f"what happened after that was not recorded: make it writable and run `teachsweep resume {spec.name}`"
+            )
     return None
-
-
-def unwritable_error(spec: SweepSpec, paths: SweepPaths) -> ResultsUnwritable:
-    return ResultsUnwritable(
-        f"results directory became unwritable during sweep '{spec.name}' ({unwritable(paths)}); what happened "
-        f"after that was not recorded: make it writable and run `teachsweep resume {spec.name}`"
-    )
-
-
-def stop_if_unwritable(spec: SweepSpec, paths: SweepPaths) -> None:
-    if unwritable(paths):
-        raise unwritable_error(spec, paths)
 
 
 def write_report(spec: SweepSpec) -> Path | None:
