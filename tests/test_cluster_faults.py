@@ -48,8 +48,11 @@ class LocalCluster:
         wait_for(f"{self.tracking}/health", 120)
 
     def add_worker(self) -> subprocess.Popen:
-        """A worker node: its own raylet, object manager and agents on their own ports."""
+        """A worker node: its own raylet, object manager and agents on their own ports. Nodes sharing a machine
+        also share the head's session directory, where `ray start` names its sockets by checking which names are
+        taken: two nodes starting at once can pick the same socket, so nodes here are started one at a time."""
         low = 21000 + 1000 * (len(self.workers) % 8)
+        log = open(self.root / f"worker-{len(self.workers)}.log", "w")  # open for the node's lifetime
         worker = subprocess.Popen(
             [str(BIN / "ray"), "start", "--address", self.gcs, "--block", "--node-ip-address", "127.0.0.1",
              "--num-cpus", str(WORKER_CPUS), "--node-manager-port", str(free_port()),
@@ -57,10 +60,24 @@ class LocalCluster:
              "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
              "--runtime-env-agent-port", str(free_port()), "--min-worker-port", str(low),
              "--max-worker-port", str(low + 999), "--object-store-memory", str(200 * 2**20)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.workers.append(worker)
         return worker
+
+    def add_workers(self, count: int) -> None:
+        for _ in range(count):
+            cpus = self.alive_cpus()
+            self.add_worker()
+            self.wait_for_cpus(cpus + WORKER_CPUS)
+
+    def node_logs(self) -> str:
+        """Each worker node's state and the end of its `ray start` output, for failure messages."""
+        return "\n".join(
+            f"worker {i} ({'running' if w.poll() is None else f'exited {w.returncode}'}): "
+            + (self.root / f"worker-{i}.log").read_text()[-1500:]
+            for i, w in enumerate(self.workers)
+        )
 
     def alive_cpus(self) -> float:
         code = (f"import ray; ray.init(address='{self.gcs}', logging_level='ERROR', log_to_driver=False); "
@@ -71,7 +88,7 @@ class LocalCluster:
     def wait_for_cpus(self, cpus: float, seconds: float = 180) -> None:
         deadline = time.time() + seconds
         while (found := self.alive_cpus()) < cpus:
-            assert time.time() < deadline, f"cluster has {found} CPUs, expected {cpus}"
+            assert time.time() < deadline, f"cluster has {found} CPUs, expected {cpus}\n{self.node_logs()}"
             time.sleep(2)
 
     def node_of(self, pid: int) -> subprocess.Popen | None:
@@ -124,9 +141,7 @@ def cluster(tmp_path_factory):
     )  # fmt: skip
     try:
         local.start_mlflow()
-        local.add_worker()
-        local.add_worker()
-        local.wait_for_cpus(2 * WORKER_CPUS)
+        local.add_workers(2)
         yield local
     finally:
         for process in [*local.workers, local.head, local.mlflow]:
