@@ -106,8 +106,9 @@ def smat_iteration(unroll: str):
     meta = distributed.shard(meta_batch | {"targets": meta_targets})
     shard_logits, shard_evidence, shard_targets = inner.pop("t_logits"), inner.pop("evidence"), meta.pop("targets")
     learner = scaffold.Learner(model, params, optimizer, cfg, 5.0)
+    words = scaffold.words_read(batch, meta_batch)  # of the global batches: the same rows on every worker
     _, step = scaffold.student_iteration(learner, scaffold.Lesson(inner, shard_logits, shard_evidence), explainer,
-                                         explainer, scaffold.MetaBatch(meta, shard_targets))  # fmt: skip
+                                         explainer, scaffold.MetaBatch(meta, shard_targets, words))  # fmt: skip
     return step.phi_grad, [p.detach() for p in params]
 
 

@@ -111,8 +111,12 @@ def test_meta_gradient_matches_finite_differences():
         evidence = head_scores(attentions, batch["attention_mask"])
         opt = scaffold.make_student_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
         learner = scaffold.Learner(model, [p for p in model.parameters() if p.requires_grad], opt, cfg, 5.0)
-        lesson, meta = scaffold.Lesson(batch, t_logits, evidence), scaffold.MetaBatch(meta_batch, meta_targets)
+        words = scaffold.words_read(batch, meta_batch)
+        lesson, meta = scaffold.Lesson(batch, t_logits, evidence), scaffold.MetaBatch(meta_batch, meta_targets, words)
         grad = scaffold.meta_gradient(learner, explainer, lesson, meta).phi_grad
+        # the word-embedding table entering as the rows the batches read is exact: the whole table gives the same
+        whole_table = scaffold.meta_gradient(learner, explainer, lesson, meta._replace(words=None)).phi_grad
+        assert torch.allclose(grad, whole_table, atol=1e-10)
 
         direction = torch.randn(layers * heads)
         eps = 1e-5
@@ -151,7 +155,8 @@ def test_student_step_unroll_takes_exactly_the_plain_student_step(optimizer):
         opt = scaffold.make_student_optimizer(params, cfg)
         for _ in range(2):  # the second step starts from AdamW moments
             learner = scaffold.Learner(model, params, opt, cfg.model_copy(update={"meta_unroll": "student_step"}), 5.0)
-            meta_args = (scaffold.MetaBatch(meta_batch, meta_targets),) if combined else ()
+            words = scaffold.words_read(batch, meta_batch)
+            meta_args = (scaffold.MetaBatch(meta_batch, meta_targets, words),) if combined else ()
             _, meta = scaffold.student_iteration(learner, scaffold.Lesson(batch, t_logits, evidence), explainer, explainer,
                                                  *meta_args)  # fmt: skip
             if combined:  # the table's gradient came as the rows the two batches read, and phi has a gradient

@@ -240,11 +240,12 @@ def seconds(work, device=None) -> float:
     return time.perf_counter() - start
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 10, device=None) -> float:
-    """This machine's (or `device`'s) float32 matrix-product rate: the best of `repeats` square products."""
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10, device=None, dtype=None) -> float:
+    """This machine's (or `device`'s) matrix-product rate in `dtype` (default float32): the best of `repeats`
+    square products."""
     import torch
 
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # first use: kernel selection, allocation
     return max(2 * size**3 / seconds(lambda: a @ b, a.device) / 1e9 for _ in range(repeats))
 
@@ -278,17 +279,19 @@ def scaffold_cost(steps: int, model_name: str, console: Console, device_name: st
     def draw() -> tuple:
         """A batch, a meta batch and the teacher's outputs on them (precomputed once per example in the job, by
         its TeacherCache: not timed)."""
-        batch, meta_batch = to_device(next(stream), device), to_device(next(stream), device)
+        host_batch, host_meta = next(stream), next(stream)
+        batch, meta_batch = to_device(host_batch, device), to_device(host_meta, device)
         with torch.no_grad():
             t_logits, attentions = teacher.classify(batch, output_attentions=True)
             evidence = head_scores(attentions, batch["attention_mask"])
             meta_targets = teacher.classify(meta_batch)[0]
-        return batch, t_logits, evidence, meta_batch, meta_targets
+        meta = scaffold.MetaBatch(meta_batch, meta_targets, scaffold.words_read(host_batch, host_meta))
+        return batch, t_logits, evidence, meta
 
     def iteration(arm: str, drawn: tuple) -> float:
-        batch, t_logits, evidence, meta_batch, meta_targets = drawn
+        batch, t_logits, evidence, meta = drawn
         arm_cfg = cfg.model_copy(update={"meta_unroll": arm if arm != "plain" else "lookahead"})
-        meta_args = (scaffold.MetaBatch(meta_batch, meta_targets),) if arm != "plain" else ()
+        meta_args = (meta,) if arm != "plain" else ()
         learner = scaffold.Learner(model, params, optimizer, arm_cfg, beta)
         synchronize(device)
         start = time.perf_counter()
@@ -331,6 +334,121 @@ def scaffold_cost(steps: int, model_name: str, console: Console, device_name: st
         console.print(f"SMaT iteration ({arm}) / plain student step: "
                       f"{statistics.median(timings[arm]) / plain:.2f}x (target <= 3x)")  # fmt: skip
     console.print(peak_memory())
+
+
+BERT_BASE_SHAPES = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+
+
+def bert_base_directory(root: Path) -> Path:
+    """A local model directory with BERT-base's shapes, random weights and MiniLM's tokenizer (the same uncased
+    WordPiece vocabulary): loads like a hub checkpoint (`model: <dir>`), offline. Right for speed, not accuracy."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers.utils import logging
+
+    from teachsweep import models
+
+    logging.disable_progress_bar()
+    directory = root / "bert-base-shapes"
+    tokenizer = AutoTokenizer.from_pretrained(str(models.minilm_dir()))
+    config = BertConfig(vocab_size=len(tokenizer), **BERT_BASE_SHAPES)
+    BertModel(config, add_pooling_layer=False).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def teacher_step_flops(job: dict, samples: int = 4) -> float:
+    """Mean matmul FLOPs (forward and backward) of the teacher job's training step on the global batches of its
+    last epoch (same stream, seed and padding; `samples` of them, spread over the epoch), counted on the job's
+    device. The model is counted with the explainable eager attention: the profiler has no FLOP count for SDPA's
+    fused kernels, and the arithmetic is the same."""
+    from teachsweep import models
+    from teachsweep.jobs import teacher
+    from teachsweep.training import TaskData, autocast, pick_device, supervised_loss, to_device
+
+    cfg = teacher.TeacherConfig.model_validate(job)
+    device = pick_device(cfg.device)
+    task_data = TaskData(cfg, [cfg.model])
+    model = models.build_model(cfg.model, task_data.task, 0, cfg.bptt).to(device).train()
+    steps = cfg.steps_per_epoch or task_data.steps_per_pass()
+    stream = task_data.stream(cfg.seed)
+    for _ in range((cfg.epochs - 1) * steps):
+        next(stream)
+    last_epoch = [next(stream) for _ in range(steps)]
+    counted = last_epoch[:: max(1, steps // samples)][:samples]
+
+    def step(batch: dict) -> None:
+        with autocast(device, cfg.precision):
+            loss = supervised_loss(model(batch)[0], batch["labels"])
+        loss.backward()
+
+    total = 0.0
+    for batch in counted:
+        on_device = to_device(batch, device)
+        total += matmul_flops(lambda on_device=on_device: step(on_device))
+        model.zero_grad(set_to_none=True)
+    return total / len(counted)
+
+
+def flop_utilisation(model_name: str, task: str, batch_size: int, max_length: int, steps: int, workers: int,
+                     device_name: str, sweep: bool, console: Console) -> None:  # fmt: skip
+    """Model FLOP utilisation of the teacher job's training step: its matmul FLOPs per step over its measured time
+    per step (the second epoch's: the first holds warm-up), against the device's measured matrix-product rate in
+    the job's precision (bf16 where native, else fp32). In this process, and as a one-trial teachsweep sweep
+    (a Ray Tune trial; with --workers > 1, a Ray Train TorchTrainer with DDP across that many workers/GPUs)."""
+    import os
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from teachsweep.jobs import teacher
+    from teachsweep.spec import parse_spec
+    from teachsweep.sweep import init_ray, quiet_libraries, run_sweep
+    from teachsweep.training import pick_device, uses_bf16
+
+    quiet_libraries()
+    device = pick_device(device_name)
+    bf16 = uses_bf16(device, "auto")
+    rows = []
+    with ProcessTreePeak() as tree, tempfile.TemporaryDirectory() as tmp:
+        os.environ["TEACHSWEEP_CACHE"] = f"{tmp}/cache"  # the job saves its teacher: keep it out of the user's cache
+        model = str(bert_base_directory(Path(tmp))) if model_name == "bert-base" else model_name
+        job = {"task": task, "model": model, "batch_size": batch_size, "max_length": max_length, "epochs": 2,
+               "patience": 2, "steps_per_epoch": steps, "max_eval_examples": 64, "lr": 1e-5,
+               "device": str(device)}  # fmt: skip
+        flops = teacher_step_flops(job)
+        peak = 1e9 * matmul_peak_gflops(8192 if device.type == "cuda" else 2048, device=device,
+                                        dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
+        rows.append(("in-process", 1, teacher.train(job)["time/step_s"], peak))
+        if sweep:
+            gpus = 1 if device.type == "cuda" else 0
+            name = "bench-mfu"
+            spec = {"name": name, "job": "teacher", "config": job | {"device": "auto"}, "variants": {"bench": {}},
+                    "results_dir": f"{tmp}/sweep",
+                    "resources": {"workers": workers, "gpus": gpus, "cpus": 1}}  # fmt: skip
+            spec_text = yaml.safe_dump(spec, sort_keys=False)
+            init_ray()
+            outcome = run_sweep(parse_spec(spec_text), spec_text)
+            failed = [row for row in outcome.trials if row["status"] != "OK"]
+            if failed:
+                raise RuntimeError(f"bench mfu: the sweep's trial failed: {failed[0]['error']}")
+            client = MlflowClient(outcome.tracking_uri)
+            experiment_id = client.get_experiment_by_name(name).experiment_id
+            (run,) = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+            arm = "sweep, Ray Train DDP" if workers > 1 else "sweep, Ray Tune trial"
+            rows.append((arm, workers, run.data.metrics["time/step_s"], peak * (workers if gpus else 1)))
+
+    precision = "bf16" if bf16 else "fp32"
+    table = Table(title=f"bench mfu: teacher job, {model_name} on {task}, batch {batch_size} (text: at most "
+                        f"{max_length} tokens), {steps} steps x 2 epochs, {precision}, device {device}")  # fmt: skip
+    for column in ("arm", "workers", "s / step", "TFLOP/s", "MFU (of measured peak)"):
+        table.add_column(column)
+    for arm, count, step_s, arm_peak in rows:
+        rate = flops / step_s
+        table.add_row(arm, str(count), f"{step_s:.4g}", f"{rate / 1e12:.3g}", f"{100 * rate / arm_peak:.3g}%")
+    console.print(table)
+    console.print(f"matmul FLOPs per step {flops / 1e9:.3g} G (forward + backward, the last epoch's batches); "
+                  f"measured {precision} matmul peak {peak / 1e12:.1f} TFLOP/s per device")  # fmt: skip
+    console.print(peak_memory(tree))
 
 
 def matmul_flops(work) -> float:

@@ -447,6 +447,23 @@ def bench_scaffold(
     scaffold_cost(steps, model, console, device)
 
 
+@bench_app.command("mfu")
+def bench_mfu(
+    model: str = typer.Option("minilm", help="a model name or directory, or bert-base (its shapes, random weights)"),
+    task: str = typer.Option("rotten_tomatoes", help="the task the teacher job trains on"),
+    batch_size: int = typer.Option(32, help="global batch size"),
+    max_length: int = typer.Option(128, help="text: tokens per example at most"),
+    steps: int = typer.Option(20, help="training steps per epoch (two epochs; the second is timed)"),
+    workers: int = typer.Option(1, help="workers of the sweep's trial (> 1: Ray Train DDP, one GPU each)"),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1... (auto: CUDA when visible)"),
+    sweep: bool = typer.Option(True, help="also run the job as a one-trial sweep on Ray"),
+) -> None:
+    """Model FLOP utilisation of the teacher job's training step, in process and as a sweep's trial on Ray."""
+    from teachsweep.bench import flop_utilisation
+
+    flop_utilisation(model, task, batch_size, max_length, steps, workers, device, sweep, console)
+
+
 @bench_app.command("rl")
 def bench_rl(
     rollouts: int = typer.Option(20, help="rollouts (teacher updates) per run"),

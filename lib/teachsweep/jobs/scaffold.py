@@ -227,17 +227,23 @@ def student_step(params: list[torch.Tensor], optimizer, cfg: ScaffoldConfig) -> 
     optimizer.zero_grad(set_to_none=True)
 
 
-def word_rows(model, params: list[torch.Tensor], batch: dict, meta_batch: dict):
-    """(index of the word-embedding table in `params`, the sorted ids of the rows the two batches read, on every
-    worker) for a text student that trains its table; None for images or a frozen table."""
-    if "input_ids" not in batch:
+def words_read(*global_batches: dict) -> torch.Tensor | None:
+    """The sorted ids of the words the (unsharded, host-side) batches contain, or None for images: the rows of the
+    word-embedding table a SMaT step reads. Computed from the global batches every worker draws, so each worker
+    finds the same rows without a collective, and on the host, so no device sync waits for `unique`."""
+    if "input_ids" not in global_batches[0]:
+        return None
+    return torch.cat([b["input_ids"].flatten() for b in global_batches]).unique()
+
+
+def word_rows(model, params: list[torch.Tensor], words: torch.Tensor | None, device: torch.device):
+    """(index of the word-embedding table in `params`, `words` on the device) for a text student that trains its
+    table; None for images or a frozen table."""
+    if words is None:
         return None
     table = model.student.encoder.get_input_embeddings().weight
     index = next((i for i, p in enumerate(params) if p is table), None)
-    if index is None:
-        return None
-    ids = torch.cat([batch["input_ids"].flatten(), meta_batch["input_ids"].flatten()]).unique()
-    return index, distributed.gather(ids).unique().to(ids.device)  # the same rows on every worker
+    return None if index is None else (index, words.to(device, non_blocking=True))
 
 
 class Learner(NamedTuple):
@@ -261,10 +267,12 @@ class Lesson(NamedTuple):
 
 
 class MetaBatch(NamedTuple):
-    """A validation batch and the teacher's logits on it: what the explainer's meta loss is measured on."""
+    """A validation batch and the teacher's logits on it: what the explainer's meta loss is measured on; and for
+    text, `words_read` of the global training and meta batches (the same on every worker)."""
 
     batch: dict
     targets: torch.Tensor
+    words: torch.Tensor | None = None
 
 
 class MetaStep(NamedTuple):
@@ -290,12 +298,12 @@ def meta_gradient(learner: Learner, teacher_explainer: AttentionExplainer, lesso
     read: the others have zero inner gradient and the meta forward never reads them, so this is exact, and it
     spares dense passes over the whole vocabulary in the gradient, its norm, the step and the double backward."""
     model, optimizer, cfg, beta = learner.model, learner.optimizer, learner.cfg, learner.beta
-    (batch, t_logits, evidence), (meta_batch, meta_targets) = lesson, meta
+    (batch, t_logits, evidence), (meta_batch, meta_targets, words) = lesson, meta
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     mask = batch["attention_mask"]
     teacher_scores = teacher_explainer(evidence, mask)  # depends on phi
-    table = word_rows(model, params, batch, meta_batch)
+    table = word_rows(model, params, words, mask.device)
     inner_kwargs, rows = {}, {}
     leaves = list(params)
     if table is not None:
@@ -549,13 +557,16 @@ def train_epoch(run: Scaffold) -> tuple[float, float]:
     # inner and meta loss, summed on the device in float64 (as the host sums did), read once per epoch: no host sync
     losses = torch.zeros(2, device=device, dtype=torch.float64)
     for _ in range(run.steps_per_epoch):
-        raw = distributed.shard(next(run.stream))
+        global_batch = next(run.stream)
+        raw = distributed.shard(global_batch)
         batch = with_mask(to_device(raw, device), run.teacher)
         meta = None
         if run.meta_optimizer is not None:
-            raw_meta = distributed.shard(next(run.meta_stream))
+            global_meta = next(run.meta_stream)
+            raw_meta = distributed.shard(global_meta)
             meta_batch = with_mask(to_device(raw_meta, device), run.teacher)
-            meta = MetaBatch(meta_batch, run.meta_cache.lookup(meta_batch, raw_meta["index"].tolist())[0])
+            targets = run.meta_cache.lookup(meta_batch, raw_meta["index"].tolist())[0]
+            meta = MetaBatch(meta_batch, targets, words_read(global_batch, global_meta))
         lesson = Lesson(batch, *run.train_cache.lookup(batch, raw["index"].tolist()))
         loss, step = student_iteration(run.learner, lesson, run.teacher_explainer, run.teacher_scores, meta)
         losses[0] += loss

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from teachsweep.training import (
     make_optimizer,
     pick_device,
     supervised_loss,
+    synchronize,
     to_device,
     update,
 )
@@ -90,7 +92,7 @@ def score_names(task: str) -> dict[str, str]:
 
 def metrics(cfg: TeacherConfig) -> dict[str, str | None]:
     out: dict[str, str | None] = {"teacher/loss": "min", "teacher/best_epoch": None, "examples/val": None,
-                                  "examples/test": None}  # fmt: skip
+                                  "examples/test": None, "time/step_s": "min"}  # fmt: skip
     for score, mode in score_names(cfg.task).items():
         out |= {f"teacher/{split}_{score}": mode for split in ("val", "best_val", "test")}
     return out
@@ -121,6 +123,8 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
     sign = -1.0 if task_data.is_lm else 1.0
     best_score, best_state, best_epoch, metrics = -math.inf, None, 0, {}
     for epoch in range(1, cfg.epochs + 1):
+        synchronize(device)
+        started = time.perf_counter()
         for _ in range(steps):
             batch = to_device(distributed.shard(next(stream)), device)
             with autocast(device, cfg.precision):
@@ -128,6 +132,8 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
                 loss = supervised_loss(logits, batch["labels"])
             loss.backward()
             update(model, optimizer, scheduler, cfg.clip_grad_norm)
+        synchronize(device)
+        step_seconds = (time.perf_counter() - started) / steps  # this epoch's: the first one's includes warm-up
         if not torch.isfinite(loss):
             raise FloatingPointError(f"teacher loss is not finite in epoch {epoch}")
         val_score, _ = evaluate(distributed.unwrap(model), task_data.eval_stream("validation"), device, cfg.precision)
@@ -138,6 +144,7 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
             f"teacher/val_{score}": val_score,
             f"teacher/best_val_{score}": sign * best_score,
             "teacher/loss": loss.item(),
+            "time/step_s": step_seconds,
             **task_data.examples(),
         }
         reporter.report(metrics, epoch)
