@@ -3,7 +3,7 @@
 #   make test         install, then run the whole test suite (what .ci/run calls)
 VENV ?= .venv
 
-.PHONY: setup quickstart test lint bench
+.PHONY: setup quickstart test test-quick lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,10 @@ quickstart: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+# a development loop: everything but the tests marked slow (killed processes, outages, clusters; about 11 minutes)
+test-quick: setup
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check lib tests && $(VENV)/bin/ruff format --check lib tests

@@ -22,7 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from test_real_servers import free_port, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 WORKER_CPUS = 2
 
@@ -143,9 +143,9 @@ def cluster(tmp_path_factory):
         local.start_mlflow()
         local.add_workers(2)
         yield local
-    finally:
+    finally:  # the cluster is thrown away: no graceful shutdown (each process group killed at once)
         for process in [*local.workers, local.head, local.mlflow]:
-            stop(process)
+            stop(process, signal.SIGKILL)
 
 
 def trial_runs(local: LocalCluster, name: str):

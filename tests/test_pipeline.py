@@ -135,6 +135,7 @@ def test_sweep_references_select_best_a_trial_or_each_and_refuse_what_is_missing
     assert not (results / "s").exists()
 
 
+@pytest.mark.slow
 def test_a_pipeline_killed_in_its_second_stage_resumes_with_one_run_per_trial(tmp_path):
     results = tmp_path / "results"
     spec_file = tmp_path / "pipeline.yaml"

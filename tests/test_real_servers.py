@@ -54,6 +54,7 @@ def environment_without_teachsweep(where: Path) -> Path:
     return python
 
 
+@pytest.mark.slow
 def test_sweep_submitted_as_a_ray_job_installs_itself_and_logs_through_an_mlflow_server(tmp_path):
     # Token authentication, as on a real cluster: the head and `ray job submit` share RAY_AUTH_TOKEN.
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",

@@ -77,6 +77,7 @@ def kill_then_resume(tmp_path, name: str, text: str, kill_when, interrupt=kill_d
     return killed, resumed
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_with_one_run_per_trial_and_no_running_optuna_trial(tmp_path):
     results = tmp_path / "results"
 
@@ -108,6 +109,7 @@ def test_killed_driver_resumes_with_one_run_per_trial_and_no_running_optuna_tria
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4
 
 
+@pytest.mark.slow
 def test_a_driver_killed_while_the_last_trial_reports_completes_the_sweep_once_on_resume(tmp_path):
     results, epochs, samples = tmp_path / "results", 4, 3
 
@@ -145,6 +147,7 @@ def set_writable(root: Path, writable: bool) -> None:
             directory.chmod(0o755 if writable else 0o555)
 
 
+@pytest.mark.slow
 def test_a_results_directory_unwritable_mid_sweep_stops_it_in_one_line_and_it_resumes(tmp_path):
     results, epochs, samples = tmp_path / "results", 4, 3
     stopped = {}
