@@ -424,7 +424,7 @@ def flop_utilisation(model_name: str, task: str, batch_size: int, max_length: in
             name = "bench-mfu"
             spec = {"name": name, "job": "teacher", "config": job | {"device": "auto"}, "variants": {"bench": {}},
                     "results_dir": f"{tmp}/sweep",
-                    "resources": {"workers": workers, "gpus": gpus, "cpus": 1}}  # fmt: skip
+                    "resources": {"workers": workers, "gpus": gpus, "cpus": torch.get_num_threads()}}  # fmt: skip
             spec_text = yaml.safe_dump(spec, sort_keys=False)
             init_ray()
             outcome = run_sweep(parse_spec(spec_text), spec_text)
@@ -447,7 +447,7 @@ def flop_utilisation(model_name: str, task: str, batch_size: int, max_length: in
         table.add_row(arm, str(count), f"{step_s:.4g}", f"{rate / 1e12:.3g}", f"{100 * rate / arm_peak:.3g}%")
     console.print(table)
     console.print(f"matmul FLOPs per step {flops / 1e9:.3g} G (forward + backward, the last epoch's batches); "
-                  f"measured {precision} matmul peak {peak / 1e12:.1f} TFLOP/s per device")  # fmt: skip
+                  f"measured {precision} matmul peak {peak / 1e12:.3g} TFLOP/s per device")  # fmt: skip
     console.print(peak_memory(tree))
 
 
