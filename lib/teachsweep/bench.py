@@ -409,6 +409,7 @@ def flop_utilisation(model_name: str, task: str, batch_size: int, max_length: in
     device = pick_device(device_name)
     bf16 = uses_bf16(device, "auto")
     rows = []
+    user_cache = os.environ.get("TEACHSWEEP_CACHE")
     with ProcessTreePeak() as tree, tempfile.TemporaryDirectory() as tmp:
         os.environ["TEACHSWEEP_CACHE"] = f"{tmp}/cache"  # the job saves its teacher: keep it out of the user's cache
         model = str(bert_base_directory(Path(tmp))) if model_name == "bert-base" else model_name
@@ -436,6 +437,10 @@ def flop_utilisation(model_name: str, task: str, batch_size: int, max_length: in
             (run,) = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
             arm = "sweep, Ray Train DDP" if workers > 1 else "sweep, Ray Tune trial"
             rows.append((arm, workers, run.data.metrics["time/step_s"], peak * (workers if gpus else 1)))
+    if user_cache is None:
+        os.environ.pop("TEACHSWEEP_CACHE")
+    else:
+        os.environ["TEACHSWEEP_CACHE"] = user_cache
 
     precision = "bf16" if bf16 else "fp32"
     table = Table(title=f"bench mfu: teacher job, {model_name} on {task}, batch {batch_size} (text: at most "
