@@ -66,10 +66,12 @@ class LocalCluster:
         return worker
 
     def add_workers(self, count: int) -> None:
+        """`count` nodes, each joined before the next starts; a node whose `ray start` exits before joining (a port
+        taken between choosing and binding it, say) is replaced, twice at most."""
         for _ in range(count):
             cpus = self.alive_cpus()
-            self.add_worker()
-            self.wait_for_cpus(cpus + WORKER_CPUS)
+            joined = any(self.wait_for_cpus(cpus + WORKER_CPUS, node=self.add_worker()) for _ in range(3))
+            assert joined, f"no node joined in 3 starts\n{self.node_logs()}"
 
     def node_logs(self) -> str:
         """Each worker node's state and the end of its `ray start` output, for failure messages."""
@@ -85,11 +87,15 @@ class LocalCluster:
         out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
         return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0.0
 
-    def wait_for_cpus(self, cpus: float, seconds: float = 180) -> None:
+    def wait_for_cpus(self, cpus: float, seconds: float = 180, node: subprocess.Popen | None = None) -> bool:
+        """Wait until the cluster has `cpus` CPUs (True) or `node` has exited (False); fail after `seconds`."""
         deadline = time.time() + seconds
         while (found := self.alive_cpus()) < cpus:
+            if node is not None and node.poll() is not None:
+                return False
             assert time.time() < deadline, f"cluster has {found} CPUs, expected {cpus}\n{self.node_logs()}"
             time.sleep(2)
+        return True
 
     def node_of(self, pid: int) -> subprocess.Popen | None:
         """The worker node (its `ray start` process) whose raylet runs process `pid`."""
