@@ -14,7 +14,7 @@ quickstart: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
-# a development loop: everything but the tests marked slow (killed processes, outages, clusters; about 11 minutes)
+# a development loop: everything but the tests marked slow (killed processes, outages, clusters): about 8 of 20 minutes
 test-quick: setup
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
