@@ -1,5 +1,7 @@
 """GPU readiness without a GPU (issue 17): device choice, bf16 choice, GPU requests in specs."""
 
+import re
+
 import pytest
 import torch
 from transformers import PreTrainedModel
@@ -72,6 +74,32 @@ def test_gpu_sweeps_on_a_cluster_without_gpus_yet_must_say_how_many_trials_to_ru
         max_concurrency(parse_spec(SPEC + "resources: {gpus: 1}\n"))
     assert max_concurrency(parse_spec(SPEC + "resources: {gpus: 1}\nmax_concurrent_trials: 3\n")) == 3
     assert max_concurrency(parse_spec(SPEC)) == 4  # CPU trials: from the session's 4 logical CPUs
+
+
+@pytest.mark.integration
+def test_a_trial_this_machines_ray_can_never_place_is_refused_before_anything_is_created(ray_session, tmp_path,
+                                                                                         monkeypatch):  # fmt: skip
+    """Tune would wait forever for a trial larger than a one-machine Ray (4 logical CPUs in the test session, no
+    GPU); a cluster named by RAY_ADDRESS may grow, so there the request goes through."""
+    from teachsweep.sweep import check_trial_fits, paths_for, run_sweep
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cases = {"{cpus: 8}": "resources.cpus: a trial needs 8 CPUs (1 worker(s) x 8)",
+             "{cpus: 2, workers: 2}": "resources.cpus: a trial needs 4.01 CPUs (2 worker(s) x 2 + the driver)",
+             "{gpus: 1}": "resources.gpus: a trial needs 1 GPUs"}  # fmt: skip
+    for resources, message in cases.items():
+        with pytest.raises(SpecError, match=re.escape(message)):
+            check_trial_fits(parse_spec(SPEC + f"resources: {resources}\n"))
+    check_trial_fits(parse_spec(SPEC + "resources: {cpus: 1, workers: 2}\n"))  # 2.01 of 4: fits
+    check_trial_fits(parse_spec(SPEC + "resources: {cpus: 4}\n"))
+
+    text = SPEC + f"resources: {{cpus: 8}}\nresults_dir: {tmp_path}\n"
+    with pytest.raises(SpecError, match="resources.cpus"):
+        run_sweep(parse_spec(text), text)
+    assert not paths_for(parse_spec(text)).sweep.exists()  # no study, no Tune state, no fingerprint
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a cluster: its autoscaler may add what the trial asks for
+    check_trial_fits(parse_spec(SPEC + "resources: {cpus: 8}\n"))
 
 
 @pytest.mark.parametrize(("name", "task_name"), [("tiny-bert", "rotten_tomatoes"), ("vit:2", "digits")])

@@ -422,12 +422,18 @@ def flop_utilisation(model_name: str, task: str, batch_size: int, max_length: in
         rows.append(("in-process", 1, teacher.train(job)["time/step_s"], peak))
         if sweep:
             gpus = 1 if device.type == "cuda" else 0
+            cpus = max(1, torch.get_num_threads() // workers)  # the threads this process has, shared by the workers
             name = "bench-mfu"
-            spec = {"name": name, "job": "teacher", "config": job | {"device": "auto"}, "variants": {"bench": {}},
-                    "results_dir": f"{tmp}/sweep",
-                    "resources": {"workers": workers, "gpus": gpus, "cpus": torch.get_num_threads()}}  # fmt: skip
+            spec = {
+                "name": name,
+                "job": "teacher",
+                "config": job | {"device": "auto"},
+                "variants": {"bench": {}},
+                "results_dir": f"{tmp}/sweep",
+                "resources": {"workers": workers, "gpus": gpus, "cpus": cpus},
+            }
             spec_text = yaml.safe_dump(spec, sort_keys=False)
-            init_ray()
+            init_ray(total_cpus=workers * cpus + 1)  # (a local Ray: room for a multi-worker trial's driver too)
             outcome = run_sweep(parse_spec(spec_text), spec_text)
             failed = [row for row in outcome.trials if row["status"] != "OK"]
             if failed:

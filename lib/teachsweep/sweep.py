@@ -124,6 +124,25 @@ def init_ray(total_cpus: int | None = None) -> None:
     )
 
 
+def check_trial_fits(spec: SweepSpec) -> None:
+    """Refuse a trial that this machine's Ray can never place: Tune would wait for it forever. Only where Ray is
+    this one machine and no address was given; a cluster named by RAY_ADDRESS may add nodes when trials ask for
+    them, so there the request is left to its autoscaler."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS") or len(ray.nodes()) > 1:
+        return
+    workers, available = spec.resources.workers, ray.cluster_resources()
+    driver_cpu = 0.0 if workers == 1 else 0.01  # a multi-worker trial's driver holds a token CPU (see run_sweep)
+    for key, resource, per_worker, extra in (("cpus", "CPU", spec.resources.cpus, driver_cpu),
+                                             ("gpus", "GPU", spec.resources.gpus, 0.0)):  # fmt: skip
+        needed, there = per_worker * workers + extra, available.get(resource, 0.0)
+        if needed > there + 1e-9:
+            raise SpecError(f"resources.{key}: a trial needs {needed:g} {resource}s ({workers} worker(s) x "
+                            f"{per_worker:g}{' + the driver' if extra else ''}) and this machine's Ray has "
+                            f"{there:g}: ask for less, or run on a cluster (RAY_ADDRESS)")  # fmt: skip
+
+
 def max_concurrency(spec: SweepSpec) -> int:
     """Trials at a time: the spec's `max_concurrent_trials`, else what the cluster's resources fit now. A cluster
     that autoscales GPU workers from zero shows no GPU yet, so sizing from it would run one trial at a time:
@@ -165,7 +184,8 @@ def run_sweep(
     uri = preflight(spec, paths)
     start = time.time()
     init_ray()
-    concurrency = max_concurrency(spec)  # may refuse the spec: before anything is created
+    check_trial_fits(spec)  # these two may refuse the spec: before anything is created
+    concurrency = max_concurrency(spec)
 
     from ray import tune
 
