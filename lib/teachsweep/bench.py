@@ -21,6 +21,26 @@ OVERHEAD_JOB = {
 }  # fmt: skip
 
 
+def bench_sweep(spec: dict) -> tuple[float, list]:
+    """Run a teachsweep sweep from a spec dict (the driver's Ray already started): (wall seconds, its trial runs
+    in MLflow). A failed trial stops the bench: its numbers would mean nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from teachsweep.spec import parse_spec
+    from teachsweep.sweep import run_sweep
+
+    spec_text = yaml.safe_dump(spec, sort_keys=False)
+    begin = time.perf_counter()
+    outcome = run_sweep(parse_spec(spec_text), spec_text)
+    wall = time.perf_counter() - begin
+    failed = [row for row in outcome.trials if row["status"] != "OK"]
+    if failed:
+        raise RuntimeError(f"bench sweep {spec['name']}: trial {failed[0]['trial_id']} failed: {failed[0]['error']}")
+    client = MlflowClient(outcome.tracking_uri)
+    experiment_id = client.get_experiment_by_name(spec["name"]).experiment_id
+    return wall, client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+
+
 def overhead(trials: int, steps: int, console: Console) -> None:
     """Wall time outside the job for (b) a bare Tune function trainable running the job (Tune's defaults, and
     with reuse_actors) and (c) a teachsweep sweep (Optuna RDB + MLflow + reporter + checkpoints), each at k and
@@ -30,8 +50,7 @@ def overhead(trials: int, steps: int, console: Console) -> None:
     from ray import tune
 
     from teachsweep.jobs import lot
-    from teachsweep.spec import parse_spec
-    from teachsweep.sweep import init_ray, quiet_libraries, run_sweep
+    from teachsweep.sweep import init_ray, quiet_libraries
 
     quiet_libraries()
     job = OVERHEAD_JOB | {"steps_per_epoch": max(1, steps // 2)}
@@ -56,8 +75,6 @@ def overhead(trials: int, steps: int, console: Console) -> None:
         return time.perf_counter() - begin, sum(r.metrics["job_s"] for r in grid)
 
     def teachsweep_sweep(count: int, storage: str) -> tuple[float, float]:
-        from mlflow.tracking import MlflowClient
-
         name = f"bench-overhead-{count}"
         spec = {
             "name": name,
@@ -68,16 +85,7 @@ def overhead(trials: int, steps: int, console: Console) -> None:
             "max_concurrent_trials": 1,
             "results_dir": str(Path(storage) / name),
         }
-        spec_text = yaml.safe_dump(spec, sort_keys=False)
-        begin = time.perf_counter()
-        outcome = run_sweep(parse_spec(spec_text), spec_text)
-        wall = time.perf_counter() - begin
-        failed = [row for row in outcome.trials if row["status"] != "OK"]
-        if failed:
-            raise RuntimeError(f"bench overhead: trial {failed[0]['trial_id']} failed: {failed[0]['error']}")
-        client = MlflowClient(outcome.tracking_uri)
-        runs = client.search_runs([client.get_experiment_by_name(name).experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")  # fmt: skip
+        wall, runs = bench_sweep(spec)
         return wall, sum(run.data.metrics["time/job_s"] for run in runs)
 
     init_ray()
@@ -398,11 +406,9 @@ def flop_utilisation(model_name: str, task: str, batch_size: int, max_length: in
     import os
 
     import torch
-    from mlflow.tracking import MlflowClient
 
     from teachsweep.jobs import teacher
-    from teachsweep.spec import parse_spec
-    from teachsweep.sweep import init_ray, quiet_libraries, run_sweep
+    from teachsweep.sweep import init_ray, quiet_libraries
     from teachsweep.training import pick_device, uses_bf16
 
     quiet_libraries()
@@ -412,41 +418,31 @@ def flop_utilisation(model_name: str, task: str, batch_size: int, max_length: in
     user_cache = os.environ.get("TEACHSWEEP_CACHE")
     with ProcessTreePeak() as tree, tempfile.TemporaryDirectory() as tmp:
         os.environ["TEACHSWEEP_CACHE"] = f"{tmp}/cache"  # the job saves its teacher: keep it out of the user's cache
-        model = str(bert_base_directory(Path(tmp))) if model_name == "bert-base" else model_name
-        job = {"task": task, "model": model, "batch_size": batch_size, "max_length": max_length, "epochs": 2,
-               "patience": 2, "steps_per_epoch": steps, "max_eval_examples": 64, "lr": 1e-5,
-               "device": str(device)}  # fmt: skip
-        flops = teacher_step_flops(job)
-        peak = 1e9 * matmul_peak_gflops(8192 if device.type == "cuda" else 2048, device=device,
-                                        dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
-        rows.append(("in-process", 1, teacher.train(job)["time/step_s"], peak))
-        if sweep:
-            gpus = 1 if device.type == "cuda" else 0
-            cpus = max(1, torch.get_num_threads() // workers)  # the threads this process has, shared by the workers
-            name = "bench-mfu"
-            spec = {
-                "name": name,
-                "job": "teacher",
-                "config": job | {"device": "auto"},
-                "variants": {"bench": {}},
-                "results_dir": f"{tmp}/sweep",
-                "resources": {"workers": workers, "gpus": gpus, "cpus": cpus},
-            }
-            spec_text = yaml.safe_dump(spec, sort_keys=False)
-            init_ray(total_cpus=workers * cpus + 1)  # (a local Ray: room for a multi-worker trial's driver too)
-            outcome = run_sweep(parse_spec(spec_text), spec_text)
-            failed = [row for row in outcome.trials if row["status"] != "OK"]
-            if failed:
-                raise RuntimeError(f"bench mfu: the sweep's trial failed: {failed[0]['error']}")
-            client = MlflowClient(outcome.tracking_uri)
-            experiment_id = client.get_experiment_by_name(name).experiment_id
-            (run,) = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
-            arm = "sweep, Ray Train DDP" if workers > 1 else "sweep, Ray Tune trial"
-            rows.append((arm, workers, run.data.metrics["time/step_s"], peak * (workers if gpus else 1)))
-    if user_cache is None:
-        os.environ.pop("TEACHSWEEP_CACHE")
-    else:
-        os.environ["TEACHSWEEP_CACHE"] = user_cache
+        try:
+            model = str(bert_base_directory(Path(tmp))) if model_name == "bert-base" else model_name
+            job = {"task": task, "model": model, "batch_size": batch_size, "max_length": max_length, "epochs": 2,
+                   "patience": 2, "steps_per_epoch": steps, "max_eval_examples": 64, "lr": 1e-5,
+                   "device": str(device)}  # fmt: skip
+            flops = teacher_step_flops(job)
+            peak = 1e9 * matmul_peak_gflops(8192 if device.type == "cuda" else 2048, device=device,
+                                            dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
+            rows.append(("in-process", 1, teacher.train(job)["time/step_s"], peak))
+            if sweep:
+                gpus = 1 if device.type == "cuda" else 0
+                cpus = max(1, torch.get_num_threads() // workers)  # this process's threads, shared by the workers
+                init_ray(total_cpus=workers * cpus + 1)  # (a local Ray: room for a multi-worker trial's driver too)
+                _, (run,) = bench_sweep({
+                    "name": "bench-mfu", "job": "teacher", "config": job | {"device": "auto"},
+                    "variants": {"bench": {}}, "results_dir": f"{tmp}/sweep",
+                    "resources": {"workers": workers, "gpus": gpus, "cpus": cpus},
+                })  # fmt: skip
+                arm = "sweep, Ray Train DDP" if workers > 1 else "sweep, Ray Tune trial"
+                rows.append((arm, workers, run.data.metrics["time/step_s"], peak * (workers if gpus else 1)))
+        finally:
+            if user_cache is None:
+                os.environ.pop("TEACHSWEEP_CACHE")
+            else:
+                os.environ["TEACHSWEEP_CACHE"] = user_cache
 
     precision = "bf16" if bf16 else "fp32"
     table = Table(title=f"bench mfu: teacher job, {model_name} on {task}, batch {batch_size} (text: at most "

@@ -400,11 +400,11 @@ class TeacherCache:
         position[order] = torch.arange(len(order))
         self.position = position.to(device)
 
-    def lookup(self, batch: dict, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`rows`: the batch's example indices when the caller has them on the host (reading them back from a GPU
-        batch would wait for the device)."""
+    def lookup(self, batch: dict, host_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`host_index`: the batch's example indices as the host batch had them, when the caller has it (it is
+        copied over without waiting; else the device batch's own `index` is used)."""
         device = batch["attention_mask"].device
-        index = batch["index"].to(device) if rows is None else torch.as_tensor(rows).to(device, non_blocking=True)
+        index = (batch["index"] if host_index is None else host_index).to(device, non_blocking=True)
         at = self.position[index]
         if self.evidence is None:
             return self.logits[at], None
@@ -565,9 +565,9 @@ def train_epoch(run: Scaffold) -> tuple[float, float]:
             global_meta = next(run.meta_stream)
             raw_meta = distributed.shard(global_meta)
             meta_batch = with_mask(to_device(raw_meta, device), run.teacher)
-            targets = run.meta_cache.lookup(meta_batch, raw_meta["index"].tolist())[0]
+            targets = run.meta_cache.lookup(meta_batch, raw_meta["index"])[0]
             meta = MetaBatch(meta_batch, targets, words_read(global_batch, global_meta))
-        lesson = Lesson(batch, *run.train_cache.lookup(batch, raw["index"].tolist()))
+        lesson = Lesson(batch, *run.train_cache.lookup(batch, raw["index"]))
         loss, step = student_iteration(run.learner, lesson, run.teacher_explainer, run.teacher_scores, meta)
         losses[0] += loss
         if step is not None:
