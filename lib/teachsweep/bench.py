@@ -290,7 +290,7 @@ def scaffold_cost(steps: int, model_name: str, console: Console, device_name: st
         host_batch, host_meta = next(stream), next(stream)
         batch, meta_batch = to_device(host_batch, device), to_device(host_meta, device)
         with torch.no_grad():
-            t_logits, attentions = teacher.classify(batch, output_attentions=True)
+            t_logits, attentions = teacher.classify(batch, output_attentions=True, log_attention=True)
             evidence = head_scores(attentions, batch["attention_mask"])
             meta_targets = teacher.classify(meta_batch)[0]
         meta = scaffold.MetaBatch(meta_batch, meta_targets, scaffold.words_read(host_batch, host_meta))

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,10 +41,29 @@ class ModelError(ValueError):
 # ---------------------------------------------------------------------------------------------- attention
 
 EXPLAINABLE_ATTENTION = "teachsweep_eager"
+# While set, explainable attention hands back log-probabilities: SMaT's head scores need log A, and the log of a
+# probability that underflowed (entries of 1e-39 are common in a pretrained MiniLM) is neither exact nor
+# differentiable, while log_softmax of the scores is both.
+_RETURN_LOG_ATTENTION: ContextVar[bool] = ContextVar("teachsweep_log_attention", default=False)
+
+
+@contextmanager
+def log_attention() -> Iterator[None]:
+    """Within this block, `output_attentions` returns log_softmax of the attention scores (float32)."""
+    token = _RETURN_LOG_ATTENTION.set(True)
+    try:
+        yield
+    finally:
+        _RETURN_LOG_ATTENTION.reset(token)
+
+
+def log_attention_if(enabled: bool):
+    return log_attention() if enabled else nullcontext()
 
 
 def explainable_attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **_):
-    """Eager attention that returns the attention probabilities BEFORE attention dropout.
+    """Eager attention that returns the attention probabilities BEFORE attention dropout (or, inside
+    `log_attention()`, their exact logarithms).
 
     transformers' eager attention returns the weights after dropout (in train mode about p of them exact zeros,
     the rest scaled by 1/(1-p)); explanations made of them (SMaT's student explainer, its meta-gradient) would
@@ -53,7 +75,8 @@ def explainable_attention(module, query, key, value, attention_mask, scaling=Non
         scores = scores + attention_mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     mixed = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    return torch.matmul(mixed, value).transpose(1, 2).contiguous(), probs
+    weights = torch.log_softmax(scores, dim=-1, dtype=torch.float32) if _RETURN_LOG_ATTENTION.get() else probs
+    return torch.matmul(mixed, value).transpose(1, 2).contiguous(), weights
 
 
 def register_attention() -> str:
@@ -149,9 +172,17 @@ class TextClassifier(nn.Module):
     encoder; its [CLS]/pooler output is untrained and fine-tunes far slower (measured: 58% vs 74% validation
     accuracy on rotten_tomatoes after 80 steps). `cls` pooling is the usual BERT classifier."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str = "mean", dropout: float = 0.1):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_labels: int,
+        pooling: str = "mean",
+        dropout: float = 0.1,
+        special_ids: tuple[int, ...] = (),
+    ):
         super().__init__()
         self.encoder, self.pooling = encoder, pooling
+        self.special_ids = special_ids  # the tokenizer's [CLS], [SEP], ...: never part of a token explanation
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
 
@@ -164,14 +195,28 @@ class TextClassifier(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.encoder.get_input_embeddings()(input_ids)
 
-    def classify(self, batch: dict, inputs_embeds: torch.Tensor | None = None, output_attentions: bool = False):
-        """(logits, attentions or None); `inputs_embeds` replaces the token ids (gradient explainers)."""
-        out = self.encoder(
-            input_ids=None if inputs_embeds is not None else batch["input_ids"],
-            inputs_embeds=inputs_embeds,
-            attention_mask=batch["attention_mask"],
-            output_attentions=output_attentions,
-        )
+    def explained_tokens(self, batch: dict) -> torch.Tensor:
+        """(batch, tokens) bool: the real tokens an explanation distributes over (padding and specials out)."""
+        ids = batch["input_ids"]
+        special = torch.isin(ids, torch.tensor(self.special_ids, dtype=ids.dtype, device=ids.device))
+        return batch["attention_mask"].bool() & ~special
+
+    def classify(
+        self,
+        batch: dict,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        log_attention: bool = False,
+    ):
+        """(logits, attentions or None); `inputs_embeds` replaces the token ids (gradient explainers);
+        `log_attention` returns log-probabilities instead of probabilities."""
+        with log_attention_if(log_attention):
+            out = self.encoder(
+                input_ids=None if inputs_embeds is not None else batch["input_ids"],
+                inputs_embeds=inputs_embeds,
+                attention_mask=batch["attention_mask"],
+                output_attentions=output_attentions,
+            )
         logits = self.head(self.dropout(self.pool(out.last_hidden_state, batch["attention_mask"])))
         return logits, out.attentions if output_attentions else None
 
@@ -201,9 +246,28 @@ class ImageClassifier(nn.Module):
             hidden = layer(hidden, None)
         return self.net.classifier(vit.layernorm(hidden)[:, 0])
 
-    def classify(self, batch: dict, inputs_embeds: torch.Tensor | None = None, output_attentions: bool = False):
+    def explained_tokens(self, batch: dict) -> torch.Tensor:
+        """(batch, 1 + patches) bool: the patch tokens an explanation distributes over ([CLS] out)."""
+        batch_size, tokens = len(batch["pixel_values"]), 1 + self.num_patches()
+        keep = torch.ones(batch_size, tokens, dtype=torch.bool, device=batch["pixel_values"].device)
+        keep[:, 0] = False
+        return keep
+
+    def num_patches(self) -> int:
+        if not self.is_hf or not hasattr(self.net, "vit"):
+            raise ModelError("token explanations of images need a vit (they score its patch tokens)")
+        return self.net.vit.embeddings.patch_embeddings.num_patches
+
+    def classify(
+        self,
+        batch: dict,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        log_attention: bool = False,
+    ):
         """(logits, attentions or None); attentions (ViT) cover [CLS] and the patch tokens. `inputs_embeds`
-        replaces the image by its input tokens (gradient explainers; no attentions then)."""
+        replaces the image by its input tokens (gradient explainers; no attentions then); `log_attention`
+        returns log-probabilities instead of probabilities."""
         if inputs_embeds is not None:
             return self.classify_tokens(inputs_embeds), None
         if not self.is_hf:
@@ -211,7 +275,8 @@ class ImageClassifier(nn.Module):
                 raise ModelError("attention explanations need a transformer image model (vit)")
             return self.net(batch["pixel_values"]), None
         kwargs = {"output_attentions": True} if output_attentions else {}
-        out = self.net(pixel_values=batch["pixel_values"], **kwargs)
+        with log_attention_if(log_attention):
+            out = self.net(pixel_values=batch["pixel_values"], **kwargs)
         return out.logits, out.attentions if output_attentions else None
 
     def forward(self, batch: dict, state=None):
@@ -281,6 +346,12 @@ class CifarStem(nn.Module):
 # ---------------------------------------------------------------------------------------------- builders
 
 
+def special_ids_of(model_name: str) -> tuple[int, ...]:
+    """The tokenizer's special tokens but the unknown token, which stands for a real word."""
+    tokenizer = load_tokenizer(model_name)
+    return tuple(sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}))
+
+
 def build_text(name: str, task: Task):
     import transformers
     from transformers import AutoConfig, AutoModel, BertConfig
@@ -296,21 +367,21 @@ def build_text(name: str, task: Task):
         encoder = AutoModel.from_pretrained(
             path, config=config, attn_implementation=register_attention(), add_pooling_layer=False
         )
-        return TextClassifier(encoder, task.num_classes, pooling="mean")
+        return TextClassifier(encoder, task.num_classes, pooling="mean", special_ids=special_ids_of(name))
     if base == "tiny-bert":
         config = BertConfig(
             vocab_size=len(load_tokenizer("minilm")), hidden_size=64, num_hidden_layers=layers or 2,
             num_attention_heads=4, intermediate_size=128, max_position_embeddings=512,
         )  # fmt: skip
         encoder = AutoModel.from_config(config, attn_implementation=register_attention(), add_pooling_layer=False)
-        return TextClassifier(encoder, task.num_classes, pooling="mean")
+        return TextClassifier(encoder, task.num_classes, pooling="mean", special_ids=special_ids_of(name))
     # The classifier reads the [CLS] hidden state, never the pooler: build the encoder without it where the model
     # allows, so that DDP finds no parameter without a gradient.
     try:
         encoder = AutoModel.from_pretrained(base, attn_implementation=register_attention(), add_pooling_layer=False)
     except TypeError:  # architectures without a pooler refuse the argument
         encoder = AutoModel.from_pretrained(base, attn_implementation=register_attention())
-    return TextClassifier(encoder, task.num_classes, pooling="cls")
+    return TextClassifier(encoder, task.num_classes, pooling="cls", special_ids=special_ids_of(name))
 
 
 def freeze_word_embeddings(model: nn.Module) -> None:

@@ -1,5 +1,5 @@
 """Plausibility of token explanations against human rationales (smat.md): the rationale sources, word-piece
-scores summed into words, and per-example ROC-AUC, average precision and recall@k.
+scores made word scores by their max, and per-example ROC-AUC, average precision and recall@k.
 
 Only the words the model saw are ranked: a word cut off by max_length has no score, and ranking it at 0 would
 pull every metric down. The fraction of rationale words cut is reported beside the scores."""
@@ -58,12 +58,20 @@ def visible_words(word_ids: list[int | None], num_words: int) -> int:
 
 
 def word_scores(token_scores: np.ndarray, word_ids: list[int | None], num_words: int) -> np.ndarray:
-    """Word-piece scores summed into words; special tokens (word id None) and padding dropped."""
-    scores = np.zeros(num_words)
+    """A word's score is the largest of its pieces' scores; special tokens (word id None) and padding dropped.
+
+    The max, not the sum: summed, a flat explanation ranks every word split into several pieces above every
+    word of one piece (100% of the top-k went to multi-piece words), and a piece count is no evidence. The max
+    and the mean both give a flat explanation equal words; the max keeps a word whose evidence sits in one of
+    its pieces ("un" of "unfunny") as high as that piece, where the mean would dilute it. A word that got no
+    piece (the tokenizer dropped it) ranks last."""
+    scores = np.full(num_words, -np.inf)
     for score, word in zip(token_scores, word_ids, strict=False):
         if word is not None and word < num_words:
-            scores[word] += float(score)
-    return scores
+            scores[word] = max(scores[word], float(score))
+    found = np.isfinite(scores)
+    lowest = scores[found].min() if found.any() else 0.0
+    return np.where(found, scores, lowest - 1.0)
 
 
 def plausibility(scores: np.ndarray, rationale: np.ndarray) -> dict[str, float] | None:

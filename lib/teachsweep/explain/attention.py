@@ -2,9 +2,11 @@
 
 For every head k (layers x heads, layer-major) the pre-softmax scores Z^(k) are averaged over the real query
 rows, mixed with head coefficients lambda = sparsemax(phi), and turned into a distribution over tokens by a
-masked softmax. HF models return post-softmax attention A; log A = Z - logsumexp_row(Z), and after the mean over
-rows the logsumexp is one constant per head, which the mix keeps constant over tokens and the final softmax
-removes: log A gives the same explanation and the same gradients as Z (keys that are padding are clamped)."""
+masked softmax. The models' attention returns log A = log_softmax(Z) on request (`classify(...,
+log_attention=True)`): log A = Z - logsumexp_row(Z), and after the mean over rows the logsumexp is one constant
+per head, which the mix keeps constant over tokens and the final softmax removes, so log A gives the same
+explanation and the same gradients as Z. Taking the log of the probabilities instead is not exact: entries that
+underflow (1e-39 in a pretrained MiniLM) lose digits or become 0, and their gradient 1/A overflows."""
 
 from __future__ import annotations
 
@@ -23,9 +25,13 @@ def full_precision(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def head_scores(attentions: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
-    """(batch, layers*heads, tokens): per-head scores of each key token, a masked mean over query rows."""
-    log_attention = full_precision(torch.stack(attentions, dim=1).flatten(1, 2)).clamp_min(1e-12).log()  # (B,K,n,n)
+def head_scores(log_attentions: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    """(batch, layers*heads, tokens): per-head scores of each key token, a masked mean over query rows of the
+    attention log-probabilities (`classify(..., log_attention=True)`); padded keys get 0 (the token softmax
+    masks them) rather than the mask's -3e38, which the mix could overflow."""
+    log_attention = full_precision(torch.stack(log_attentions, dim=1).flatten(1, 2))  # (B, K, n, n)
+    real_keys = mask[:, None, None, :].bool()
+    log_attention = log_attention.masked_fill(~real_keys, 0.0)
     rows = mask.to(log_attention.dtype) / mask.sum(-1, keepdim=True).clamp_min(1).to(log_attention.dtype)  # (B, n)
     return torch.einsum("bkij,bi->bkj", log_attention, rows)
 

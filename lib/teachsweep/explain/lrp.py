@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from teachsweep.explain.relevance import readout
+from teachsweep.explain.relevance import readout, without_identity
 
 
 def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -203,23 +203,23 @@ def propagate_layer(layer: Layer, relevance: torch.Tensor) -> tuple[torch.Tensor
 
 
 def lrp_attribution(model, batch: dict, target: torch.Tensor | None = None) -> torch.Tensor:
-    """Chefer et al. CVPR 2021: rollout of I + mean_heads((dy/dA * R_A)^+) over all layers."""
+    """Chefer et al. CVPR 2021: rollout of I + mean_heads((dy/dA * R_A)^+) over all layers; read out R - I."""
     _, layers, grads, attention_relevance, _, _, mask = propagate(model, batch, target)
     batch_size, _, n, _ = layers[0].attention.shape
     eye = torch.eye(n, device=mask.device)
     result = eye.expand(batch_size, n, n).clone()
     for grad, r_attention in zip(grads, attention_relevance, strict=True):
         result = torch.bmm(eye + (grad * r_attention).clamp(min=0).mean(dim=1), result)
-    return readout(result, mask, model)
+    return readout(without_identity(result), mask, model, batch)
 
 
 def partial_lrp(model, batch: dict, target: torch.Tensor | None = None) -> torch.Tensor:
     """The last layer's attention relevance, head mean."""
     _, _, _, attention_relevance, _, _, mask = propagate(model, batch, target)
-    return readout(attention_relevance[-1].clamp(min=0).mean(dim=1), mask, model)
+    return readout(attention_relevance[-1].clamp(min=0).mean(dim=1), mask, model, batch)
 
 
 def full_lrp(model, batch: dict, target: torch.Tensor | None = None) -> torch.Tensor:
     """Relevance of the input embeddings, summed over the hidden dimension (positive part)."""
     _, _, _, _, _, relevance, mask = propagate(model, batch, target)
-    return relevance.sum(-1).clamp(min=0) * mask
+    return relevance.sum(-1).clamp(min=0) * model.explained_tokens(batch).to(relevance.dtype)

@@ -32,7 +32,7 @@ ATTENTION = {
 
 def _relevance_scores(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def scores(model, batch, **_):
-        return relevance.as_scores(fn(model, batch))
+        return relevance.as_scores(fn(model, batch), model.explained_tokens(batch))
 
     scores.__name__ = fn.__name__
     return scores
@@ -74,7 +74,7 @@ def explain(name: str, model, batch: dict, **kwargs) -> torch.Tensor:
         return STATIC[name][0](model, batch, **kwargs)
     if info.kind != "attention" or info.learnable:
         raise ValueError(f"explainer '{name}' needs training (use the scaffold job); it cannot explain a model alone")
-    _, attentions, _, mask = relevance.target_and_attentions(model, batch, need_grad=False)
+    _, attentions, _, mask = relevance.target_and_attentions(model, batch, need_grad=False, log_attention=True)
     layers, heads = len(attentions), attentions[0].shape[1]
     mixer = AttentionExplainer(layers, heads, layer=info.layer, learnable=False).to(mask.device)
     return mixer(head_scores(attentions, mask), mask)

@@ -169,7 +169,9 @@ class ExplainedStudent(nn.Module):
         self, batch: dict, inputs_embeds: torch.Tensor | None = None, explain: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits, explanation scores, or None when `explain` is off); `inputs_embeds` replaces the token ids."""
-        logits, attentions = self.student.classify(batch, inputs_embeds=inputs_embeds, output_attentions=explain)
+        logits, attentions = self.student.classify(
+            batch, inputs_embeds=inputs_embeds, output_attentions=explain, log_attention=explain
+        )
         if not explain:
             return logits, None
         return logits, self.explainer(head_scores(attentions, batch["attention_mask"]), batch["attention_mask"])
@@ -483,7 +485,8 @@ class Scaffold:
         """The frozen teacher's logits and what its explanation is made of: head scores (attention explainers,
         mixed by phi later, so the look-ahead can differentiate through the mix) or static token scores."""
         with torch.no_grad():
-            logits, attentions = self.teacher.classify(batch, output_attentions=self.info.kind == "attention")
+            explain = self.info.kind == "attention"
+            logits, attentions = self.teacher.classify(batch, output_attentions=explain, log_attention=explain)
         if self.info.kind == "attention":
             return logits, head_scores(attentions, batch["attention_mask"])
         if self.info.kind == "static":
