@@ -1,6 +1,7 @@
 """Relevance explainers: batched equals one-by-one, rollout rows sum to one, padding gets nothing, targets
 matter, and running an explainer leaves no trace on later training."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -209,3 +210,109 @@ def test_removing_vit_patches_zeroes_exactly_their_pixels():
         y, x = divmod(token, 4)
         expected[row, :, 2 * y : 2 * y + 2, 2 * x : 2 * x + 2] = 0.0
     assert torch.equal(out, expected) and (out == 0).sum() == 3 * 2 * 4
+
+
+def decided_by_one_token(pooling: str, seed: int = 0):
+    """A 2-layer tiny BERT trained until one token decides its output: [CLS] fillers... [SEP], one position
+    holding "good" (label 1) or "bad" (label 0); the fillers are random word pieces. Returns (model, batch of
+    fresh examples, the decisive positions)."""
+    tokenizer = models.load_tokenizer("tiny-bert")
+    good, bad = tokenizer.convert_tokens_to_ids(["good", "bad"])
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(n: int):
+        ids = torch.randint(2000, 4000, (n, 10), generator=generator)
+        ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+        position = torch.randint(1, 9, (n,), generator=generator)
+        label = torch.randint(0, 2, (n,), generator=generator)
+        ids[torch.arange(n), position] = torch.where(label == 1, good, bad)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, label, position
+
+    model = models.build_model("tiny-bert:2", tasks.load_task("rotten_tomatoes"), seed)
+    model.pooling = pooling
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        batch, label, _ = draw(32)
+        loss = nn.functional.cross_entropy(model(batch)[0], label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    batch, label, position = draw(64)
+    assert (model(batch)[0].argmax(-1) == label).float().mean() > 0.95
+    return model, batch, position
+
+
+@pytest.fixture(scope="module", params=["cls", "mean"])
+def one_token_model(request):
+    return decided_by_one_token(request.param)
+
+
+@pytest.mark.parametrize("name", ["relevance", "lrp"])
+def test_the_relevance_explanation_peaks_on_the_token_that_decides_the_output(one_token_model, name):
+    """Read out with the identity, [CLS] took the argmax under cls pooling and a mean-pooled model's
+    distribution was near-uniform; R - I over the content tokens puts the mass on the decisive one."""
+    from teachsweep.explain import registry
+    from teachsweep.explain.attention import token_distribution
+
+    model, batch, position = one_token_model
+    probs = token_distribution(registry.explain(name, model, batch), batch["attention_mask"])
+    rows = torch.arange(len(position))
+    assert (probs.argmax(-1) == position).float().mean() >= 0.75
+    assert probs[rows, position].mean() >= 0.25  # uniform over the 8 content tokens would be 0.125
+    assert (probs[:, 0] == 0).all() and (probs[:, -1] == 0).all()  # [CLS] and [SEP] are no token of the input
+    assert torch.allclose(probs.sum(-1), torch.ones(len(position)))
+
+
+def test_a_trained_vits_relevance_puts_no_mass_on_cls():
+    """On a ViT trained on digits the identity held most of the [CLS] row (71% of the generic rule's mass on
+    [CLS] measured at 94.5% accuracy); the explanation is over the patches, and not flat."""
+    from teachsweep.explain import registry
+    from teachsweep.explain.attention import token_distribution
+
+    task = tasks.load_task("digits")
+    model = models.build_model("vit:2", task, 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    stream = data.train_stream(data.make_batches(task, "train"), 64, seed=0)
+    for _ in range(150):
+        batch = next(stream)
+        loss = nn.functional.cross_entropy(model(batch)[0], batch["labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    batch = next(data.eval_batches(data.make_batches(task, "validation"), 64))
+    assert (model(batch)[0].argmax(-1) == batch["labels"]).float().mean() > 0.6
+    tokens = torch.ones(64, 17, dtype=torch.long)
+    added = relevance.generic_rule(model, batch)  # the [CLS] row of R - I, patches only
+    identity_share = 1 / (1 + added.sum(-1))  # at least this much of R's [CLS] row would have been [CLS]'s
+    assert identity_share.mean() > 0.5
+    for name in ("relevance", "lrp", "rollout"):
+        probs = token_distribution(registry.explain(name, model, batch), tokens)
+        assert (probs[:, 0] == 0).all(), name
+        assert probs[:, 1:].amax(-1).mean() > 2 / 16, name  # more than twice a flat map's largest patch
+
+
+def test_explain_job_reports_per_example_paired_differences_of_the_chefer_methods(tmp_path, monkeypatch):
+    from teachsweep.explain import faithfulness
+    from teachsweep.jobs import explain
+    from teachsweep.metrics import t_interval
+    from teachsweep.reporter import Reporter
+
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
+    teacher = dict(task="digits", model="vit:1", lr=1e-3, epochs=1, steps_per_epoch=5, max_eval_examples=32)
+    reporter = Reporter()
+    explainers = ["raw_attention", "rollout", "relevance"]
+    metrics = explain.train(dict(teacher=teacher, explainers=explainers, max_examples=None, heatmaps=0), reporter)
+    aucs = reporter.artifacts["example_aucs.json"]
+    test_split = tasks.load_task("digits").splits["test"]
+    assert {len(aucs[name]["positive"]) for name in explainers} == {len(test_split)}  # the whole split
+    for baseline in ("rollout", "raw_attention"):
+        for test in ("positive", "negative"):
+            differences = np.asarray(aucs["relevance"][test]) - np.asarray(aucs[baseline][test])
+            name = f"diff/relevance-{baseline}/{test}_auc"
+            assert metrics[name] == pytest.approx(metrics[f"relevance/{test}_auc"] - metrics[f"{baseline}/{test}_auc"])
+            assert (metrics[f"{name}_t95_low"], metrics[f"{name}_t95_high"]) == pytest.approx(t_interval(differences))
+    assert "diff/lrp-rollout/positive_auc" not in metrics  # a pair is reported only when both were explained
+    kept = torch.tensor([[True] * 9, [True] * 4 + [False] * 5])
+    assert faithfulness.example_aucs(kept).tolist() == pytest.approx([1.0, faithfulness.auc([1.0] * 4 + [0.0] * 5)])

@@ -40,26 +40,38 @@ def remove(batch: dict, removed: torch.Tensor, patch_size: int | None) -> dict:
 
 
 @torch.no_grad()
-def perturbation_curves(model, batch: dict, relevance: torch.Tensor, special_ids: set[int], patch_size=None):
-    """{"positive": [accuracy per fraction], "negative": [...]} against the unperturbed predictions."""
+def kept_predictions(model, batch: dict, relevance: torch.Tensor, special_ids: set[int], patch_size=None):
+    """{"positive": (batch, fractions) bool, "negative": ...}: whether each example keeps its unperturbed
+    prediction once that fraction of its candidates is removed (per example, for paired comparisons)."""
     model.eval()
     original = model(batch)[0].argmax(-1)
     candidates = candidate_mask(batch, special_ids, relevance.shape[1]).to(relevance.device)
     counts = candidates.sum(-1)
-    curves = {}
+    kept = {}
     for test, descending in (("positive", True), ("negative", False)):
         fill = -torch.inf if descending else torch.inf
         order = torch.argsort(relevance.masked_fill(~candidates, fill), dim=-1, descending=descending)
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-        accuracies = []
+        per_fraction = []
         for fraction in FRACTIONS:
             k = torch.round(fraction * counts).long()
             removed = (rank < k[:, None]) & candidates
-            predictions = model(remove(batch, removed, patch_size))[0].argmax(-1)
-            accuracies.append((predictions == original).float().mean())
-        curves[test] = torch.stack(accuracies).tolist()  # one host sync per test, not per fraction
-    return curves
+            per_fraction.append(model(remove(batch, removed, patch_size))[0].argmax(-1) == original)
+        kept[test] = torch.stack(per_fraction, dim=1)
+    return kept
+
+
+def perturbation_curves(model, batch: dict, relevance: torch.Tensor, special_ids: set[int], patch_size=None):
+    """{"positive": [accuracy per fraction], "negative": [...]} against the unperturbed predictions."""
+    kept = kept_predictions(model, batch, relevance, special_ids, patch_size)
+    return {test: k.float().mean(0).tolist() for test, k in kept.items()}  # one host sync per test
+
+
+def example_aucs(kept: torch.Tensor) -> np.ndarray:
+    """(examples, fractions) kept predictions -> each example's AUC (the same normalisation as `auc`)."""
+    values = kept.float().cpu().numpy()
+    return np.trapezoid(values, FRACTIONS, axis=1) / (FRACTIONS[-1] - FRACTIONS[0])
 
 
 def auc(accuracies: list[float]) -> float:

@@ -1,8 +1,11 @@
 """Explain job: compute and evaluate every explainer of a frozen teacher on one split.
 
 Per explainer: faithfulness (positive and negative perturbation AUC), plausibility against human rationales when
-given, and milliseconds per explanation (batched). Artifacts: token heatmaps (HTML and PNG) for a few text
-examples, or patch heatmaps overlaid on the image for a ViT."""
+given, and milliseconds per explanation (batched). Per pair in `paired` (by default each Chefer method against
+rollout and raw attention): the mean per-example AUC difference with its paired Student-t 95% interval over the
+examples (`diff/<a>-<b>/<test>_auc`, `..._t95_low`, `..._t95_high`); over teachers, a sweep's seeds give the t
+interval of these means. Artifacts: every example's AUCs (`example_aucs.json`), token heatmaps (HTML and PNG)
+for a few text examples, or patch heatmaps overlaid on the image for a ViT."""
 
 from __future__ import annotations
 
@@ -20,12 +23,14 @@ from teachsweep import data, models, tasks
 from teachsweep.explain import faithfulness, registry
 from teachsweep.explain.attention import token_distribution
 from teachsweep.jobs import teacher as teacher_job
+from teachsweep.metrics import t_interval
 from teachsweep.plausibility import load_rationales, rationale_plausibility
 from teachsweep.reporter import Reporter
 from teachsweep.training import pick_device, synchronize, to_device
 
 DEFAULT_EXPLAINERS = ["raw_attention", "rollout", "attention_gradcam", "relevance", "lrp", "partial_lrp", "full_lrp",
                       "attention", "grad_x_input", "integrated_gradients"]  # fmt: skip
+CHEFER_PAIRS = [["relevance", "rollout"], ["relevance", "raw_attention"], ["lrp", "rollout"], ["lrp", "raw_attention"]]
 
 
 class ExplainConfig(teacher_job.TeacherReference):
@@ -33,7 +38,10 @@ class ExplainConfig(teacher_job.TeacherReference):
 
     explainers: list[str] = Field(default_factory=lambda: list(DEFAULT_EXPLAINERS), min_length=1)
     split: Literal["validation", "test"] = "test"
-    max_examples: int = Field(256, ge=1)
+    max_examples: int | None = Field(256, ge=1)  # None: the whole split
+    # explainer pairs (a, b) whose per-example AUC differences a - b are reported; default: each Chefer method
+    # against rollout and raw attention, where both are explained
+    paired: list[tuple[str, str]] | None = None
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)
     rationales: str | None = None
@@ -50,6 +58,10 @@ class ExplainConfig(teacher_job.TeacherReference):
                 raise ValueError(f"explainer '{name}' cannot explain a model on its own")
         return names
 
+    def pairs(self) -> list[tuple[str, str]]:
+        wanted = self.paired if self.paired is not None else [tuple(p) for p in CHEFER_PAIRS]
+        return [(a, b) for a, b in wanted if a in self.explainers and b in self.explainers]
+
 
 Config = ExplainConfig
 SINGLE_PROCESS = True  # it trains nothing: one process
@@ -65,6 +77,11 @@ def metrics(cfg: ExplainConfig) -> dict[str, str | None]:
     prefixes = [f"{name}/" for name in cfg.explainers] + (["faithfulness/"] if len(cfg.explainers) == 1 else [])
     for prefix in prefixes:
         out |= {f"{prefix}positive_auc": "min", f"{prefix}negative_auc": "max", f"{prefix}ms_per_example": "min"}
+    for a, b in cfg.pairs():
+        for test, mode in (("positive", "min"), ("negative", "max")):
+            name = f"diff/{a}-{b}/{test}_auc"
+            out |= {name: mode, f"{name}_t95_low": None, f"{name}_t95_high": None}
+    for prefix in prefixes:
         if cfg.rationales:
             out |= {f"{prefix}plausibility_{k}": "max" for k in ("auc", "ap", "recall_at_k")}
             out |= {f"{prefix}plausibility_{k}": None for k in ("n", "rationale_cut_fraction")}
@@ -89,11 +106,12 @@ def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dic
     patch_size = getattr(patch, "patch_size", None)
 
     metrics: dict[str, float] = {}
+    per_example: dict[str, dict[str, np.ndarray]] = {}
     for name in cfg.explainers:
         info = registry.explainer_info(name)
         if task.kind == "image" and not info.images:
             continue
-        seconds, count, curves = 0.0, 0, {"positive": [], "negative": []}
+        seconds, count, kept = 0.0, 0, {"positive": [], "negative": []}
         shown = []
         for batch in data.eval_batches(part, cfg.batch_size, by_length=True):
             batch = to_device(batch, device)
@@ -104,14 +122,18 @@ def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dic
             seconds += time.perf_counter() - start
             mask = batch.get("attention_mask", torch.ones_like(scores, dtype=torch.long))
             probs = token_distribution(scores, mask).detach()
-            batch_curves = faithfulness.perturbation_curves(model, batch, probs, special, patch_size)
-            for test in curves:
-                curves[test].append(np.asarray(batch_curves[test]) * len(probs))
+            batch_kept = faithfulness.kept_predictions(model, batch, probs, special, patch_size)
+            for test in kept:
+                kept[test].append((batch["index"].cpu(), batch_kept[test].cpu()))
             count += len(probs)
             if len(shown) < cfg.heatmaps:
                 shown += [(batch, probs, row) for row in range(min(len(probs), cfg.heatmaps - len(shown)))]
+        per_example[name] = {}
         for test in ("positive", "negative"):
-            metrics[f"{name}/{test}_auc"] = faithfulness.auc(list(np.sum(curves[test], axis=0) / count))
+            index = torch.cat([i for i, _ in kept[test]])
+            values = torch.cat([k for _, k in kept[test]])[torch.argsort(index)]  # in example order
+            metrics[f"{name}/{test}_auc"] = faithfulness.auc(values.float().mean(0).tolist())
+            per_example[name][test] = faithfulness.example_aucs(values)
         metrics[f"{name}/ms_per_example"] = 1000 * seconds / count
         if cfg.rationales and task.kind == "text":
             examples = load_rationales(cfg.rationales, cfg.max_examples)
@@ -120,11 +142,27 @@ def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dic
             metrics |= {f"{name}/plausibility_{k}": v for k, v in found.items()}
         if shown:
             log_heatmaps(name, shown, tokenizer, patch_size, reporter)
+    metrics |= paired_differences(per_example, cfg.pairs())
+    reporter.log_dict("example_aucs.json", {n: {t: v.tolist() for t, v in d.items()} for n, d in per_example.items()})
     if len(cfg.explainers) == 1:  # one explainer per trial (explainer x seeds sweeps): unprefixed names too
         prefix = f"{cfg.explainers[0]}/"
         metrics |= {f"faithfulness/{k.removeprefix(prefix)}": v for k, v in list(metrics.items())}
     reporter.report(metrics, 1)
     return metrics
+
+
+def paired_differences(per_example: dict[str, dict[str, np.ndarray]], pairs) -> dict[str, float]:
+    """Mean per-example AUC difference a - b and its paired Student-t 95% interval over the examples."""
+    out = {}
+    for a, b in pairs:
+        if a not in per_example or b not in per_example:  # (an explainer the task cannot use)
+            continue
+        for test in ("positive", "negative"):
+            differences = per_example[a][test] - per_example[b][test]
+            low, high = t_interval(differences)
+            name = f"diff/{a}-{b}/{test}_auc"
+            out |= {name: float(differences.mean()), f"{name}_t95_low": low, f"{name}_t95_high": high}
+    return out
 
 
 def log_heatmaps(name: str, shown, tokenizer, patch_size, reporter: Reporter) -> None:
