@@ -167,3 +167,39 @@ def test_no_two_models_share_an_initialisation_across_seeds_and_roles(monkeypatc
     assert torch.equal(built[-1], teacher_again)  # the teacher-only arm pairs with LoT's teacher of the same seed
     seeds = {lot.models.init_seed(s, role, i) for s in range(200) for role in ("teacher", "student") for i in range(4)}
     assert len(seeds) == 200 * 2 * 4
+
+
+def test_every_arm_is_evaluated_and_stopped_on_the_same_teacher_step_grid():
+    """A longer budget runs more epochs of the same teacher steps: its first epochs are the shorter arm's, step
+    for step, and patience counts the same teacher steps in both (it used to count epochs (1 + N) times longer)."""
+    from teachsweep.reporter import Reporter
+
+    def history(**overrides):
+        reporter = Reporter()
+        lot.train(cfg(arm="teacher_only", max_eval_examples=64, **overrides), reporter)
+        return reporter.history
+
+    short = history(epochs=2)
+    long = history(epochs=2, budget_multiplier=3.0)
+    assert [row["steps/teacher"] for row in long] == [3 * epoch for epoch in range(1, 7)]
+    for a, b in zip(short, long[:2], strict=True):
+        assert a["teacher/val_acc"] == b["teacher/val_acc"] and a["loss/teacher"] == b["loss/teacher"]
+    patient = history(epochs=30, patience=1, lr=1e-6)  # no progress: stops at its first non-improving epoch
+    patient_long = history(epochs=30, patience=1, lr=1e-6, budget_multiplier=3.0)
+    assert len(patient) == len(patient_long) < 30
+    assert patient[-1]["steps/teacher"] == patient_long[-1]["steps/teacher"]
+
+
+def test_the_learning_rate_is_divided_after_each_evaluation_without_a_better_validation_score():
+    from teachsweep.reporter import Reporter
+
+    reporter = Reporter()
+    lot.train(cfg(epochs=6, lr=1e-3, lr_decay_on_plateau=4.0, max_eval_examples=64), reporter)
+    best, lr = -1.0, 1e-3
+    for row in reporter.history:
+        if row["teacher/val_acc"] > best:
+            best = row["teacher/val_acc"]
+        else:
+            lr /= 4.0
+        assert row["lr/teacher"] == pytest.approx(lr)
+    assert reporter.history[-1]["lr/teacher"] < 1e-3  # the run did meet a plateau

@@ -10,6 +10,11 @@ One teacher step = a joint step of teacher and students on one batch, then N-1 s
 independent batch stream, with the teacher's forward under no_grad. `arm: teacher_only` trains the teacher
 alone (no student is built) for the same number of teacher steps, times `budget_multiplier` when the sweep
 matches total model-steps. Works for text and image classification and for language modelling.
+
+One stopping rule for every arm: an epoch is `steps_per_epoch` teacher steps whatever the arm (a longer budget
+runs more epochs, never longer ones), so the evaluation grid, `patience` and `lr_decay_on_plateau` count the
+same teacher steps in every arm (epochs (1 + N) times longer would make a model-steps arm's patience (1 + N)
+times more lenient, and two teacher-only arms of one model would stop by different rules).
 """
 
 from __future__ import annotations
@@ -82,7 +87,10 @@ class LoTConfig(DataConfig, OptimizerConfig, LoTTermConfig):
     epochs: int = Field(3, ge=1)
     patience: int | None = Field(None, ge=1)  # stop when the teacher's validation score has not improved for this
     # many epochs (training "to convergence"); None: train every epoch
-    budget_multiplier: float = Field(1.0, ge=1)  # teacher-only arm at matched model-steps
+    budget_multiplier: float = Field(1.0, ge=1)  # teacher-only arm at matched model-steps: x the epochs
+    # Divide every model's learning rate by this after an evaluation without a better teacher validation score
+    # (the LSTM language-model recipe LoT's LM experiments follow divides by 4); None: no annealing.
+    lr_decay_on_plateau: float | None = Field(None, gt=1)
 
     checkpoint_every: int = Field(1, ge=0)  # epochs between checkpoints a restarted trial resumes from; 0: none
 
@@ -138,7 +146,7 @@ def metrics(cfg: LoTConfig) -> dict[str, str | None]:
                 out |= {"agreement/val": "max", "agreement/test": "max"}
     out |= {"loss/teacher": "min", "loss/student": "min", "steps/teacher": None, "steps/student": None,
             "steps/model": None, "steps/teacher_at_best_val": None, "steps/model_at_best_val": None,
-            "best_epoch": None, "time/teacher_step_s": "min", "time/train_s": "min"}  # fmt: skip
+            "best_epoch": None, "time/teacher_step_s": "min", "time/train_s": "min", "lr/teacher": None}  # fmt: skip
     if kind in ("text", "image"):
         out |= {"examples/val": None, "examples/test": None}
     return out
@@ -271,8 +279,9 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
 
     # Under DDP every worker draws the same global batches and trains on its shard of each.
     teacher, students = distributed.wrap(teacher), [distributed.wrap(s) for s in students]
-    steps_per_epoch = round((cfg.steps_per_epoch or task_data.steps_per_pass()) * cfg.budget_multiplier)
-    teacher_total = steps_per_epoch * cfg.epochs
+    steps_per_epoch = cfg.steps_per_epoch or task_data.steps_per_pass()
+    epochs = epochs_to_run(cfg)
+    teacher_total = steps_per_epoch * epochs
     teacher_opt, teacher_sched = make_optimizer(teacher, cfg, teacher_total)
     student_opts = [make_optimizer(s, cfg, teacher_total * cfg.student_steps) for s in students]
 
@@ -297,7 +306,7 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
         replay(joint_stream, teacher_steps)  # the streams are deterministic: replay them to where they were
         replay(student_stream, student_steps - teacher_steps if students else 0)
     stopped = saved is not None and cfg.patience is not None and saved["epoch"] - at_best["best_epoch"] >= cfg.patience
-    for epoch in range(first_epoch, cfg.epochs + 1 if not stopped else first_epoch):  # (restarted after its stop)
+    for epoch in range(first_epoch, epochs + 1 if not stopped else first_epoch):  # (restarted after its stop)
         loss_sums = torch.zeros(2, device=device)  # teacher, students: checked for NaN once per epoch
         epoch_start = time.perf_counter()
         for _ in range(steps_per_epoch):
@@ -364,10 +373,14 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
                 "best_epoch": epoch,
             }
             best_teacher = {k: v.detach().cpu().clone() for k, v in distributed.unwrap(teacher).state_dict().items()}
+        elif cfg.lr_decay_on_plateau is not None:
+            for _, schedule in (teacher_opt, teacher_sched), *student_opts:
+                divide_learning_rate(schedule, cfg.lr_decay_on_plateau)
         metrics[key.replace("teacher/", "teacher/best_")] = best_val
+        metrics["lr/teacher"] = teacher_sched.get_last_lr()[0]
         metrics |= at_best
         checkpoint = None
-        if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
+        if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == epochs):
             counters = {"epoch": epoch, "teacher_steps": teacher_steps, "student_steps": student_steps,
                         "train_seconds": train_seconds, "best_val": best_val, "at_best": at_best,
                         "metrics": metrics, "best_teacher": best_teacher}  # fmt: skip
@@ -380,6 +393,19 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
     if distributed.world()[0] == 0 and best_teacher is not None:  # the best-validation teacher, for later stages
         reporter.log_teacher(best_teacher, teacher_config(cfg))
     return metrics
+
+
+def epochs_to_run(cfg: LoTConfig) -> int:
+    """Epochs of `steps_per_epoch` teacher steps: `epochs`, times `budget_multiplier` for a longer budget."""
+    return max(1, round(cfg.epochs * cfg.budget_multiplier))
+
+
+def divide_learning_rate(schedule: torch.optim.lr_scheduler.LambdaLR, factor: float) -> None:
+    """Anneal a schedule's base learning rates (and so every later step's) by `factor`; saved with its state."""
+    schedule.base_lrs = [lr / factor for lr in schedule.base_lrs]
+    for group, lr in zip(schedule.optimizer.param_groups, schedule.get_last_lr(), strict=True):
+        group["lr"] = lr / factor
+    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
 
 
 def teacher_config(cfg: LoTConfig) -> dict[str, Any]:
