@@ -314,5 +314,6 @@ def test_explain_job_reports_per_example_paired_differences_of_the_chefer_method
             assert metrics[name] == pytest.approx(metrics[f"relevance/{test}_auc"] - metrics[f"{baseline}/{test}_auc"])
             assert (metrics[f"{name}_t95_low"], metrics[f"{name}_t95_high"]) == pytest.approx(t_interval(differences))
     assert "diff/lrp-rollout/positive_auc" not in metrics  # a pair is reported only when both were explained
+    assert 0.0 <= metrics["teacher/test_acc"] <= 1.0
     kept = torch.tensor([[True] * 9, [True] * 4 + [False] * 5])
     assert faithfulness.example_aucs(kept).tolist() == pytest.approx([1.0, faithfulness.auc([1.0] * 4 + [0.0] * 5)])

@@ -30,6 +30,7 @@ from teachsweep.training import pick_device, synchronize, to_device
 
 DEFAULT_EXPLAINERS = ["raw_attention", "rollout", "attention_gradcam", "relevance", "lrp", "partial_lrp", "full_lrp",
                       "attention", "grad_x_input", "integrated_gradients"]  # fmt: skip
+SPLIT_NAMES = {"validation": "val", "test": "test"}
 CHEFER_PAIRS = [["relevance", "rollout"], ["relevance", "raw_attention"], ["lrp", "rollout"], ["lrp", "raw_attention"]]
 
 
@@ -73,7 +74,7 @@ TEACHER_FIELDS = ("teacher",)
 def metrics(cfg: ExplainConfig) -> dict[str, str | None]:
     """Per explainer: perturbation AUCs (positive: lower is better), speed, plausibility with rationales; with a
     single explainer the same under `faithfulness/` too."""
-    out: dict[str, str | None] = {}
+    out: dict[str, str | None] = {f"teacher/{SPLIT_NAMES[cfg.split]}_acc": "max"}
     prefixes = [f"{name}/" for name in cfg.explainers] + (["faithfulness/"] if len(cfg.explainers) == 1 else [])
     for prefix in prefixes:
         out |= {f"{prefix}positive_auc": "min", f"{prefix}negative_auc": "max", f"{prefix}ms_per_example": "min"}
@@ -105,7 +106,7 @@ def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dic
     patch = getattr(getattr(model, "net", None), "config", None)
     patch_size = getattr(patch, "patch_size", None)
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {f"teacher/{SPLIT_NAMES[cfg.split]}_acc": accuracy(model, part, cfg, device)}
     per_example: dict[str, dict[str, np.ndarray]] = {}
     for name in cfg.explainers:
         info = registry.explainer_info(name)
@@ -149,6 +150,18 @@ def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dic
         metrics |= {f"faithfulness/{k.removeprefix(prefix)}": v for k, v in list(metrics.items())}
     reporter.report(metrics, 1)
     return metrics
+
+
+@torch.no_grad()
+def accuracy(model, part: data.Batches, cfg: ExplainConfig, device: torch.device) -> float:
+    """The teacher's accuracy on the explained examples (what its explanations are explanations of)."""
+    model.eval()
+    correct = total = 0
+    for batch in data.eval_batches(part, cfg.batch_size, by_length=True):
+        batch = to_device(batch, device)
+        correct += int((model(batch)[0].argmax(-1) == batch["labels"]).sum())
+        total += len(batch["labels"])
+    return correct / total
 
 
 def paired_differences(per_example: dict[str, dict[str, np.ndarray]], pairs) -> dict[str, float]:
