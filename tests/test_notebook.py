@@ -48,7 +48,10 @@ def test_analysis_notebook_executes_against_a_real_sweep(ray_session, tmp_path, 
     assert not [o for o in outputs if o.output_type == "error"]
     text_out = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "sweep nb: job lot, 4 trial runs" in text_out
-    assert "best on teacher/best_val_acc (max): trial" in text_out and "vs teacher_only: " in text_out  # the verdict
+    assert (
+        "best on teacher/best_val_acc (max; picked on the validation split): trial" in text_out
+        and "vs teacher_only: " in text_out
+    )  # the verdict
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # alpha x N map, parallel coordinates, curves
     captions = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "alpha in four log-spaced bins" in captions and "per epoch of the 3 best trials" in captions

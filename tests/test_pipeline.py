@@ -165,3 +165,40 @@ def test_a_pipeline_killed_in_its_second_stage_resumes_with_one_run_per_trial(tm
     assert len(teachers) == 2, f"{len(teachers)} teacher runs"
     assert len(students) == 2 and len(set(trial_ids)) == 2, f"student runs for trials {trial_ids}"
     assert all(r.info.status == "FINISHED" for r in teachers + students)
+
+
+def test_a_finished_stage_stays_readable_when_the_sweep_it_took_teachers_from_is_moved(tmp_path, monkeypatch):
+    """Reading a sweep only reads: status, best, report, export and list of the students do not look for the
+    teachers' sweep (its results directory moved away), only at their own directory and tracking store."""
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path / "cache"))
+    results = tmp_path / "results"
+    spec_file = tmp_path / "pipeline.yaml"
+    spec_file.write_text(pipeline_text(results, name="moved"))
+    runner = CliRunner()
+    assert (outcome := runner.invoke(app, ["run", str(spec_file)])).exit_code == 0, outcome.output
+    by_teacher = teacher_effect(open_sweep("moved-students", results))
+    (results / "moved-teachers").rename(tmp_path / "elsewhere")
+
+    where = ["--results-dir", str(results)]
+    status = runner.invoke(app, ["status", "moved-students", *where])
+    assert status.exit_code == 0 and "2/2 done" in status.output and "FINISHED" in status.output, status.output
+    best = runner.invoke(app, ["best", "moved-students", *where])
+    assert best.exit_code == 0 and "verdict" in best.output, best.output
+    (results / "moved-students" / "report.html").unlink()  # the one the run wrote
+    report = runner.invoke(app, ["report", "moved-students", *where])
+    assert report.exit_code == 0, report.output
+    assert "By teacher" in (results / "moved-students" / "report.html").read_text()
+    # the teachers' runs are still in the store (only their directory moved): the same table (repr: NaN-safe)
+    assert repr(teacher_effect(open_sweep("moved-students", results))) == repr(by_teacher)
+    assert by_teacher[0] == "moved-teachers" and len({r["teacher"] for r in by_teacher[1]}) == 2
+    export = runner.invoke(app, ["export", "moved-students", *where])
+    assert export.exit_code == 0 and "checkpoint: none (job 'scaffold' saves no teacher)" in export.output, (
+        export.output
+    )
+    assert (results / "moved-students" / "export" / "best_spec.yaml").is_file()
+    listing = runner.invoke(app, ["list", *where])
+    assert listing.exit_code == 0 and "moved-students" in listing.output and "moved #1" in listing.output
+    assert "moved-teachers" not in listing.output, listing.output
+    # running is another matter: the students' references are checked again, and refused in one line
+    again = runner.invoke(app, ["resume", "moved-students", *where])
+    assert again.exit_code == 2 and "no sweep named 'moved-teachers'" in again.output, again.output

@@ -8,8 +8,6 @@ import pytest
 from teachsweep.metrics import (
     MOVER_METHOD,
     PAIRED_METHOD,
-    T_METHOD,
-    WILSON_METHOD,
     examples_metric,
     interval_of,
     mover_difference,
@@ -34,15 +32,15 @@ def test_each_metric_gets_the_interval_its_data_supports():
     assert examples_metric("teacher/test_acc_at_best_val") == "examples/test"
     assert examples_metric("teacher/val_ppl") is None and examples_metric("teacher/eval_return") is None
     one_seed = {"teacher/best_val_acc": 0.8, "examples/val": 100.0, "teacher/val_ppl": 90.0}
-    point, low, high, method = interval_of(one_seed, "teacher/best_val_acc")
-    assert (point, method) == (0.8, WILSON_METHOD) and (low, high) == pytest.approx((0.7112, 0.8666), abs=1e-4)
+    point, low, high, label = interval_of(one_seed, "teacher/best_val_acc")[:4]
+    assert (point, label) == (0.8, "Wilson score 95% over 100 validation examples")
+    assert (low, high) == pytest.approx((0.7112, 0.8666), abs=1e-4)
     assert interval_of(one_seed, "teacher/val_ppl") is None  # a perplexity is not a proportion of examples
     seeds = {"simulability/test@seed0": 0.8, "simulability/test@seed1": 0.9, "simulability/test@seed2": 0.85}
-    point, low, high, method = interval_of(seeds, "simulability/test")
+    point, low, high, label = interval_of(seeds, "simulability/test")[:4]
     # mean 0.85, sd 0.05, t(0.975, 2) = 4.3027: half-width 4.3027 * 0.05 / sqrt(3) = 0.1242
-    assert (
-        method == T_METHOD and point == pytest.approx(0.85) and (low, high) == pytest.approx((0.7258, 0.9742), abs=1e-4)
-    )
+    assert label == "Student-t 95% over 3 seeds (test split)" and point == pytest.approx(0.85)
+    assert (low, high) == pytest.approx((0.7258, 0.9742), abs=1e-4)
 
 
 SPEC = "name: v\njob: lot\nconfig: {task: digits, teacher: cnn}\nspace: {alpha: {type: uniform, low: 0.1, high: 1}}\n"
@@ -58,7 +56,10 @@ def test_the_verdict_says_when_the_best_is_within_noise():
     rows = [row("a", 0.70, alpha=0.1), row("b", 0.69, alpha=0.5), row("c", 0.50, alpha=0.9),
             row("base", 0.68, arm="teacher_only")]  # fmt: skip
     lines = verdict(spec, rows)
-    assert lines[0].startswith("best on teacher/best_val_acc (max): trial a [lot] 0.7 (") and WILSON_METHOD in lines[0]
+    assert lines[0].startswith(
+        "best on teacher/best_val_acc (max; picked on the validation split): trial a [lot] 0.7 ("
+    )
+    assert "Wilson score 95% over 300 validation examples" in lines[0]
     # 0.70 vs 0.69 on 300 examples each: within noise; 0.70 vs 0.50: not
     assert lines[1].startswith("1 of 2 other trials are within noise of the best") and MOVER_METHOD in lines[1]
     assert lines[2].startswith("vs teacher_only: +0.02 [") and "within noise" in lines[2]
@@ -83,7 +84,139 @@ def test_the_verdict_pairs_by_seed_when_trials_share_seeds():
 def test_runs_log_each_accuracy_with_its_wilson_interval():
     logged = with_intervals({"teacher/val_acc": 0.8, "examples/val": 100.0, "teacher/val_ppl": 3.0,
                              "simulability/test": 0.9, "simulability/test_ci_low": 0.85})  # fmt: skip
-    assert (logged["teacher/val_acc_ci_low"], logged["teacher/val_acc_ci_high"]) == pytest.approx(
+    assert (logged["teacher/val_acc_wilson_low"], logged["teacher/val_acc_wilson_high"]) == pytest.approx(
         (0.7112, 0.8666), abs=1e-4
     )
-    assert "teacher/val_ppl_ci_low" not in logged and "simulability/test_ci_high" not in logged  # own interval kept
+    assert "teacher/val_ppl_wilson_low" not in logged and "simulability/test_wilson_low" not in logged  # own kept
+
+
+# ------------------------------------------------------------------------- what each interval says it is
+
+
+def test_an_interval_read_back_from_mlflow_names_the_method_and_split_it_was_computed_on():
+    logged = with_intervals({"teacher/best_val_acc": 0.73, "examples/val": 300.0, "teacher/test_acc": 0.78,
+                             "examples/test": 300.0})  # fmt: skip
+    wilson = wilson_interval(0.73, 300)
+    assert wilson == pytest.approx((0.6771, 0.7771), abs=1e-4)
+    point, low, high, label = interval_of(logged, "teacher/best_val_acc")[:4]
+    assert (point, label) == (0.73, "Wilson score 95% over 300 validation examples")
+    assert (low, high) == pytest.approx(wilson)
+    assert interval_of(logged, "teacher/test_acc")[3] == "Wilson score 95% over 300 test examples"
+    older = {"teacher/best_val_acc": 0.73, "examples/val": 300.0, "teacher/best_val_acc_ci_low": wilson[0],
+             "teacher/best_val_acc_ci_high": wilson[1]}  # fmt: skip
+    assert interval_of(older, "teacher/best_val_acc")[3] == "Wilson score 95% over 300 validation examples"
+    smat = {"simulability/test": 0.9, "simulability/test_ci_low": 0.85, "simulability/test_ci_high": 0.95}
+    assert interval_of(smat, "simulability/test")[1:4] == (0.85, 0.95, "bootstrap 95% over test points")
+    seeds = {f"simulability/test@seed{s}": v for s, v in enumerate([0.8, 0.9, 0.85])}
+    assert interval_of(seeds, "simulability/test")[3] == "Student-t 95% over 3 seeds (test split)"
+
+
+TINY_JOBS = {
+    "lot": {"task": "digits", "teacher": "cnn:8", "epochs": 1, "steps_per_epoch": 2, "max_eval_examples": 64},
+    "teacher": {"task": "digits", "model": "cnn:8", "epochs": 1, "steps_per_epoch": 2, "max_eval_examples": 64},
+    "lot_rl": {"task": "gym:CartPole-v1", "num_envs": 2, "num_steps": 32, "num_minibatches": 2,
+               "steps_per_epoch": 64, "epochs": 1, "eval_episodes": 2, "device": "cpu"},
+    "scaffold": {"teacher": {"task": "rotten_tomatoes", "model": "tiny-bert", "lr": 1e-3, "epochs": 1,
+                             "steps_per_epoch": 3, "max_eval_examples": 32, "max_length": 24,
+                             "max_train_examples": 64},
+                 "explainer": "none", "num_train_examples": 16, "batch_size": 8, "max_epochs": 1,
+                 "max_eval_examples": 32, "max_length": 24},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("job", sorted(TINY_JOBS))
+def test_each_jobs_intervals_in_mlflow_are_labelled_with_what_was_computed(job, tmp_path, monkeypatch):
+    """Each job trains for real and logs through the trial reporter into a real MLflow store; read back, its
+    objective and scores of record carry the interval that was computed, under the name of how."""
+    from teachsweep import tracking
+    from teachsweep.jobs import JOBS
+
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path / "cache"))
+    client = tracking.client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(tracking.ensure_experiment(client, job)).info.run_id
+    final = JOBS[job].train(TINY_JOBS[job], tracking.TrialReporter(client, run_id, to_tune=False))
+    logged = client.get_run(run_id).data.metrics
+    for metric in [JOBS[job].objective[0], *JOBS[job].scores]:
+        if metric not in final:
+            continue
+        interval = interval_of(logged, metric)
+        split = "test" if metric.rsplit("/", 1)[-1].startswith("test") else "validation"
+        if job in ("lot", "teacher") and "_acc" in metric:  # accuracies: Wilson over the examples of their split
+            count = int(final[f"examples/{'val' if split == 'validation' else 'test'}"])
+            assert interval[3] == f"Wilson score 95% over {count} {split} examples", metric
+            assert interval[1:3] == pytest.approx(wilson_interval(final[metric], count)), metric
+        elif job == "scaffold" and metric == "simulability/test":  # its own bootstrap over the test points
+            assert interval[1:4] == (final["simulability/test_ci_low"], final["simulability/test_ci_high"],
+                                     "bootstrap 95% over test points")  # fmt: skip
+        else:  # SMaT's validation simulability, RL returns, step counts: one seed, no interval
+            assert interval is None, (metric, interval)
+
+
+def held_out_row(trial_id, val, test, arm=None, n=300, **params):
+    metrics = {"teacher/best_val_acc": val, "teacher/test_acc": test, "examples/val": float(n),
+               "examples/test": float(n)}  # fmt: skip
+    return {"trial_id": trial_id, "label": arm or "lot", "status": "OK", "params": params | ({"arm": arm} if arm else {}),
+            "metrics": metrics}  # fmt: skip
+
+
+def test_the_verdict_shows_the_held_out_score_of_record_beside_the_validation_pick():
+    """The winner's curse: picked as the best of several on validation, it is not better on test."""
+    spec = parse_spec(SPEC)
+    rows = [held_out_row("a", 0.73, 0.78, alpha=0.1), held_out_row("b", 0.72, 0.79, alpha=0.5),
+            held_out_row("base", 0.7067, 0.7933, arm="teacher_only")]  # fmt: skip
+    lines = verdict(spec, rows)
+    assert lines[0].startswith("best on teacher/best_val_acc (max; picked on the validation split): trial a [lot]")
+    assert "Wilson score 95% over 300 validation examples" in lines[0]
+    held = lines.index("held out, not used to pick the trial: teacher/test_acc")
+    low, high = wilson_interval(0.78, 300)
+    assert lines[held + 1] == f"  best 0.78 ({low:.4g}, {high:.4g}; Wilson score 95% over 300 test examples)"
+    assert re.fullmatch(r"  vs teacher_only 0\.7933: -0\.0133 \[-0\.0\d+, \+0\.0\d+\] \(within noise\)",
+                        lines[held + 2]), lines[held + 2]  # fmt: skip
+    assert all(len(line) <= 100 for line in lines[held:])
+
+
+def test_an_rl_verdict_says_that_its_score_of_record_also_picked_the_trial():
+    spec = parse_spec("name: rl\njob: lot_rl\nconfig: {num_envs: 2}\nspace: {alpha: {type: uniform, low: 0.1, "
+                      "high: 1}}\n")  # fmt: skip
+    rows = [{"trial_id": t, "label": "lot", "status": "OK", "params": {"alpha": a},
+             "metrics": {"teacher/eval_return": r}} for t, a, r in (("a", 0.1, 180.0), ("b", 0.5, 120.0))]  # fmt: skip
+    lines = verdict(spec, rows)
+    assert lines[0] == "best on teacher/eval_return (max; picked on greedy evaluation episodes): trial a [lot] 180 " \
+        "(no interval)"  # fmt: skip
+    assert "teacher/eval_return is also the score of record: nothing held out checks the pick" in lines
+
+
+SMAT_GRID = """
+name: smat
+job: scaffold
+config: {num_train_examples: 16}
+variants: {none: {explainer: none}, smat: {explainer: smat}}
+seeds: [0, 1, 2]
+"""
+
+
+def smat_rows() -> list[dict]:
+    def seeds(best_val, test):
+        return {f"simulability/{m}@seed{s}": v for m, values in (("best_val", best_val), ("test", test))
+                for s, v in enumerate(values)}  # fmt: skip
+
+    return [{"trial_id": "none", "label": "none", "status": "OK", "params": {"explainer": "none", "variant": "none"},
+             "metrics": seeds([0.80, 0.82, 0.81], [0.78, 0.80, 0.79])},
+            {"trial_id": "smat", "label": "smat", "status": "OK", "params": {"explainer": "smat", "variant": "smat"},
+             "metrics": seeds([0.85, 0.86, 0.84], [0.79, 0.80, 0.80])}]  # fmt: skip
+
+
+def test_a_smat_verdict_compares_the_best_explainer_with_none_on_validation_and_on_test():
+    lines = verdict(parse_spec(SMAT_GRID), smat_rows())
+    assert lines[0].startswith("best on simulability/best_val (max; picked on the validation split")
+    assert any(line.startswith("vs none: +0.04 [") and PAIRED_METHOD in line for line in lines), lines
+    held = lines.index("held out, not used to pick the trial: simulability/test")
+    assert (
+        lines[held + 1].startswith("  best 0.7967 (") and "Student-t 95% over 3 seeds (test split)" in lines[held + 1]
+    )
+    assert lines[held + 2].startswith("  vs none 0.79: +0.006667 [")
+
+
+def test_a_smat_verdict_says_its_explainer_is_meta_trained_on_the_validation_split():
+    line = verdict(parse_spec(SMAT_GRID), smat_rows())[0]
+    assert "meta-trained" in line and "validation" in line

@@ -282,3 +282,57 @@ def test_a_trial_tune_finished_before_its_result_reached_the_study_is_completed_
     trials = optuna.load_study(study_name="told", storage=storage).trials
     assert [(t.state.name, t.values) for t in trials] == [("FAIL", None), ("FAIL", None), ("COMPLETE", [0.9])]
     assert trials[2].params == trials[0].params
+
+
+def test_a_driver_crash_before_the_first_trial_leaves_a_sweep_that_runs_again_cleanly(ray_session, tmp_path):
+    """A driver that dies after it created the stores and the Tune experiment but before Tune recorded anything
+    (here a Tune callback raising on the first step, as a crashing progress display would) used to wedge the
+    sweep: every later `run` failed with "Can't return results as experiment has not been run"."""
+    from ray.tune import Callback
+
+    class CrashOnTheFirstStep(Callback):
+        def on_step_begin(self, iteration, trials, **info):
+            raise RuntimeError("the driver crashed before its first trial")
+
+    results = tmp_path / "results"
+    text = SPEC.format(name="crashed", epochs=1, steps=2, samples=2, results=results)
+    with pytest.raises(RuntimeError, match="before its first trial"):
+        run_sweep(parse_spec(text), text, callbacks=[CrashOnTheFirstStep()])
+    assert (results / "crashed" / "tune" / "trials").is_dir() and (results / "crashed" / "spec.json").is_file()
+
+    outcome = run_sweep(parse_spec(text), text)
+    assert [row["status"] for row in outcome.trials] == ["OK", "OK"], outcome.trials
+    sweep = open_sweep("crashed", results)
+    runs = trial_runs(sweep)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags["teachsweep.trial_id"] for r in runs} == {row["trial_id"] for row in outcome.trials}
+    study = optuna.load_study(study_name="crashed", storage=sweep.optuna_url)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+
+def test_export_points_at_the_teacher_the_best_trial_saved(ray_session, tmp_path, monkeypatch):
+    """The best LoT trial's run holds its best-validation teacher (model.pt, config.json): export names it by the
+    `mlflow:` reference a scaffold or explain sweep takes, and that reference resolves to a loadable teacher."""
+    import torch
+
+    from teachsweep import references
+
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path / "cache"))
+    results = tmp_path / "results"
+    text = SPEC.format(name="exported", epochs=1, steps=2, samples=2, results=results)
+    outcome = run_sweep(parse_spec(text), text)
+    (best,) = outcome.best
+    export = CliRunner().invoke(
+        app, ["export", "exported", "--results-dir", str(results), "--out", str(tmp_path / "ex")]
+    )
+    assert export.exit_code == 0, export.output
+    assert "checkpoint: none" not in export.output
+    reference = f"mlflow:{best['mlflow_run_id']}"
+    assert f"teacher: {reference}" in export.output, export.output
+    sweep = open_sweep("exported", results)
+    references.check(reference, "teacher", sweep.tracking_uri, results)
+    artifacts = MlflowClient(sweep.tracking_uri).get_run(best["mlflow_run_id"]).info.artifact_uri
+    assert artifacts in export.output, export.output
+    checkpoint = Path(references.materialize(reference, sweep.tracking_uri))
+    state = torch.load(checkpoint / "model.pt", weights_only=True)
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())

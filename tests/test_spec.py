@@ -135,16 +135,17 @@ def test_results_directory_not_writable(tmp_path):
 
 
 def test_spec_files_shipped_in_sweeps_all_validate():
-    from teachsweep.pipeline import is_pipeline, parse_pipeline
+    from teachsweep.pipeline import check_pipeline, is_pipeline, parse_pipeline
+    from teachsweep.preflight import check_spec
     from teachsweep.spec import load_spec
 
     files = sorted(Path(__file__).parents[1].glob("sweeps/*.yaml"))
     assert files
     for file in files:
         if is_pipeline(file.read_text()):  # a pipeline validates each of its stages
-            parse_pipeline(file.read_text(), where=f"{file}: ")
+            check_pipeline(parse_pipeline(file.read_text(), where=f"{file}: "), where=f"{file}: ")
         else:
-            load_spec(file)
+            check_spec(load_spec(file), where=f"{file}: ")
 
 
 def test_yaml_is_data_never_code():
@@ -170,3 +171,46 @@ def test_an_mlflow_teacher_reference_is_checked_against_the_sweeps_own_store(tmp
         assert "config.teacher: MLflow run" in outcome.output and expected in outcome.output
         assert not (results / "s").exists()
     assert [r.info.run_id for r in client.search_runs([experiment])] == [empty_run]  # nothing was added
+
+
+NON_FINITE = [
+    ("a bound too large for a float", GOOD.replace("high: 2.0", "high: 1.0e+400"), "space.alpha.high"),
+    ("an infinite int bound", GOOD.replace("low: 1, high: 4", "low: 1, high: .inf"), "space.student_steps.high"),
+    ("a NaN bound", GOOD.replace("high: 2.0", "high: .nan"), "space.alpha.high"),
+    ("an infinite config value", GOOD.replace("epochs: 1", "epochs: 1, temperature: .inf"), "config.temperature"),
+    ("a NaN config value", GOOD.replace("epochs: 1", "epochs: 1, alpha: .nan"), "config.alpha"),
+    ("a NaN categorical value", GOOD + "  temperature: {type: categorical, values: [1.0, .nan]}\n",
+     "space.temperature.values.1"),
+    ("an infinite value in a variant", "name: g\njob: lot\nconfig: {task: digits, teacher: cnn, epochs: 1}\n"
+     "variants: {hot: {temperature: .inf}}\n", "variants.hot.temperature"),
+    ("an infinite scheduler factor", GOOD + "scheduler: {type: asha, reduction_factor: .inf}\n",
+     "scheduler.reduction_factor"),
+    ("infinite CPUs", GOOD + "resources: {cpus: .inf}\n", "resources.cpus"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("label", "text", "field"), NON_FINITE, ids=[n[0] for n in NON_FINITE])
+def test_a_number_that_is_not_finite_is_refused_with_its_field_and_creates_nothing(tmp_path, label, text, field):
+    """inf and NaN (`.inf`, `.nan`, or a literal beyond a float's range) used to pass validation: the driver then
+    created the stores and crashed in Optuna's sampler, leaving a sweep that no later `run` could start."""
+    results = tmp_path / "results"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(text + f"results_dir: {results}\n")
+    for command in ("validate", "run"):
+        outcome = CliRunner().invoke(app, [command, str(spec_file)])
+        message = outcome.output.strip()
+        assert outcome.exit_code == 2 and len(message.splitlines()) == 1, message
+        assert f"{spec_file}: {field}: not a finite number" in message, message
+    assert not results.exists()
+
+
+def test_a_spec_file_that_is_not_utf8_text_is_one_line_naming_it(tmp_path):
+    results = tmp_path / "results"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe" + f"results_dir: {results}\n".encode())
+    for command in ("validate", "run"):
+        outcome = CliRunner().invoke(app, [command, str(spec_file)])
+        message = outcome.output.strip()
+        assert outcome.exit_code == 2 and len(message.splitlines()) == 1, message
+        assert f"{spec_file}: not UTF-8 text" in message, message
+    assert not results.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]

@@ -95,7 +95,7 @@ def test_baseline_arm_and_seeds(ray_session, tmp_path):
         assert sorted(run.data.tags["teachsweep.seed"] for run in seeds) == ["0", "1"]
         for run in seeds:  # every accuracy in MLflow carries its Wilson interval over the evaluation examples
             m = run.data.metrics
-            assert (m["teacher/best_val_acc_ci_low"], m["teacher/best_val_acc_ci_high"]) == pytest.approx(
+            assert (m["teacher/best_val_acc_wilson_low"], m["teacher/best_val_acc_wilson_high"]) == pytest.approx(
                 wilson_interval(m["teacher/best_val_acc"], int(m["examples/val"]))
             )
     study = optuna.load_study(study_name="seeded", storage=paths_for(spec).optuna_url)

@@ -44,18 +44,14 @@ def print_outcome(outcome) -> None:
     varying = sorted({k for r in outcome.trials for k in r["params"]
                       if len({str(t["params"].get(k)) for t in outcome.trials}) > 1} - {"variant", "task"})  # fmt: skip
     searched = list(spec.space) or varying
+    reported = [m for m in shown if any(m in r["metrics"] for r in outcome.trials)]
     table = Table(title=f"sweep {spec.name}: {len(outcome.trials)} trials in {outcome.seconds:.0f} s",
-                  caption="(low, high): 95% interval: Student-t over seeds, the job's bootstrap over test points, or "
-                  "Wilson over the evaluation examples")  # fmt: skip
-    for column in [
-        "trial",
-        "arm/label",
-        *searched,
-        *[m for m in shown if any(m in r["metrics"] for r in outcome.trials)],
-    ]:
+                  caption=interval_caption([r["metrics"] for r in outcome.trials], reported),
+                  caption_justify="left")  # fmt: skip
+    for column in ["trial", "arm/label", *searched, *reported]:
         table.add_column(column)
     for row in outcome.trials:
-        metrics = [with_interval(row["metrics"], m) for m in shown if any(m in r["metrics"] for r in outcome.trials)]
+        metrics = [with_interval(row["metrics"], m) for m in reported]
         params = [short(row["params"].get(k, "")) for k in searched]
         table.add_row(
             row["trial_id"], row["label"] if row["status"] == "OK" else f"{row['label']} FAILED", *params, *metrics
@@ -83,6 +79,8 @@ def print_outcome(outcome) -> None:
                 f"[{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]", f"{c['p_value']:.3g}", str(c["n_seeds"]),
             )  # fmt: skip
         console.print(compare)
+    for sentence in JOBS[spec.job].uncompared(merge_seed_trials(outcome.trials)):
+        console.print(f"not compared: {sentence}", soft_wrap=True, highlight=False)
     if outcome.seed_summaries:
         console.print(seed_summary_table(outcome.seed_summaries))
     for best in outcome.best:
@@ -103,7 +101,18 @@ def with_interval(metrics: dict, metric: str) -> str:
     from teachsweep.metrics import interval_of
 
     own = interval_of(metrics, metric)
-    return f"{own[0]:.4g} ({own[1]:.3g}, {own[2]:.3g})" if own else short(metrics.get(metric, ""))
+    return f"{own.point:.4g} ({own.low:.3g}, {own.high:.3g})" if own else short(metrics.get(metric, ""))
+
+
+def interval_caption(rows_metrics: list[dict], metrics: list[str]) -> str:
+    """What each column's (low, high) was computed by and on, one line per metric; or that it has none."""
+    from teachsweep.metrics import interval_labels
+
+    lines = []
+    for metric in metrics:
+        labels = interval_labels(rows_metrics, metric)
+        lines.append(f"{metric} (low, high): {' or '.join(labels)}" if labels else f"{metric}: no interval")
+    return "\n".join(lines)
 
 
 def print_verdict(spec, rows: list[dict]) -> None:
@@ -132,22 +141,45 @@ def seed_summary_table(rows: list[dict]) -> Table:
     return table
 
 
+RESULTS_DIR_ENV = "TEACHSWEEP_RESULTS_DIR"  # the results directory of specs that set none (cluster/submit.sh)
+
+
+def results_dir_for(own: str | None, flag: str | None) -> str | None:
+    """The results directory a run uses: --results-dir, else the spec's own, else $TEACHSWEEP_RESULTS_DIR; None
+    keeps the spec's default."""
+    import os
+
+    return flag or own or os.environ.get(RESULTS_DIR_ENV) or None
+
+
+def with_results_dir(spec, flag: str | None):
+    own = spec.results_dir if "results_dir" in spec.model_fields_set else None
+    chosen = results_dir_for(own, flag)
+    return spec.model_copy(update={"results_dir": chosen}) if chosen else spec
+
+
 @app.command()
-def run(spec_file: Path = typer.Argument(..., help="a sweep spec or a pipeline of them (YAML)")) -> None:
+def run(
+    spec_file: Path = typer.Argument(..., help="a sweep spec or a pipeline of them (YAML)"),
+    results_dir: str | None = typer.Option(
+        None, "--results-dir", help=f"replaces the spec's results_dir (default: the spec's, else ${RESULTS_DIR_ENV})"
+    ),
+) -> None:
     """Run (or resume) the sweep described by SPEC_FILE and print a table of its trials and the best one; a
     pipeline file (`stages:`) runs its stages in order, skipping the finished ones."""
     from teachsweep.pipeline import is_pipeline
-    from teachsweep.spec import SpecError, load_spec
+    from teachsweep.spec import SpecError, parse_spec, read_spec_file
 
-    if spec_file.is_file() and is_pipeline(spec_file.read_text()):
-        run_pipeline_file(spec_file)
-        return
     try:
-        spec = load_spec(spec_file)
+        text = read_spec_file(spec_file)
+        if is_pipeline(text):
+            run_pipeline_file(spec_file, text, results_dir)
+            return
+        spec = with_results_dir(parse_spec(text, where=f"{spec_file}: "), results_dir)
         from teachsweep.progress import Progress
         from teachsweep.sweep import run_sweep
 
-        outcome = run_sweep(spec, spec_file.read_text(), callbacks=[Progress(spec.metric_names)])
+        outcome = run_sweep(spec, text, callbacks=[Progress(spec.metric_names)], where=f"{spec_file}: ")
     except SpecError as error:
         fail(str(error))
     print_outcome(outcome)
@@ -155,12 +187,9 @@ def run(spec_file: Path = typer.Argument(..., help="a sweep spec or a pipeline o
         raise typer.Exit(1)
 
 
-def run_pipeline_file(spec_file: Path) -> None:
+def run_pipeline_file(spec_file: Path, text: str, results_dir: str | None = None) -> None:
     from teachsweep.pipeline import parse_pipeline, run_pipeline
     from teachsweep.progress import Progress
-    from teachsweep.spec import SpecError
-
-    text = spec_file.read_text()
 
     def on_stage(stage, outcome) -> None:
         if outcome is None:
@@ -169,15 +198,26 @@ def run_pipeline_file(spec_file: Path) -> None:
             console.print(f"[bold]stage {stage.index} {stage.name}[/]")
             print_outcome(outcome)
 
-    try:
-        pipeline = parse_pipeline(text, where=f"{spec_file}: ")
-        outcomes = run_pipeline(pipeline, text, lambda spec: [Progress(spec.metric_names)], on_stage)
-    except SpecError as error:
-        fail(str(error))
+    pipeline = pipeline_with_results_dir(parse_pipeline(text, where=f"{spec_file}: "), text, results_dir)
+    outcomes = run_pipeline(pipeline, text, lambda spec: [Progress(spec.metric_names)], on_stage, f"{spec_file}: ")
     if any(row["status"] != "OK" for outcome in outcomes for row in outcome.trials):
         raise typer.Exit(1)
     for stage in pipeline.stages:
         print_teacher_effect(stage.name, stage.raw.get("results_dir", pipeline.results_dir))
+
+
+def pipeline_with_results_dir(pipeline, text: str, flag: str | None):
+    """The pipeline with run's results directory in every stage that does not name its own (all, with a flag)."""
+    import yaml
+
+    own = yaml.safe_load(text).get("results_dir")
+    pipeline.results_dir = results_dir_for(own, flag) or pipeline.results_dir
+    for stage in pipeline.stages:
+        chosen = results_dir_for(stage.raw.get("results_dir"), flag)
+        if chosen:
+            stage.raw["results_dir"] = chosen
+            stage.spec = stage.spec.model_copy(update={"results_dir": chosen})
+    return pipeline
 
 
 def print_teacher_effect(name: str, results_dir: str) -> None:
@@ -205,24 +245,24 @@ def print_teacher_effect(name: str, results_dir: str) -> None:
 @app.command()
 def validate(spec_file: Path = typer.Argument(..., help="a sweep spec or pipeline (YAML)")) -> None:
     """Check a spec without running anything."""
-    from teachsweep.pipeline import is_pipeline, parse_pipeline
-    from teachsweep.spec import SpecError, load_spec
+    from teachsweep import preflight
+    from teachsweep.pipeline import check_pipeline, is_pipeline, parse_pipeline
+    from teachsweep.plan import fixed_trials
+    from teachsweep.spec import SpecError, parse_spec, read_spec_file
 
-    if spec_file.is_file() and is_pipeline(spec_file.read_text()):
-        try:
-            pipeline = parse_pipeline(spec_file.read_text(), where=f"{spec_file}: ")
-        except SpecError as error:
-            fail(str(error))
-        console.print(
-            f"{spec_file}: ok (pipeline {pipeline.name}: stages {', '.join(s.name for s in pipeline.stages)})"
-        )
-        return
+    where = f"{spec_file}: "
     try:
-        spec = load_spec(spec_file)
+        text = read_spec_file(spec_file)
+        if is_pipeline(text):
+            pipeline = parse_pipeline(text, where)
+            check_pipeline(pipeline, where)
+            console.print(f"{spec_file}: ok (pipeline {pipeline.name}: stages "
+                          f"{', '.join(s.name for s in pipeline.stages)})")  # fmt: skip
+            return
+        spec = parse_spec(text, where)
+        preflight.check_spec(spec, where)
     except SpecError as error:
         fail(str(error))
-    from teachsweep.plan import fixed_trials
-
     searched = spec.num_samples if spec.space else 0
     console.print(f"{spec_file}: ok (job {spec.job}: {len(fixed_trials(spec))} fixed trials, {searched} searched)")
 
@@ -250,7 +290,8 @@ def resume(name: str, results_dir: str = RESULTS_OPTION) -> None:
     sweep = open_or_fail(name, results_dir)
     spec = sweep.spec.model_copy(update={"results_dir": str(Path(results_dir))})
     try:
-        outcome = run_sweep(spec, sweep.spec_text, callbacks=[Progress(spec.metric_names)])
+        outcome = run_sweep(spec, sweep.spec_text, callbacks=[Progress(spec.metric_names)],
+                            where=f"{sweep.directory / 'spec.yaml'}: ")  # fmt: skip
     except SpecError as error:
         fail(str(error))
     print_outcome(outcome)
@@ -269,7 +310,7 @@ def list_command(results_dir: str = RESULTS_OPTION) -> None:
         st = status(sweep)
         stage = f"{sweep.spec.pipeline} #{sweep.spec.stage}" if sweep.spec.pipeline else ""
         table.add_row(name, stage, sweep.spec.job, st["sweep_status"], str(st["finished"]), str(st["failed"]),
-                      str(st["planned"]), f"{st['elapsed_s']:.0f} s")  # fmt: skip
+                      str(st["planned"] or "?"), f"{st['elapsed_s']:.0f} s")  # fmt: skip
     console.print(table)
 
 
@@ -359,40 +400,50 @@ def export(
             "objectives": [o.model_dump() for o in sweep.spec.objectives]}  # fmt: skip
     (out / "best_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     console.print(f"best {front[0]['values']}  MLflow run {run_id}")
-    console.print("checkpoint: none (jobs do not save checkpoints yet)")
+    console.print(teacher_line(sweep, run_id), soft_wrap=True, highlight=False)
     console.print(f"job config: {out / 'best_config.yaml'}\nspec:       {out / 'best_spec.yaml'}"
                   f"  (run it: teachsweep run {out / 'best_spec.yaml'})")  # fmt: skip
+
+
+def teacher_line(sweep, run_id: str) -> str:
+    """Where the best trial's saved teacher is, by the reference a scaffold or explain sweep takes."""
+    from mlflow.tracking import MlflowClient
+
+    from teachsweep.references import MLFLOW
+    from teachsweep.results import saved_teacher
+
+    if not JOBS[sweep.spec.job].saves_teacher:
+        return f"checkpoint: none (job '{sweep.spec.job}' saves no teacher)"
+    teacher = saved_teacher(sweep, run_id)
+    if teacher is None:
+        return f"checkpoint: none (the best trial's run {run_id} holds no model.pt and config.json)"
+    artifacts = MlflowClient(sweep.tracking_uri).get_run(teacher).info.artifact_uri
+    return (
+        f'teacher: {MLFLOW}{teacher}  (model.pt and config.json in {artifacts}; give `teacher: "{MLFLOW}'
+        f'{teacher}"` to a scaffold or explain sweep on the tracking store {sweep.tracking_uri})'
+    )
 
 
 @app.command()
 def ui(
     name: str,
     results_dir: str = RESULTS_OPTION,
-    port: int = typer.Option(5000, help="MLflow UI port; optuna-dashboard uses port + 1"),
+    port: int | None = typer.Option(
+        None, help="MLflow UI port (default: 5000, or the next free one); optuna-dashboard uses port + 1"
+    ),
 ) -> None:
-    """Start the MLflow UI and optuna-dashboard on this sweep's stores, on 127.0.0.1, and print the URLs."""
-    import shutil
-    import subprocess
-
-    from teachsweep.results import ui_urls
+    """Start the MLflow UI and optuna-dashboard on this sweep's stores, on 127.0.0.1; print the pages once they
+    answer. Ctrl-C, SIGTERM or SIGHUP stops both."""
+    from teachsweep import ui as servers
 
     sweep = open_or_fail(name, results_dir)
-    bin_dir = Path(sys.executable).parent
-    commands = [[str(bin_dir / "mlflow"), "ui", "--backend-store-uri", sweep.tracking_uri, "--host", "127.0.0.1",
-                 "--port", str(port)]]  # fmt: skip
-    dashboard = shutil.which("optuna-dashboard", path=str(bin_dir)) or shutil.which("optuna-dashboard")
-    if sweep.spec.space and dashboard:
-        commands.append([dashboard, sweep.optuna_url, "--host", "127.0.0.1", "--port", str(port + 1)])
-    processes = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in commands]
-    for page, url in ui_urls(sweep, port=port).items():
-        console.print(f"{page + ':':8} {url}", soft_wrap=True, highlight=False)
-    console.print("Ctrl-C stops both.")
     try:
-        for process in processes:
-            process.wait()
-    except KeyboardInterrupt:
-        for process in processes:
-            process.terminate()
+        servers.serve(sweep, port, lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False))
+    except servers.PortInUse as error:
+        fail(escape(str(error)))
+    except servers.ServerFailed as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 @bench_app.command("overhead")

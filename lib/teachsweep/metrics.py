@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import statistics
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -186,10 +186,30 @@ def convergence_comparison(
 
 # ------------------------------------------------------------------------------- one trial's uncertainty
 
-WILSON_METHOD = "Wilson score 95% over evaluation examples"
-POINTS_METHOD = "bootstrap 95% over test points"
+STUDENT_T = "Student-t 95%"
+WILSON = "Wilson score 95%"
+BOOTSTRAP = "bootstrap 95%"
 MOVER_METHOD = "difference of independent 95% intervals (MOVER, Newcombe)"
 PROPORTION = re.compile(r"(^|/)(\w*_)?acc(_|$)|^(agreement|simulability)/")
+SPLITS = {"val": "validation", "test": "test"}
+
+
+class Interval(NamedTuple):
+    """A 95% interval with what it was computed by and on."""
+
+    point: float
+    low: float
+    high: float
+    label: str  # the method over what it ran on, e.g. "Wilson score 95% over 300 validation examples"
+    method: str
+    split: str | None  # "validation", "test", or None where the metric's name does not say
+
+
+def split_of(metric: str) -> str | None:
+    """The evaluation split a metric was measured on, from its name: `teacher/best_val_acc` -> validation,
+    `teacher/test_acc_at_best_val` -> test; None for anything else (RL returns, losses)."""
+    name = metric.rsplit("/", 1)[-1].removeprefix("best_")
+    return next((split for prefix, split in SPLITS.items() if name.startswith(prefix)), None)
 
 
 def wilson_interval(proportion: float, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -207,32 +227,48 @@ def wilson_interval(proportion: float, n: int, level: float = 0.95) -> tuple[flo
 def examples_metric(metric: str) -> str | None:
     """The count a proportion metric was measured on: `examples/val` for validation scores (best_val included),
     `examples/test` for test scores; None when the metric is not a proportion of examples."""
-    if not PROPORTION.search(metric):
+    split = split_of(metric)
+    if not PROPORTION.search(metric) or split is None:
         return None
-    split = metric.rsplit("/", 1)[-1].removeprefix("best_")
-    if split.startswith("val"):
-        return "examples/val"
-    return "examples/test" if split.startswith("test") else None
+    return "examples/val" if split == "validation" else "examples/test"
 
 
-def interval_of(metrics: dict[str, float], metric: str) -> tuple[float, float, float, str] | None:
-    """(point, low, high, method) of one trial's `metric`: the Student-t interval over its seeds when it ran
-    several; else the job's own interval over test points (`<metric>_ci_low/high`); else a Wilson interval when
-    the metric is a proportion of a known number of examples. None when nothing says how uncertain it is."""
+def is_wilson(metrics: dict[str, float], metric: str, low: float, high: float) -> bool:
+    """Whether (low, high) is the Wilson interval of `metric` on its examples: runs logged before the Wilson bounds
+    had keys of their own stored them as `<metric>_ci_low/_ci_high`, the keys of a job's own interval."""
+    count = examples_metric(metric)
+    if not count or count not in metrics:
+        return False
+    return bool(np.allclose((low, high), wilson_interval(float(metrics[metric]), int(metrics[count])), atol=1e-9))
+
+
+def interval_of(metrics: dict[str, float], metric: str) -> Interval | None:
+    """One trial's `metric` with its 95% interval: Student-t over its seeds when it ran several; else the job's own
+    interval over test points (`<metric>_ci_low/high`, SMaT's bootstrap); else, for a proportion of a known number
+    of examples, the Wilson interval that `with_intervals` logs. None when nothing says how uncertain it is."""
+    split = split_of(metric)
     seeds = per_seed(metrics, metric)
     if len(seeds) >= 2:
         low, high = t_interval(seeds.values())
-        return statistics.fmean(seeds.values()), low, high, T_METHOD
+        over = f"{len(seeds)} seeds" + (f" ({split} split)" if split else "")
+        return Interval(statistics.fmean(seeds.values()), low, high, f"{STUDENT_T} over {over}", STUDENT_T, split)
     if metric not in metrics:
         return None
-    point = float(metrics[metric])
-    if f"{metric}_ci_low" in metrics and f"{metric}_ci_high" in metrics:
-        return point, float(metrics[f"{metric}_ci_low"]), float(metrics[f"{metric}_ci_high"]), POINTS_METHOD
-    count = examples_metric(metric)
+    point, count = float(metrics[metric]), examples_metric(metric)
+    own = metrics.get(f"{metric}_ci_low"), metrics.get(f"{metric}_ci_high")
+    if None not in own and not is_wilson(metrics, metric, *own):
+        points = f"{split} points" if split else "its evaluation points"
+        return Interval(point, float(own[0]), float(own[1]), f"{BOOTSTRAP} over {points}", BOOTSTRAP, split)
     if count and count in metrics and 0 <= point <= 1:
-        low, high = wilson_interval(point, int(metrics[count]))
-        return point, low, high, WILSON_METHOD
+        n = int(metrics[count])
+        low, high = wilson_interval(point, n)
+        return Interval(point, low, high, f"{WILSON} over {n} {split} examples", WILSON, split)
     return None
+
+
+def interval_labels(rows_metrics: list[dict[str, float]], metric: str) -> list[str]:
+    """The distinct labels of `metric`'s intervals over several trials' metrics (empty: none has one)."""
+    return list(dict.fromkeys(own.label for m in rows_metrics if (own := interval_of(m, metric)) is not None))
 
 
 def mover_difference(a: tuple[float, float, float], b: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -259,13 +295,15 @@ def compare_to_best(best: dict[str, Any], other: dict[str, Any], metric: str) ->
 
 
 def with_intervals(metrics: dict[str, float]) -> dict[str, float]:
-    """`metrics` plus `<metric>_ci_low/_ci_high` (Wilson score 95%) for each proportion measured on a known number
-    of examples that has no interval yet: what a run logs so that MLflow shows how uncertain each accuracy is."""
+    """`metrics` plus `<metric>_wilson_low/_wilson_high` for each proportion measured on a known number of examples
+    (`examples/val` or `examples/test`, the split in the metric's name) that has no interval of the job's own: what
+    a run logs so that MLflow shows how uncertain each accuracy is, and by which method."""
     out = dict(metrics)
     for metric, value in metrics.items():
         count = examples_metric(metric)
         if count and count in metrics and f"{metric}_ci_low" not in metrics and 0 <= value <= 1:
-            out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = wilson_interval(float(value), int(metrics[count]))
+            low, high = wilson_interval(float(value), int(metrics[count]))
+            out[f"{metric}_wilson_low"], out[f"{metric}_wilson_high"] = low, high
     return out
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from teachsweep import preflight
 from teachsweep.spec import NAME_RE, SpecError, SweepSpec, parse_spec
 
 PIPELINE_KEYS = {"pipeline", "description", "results_dir", "tracking_uri", "stages"}
@@ -31,6 +32,7 @@ class Stage:
     name: str
     text: str  # the stage's own spec, as YAML (what its results directory keeps)
     raw: dict[str, Any]
+    spec: SweepSpec
 
 
 @dataclass
@@ -53,9 +55,8 @@ def is_pipeline(text: str) -> bool:
 
 
 def parse_pipeline(text: str, where: str = "") -> Pipeline:
-    """The pipeline's stages, each validated as a sweep spec: references to earlier stages that have not
-    finished yet are checked as far as they can be (the stage exists before and runs a job that saves teachers);
-    the rest, completely."""
+    """The pipeline's stages, each parsed and validated as a sweep spec (pure, like parse_spec: the references
+    between stages are checked by check_pipeline)."""
     raw = yaml.safe_load(text)
     unknown = sorted(set(raw) - PIPELINE_KEYS)
     if unknown:
@@ -66,7 +67,7 @@ def parse_pipeline(text: str, where: str = "") -> Pipeline:
     if not isinstance(raw["stages"], list) or not raw["stages"]:
         raise SpecError(f"{where}stages: a non-empty list of sweep specs")
     shared = {k: raw[k] for k in ("results_dir", "tracking_uri") if k in raw}
-    stages, pending = [], {}
+    stages = []
     for index, body in enumerate(raw["stages"]):
         if not isinstance(body, dict):
             raise SpecError(f"{where}stages[{index}]: a sweep spec (a mapping)")
@@ -76,11 +77,19 @@ def parse_pipeline(text: str, where: str = "") -> Pipeline:
             raise SpecError(f"{where}stages[{index}].name: '{stage_name}' is taken (stage names must be distinct "
                             "and differ from the pipeline's)")  # fmt: skip
         stage_text = yaml.safe_dump(stage_raw, sort_keys=False)
-        spec = parse_spec(stage_text, where=f"{where}stages[{index}].", pending=pending)
-        stages.append(Stage(index, spec.name, stage_text, stage_raw))
-        if not stage_finished(spec):
-            pending[spec.name] = spec.job
+        spec = parse_spec(stage_text, where=f"{where}stages[{index}].")
+        stages.append(Stage(index, spec.name, stage_text, stage_raw, spec))
     return Pipeline(name, stages, shared.get("results_dir", "teachsweep-results"))
+
+
+def check_pipeline(pipeline: Pipeline, where: str = "") -> None:
+    """The preflight of every stage: references to earlier stages that have not finished yet are checked as far
+    as they can be (the stage exists before and runs a job that saves teachers); the rest, completely."""
+    pending: dict[str, str] = {}
+    for stage in pipeline.stages:
+        preflight.check_spec(stage.spec, where=f"{where}stages[{stage.index}].", pending=pending)
+        if not stage_finished(stage.spec):
+            pending[stage.spec.name] = stage.spec.job
 
 
 def stage_finished(spec: SweepSpec) -> bool:
@@ -117,23 +126,26 @@ def pipeline_run(pipeline: Pipeline, spec: SweepSpec, text: str) -> str:
     return run_id
 
 
-def run_pipeline(pipeline: Pipeline, text: str, callbacks_for=None, on_stage=None) -> list:
-    """Run (or resume) the stages in order; returns the outcomes of the stages run now. `callbacks_for(spec)`
-    gives Tune callbacks per stage; `on_stage(stage, outcome or None)` hears each stage end (None: skipped)."""
+def run_pipeline(pipeline: Pipeline, text: str, callbacks_for=None, on_stage=None, where: str = "") -> list:
+    """Check every stage, then run (or resume) them in order; returns the outcomes of the stages run now.
+    `callbacks_for(spec)` gives Tune callbacks per stage; `on_stage(stage, outcome or None)` hears each stage end
+    (None: skipped); `where` prefixes refusals (the pipeline file)."""
     from teachsweep import tracking
     from teachsweep.spec import tracking_uri_of
     from teachsweep.sweep import run_sweep
 
+    check_pipeline(pipeline, where)
     outcomes, run_id = [], None
     for stage in pipeline.stages:
-        # Validated again now that every earlier stage has finished: `sweep:<stage>/each` expands here.
-        spec = parse_spec(stage.text, where=f"{pipeline.name}.stages[{stage.index}].")
+        spec = stage.spec
         if stage_finished(spec):
             if on_stage:
                 on_stage(stage, None)
             continue
         run_id = run_id or pipeline_run(pipeline, spec, text)
-        outcome = run_sweep(spec, stage.text, callbacks_for(spec) if callbacks_for else None, pipeline_run_id=run_id)
+        # checked again by run_sweep now that every earlier stage has finished: `sweep:<stage>/each` expands here
+        outcome = run_sweep(spec, stage.text, callbacks_for(spec) if callbacks_for else None, pipeline_run_id=run_id,
+                            where=f"{where}stages[{stage.index}].")  # fmt: skip
         outcomes.append(outcome)
         if on_stage:
             on_stage(stage, outcome)
@@ -141,6 +153,5 @@ def run_pipeline(pipeline: Pipeline, text: str, callbacks_for=None, on_stage=Non
             break  # later stages would read teachers this one did not make
     else:
         if run_id is not None:
-            spec = parse_spec(pipeline.stages[-1].text)
-            tracking.finish_run(tracking.client_for(tracking_uri_of(spec)), run_id)
+            tracking.finish_run(tracking.client_for(tracking_uri_of(pipeline.stages[-1].spec)), run_id)
     return outcomes

@@ -4,6 +4,7 @@ the searched trials come from the Optuna study (search.py)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from teachsweep import references
@@ -18,6 +19,11 @@ def fixed_trials(spec: SweepSpec) -> list[dict[str, Any]]:
     if spec.space or len(spec.seeds) == 1:
         return trials
     return [{**trial, "seed": seed} for seed in spec.seeds for trial in trials]  # seed-major: mixes costs
+
+
+def planned_count(spec: SweepSpec) -> int:
+    """How many trials the sweep runs: its fixed trials and, for a search, its Optuna samples."""
+    return len(fixed_trials(spec)) + (spec.num_samples if spec.space else 0)
 
 
 def arm_plan(spec: SweepSpec) -> ArmPlan:
@@ -52,21 +58,45 @@ def teacher_choices(
 
 
 def unseeded_fixed_trials(spec: SweepSpec, pending: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """Each variant's trial and the job's fixed arms beside it; fixed arms whose configs are equal (LoT's
+    teacher-only arms of variants that differ only in LoT's own fields) are one trial, for every variant."""
     job = JOBS[spec.job]
     overlays = spec.variants.items() if spec.variants else [("", {})]
-    trials = []
+    planned: list[dict[str, Any] | str] = []  # trials, and in their place the key of each distinct fixed arm
+    arms: dict[str, tuple[dict[str, Any], list[str]]] = {}  # key: (the arm's trial, the variants it stands for)
     for name, overlay in overlays:
         tag = {"variant": name} if name else {}
         for suffix, teacher in teacher_choices(spec, name, overlay, pending) if spec.variants else [("", {})]:
             config = {**spec.config, **overlay, **teacher}
             if spec.variants:
                 arm = config.get("arm", job.default_arm) if job.default_arm else None
-                trials.append({"label": (f"{name}-{arm}" if arm else name) + suffix, **tag, **overlay, **teacher})
+                planned.append({"label": (f"{name}-{arm}" if arm else name) + suffix, **tag, **overlay, **teacher})
             if spec.baseline is not None:
                 for arm in job.fixed_arms(config, arm_plan(spec)):
-                    label = (f"{name}-{arm.pop('label')}" if name else arm.pop("label")) + suffix
-                    trials.append({"label": label, **tag, **overlay, **teacher, **arm})
-    return trials
+                    trial = {"label": arm.pop("label") + suffix, **tag, **overlay, **teacher, **arm}
+                    key = config_key(spec, trial)
+                    if key not in arms:
+                        arms[key] = (trial, [])
+                        planned.append(key)
+                    arms[key][1].append(name)
+    return [shared_arm(*arms[p], list(spec.variants)) if isinstance(p, str) else p for p in planned]
+
+
+def config_key(spec: SweepSpec, trial: dict[str, Any]) -> str:
+    """The job config a fixed trial runs, as a comparable string."""
+    config = {**spec.config, **{k: v for k, v in trial.items() if k not in ("label", "variant")}}
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def shared_arm(trial: dict[str, Any], variants: list[str], all_variants: list[str]) -> dict[str, Any]:
+    """A fixed arm labelled by the variant it stands for; one that several variants share belongs to none of them
+    and is labelled by them all ('a03+a10-teacher_only'), or by none when it stands for every variant."""
+    if len(variants) == 1:
+        return trial | {"label": f"{variants[0]}-{trial['label']}" if variants[0] else trial["label"]}
+    unshared = {k: v for k, v in trial.items() if k != "variant"}
+    if len(set(variants)) == len(all_variants):
+        return unshared
+    return unshared | {"label": f"{'+'.join(dict.fromkeys(variants))}-{trial['label']}"}
 
 
 def planned_configs(spec: SweepSpec, pending: set[str] = frozenset()) -> list[tuple[str, dict[str, Any], set[str]]]:

@@ -27,6 +27,7 @@ from teachsweep.jobs import JOBS
 from teachsweep.metrics import (
     PAIRED_METHOD,
     T_METHOD,
+    interval_labels,
     interval_of,
     per_seed,
     seed_summaries,
@@ -69,7 +70,7 @@ def value_and_error(row: dict[str, Any], metric: str) -> tuple[float, float, flo
     """(point, lower error, upper error) of a trial's metric for error bars (zero errors without an interval)."""
     own = interval_of(row["metrics"], metric)
     if own is not None:
-        return own[0], own[0] - own[1], own[2] - own[0]
+        return own.point, own.point - own.low, own.high - own.point
     seeds = per_seed(row["metrics"], metric)
     value = statistics.fmean(seeds.values()) if seeds else row["metrics"].get(metric)
     return None if value is None else (float(value), 0.0, 0.0)
@@ -118,8 +119,8 @@ def objective_vs_parameters(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Fi
 
 
 def interval_words(rows: list[dict[str, Any]], metric: str) -> str:
-    methods = {own[3] for r in rows if (own := interval_of(r["metrics"], metric)) is not None}
-    return "; ".join(sorted(methods)) if methods else "none known: single measurements"
+    labels = interval_labels([r["metrics"] for r in rows], metric)
+    return "; ".join(labels) if labels else "none known: single measurements"
 
 
 def alpha_n_map(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
@@ -391,8 +392,8 @@ def trials_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
         own = interval_of(r["metrics"], metric)
         value = value_and_error(r, metric)
         cells = [r["trial_id"], r["label"], *[r["params"].get(k, "") for k in searched],
-                 f"{value[0]:.4g}" if value else "", f"({own[1]:.4g}, {own[2]:.4g})" if own else "",
-                 own[3] if own else "", seeds_of(r, metric)]  # fmt: skip
+                 f"{value[0]:.4g}" if value else "", f"({own.low:.4g}, {own.high:.4g})" if own else "",
+                 own.label if own else "no interval", seeds_of(r, metric)]  # fmt: skip
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return f"<h2>Trials</h2><table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -412,12 +413,24 @@ def comparisons_table(comparisons: list[dict[str, Any]]) -> str:
     return f"<p>{html.escape(PAIRED_METHOD)}</p><table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def not_compared(sentences: list[str]) -> str:
+    """The comparisons that could not be made, each with its reason."""
+    if not sentences:
+        return ""
+    return "<p>Not compared:</p><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>"
+
+
 def build_report(sweep: Sweep) -> str:
     spec = sweep.spec
     job = JOBS[spec.job]
     rows = trial_rows(sweep)
     metrics = list(dict.fromkeys(spec.metric_names + job.scores))
-    comparisons = job.compare(rows, metrics)
+    comparisons, uncompared = job.compare(rows, metrics), job.uncompared(rows)
+    comparison_section = (
+        "<h2>Comparisons</h2>" + comparisons_table(comparisons) + not_compared(uncompared)
+        if comparisons or uncompared
+        else ""
+    )
     summaries = seed_summaries(rows, metrics, job.reference_arm)
     figures: list[Figure] = []
     for make in (objective_vs_parameters, alpha_n_map, pareto_figure, learning_curves, rl_return_curves,
@@ -437,13 +450,14 @@ def build_report(sweep: Sweep) -> str:
 · seeds {html.escape(str(spec.seeds))} · MLflow parent run <code>{html.escape(str(sweep.parent_run_id))}</code></p>
 <div class="verdict"><b>Verdict</b><ul>{lines}</ul></div>
 {"".join(f.html() for f in figures)}
-{"<h2>Comparisons</h2>" + comparisons_table(comparisons) if comparisons else ""}
+{comparison_section}
 {teacher_effect_table(*chained) if chained else ""}
 {trials_table(sweep, rows)}
 <p style="font-size:.8em;color:#666">Intervals: {html.escape(T_METHOD)} when a trial ran several seeds; else the
-job's interval over test points, or a Wilson score interval over the evaluation examples for accuracies and
-agreements; differences between trials are paired by seed when both ran the same seeds, else combined from
-their two intervals (MOVER).</p></body></html>"""
+job's own interval over test points (SMaT's bootstrap), or a Wilson score interval over the evaluation examples of
+the metric's split for accuracies and agreements; each caption and table names the one it shows; differences
+between trials are paired by seed when both ran the same seeds, else combined from their two intervals
+(MOVER).</p></body></html>"""
 
 
 def write_report(sweep: Sweep) -> Path:

@@ -4,14 +4,18 @@ for notebooks. Everything is found from the sweep's name and its results directo
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from teachsweep import references
+from teachsweep.plan import planned_count
 from teachsweep.spec import SpecError, SweepSpec, parse_spec
 
 DEFAULT_RESULTS = "teachsweep-results"
+PLANNED_FILE = "planned_trials"  # in the sweep's directory: how many trials its run planned
 
 
 @dataclass
@@ -28,13 +32,20 @@ class Sweep:
         return f"sqlite:///{self.directory / 'optuna.db'}"
 
     @property
-    def planned_trials(self) -> int:
-        from teachsweep.plan import fixed_trials
-
-        return len(fixed_trials(self.spec)) + (self.spec.num_samples if self.spec.space else 0)
+    def planned_trials(self) -> int | None:
+        """As the run counted them (planning again would look for the sweeps its teachers came from); None for a
+        sweep recorded before the count was kept whose teachers' sweep is gone."""
+        recorded = self.directory / PLANNED_FILE
+        if recorded.is_file():
+            return int(recorded.read_text())
+        try:
+            return planned_count(self.spec)
+        except references.ReferenceError:
+            return None
 
 
 def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
+    """The sweep NAME from its results directory: its own files and tracking store only (no preflight)."""
     directory = Path(results_dir).expanduser().resolve() / name
     spec_file = directory / "spec.yaml"
     if not spec_file.is_file():
@@ -62,6 +73,26 @@ def latest_parent_run(uri: str, spec: SweepSpec) -> str | None:
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+def open_logged_sweep(name: str, tracking_uri: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
+    """A sweep read back from its parent run in a tracking store (the spec it logged there), for a sweep whose
+    results directory is gone: the earlier sweep a finished one took its teachers from, moved away."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.`teachsweep.sweep` = '{name}' and tags.`teachsweep.role` = 'parent'"
+    runs = client.search_runs(experiments, filter_string=query, order_by=["attributes.start_time DESC"],
+                              max_results=1) if experiments else []  # fmt: skip
+    directory = Path(results_dir).expanduser().resolve() / name
+    if not runs:
+        raise SpecError(f"no sweep named '{name}' in {directory.parent} or in {tracking_uri}")
+    run_id = runs[0].info.run_id
+    with tempfile.TemporaryDirectory() as scratch:
+        text = Path(client.download_artifacts(run_id, "spec.yaml", scratch)).read_text()
+    return Sweep(name, directory, parse_spec(text, where=f"spec.yaml of MLflow run {run_id}: "), text, tracking_uri,
+                 run_id)  # fmt: skip
 
 
 def list_sweeps(results_dir: str | Path = DEFAULT_RESULTS) -> list[str]:
@@ -229,6 +260,20 @@ def full_config(sweep: Sweep, run_id: str) -> dict[str, Any]:
     return JOBS[sweep.spec.job].config_class.model_validate(config).model_dump()
 
 
+def saved_teacher(sweep: Sweep, run_id: str) -> str | None:
+    """The MLflow run holding the teacher (model.pt and config.json) that the trial of run `run_id` saved: the
+    run itself, or for a trial that ran several seeds its first seed's run; None when it saved none."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sweep.tracking_uri)
+    trial = client.get_run(run_id).data.tags.get("teachsweep.trial_id")
+    teacher = teacher_runs(sweep).get(trial) if trial else None
+    if teacher is None:
+        return None
+    logged = {artifact.path for artifact in client.list_artifacts(teacher)}
+    return teacher if all(name in logged for name in references.CHECKPOINT_FILES) else None
+
+
 def variant_of(label: str, variants: list[str]) -> str:
     """The variant a trial label starts with ('lm' of 'lm-teacher_only-N5'); '' for searched trials."""
     return max((v for v in variants if label == v or label.startswith(f"{v}-")), key=len, default="")
@@ -295,7 +340,10 @@ def teacher_effect(students: Sweep) -> tuple[str, list[dict[str, Any]]] | None:
     if len(names) != 1:
         return None
     (name,) = names
-    teacher_sweep = open_sweep(name, students.directory.parent)
+    try:
+        teacher_sweep = open_sweep(name, students.directory.parent)
+    except SpecError:  # its directory moved away; its runs are in the store the students' teachers came from
+        teacher_sweep = open_logged_sweep(name, students.tracking_uri, students.directory.parent)
     teacher_job = JOBS[teacher_sweep.spec.job]
     teachers, reference = {}, None
     for row in trial_rows(teacher_sweep, merge_seeds=False):
@@ -323,29 +371,110 @@ def teacher_effect(students: Sweep) -> tuple[str, list[dict[str, Any]]] | None:
     return name, by_teacher(teachers, rows, reference or "")
 
 
+def point_of(row: dict[str, Any], metric: str) -> float | None:
+    """A trial's value of `metric`: the mean over its seeds when it ran several."""
+    from teachsweep.metrics import per_seed
+
+    seeds = per_seed(row["metrics"], metric)
+    return statistics.fmean(seeds.values()) if seeds else row["metrics"].get(metric)
+
+
+def with_its_interval(row: dict[str, Any], metric: str) -> str:
+    """'0.73 (0.6771, 0.7771; Wilson score 95% over 300 validation examples)', or the value and '(no interval)'."""
+    from teachsweep.metrics import interval_of
+
+    own = interval_of(row["metrics"], metric)
+    if own is None:
+        return f"{point_of(row, metric):.4g} (no interval)"
+    return f"{own.point:.4g} ({own.low:.4g}, {own.high:.4g}; {own.label})"
+
+
+def noise_of(difference: dict[str, Any]) -> str:
+    return "within noise" if difference["low"] <= 0 <= difference["high"] else "distinguishable"
+
+
+def baselines_of(best: dict[str, Any], rows: list[dict[str, Any]], job) -> list[tuple[str, dict[str, Any] | None]]:
+    """(budget, baseline arm or None where none finished) the best trial is judged against: the job's own matching
+    (LoT: the teacher-only arm of its config at each budget), else the baseline arms of its variant and the job's
+    reference arm (SMaT's `none`)."""
+    if job.matches_baselines:
+        return job.baselines(best, rows)
+    variant = best["params"].get("variant", "")
+    return [("", r) for r in rows if r is not best and is_baseline(r, job)
+            and (r["params"].get("variant", "") == variant or r["label"] == job.reference_arm)]  # fmt: skip
+
+
+def selection_words(best: dict[str, Any], metric: str, job) -> str:
+    """Where the trial was picked: the job's words for its objective's split, else the split in the metric's name."""
+    from teachsweep.metrics import split_of
+
+    split = split_of(metric)
+    where = job.selection_split(best["params"]) or (f"the {split} split" if split else None)
+    return f"; picked on {where}" if where else ""
+
+
+def versus_baselines(
+    best: dict[str, Any], baselines: list[tuple[str, dict[str, Any] | None]], metric: str
+) -> list[str]:
+    """The best against each baseline arm on the objective."""
+    from teachsweep.metrics import compare_to_best
+
+    lines = []
+    for budget, base in baselines:
+        if base is None:
+            lines.append(f"vs its baseline arm at {budget}: none finished that stands for this trial; not compared")
+        elif point_of(base, metric) is None:
+            lines.append(f"vs {base['label']}: it reported no {metric}")
+        elif (c := compare_to_best(best, base, metric)) is None:
+            lines.append(f"vs {base['label']}: {point_of(best, metric) - point_of(base, metric):+.4g} (no interval)")
+        else:
+            lines.append(f"vs {base['label']}: {c['diff']:+.4g} [{c['low']:+.4g}, {c['high']:+.4g}] ({noise_of(c)}; "
+                         f"{c['method']})")  # fmt: skip
+    return lines
+
+
+def held_out(
+    best: dict[str, Any], baselines: list[tuple[str, dict[str, Any] | None]], metric: str, scores: list[str]
+) -> list[str]:
+    """The best and each baseline on the job's first score of record the best reports, which played no part in
+    picking it (the validation score of the best of many trials is biased upwards: the winner's curse)."""
+    from teachsweep.metrics import compare_to_best
+
+    score = next((s for s in scores if point_of(best, s) is not None), None)
+    if score is None:
+        return [f"held out: the best reported none of the scores of record ({', '.join(scores)})"] if scores else []
+    if score == metric:
+        return [f"{metric} is also the score of record: nothing held out checks the pick"]
+    lines = [f"held out, not used to pick the trial: {score}", f"  best {with_its_interval(best, score)}"]
+    for _, base in baselines:
+        value = None if base is None else point_of(base, score)
+        if value is None:
+            continue
+        c = compare_to_best(best, base, score)
+        versus = f"{c['diff']:+.4g} [{c['low']:+.4g}, {c['high']:+.4g}] ({noise_of(c)})" if c else \
+            f"{point_of(best, score) - value:+.4g} (no interval)"  # fmt: skip
+        lines.append(f"  vs {base['label']} {value:.4g}: {versus}")
+    return lines
+
+
 def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
-    """What the sweep found on its first objective, and how sure it is: the best trial with its interval, how many
-    trials are within noise of it (their difference to the best has a 95% interval containing 0), and the best
-    against each baseline arm. Plain sentences, for the end of `run`, `best` and the report."""
+    """What the sweep found on its first objective, and how sure it is: the best trial with its interval and the
+    split that picked it, how many trials are within noise of it (their difference to the best has a 95% interval
+    containing 0), the best against each baseline arm, and then the same on the job's held-out score of record.
+    Plain sentences, for the end of `run`, `best` and the report."""
     from teachsweep.jobs import JOBS
-    from teachsweep.metrics import compare_to_best, interval_of, per_seed
+    from teachsweep.metrics import compare_to_best
 
     metric, mode = spec.metric_names[0], spec.mode_names[0]
     job = JOBS[spec.job]
-
-    def point(row) -> float | None:
-        seeds = per_seed(row["metrics"], metric)
-        return statistics.fmean(seeds.values()) if seeds else row["metrics"].get(metric)
-
-    done = [r for r in rows if r["status"] == "OK" and point(r) is not None]
+    done = [r for r in rows if r["status"] == "OK" and point_of(r, metric) is not None]
     if not done:
         return [f"no finished trial reported {metric}"]
 
     candidates = [r for r in done if not is_baseline(r, job)] or done
-    best = pick_best([(point(r), str(r["trial_id"]), r) for r in candidates], mode)
-    own = interval_of(best["metrics"], metric)
-    shown = f"{own[0]:.4g} ({own[1]:.4g}, {own[2]:.4g}; {own[3]})" if own else f"{point(best):.4g} (no interval)"
-    lines = [f"best on {metric} ({mode}): trial {best['trial_id']} [{best['label']}] {shown}"]
+    best = pick_best([(point_of(r, metric), str(r["trial_id"]), r) for r in candidates], mode)
+    lines = [f"best on {metric} ({mode}{selection_words(best, metric, job)}): trial {best['trial_id']} "
+             f"[{best['label']}] {with_its_interval(best, metric)}"]  # fmt: skip
     variant = best["params"].get("variant", "")
     others = [r for r in candidates if r is not best and r["params"].get("variant", "") == variant]
     if others:
@@ -360,43 +489,15 @@ def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
                          "winner")  # fmt: skip
         else:
             lines.append(f"the best is distinguishable from all {len(known)} other trials ({known[0][1]['method']})")
-    same_variant = [r for r in done if r["params"].get("variant", "") == variant]
-    for base in [r for r in same_variant if is_baseline(r, job) and r is not best]:
-        c = compare_to_best(best, base, metric)
-        if c is None:
-            lines.append(f"vs {base['label']}: {point(best) - point(base):+.4g} (no interval)")
-            continue
-        noise = "within noise" if c["low"] <= 0 <= c["high"] else "distinguishable"
-        lines.append(f"vs {base['label']}: {c['diff']:+.4g} [{c['low']:+.4g}, {c['high']:+.4g}] ({noise}; "
-                     f"{c['method']})")  # fmt: skip
-    return lines
+    baselines = baselines_of(best, rows, job)
+    return lines + versus_baselines(best, baselines, metric) + held_out(best, baselines, metric, job.scores)
 
 
 def ui_urls(sweep: Sweep, host: str = "127.0.0.1", port: int = 5000) -> dict[str, str]:
     """The pages a sweep's user needs in the MLflow UI (on `port`) and optuna-dashboard (on port + 1): the trials
-    in the model-training view, flat (the parent run filtered out) and ordered by the first objective; the parent
-    run's artifacts (the report); the study."""
-    from urllib.parse import quote, urlencode
+    in the model-training view, flat (the parent run filtered out), ordered by the first objective and, once
+    `teachsweep ui` saved the sweep's view, with the objectives, searched parameters and held-out scores as
+    columns; the parent run's report in the model-training view; the study."""
+    from teachsweep.ui import page_urls
 
-    import optuna
-    from mlflow.tracking import MlflowClient
-
-    spec = sweep.spec
-    experiment = MlflowClient(sweep.tracking_uri).get_experiment_by_name(spec.experiment or spec.name)
-    base = f"http://{host}:{port}/#/experiments/{experiment.experiment_id if experiment else ''}"
-    query = urlencode({
-        "workflowType": "machine_learning",
-        "searchFilter": f"tags.`teachsweep.sweep` = '{spec.name}' and tags.`teachsweep.role` = 'trial'",
-        "orderByKey": f"metrics.`{spec.metric_names[0]}`",
-        "orderByAsc": "true" if spec.mode_names[0] == "min" else "false",
-    }, quote_via=quote)  # fmt: skip
-    urls = {"trials": f"{base}/runs?{query}"}
-    if sweep.parent_run_id:
-        urls["report"] = f"{base}/runs/{sweep.parent_run_id}/artifacts/report.html"
-    if spec.space and (sweep.directory / "optuna.db").exists():
-        try:
-            storage = optuna.storages.RDBStorage(sweep.optuna_url)
-            urls["study"] = f"http://{host}:{port + 1}/dashboard/studies/{storage.get_study_id_from_name(spec.name)}"
-        except KeyError:
-            pass
-    return urls
+    return page_urls(sweep, host, port)

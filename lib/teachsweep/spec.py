@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -247,68 +248,23 @@ def tracking_uri_of(spec: SweepSpec) -> str:
     return spec.tracking_uri or default_tracking_uri(Path(spec.results_dir).expanduser())
 
 
-def check_planned_trials(spec: SweepSpec, where: str, pending: dict[str, str] | None = None) -> None:
-    """What used to fail only inside trials, refused before anything exists: each planned config's own checks
-    and teacher references, and objectives that no trial reports (or optimises in the wrong direction).
-    `pending` ({stage name: job}) are earlier stages of a pipeline that have not run yet: references to them are
-    checked when their stage has finished, here only that their job saves teachers."""
-    from teachsweep import references
-    from teachsweep.plan import planned_configs
-
-    job = JOBS[spec.job]
-    uri = None
-    reported: dict[str, str | None] = {}
-    for field in job.teacher_fields:
-        value = spec.config.get(field)
-        if spec.space and isinstance(value, str) and value.startswith(references.SWEEP) and value.endswith("/each"):
-            raise SpecError(f"{where}config.{field}: '/each' fans out one trial per teacher: give it in a grid "
-                            "(variants), not to a search")  # fmt: skip
-    pending = pending or {}
-    for field in job.teacher_fields:
-        for value in [spec.config.get(field)] + [v.get(field) for v in spec.variants.values()]:
-            if isinstance(value, str) and value.startswith(references.SWEEP):
-                name = references.parse_sweep(value, field)[0]
-                if name in pending and not JOBS[pending[name]].saves_teacher:
-                    raise SpecError(f"{where}{field}: stage '{name}' runs job '{pending[name]}', which saves no "
-                                    "teacher")  # fmt: skip
-    try:
-        planned = planned_configs(spec, set(pending))
-    except references.ReferenceError as error:
-        raise SpecError(f"{where}{error}") from None
-    for label, config, overridden in planned:
-        try:
-            job.check(config)
-        except ValueError as error:
-            field = str(error).split(":")[0].split(".")[0]
-            at = label if field in overridden else "config"
-            raise SpecError(f"{where}{at}.{error}" if ":" in str(error) else f"{where}{label}: {error}") from None
-        for field in job.teacher_fields:
-            if field in config:
-                uri = uri or tracking_uri_of(spec)
-                try:
-                    references.check(config[field], field, uri, spec.results_dir, set(pending))
-                except references.ReferenceError as error:
-                    raise SpecError(f"{where}{label if field in overridden else 'config'}.{error}") from None
-        metrics = job.metrics(config)
-        reported |= metrics
-        if label == "config" and spec.space:  # searched trials: Optuna needs every objective from each of them
-            for objective in spec.objectives:
-                if objective.metric not in metrics:
-                    raise SpecError(f"{where}objectives: '{objective.metric}' is never reported by job '{spec.job}' "
-                                    f"with this config (it reports {', '.join(sorted(metrics))})")  # fmt: skip
-    for objective in spec.objectives:
-        if objective.metric not in reported:
-            raise SpecError(f"{where}objectives: '{objective.metric}' is never reported by job '{spec.job}' "
-                            f"(it reports {', '.join(sorted(reported))})")  # fmt: skip
-        direction = reported[objective.metric]
-        if direction is not None and direction != objective.mode:
-            raise SpecError(f"{where}objectives: '{objective.metric}' is better when "
-                            f"{'higher' if direction == 'max' else 'lower'}; mode {objective.mode} would "
-                            f"optimise it the wrong way")  # fmt: skip
+def non_finite_number(value: Any, loc: tuple = ()) -> tuple[tuple, float] | None:
+    """(where, value) of the first number in parsed YAML that is inf or NaN (`.inf`, `.nan`, or a literal beyond a
+    float's range such as 1.0e+400), or None. Pydantic's bounds let them through (inf is above any lower bound)
+    and Optuna's samplers, the jobs and Ray fail on them only once the sweep's stores exist."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return loc, value
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        if found := non_finite_number(child, (*loc, key)):
+            return found
+    return None
 
 
-def parse_spec(text: str, where: str = "", pending: dict[str, str] | None = None) -> SweepSpec:
-    """Parse and validate a spec given as YAML text; `where` prefixes error messages (the file name)."""
+def parse_spec(text: str, where: str = "") -> SweepSpec:
+    """Parse and validate a spec given as YAML text; `where` prefixes error messages (the file name). Pure: the
+    spec, the job's config and nothing outside them (no other sweep, run, checkpoint or store; those are checked
+    by teachsweep.preflight before a sweep runs), so a finished sweep reads back whatever happened to them."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -317,20 +273,33 @@ def parse_spec(text: str, where: str = "", pending: dict[str, str] | None = None
         raise SpecError(f"{where}malformed YAML{line}: {getattr(error, 'problem', error)}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{where}malformed spec: expected a mapping of keys, got {type(raw).__name__}")
+    if found := non_finite_number(raw):
+        loc, value = found
+        raise SpecError(f"{where}{_location(loc)}: not a finite number (got {value})")
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as error:
         raise SpecError(where + _one_line(error)) from None
     validate_job_config(spec, where)
-    check_planned_trials(spec, where, pending)
     return spec
 
 
-def load_spec(path: str | Path) -> SweepSpec:
+def read_spec_file(path: str | Path) -> str:
+    """A spec file's text; a file that is missing, unreadable or not UTF-8 text is a one-line SpecError."""
     file = Path(path)
     if not file.is_file():
         raise SpecError(f"{path}: spec file not found")
-    return parse_spec(file.read_text(), where=f"{path}: ")
+    try:
+        return file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}): "
+                        "a spec is a YAML file") from None  # fmt: skip
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read the spec file ({error.strerror})") from None
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    return parse_spec(read_spec_file(path), where=f"{path}: ")
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

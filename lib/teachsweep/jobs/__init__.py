@@ -12,11 +12,18 @@ A job is one readable module (lot, lot_rl, teacher, scaffold, explain) that decl
     check(config)             optional: refuse, with a message naming the field, what would fail in a trial
     fixed_arms(config, plan)  optional: extra trials the job wants beside each variant (LoT's teacher-only arms)
     compare(trials, metrics)  optional: the job's own comparisons over finished trials (LoT minus teacher-only)
+    baselines(trial, trials)  optional: (budget, the fixed arm standing for `trial`, or None) per budget it ran
+    uncompared(trials)        optional: a sentence for each comparison `compare` could not make, saying why
+    selection_split(params)   optional: the split a trial's objective is measured on, in words, where the metric's
+                              name does not say all of it (what else uses that split)
     REFERENCE_ARM             optional: the variant every other one is compared with, paired by seed (SMaT: none)
     DEFAULT_ARM               optional: the `arm` a config has when it names none (LoT: lot); labels fixed trials
     SAVES_TEACHER             optional: it hands a teacher to `reporter.log_teacher` (a later stage can use it)
     SAVED_TEACHER_SCORES      optional: the held-out scores of that saved teacher (a chained study's teacher columns)
     SINGLE_PROCESS            optional: it runs in one process (no DDP workers): the spec refuses `workers` > 1
+
+A job's own interval of a metric it reports is `<metric>_ci_low/_ci_high`: a bootstrap over the test points of
+that metric's split (SMaT's simulability); the sweep layer adds Wilson intervals of accuracies itself.
 
 A new job plugs in by adding its module to MODULES; nothing else in the sweep layer names a job."""
 
@@ -110,6 +117,19 @@ class Job:
 
     def compare(self, trials: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
         return self.module.compare(trials, metrics) if hasattr(self.module, "compare") else []
+
+    @property
+    def matches_baselines(self) -> bool:
+        return hasattr(self.module, "baselines")
+
+    def baselines(self, trial: dict[str, Any], trials: list[dict[str, Any]]) -> list[tuple[str, dict | None]]:
+        return self.module.baselines(trial, trials) if self.matches_baselines else []
+
+    def uncompared(self, trials: list[dict[str, Any]]) -> list[str]:
+        return self.module.uncompared(trials) if hasattr(self.module, "uncompared") else []
+
+    def selection_split(self, params: dict[str, Any]) -> str | None:
+        return self.module.selection_split(params) if hasattr(self.module, "selection_split") else None
 
 
 JOBS: dict[str, Job] = {name: Job(name, module) for name, module in MODULES.items()}

@@ -20,6 +20,7 @@ times more lenient, and two teacher-only arms of one model would stop by differe
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -152,37 +153,138 @@ def metrics(cfg: LoTConfig) -> dict[str, str | None]:
     return out
 
 
+@dataclass(frozen=True)
+class TeacherOnlyFields:
+    """What a teacher-only arm makes of a LoT config (of the supervised or the RL job): the fields that only shape
+    how the students pull on the teacher, which it ignores, and those that set how much the students train, which
+    only its model-steps budget (`budget_multiplier`) depends on."""
+
+    config: type[BaseModel]
+    pull: frozenset[str]
+    students: frozenset[str]
+
+
+PULL_FIELDS = frozenset(LoTTermConfig.model_fields) - {"num_students"}
+FIELDS = TeacherOnlyFields(LoTConfig, PULL_FIELDS | {"student", "student_ce", "detach"},
+                           frozenset({"student_steps", "num_students"}))  # fmt: skip
+BUDGETS = ("teacher_steps", "model_steps")
+
+
+def ignored_by_arm(fields: TeacherOnlyFields, budget: str) -> frozenset[str]:
+    return fields.pull | (fields.students if budget == "teacher_steps" else frozenset())
+
+
+def teacher_only_overrides(fields: TeacherOnlyFields, budget: str) -> dict[str, Any]:
+    """What a teacher-only arm sets of the fields it ignores: alpha 0 (no pull: the public code's teacher-only run)
+    and the defaults of the others, so that the arms of configs that differ only there are equal (trained once)."""
+    defaults = {name: info.get_default(call_default_factory=True) for name, info in fields.config.model_fields.items()}
+    return {name: defaults[name] for name in sorted(ignored_by_arm(fields, budget))} | {"alpha": 0.0}
+
+
 def fixed_arms(cfg: LoTConfig, plan: ArmPlan) -> list[dict[str, Any]]:
     """Teacher-only arms at each budget the spec's `baseline` asks for. `teacher_steps`: the same number of teacher
     steps, one arm. `model_steps`: the teacher-only arm trains (1 + N*K) times as many steps, one arm per N the
-    sweep can pick."""
+    sweep can pick, each recording its N and K."""
     arms: list[dict[str, Any]] = []
     if "teacher_steps" in plan.budgets:
-        arms.append({"label": "teacher_only", "arm": "teacher_only"})
+        arms.append({"label": "teacher_only", "arm": "teacher_only", **teacher_only_overrides(FIELDS, "teacher_steps")})
     if "model_steps" in plan.budgets:
-        n_values = plan.choices.get("student_steps", [cfg.student_steps])
+        neutral = teacher_only_overrides(FIELDS, "model_steps")
         arms += [
-            {"label": f"teacher_only-N{n}", "arm": "teacher_only", "budget_multiplier": float(1 + n * cfg.num_students)}
-            for n in sorted(set(n_values))
-        ]
+            {"label": f"teacher_only-N{n}", "arm": "teacher_only", **neutral, "student_steps": n,
+             "budget_multiplier": float(1 + n * cfg.num_students)}
+            for n in sorted(set(plan.choices.get("student_steps", [cfg.student_steps])))
+        ]  # fmt: skip
     return arms
 
 
-def compare(trials: list[dict[str, Any]], metric_names: list[str]) -> list[dict[str, Any]]:
-    """Each LoT trial against its teacher-only arm at each budget the sweep ran (same variant): `teacher_steps`
-    (the arm labelled `teacher_only`) and `model_steps` (the arm `teacher_only-N<n>` of the trial's N), per metric,
-    paired by seed. `trials` are sweep rows: {"label", "params", "metrics"} with per-seed `metric@seedN` values."""
+def arm_budget(params: dict[str, Any]) -> str:
+    """The budget a teacher-only arm was trained at, from its recorded `budget_multiplier`."""
+    return "model_steps" if float(params.get("budget_multiplier") or 1.0) > 1.0 else "teacher_steps"
+
+
+def arm_config(params: dict[str, Any], fields: TeacherOnlyFields, budget: str) -> dict[str, Any]:
+    """The config a teacher-only arm at `budget` trains with for a trial of `params` (a row's recorded config,
+    the defaults filled in): everything but what the arm ignores, its seed and its budget."""
+    config = {name: info.get_default(call_default_factory=True) for name, info in fields.config.model_fields.items()}
+    config |= {k: None if v == "None" else v for k, v in params.items() if k in config}  # (MLflow's None)
+    ignored = ignored_by_arm(fields, budget) | {"arm", "budget_multiplier", "seed"}
+    return {k: v for k, v in config.items() if k not in ignored}
+
+
+def arms_standing_for(
+    trial: dict[str, Any], trials: list[dict[str, Any]], fields: TeacherOnlyFields
+) -> list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]]:
+    """(budget, the teacher-only arms trained at it for `trial`'s config, all arms trained at it) for each budget
+    the sweep trained teacher-only arms at."""
+    arms = [t for t in trials if t["params"].get("arm") == "teacher_only" and t is not trial]
+    out = []
+    for budget in [b for b in BUDGETS if any(arm_budget(a["params"]) == b for a in arms)]:
+        at_budget = [a for a in arms if arm_budget(a["params"]) == budget]
+        wanted = arm_config(trial["params"], fields, budget)
+        out.append((budget, [a for a in at_budget if arm_config(a["params"], fields, budget) == wanted], at_budget))
+    return out
+
+
+def lot_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [t for t in trials if t["params"].get("arm", "lot") == "lot" and t["status"] == "OK"]
+
+
+def baselines(
+    trial: dict[str, Any], trials: list[dict[str, Any]], fields: TeacherOnlyFields = FIELDS
+) -> list[tuple[str, dict[str, Any] | None]]:
+    """(budget, the finished teacher-only arm that stands for `trial` at that budget, or None) for each budget the
+    sweep trained teacher-only arms at: matched on the arm's recorded budget and config (N included for model
+    steps), whichever variant planned it."""
+    found = []
+    for budget, matching, _ in arms_standing_for(trial, trials, fields):
+        found.append((budget, next((a for a in matching if a["status"] == "OK"), None)))
+    return found
+
+
+def uncompared(trials: list[dict[str, Any]], fields: TeacherOnlyFields = FIELDS) -> list[str]:
+    """A sentence for each LoT trial and budget the sweep ran that has no finished teacher-only arm to compare it
+    with, saying why."""
+    said = []
+    for trial in lot_trials(trials):
+        for budget, matching, at_budget in arms_standing_for(trial, trials, fields):
+            if any(a["status"] == "OK" for a in matching):
+                continue
+            head = f"{trial['trial_id']} [{trial['label']}]"
+            if matching:
+                said.append(f"{head}: its teacher-only arm at {budget} ({matching[0]['label']}) did not finish")
+                continue
+            nearest = nearest_difference(trial, at_budget, fields, budget)
+            said.append(f"{head}: no finished teacher-only arm at {budget} matches it ({nearest})")
+    return said
+
+
+def nearest_difference(
+    trial: dict[str, Any], arms: list[dict[str, Any]], fields: TeacherOnlyFields, budget: str
+) -> str:
+    """How the arm closest to `trial`'s config differs from it, e.g. 'nearest teacher_only-N2: student_steps 2,
+    here 3'."""
+    wanted = arm_config(trial["params"], fields, budget)
+    differences = []
+    for arm in arms:
+        config = arm_config(arm["params"], fields, budget)
+        differences.append((arm["label"], [f"{k} {config[k]}, here {v}" for k, v in wanted.items() if config[k] != v]))
+    label, differing = min(differences, key=lambda d: len(d[1]))
+    return f"nearest {label}: {'; '.join(differing)}"
+
+
+def compare(
+    trials: list[dict[str, Any]], metric_names: list[str], fields: TeacherOnlyFields = FIELDS
+) -> list[dict[str, Any]]:
+    """Each LoT trial against its teacher-only arm at each budget the sweep ran (`baselines`), per metric, paired
+    by seed. `trials` are sweep rows: {"label", "params", "metrics"} with per-seed `metric@seedN` values; what
+    cannot be compared is said by `uncompared`."""
     rows = []
-    baselines = [t for t in trials if t["params"].get("arm") == "teacher_only" and t["status"] == "OK"]
-    for trial in trials:
-        if trial["params"].get("arm", "lot") != "lot" or trial["status"] != "OK":
-            continue
+    for trial in lot_trials(trials):
         variant = trial["params"].get("variant", "")
-        n = trial["params"].get("student_steps")
-        candidates = [b for b in baselines if b["params"].get("variant", "") == variant]
-        matched = [("model_steps", b) for b in candidates if b["label"].endswith(f"-N{n}")]
-        matched += [("teacher_steps", b) for b in candidates if "-N" not in b["label"]]
-        for budget, baseline in matched:
+        for budget, baseline in baselines(trial, trials, fields):
+            if baseline is None:
+                continue
             for metric in metric_names:
                 lot_values, base_values = per_seed(trial["metrics"], metric), per_seed(baseline["metrics"], metric)
                 if not lot_values or not base_values:

@@ -34,8 +34,8 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from teachsweep import environments, models
-from teachsweep.jobs import ArmPlan
-from teachsweep.jobs.lot import LoTTermConfig, compare, kl_divergence  # noqa: F401 (compare: by seed)
+from teachsweep.jobs import ArmPlan, lot
+from teachsweep.jobs.lot import LoTTermConfig, kl_divergence
 from teachsweep.reporter import Reporter
 from teachsweep.training import autocast, pick_device, restore_into, state_of, synchronize, uses_bf16
 
@@ -145,18 +145,45 @@ def metrics(cfg: LoTRLConfig) -> dict[str, str | None]:
     return out
 
 
+FIELDS = lot.TeacherOnlyFields(
+    LoTRLConfig, lot.PULL_FIELDS | {"student_weight_decay"},
+    frozenset({"student_steps", "num_students", "joint_student_step", "buffer_rollouts", "student_batch_size"}),
+)  # fmt: skip
+
+
+def selection_split(params: dict[str, Any]) -> str:
+    """The objective's returns come from greedy episodes on separately seeded environments, not from a data split."""
+    return "greedy evaluation episodes"
+
+
 def fixed_arms(cfg: LoTRLConfig, plan: ArmPlan) -> list[dict[str, Any]]:
     """Teacher-only PPO at each budget the spec's `baseline` asks for: `teacher_steps` (the same environment steps),
     `model_steps` (as many gradient steps as LoT's teacher and students: one arm per N the sweep can pick)."""
     arms: list[dict[str, Any]] = []
     if "teacher_steps" in plan.budgets:
-        arms.append({"label": "teacher_only", "arm": "teacher_only"})
+        arms.append({"label": "teacher_only", "arm": "teacher_only",
+                     **lot.teacher_only_overrides(FIELDS, "teacher_steps")})  # fmt: skip
     if "model_steps" in plan.budgets:
         teacher = cfg.update_epochs * cfg.num_minibatches
+        neutral = lot.teacher_only_overrides(FIELDS, "model_steps")
         for n in sorted(set(plan.choices.get("student_steps", [cfg.student_steps]))):
             multiplier = gradient_steps_per_teacher_update(cfg, n) / teacher
-            arms.append({"label": f"teacher_only-N{n}", "arm": "teacher_only", "budget_multiplier": multiplier})
+            arms.append({"label": f"teacher_only-N{n}", "arm": "teacher_only", **neutral, "student_steps": n,
+                         "budget_multiplier": multiplier})  # fmt: skip
     return arms
+
+
+def baselines(trial: dict[str, Any], trials: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any] | None]]:
+    return lot.baselines(trial, trials, FIELDS)
+
+
+def uncompared(trials: list[dict[str, Any]]) -> list[str]:
+    return lot.uncompared(trials, FIELDS)
+
+
+def compare(trials: list[dict[str, Any]], metric_names: list[str]) -> list[dict[str, Any]]:
+    """LoT minus teacher-only PPO, paired by seed, as the supervised job compares them."""
+    return lot.compare(trials, metric_names, FIELDS)
 
 
 # ---------------------------------------------------------------------------------------------- networks

@@ -85,6 +85,12 @@ REFERENCE_ARM = "none"  # every explainer is compared with the unexplained stude
 TRANSFORMERS = ("minilm", "tiny-bert", "vit")
 
 
+def selection_split(params: dict[str, Any]) -> str:
+    """SMaT's explainer is meta-trained on the students' validation split, the one its trials are picked on."""
+    learnable = registry.explainer_info(params.get("explainer", "smat")).learnable
+    return "the validation split, which its explainer is meta-trained on" if learnable else "the validation split"
+
+
 def metrics(cfg: ScaffoldConfig) -> dict[str, str | None]:
     out: dict[str, str | None] = {
         "simulability/val": "max", "simulability/best_val": "max", "simulability/test": "max",

@@ -1,0 +1,123 @@
+"""Preflight: everything a sweep refuses before it creates a file, run or study, each refusal one line naming the
+file and field. `run`, `resume`, `validate` and pipelines call it (run_sweep and run_pipeline themselves, so no
+sweep starts unchecked); reading a sweep back never does, so a finished sweep stays readable whatever happened
+to the sweeps, runs and checkpoints it referenced.
+
+    check_spec     each planned trial's own checks and teacher references; objectives no trial reports, or
+                   optimised the wrong way
+    check_stores   the results directory writable, the tracking store reachable, the spec unchanged since the
+                   sweep started"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from teachsweep import references, tracking
+from teachsweep.jobs import JOBS
+from teachsweep.plan import planned_configs
+from teachsweep.spec import SpecError, SweepSpec, describe_changes, tracking_uri_of
+
+
+def check_spec(spec: SweepSpec, where: str = "", pending: dict[str, str] | None = None) -> None:
+    """What used to fail only inside trials, refused before anything exists: each planned config's own checks
+    and teacher references, and objectives that no trial reports (or optimises in the wrong direction).
+    `pending` ({stage name: job}) are earlier stages of a pipeline that have not run yet: references to them are
+    checked when their stage has finished, here only that their job saves teachers."""
+    pending = pending or {}
+    refuse_each_in_a_search(spec, where)
+    refuse_pending_stages_without_teachers(spec, where, pending)
+    try:
+        planned = planned_configs(spec, set(pending))
+    except references.ReferenceError as error:
+        raise SpecError(f"{where}{error}") from None
+    reported: dict[str, str | None] = {}
+    for label, config, overridden in planned:
+        check_planned_config(spec, where, label, config, overridden, set(pending))
+        metrics = JOBS[spec.job].metrics(config)
+        reported |= metrics
+        if label == "config" and spec.space:  # searched trials: Optuna needs every objective from each of them
+            for objective in spec.objectives:
+                if objective.metric not in metrics:
+                    raise SpecError(f"{where}objectives: '{objective.metric}' is never reported by job '{spec.job}' "
+                                    f"with this config (it reports {', '.join(sorted(metrics))})")  # fmt: skip
+    check_objectives(spec, where, reported)
+
+
+def sweep_references(spec: SweepSpec) -> list[tuple[str, str]]:
+    """(field, reference) of every `sweep:` teacher reference in the config and the variants."""
+    fields = JOBS[spec.job].teacher_fields
+    overlays = [spec.config, *spec.variants.values()]
+    return [(field, overlay[field]) for field in fields for overlay in overlays
+            if isinstance(overlay.get(field), str) and overlay[field].startswith(references.SWEEP)]  # fmt: skip
+
+
+def refuse_each_in_a_search(spec: SweepSpec, where: str) -> None:
+    for field in JOBS[spec.job].teacher_fields:
+        value = spec.config.get(field)
+        if spec.space and isinstance(value, str) and value.startswith(references.SWEEP) and value.endswith("/each"):
+            raise SpecError(f"{where}config.{field}: '/each' fans out one trial per teacher: give it in a grid "
+                            "(variants), not to a search")  # fmt: skip
+
+
+def refuse_pending_stages_without_teachers(spec: SweepSpec, where: str, pending: dict[str, str]) -> None:
+    for field, value in sweep_references(spec):
+        name = references.parse_sweep(value, field)[0]
+        if name in pending and not JOBS[pending[name]].saves_teacher:
+            raise SpecError(f"{where}{field}: stage '{name}' runs job '{pending[name]}', which saves no teacher")
+
+
+def check_planned_config(
+    spec: SweepSpec, where: str, label: str, config: dict[str, Any], overridden: set[str], pending: set[str]
+) -> None:
+    """One planned trial's config: the job's own check, then each teacher reference it holds."""
+    job = JOBS[spec.job]
+    try:
+        job.check(config)
+    except ValueError as error:
+        field = str(error).split(":")[0].split(".")[0]
+        at = label if field in overridden else "config"
+        raise SpecError(f"{where}{at}.{error}" if ":" in str(error) else f"{where}{label}: {error}") from None
+    for field in job.teacher_fields:
+        if field in config:
+            try:
+                references.check(config[field], field, tracking_uri_of(spec), spec.results_dir, pending)
+            except references.ReferenceError as error:
+                raise SpecError(f"{where}{label if field in overridden else 'config'}.{error}") from None
+
+
+def check_objectives(spec: SweepSpec, where: str, reported: dict[str, str | None]) -> None:
+    """Every objective is reported by some planned trial, and optimised in the direction the job gives it."""
+    for objective in spec.objectives:
+        if objective.metric not in reported:
+            raise SpecError(f"{where}objectives: '{objective.metric}' is never reported by job '{spec.job}' "
+                            f"(it reports {', '.join(sorted(reported))})")  # fmt: skip
+        direction = reported[objective.metric]
+        if direction is not None and direction != objective.mode:
+            raise SpecError(f"{where}objectives: '{objective.metric}' is better when "
+                            f"{'higher' if direction == 'max' else 'lower'}; mode {objective.mode} would "
+                            f"optimise it the wrong way")  # fmt: skip
+
+
+def check_stores(spec: SweepSpec, root: Path, fingerprint: Path) -> str:
+    """The stores a sweep writes, checked before it creates any: the results directory `root` writable, the
+    tracking store reachable, and the spec the same as when the sweep started (its `fingerprint` file). Returns
+    the tracking URI."""
+    existing = next((p for p in [root, *root.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"results directory {root} is not writable")
+    if root.exists() and not os.access(root, os.W_OK | os.X_OK):
+        raise SpecError(f"results directory {root} is not writable")
+    uri = spec.tracking_uri or tracking.default_tracking_uri(root)
+    try:
+        tracking.check_tracking_uri(uri)
+    except tracking.TrackingError as error:
+        raise SpecError(str(error)) from None
+    if fingerprint.exists():
+        changes = describe_changes(json.loads(fingerprint.read_text()), spec.fingerprint())
+        if changes:
+            raise SpecError(f"sweep '{spec.name}' exists with a different spec ({'; '.join(changes)}): use a new "
+                            "name, or delete its results directory")  # fmt: skip
+    return uri
