@@ -17,6 +17,8 @@ import torch
 from teachsweep.jobs import JOBS
 from teachsweep.reporter import Reporter
 
+CHECKPOINTS_KEPT = 2  # the newest and the one before it, in case the newest was half-written
+
 
 def run_job(job: str, config: dict[str, Any], reporter: Reporter, cpus: float = 1, workers: int = 1,
             gpus: float = 0, tracking: tuple[str, str] | None = None, storage: str | None = None,
@@ -31,7 +33,7 @@ def run_job(job: str, config: dict[str, Any], reporter: Reporter, cpus: float = 
 
 def run_distributed(job: str, config: dict, workers: int, cpus: float, gpus: float, tracking, storage, name,
                     accelerator: dict[str, float] | None = None):  # fmt: skip
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -54,7 +56,13 @@ def run_distributed(job: str, config: dict, workers: int, cpus: float, gpus: flo
         worker_loop,
         train_loop_config={"job": job, "config": config, "cpus": cpus, "tracking": tracking},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage, callbacks=[TuneReportCallback()]),
+        # Train V2 keeps every checkpoint unless told (CheckpointConfig.num_to_keep defaults to None).
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        ),
     )
     result = trainer.fit()
     return dict(result.metrics or {})

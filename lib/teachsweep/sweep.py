@@ -3,12 +3,13 @@ name, so that running the same spec again resumes it instead of starting over.
 
 The path of one sweep, one module a step:
 
-    spec.py     YAML -> SweepSpec, validated; every teacher reference and model name checked up front
-    plan.py     SweepSpec -> the fixed trials (variants, the job's fixed arms, seeds)
-    search.py   fixed trials first, then Optuna ask/tell on the sweep's study
-    trial.py    the Tune trainable: one config, its seeds, one MLflow child run; the job in-process or DDP
-    jobs/*.py   train(config, reporter) -> metrics, knowing nothing of Ray or MLflow
-    results.py  one reading of a finished sweep: rows, the best-trial rule, seed summaries, comparisons
+    spec.py       YAML -> SweepSpec, validated (pure: reads no other sweep, run or store)
+    plan.py       SweepSpec -> the fixed trials (variants, the job's fixed arms, seeds)
+    preflight.py  what is refused before anything exists: planned trials' checks, teacher references, stores
+    search.py     fixed trials first, then Optuna ask/tell on the sweep's study
+    trial.py      the Tune trainable: one config, its seeds, one MLflow child run; the job in-process or DDP
+    jobs/*.py     train(config, reporter) -> metrics, knowing nothing of Ray or MLflow
+    results.py    one reading of a finished sweep: rows, the best-trial rule, seed summaries, comparisons
 
 This module ties them together: preflight, the stores, the Tune run, and what is logged at the end."""
 
@@ -31,11 +32,12 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # models); trial_rows() flags searched trials that never reported their objective instead.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
-from teachsweep import references, tracking  # noqa: E402
+from teachsweep import cluster, preflight, references, tracking  # noqa: E402
 from teachsweep.jobs import JOBS  # noqa: E402
 from teachsweep.metrics import PAIRED_METHOD, merge_seed_trials, seed_summaries  # noqa: E402
-from teachsweep.results import best_of_rows, pareto_front  # noqa: E402
-from teachsweep.spec import SpecError, SweepSpec, describe_changes  # noqa: E402
+from teachsweep.plan import planned_count  # noqa: E402
+from teachsweep.results import PLANNED_FILE, best_of_rows, pareto_front  # noqa: E402
+from teachsweep.spec import SpecError, SweepSpec  # noqa: E402
 from teachsweep.trial import TrialContext, run_trial  # noqa: E402
 
 
@@ -64,6 +66,10 @@ class SweepPaths:
     def tracking_uri(self) -> Path:
         return self.sweep / "tracking_uri"
 
+    @property
+    def planned(self) -> Path:
+        return self.sweep / PLANNED_FILE
+
 
 @dataclass
 class SweepOutcome:
@@ -82,32 +88,6 @@ class SweepOutcome:
 def paths_for(spec: SweepSpec) -> SweepPaths:
     root = Path(spec.results_dir).expanduser().resolve()
     return SweepPaths(root, root / spec.name)
-
-
-# ---------------------------------------------------------------------------------------------- preflight
-
-
-def preflight(spec: SweepSpec, paths: SweepPaths) -> str:
-    """Everything that can fail before a single file, run or study is created."""
-    existing = next((p for p in [paths.root, *paths.root.parents] if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise SpecError(f"results directory {paths.root} is not writable")
-    if paths.root.exists() and not os.access(paths.root, os.W_OK | os.X_OK):
-        raise SpecError(f"results directory {paths.root} is not writable")
-    uri = spec.tracking_uri or tracking.default_tracking_uri(paths.root)
-    try:
-        tracking.check_tracking_uri(uri)
-    except tracking.TrackingError as error:
-        raise SpecError(str(error)) from None
-    if paths.fingerprint.exists():
-        old = json.loads(paths.fingerprint.read_text())
-        changes = describe_changes(old, spec.fingerprint())
-        if changes:
-            raise SpecError(
-                f"sweep '{spec.name}' exists with a different spec ({'; '.join(changes)}): "
-                "use a new name, or delete its results directory"
-            )
-    return uri
 
 
 def init_ray(total_cpus: int | None = None) -> None:
@@ -144,22 +124,8 @@ def check_trial_fits(spec: SweepSpec) -> None:
 
 
 def max_concurrency(spec: SweepSpec) -> int:
-    """Trials at a time: the spec's `max_concurrent_trials`, else what the cluster's resources fit now. A cluster
-    that autoscales GPU workers from zero shows no GPU yet, so sizing from it would run one trial at a time:
-    there the spec must say how many to run."""
-    import ray
-
-    if spec.max_concurrent_trials:
-        return spec.max_concurrent_trials
-    resources = ray.cluster_resources()
-    by_cpu = int(resources.get("CPU", 1) // (spec.resources.cpus * spec.resources.workers)) or 1
-    if not spec.resources.gpus:
-        return by_cpu
-    gpus = resources.get("GPU", 0)
-    if gpus < spec.resources.gpus * spec.resources.workers:
-        raise SpecError(f"max_concurrent_trials: the cluster shows {gpus:g} GPUs now (an autoscaling cluster adds "
-                        "them later); set max_concurrent_trials to the number of trials to run at once")  # fmt: skip
-    return max(1, min(by_cpu, int(gpus // (spec.resources.gpus * spec.resources.workers))))
+    """Trials at a time (cluster.concurrency_for)."""
+    return cluster.concurrency_for(spec, planned_count(spec)).trials
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -176,16 +142,24 @@ def quiet_libraries() -> None:
 
 
 def run_sweep(
-    spec: SweepSpec, spec_text: str, callbacks: list | None = None, pipeline_run_id: str | None = None
+    spec: SweepSpec,
+    spec_text: str,
+    callbacks: list | None = None,
+    pipeline_run_id: str | None = None,
+    where: str = "",
 ) -> SweepOutcome:
-    """Run or resume one sweep; a pipeline's stage nests its parent run under the pipeline's run."""
+    """Run or resume one sweep after its preflight (refusals prefixed with `where`, the spec file); a pipeline's
+    stage nests its parent run under the pipeline's run."""
     quiet_libraries()
     paths = paths_for(spec)
-    uri = preflight(spec, paths)
+    preflight.check_spec(spec, where)
+    uri = preflight.check_stores(spec, paths.root, paths.fingerprint)
     start = time.time()
     init_ray()
-    check_trial_fits(spec)  # these two may refuse the spec: before anything is created
-    concurrency = max_concurrency(spec)
+    check_trial_fits(spec)  # these may refuse the spec: before anything is created
+    cluster.check_cluster_stores(spec, paths.root, uri)
+    concurrency = cluster.concurrency_for(spec, planned_count(spec))
+    print(concurrency.line(spec.name), flush=True)
 
     from ray import tune
 
@@ -193,6 +167,7 @@ def run_sweep(
     paths.fingerprint.write_text(json.dumps(spec.fingerprint(), indent=1, sort_keys=True))
     (paths.sweep / "spec.yaml").write_text(spec_text)
     paths.tracking_uri.write_text(uri)
+    paths.planned.write_text(str(planned_count(spec)))  # read back without expanding teacher references again
 
     client = tracking.client_for(uri)
     # A SQLite store keeps artifacts beside it (MLflow's default would be ./mlruns in the current directory).
@@ -228,7 +203,7 @@ def run_sweep(
         def forget_unrecorded_trials(known_trial_ids: set[str]) -> None:
             tracking.drop_orphan_trial_runs(client, experiment_id, parent_run_id, known_trial_ids)
 
-        grid = run_experiment(spec, paths, trainable, callbacks, forget_unrecorded_trials, concurrency)
+        grid = run_experiment(spec, paths, trainable, callbacks, forget_unrecorded_trials, concurrency.trials)
         if stopped := unwritable_error(spec, paths):  # trials that could not record failed: say why, in one line
             raise stopped
         outcome.trials = trial_rows(grid, spec)
@@ -236,6 +211,8 @@ def run_sweep(
         merged = merge_seed_trials(outcome.trials)
         outcome.comparisons = JOBS[spec.job].compare(merged, comparison_metrics(spec))
         log_comparisons(client, parent_run_id, outcome.comparisons)
+        if uncompared := JOBS[spec.job].uncompared(merged):  # a missing baseline is recorded, never dropped
+            tracking.retry(lambda: client.log_dict(parent_run_id, uncompared, "uncompared.json"))
         outcome.seed_summaries = seed_summaries(merged, comparison_metrics(spec), JOBS[spec.job].reference_arm)
         if outcome.seed_summaries:
             tracking.retry(lambda: client.log_dict(parent_run_id, outcome.seed_summaries, "seed_summary.json"))
@@ -348,7 +325,7 @@ def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks, on_
     from teachsweep.search import complete_finished_trials, fail_interrupted_trials, make_searcher
 
     experiment = paths.tune / "trials"
-    if tune.Tuner.can_restore(str(experiment)):
+    if tune.Tuner.can_restore(str(experiment)) and recorded_by_tune(experiment):
         failed = []
         if spec.space and (paths.sweep / "optuna.db").exists():
             failed = fail_interrupted_trials(spec, paths.optuna_url)
@@ -357,6 +334,11 @@ def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks, on_
         complete_finished_trials(spec, paths.optuna_url, failed, recorded)
         on_restore({Path(result.path).name for result in recorded})  # trial dirs are named by id
         return tuner.fit()
+    if experiment.exists():  # a driver that died before Tune recorded any trial: start again from nothing
+        shutil.rmtree(experiment)
+        if spec.space and (paths.sweep / "optuna.db").exists():
+            fail_interrupted_trials(spec, paths.optuna_url)
+        on_restore(set())
     searcher, total = make_searcher(spec, paths.optuna_url)
     tuner = tune.Tuner(
         trainable,
@@ -379,6 +361,13 @@ def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks, on_
         ),  # fmt: skip
     )
     return tuner.fit()
+
+
+def recorded_by_tune(experiment: Path) -> bool:
+    """Whether Tune saved the experiment's state: a driver that died between writing `tuner.pkl` and its first
+    state snapshot leaves an experiment Tune calls restorable but cannot restore ("experiment has not been
+    run")."""
+    return any(experiment.glob("experiment_state-*.json"))
 
 
 def describe_error(error: BaseException) -> str:
