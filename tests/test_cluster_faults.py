@@ -1,13 +1,15 @@
 """A multi-node Ray cluster on one machine: a head that only schedules and two worker nodes, each its own raylet
-started with `ray start` (distinct ports), an `mlflow server` over HTTP and one shared results directory; sweeps
-run by a driver process connected to the cluster (RAY_ADDRESS), as on a real cluster. Faults, each with its counts
-in the assertion messages: a worker node lost while its trial runs; the MLflow server down for tens of seconds
-mid-sweep. Load: 32 short trials, 4 at a time across the nodes, every epoch logged to the server."""
+started with `ray start` (distinct ports, its own temp dir) from a Python that cannot import teachsweep, so every
+node gets the code from the submission's runtime env; an `mlflow server` on PostgreSQL with proxied artifacts
+(--serve-artifacts), as the templates deploy it; one shared results directory. Sweeps are Ray jobs submitted with
+cluster/submit.sh, their drivers on the head, as on a real cluster. Faults, each with its counts in the assertion
+messages: a worker node lost while its trial runs; the MLflow server down for tens of seconds mid-sweep; the
+driver killed on the cluster and the sweep resumed by another submission. Load: 32 short trials, 4 at a time
+across the nodes, every epoch logged to the server."""
 
 import os
 import secrets
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -19,11 +21,13 @@ import optuna
 import psutil
 import pytest
 import yaml
+from local_postgres import postgres_server
 from mlflow.tracking import MlflowClient
-from test_real_servers import free_port, wait_for
+from test_real_servers import environment_without_teachsweep, free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).parents[1]
 WORKER_CPUS = 2
 
 
@@ -31,18 +35,22 @@ WORKER_CPUS = 2
 class LocalCluster:
     root: Path
     env: dict
+    python: Path  # an environment that cannot import teachsweep: the nodes' Python
+    backend: str  # the MLflow server's PostgreSQL
     gcs: str = ""
+    dashboard: str = ""
     tracking: str = ""
     mlflow_port: int = 0
     mlflow: subprocess.Popen | None = None
     head: subprocess.Popen | None = None
     workers: list[subprocess.Popen] = field(default_factory=list)
+    specs: list[Path] = field(default_factory=list)
 
     def start_mlflow(self) -> None:
         self.mlflow = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
-             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--default-artifact-root", str(self.root / "artifacts"), "--workers", "2"],
+             "--backend-store-uri", self.backend, "--serve-artifacts",
+             "--artifacts-destination", (self.root / "artifacts").as_uri(), "--workers", "2"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         wait_for(f"{self.tracking}/health", 120)
@@ -50,11 +58,13 @@ class LocalCluster:
     def add_worker(self) -> subprocess.Popen:
         """A worker node: its own raylet, object manager and agents on their own ports. Nodes sharing a machine
         also share the head's session directory, where `ray start` names its sockets by checking which names are
-        taken: two nodes starting at once can pick the same socket, so nodes here are started one at a time."""
+        taken: two nodes starting at once can pick the same socket, so nodes here are started one at a time. Each
+        has its own --temp-dir, as on its own machine: the runtime env agent unpacks packages there."""
         low = 21000 + 1000 * (len(self.workers) % 8)
         log = open(self.root / f"worker-{len(self.workers)}.log", "w")  # open for the node's lifetime
         worker = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--address", self.gcs, "--block", "--node-ip-address", "127.0.0.1",
+            [str(self.python), "-m", "ray.scripts.scripts", "start", "--address", self.gcs, "--block",
+             "--node-ip-address", "127.0.0.1", "--temp-dir", tempfile.mkdtemp(prefix="rw", dir="/tmp"),
              "--num-cpus", str(WORKER_CPUS), "--node-manager-port", str(free_port()),
              "--object-manager-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
              "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
@@ -103,18 +113,29 @@ class LocalCluster:
         return next((w for w in self.workers if w.poll() is None and w.pid in ancestors), None)
 
     def sweep(self, spec: dict) -> subprocess.Popen:
-        """A driver process running `teachsweep run` against the cluster."""
-        path = self.root / f"{spec['name']}.yaml"
-        path.write_text(yaml.safe_dump(spec | {"results_dir": str(self.root / "results"),
-                                               "tracking_uri": self.tracking}, sort_keys=False))  # fmt: skip
+        """A Ray job running `teachsweep run` on the head, submitted with cluster/submit.sh; the spec lives in the
+        repository (specs are shipped with it) until the cluster is thrown away."""
+        path = ROOT / "tests" / f"_faults_{spec['name']}_{secrets.token_hex(3)}.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        self.specs.append(path)
+        env = self.env | {"RAY_BIN": str(BIN / "ray"), "MLFLOW_TRACKING_URI": self.tracking}
         return subprocess.Popen(
-            [str(BIN / "teachsweep"), "run", str(path)],
-            env=self.env | {"RAY_ADDRESS": self.gcs},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+            [str(ROOT / "cluster" / "submit.sh"), "--results-dir", str(self.root / "results"), str(path),
+             self.dashboard],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+
+    def drivers(self, name: str) -> list[psutil.Process]:
+        """The job driver processes (`python -m teachsweep.cli run ...`) of sweep `name` under the head."""
+        found = []
+        for process in psutil.Process(self.head.pid).children(recursive=True):
+            try:
+                words = process.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if "teachsweep.cli" in words and any(f"_faults_{name}_" in w for w in words):
+                found.append(process)
+        return found
 
 
 def stop(process: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
@@ -129,29 +150,37 @@ def stop(process: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "TEACHSWEEP_RESULTS_DIR")
+    }
     # token authentication, as on a real cluster: every node, the driver and the CLI share RAY_AUTH_TOKEN
     env |= {"RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": secrets.token_hex(32), "TEACHSWEEP_CACHE": str(root / "cache")}  # fmt: skip
-    local = LocalCluster(root, env, mlflow_port=free_port())
-    local.tracking = f"http://127.0.0.1:{local.mlflow_port}"
-    gcs_port = free_port()
-    local.gcs = f"127.0.0.1:{gcs_port}"
-    local.head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-         "--num-cpus", "0", "--include-dashboard", "false", "--temp-dir", tempfile.mkdtemp(prefix="rc", dir="/tmp"),
-         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-         "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-         "--min-worker-port", "20000", "--max-worker-port", "20999", "--object-store-memory", str(200 * 2**20)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        local.start_mlflow()
-        local.add_workers(2)
-        yield local
-    finally:  # the cluster is thrown away: no graceful shutdown (each process group killed at once)
-        for process in [*local.workers, local.head, local.mlflow]:
-            stop(process, signal.SIGKILL)
+    python = environment_without_teachsweep(root / "env")
+    with postgres_server() as backend:
+        local = LocalCluster(root, env, python, backend, mlflow_port=free_port())
+        local.tracking = f"http://127.0.0.1:{local.mlflow_port}"
+        gcs_port, dashboard_port = free_port(), free_port()
+        local.gcs, local.dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
+        local.head = subprocess.Popen(
+            [str(python), "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--port", str(gcs_port), "--num-cpus", "0", "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(dashboard_port), "--temp-dir", tempfile.mkdtemp(prefix="rc", dir="/tmp"),
+             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+             "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+             "--min-worker-port", "20000", "--max-worker-port", "20999", "--object-store-memory", str(200 * 2**20)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            local.start_mlflow()
+            wait_for(f"{local.dashboard}/api/version", 180)
+            local.add_workers(2)
+            yield local
+        finally:  # the cluster is thrown away: no graceful shutdown (each process group killed at once)
+            for process in [*local.workers, local.head, local.mlflow]:
+                stop(process, signal.SIGKILL)
+            for path in local.specs:
+                path.unlink(missing_ok=True)
 
 
 def trial_runs(local: LocalCluster, name: str):
@@ -278,9 +307,11 @@ def test_load_32_short_trials_4_at_a_time_across_the_nodes_lose_no_metric(cluste
     client, runs = trial_runs(cluster, "load")
     logged = {r.info.run_id: epochs_logged(client, r.info.run_id) for r in runs}
     nodes = {r.data.tags.get("teachsweep.node") for r in runs}
-    with sqlite3.connect(cluster.root / "server.db") as db:  # every value the server stored for these runs
-        ids = ",".join(f"'{r.info.run_id}'" for r in runs)
-        (values,) = db.execute(f"SELECT COUNT(*) FROM metrics WHERE run_uuid IN ({ids})").fetchone()
+    import psycopg2
+
+    with psycopg2.connect(cluster.backend.replace("postgresql+psycopg2", "postgresql")) as db, db.cursor() as cursor:
+        cursor.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid = ANY(%s)", ([r.info.run_id for r in runs],))
+        (values,) = cursor.fetchone()  # every value the server stored for these runs
     print(
         f"load: {len(runs)} trials in {seconds:.0f} s = {60 * len(runs) / seconds:.1f} trials/min; {values} metric "
         f"values = {values / seconds:.1f}/s through the server; {len(nodes)} nodes"
@@ -291,3 +322,48 @@ def test_load_32_short_trials_4_at_a_time_across_the_nodes_lose_no_metric(cluste
     lost = {k: v for k, v in logged.items() if v != list(range(1, epochs + 1))}
     assert not lost, f"{len(lost)} of {trials} trials lost epochs: {lost}"
     assert len(nodes) >= 2, f"trials ran on {len(nodes)} node(s)"
+
+
+def test_a_driver_killed_on_the_cluster_resumes_from_another_submission(cluster):
+    """The job's driver on the head is SIGKILLed once a trial has finished and another has not; a second
+    submission of the same spec (another driver) resumes: the finished trials keep their runs, the rest finish,
+    no run is duplicated and the Optuna study holds no trial left RUNNING."""
+    trials, epochs = 4, 3
+    spec = lot_spec("driver-kill", epochs, 30, space={"alpha": {"type": "uniform", "low": 0.1, "high": 1.0}},
+                    num_samples=trials, resources={"cpus": WORKER_CPUS}, max_concurrent_trials=2)  # fmt: skip
+    first = cluster.sweep(spec)
+    finished_before: set[str] = set()
+    killed = False
+    deadline = time.time() + 600
+    while not killed and time.time() < deadline and first.poll() is None:
+        time.sleep(1)
+        try:
+            _, runs = trial_runs(cluster, "driver-kill")
+        except AttributeError:  # the experiment does not exist yet
+            continue
+        finished_before = {r.info.run_id for r in runs if r.info.status == "FINISHED"}
+        if finished_before and len(finished_before) < trials:
+            for driver in cluster.drivers("driver-kill"):
+                driver.kill()
+                killed = True
+    first_output = first.communicate(timeout=300)[0]
+    assert killed, f"no driver killed between the first and the last finished trial\n{first_output[-3000:]}"
+    assert first.returncode != 0, "the killed job reported success"
+    second = cluster.sweep(spec)
+    output = second.communicate(timeout=1200)[0]
+    assert second.returncode == 0, output[-4000:]
+    client, runs = trial_runs(cluster, "driver-kill")
+    ids = [r.info.run_id for r in runs]
+    finished = {r.info.run_id for r in runs if r.info.status == "FINISHED"}
+    assert finished_before <= finished, "a trial finished before the kill lost its run"
+    assert len(finished) == trials and len(ids) == len(set(ids)), (
+        f"{len(ids)} trial runs, {len(finished)} finished (expected {trials})"
+    )
+    assert all(epochs_logged(client, run_id) == list(range(1, epochs + 1)) for run_id in finished)
+    study = optuna.load_study(
+        study_name="driver-kill", storage=f"sqlite:///{cluster.root / 'results' / 'driver-kill' / 'optuna.db'}"
+    )
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states and states.count("COMPLETE") >= trials, states
+    print(f"driver kill: {len(finished_before)} of {trials} trials finished before the driver was killed; the "
+          f"second submission finished the rest, {len(ids)} runs in all; Optuna {states}")  # fmt: skip

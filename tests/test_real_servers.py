@@ -82,23 +82,23 @@ def test_sweep_submitted_as_a_ray_job_installs_itself_and_logs_through_an_mlflow
          "--min-worker-port", "20000", "--max-worker-port", "20999"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
+    # Specs are shipped with the repository: this one lives in it for the test's duration.
+    spec = ROOT / "tests" / f"_submitted_{secrets.token_hex(4)}.yaml"
     try:
         wait_for(f"{tracking}/health", 120)
         wait_for(f"http://127.0.0.1:{dashboard_port}/api/version", 120)
-        spec = tmp_path / "sweep.yaml"
-        spec.write_text(f"""
+        spec.write_text("""
 name: submitted
 job: lot
-config: {{task: digits, teacher: "cnn:8", epochs: 2, steps_per_epoch: 3, max_eval_examples: 32}}
-space: {{alpha: {{type: loguniform, low: 0.1, high: 1.0}}}}
+config: {task: digits, teacher: "cnn:8", epochs: 2, steps_per_epoch: 3, max_eval_examples: 32}
+space: {alpha: {type: loguniform, low: 0.1, high: 1.0}}
 num_samples: 2
 max_concurrent_trials: 2
-tracking_uri: {tracking}
-results_dir: {tmp_path / "results"}
 """)
         for _ in range(12):  # the head's job agent can take a while to come up on a loaded machine
             submit = subprocess.run(
-                [str(ROOT / "cluster" / "submit.sh"), str(spec), f"http://127.0.0.1:{dashboard_port}"],
+                [str(ROOT / "cluster" / "submit.sh"), "--results-dir", str(tmp_path / "results"), str(spec),
+                 f"http://127.0.0.1:{dashboard_port}"],
                 env=env | {"RAY_BIN": str(BIN / "ray"), "MLFLOW_TRACKING_URI": tracking}, capture_output=True,
                 text=True, timeout=600, cwd=ROOT,
             )  # fmt: skip
@@ -113,6 +113,7 @@ results_dir: {tmp_path / "results"}
         assert all(len(client.get_metric_history(r.info.run_id, "teacher/val_acc")) == 2 for r in runs)
         assert not (tmp_path / "results" / "mlflow.db").exists()  # nothing bypassed the server
     finally:
+        spec.unlink(missing_ok=True)
         for process in (head, server):
             os.killpg(process.pid, 15)
         for process in (head, server):

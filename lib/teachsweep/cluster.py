@@ -132,7 +132,9 @@ def nodes_not_seeing(root: Path, nodes: list[dict]) -> list[str]:
             ): n["NodeManagerAddress"]
             for n in nodes
         }
-        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PROBE_TIMEOUT_S)
+        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=PROBE_TIMEOUT_S)
+        for ref in late:
+            ray.cancel(ref)
         return sorted({pending[ref] for ref in done if not ray.get(ref)})
     finally:
         probe.unlink(missing_ok=True)

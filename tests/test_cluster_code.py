@@ -1,0 +1,171 @@
+"""Code follows each submission: a Ray head and a worker node started from an environment without teachsweep, a
+copy of the repository submitted with its own cluster/submit.sh, a module changed, a second worker node added,
+and the copy submitted again. Every process of the second job, on the old node and on the new one, must import
+the changed code: Ray caches a runtime env by its name, and a name that does not follow the code (a pip spec's
+text) would hand the old node the first submission's package."""
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from test_real_servers import environment_without_teachsweep, free_port, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).parents[1]
+SPEC = """
+name: code-{version}
+job: lot
+config: {{task: digits, teacher: "cnn:8", epochs: 1, steps_per_epoch: 2, max_eval_examples: 16}}
+space: {{alpha: {{type: uniform, low: 0.1, high: 1.0}}}}
+num_samples: 2
+max_concurrent_trials: 2
+resources: {{cpus: 2}}
+"""
+# Appended to the copy's package: every process that imports it leaves a file naming the version and its pid.
+PROBE = """
+import os as _os
+if _os.environ.get("TEACHSWEEP_CACHE"):
+    _probe = _os.path.join(_os.environ["TEACHSWEEP_CACHE"], "imports")
+    _os.makedirs(_probe, exist_ok=True)
+    open(_os.path.join(_probe, "{version}-" + str(_os.getpid())), "w").close()
+"""
+
+
+def copy_of_the_repository(where: Path) -> Path:
+    """The files git would ship (tracked and untracked, not ignored), without the virtualenv."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.splitlines()  # fmt: skip
+    for name in listed:
+        if (ROOT / name).is_file():
+            (where / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, where / name)
+    return where
+
+
+def set_version(repo: Path, version: str) -> None:
+    init = repo / "lib" / "teachsweep" / "__init__.py"
+    original = (ROOT / "lib" / "teachsweep" / "__init__.py").read_text()
+    init.write_text(original + PROBE.format(version=version))
+    (repo / "sweeps" / "code.yaml").write_text(SPEC.format(version=version))
+
+
+def start_node(python: Path, env: dict, *args: str) -> subprocess.Popen:
+    """A Ray node; each with its own --temp-dir, as on its own machine: nodes sharing one would share the runtime
+    env agent's unpacked packages too (runtime_resources/), and one node's clean-up would reach the others'."""
+    return subprocess.Popen(
+        [str(python), "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address", "127.0.0.1",
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+         "--object-store-memory", str(200 * 2**20), *args],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def node_cpus(gcs: str, env: dict) -> float:
+    code = f"import ray; ray.init(address='{gcs}', logging_level='ERROR'); print(ray.cluster_resources().get('CPU', 0))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return float(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0.0
+
+
+def wait_for_cpus(gcs: str, env: dict, cpus: float) -> None:
+    deadline = time.time() + 240
+    while node_cpus(gcs, env) < cpus:
+        assert time.time() < deadline, f"the cluster never reached {cpus} CPUs"
+        time.sleep(2)
+
+
+def submit(repo: Path, env: dict, dashboard: str, results: Path) -> subprocess.CompletedProcess:
+    for _ in range(12):  # the head's job agent can take a while to come up on a loaded machine
+        done = subprocess.run([str(repo / "cluster" / "submit.sh"), "--results-dir", str(results), "sweeps/code.yaml",
+                               dashboard], env=env, capture_output=True, text=True, timeout=900, cwd=repo)  # fmt: skip
+        if "No available agent" not in done.stderr + done.stdout:
+            return done
+        time.sleep(10)
+    return done
+
+
+def imports_by_node(cache: Path, nodes: dict[str, subprocess.Popen]) -> dict[str, set[str]]:
+    """The versions imported by the processes still running under each node (trial workers stay until the job
+    ends; files of processes already gone are not attributed)."""
+    seen: dict[str, set[str]] = {name: set() for name in nodes}
+    for probe in (cache / "imports").iterdir():
+        version, _, pid = probe.name.partition("-")
+        try:
+            ancestors = {p.pid for p in psutil.Process(int(pid)).parents()}
+        except psutil.NoSuchProcess:
+            continue
+        for name, node in nodes.items():
+            if node.pid in ancestors:
+                seen[name].add(version)
+    return seen
+
+
+def test_a_second_submission_runs_the_new_code_on_every_node_old_and_new(tmp_path):
+    repo = copy_of_the_repository(tmp_path / "repo")
+    python = environment_without_teachsweep(tmp_path / "env")
+    cache = tmp_path / "cache"
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
+                        "RAY_AUTH_TOKEN": secrets.token_hex(32), "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
+    env.pop("TEACHSWEEP_RESULTS_DIR", None)
+    gcs_port, dashboard_port = free_port(), free_port()
+    gcs, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
+    head = start_node(python, env, "--head", "--port", str(gcs_port), "--num-cpus", "0", "--dashboard-host",
+                      "127.0.0.1", "--dashboard-port", str(dashboard_port), "--min-worker-port", "23000",
+                      "--max-worker-port", "23999", "--temp-dir", tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # fmt: skip
+    mlflow_port = free_port()
+    tracking = f"http://127.0.0.1:{mlflow_port}"
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "art")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    nodes = {"head": head}
+    submit_env = env | {"RAY_BIN": str(BIN / "ray"), "TEACHSWEEP_CACHE": str(cache), "MLFLOW_TRACKING_URI": tracking}
+    try:
+        wait_for(f"{tracking}/health", 180)
+        wait_for(f"{dashboard}/api/version", 180)
+        nodes["old"] = start_node(python, env, "--address", gcs, "--num-cpus", "2", "--node-manager-port",
+                                  str(free_port()), "--object-manager-port", str(free_port()),
+                                  "--min-worker-port", "24000", "--max-worker-port", "24999",
+                                  "--temp-dir", tempfile.mkdtemp(prefix="rw", dir="/tmp"))  # fmt: skip
+        wait_for_cpus(gcs, env, 2)
+        set_version(repo, "A")
+        first = submit(repo, submit_env, dashboard, tmp_path / "results")
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        shutil.rmtree(cache / "imports")
+        set_version(repo, "B")
+        nodes["new"] = start_node(python, env, "--address", gcs, "--num-cpus", "2", "--node-manager-port",
+                                  str(free_port()), "--object-manager-port", str(free_port()),
+                                  "--min-worker-port", "25000", "--max-worker-port", "25999",
+                                  "--temp-dir", tempfile.mkdtemp(prefix="rw", dir="/tmp"))  # fmt: skip
+        wait_for_cpus(gcs, env, 4)
+        second = subprocess.Popen([str(repo / "cluster" / "submit.sh"), "--results-dir", str(tmp_path / "results"),
+                                   "sweeps/code.yaml", dashboard], env=submit_env, cwd=repo,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        seen: dict[str, set[str]] = {}
+        deadline = time.time() + 600
+        while second.poll() is None and time.time() < deadline:  # trial processes live only while the job runs
+            if (cache / "imports").exists():
+                for name, versions in imports_by_node(cache, nodes).items():
+                    seen.setdefault(name, set()).update(versions)
+            time.sleep(0.5)
+        output = second.communicate(timeout=300)[0]
+        assert second.returncode == 0, output[-4000:]
+        assert {f.name.partition("-")[0] for f in (cache / "imports").iterdir()} == {"B"}, sorted(
+            f.name for f in (cache / "imports").iterdir()
+        )
+        assert seen.get("old") == {"B"} and seen.get("new") == {"B"}, seen
+    finally:
+        for process in [*nodes.values(), server]:
+            try:
+                os.killpg(process.pid, 9)
+            except ProcessLookupError:
+                pass
