@@ -3,7 +3,7 @@
 #   make test         install, then run the whole test suite (what .ci/run calls)
 VENV ?= .venv
 
-.PHONY: setup quickstart test test-quick lint bench
+.PHONY: setup quickstart test test-quick lint bench notebook
 
 setup:
 	@bash scripts/setup.sh
@@ -23,3 +23,7 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/teachsweep bench overhead && $(VENV)/bin/teachsweep bench lot
+
+# the analysis notebook in JupyterLab (the `notebook` extra, installed here only: setup.sh leaves it out)
+notebook: setup
+	$(VENV)/bin/pip install -q -e '.[notebook]' && $(VENV)/bin/jupyter lab notebooks/analyze_sweep.ipynb

@@ -95,7 +95,7 @@ def smat_iteration(unroll: str):
     teacher = tiny_bert(0).double().eval()
     batch, meta_batch = text_batch(8), text_batch(8, 20)
     with torch.no_grad():
-        t_logits, attentions = teacher.classify(batch, output_attentions=True)
+        t_logits, attentions = teacher.classify(batch, output_attentions=True, log_attention=True)
         meta_targets = teacher.classify(meta_batch)[0]
     evidence = head_scores(attentions, batch["attention_mask"])
     model = scaffold.ExplainedStudent(tiny_bert(1), AttentionExplainer(2, 4)).double()

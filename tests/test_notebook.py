@@ -52,6 +52,12 @@ def test_analysis_notebook_executes_against_a_real_sweep(ray_session, tmp_path, 
         "best on teacher/best_val_acc (max; picked on the validation split): trial" in text_out
         and "vs teacher_only: " in text_out
     )  # the verdict
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # alpha x N map, parallel coordinates, curves
+    # the objective against alpha and against N, the alpha x N map, parallel coordinates, learning curves
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
     captions = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "alpha in four log-spaced bins" in captions and "per epoch of the 3 best trials" in captions
+    assert captions.count("Each point is one searched trial (3), its final teacher/best_val_acc") == 2, captions
+    trials = next(o["data"]["text/html"] for o in outputs if "<table" in o.get("data", {}).get("text/html", ""))
+    header = trials.split("</thead>")[0]
+    assert "<th>teacher/best_val_acc</th>" in header and "<th>...</th>" not in header, header  # no column hidden
+    assert "TqdmWarning" not in text_out and "IProgress" not in text_out  # stdout and stderr both

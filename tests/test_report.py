@@ -57,7 +57,7 @@ def test_the_verdict_says_when_the_best_is_within_noise():
             row("base", 0.68, arm="teacher_only")]  # fmt: skip
     lines = verdict(spec, rows)
     assert lines[0].startswith(
-        "best on teacher/best_val_acc (max; picked on the validation split): trial a [lot] 0.7 ("
+        "best on teacher/best_val_acc (max; picked on the validation split): trial a [lot] 0.7 ["
     )
     assert "Wilson score 95% over 300 validation examples" in lines[0]
     # 0.70 vs 0.69 on 300 examples each: within noise; 0.70 vs 0.50: not
@@ -169,7 +169,7 @@ def test_the_verdict_shows_the_held_out_score_of_record_beside_the_validation_pi
     assert "Wilson score 95% over 300 validation examples" in lines[0]
     held = lines.index("held out, not used to pick the trial: teacher/test_acc")
     low, high = wilson_interval(0.78, 300)
-    assert lines[held + 1] == f"  best 0.78 ({low:.4g}, {high:.4g}; Wilson score 95% over 300 test examples)"
+    assert lines[held + 1] == f"  best 0.78 [{low:.4g}, {high:.4g}] (Wilson score 95% over 300 test examples)"
     assert re.fullmatch(r"  vs teacher_only 0\.7933: -0\.0133 \[-0\.0\d+, \+0\.0\d+\] \(within noise\)",
                         lines[held + 2]), lines[held + 2]  # fmt: skip
     assert all(len(line) <= 100 for line in lines[held:])
@@ -212,7 +212,7 @@ def test_a_smat_verdict_compares_the_best_explainer_with_none_on_validation_and_
     assert any(line.startswith("vs none: +0.04 [") and PAIRED_METHOD in line for line in lines), lines
     held = lines.index("held out, not used to pick the trial: simulability/test")
     assert (
-        lines[held + 1].startswith("  best 0.7967 (") and "Student-t 95% over 3 seeds (test split)" in lines[held + 1]
+        lines[held + 1].startswith("  best 0.7967 [") and "Student-t 95% over 3 seeds (test split)" in lines[held + 1]
     )
     assert lines[held + 2].startswith("  vs none 0.79: +0.006667 [")
 
@@ -220,3 +220,107 @@ def test_a_smat_verdict_compares_the_best_explainer_with_none_on_validation_and_
 def test_a_smat_verdict_says_its_explainer_is_meta_trained_on_the_validation_split():
     line = verdict(parse_spec(SMAT_GRID), smat_rows())[0]
     assert "meta-trained" in line and "validation" in line
+
+
+# ------------------------------------------------------------------------- the report's figures and tables
+
+LOT_SEARCH = """
+name: polish
+job: lot
+config: {task: digits, teacher: cnn}
+space:
+  alpha: {type: loguniform, low: 0.1, high: 1.0}
+  student_steps: {type: int, low: 1, high: 2}
+"""
+
+
+def polish_rows() -> list[dict]:
+    """Six LoT trials, three at each N, with alphas of full float precision, and a teacher-only arm."""
+    cases = [(0.31622776601683794, 1, 0.52), (0.1234567891234567, 1, 0.61), (0.7777777777777777, 1, 0.70),
+             (0.2, 2, 0.80), (0.5, 2, 0.88), (0.9, 2, 0.95)]  # fmt: skip
+    rows = [row(f"t{k}", acc, alpha=a, student_steps=n, arm="lot") for k, (a, n, acc) in enumerate(cases)]
+    return rows + [row("base", 0.6, arm="teacher_only")]
+
+
+def polish_sweep():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(spec=parse_spec(LOT_SEARCH))
+
+
+def drawn(monkeypatch) -> dict:
+    """{title: the matplotlib figure} of each report figure made while the test runs (the report keeps PNGs only)."""
+    from teachsweep import report
+
+    figures, original = {}, report.Figure.__init__
+
+    def keep(self, title, fig, caption):
+        figures[title] = fig
+        original(self, title, fig, caption)
+
+    monkeypatch.setattr(report.Figure, "__init__", keep)
+    return figures
+
+
+def luminance(rgba) -> float:
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def test_heatmap_labels_contrast_with_their_cells(monkeypatch):
+    from matplotlib.colors import to_rgba
+
+    from teachsweep.report import alpha_n_map
+
+    figures = drawn(monkeypatch)
+    (figure,) = alpha_n_map(polish_sweep(), polish_rows())
+    ax = figures[figure.title].axes[0]
+    image = ax.images[0]
+    grid = image.get_array()
+    contrasts = []
+    for text in ax.texts:
+        i, j = (round(c) for c in reversed(text.get_position()))
+        cell, label = luminance(image.cmap(image.norm(grid[i, j]))), luminance(to_rgba(text.get_color()))
+        contrasts.append((max(cell, label) + 0.05) / (min(cell, label) + 0.05))
+    assert len(contrasts) >= 4 and min(contrasts) >= 4.5, contrasts  # WCAG AA for text
+    assert "measured on 300 validation examples" in figure.caption
+
+
+def test_points_at_the_same_n_are_spread_and_captions_count_the_examples(monkeypatch):
+    from teachsweep.report import objective_vs_parameters
+
+    drawings = drawn(monkeypatch)
+    figures = {f.title: f for f in objective_vs_parameters(polish_sweep(), polish_rows())}
+    xs = list(drawings["teacher/best_val_acc against student_steps"].axes[0].containers[0].lines[0].get_xdata())
+    assert len(set(xs)) == 6, xs  # three trials at each N, none on top of another
+    assert sorted(round(x) for x in xs) == [1, 1, 1, 2, 2, 2] and all(abs(x - round(x)) <= 0.15 + 1e-9 for x in xs)
+    by_alpha = drawings["teacher/best_val_acc against alpha"].axes[0].containers[0].lines[0].get_xdata()
+    assert list(by_alpha)[0] == 0.31622776601683794  # a continuous parameter is not moved
+    for figure in figures.values():
+        assert "measured on 300 validation examples" in figure.caption, figure.caption
+
+
+def test_the_report_tables_print_numbers_to_4_digits_and_intervals_in_brackets():
+    from teachsweep.report import trials_table
+
+    page = trials_table(polish_sweep(), polish_rows())
+    cells = re.findall(r"<td>(.*?)</td>", page)
+    assert not [c for c in cells if re.search(r"\d\.\d{5,}", c)], cells  # alpha 0.3162, not 0.31622776601683794
+    assert "0.3162" in cells and "0.1235" in cells
+    intervals = [c for c in cells if c.startswith(("[", "("))]
+    assert intervals and all(re.fullmatch(r"\[0\.\d{1,4}, 0\.\d{1,4}\]", c) for c in intervals), intervals
+    line = verdict(polish_sweep().spec, polish_rows())[0]
+    assert re.search(r"trial t5 \[lot\] 0\.95 \[0\.\d+, 0\.\d+\] \(Wilson score 95% over 300 validation", line), line
+
+
+def test_the_held_out_score_is_that_of_the_model_the_trial_kept_and_names_its_interval():
+    """A LoT trial keeps its best-validation teacher: the held-out line reads the test score at that epoch, not
+    the last epoch's, and says how the difference's interval was computed."""
+    spec = parse_spec(SPEC)
+    rows = [held_out_row("a", 0.73, 0.70, alpha=0.1), held_out_row("base", 0.70, 0.75, arm="teacher_only")]
+    rows[0]["metrics"]["teacher/test_acc_at_best_val"] = 0.78
+    rows[1]["metrics"]["teacher/test_acc_at_best_val"] = 0.76
+    lines = verdict(spec, rows)
+    held = lines.index("held out, not used to pick the trial: teacher/test_acc_at_best_val")
+    assert lines[held + 2].startswith("  vs teacher_only 0.76: +0.02")
+    assert lines[held + 3].startswith("    (difference: ") and len(lines[held + 3]) <= 100

@@ -107,7 +107,7 @@ def test_meta_gradient_matches_finite_differences():
             explainer.phi.copy_(torch.linspace(-1, 1, layers * heads))
         batch, meta_batch = text_batch(4), text_batch(4, 20)
         with torch.no_grad():
-            t_logits, attentions = teacher.classify(batch, output_attentions=True)
+            t_logits, attentions = teacher.classify(batch, output_attentions=True, log_attention=True)
             meta_targets = teacher.classify(meta_batch)[0]
         evidence = head_scores(attentions, batch["attention_mask"])
         opt = scaffold.make_student_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
@@ -145,7 +145,7 @@ def test_student_step_unroll_takes_exactly_the_plain_student_step(optimizer):
     teacher = tiny_bert(0).eval()
     batch, meta_batch = text_batch(4), text_batch(4, 20)
     with torch.no_grad():
-        t_logits, attentions = teacher.classify(batch, output_attentions=True)
+        t_logits, attentions = teacher.classify(batch, output_attentions=True, log_attention=True)
         meta_targets = teacher.classify(meta_batch)[0]
     evidence = head_scores(attentions, batch["attention_mask"])
     after = []
@@ -389,7 +389,7 @@ def test_cached_teacher_evidence_equals_computing_it_on_the_shuffled_padded_batc
     batches = data.make_batches(task, "validation", models.load_tokenizer("tiny-bert"), 32, 48)
 
     def evidence_of(batch):
-        logits, attentions = teacher.classify(batch, output_attentions=True)
+        logits, attentions = teacher.classify(batch, output_attentions=True, log_attention=True)
         return logits, head_scores(attentions, batch["attention_mask"])
 
     cache = scaffold.TeacherCache(batches, evidence_of, teacher, torch.device("cpu"), batch_size=16)

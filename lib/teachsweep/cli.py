@@ -26,7 +26,51 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks: measured numbers, one run each.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-console = Console(width=160)
+
+
+def terminal_width() -> int:
+    """COLUMNS, else the terminal's width; 100 where the output is no terminal (a pipe, a log file)."""
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+console = Console(width=terminal_width())
+
+
+@app.callback()
+def fit_the_terminal() -> None:
+    console.width = terminal_width()  # read when a command runs, not when the module was imported
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def fitted_table(title: str, columns: list[str], **options) -> Table:
+    """A table whose headers and cells wrap instead of being cut with an ellipsis when the terminal is narrow: a
+    metric's header breaks after its '/', anything else that cannot wrap at a space folds."""
+    if "caption" in options:
+        options["caption"] = escape(options["caption"])
+    table = Table(title=escape(title), **options)
+    for column in columns:
+        table.add_column(escape(column).replace("/", "/\n"), overflow="fold")
+    return table
+
+
+def print_paths(text: str) -> None:
+    """Text wrapped at spaces to the terminal, where a path or URL longer than a line stays whole on its own line
+    (rich would fold it, and a folded path can neither be clicked nor copied)."""
+    from teachsweep.results import wrap_lines
+
+    console.print("\n".join(wrap_lines(text.splitlines(), console.width)), soft_wrap=True, highlight=False,
+                  markup=False)  # fmt: skip
+
+
+def keep_whole(table: Table, width: int) -> Table:
+    """The last column (an MLflow run id) never folds: a broken id cannot be copied."""
+    table.columns[-1].min_width, table.columns[-1].no_wrap = width, True
+    return table
 
 
 def fail(message: str) -> None:
@@ -45,11 +89,10 @@ def print_outcome(outcome) -> None:
                       if len({str(t["params"].get(k)) for t in outcome.trials}) > 1} - {"variant", "task"})  # fmt: skip
     searched = list(spec.space) or varying
     reported = [m for m in shown if any(m in r["metrics"] for r in outcome.trials)]
-    table = Table(title=f"sweep {spec.name}: {len(outcome.trials)} trials in {outcome.seconds:.0f} s",
-                  caption=interval_caption([r["metrics"] for r in outcome.trials], reported),
-                  caption_justify="left")  # fmt: skip
-    for column in ["trial", "arm/label", *searched, *reported]:
-        table.add_column(column)
+    table = fitted_table(f"sweep {spec.name}: {plural(len(outcome.trials), 'trial')} in {outcome.seconds:.0f} s",
+                         ["trial", "arm or label", *searched, *reported],
+                         caption=interval_caption([r["metrics"] for r in outcome.trials], reported),
+                         caption_justify="left")  # fmt: skip
     for row in outcome.trials:
         metrics = [with_interval(row["metrics"], m) for m in reported]
         params = [short(row["params"].get(k, "")) for k in searched]
@@ -58,20 +101,9 @@ def print_outcome(outcome) -> None:
         )
     console.print(table)
     if outcome.comparisons:
-        compare = Table(title=f"LoT minus teacher-only ({PAIRED_METHOD})")
-        for column in (
-            "variant",
-            "trial",
-            "budget",
-            "metric",
-            "LoT mean ± std",
-            "teacher-only mean ± std",
-            "diff",
-            "95% CI",
-            "p",
-            "seeds",
-        ):
-            compare.add_column(column)
+        columns = ["variant", "trial", "budget", "metric", "LoT mean ± std", "teacher-only mean ± std", "diff",
+                   "95% CI", "p", "seeds"]  # fmt: skip
+        compare = fitted_table(f"LoT minus teacher-only ({PAIRED_METHOD})", columns)
         for c in outcome.comparisons:
             compare.add_row(
                 c["variant"] or "-", c["trial"], c["budget"], c["metric"], f"{c['lot_mean']:.4g} ± {c['lot_std']:.2g}",
@@ -80,63 +112,84 @@ def print_outcome(outcome) -> None:
             )  # fmt: skip
         console.print(compare)
     for sentence in JOBS[spec.job].uncompared(merge_seed_trials(outcome.trials)):
-        console.print(f"not compared: {sentence}", soft_wrap=True, highlight=False)
+        console.print(f"not compared: {sentence}", highlight=False, markup=False)
     if outcome.seed_summaries:
         console.print(seed_summary_table(outcome.seed_summaries))
-    for best in outcome.best:
-        shown_params = {k: v for k, v in best["params"].items() if k in searched or k == "arm"}
-        console.print(f"[bold]best[/] {best['values']}  params {shown_params}  MLflow run {best.get('mlflow_run_id')}")
-    print_verdict(spec, merge_seed_trials(outcome.trials))
+    rows = merge_seed_trials(outcome.trials)
+    if len(spec.objectives) > 1:
+        for best in outcome.best:
+            shown = {k: v for k, v in best["params"].items() if k in searched or k == "arm"}
+            console.print(f"[bold]Pareto front[/] {values_text(best['values'])}; {params_text(shown)}; MLflow run "
+                          f"{best.get('mlflow_run_id')}", highlight=False)  # fmt: skip
+    print_verdict(spec, rows)
+    picked = verdict_pick(spec, rows) if len(spec.objectives) == 1 else None
+    if picked is not None:
+        console.print(f"best trial {picked['trial_id']}: MLflow run {picked.get('mlflow_run_id')}", highlight=False)
     for row in outcome.trials:
         if row["error"]:
             console.print(f"[red]trial {row['trial_id']} failed:[/] {row['error']}")
     if outcome.report:
-        console.print(f"\nReport: file://{outcome.report}", soft_wrap=True, highlight=False)
+        print_paths(f"\nReport: file://{outcome.report}")
     console.print(f"Open the runs:  teachsweep ui {spec.name}  (MLflow UI and optuna-dashboard, with the URLs of the "
-                  "trials, the report and the study)", soft_wrap=True)  # fmt: skip
+                  "trials, the report and the study)", highlight=False)  # fmt: skip
 
 
 def with_interval(metrics: dict, metric: str) -> str:
     """A table cell: the value and, where the data supports one, its 95% interval (metrics.interval_of)."""
-    from teachsweep.metrics import interval_of
+    from teachsweep.metrics import interval_of, interval_text
 
     own = interval_of(metrics, metric)
-    return f"{own.point:.4g} ({own.low:.3g}, {own.high:.3g})" if own else short(metrics.get(metric, ""))
+    return f"{own.point:.4g} {interval_text(own.low, own.high)}" if own else short(metrics.get(metric, ""))
 
 
 def interval_caption(rows_metrics: list[dict], metrics: list[str]) -> str:
-    """What each column's (low, high) was computed by and on, one line per metric; or that it has none."""
+    """What each column's [low, high] was computed by and on, one line per metric; or that it has none."""
     from teachsweep.metrics import interval_labels
 
     lines = []
     for metric in metrics:
         labels = interval_labels(rows_metrics, metric)
-        lines.append(f"{metric} (low, high): {' or '.join(labels)}" if labels else f"{metric}: no interval")
+        lines.append(f"{metric} [low, high]: {' or '.join(labels)}" if labels else f"{metric}: no interval")
     return "\n".join(lines)
 
 
 def print_verdict(spec, rows: list[dict]) -> None:
-    from teachsweep.results import verdict
+    """The verdict's sentences under 'verdict ', each wrapped to the terminal (results.wrap_lines)."""
+    from teachsweep.results import verdict, wrap_lines
 
     if len(spec.objectives) == 1:
-        console.print("[bold]verdict[/] " + escape("\n        ".join(verdict(spec, rows))), soft_wrap=True)
+        lines = wrap_lines(verdict(spec, rows), console.width - len("verdict "))
+        console.print("[bold]verdict[/] " + escape("\n        ".join(lines)), soft_wrap=True, highlight=False)
+
+
+def values_text(values: dict) -> str:
+    return ", ".join(f"{k} {short(v)}" for k, v in values.items())
+
+
+def params_text(params: dict) -> str:
+    return ", ".join(f"{k}={short(v)}" for k, v in params.items()) or "no parameters"
+
+
+def verdict_pick(spec, rows: list[dict]):
+    from teachsweep.results import verdict_pick as pick
+
+    return pick(spec, rows)
 
 
 def seed_summary_table(rows: list[dict]) -> Table:
-    """Per variant over seeds: median [IQR], mean with a Student-t 95% CI, the per-seed test-point CI (bootstrap
+    """Per variant over seeds: median (IQR), mean with a Student-t 95% CI, the per-seed test-point CI (bootstrap
     over test points), and the paired difference to the `none` variant when there is one (paired t, sign-flip p)."""
-    table = Table(title=f"over seeds: median [IQR], mean ({T_METHOD}); vs none: {PAIRED_METHOD}")
-    for column in ("variant", "metric", "seeds", "median [IQR]", "mean (95% CI)", "test-point CI", "vs none (95% CI)",
-                   "p"):  # fmt: skip
-        table.add_column(column)
+    table = fitted_table(f"over seeds: median (IQR), mean [95% CI] ({T_METHOD}); vs none: {PAIRED_METHOD}",
+                         ["variant", "metric", "seeds", "median (IQR)", "mean [95% CI]", "test-point CI",
+                          "vs none [95% CI]", "p"])  # fmt: skip
     for r in rows:
         points = f"[{r['test_points_ci_low']:.4g}, {r['test_points_ci_high']:.4g}]" if "test_points_ci_low" in r else ""
         versus = (f"{r['vs_none_diff_mean']:+.4g} [{r['vs_none_ci_low']:+.4g}, {r['vs_none_ci_high']:+.4g}]"
                   if "vs_none_diff_mean" in r else "")  # fmt: skip
         p_value = f"{r['vs_none_p_value']:.3g}" if "vs_none_p_value" in r else ""
         table.add_row(
-            r["label"], r["metric"], str(r["n_seeds"]), f"{r['median']:.4g} [{r['q25']:.4g}, {r['q75']:.4g}]",
-            f"{r['mean']:.4g} ({r['ci_low']:.4g}, {r['ci_high']:.4g})", points, versus, p_value,
+            r["label"], r["metric"], str(r["n_seeds"]), f"{r['median']:.4g} ({r['q25']:.4g}–{r['q75']:.4g})",
+            f"{r['mean']:.4g} [{r['ci_low']:.4g}, {r['ci_high']:.4g}]", points, versus, p_value,
         )  # fmt: skip
     return table
 
@@ -179,7 +232,7 @@ def run(
         from teachsweep.progress import Progress
         from teachsweep.sweep import run_sweep
 
-        outcome = run_sweep(spec, text, callbacks=[Progress(spec.metric_names)], where=f"{spec_file}: ")
+        outcome = run_sweep(spec, text, callbacks=[Progress(spec)], where=f"{spec_file}: ")
     except SpecError as error:
         fail(str(error))
     print_outcome(outcome)
@@ -199,7 +252,7 @@ def run_pipeline_file(spec_file: Path, text: str, results_dir: str | None = None
             print_outcome(outcome)
 
     pipeline = pipeline_with_results_dir(parse_pipeline(text, where=f"{spec_file}: "), text, results_dir)
-    outcomes = run_pipeline(pipeline, text, lambda spec: [Progress(spec.metric_names)], on_stage, f"{spec_file}: ")
+    outcomes = run_pipeline(pipeline, text, lambda spec: [Progress(spec)], on_stage, f"{spec_file}: ")
     if any(row["status"] != "OK" for outcome in outcomes for row in outcome.trials):
         raise typer.Exit(1)
     for stage in pipeline.stages:
@@ -228,16 +281,14 @@ def print_teacher_effect(name: str, results_dir: str) -> None:
     if not chained:
         return
     teachers, rows = chained
-    table = Table(title=f"{name} by the teacher from {teachers}: mean ({T_METHOD}); vs the baseline teacher: "
-                  f"{PAIRED_METHOD}, paired by teacher seed")  # fmt: skip
-    for column in ("teacher", "student variant", "metric", "seeds", "mean (95% CI)", "vs baseline teacher (95% CI)",
-                   "p"):  # fmt: skip
-        table.add_column(column)
+    table = fitted_table(f"{name} by the teacher from {teachers}: mean ({T_METHOD}); vs the baseline teacher: "
+                         f"{PAIRED_METHOD}, paired by teacher seed", ["teacher", "student variant", "metric", "seeds",
+                         "mean [95% CI]", "vs baseline teacher [95% CI]", "p"])  # fmt: skip
     for r in rows:
         versus = (f"{r['vs_reference_diff_mean']:+.4g} [{r['vs_reference_ci_low']:+.4g}, "
                   f"{r['vs_reference_ci_high']:+.4g}]" if "vs_reference_diff_mean" in r else "")  # fmt: skip
         table.add_row(r["teacher"], r["variant"] or "(the teacher)", r["metric"], str(r["n_seeds"]),
-                      f"{r['mean']:.4g} ({r['ci_low']:.4g}, {r['ci_high']:.4g})", versus,
+                      f"{r['mean']:.4g} [{r['ci_low']:.4g}, {r['ci_high']:.4g}]", versus,
                       f"{r['vs_reference_p_value']:.3g}" if "vs_reference_p_value" in r else "")  # fmt: skip
     console.print(table)
 
@@ -264,10 +315,13 @@ def validate(spec_file: Path = typer.Argument(..., help="a sweep spec or pipelin
     except SpecError as error:
         fail(str(error))
     searched = spec.num_samples if spec.space else 0
-    console.print(f"{spec_file}: ok (job {spec.job}: {len(fixed_trials(spec))} fixed trials, {searched} searched)")
+    console.print(f"{spec_file}: ok (job {spec.job}: {plural(len(fixed_trials(spec)), 'fixed trial')}, {searched} "
+                  "searched)")  # fmt: skip
 
 
-RESULTS_OPTION = typer.Option("teachsweep-results", "--results-dir", help="where sweeps keep their results")
+RESULTS_OPTION = typer.Option(
+    "teachsweep-results", "--results-dir", envvar=RESULTS_DIR_ENV, help="where sweeps keep their results"
+)
 
 
 def open_or_fail(name: str, results_dir: str):
@@ -290,7 +344,7 @@ def resume(name: str, results_dir: str = RESULTS_OPTION) -> None:
     sweep = open_or_fail(name, results_dir)
     spec = sweep.spec.model_copy(update={"results_dir": str(Path(results_dir))})
     try:
-        outcome = run_sweep(spec, sweep.spec_text, callbacks=[Progress(spec.metric_names)],
+        outcome = run_sweep(spec, sweep.spec_text, callbacks=[Progress(spec)],
                             where=f"{sweep.directory / 'spec.yaml'}: ")  # fmt: skip
     except SpecError as error:
         fail(str(error))
@@ -302,9 +356,8 @@ def list_command(results_dir: str = RESULTS_OPTION) -> None:
     """The sweeps in the results directory, with their progress."""
     from teachsweep.results import list_sweeps, open_sweep, status
 
-    table = Table(title=f"sweeps in {Path(results_dir).resolve()}")
-    for column in ("name", "pipeline stage", "job", "status", "finished", "failed", "planned", "elapsed"):
-        table.add_column(column)
+    table = fitted_table(f"sweeps in {Path(results_dir).resolve()}", ["name", "pipeline stage", "job", "status",
+                         "finished", "failed", "planned", "elapsed"])  # fmt: skip
     for name in list_sweeps(results_dir):
         sweep = open_sweep(name, results_dir)
         st = status(sweep)
@@ -323,44 +376,89 @@ def status_command(
     """Trials done, running and failed, the best so far, and the elapsed time of sweep NAME."""
     from rich.progress import BarColumn, Progress, TextColumn
 
+    from teachsweep.progress import duration
     from teachsweep.results import status
 
     sweep = open_or_fail(name, results_dir)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[line]}"),
+    with Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[line]}"),
                   console=console, transient=False) as bar:  # fmt: skip
         task = bar.add_task(name, total=sweep.planned_trials, line="")
         while True:
             st = status(sweep)
-            best = st["best"][0]["values"] if st["best"] else {}
-            stage = f"stage {sweep.spec.stage} of pipeline {sweep.spec.pipeline}; " if sweep.spec.pipeline else ""
-            line = (f"{stage}{st['finished']}/{st['planned']} done, {st['running']} running, {st['failed']} failed, "
-                    f"{st['elapsed_s']:.0f} s, {st['sweep_status']}; best so far {best}")  # fmt: skip
+            line = (f"{st['finished']}/{st['planned'] or '?'} done, {st['running']} running, {st['failed']} failed, "
+                    f"{duration(st['elapsed_s'])}")  # fmt: skip
             bar.update(task, completed=st["finished"] + st["failed"], line=line)
             if not watch or st["sweep_status"] != "RUNNING":
                 break
             time.sleep(5)
+    stage = f"stage {sweep.spec.stage} of pipeline {sweep.spec.pipeline}, " if sweep.spec.pipeline else ""
+    console.print(f"{stage}{st['sweep_status']}; best so far: {best_so_far(sweep)}", highlight=False, markup=False)
+
+
+def best_so_far(sweep) -> str:
+    """The trial the verdict would name now, with its objective's interval; the front's size for several."""
+    from teachsweep.results import best_trials, trial_rows, trial_runs, with_its_interval
+
+    runs = trial_runs(sweep)
+    if len(sweep.spec.objectives) > 1:
+        return f"a Pareto front of {plural(len(best_trials(sweep, runs)), 'trial')} (teachsweep best {sweep.name})"
+    picked = verdict_pick(sweep.spec, trial_rows(sweep, runs))
+    if picked is None:
+        return "none yet"
+    metric = sweep.spec.metric_names[0]
+    return f"trial {picked['trial_id']} [{picked['label']}] {metric} {with_its_interval(picked, metric)}"
 
 
 @app.command()
 def best(name: str, results_dir: str = RESULTS_OPTION) -> None:
     """The best trial of sweep NAME, or its Pareto front when the sweep has several objectives."""
-    from teachsweep.results import best_trials, trial_rows, trial_runs
+    from teachsweep.results import trial_rows, trial_runs
 
     sweep = open_or_fail(name, results_dir)
     runs = trial_runs(sweep)
+    rows = trial_rows(sweep, runs)
+    table = pareto_table(sweep, runs) if len(sweep.spec.objectives) > 1 else best_table(sweep, rows)
+    if table is None:
+        fail(f"sweep '{name}' has no finished trial with {', '.join(sweep.spec.metric_names)}")
+    console.print(table)
+    print_verdict(sweep.spec, rows)
+
+
+def best_table(sweep, rows: list[dict]) -> Table | None:
+    """The trial the verdict names: its id, arm, objective with its interval, parameters and MLflow run."""
+    from teachsweep.metrics import interval_labels
+    from teachsweep.results import point_of
+
+    picked = verdict_pick(sweep.spec, rows)
+    if picked is None:
+        return None
+    metric, objective = sweep.spec.metric_names[0], sweep.spec.objectives[0]
+    labels = interval_labels([picked["metrics"]], metric)
+    table = fitted_table(f"{sweep.name}: best trial ({objective.metric} {objective.mode})",
+                         ["trial", "arm or label", metric, "params", "MLflow run"],
+                         caption=f"{metric} [low, high]: {labels[0]}" if labels else f"{metric}: no interval",
+                         caption_justify="left")  # fmt: skip
+    spec = sweep.spec
+    shown = list(spec.space) or sorted({k for v in spec.variants.values() for k in v} | {"arm"})
+    params = {k: picked["params"][k] for k in shown if k in picked["params"]}
+    value = with_interval(picked["metrics"], metric) if labels else short(point_of(picked, metric))
+    table.add_row(str(picked["trial_id"]), picked["label"], value, params_text(params), str(picked["mlflow_run_id"]))
+    return keep_whole(table, 32)
+
+
+def pareto_table(sweep, runs) -> Table | None:
+    from teachsweep.results import best_trials
+
     front = best_trials(sweep, runs)
     if not front:
-        fail(f"sweep '{name}' has no finished trial with {', '.join(sweep.spec.metric_names)}")
-    title = "Pareto front" if len(sweep.spec.objectives) > 1 else "best trial"
-    table = Table(title=f"{name}: {title} ({', '.join(f'{o.metric} {o.mode}' for o in sweep.spec.objectives)})")
-    for column in ("values", "params", "MLflow run"):
-        table.add_column(column)
+        return None
+    trial_of = dict(zip(runs["run_id"], runs["tags.teachsweep.trial_id"], strict=True)) if len(runs) else {}
+    objectives = ", ".join(f"{o.metric} {o.mode}" for o in sweep.spec.objectives)
+    table = fitted_table(f"{sweep.name}: Pareto front ({objectives})", ["trial", "values", "params", "MLflow run"])
     for row in front:
-        values = ", ".join(f"{k}={short(v)}" for k, v in row["values"].items())
-        params = ", ".join(f"{k}={short(v)}" for k, v in row["params"].items())
-        table.add_row(values, params, str(row["mlflow_run_id"]))
-    console.print(table)
-    print_verdict(sweep.spec, trial_rows(sweep, runs))
+        table.add_row(str(trial_of.get(row.get("mlflow_run_id"), "?")), values_text(row["values"]),
+                      params_text(row["params"]), str(row.get("mlflow_run_id")))  # fmt: skip
+    return keep_whole(table, 32)
 
 
 @app.command()
@@ -370,7 +468,7 @@ def report(name: str, results_dir: str = RESULTS_OPTION) -> None:
 
     sweep = open_or_fail(name, results_dir)
     path = write_report(sweep)
-    console.print(f"report: file://{path}", soft_wrap=True, highlight=False)
+    print_paths(f"report: file://{path}")
 
 
 @app.command()
@@ -399,10 +497,21 @@ def export(
             "config": {}, "variants": {"best": config}, "seeds": sweep.spec.seeds if seed is None else [seed],
             "objectives": [o.model_dump() for o in sweep.spec.objectives]}  # fmt: skip
     (out / "best_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    console.print(f"best {front[0]['values']}  MLflow run {run_id}")
-    console.print(teacher_line(sweep, run_id), soft_wrap=True, highlight=False)
-    console.print(f"job config: {out / 'best_config.yaml'}\nspec:       {out / 'best_spec.yaml'}"
-                  f"  (run it: teachsweep run {out / 'best_spec.yaml'})")  # fmt: skip
+    console.print(exported_trial(sweep, run_id), highlight=False, markup=False)
+    print_paths(teacher_line(sweep, run_id))
+    files = f"job config: {out / 'best_config.yaml'}\nspec:       {out / 'best_spec.yaml'}"
+    print_paths(f"{files}\nrun it:     teachsweep run {out / 'best_spec.yaml'}")
+
+
+def exported_trial(sweep, run_id: str) -> str:
+    """'best trial <id> [<label>]: <objective> <value> (<low>, <high>; <how>)', each objective; and its run."""
+    from teachsweep.results import trial_rows, with_its_interval
+
+    row = next((r for r in trial_rows(sweep, merge_seeds=False) if r["mlflow_run_id"] == run_id), None)
+    if row is None:
+        return f"best: MLflow run {run_id}"
+    values = "; ".join(f"{m} {with_its_interval(row, m)}" for m in sweep.spec.metric_names if m in row["metrics"])
+    return f"best trial {row['trial_id']} [{row['label']}]: {values}\nMLflow run {run_id}"
 
 
 def teacher_line(sweep, run_id: str) -> str:
@@ -419,8 +528,8 @@ def teacher_line(sweep, run_id: str) -> str:
         return f"checkpoint: none (the best trial's run {run_id} holds no model.pt and config.json)"
     artifacts = MlflowClient(sweep.tracking_uri).get_run(teacher).info.artifact_uri
     return (
-        f'teacher: {MLFLOW}{teacher}  (model.pt and config.json in {artifacts}; give `teacher: "{MLFLOW}'
-        f'{teacher}"` to a scaffold or explain sweep on the tracking store {sweep.tracking_uri})'
+        f"teacher: {MLFLOW}{teacher}\n  model.pt and config.json in {artifacts}\n  give `teacher: "
+        f'"{MLFLOW}{teacher}"` to a scaffold or explain sweep on the tracking store {sweep.tracking_uri}'
     )
 
 
@@ -539,6 +648,20 @@ def bench_distributed(
     from teachsweep.bench import distributed_cost
 
     distributed_cost(steps, repeats, console)
+
+
+def one_line_summaries(group: typer.Typer) -> None:
+    """The command list shows each command's first paragraph; typer's rich help keeps its single line breaks there,
+    which cut a docstring's sentence where the source line ended. Give it the paragraph as one line instead."""
+    import inspect
+
+    for command in group.registered_commands:
+        text = inspect.cleandoc(command.help or (command.callback.__doc__ if command.callback else "") or "")
+        command.short_help = command.short_help or " ".join(text.split("\n\n")[0].split())
+
+
+one_line_summaries(app)
+one_line_summaries(bench_app)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -205,6 +205,13 @@ class Interval(NamedTuple):
     split: str | None  # "validation", "test", or None where the metric's name does not say
 
 
+def interval_text(low: float, high: float, signed: bool = False) -> str:
+    """How every 95% interval is written, in the CLI, the verdict and the report: square brackets, 4 significant
+    digits, '[0.6771, 0.7771]'; a difference's bounds signed, '[-0.04854, +0.09489]'."""
+    style = "+.4g" if signed else ".4g"
+    return f"[{low:{style}}, {high:{style}}]"
+
+
 def split_of(metric: str) -> str | None:
     """The evaluation split a metric was measured on, from its name: `teacher/best_val_acc` -> validation,
     `teacher/test_acc_at_best_val` -> test; None for anything else (RL returns, losses)."""

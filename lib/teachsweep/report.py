@@ -27,8 +27,10 @@ from teachsweep.jobs import JOBS
 from teachsweep.metrics import (
     PAIRED_METHOD,
     T_METHOD,
+    examples_metric,
     interval_labels,
     interval_of,
+    interval_text,
     per_seed,
     seed_summaries,
 )
@@ -36,7 +38,8 @@ from teachsweep.results import Sweep, is_baseline, teacher_effect, trial_rows, t
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
-figure{margin:1em 0}figcaption{font-size:.9em;color:#444;max-width:900px}
+figure{margin:1em 0}figure img{display:block;max-width:100%;height:auto}
+figcaption{font-size:.9em;color:#444;max-width:900px}
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
 .verdict{background:#f4f6fa;border-left:4px solid #4a6fa5;padding:.6em 1em}code{background:#f2f2f2}"""
 
@@ -92,9 +95,14 @@ def objective_vs_parameters(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Fi
             continue
         fig, ax = subplots(figsize=(6, 3.6))
         categorical = param.type == "categorical" and not all(isinstance(x, int | float) for x, _ in points)
-        xs = [str(x) for x, _ in points] if categorical else [float(x) for x, _ in points]
+        values = [str(x) if categorical else float(x) for x, _ in points]
+        discrete = categorical or param.type == "int"
+        positions = [values_order(values).index(x) for x in values] if categorical else values
+        xs = jittered(positions) if discrete else positions
         ax.errorbar(xs, [v[0] for _, v in points], yerr=[[v[1] for _, v in points], [v[2] for _, v in points]],
                     fmt="o", capsize=3)  # fmt: skip
+        if categorical:
+            ax.set_xticks(range(len(values_order(values))), values_order(values))
         baselines = [r for r in rows if is_baseline(r, JOBS[spec.job]) and value_and_error(r, metric)]
         for k, base in enumerate(baselines[:3]):  # the fixed arms (LoT's teacher-only) as bands to compare with
             value, low, high = value_and_error(base, metric)
@@ -104,18 +112,56 @@ def objective_vs_parameters(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Fi
             ax.legend(fontsize=7)
         if param.type == "loguniform":
             ax.set_xscale("log")
-        if param.type == "int":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if param.type == "int":  # a tick at each value tried, room for the spread points around it
+            ax.set_xticks(sorted(set(values)), [str(int(v)) for v in sorted(set(values))])
+            ax.set_xlim(min(values) - 0.5, max(values) + 0.5)
         ax.set_xlabel(name)
         ax.set_ylabel(metric)
         seeds = max(seeds_of(r, metric) for r in searched)
         arms = f" Lines and bands: the fixed arms ({', '.join(b['label'] for b in baselines[:3])}) with their " \
             "intervals." if baselines else ""  # fmt: skip
+        spread = " Points at the same value are spread sideways so that none hides another." if discrete else ""
         figures.append(Figure(f"{metric} against {name}", fig,
-                              f"Each point is one searched trial ({len(points)}), its final {metric}; bars are 95% "
-                              f"intervals ({interval_words(searched, metric)}); {seeds} seed(s) per trial. Points "
-                              f"whose bars overlap a lot are not told apart by this sweep.{arms}"))  # fmt: skip
+                              f"Each point is one searched trial ({len(points)}), its final {metric}"
+                              f"{examples_words(searched, metric)}; bars are 95% intervals "
+                              f"({interval_words(searched, metric)}); {seeds} seed(s) per trial. Points whose bars "
+                              f"overlap a lot are not told apart by this sweep.{spread}{arms}"))  # fmt: skip
     return figures
+
+
+def values_order(values: list) -> list:
+    return sorted(set(values), key=str)
+
+
+def jittered(xs: list[float], width: float = 0.3) -> list[float]:
+    """Points that share an x (trials at the same N, the same choice) spread evenly over `width` around it, in a
+    fixed order: the figure is the same each time it is drawn."""
+    out, seen = list(map(float, xs)), {}
+    for k, x in enumerate(xs):
+        seen.setdefault(x, []).append(k)
+    for x, ks in seen.items():
+        for rank, k in enumerate(ks):
+            out[k] = x + (width * (rank / (len(ks) - 1) - 0.5) if len(ks) > 1 else 0.0)
+    return out
+
+
+def examples_words(rows: list[dict[str, Any]], metric: str) -> str:
+    """', measured on 300 validation examples' (each trial's count of the metric's split; a range when they
+    differ); '' when the metric is not a proportion of a known number of examples."""
+    count = examples_metric(metric)
+    counts = sorted({int(r["metrics"][count]) for r in rows if count and count in r["metrics"]})
+    if not counts:
+        return ""
+    split = "validation" if count == "examples/val" else "test"
+    amount = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    return f", measured on {amount} {split} examples"
+
+
+def text_colour(rgba) -> str:
+    """Black on light cells, white on dark ones (relative luminance of the cell's colour, WCAG weights)."""
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "black" if luminance > 0.179 else "white"
 
 
 def interval_words(rows: list[dict[str, Any]], metric: str) -> str:
@@ -153,10 +199,13 @@ def alpha_n_map(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     for i in range(len(ns)):
         for j in range(len(edges) - 1):
             if counts[i, j]:
-                ax.text(j, i, f"{grid[i, j]:.3g}\nn={counts[i, j]}", ha="center", va="center", color="w", fontsize=8)
+                colour = text_colour(image.cmap(image.norm(grid[i, j])))
+                ax.text(j, i, f"{grid[i, j]:.4g}\nn={counts[i, j]}", ha="center", va="center", color=colour,
+                        fontsize=8)  # fmt: skip
     return [Figure("LoT: alpha × N", fig,
-                   f"Mean final {metric} of the LoT trials in each cell (n = trials in the cell; {len(lot)} in all), "
-                   "alpha in four log-spaced bins. One-trial cells carry all its noise.")]  # fmt: skip
+                   f"Mean final {metric} of the LoT trials in each cell (n = trials in the cell; {len(lot)} in all)"
+                   f"{examples_words(lot, metric)}, alpha in four log-spaced bins. One-trial cells carry all its "
+                   "noise.")]  # fmt: skip
 
 
 def comparison_forest(sweep: Sweep, comparisons: list[dict[str, Any]]) -> list[Figure]:
@@ -256,7 +305,7 @@ def teacher_effect_figure(teachers: str, rows: list[dict[str, Any]]) -> list[Fig
 
 
 def teacher_effect_table(teachers: str, rows: list[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{c}</th>" for c in ["teacher", "student variant", "metric", "seeds", "mean (95%)",
+    head = "".join(f"<th>{c}</th>" for c in ["teacher", "student variant", "metric", "seeds", "mean [95%]",
                                               "vs baseline teacher [95%]", "p"])  # fmt: skip
     body = []
     for r in rows:
@@ -264,7 +313,7 @@ def teacher_effect_table(teachers: str, rows: list[dict[str, Any]]) -> str:
                   f"{r['vs_reference_ci_high']:+.4g}]" if "vs_reference_diff_mean" in r else "")  # fmt: skip
         p_value = f"{r['vs_reference_p_value']:.3g}" if "vs_reference_p_value" in r else ""
         cells = [r["teacher"], r["variant"] or "(the teacher)", r["metric"], r["n_seeds"],
-                 f"{r['mean']:.4g} ({r['ci_low']:.4g}, {r['ci_high']:.4g})", versus, p_value]  # fmt: skip
+                 f"{r['mean']:.4g} {interval_text(r['ci_low'], r['ci_high'])}", versus, p_value]  # fmt: skip
         body.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
     return (
         f"<h2>By teacher (from <code>{html.escape(teachers)}</code>)</h2><p>{html.escape(T_METHOD)}; vs the "
@@ -303,8 +352,8 @@ def learning_curves(sweep: Sweep, rows: list[dict[str, Any]], top: int = 3) -> l
     ax.set_ylabel(curve)
     ax.legend(fontsize=8)
     return [Figure("Learning curves of the best trials", fig,
-                   f"{curve} per epoch of the {drawn} best trials on {metric} (for a trial that ran several seeds, "
-                   "its first seed).")]  # fmt: skip
+                   f"{curve} per epoch of the {drawn} best trials on {metric}{examples_words(ranked[:top], curve)} "
+                   "(for a trial that ran several seeds, its first seed).")]  # fmt: skip
 
 
 def first_seed_run(client, trial_run_id: str) -> str | None:
@@ -391,11 +440,16 @@ def trials_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
     for r in rows:
         own = interval_of(r["metrics"], metric)
         value = value_and_error(r, metric)
-        cells = [r["trial_id"], r["label"], *[r["params"].get(k, "") for k in searched],
-                 f"{value[0]:.4g}" if value else "", f"({own.low:.4g}, {own.high:.4g})" if own else "",
+        cells = [r["trial_id"], r["label"], *[number(r["params"].get(k, "")) for k in searched],
+                 f"{value[0]:.4g}" if value else "", interval_text(own.low, own.high) if own else "",
                  own.label if own else "no interval", seeds_of(r, metric)]  # fmt: skip
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return f"<h2>Trials</h2><table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def number(value: Any) -> Any:
+    """A parameter as a table shows it: a float to 4 significant digits (alpha 0.3162, not 0.31622776601683794)."""
+    return f"{value:.4g}" if isinstance(value, float) else value
 
 
 def comparisons_table(comparisons: list[dict[str, Any]]) -> str:

@@ -219,7 +219,18 @@ def best_trials(sweep: Sweep, runs=None) -> list[dict[str, Any]]:
     column, mode = f"metrics.{spec.metric_names[0]}", spec.mode_names[0]
     if column not in finished:
         return []
-    candidates = [(float(row[column]), str(row.get("tags.teachsweep.trial_id")), row) for _, row in finished.iterrows()]
+    from teachsweep.jobs import JOBS
+
+    job = JOBS[spec.job]
+    rows = [row for _, row in finished.iterrows() if row[column] == row[column]]  # (NaN: never reported)
+
+    def baseline(row) -> bool:  # the verdict's rule: a baseline arm is the best only when every trial is one
+        arm = row.get("params.arm")
+        params = {} if arm is None or arm != arm else {"arm": arm}
+        return is_baseline({"params": params, "label": row.get("tags.teachsweep.label", "")}, job)
+
+    rows = [row for row in rows if not baseline(row)] or rows
+    candidates = [(float(row[column]), str(row.get("tags.teachsweep.trial_id")), row) for row in rows]
     row = pick_best(candidates, mode)
     if row is None:
         return []
@@ -380,13 +391,13 @@ def point_of(row: dict[str, Any], metric: str) -> float | None:
 
 
 def with_its_interval(row: dict[str, Any], metric: str) -> str:
-    """'0.73 (0.6771, 0.7771; Wilson score 95% over 300 validation examples)', or the value and '(no interval)'."""
-    from teachsweep.metrics import interval_of
+    """'0.73 [0.6771, 0.7771] (Wilson score 95% over 300 validation examples)', or the value and '(no interval)'."""
+    from teachsweep.metrics import interval_of, interval_text
 
     own = interval_of(row["metrics"], metric)
     if own is None:
         return f"{point_of(row, metric):.4g} (no interval)"
-    return f"{own.point:.4g} ({own.low:.4g}, {own.high:.4g}; {own.label})"
+    return f"{own.point:.4g} {interval_text(own.low, own.high)} ({own.label})"
 
 
 def noise_of(difference: dict[str, Any]) -> str:
@@ -440,7 +451,11 @@ def held_out(
     picking it (the validation score of the best of many trials is biased upwards: the winner's curse)."""
     from teachsweep.metrics import compare_to_best
 
-    score = next((s for s in scores if point_of(best, s) is not None), None)
+    # the score of the model a trial keeps (its best-validation epoch) before the last epoch's
+    kept_first = [s for s in scores if s.endswith("_at_best_val")] + [
+        s for s in scores if not s.endswith("_at_best_val")
+    ]
+    score = next((s for s in kept_first if point_of(best, s) is not None), None)
     if score is None:
         return [f"held out: the best reported none of the scores of record ({', '.join(scores)})"] if scores else []
     if score == metric:
@@ -454,7 +469,39 @@ def held_out(
         versus = f"{c['diff']:+.4g} [{c['low']:+.4g}, {c['high']:+.4g}] ({noise_of(c)})" if c else \
             f"{point_of(best, score) - value:+.4g} (no interval)"  # fmt: skip
         lines.append(f"  vs {base['label']} {value:.4g}: {versus}")
+        if c:
+            lines.append(f"    (difference: {c['method']})")
     return lines
+
+
+def verdict_candidates(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finished trials that reported the first objective and are not baseline arms (all of them when every
+    trial is one): those the verdict picks its best from."""
+    from teachsweep.jobs import JOBS
+
+    metric, job = spec.metric_names[0], JOBS[spec.job]
+    done = [r for r in rows if r["status"] == "OK" and point_of(r, metric) is not None]
+    return [r for r in done if not is_baseline(r, job)] or done
+
+
+def verdict_pick(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trial the verdict names (and `best`, `status` show): THE best-trial rule over `verdict_candidates`."""
+    candidates = verdict_candidates(spec, rows)
+    metric, mode = spec.metric_names[0], spec.mode_names[0]
+    return pick_best([(point_of(r, metric), str(r["trial_id"]), r) for r in candidates], mode)
+
+
+def wrap_lines(lines: list[str], width: int = 100, indent: str = "  ") -> list[str]:
+    """Lines (the verdict's sentences) cut at spaces to fit `width` columns; a continuation is indented past its
+    line's own indentation, so each sentence still reads as one item. A word longer than the width stays whole."""
+    import textwrap
+
+    out = []
+    for line in lines:
+        lead = line[: len(line) - len(line.lstrip())]
+        out += textwrap.wrap(line, width, subsequent_indent=lead + indent, break_long_words=False,
+                             break_on_hyphens=False) or [""]  # fmt: skip
+    return out
 
 
 def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
@@ -467,12 +514,10 @@ def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
 
     metric, mode = spec.metric_names[0], spec.mode_names[0]
     job = JOBS[spec.job]
-    done = [r for r in rows if r["status"] == "OK" and point_of(r, metric) is not None]
-    if not done:
+    best = verdict_pick(spec, rows)
+    if best is None:
         return [f"no finished trial reported {metric}"]
-
-    candidates = [r for r in done if not is_baseline(r, job)] or done
-    best = pick_best([(point_of(r, metric), str(r["trial_id"]), r) for r in candidates], mode)
+    candidates = verdict_candidates(spec, rows)
     lines = [f"best on {metric} ({mode}{selection_words(best, metric, job)}): trial {best['trial_id']} "
              f"[{best['label']}] {with_its_interval(best, metric)}"]  # fmt: skip
     variant = best["params"].get("variant", "")

@@ -310,6 +310,10 @@ def make_scheduler(spec: SweepSpec):
                 return TrialScheduler.CONTINUE
             return super().on_trial_result(tune_controller, trial, result)
 
+        def on_trial_complete(self, tune_controller, trial, result):
+            if "fixed_trial" not in trial.config:  # a baseline's scores never enter the searched trials' rungs
+                super().on_trial_complete(tune_controller, trial, result)
+
     return SearchOnlyASHA(
         time_attr="epoch", metric=spec.metric_names[0], mode=spec.mode_names[0],
         max_t=spec.scheduler.max_t or int(spec.config.get("epochs", 3)), grace_period=spec.scheduler.grace_period,

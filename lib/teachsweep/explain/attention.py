@@ -30,6 +30,9 @@ def head_scores(log_attentions: tuple[torch.Tensor, ...], mask: torch.Tensor) ->
     attention log-probabilities (`classify(..., log_attention=True)`); padded keys get 0 (the token softmax
     masks them) rather than the mask's -3e38, which the mix could overflow."""
     log_attention = full_precision(torch.stack(log_attentions, dim=1).flatten(1, 2))  # (B, K, n, n)
+    # Probabilities passed by mistake would give a plausible-looking, wrong explanation; an async check keeps
+    # the device stream free of a host sync.
+    torch._assert_async(log_attention.amax() <= 0, "head_scores needs log-probabilities (log_attention=True)")
     real_keys = mask[:, None, None, :].bool()
     log_attention = log_attention.masked_fill(~real_keys, 0.0)
     rows = mask.to(log_attention.dtype) / mask.sum(-1, keepdim=True).clamp_min(1).to(log_attention.dtype)  # (B, n)

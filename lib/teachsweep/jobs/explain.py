@@ -71,6 +71,11 @@ SCORES: list[str] = []
 TEACHER_FIELDS = ("teacher",)
 
 
+def selection_split(params: dict) -> str:
+    """The explained split picks the best explainer: the explain job has no held-out split to check it on."""
+    return f"the {params.get('split', 'test')} split it explains (no held-out split checks the pick)"
+
+
 def metrics(cfg: ExplainConfig) -> dict[str, str | None]:
     """Per explainer: perturbation AUCs (positive: lower is better), speed, plausibility with rationales; with a
     single explainer the same under `faithfulness/` too."""
@@ -102,7 +107,7 @@ def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dic
         part = data.Batches(
             task, split, data.tokenize_split(split.texts, tokenizer, cfg.max_length), tokenizer.pad_token_id
         )
-    special = set(tokenizer.all_special_ids) if tokenizer else set()
+    special = set(getattr(model, "special_ids", ())) if tokenizer else set()  # [UNK] stands for a word: it stays
     patch = getattr(getattr(model, "net", None), "config", None)
     patch_size = getattr(patch, "patch_size", None)
 
@@ -178,6 +183,12 @@ def paired_differences(per_example: dict[str, dict[str, np.ndarray]], pairs) -> 
     return out
 
 
+def special_mask(batch: dict, row: int, length: int, tokenizer) -> torch.Tensor:
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    ids = batch["input_ids"][row, :length]
+    return torch.isin(ids, torch.tensor(sorted(special), dtype=ids.dtype, device=ids.device))
+
+
 def log_heatmaps(name: str, shown, tokenizer, patch_size, reporter: Reporter) -> None:
     import matplotlib
 
@@ -190,7 +201,8 @@ def log_heatmaps(name: str, shown, tokenizer, patch_size, reporter: Reporter) ->
             for batch, probs, row in shown:
                 length = int(batch["attention_mask"][row].sum())
                 tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][row, :length].tolist())
-                weights = probs[row, :length].cpu().numpy()
+                # specials are no input word (never ranked or removed): unshaded, so they cannot wash out the rest
+                weights = (probs[row, :length] * (~special_mask(batch, row, length, tokenizer))).cpu().numpy()
                 weights = weights / max(weights.max(), 1e-12)
                 rows.append(" ".join(f'<span style="background: rgba(255,0,0,{w:.2f})">{html.escape(t)}</span>'
                                      for t, w in zip(tokens, weights, strict=True)))  # fmt: skip
@@ -201,7 +213,8 @@ def log_heatmaps(name: str, shown, tokenizer, patch_size, reporter: Reporter) ->
             for axis, (batch, probs, row) in zip(axes[:, 0], shown, strict=True):
                 length = int(batch["attention_mask"][row].sum())
                 tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][row, :length].tolist())
-                axis.imshow(probs[row, :length].cpu().numpy()[None], cmap="Reds", aspect="auto")
+                shown_weights = probs[row, :length] * (~special_mask(batch, row, length, tokenizer))
+                axis.imshow(shown_weights.cpu().numpy()[None], cmap="Reds", aspect="auto")
                 axis.set_xticks(range(length), tokens, rotation=90, fontsize=6)
                 axis.set_yticks([])
         else:

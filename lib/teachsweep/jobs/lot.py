@@ -19,7 +19,9 @@ times more lenient, and two teacher-only arms of one model would stop by differe
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -162,11 +164,24 @@ class TeacherOnlyFields:
     config: type[BaseModel]
     pull: frozenset[str]
     students: frozenset[str]
+    multiplier: Callable[[dict[str, Any]], float]  # a LoT trial's model-steps budget, from its recorded config
+
+
+def model_steps_multiplier(params: dict[str, Any]) -> float:
+    """1 + N*K: the model steps of a LoT trial per teacher step."""
+    cfg = filled(params, LoTConfig)
+    return float(1 + cfg["student_steps"] * cfg["num_students"])
+
+
+def filled(params: dict[str, Any], config: type[BaseModel]) -> dict[str, Any]:
+    """A row's recorded config with the config's defaults for what it does not record."""
+    out = {name: info.get_default(call_default_factory=True) for name, info in config.model_fields.items()}
+    return out | {k: None if v == "None" else v for k, v in params.items() if k in out}  # (MLflow's None)
 
 
 PULL_FIELDS = frozenset(LoTTermConfig.model_fields) - {"num_students"}
 FIELDS = TeacherOnlyFields(LoTConfig, PULL_FIELDS | {"student", "student_ce", "detach"},
-                           frozenset({"student_steps", "num_students"}))  # fmt: skip
+                           frozenset({"student_steps", "num_students"}), model_steps_multiplier)  # fmt: skip
 BUDGETS = ("teacher_steps", "model_steps")
 
 
@@ -206,10 +221,22 @@ def arm_budget(params: dict[str, Any]) -> str:
 def arm_config(params: dict[str, Any], fields: TeacherOnlyFields, budget: str) -> dict[str, Any]:
     """The config a teacher-only arm at `budget` trains with for a trial of `params` (a row's recorded config,
     the defaults filled in): everything but what the arm ignores, its seed and its budget."""
-    config = {name: info.get_default(call_default_factory=True) for name, info in fields.config.model_fields.items()}
-    config |= {k: None if v == "None" else v for k, v in params.items() if k in config}  # (MLflow's None)
+    config = filled(params, fields.config)
     ignored = ignored_by_arm(fields, budget) | {"arm", "budget_multiplier", "seed"}
     return {k: v for k, v in config.items() if k not in ignored}
+
+
+def stands_for(arm: dict[str, Any], trial: dict[str, Any], fields: TeacherOnlyFields, budget: str) -> bool:
+    """Whether a teacher-only arm at `budget` is the one `trial` is compared with. A model-steps arm that did not
+    record its N (planned by earlier versions) is matched on its budget, 1 + N*K model steps per teacher step."""
+    if budget == "model_steps" and "student_steps" not in arm["params"]:
+        legacy = ignored_by_arm(fields, "teacher_steps") | {"arm", "budget_multiplier", "seed"}
+        same = {k: v for k, v in filled(arm["params"], fields.config).items() if k not in legacy} == {
+            k: v for k, v in filled(trial["params"], fields.config).items() if k not in legacy
+        }
+        recorded = float(arm["params"].get("budget_multiplier") or 1.0)
+        return same and math.isclose(recorded, fields.multiplier(trial["params"]), rel_tol=1e-6)
+    return arm_config(arm["params"], fields, budget) == arm_config(trial["params"], fields, budget)
 
 
 def arms_standing_for(
@@ -221,8 +248,7 @@ def arms_standing_for(
     out = []
     for budget in [b for b in BUDGETS if any(arm_budget(a["params"]) == b for a in arms)]:
         at_budget = [a for a in arms if arm_budget(a["params"]) == budget]
-        wanted = arm_config(trial["params"], fields, budget)
-        out.append((budget, [a for a in at_budget if arm_config(a["params"], fields, budget) == wanted], at_budget))
+        out.append((budget, [a for a in at_budget if stands_for(a, trial, fields, budget)], at_budget))
     return out
 
 
@@ -499,7 +525,7 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
 
 def epochs_to_run(cfg: LoTConfig) -> int:
     """Epochs of `steps_per_epoch` teacher steps: `epochs`, times `budget_multiplier` for a longer budget."""
-    return max(1, round(cfg.epochs * cfg.budget_multiplier))
+    return max(1, math.floor(cfg.epochs * cfg.budget_multiplier + 0.5))
 
 
 def divide_learning_rate(schedule: torch.optim.lr_scheduler.LambdaLR, factor: float) -> None:

@@ -109,7 +109,22 @@ class LoTRLConfig(LoTTermConfig):
 
     @property
     def rollouts_per_epoch(self) -> int:
-        return max(1, round(self.steps_per_epoch * self.budget_multiplier / self.rollout_size))
+        """The same for every arm: a longer budget runs more epochs of it (one evaluation grid for all arms)."""
+        return max(1, round(self.steps_per_epoch / self.rollout_size))
+
+    @property
+    def total_rollouts(self) -> int:
+        """`epochs` x `budget_multiplier` epochs of rollouts, rounded to whole rollouts (not whole epochs: the
+        multiplier of a model-steps arm is rarely whole)."""
+        return max(1, round(self.rollouts_per_epoch * self.epochs * self.budget_multiplier))
+
+    @property
+    def epochs_to_run(self) -> int:
+        """Whole epochs of `rollouts_per_epoch`, the last one shorter when the budget ends inside it."""
+        return math.ceil(self.total_rollouts / self.rollouts_per_epoch)
+
+    def rollouts_in(self, epoch: int) -> int:
+        return min(self.rollouts_per_epoch, self.total_rollouts - (epoch - 1) * self.rollouts_per_epoch)
 
 
 def gradient_steps_per_teacher_update(cfg: LoTRLConfig, n: int) -> float:
@@ -145,9 +160,16 @@ def metrics(cfg: LoTRLConfig) -> dict[str, str | None]:
     return out
 
 
+def model_steps_multiplier(params: dict[str, Any]) -> float:
+    """Gradient steps of LoT's teacher and students per teacher update, over teacher-only PPO's."""
+    cfg = LoTRLConfig.model_validate({k: v for k, v in lot.filled(params, LoTRLConfig).items() if v is not None})
+    return gradient_steps_per_teacher_update(cfg, cfg.student_steps) / (cfg.update_epochs * cfg.num_minibatches)
+
+
 FIELDS = lot.TeacherOnlyFields(
     LoTRLConfig, lot.PULL_FIELDS | {"student_weight_decay"},
     frozenset({"student_steps", "num_students", "joint_student_step", "buffer_rollouts", "student_batch_size"}),
+    model_steps_multiplier,
 )  # fmt: skip
 
 
@@ -507,7 +529,7 @@ def train(config: LoTRLConfig | dict, reporter: Reporter | None = None) -> dict[
     teacher = build_agent(cfg, obs_shape, n_actions, "teacher").to(device).train()
     n_students = cfg.num_students if cfg.arm == "lot" else 0
     students = [build_agent(cfg, obs_shape, n_actions, "student", i).to(device).train() for i in range(n_students)]
-    total_updates = cfg.rollouts_per_epoch * cfg.epochs
+    total_updates = cfg.total_rollouts
     optimizers = [make_optimizer(teacher, cfg, total_updates)]
     optimizers += [make_optimizer(s, cfg, total_updates, cfg.student_weight_decay) for s in students]
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -529,10 +551,10 @@ def train(config: LoTRLConfig | dict, reporter: Reporter | None = None) -> dict[
 
     precision = "bf16" if uses_bf16(device, cfg.precision) else "fp32"  # decided once, not at every env step
     metrics: dict[str, float] = {}
-    for epoch in range(counters["epoch"] + 1, cfg.epochs + 1):
+    for epoch in range(counters["epoch"] + 1, cfg.epochs_to_run + 1):
         epoch_returns: list[float] = []
         epoch_start = time.perf_counter()
-        for _ in range(cfg.rollouts_per_epoch):
+        for _ in range(cfg.rollouts_in(epoch)):
             rollout, obs, finished = collect_rollout(teacher, envs, obs, cfg, device, precision)
             epoch_returns += finished
             update_start = time.perf_counter()
@@ -586,7 +608,7 @@ def train(config: LoTRLConfig | dict, reporter: Reporter | None = None) -> dict[
         metrics["steps/eval_env"] = counters["eval_env_steps"]
         counters["epoch"] = epoch
         checkpoint = None
-        if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
+        if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs_to_run):
             checkpoint = {"counters": dict(counters), "generator": generator.get_state()}
             checkpoint |= state_of({k: v for k, v in stateful.items() if k != "generator"})
         if saved is not None:
