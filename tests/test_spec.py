@@ -186,6 +186,11 @@ NON_FINITE = [
     ("an infinite scheduler factor", GOOD + "scheduler: {type: asha, reduction_factor: .inf}\n",
      "scheduler.reduction_factor"),
     ("infinite CPUs", GOOD + "resources: {cpus: .inf}\n", "resources.cpus"),
+    # YAML reads these spellings as strings; pydantic would turn them into floats
+    ("a bound written 1e400", GOOD.replace("high: 2.0", "high: 1e400"), "space.alpha"),
+    ("an int bound written inf", GOOD.replace("low: 1, high: 4", "low: 1, high: inf"), "space.student_steps"),
+    ("a config value written 1e400", GOOD.replace("epochs: 1", "epochs: 1, lr: 1e400"), "config.lr"),
+    ("CPUs written inf", GOOD + "resources: {cpus: inf}\n", "resources.cpus"),
 ]  # fmt: skip
 
 
@@ -214,3 +219,15 @@ def test_a_spec_file_that_is_not_utf8_text_is_one_line_naming_it(tmp_path):
         assert outcome.exit_code == 2 and len(message.splitlines()) == 1, message
         assert f"{spec_file}: not UTF-8 text" in message, message
     assert not results.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_list_names_an_unreadable_sweep_and_shows_the_others(tmp_path):
+    """One sweep whose saved spec is no longer readable (not UTF-8 here) does not hide the rest of the directory."""
+    for name in ("good", "broken"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "spec.yaml").write_text(GOOD.replace("name: ok", f"name: {name}", 1))
+    (tmp_path / "broken" / "spec.yaml").write_bytes(b"\x89PNG\r\n\x1a\n")
+    outcome = CliRunner().invoke(app, ["list", "--results-dir", str(tmp_path)], env={"COLUMNS": "100"})
+    assert outcome.exit_code == 0, outcome.output
+    words = " ".join(outcome.output.split())
+    assert "│ good │" in words and "unreadable:" in words and "not UTF-8 text" in words, outcome.output

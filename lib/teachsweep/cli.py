@@ -355,16 +355,24 @@ def resume(name: str, results_dir: str = RESULTS_OPTION) -> None:
 def list_command(results_dir: str = RESULTS_OPTION) -> None:
     """The sweeps in the results directory, with their progress."""
     from teachsweep.results import list_sweeps, open_sweep, status
+    from teachsweep.spec import SpecError
 
     table = fitted_table(f"sweeps in {Path(results_dir).resolve()}", ["name", "pipeline stage", "job", "status",
                          "finished", "failed", "planned", "elapsed"])  # fmt: skip
+    unreadable = []
     for name in list_sweeps(results_dir):
-        sweep = open_sweep(name, results_dir)
+        try:
+            sweep = open_sweep(name, results_dir)
+        except SpecError as error:  # one unreadable sweep does not hide the others
+            unreadable.append(str(error))
+            continue
         st = status(sweep)
         stage = f"{sweep.spec.pipeline} #{sweep.spec.stage}" if sweep.spec.pipeline else ""
         table.add_row(name, stage, sweep.spec.job, st["sweep_status"], str(st["finished"]), str(st["failed"]),
                       str(st["planned"] or "?"), f"{st['elapsed_s']:.0f} s")  # fmt: skip
     console.print(table)
+    for line in unreadable:
+        console.print(f"unreadable: {line}", highlight=False, markup=False)
 
 
 @app.command("status")

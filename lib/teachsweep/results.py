@@ -12,7 +12,7 @@ from typing import Any
 
 from teachsweep import references
 from teachsweep.plan import planned_count
-from teachsweep.spec import SpecError, SweepSpec, parse_spec
+from teachsweep.spec import SpecError, SweepSpec, parse_spec, read_spec_file
 
 DEFAULT_RESULTS = "teachsweep-results"
 PLANNED_FILE = "planned_trials"  # in the sweep's directory: how many trials its run planned
@@ -50,7 +50,7 @@ def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
     spec_file = directory / "spec.yaml"
     if not spec_file.is_file():
         raise SpecError(f"no sweep named '{name}' in {directory.parent}")
-    text = spec_file.read_text()
+    text = read_spec_file(spec_file)
     spec = parse_spec(text, where=f"{spec_file}: ")
     uri_file, parent_file = directory / "tracking_uri", directory / "mlflow_parent_run_id"
     uri = uri_file.read_text().strip() if uri_file.exists() else f"sqlite:///{directory.parent}/mlflow.db"

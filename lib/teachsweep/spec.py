@@ -46,6 +46,8 @@ class Param(Strict):
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         if (self.type == "loguniform" or self.log) and self.low <= 0:
             raise ValueError(f"{self.type} needs low > 0 (got {self.low})")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError(f"not a finite number (low {self.low}, high {self.high})")
         if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
             raise ValueError("int needs integer low and high")
         return self
@@ -228,17 +230,19 @@ def validate_job_config(spec: SweepSpec, where: str) -> None:
     overlays = [("config", spec.config)] + [(f"variants.{n}", {**spec.config, **v}) for n, v in spec.variants.items()]
     for label, config in overlays:
         try:
-            job.config_class.model_validate(config)
+            validated = job.config_class.model_validate(config)
         except ValidationError as error:
             raise SpecError(where + _one_line(error, prefix="config." if label == "config" else f"{label}.")) from None
         except ValueError as error:  # unknown task/model raised by field validators outside pydantic's wrapping
             raise SpecError(f"{where}{label}: {error}") from None
+        refuse_non_finite(validated.model_dump(), where, (label,))
         for key, param in spec.space.items():
             for value in param.corner_values():
                 try:
-                    job.config_class.model_validate({**config, key: value})
+                    corner = job.config_class.model_validate({**config, key: value})
                 except ValidationError as error:
                     raise SpecError(f"{where}space.{key}: value {value!r} is invalid: {_one_line(error)}") from None
+                refuse_non_finite({key: getattr(corner, key)}, where, ("space",))
 
 
 def tracking_uri_of(spec: SweepSpec) -> str:
@@ -261,6 +265,13 @@ def non_finite_number(value: Any, loc: tuple = ()) -> tuple[tuple, float] | None
     return None
 
 
+def refuse_non_finite(values: Any, where: str, loc: tuple = ()) -> None:
+    """A number that only became inf or NaN in validation (YAML reads `1e400`, `inf`, `nan` as strings, which
+    pydantic turns into floats) is refused like one written `.inf`."""
+    if found := non_finite_number(values, loc):
+        raise SpecError(f"{where}{_location(found[0])}: not a finite number (got {found[1]})")
+
+
 def parse_spec(text: str, where: str = "") -> SweepSpec:
     """Parse and validate a spec given as YAML text; `where` prefixes error messages (the file name). Pure: the
     spec, the job's config and nothing outside them (no other sweep, run, checkpoint or store; those are checked
@@ -280,6 +291,7 @@ def parse_spec(text: str, where: str = "") -> SweepSpec:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as error:
         raise SpecError(where + _one_line(error)) from None
+    refuse_non_finite(spec.model_dump(exclude={"config", "variants"}), where)
     validate_job_config(spec, where)
     return spec
 
