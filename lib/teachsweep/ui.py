@@ -363,6 +363,8 @@ def serve(sweep: Sweep, requested_port: int | None, say: Callable[[str], None]) 
     save_trials_view(sweep)
     urls = page_urls(sweep, port=port)
     servers = planned_servers(sweep, port, urls, say)
+    if len(servers) == 1:  # no dashboard started: its page would show nothing, or another server
+        urls.pop("study", None)
     log_dir = Path(tempfile.mkdtemp(prefix="teachsweep-ui-"))  # never in the results: reading only reads
     previous = {sig: signal.signal(sig, raise_stop) for sig in STOP_SIGNALS}
     try:
