@@ -354,7 +354,10 @@ def teacher_effect(students: Sweep) -> tuple[str, list[dict[str, Any]]] | None:
     try:
         teacher_sweep = open_sweep(name, students.directory.parent)
     except SpecError:  # its directory moved away; its runs are in the store the students' teachers came from
-        teacher_sweep = open_logged_sweep(name, students.tracking_uri, students.directory.parent)
+        try:
+            teacher_sweep = open_logged_sweep(name, students.tracking_uri, students.directory.parent)
+        except Exception:  # its runs are gone too: the students still read, without the by-teacher table
+            return None
     teacher_job = JOBS[teacher_sweep.spec.job]
     teachers, reference = {}, None
     for row in trial_rows(teacher_sweep, merge_seeds=False):
