@@ -1,4 +1,4 @@
-"""Steps to a common validation target and converged test scores of a LoT sweep's arms (issue 12).
+"""Steps to a common validation target and converged test scores of a LoT sweep's arms.
 
     python scripts/lot_convergence.py repro-lot [--results-dir teachsweep-results]
 

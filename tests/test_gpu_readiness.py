@@ -1,4 +1,4 @@
-"""GPU readiness without a GPU (issue 17): device choice, bf16 choice, GPU requests in specs."""
+"""GPU readiness without a GPU: device choice, bf16 choice, GPU requests in specs."""
 
 import re
 
@@ -104,7 +104,7 @@ def test_a_trial_this_machines_ray_can_never_place_is_refused_before_anything_is
 
 @pytest.mark.parametrize(("name", "task_name"), [("tiny-bert", "rotten_tomatoes"), ("vit:2", "digits")])
 def test_jobs_that_never_read_attention_run_fused_attention_with_the_same_outputs(name, task_name):
-    """LoT and the teacher job switch their models to SDPA (issue 17: 2x FLOP utilisation on an H100); the function
+    """LoT and the teacher job switch their models to SDPA (2x FLOP utilisation on an H100); the function
     is unchanged, and the explainers' models stay explainable."""
     task = tasks.load_task(task_name)
     model = models.build_model(name, task, seed=0).eval()

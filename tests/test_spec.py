@@ -45,7 +45,7 @@ BAD = [
     ("gpu type without gpus", GOOD + "resources: {gpu_type: A100}\n", "resources: gpu_type needs gpus > 0"),
     ("ddp for the explain job", "name: e\njob: explain\nconfig: {}\nvariants: {a: {}}\nresources: {workers: 2}\n",
      "resources.workers: job 'explain' runs in one process"),
-    # Refused up front since issue 11 (before, these failed inside Ray after trials had started):
+    # Refused up front (before, these failed inside Ray after trials had started):
     ("objective the job never reports", GOOD + "objectives: [{metric: simulability/best_val, mode: max}]\n",
      "objectives: 'simulability/best_val' is never reported by job 'lot'"),
     ("perplexity objective on an image task", GOOD + "objectives: [{metric: teacher/best_val_ppl, mode: min}]\n",
