@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from teachsweep.cli import app
-from teachsweep.results import open_sweep
+from teachsweep.results import open_sweep, pareto_front
 from teachsweep.spec import parse_spec
 from teachsweep.sweep import run_sweep
 
@@ -225,6 +225,14 @@ def test_two_objectives_keep_a_pareto_front_and_the_cli_reads_it(ray_session, tm
     assert exported.variants["best"]["task"] == "digits" and exported.variants["best"]["teacher"] == "cnn:8"
     # reading a sweep back must not point the process's MLflow at its store (the next sweep would log there)
     assert os.environ.get("MLFLOW_TRACKING_URI") == tracking_before
+
+
+def test_reading_the_pareto_front_where_no_study_was_kept_creates_no_file(tmp_path):
+    text = SPEC.format(name="pareto-moved", epochs=1, steps=4, samples=3, results=tmp_path)
+    text += "objectives:\n  - {metric: teacher/best_val_acc, mode: max}\n  - {metric: time/teacher_step_s, mode: min}\n"
+    store = tmp_path / "optuna.db"
+    assert pareto_front(parse_spec(text), f"sqlite:///{store}") == []
+    assert not store.exists()
 
 
 def test_resume_of_a_sweep_that_does_not_exist(tmp_path):

@@ -63,6 +63,8 @@ BAD = [
      "teacher: no teacher checkpoint at /no/such/dir"),
     ("scaffold teacher without attention", "name: s\njob: scaffold\nconfig: {teacher: {task: digits, model: cnn}}\nvariants: {a: {}}\n",
      "teacher.model: 'cnn' has no attention"),
+    ("negative sampler seed", GOOD + "sampler: {type: tpe, seed: -1}\n", "sampler.seed: Input should be greater than or equal to 0"),
+    ("sampler seed beyond numpy's range", GOOD + "sampler: {type: random, seed: 4294967296}\n", "sampler.seed: Input should be less than"),
     ("scaffold on a language model", "name: s\njob: scaffold\nconfig: {teacher: {task: bbc_news_lm, model: 'lstm:1'}}\nvariants: {a: {}}\n",
      "teacher.task: 'bbc_news_lm' is language modelling"),
 ]  # fmt: skip

@@ -193,6 +193,8 @@ def pareto_front(spec: SweepSpec, storage_url: str, runs=None) -> list[dict[str,
     MLflow run by parameters when `runs` (finished trial runs) are given."""
     import optuna
 
+    if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).is_file():
+        return []  # never searched here (or moved away): opening it would create an empty study file
     try:
         study = optuna.load_study(study_name=spec.name, storage=storage_url)
     except KeyError:

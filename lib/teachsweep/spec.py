@@ -68,7 +68,7 @@ class Objective(Strict):
 
 class Sampler(Strict):
     type: Literal["tpe", "random"] = "tpe"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy seeds Optuna's samplers: 0 <= seed < 2**32
 
 
 class Scheduler(Strict):
