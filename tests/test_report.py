@@ -175,6 +175,18 @@ def test_the_verdict_shows_the_held_out_score_of_record_beside_the_validation_pi
     assert all(len(line) <= 100 for line in lines[held:])
 
 
+def test_the_report_keeps_the_verdicts_nesting_as_indentation():
+    """HTML collapses leading spaces: the held-out lines under their heading must stay visibly nested."""
+    from teachsweep.report import verdict_items
+
+    spec = parse_spec(SPEC)
+    rows = [held_out_row("a", 0.73, 0.78, alpha=0.1), held_out_row("base", 0.7067, 0.7933, arm="teacher_only")]
+    items = re.findall(r'<li style="margin-left:([\d.]+)em">([^<]*)</li>', verdict_items(verdict(spec, rows)))
+    depth = {text.split(" ")[0] + " " + text.split(" ")[1]: float(margin) for margin, text in items}
+    assert depth["held out,"] == 0 and depth["best 0.78"] > 0 and depth["vs teacher_only"] > 0, items
+    assert len(items) == len(verdict(spec, rows))
+
+
 def test_an_rl_verdict_says_that_its_score_of_record_also_picked_the_trial():
     spec = parse_spec("name: rl\njob: lot_rl\nconfig: {num_envs: 2}\nspace: {alpha: {type: uniform, low: 0.1, "
                       "high: 1}}\n")  # fmt: skip

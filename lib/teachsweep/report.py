@@ -275,6 +275,16 @@ def variant_forest(sweep: Sweep, summaries: list[dict[str, Any]]) -> list[Figure
                    "the variants are the explainers, the score simulability.")]  # fmt: skip
 
 
+def verdict_items(lines: list[str]) -> str:
+    """The verdict's lines as list items that keep their nesting: a line's leading spaces (two per level, as the
+    terminal prints them) become its indentation, which HTML would otherwise collapse."""
+    items = []
+    for line in lines:
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        items.append(f'<li style="margin-left:{1.5 * depth:g}em">{html.escape(line.strip())}</li>')
+    return "".join(items)
+
+
 def teacher_effect_figure(teachers: str, rows: list[dict[str, Any]]) -> list[Figure]:
     """A chained study's answer: each score against the arm of the teacher (the earlier sweep's labels, baseline
     first), one line per student variant, mean over teacher seeds with its Student-t interval."""
@@ -494,7 +504,7 @@ def build_report(sweep: Sweep) -> str:
     chained = teacher_effect(sweep)
     if chained:
         figures += teacher_effect_figure(*chained)
-    lines = "".join(f"<li>{html.escape(line)}</li>" for line in verdict(spec, rows)) if len(spec.objectives) == 1 else \
+    lines = verdict_items(verdict(spec, rows)) if len(spec.objectives) == 1 else \
         "<li>several objectives: see the Pareto front</li>"  # fmt: skip
     objectives = ", ".join(f"{o.metric} ({o.mode})" for o in spec.objectives)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>teachsweep report: {html.escape(spec.name)}
