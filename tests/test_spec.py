@@ -101,6 +101,27 @@ def test_missing_csv_column_is_refused_before_anything_runs(tmp_path):
     assert not results.exists()
 
 
+def test_a_sweep_whose_csv_moved_away_still_reads_and_only_running_refuses_it(tmp_path):
+    """Reading only reads: the data file a finished sweep trained on may move; its spec, runs and tables stay."""
+    from teachsweep.results import open_sweep
+
+    csv = tmp_path / "reviews.csv"
+    results = tmp_path / "results"
+    text = GOOD.replace("task: digits, teacher: cnn", f"task: 'csv:{csv}', teacher: tiny-bert, text_column: text, "
+                        "label_column: stars") + f"results_dir: {results}\n"  # fmt: skip
+    (results / "ok").mkdir(parents=True)
+    (results / "ok" / "spec.yaml").write_text(text)
+    (results / "ok" / "mlflow_parent_run_id").write_text("0" * 32)
+    assert open_sweep("ok", results).spec.config["task"] == f"csv:{csv}"  # the csv does not exist
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(text.replace("name: ok", "name: again", 1))
+    outcome = CliRunner().invoke(app, ["run", str(spec_file)])
+    message = outcome.output.strip()
+    assert outcome.exit_code == 2 and len(message.splitlines()) == 1, message
+    assert f"{spec_file}: config.task: data file not found: {csv}" in message, message
+    assert not (results / "again").exists()
+
+
 def test_gpu_type_becomes_rays_accelerator_resource():
     spec = parse_spec(GOOD + "resources: {gpus: 1, gpu_type: A100, workers: 2}\n")
     assert spec.resources.accelerator() == {"accelerator_type:A100": 0.001}

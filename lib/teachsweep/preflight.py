@@ -15,10 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from teachsweep import references, tracking
 from teachsweep.jobs import JOBS
 from teachsweep.plan import planned_configs
-from teachsweep.spec import SpecError, SweepSpec, describe_changes, tracking_uri_of
+from teachsweep.spec import SpecError, SweepSpec, describe_changes, one_line, tracking_uri_of
 
 
 def check_spec(spec: SweepSpec, where: str = "", pending: dict[str, str] | None = None) -> None:
@@ -76,6 +78,9 @@ def check_planned_config(
     job = JOBS[spec.job]
     try:
         job.check(config)
+    except ValidationError as error:  # the data files it names, checked here only
+        at = label if "task" in overridden else "config"
+        raise SpecError(where + one_line(error, prefix=f"{at}.")) from None
     except ValueError as error:
         field = str(error).split(":")[0].split(".")[0]
         at = label if field in overridden else "config"

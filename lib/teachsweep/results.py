@@ -51,7 +51,7 @@ def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
     if not spec_file.is_file():
         raise SpecError(f"no sweep named '{name}' in {directory.parent}")
     text = read_spec_file(spec_file)
-    spec = parse_spec(text, where=f"{spec_file}: ")
+    spec = parse_spec(text, where=f"{spec_file}: ", check_files=False)
     uri_file, parent_file = directory / "tracking_uri", directory / "mlflow_parent_run_id"
     uri = uri_file.read_text().strip() if uri_file.exists() else f"sqlite:///{directory.parent}/mlflow.db"
     parent = parent_file.read_text().strip() if parent_file.exists() else latest_parent_run(uri, spec)
@@ -91,8 +91,8 @@ def open_logged_sweep(name: str, tracking_uri: str, results_dir: str | Path = DE
     run_id = runs[0].info.run_id
     with tempfile.TemporaryDirectory() as scratch:
         text = Path(client.download_artifacts(run_id, "spec.yaml", scratch)).read_text()
-    return Sweep(name, directory, parse_spec(text, where=f"spec.yaml of MLflow run {run_id}: "), text, tracking_uri,
-                 run_id)  # fmt: skip
+    spec = parse_spec(text, where=f"spec.yaml of MLflow run {run_id}: ", check_files=False)
+    return Sweep(name, directory, spec, text, tracking_uri, run_id)
 
 
 def list_sweeps(results_dir: str | Path = DEFAULT_RESULTS) -> list[str]:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from teachsweep.jobs import JOBS
+from teachsweep.training import CHECK_FILES
 
 
 class SpecError(ValueError):
@@ -203,7 +204,7 @@ def _location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
-def _one_line(error: ValidationError, prefix: str = "") -> str:
+def one_line(error: ValidationError, prefix: str = "") -> str:
     first = error.errors()[0]
     loc = prefix + _location(first["loc"])
     if first["type"] == "extra_forbidden":
@@ -220,28 +221,30 @@ def _one_line(error: ValidationError, prefix: str = "") -> str:
     return f"{loc}: {msg}"
 
 
-def validate_job_config(spec: SweepSpec, where: str) -> None:
-    """The fixed config, every variant, and every corner of the search space must be a valid job config."""
+def validate_job_config(spec: SweepSpec, where: str, check_files: bool = True) -> None:
+    """The fixed config, every variant, and every corner of the search space must be a valid job config; with
+    `check_files`, the data files they name must exist (not when a finished sweep is read back)."""
     job = JOBS[spec.job]
     fields = job.config_class.model_fields
+    context = CHECK_FILES if check_files else None
     for key in spec.space:
         if key not in fields:
             raise SpecError(f"{where}space.{key}: not a parameter of job '{spec.job}'")
     overlays = [("config", spec.config)] + [(f"variants.{n}", {**spec.config, **v}) for n, v in spec.variants.items()]
     for label, config in overlays:
         try:
-            validated = job.config_class.model_validate(config)
+            validated = job.config_class.model_validate(config, context=context)
         except ValidationError as error:
-            raise SpecError(where + _one_line(error, prefix="config." if label == "config" else f"{label}.")) from None
+            raise SpecError(where + one_line(error, prefix="config." if label == "config" else f"{label}.")) from None
         except ValueError as error:  # unknown task/model raised by field validators outside pydantic's wrapping
             raise SpecError(f"{where}{label}: {error}") from None
         refuse_non_finite(validated.model_dump(), where, (label,))
         for key, param in spec.space.items():
             for value in param.corner_values():
                 try:
-                    corner = job.config_class.model_validate({**config, key: value})
+                    corner = job.config_class.model_validate({**config, key: value}, context=context)
                 except ValidationError as error:
-                    raise SpecError(f"{where}space.{key}: value {value!r} is invalid: {_one_line(error)}") from None
+                    raise SpecError(f"{where}space.{key}: value {value!r} is invalid: {one_line(error)}") from None
                 refuse_non_finite({key: getattr(corner, key)}, where, ("space",))
 
 
@@ -272,10 +275,12 @@ def refuse_non_finite(values: Any, where: str, loc: tuple = ()) -> None:
         raise SpecError(f"{where}{_location(found[0])}: not a finite number (got {found[1]})")
 
 
-def parse_spec(text: str, where: str = "") -> SweepSpec:
+def parse_spec(text: str, where: str = "", check_files: bool = True) -> SweepSpec:
     """Parse and validate a spec given as YAML text; `where` prefixes error messages (the file name). Pure: the
     spec, the job's config and nothing outside them (no other sweep, run, checkpoint or store; those are checked
-    by teachsweep.preflight before a sweep runs), so a finished sweep reads back whatever happened to them."""
+    by teachsweep.preflight before a sweep runs), so a finished sweep reads back whatever happened to them. The
+    one exception is `check_files`: a new spec's data files must exist; readers pass False, so a moved csv never
+    breaks reading."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -290,9 +295,9 @@ def parse_spec(text: str, where: str = "") -> SweepSpec:
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as error:
-        raise SpecError(where + _one_line(error)) from None
+        raise SpecError(where + one_line(error)) from None
     refuse_non_finite(spec.model_dump(exclude={"config", "variants"}), where)
-    validate_job_config(spec, where)
+    validate_job_config(spec, where, check_files)
     return spec
 
 

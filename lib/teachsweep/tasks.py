@@ -320,20 +320,22 @@ TASKS: dict[str, tuple[TaskKind, Callable[[], Task]]] = {
 OFFLINE_TASKS = tuple(TASKS)
 
 
-def validate_task_name(name: str) -> str:
-    """Cheap check used by spec validation: known name, hf:<name>, or csv:<existing file>."""
+def validate_task_name(name: str, check_files: bool = True) -> str:
+    """Cheap check used by spec validation: known name, hf:<name>, or csv:<file> (which must exist when
+    `check_files`)."""
     if name in OFFLINE_TASKS or (name.startswith("hf:") and len(name) > 3):
         return name
     if name.startswith("csv:"):
-        if not Path(name[4:]).is_file():
+        if check_files and not Path(name[4:]).is_file():
             raise DataError(f"data file not found: {name[4:]}")
         return name
     raise DataError(f"unknown task '{name}' (known: {', '.join(OFFLINE_TASKS)}, hf:<name>, csv:<path>)")
 
 
-def validate_columns(name: str, text_column: str | None, label_column: str | None) -> None:
-    """For `csv:` tasks, check before anything runs that the named columns exist (reads the header only)."""
-    if not name.startswith("csv:"):
+def validate_columns(name: str, text_column: str | None, label_column: str | None, check_files: bool = True) -> None:
+    """For `csv:` tasks, check before anything runs that the named columns exist (reads the header only, and only
+    when `check_files`)."""
+    if not name.startswith("csv:") or not check_files:
         return
     if not (text_column and label_column):
         raise DataError(f"{name}: set text_column and label_column")

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from teachsweep import data, distributed, models, tasks
@@ -48,6 +48,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CHECK_FILES = {"check_files": True}  # validation context of the preflight: data files must exist as named
+
+
+def checks_files(info: ValidationInfo) -> bool:
+    """Whether this validation opens the data files a config names: the preflight's does (pass CHECK_FILES as the
+    context); reading a finished sweep's spec back does not, so a moved csv never breaks reading."""
+    return bool(info.context and info.context.get("check_files"))
+
+
 class DataConfig(BaseModel):
     """The task and batching fields of the jobs that train on a task (lot, teacher): a config mixin."""
 
@@ -72,12 +81,12 @@ class DataConfig(BaseModel):
 
     @field_validator("task")
     @classmethod
-    def _known_task(cls, value: str) -> str:
-        return tasks.validate_task_name(value)
+    def _known_task(cls, value: str, info: ValidationInfo) -> str:
+        return tasks.validate_task_name(value, check_files=checks_files(info))
 
     @model_validator(mode="after")
-    def _columns_exist(self):
-        tasks.validate_columns(self.task, self.text_column, self.label_column)
+    def _columns_exist(self, info: ValidationInfo):
+        tasks.validate_columns(self.task, self.text_column, self.label_column, check_files=checks_files(info))
         return self
 
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from teachsweep.training import CHECK_FILES
+
 MODULES = {
     "lot": "teachsweep.jobs.lot",
     "teacher": "teachsweep.jobs.teacher",
@@ -109,8 +111,10 @@ class Job:
         return self.module.metrics(self.config_class.model_validate(config))
 
     def check(self, config: dict[str, Any]) -> None:
+        """The config validated as the preflight does (its data files must exist), then the job's own check."""
+        validated = self.config_class.model_validate(config, context=CHECK_FILES)
         if hasattr(self.module, "check"):
-            self.module.check(self.config_class.model_validate(config))
+            self.module.check(validated)
 
     def fixed_arms(self, config: dict[str, Any], plan: ArmPlan) -> list[dict[str, Any]]:
         return self.module.fixed_arms(self.config_class.model_validate(config), plan) if self.has_fixed_arms else []
