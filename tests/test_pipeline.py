@@ -17,7 +17,7 @@ from test_notebook import NOTEBOOK
 from typer.testing import CliRunner
 
 from teachsweep.cli import app
-from teachsweep.references import ReferenceError, expand
+from teachsweep.references import TeacherReferenceError, expand
 from teachsweep.results import open_sweep, teacher_effect
 
 pytestmark = pytest.mark.integration
@@ -125,7 +125,7 @@ def test_sweep_references_select_best_a_trial_or_each_and_refuse_what_is_missing
     assert expand(f"sweep:refs-teachers/{other_trial}", "teacher", results) == [(other_trial, other)]
     for reference, message in (("sweep:nothing/best", "no sweep named 'nothing'"),
                                ("sweep:refs-teachers/abc123", "no finished trial 'abc123'")):  # fmt: skip
-        with pytest.raises(ReferenceError, match=message):
+        with pytest.raises(TeacherReferenceError, match=message):
             expand(reference, "teacher", results)
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"name: s\njob: scaffold\nconfig: {{teacher: 'sweep:nothing/each'}}\nvariants: {{a: {{}}}}\n"

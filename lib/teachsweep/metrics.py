@@ -54,16 +54,6 @@ def sign_flip_p_value(differences, exact_up_to: int = 16, resamples: int = 100_0
     return float(np.mean(means >= observed - 1e-12 * max(1.0, observed)))
 
 
-def bootstrap_ci(values: np.ndarray, resamples: int = 10_000, level: float = 0.95, seed: int = 0):
-    """Percentile bootstrap CI of the mean (for many values; over a few seeds use `t_interval`)."""
-    rng = np.random.default_rng(seed)
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    means = rng.choice(values, size=(resamples, len(values)), replace=True).mean(axis=1)
-    tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
-
-
 def subsample_bootstrap_ci(
     statistic: Callable[[np.ndarray], float],
     n: int,

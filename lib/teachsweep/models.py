@@ -460,7 +460,3 @@ def build_model(name: str, task: Task, seed: int, bptt: int = 64) -> nn.Module:
     if task.kind == "image":
         return build_image(name, task)
     return build_lm(name, task, bptt)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -33,7 +33,7 @@ def check_spec(spec: SweepSpec, where: str = "", pending: dict[str, str] | None 
     refuse_pending_stages_without_teachers(spec, where, pending)
     try:
         planned = planned_configs(spec, set(pending))
-    except references.ReferenceError as error:
+    except references.TeacherReferenceError as error:
         raise SpecError(f"{where}{error}") from None
     reported: dict[str, str | None] = {}
     for label, config, overridden in planned:
@@ -89,7 +89,7 @@ def check_planned_config(
         if field in config:
             try:
                 references.check(config[field], field, tracking_uri_of(spec), spec.results_dir, pending)
-            except references.ReferenceError as error:
+            except references.TeacherReferenceError as error:
                 raise SpecError(f"{where}{label if field in overridden else 'config'}.{error}") from None
 
 

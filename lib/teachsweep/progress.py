@@ -38,7 +38,7 @@ class Progress(Callback):
         self.objective, self.mode = spec.metric_names[0], spec.mode_names[0]
         try:
             self.planned: int | None = planned_count(spec)
-        except references.ReferenceError:  # a teacher sweep gone since the preflight: the plan's size is unknown
+        except references.TeacherReferenceError:  # a teacher sweep gone since the preflight: the plan's size is unknown
             self.planned = None
         self.start = time.time()
         self.best: tuple[float, str] | None = None

@@ -29,7 +29,7 @@ SELECTORS = ("best", "each")
 CHECKPOINT_FILES = ("model.pt", "config.json")
 
 
-class ReferenceError(ValueError):
+class TeacherReferenceError(ValueError):
     """A teacher reference that cannot be resolved; the message names the field."""
 
 
@@ -50,26 +50,28 @@ def check(
         try:
             TeacherConfig.model_validate(value)
         except ValueError as error:
-            raise ReferenceError(f"{field}: {str(error).splitlines()[-1].strip()}") from None
+            raise TeacherReferenceError(f"{field}: {str(error).splitlines()[-1].strip()}") from None
         return
     if not isinstance(value, str):
-        raise ReferenceError(f"{field}: a teacher config, a checkpoint directory or mlflow:<run_id>")
+        raise TeacherReferenceError(f"{field}: a teacher config, a checkpoint directory or mlflow:<run_id>")
     if value.startswith(MLFLOW):
         check_mlflow_run(value.removeprefix(MLFLOW), field, tracking_uri)
         return
     directory = Path(value).expanduser()
     missing = [name for name in CHECKPOINT_FILES if not (directory / name).is_file()]
     if not directory.is_dir() or missing:
-        raise ReferenceError(f"{field}: no teacher checkpoint at {directory} (needs {', '.join(CHECKPOINT_FILES)})")
+        raise TeacherReferenceError(
+            f"{field}: no teacher checkpoint at {directory} (needs {', '.join(CHECKPOINT_FILES)})"
+        )
     try:
         TeacherConfig.model_validate(json.loads((directory / "config.json").read_text()))
     except ValueError as error:
-        raise ReferenceError(f"{field}: {directory / 'config.json'} is not a teacher config: {error}") from None
+        raise TeacherReferenceError(f"{field}: {directory / 'config.json'} is not a teacher config: {error}") from None
 
 
 def check_mlflow_run(run_id: str, field: str, tracking_uri: str) -> None:
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-        raise ReferenceError(f"{field}: MLflow run {run_id} not found (no tracking store at {tracking_uri})")
+        raise TeacherReferenceError(f"{field}: MLflow run {run_id} not found (no tracking store at {tracking_uri})")
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -78,17 +80,17 @@ def check_mlflow_run(run_id: str, field: str, tracking_uri: str) -> None:
         client.get_run(run_id)
         logged = {artifact.path for artifact in client.list_artifacts(run_id)}
     except MlflowException:
-        raise ReferenceError(f"{field}: MLflow run {run_id} not found in {tracking_uri}") from None
+        raise TeacherReferenceError(f"{field}: MLflow run {run_id} not found in {tracking_uri}") from None
     missing = [name for name in CHECKPOINT_FILES if name not in logged]
     if missing:
-        raise ReferenceError(f"{field}: MLflow run {run_id} logged no teacher ({', '.join(missing)} missing)")
+        raise TeacherReferenceError(f"{field}: MLflow run {run_id} logged no teacher ({', '.join(missing)} missing)")
 
 
 def parse_sweep(value: str, field: str) -> tuple[str, str]:
     """`sweep:<name>/<selector>` -> (name, selector); the selector defaults to `best`."""
     name, _, selector = value.removeprefix(SWEEP).partition("/")
     if not name:
-        raise ReferenceError(
+        raise TeacherReferenceError(
             f"{field}: '{value}': give sweep:<name>/best, sweep:<name>/<trial id> or sweep:<name>/each"
         )
     return name, selector or "best"
@@ -104,20 +106,20 @@ def sweep_teachers(value: str, field: str, results_dir: str | Path) -> dict[str,
     try:
         sweep = open_sweep(name, results_dir)
     except SpecError:
-        raise ReferenceError(f"{field}: no sweep named '{name}' in {Path(results_dir).resolve()}") from None
+        raise TeacherReferenceError(f"{field}: no sweep named '{name}' in {Path(results_dir).resolve()}") from None
     teachers = teacher_runs(sweep)
     if not teachers:
-        raise ReferenceError(f"{field}: sweep '{name}' has no finished trial that saved a teacher")
+        raise TeacherReferenceError(f"{field}: sweep '{name}' has no finished trial that saved a teacher")
     if selector == "each":
         return teachers
     if selector == "best":
         best = best_trials(sweep)
         trial = str(best[0].get("trial_id")) if best else None
         if trial not in teachers:
-            raise ReferenceError(f"{field}: sweep '{name}' has no best trial with a saved teacher")
+            raise TeacherReferenceError(f"{field}: sweep '{name}' has no best trial with a saved teacher")
         return {trial: teachers[trial]}
     if selector not in teachers:
-        raise ReferenceError(f"{field}: sweep '{name}' has no finished trial '{selector}' with a saved teacher "
+        raise TeacherReferenceError(f"{field}: sweep '{name}' has no finished trial '{selector}' with a saved teacher "
                              f"(trials: {', '.join(sorted(teachers))})")  # fmt: skip
     return {selector: teachers[selector]}
 

@@ -40,7 +40,7 @@ class Sweep:
             return int(recorded.read_text())
         try:
             return planned_count(self.spec)
-        except references.ReferenceError:
+        except references.TeacherReferenceError:
             return None
 
 

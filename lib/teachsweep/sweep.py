@@ -412,8 +412,3 @@ def best_trials(spec: SweepSpec, paths: SweepPaths, rows: list[dict[str, Any]]) 
     if len(spec.objectives) > 1 and spec.space:
         return pareto_front(spec, paths.optuna_url)
     return best_of_rows(spec, rows)
-
-
-def delete_sweep(spec: SweepSpec) -> None:
-    """Remove a sweep's Tune and Optuna state (its MLflow runs stay)."""
-    shutil.rmtree(paths_for(spec).sweep, ignore_errors=True)

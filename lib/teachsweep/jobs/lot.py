@@ -110,11 +110,6 @@ class LoTConfig(DataConfig, OptimizerConfig, LoTTermConfig):
                 models.validate_model_name(name, kind)
         return self
 
-    @property
-    def model_steps_per_teacher_step(self) -> int:
-        """Forward/backward model updates per teacher step: 1 + N*K for LoT, 1 for the teacher alone."""
-        return 1 if self.arm == "teacher_only" else 1 + self.student_steps * self.num_students
-
 
 DEFAULT_ARM = "lot"
 SAVES_TEACHER = True  # the best-validation teacher, as model.pt + config.json of the trial's run
