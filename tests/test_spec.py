@@ -122,6 +122,34 @@ def test_a_sweep_whose_csv_moved_away_still_reads_and_only_running_refuses_it(tm
     assert not (results / "again").exists()
 
 
+def test_a_moved_results_directory_reads_its_own_store_and_a_lost_store_is_one_line(tmp_path):
+    """The recorded SQLite path is absolute: after a move, MLflow would create an empty store at the old path."""
+    from teachsweep.results import open_sweep
+
+    old, moved = tmp_path / "old", tmp_path / "moved"
+    (moved / "ok").mkdir(parents=True)
+    (moved / "ok" / "spec.yaml").write_text(GOOD)
+    (moved / "ok" / "tracking_uri").write_text(f"sqlite:///{old}/mlflow.db\n")
+    (moved / "ok" / "mlflow_parent_run_id").write_text("0" * 32)
+    with pytest.raises(SpecError, match="tracking store .* not found") as lost:
+        open_sweep("ok", moved)
+    assert len(str(lost.value).splitlines()) == 1 and "tracking_uri" in str(lost.value)
+    (moved / "mlflow.db").write_bytes(b"")
+    assert open_sweep("ok", moved).tracking_uri == f"sqlite:///{moved}/mlflow.db"
+    assert not old.exists()
+
+
+def test_a_spec_path_with_brackets_is_named_whole_in_the_error(tmp_path):
+    """The error line is printed as plain text, not as rich markup that would eat `[v2]` or `[bold]`."""
+    for name in ("lot[v2].yaml", "lot[bold].yaml"):
+        spec_file = tmp_path / name
+        spec_file.write_text(GOOD.replace("teacher: cnn", "teacher: alexnet") + f"results_dir: {tmp_path / 'r'}\n")
+        outcome = CliRunner().invoke(app, ["validate", str(spec_file)])
+        message = outcome.output.strip()
+        assert outcome.exit_code == 2 and len(message.splitlines()) == 1, message
+        assert f"{spec_file}: " in message and "unknown model 'alexnet'" in message, message
+
+
 def test_gpu_type_becomes_rays_accelerator_resource():
     spec = parse_spec(GOOD + "resources: {gpus: 1, gpu_type: A100, workers: 2}\n")
     assert spec.resources.accelerator() == {"accelerator_type:A100": 0.001}

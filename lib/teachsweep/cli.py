@@ -74,7 +74,8 @@ def keep_whole(table: Table, width: int) -> Table:
 
 
 def fail(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line, exit 2; the message is plain text (a path like `lot[v2].yaml` keeps its brackets)."""
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -557,7 +558,7 @@ def ui(
     try:
         servers.serve(sweep, port, lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False))
     except servers.PortInUse as error:
-        fail(escape(str(error)))
+        fail(str(error))
     except servers.ServerFailed as error:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

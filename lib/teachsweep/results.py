@@ -53,9 +53,25 @@ def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
     text = read_spec_file(spec_file)
     spec = parse_spec(text, where=f"{spec_file}: ", check_files=False)
     uri_file, parent_file = directory / "tracking_uri", directory / "mlflow_parent_run_id"
-    uri = uri_file.read_text().strip() if uri_file.exists() else f"sqlite:///{directory.parent}/mlflow.db"
+    if uri_file.exists():
+        uri = local_store_of(uri_file.read_text().strip(), directory, uri_file)
+    else:
+        uri = f"sqlite:///{directory.parent}/mlflow.db"
     parent = parent_file.read_text().strip() if parent_file.exists() else latest_parent_run(uri, spec)
     return Sweep(name, directory, spec, text, uri, parent)
+
+
+def local_store_of(uri: str, directory: Path, uri_file: Path) -> str:
+    """A recorded SQLite store that is no longer where it was: the one beside the sweep when the results directory
+    moved, else a one-line SpecError. MLflow would otherwise create an empty store at the old path and show the
+    sweep as never started."""
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file():
+        return uri
+    beside = directory.parent / "mlflow.db"
+    if beside.is_file():
+        return f"sqlite:///{beside}"
+    raise SpecError(f"{uri_file}: tracking store {uri.removeprefix('sqlite:///')} not found (moved or deleted), "
+                    f"and no mlflow.db beside the sweep in {directory.parent}")  # fmt: skip
 
 
 def latest_parent_run(uri: str, spec: SweepSpec) -> str | None:
