@@ -11,7 +11,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -128,7 +128,8 @@ class SweepSpec(Strict):
     max_concurrent_trials: int | None = Field(None, ge=1)
     sampler: Sampler = Field(default_factory=Sampler)
     scheduler: Scheduler | None = None
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    # torch, numpy and gymnasium all take them: 0 <= seed < 2**32 is what every one of them accepts
+    seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(default_factory=lambda: [0], min_length=1)
     baseline: Baseline | None = None
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(0, ge=0)
@@ -286,7 +287,8 @@ def parse_spec(text: str, where: str = "", check_files: bool = True) -> SweepSpe
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{where}malformed YAML{line}: {getattr(error, 'problem', error)}") from None
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]  # a ReaderError has no `problem`
+        raise SpecError(f"{where}malformed YAML{line}: {problem}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{where}malformed spec: expected a mapping of keys, got {type(raw).__name__}")
     if found := non_finite_number(raw):
