@@ -25,13 +25,21 @@ def code_version() -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def cell(row: dict[str, Any] | None, paired: bool) -> str:
-    if row is None:
+def cell(row: dict[str, Any] | None, paired: bool, seeds: int) -> str:
+    """A mean or paired difference with its interval; fewer seeds than the row's others are named (n=...)."""
+    if row is None or (paired and "vs_reference_diff_mean" not in row):
         return "–"
+    n = row["vs_reference_n_seeds"] if paired else row["n_seeds"]
+    fewer = f" (n={n})" if n < seeds else ""
+    if n == 0:
+        return "–"
+    if n < 2:
+        value = f"{row['vs_reference_diff_mean']:+.3f}" if paired else f"{row['mean']:.3f}"
+        return f"{value}{fewer}, no interval"
     if paired:
         return (f"{row['vs_reference_diff_mean']:+.3f} [{row['vs_reference_ci_low']:+.3f}, "
-                f"{row['vs_reference_ci_high']:+.3f}] p {row['vs_reference_p_value']:.2g}")  # fmt: skip
-    return f"{row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+                f"{row['vs_reference_ci_high']:+.3f}] p {row['vs_reference_p_value']:.2g}{fewer}")  # fmt: skip
+    return f"{row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]{fewer}"
 
 
 def markdown(rows: list[dict[str, Any]], teacher_metric: str) -> str:
@@ -39,13 +47,13 @@ def markdown(rows: list[dict[str, Any]], teacher_metric: str) -> str:
     variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v]
     index = {(r["teacher"], r["variant"], r["metric"]): r for r in rows}
     seeds = max(r["n_seeds"] for r in rows)
-    header = ["teacher", "teacher test acc"] + [f"simulability, {v}" for v in variants]
+    header = [f"teacher ({seeds} seeds)", "teacher test acc"] + [f"simulability, {v}" for v in variants]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for teacher in teachers:
         cells = [index.get((teacher, "", teacher_metric))] + [index.get((teacher, v, SIMULABILITY)) for v in variants]
-        lines.append(f"| {teacher} ({seeds} seeds) | " + " | ".join(cell(c, False) for c in cells) + " |")
+        lines.append(f"| {teacher} | " + " | ".join(cell(c, False, seeds) for c in cells) + " |")
         if any(c is not None and "vs_reference_diff_mean" in c for c in cells):
-            lines.append("| Δ vs baseline teacher | " + " | ".join(cell(c, True) for c in cells) + " |")
+            lines.append("| Δ vs baseline teacher | " + " | ".join(cell(c, True, seeds) for c in cells) + " |")
     return "\n".join(lines)
 
 
