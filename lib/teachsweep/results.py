@@ -61,11 +61,16 @@ def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
     return Sweep(name, directory, spec, text, uri, parent)
 
 
+def missing_sqlite_file(url: str) -> bool:
+    """A `sqlite:///` URL whose file is absent (opening it would create an empty store)."""
+    return url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()
+
+
 def local_store_of(uri: str, directory: Path, uri_file: Path) -> str:
     """A recorded SQLite store that is no longer where it was: the one beside the sweep when the results directory
     moved, else a one-line SpecError. MLflow would otherwise create an empty store at the old path and show the
     sweep as never started."""
-    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file():
+    if not missing_sqlite_file(uri):
         return uri
     beside = directory.parent / "mlflow.db"
     if beside.is_file():
@@ -209,7 +214,7 @@ def pareto_front(spec: SweepSpec, storage_url: str, runs=None) -> list[dict[str,
     MLflow run by parameters when `runs` (finished trial runs) are given."""
     import optuna
 
-    if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).is_file():
+    if missing_sqlite_file(storage_url):
         return []  # never searched here (or moved away): opening it would create an empty study file
     try:
         study = optuna.load_study(study_name=spec.name, storage=storage_url)
