@@ -292,10 +292,12 @@ def test_a_trial_tune_finished_before_its_result_reached_the_study_is_completed_
     assert trials[2].params == trials[0].params
 
 
-def test_a_driver_crash_before_the_first_trial_leaves_a_sweep_that_runs_again_cleanly(ray_session, tmp_path):
+@pytest.mark.parametrize("corrected", [False, True], ids=["same-spec", "corrected-spec"])
+def test_a_driver_crash_before_the_first_trial_leaves_a_sweep_that_runs_again_cleanly(ray_session, tmp_path, corrected):
     """A driver that dies after it created the stores and the Tune experiment but before Tune recorded anything
     (here a Tune callback raising on the first step, as a crashing progress display would) used to wedge the
-    sweep: every later `run` failed with "Can't return results as experiment has not been run"."""
+    sweep: every later `run` failed with "Can't return results as experiment has not been run", and a spec
+    corrected after the crash was refused as changed although no trial had run."""
     from ray.tune import Callback
 
     class CrashOnTheFirstStep(Callback):
@@ -307,7 +309,11 @@ def test_a_driver_crash_before_the_first_trial_leaves_a_sweep_that_runs_again_cl
     with pytest.raises(RuntimeError, match="before its first trial"):
         run_sweep(parse_spec(text), text, callbacks=[CrashOnTheFirstStep()])
     assert (results / "crashed" / "tune" / "trials").is_dir() and (results / "crashed" / "spec.json").is_file()
+    crashed_parent = (results / "crashed" / "mlflow_parent_run_id").read_text()
+    had_study = (results / "crashed" / "optuna.db").exists()
 
+    if corrected:
+        text = text.replace("high: 1.0}", "high: 2.0}")
     outcome = run_sweep(parse_spec(text), text)
     assert [row["status"] for row in outcome.trials] == ["OK", "OK"], outcome.trials
     sweep = open_sweep("crashed", results)
@@ -316,6 +322,15 @@ def test_a_driver_crash_before_the_first_trial_leaves_a_sweep_that_runs_again_cl
     assert {r.data.tags["teachsweep.trial_id"] for r in runs} == {row["trial_id"] for row in outcome.trials}
     study = optuna.load_study(study_name="crashed", storage=sweep.optuna_url)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    abandoned = list((results / "crashed").glob("optuna.*.abandoned.db"))
+    if corrected:  # a new study, parent run and fingerprint; the crashed study kept beside them
+        assert study.trials[0].distributions["alpha"].high == 2.0
+        assert len(abandoned) == int(had_study) and sweep.parent_run_id != crashed_parent
+        assert sweep.spec.space["alpha"].high == 2.0
+        crashed = MlflowClient(sweep.tracking_uri).get_run(crashed_parent)
+        assert crashed.info.status == "FAILED"
+    else:
+        assert abandoned == [] and sweep.parent_run_id == crashed_parent
 
 
 def test_export_points_at_the_teacher_the_best_trial_saved(ray_session, tmp_path, monkeypatch):
@@ -344,3 +359,17 @@ def test_export_points_at_the_teacher_the_best_trial_saved(ray_session, tmp_path
     checkpoint = Path(references.materialize(reference, sweep.tracking_uri))
     state = torch.load(checkpoint / "model.pt", weights_only=True)
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_starting_afresh_keeps_the_crashed_study_beside_the_new_one(tmp_path):
+    from teachsweep.sweep import SweepPaths, start_afresh
+
+    paths = SweepPaths(tmp_path, tmp_path / "s")
+    (paths.tune / "trials").mkdir(parents=True)
+    (paths.sweep / "optuna.db").write_bytes(b"the crashed study")
+    paths.parent_run.write_text("0123")
+    assert not paths.started
+    start_afresh(paths)
+    kept = list(paths.sweep.glob("optuna.*.abandoned.db"))
+    assert [k.read_bytes() for k in kept] == [b"the crashed study"]
+    assert not (paths.sweep / "optuna.db").exists() and not paths.parent_run.exists() and not paths.tune.exists()

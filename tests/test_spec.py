@@ -70,6 +70,13 @@ BAD = [
     ("sampler seed beyond numpy's range", GOOD + "sampler: {type: random, seed: 4294967296}\n", "sampler.seed: Input should be less than"),
     ("scaffold on a language model", "name: s\njob: scaffold\nconfig: {teacher: {task: bbc_news_lm, model: 'lstm:1'}}\nvariants: {a: {}}\n",
      "teacher.task: 'bbc_news_lm' is language modelling"),
+    ("a YAML alias that contains itself", GOOD.replace("config: {", "config: &c {extra: [*c], "), "config.extra.0: a YAML alias that contains itself"),
+    ("a pipeline stage named by a list", "pipeline: p\nstages:\n  - {name: [a, b], job: lot, variants: {a: {alpha: 0.1}}}\n",
+     "stages[0].name: required, a name (got ['a', 'b'])"),
+    ("a teacher given as a number", "name: s\njob: scaffold\nconfig: {teacher: 5}\nvariants: {a: {}}\n",
+     "config.teacher: a teacher config (a mapping), a checkpoint directory"),
+    ("infinity spelled as a string in a teacher", "name: s\njob: scaffold\nconfig: {teacher: {task: digits, model: 'tiny-bert:1', lr: 'inf'}}\nvariants: {a: {}}\n",
+     "config.teacher.lr: not a finite number (got inf)"),
 ]  # fmt: skip
 
 

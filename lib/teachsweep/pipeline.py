@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from teachsweep import preflight
-from teachsweep.spec import NAME_RE, SpecError, SweepSpec, parse_spec
+from teachsweep.spec import NAME_RE, SpecError, SweepSpec, load_yaml, parse_spec
 
 PIPELINE_KEYS = {"pipeline", "description", "results_dir", "tracking_uri", "stages"}
 
@@ -57,7 +57,7 @@ def is_pipeline(text: str) -> bool:
 def parse_pipeline(text: str, where: str = "") -> Pipeline:
     """The pipeline's stages, each parsed and validated as a sweep spec (pure, like parse_spec: the references
     between stages are checked by check_pipeline)."""
-    raw = yaml.safe_load(text)
+    raw = load_yaml(text, where)
     unknown = sorted(set(raw) - PIPELINE_KEYS)
     if unknown:
         raise SpecError(f"{where}{unknown[0]}: unknown key")
@@ -73,6 +73,8 @@ def parse_pipeline(text: str, where: str = "") -> Pipeline:
             raise SpecError(f"{where}stages[{index}]: a sweep spec (a mapping)")
         stage_raw = {"experiment": name} | shared | body | {"pipeline": name, "stage": index}
         stage_name = stage_raw.get("name")
+        if not isinstance(stage_name, str):
+            raise SpecError(f"{where}stages[{index}].name: required, a name (got {stage_name!r})")
         if stage_name == name or stage_name in {s.name for s in stages}:
             raise SpecError(f"{where}stages[{index}].name: '{stage_name}' is taken (stage names must be distinct "
                             "and differ from the pipeline's)")  # fmt: skip

@@ -106,10 +106,10 @@ def check_objectives(spec: SweepSpec, where: str, reported: dict[str, str | None
                             f"optimise it the wrong way")  # fmt: skip
 
 
-def check_stores(spec: SweepSpec, root: Path, fingerprint: Path) -> str:
+def check_stores(spec: SweepSpec, root: Path, fingerprint: Path, started: bool = True) -> str:
     """The stores a sweep writes, checked before it creates any: the results directory `root` writable, the
-    tracking store reachable, and the spec the same as when the sweep started (its `fingerprint` file). Returns
-    the tracking URI."""
+    tracking store reachable, and the spec the same as when the sweep started (its `fingerprint` file) unless
+    it never `started` a trial (then a corrected spec starts it anew). Returns the tracking URI."""
     existing = next((p for p in [root, *root.parents] if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise SpecError(f"results directory {root} is not writable")
@@ -120,7 +120,7 @@ def check_stores(spec: SweepSpec, root: Path, fingerprint: Path) -> str:
         tracking.check_tracking_uri(uri)
     except tracking.TrackingError as error:
         raise SpecError(str(error)) from None
-    if fingerprint.exists():
+    if fingerprint.exists() and started:
         changes = describe_changes(json.loads(fingerprint.read_text()), spec.fingerprint())
         if changes:
             raise SpecError(f"sweep '{spec.name}' exists with a different spec ({'; '.join(changes)}): use a new "

@@ -276,12 +276,9 @@ def refuse_non_finite(values: Any, where: str, loc: tuple = ()) -> None:
         raise SpecError(f"{where}{_location(found[0])}: not a finite number (got {found[1]})")
 
 
-def parse_spec(text: str, where: str = "", check_files: bool = True) -> SweepSpec:
-    """Parse and validate a spec given as YAML text; `where` prefixes error messages (the file name). Pure: the
-    spec, the job's config and nothing outside them (no other sweep, run, checkpoint or store; those are checked
-    by teachsweep.preflight before a sweep runs), so a finished sweep reads back whatever happened to them. The
-    one exception is `check_files`: a new spec's data files must exist; readers pass False, so a moved csv never
-    breaks reading."""
+def load_yaml(text: str, where: str = "") -> Any:
+    """Safe YAML, with its errors as one line; an alias that contains itself (`a: &x [*x]`) is refused, since
+    every walk over the spec would recurse forever."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -289,6 +286,31 @@ def parse_spec(text: str, where: str = "", check_files: bool = True) -> SweepSpe
         line = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]  # a ReaderError has no `problem`
         raise SpecError(f"{where}malformed YAML{line}: {problem}") from None
+    if loc := recursive_alias(raw):
+        raise SpecError(f"{where}{_location(loc)}: a YAML alias that contains itself")
+    return raw
+
+
+def recursive_alias(value: Any, loc: tuple = (), open_ids: frozenset[int] = frozenset()) -> tuple | None:
+    """Where a mapping or list contains itself, or None."""
+    if not isinstance(value, dict | list):
+        return None
+    if id(value) in open_ids:
+        return loc or ("(top level)",)
+    inside = open_ids | {id(value)}
+    for key, child in value.items() if isinstance(value, dict) else enumerate(value):
+        if found := recursive_alias(child, (*loc, key), inside):
+            return found
+    return None
+
+
+def parse_spec(text: str, where: str = "", check_files: bool = True) -> SweepSpec:
+    """Parse and validate a spec given as YAML text; `where` prefixes error messages (the file name). Pure: the
+    spec, the job's config and nothing outside them (no other sweep, run, checkpoint or store; those are checked
+    by teachsweep.preflight before a sweep runs), so a finished sweep reads back whatever happened to them. The
+    one exception is `check_files`: a new spec's data files must exist; readers pass False, so a moved csv never
+    breaks reading."""
+    raw = load_yaml(text, where)
     if not isinstance(raw, dict):
         raise SpecError(f"{where}malformed spec: expected a mapping of keys, got {type(raw).__name__}")
     if found := non_finite_number(raw):

@@ -70,6 +70,12 @@ class SweepPaths:
     def planned(self) -> Path:
         return self.sweep / PLANNED_FILE
 
+    @property
+    def started(self) -> bool:
+        """Whether Tune recorded any state of this sweep's trials (a driver that died before its first snapshot
+        leaves none, and a resume would start it from nothing)."""
+        return recorded_by_tune(self.tune / "trials")
+
 
 @dataclass
 class SweepOutcome:
@@ -153,7 +159,7 @@ def run_sweep(
     quiet_libraries()
     paths = paths_for(spec)
     preflight.check_spec(spec, where)
-    uri = preflight.check_stores(spec, paths.root, paths.fingerprint)
+    uri = preflight.check_stores(spec, paths.root, paths.fingerprint, started=paths.started)
     start = time.time()
     init_ray()
     check_trial_fits(spec)  # these may refuse the spec: before anything is created
@@ -164,6 +170,9 @@ def run_sweep(
     from ray import tune
 
     paths.sweep.mkdir(parents=True, exist_ok=True)
+    recorded = json.loads(paths.fingerprint.read_text()) if paths.fingerprint.exists() else None
+    if recorded is not None and recorded != spec.fingerprint() and not paths.started:
+        start_afresh(paths)
     paths.fingerprint.write_text(json.dumps(spec.fingerprint(), indent=1, sort_keys=True))
     (paths.sweep / "spec.yaml").write_text(spec_text)
     paths.tracking_uri.write_text(uri)
@@ -365,6 +374,18 @@ def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks, on_
         ),  # fmt: skip
     )
     return tuner.fit()
+
+
+def start_afresh(paths: SweepPaths) -> None:
+    """A sweep whose driver stopped before Tune recorded a trial holds no result, so a corrected spec starts it
+    anew: a new parent run (the old one stays in MLflow, failed), a new Optuna study (the old file kept beside it
+    as `optuna.<time>.abandoned.db`) and a new Tune experiment."""
+    study = paths.sweep / "optuna.db"
+    if study.exists():
+        study.rename(paths.sweep / f"optuna.{time.strftime('%Y%m%d-%H%M%S')}.abandoned.db")
+    paths.parent_run.unlink(missing_ok=True)
+    shutil.rmtree(paths.tune, ignore_errors=True)
+    print(f"sweep '{paths.sweep.name}' never recorded a trial: starting it again with the changed spec", flush=True)
 
 
 def recorded_by_tune(experiment: Path) -> bool:

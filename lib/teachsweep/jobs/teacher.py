@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -64,12 +65,16 @@ class TeacherReference(BaseModel):
 
     teacher: dict | str = Field(default_factory=dict)
 
-    @field_validator("teacher")
+    @field_validator("teacher", mode="before")
     @classmethod
-    def _valid_teacher(cls, value: dict | str) -> dict | str:
-        if isinstance(value, dict):
-            TeacherConfig.model_validate(value)
-        return value
+    def _valid_teacher(cls, value: Any) -> dict | str:
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"a teacher config (a mapping), a checkpoint directory, mlflow:<run id> or "
+                             f"sweep:<name>[/<trial>|/each] (got {value!r})")  # fmt: skip
+        # the fields as validated (`lr: "inf"` becomes a float), so the spec's non-finite check sees them
+        return TeacherConfig.model_validate(value).model_dump(include=set(value))
 
 
 SAVES_TEACHER = True  # the best-validation teacher, as model.pt + config.json of the trial's run
