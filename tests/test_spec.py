@@ -292,3 +292,27 @@ def test_list_names_an_unreadable_sweep_and_shows_the_others(tmp_path):
     assert outcome.exit_code == 0, outcome.output
     words = " ".join(outcome.output.split())
     assert "│ good │" in words and "unreadable:" in words and "not UTF-8 text" in words, outcome.output
+
+
+def test_list_names_a_sweep_whose_store_lost_its_runs_and_shows_the_others(tmp_path):
+    """Errors from the store itself (a parent run deleted from MLflow) are one sweep's problem, not the list's."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("orphan")
+    for name in ("good", "orphan"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "spec.yaml").write_text(GOOD.replace("name: ok", f"name: {name}", 1))
+    (tmp_path / "orphan" / "mlflow_parent_run_id").write_text("0123456789abcdef")
+    outcome = CliRunner().invoke(app, ["list", "--results-dir", str(tmp_path)], env={"COLUMNS": "100"})
+    assert outcome.exit_code == 0, outcome.output
+    words = " ".join(outcome.output.split())
+    assert "│ good │" in words and "MLflow run 0123456789abcdef is not in the tracking store" in words, outcome.output
+    assert "orphan/mlflow_parent_run_id" in words
+
+
+def test_listing_a_directory_of_sweeps_that_never_started_creates_no_store(tmp_path):
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "spec.yaml").write_text(GOOD.replace("name: ok", "name: fresh", 1))
+    outcome = CliRunner().invoke(app, ["list", "--results-dir", str(tmp_path)], env={"COLUMNS": "100"})
+    assert outcome.exit_code == 0 and "NOT STARTED" in outcome.output, outcome.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh"]

@@ -163,7 +163,30 @@ def test_an_explicitly_requested_busy_port_fails_with_one_line_and_exit_2(result
         finally:
             end(process, [])
     assert process.returncode == 2
-    assert output.strip().splitlines() == [f"error: port {port + 1} on 127.0.0.1 is in use; give another with --port"]
+    assert output.strip().splitlines() == [f"error: port {port + 1} on 127.0.0.1: in use; give another with --port"]
+
+
+def test_a_requested_port_out_of_range_or_not_ours_is_bad_input_not_a_crash():
+    with pytest.raises(ui.PortInUse, match=r"^port 65536 on 127.0.0.1: out of range \(1-65535\); give another"):
+        ui.choose_port("127.0.0.1", 65535, 2)  # optuna-dashboard would get 65536 (bind() raised OverflowError)
+    with pytest.raises(ui.PortInUse, match="port 0 on 127.0.0.1: out of range"):
+        ui.choose_port("127.0.0.1", 0, 1)
+    if os.geteuid() != 0:  # only root may open ports below 1024
+        with pytest.raises(ui.PortInUse, match=r"port 80 on 127.0.0.1: not allowed \(Permission denied\)"):
+            ui.choose_port("127.0.0.1", 80, 1)
+
+
+def test_a_sweep_whose_study_file_is_gone_opens_mlflow_only_and_creates_no_study(results, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(results, moved)
+    (moved / "uisweep" / "optuna.db").unlink()
+    said: list[str] = []
+    servers = ui.planned_servers(open_sweep("uisweep", moved), free_pair(), {}, said.append)
+    assert [server.label for server in servers] == ["MLflow UI"]
+    assert said == ["no Optuna study was kept for this sweep: starting the MLflow UI only"]
+    assert not (moved / "uisweep" / "optuna.db").exists()
 
 
 def test_a_server_that_dies_while_starting_is_reported_with_its_last_lines(tmp_path):

@@ -364,10 +364,13 @@ def list_command(results_dir: str = RESULTS_OPTION) -> None:
     for name in list_sweeps(results_dir):
         try:
             sweep = open_sweep(name, results_dir)
+            st = status(sweep)
         except SpecError as error:  # one unreadable sweep does not hide the others
             unreadable.append(str(error))
             continue
-        st = status(sweep)
+        except Exception as error:  # noqa: BLE001 - a store's own failure (a corrupt file...) is that sweep's too
+            unreadable.append(f"{name}: {type(error).__name__}: {str(error).strip().splitlines()[0][:300]}")
+            continue
         stage = f"{sweep.spec.pipeline} #{sweep.spec.stage}" if sweep.spec.pipeline else ""
         table.add_row(name, stage, sweep.spec.job, st["sweep_status"], str(st["finished"]), str(st["failed"]),
                       str(st["planned"] or "?"), f"{st['elapsed_s']:.0f} s")  # fmt: skip

@@ -57,8 +57,31 @@ def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
         uri = local_store_of(uri_file.read_text().strip(), directory, uri_file)
     else:
         uri = f"sqlite:///{directory.parent}/mlflow.db"
-    parent = parent_file.read_text().strip() if parent_file.exists() else latest_parent_run(uri, spec)
+    if missing_sqlite_file(uri):  # no store yet: a sweep that never started (opening one would create it)
+        if parent_file.exists():
+            raise SpecError(f"{parent_file}: tracking store {uri.removeprefix('sqlite:///')} not found (moved or "
+                            "deleted)")  # fmt: skip
+        return Sweep(name, directory, spec, text, uri, None)
+    if parent_file.exists():
+        parent = parent_file.read_text().strip()
+        check_run_exists(uri, parent, parent_file)
+    else:
+        parent = latest_parent_run(uri, spec)
     return Sweep(name, directory, spec, text, uri, parent)
+
+
+def check_run_exists(uri: str, run_id: str, named_in: Path) -> None:
+    """A one-line SpecError when the run a sweep recorded is not in its store (deleted, or the store replaced)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise SpecError(f"{named_in}: MLflow run {run_id} is not in the tracking store {uri} (deleted, or the "
+                        "store was replaced)") from None  # fmt: skip
 
 
 def missing_sqlite_file(url: str) -> bool:
@@ -128,9 +151,11 @@ def trial_runs(sweep: Sweep):
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
+    if sweep.parent_run_id is None:
+        return pd.DataFrame()
     client = MlflowClient(sweep.tracking_uri)
     experiment = client.get_experiment_by_name(sweep.spec.experiment or sweep.name)
-    if sweep.parent_run_id is None or experiment is None:
+    if experiment is None:
         return pd.DataFrame()
     query = f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}' and tags.`teachsweep.role` = 'trial'"
     runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=50_000)

@@ -44,7 +44,7 @@ MODEL_TRAINING = {"workflowType": "machine_learning"}  # without it MLflow 3 ope
 
 
 class PortInUse(Exception):
-    """A port given with --port is taken: bad input."""
+    """A port given with --port is taken, out of range or not ours to open: bad input."""
 
 
 class ServerFailed(Exception):
@@ -194,21 +194,30 @@ def page_urls(sweep: Sweep, host: str = HOST, port: int = DEFAULT_PORT) -> dict[
 
 
 def port_in_use(host: str, port: int) -> bool:
+    return port_problem(host, port) is not None
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why `port` cannot be served on `host` ("in use", "out of range", the OS's reason), or None."""
+    if not 0 < port < 65536:
+        return "out of range (1-65535)"
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((host, port))
+        except PermissionError as error:  # below 1024 without the privilege to open it
+            return f"not allowed ({error.strerror})"
         except OSError:
-            return True
-    return False
+            return "in use"
+    return None
 
 
 def choose_port(host: str, requested: int | None, count: int) -> tuple[int, str | None]:
     """The first of `count` consecutive free ports: the requested ones or fail; by default DEFAULT_PORT or the
     next free run of ports above it, with a note saying why."""
     if requested is not None:
-        busy = [p for p in range(requested, requested + count) if port_in_use(host, p)]
-        if busy:
-            raise PortInUse(f"port {busy[0]} on {host} is in use; give another with --port")
+        for port in range(requested, requested + count):
+            if problem := port_problem(host, port):
+                raise PortInUse(f"port {port} on {host}: {problem}; give another with --port")
         return requested, None
     for base in range(DEFAULT_PORT, DEFAULT_PORT + PORT_SCAN):
         busy = [p for p in range(base, base + count) if port_in_use(host, p)]
@@ -346,7 +355,9 @@ def planned_servers(sweep: Sweep, port: int, urls: dict[str, str], say: Callable
     servers = [mlflow_server(sweep, port)]
     if sweep.spec.space:
         dashboard = executable("optuna-dashboard")
-        if dashboard:
+        if not (sweep.directory / "optuna.db").exists():  # optuna-dashboard would create an empty one
+            say("no Optuna study was kept for this sweep: starting the MLflow UI only")
+        elif dashboard:
             servers.append(dashboard_server(sweep, dashboard, port + 1, urls.get("study")))
         else:
             say("optuna-dashboard is not installed: starting the MLflow UI only")
