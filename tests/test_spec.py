@@ -111,6 +111,32 @@ def test_missing_csv_column_is_refused_before_anything_runs(tmp_path):
     assert not results.exists()
 
 
+def recorded_sweep(results: Path, name: str, text: str) -> None:
+    """A sweep directory as a run leaves it: the spec, and a parent run in the MLflow store beside it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    (results / name).mkdir(parents=True)
+    (results / name / "spec.yaml").write_text(text)
+    run = client.create_run(client.create_experiment(name), tags={"teachsweep.sweep": name})
+    (results / name / "mlflow_parent_run_id").write_text(run.info.run_id)
+
+
+def test_a_model_directory_named_relative_to_where_the_sweep_ran_still_reads_from_elsewhere(tmp_path, monkeypatch):
+    from teachsweep.results import open_sweep
+
+    (tmp_path / "ran-here" / "my-model").mkdir(parents=True)
+    results = tmp_path / "results"
+    text = GOOD.replace("teacher: cnn", "teacher: my-model") + f"results_dir: {results}\n"
+    monkeypatch.chdir(tmp_path / "ran-here")
+    parse_spec(text)  # where it ran, the directory is there
+    recorded_sweep(results, "ok", text)
+    monkeypatch.chdir(tmp_path)
+    assert open_sweep("ok", results).spec.config["teacher"] == "my-model"
+    with pytest.raises(SpecError, match="config.teacher: unknown model 'my-model'"):
+        parse_spec(text)  # running it from here is still refused
+
+
 def test_a_sweep_whose_csv_moved_away_still_reads_and_only_running_refuses_it(tmp_path):
     """Reading only reads: the data file a finished sweep trained on may move; its spec, runs and tables stay."""
     from teachsweep.results import open_sweep
@@ -119,9 +145,7 @@ def test_a_sweep_whose_csv_moved_away_still_reads_and_only_running_refuses_it(tm
     results = tmp_path / "results"
     text = GOOD.replace("task: digits, teacher: cnn", f"task: 'csv:{csv}', teacher: tiny-bert, text_column: text, "
                         "label_column: stars") + f"results_dir: {results}\n"  # fmt: skip
-    (results / "ok").mkdir(parents=True)
-    (results / "ok" / "spec.yaml").write_text(text)
-    (results / "ok" / "mlflow_parent_run_id").write_text("0" * 32)
+    recorded_sweep(results, "ok", text)
     assert open_sweep("ok", results).spec.config["task"] == f"csv:{csv}"  # the csv does not exist
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(text.replace("name: ok", "name: again", 1))
@@ -137,14 +161,13 @@ def test_a_moved_results_directory_reads_its_own_store_and_a_lost_store_is_one_l
     from teachsweep.results import open_sweep
 
     old, moved = tmp_path / "old", tmp_path / "moved"
-    (moved / "ok").mkdir(parents=True)
-    (moved / "ok" / "spec.yaml").write_text(GOOD)
+    recorded_sweep(moved, "ok", GOOD)
     (moved / "ok" / "tracking_uri").write_text(f"sqlite:///{old}/mlflow.db\n")
-    (moved / "ok" / "mlflow_parent_run_id").write_text("0" * 32)
+    (moved / "mlflow.db").rename(tmp_path / "kept.db")
     with pytest.raises(SpecError, match="tracking store .* not found") as lost:
         open_sweep("ok", moved)
     assert len(str(lost.value).splitlines()) == 1 and "tracking_uri" in str(lost.value)
-    (moved / "mlflow.db").write_bytes(b"")
+    (tmp_path / "kept.db").rename(moved / "mlflow.db")
     assert open_sweep("ok", moved).tracking_uri == f"sqlite:///{moved}/mlflow.db"
     assert not old.exists()
 
@@ -316,3 +339,12 @@ def test_listing_a_directory_of_sweeps_that_never_started_creates_no_store(tmp_p
     outcome = CliRunner().invoke(app, ["list", "--results-dir", str(tmp_path)], env={"COLUMNS": "100"})
     assert outcome.exit_code == 0 and "NOT STARTED" in outcome.output, outcome.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh"]
+
+
+def test_reading_an_rl_sweep_back_needs_no_environment_installed():
+    """An RL sweep read on a machine without its environment package (here: a game no package provides) reads
+    back; only running it checks that gymnasium, MinAtar or ale-py can build the environment."""
+    text = "name: rl\njob: lot_rl\nconfig: {task: 'gym:NoSuchGame-v0'}\nvariants: {a: {alpha: 0.5}}\n"
+    assert parse_spec(text, check_files=False).config["task"] == "gym:NoSuchGame-v0"
+    with pytest.raises(SpecError, match="gymnasium has no environment 'NoSuchGame-v0'"):
+        parse_spec(text)

@@ -40,9 +40,12 @@ def _register_ale() -> None:
     gym.register_envs(ale_py)
 
 
-def validate_env_name(name: str) -> str:
-    """The task name, or a one-line ValueError saying what is wrong with it."""
+def validate_env_name(name: str, check_installed: bool = True) -> str:
+    """The task name, or a one-line ValueError saying what is wrong with it. `check_installed=False` (a finished
+    sweep read back) looks at the name only: no environment is registered or built, none need be installed."""
     family, game = split_name(name)
+    if not check_installed:
+        return name
     if family == "minatar":
         if game not in MINATAR_GAMES:
             raise ValueError(f"task {name!r}: MinAtar games are {', '.join(MINATAR_GAMES)}")

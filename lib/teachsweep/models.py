@@ -134,9 +134,11 @@ def check_size(base: str, size: int | None, name: str) -> None:
         raise ModelError(f"model '{name}': CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 56...)")
 
 
-def validate_model_name(name: str, kind: str | None = None) -> str:
+def validate_model_name(name: str, kind: str | None = None, check_files: bool = True) -> str:
+    """The name, or a ModelError; `check_files=False` (reading a finished sweep back) accepts an unknown name as a
+    local directory that may be elsewhere now, or named relative to another working directory."""
     base, size = parse_name(name)
-    if base not in KNOWN_MODELS and not is_external(base):
+    if base not in KNOWN_MODELS and not is_external(base) and check_files:
         raise ModelError(f"unknown model '{name}' (known: {', '.join(KNOWN_MODELS)}, a hub name or a directory)")
     check_size(base, size, name)
     family = {**dict.fromkeys(TEXT_MODELS, "text"), **dict.fromkeys(IMAGE_MODELS, "image")}

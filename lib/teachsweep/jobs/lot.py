@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from teachsweep import distributed, models, tasks
 from teachsweep.jobs import ArmPlan
@@ -38,6 +38,7 @@ from teachsweep.training import (
     OptimizerConfig,
     TaskData,
     autocast,
+    checks_files,
     evaluate,
     make_optimizer,
     pick_device,
@@ -99,15 +100,15 @@ class LoTConfig(DataConfig, OptimizerConfig, LoTTermConfig):
 
     @field_validator("teacher", "student")
     @classmethod
-    def _known_model(cls, value: str | None) -> str | None:
-        return None if value is None else models.validate_model_name(value)
+    def _known_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else models.validate_model_name(value, check_files=checks_files(info))
 
     @model_validator(mode="after")
-    def _models_fit_the_task(self) -> LoTConfig:
+    def _models_fit_the_task(self, info: ValidationInfo) -> LoTConfig:
         kind = tasks.task_kind(self.task)
         for name in (self.teacher, self.student):
             if name is not None and kind is not None:
-                models.validate_model_name(name, kind)
+                models.validate_model_name(name, kind, check_files=checks_files(info))
         return self
 
 

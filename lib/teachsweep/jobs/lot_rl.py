@@ -30,14 +30,14 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from teachsweep import environments, models
 from teachsweep.jobs import ArmPlan, lot
 from teachsweep.jobs.lot import LoTTermConfig, kl_divergence
 from teachsweep.reporter import Reporter
-from teachsweep.training import autocast, pick_device, restore_into, state_of, synchronize, uses_bf16
+from teachsweep.training import autocast, checks_files, pick_device, restore_into, state_of, synchronize, uses_bf16
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -86,8 +86,8 @@ class LoTRLConfig(LoTTermConfig):
 
     @field_validator("task")
     @classmethod
-    def _known_env(cls, value: str) -> str:
-        return environments.validate_env_name(value)
+    def _known_env(cls, value: str, info: ValidationInfo) -> str:
+        return environments.validate_env_name(value, check_installed=checks_files(info))
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> LoTRLConfig:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
 from teachsweep import data, distributed, models, tasks
@@ -28,6 +28,7 @@ from teachsweep.training import (
     OptimizerConfig,
     TaskData,
     autocast,
+    checks_files,
     evaluate,
     make_optimizer,
     pick_device,
@@ -47,8 +48,8 @@ class TeacherConfig(DataConfig, OptimizerConfig):
 
     @field_validator("model")
     @classmethod
-    def _known_model(cls, value: str) -> str:
-        return models.validate_model_name(value)
+    def _known_model(cls, value: str, info: ValidationInfo) -> str:
+        return models.validate_model_name(value, check_files=checks_files(info))
 
     def key(self) -> str:
         # The version changes whenever the same config would train a different teacher (v2: derived init seeds,
@@ -67,14 +68,14 @@ class TeacherReference(BaseModel):
 
     @field_validator("teacher", mode="before")
     @classmethod
-    def _valid_teacher(cls, value: Any) -> dict | str:
+    def _valid_teacher(cls, value: Any, info: ValidationInfo) -> dict | str:
         if isinstance(value, str):
             return value
         if not isinstance(value, dict):
             raise ValueError(f"a teacher config (a mapping), a checkpoint directory, mlflow:<run id> or "
                              f"sweep:<name>[/<trial>|/each] (got {value!r})")  # fmt: skip
         # the fields as validated (`lr: "inf"` becomes a float), so the spec's non-finite check sees them
-        return TeacherConfig.model_validate(value).model_dump(include=set(value))
+        return TeacherConfig.model_validate(value, context=info.context).model_dump(include=set(value))
 
 
 SAVES_TEACHER = True  # the best-validation teacher, as model.pt + config.json of the trial's run
