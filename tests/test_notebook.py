@@ -1,5 +1,6 @@
 """The analysis notebook runs top to bottom (nbclient, a real kernel) against a sweep made here."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -40,14 +41,19 @@ def test_analysis_notebook_executes_against_a_real_sweep(ray_session, tmp_path, 
     run_sweep(parse_spec(text), text)
     monkeypatch.setenv("TEACHSWEEP_SWEEP", "nb")
     monkeypatch.setenv("TEACHSWEEP_RESULTS", str(tmp_path / "results"))
+    (tmp_path / "results" / "nb" / "optuna.db").unlink()  # a study file moved away: the notebook only reads
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "results").rglob("*"))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "results").rglob("*")) == before
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     text_out = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "sweep nb: job lot, 4 trial runs" in text_out
+    picked = re.search(r"best on teacher/best_val_acc .*?: trial (\w+)", text_out).group(1)
+    assert f"single objective: the best trial is {picked}" in text_out  # the verdict's rule, not a raw idxmax
     assert (
         "best on teacher/best_val_acc (max; picked on the validation split): trial" in text_out
         and "vs teacher_only: " in text_out

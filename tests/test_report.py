@@ -68,6 +68,25 @@ def test_the_verdict_says_when_the_best_is_within_noise():
     assert verdict(spec, far)[1].startswith("the best is distinguishable from all 1 other trials")
 
 
+def test_the_best_entry_every_reader_shares_is_the_trial_the_verdict_names():
+    """The runner's best.json, `status`, `export` and `sweep:<name>/best` take `best_of_rows`: it used to pick a
+    teacher-only arm that beat every LoT trial, and a multi-seed trial by one value rather than its seeds' mean."""
+    from teachsweep.results import best_of_rows
+
+    spec = parse_spec(SPEC)
+    seeds = lambda values: {f"teacher/best_val_acc@seed{s}": v for s, v in enumerate(values)}  # noqa: E731
+    rows = [row("base", 0.99, arm="teacher_only"), row("a", 0.70, alpha=0.1) | {"mlflow_run_id": "ra"},
+            {"trial_id": "b", "label": "lot", "status": "OK", "params": {"alpha": 0.5}, "mlflow_run_id": "rb",
+             "metrics": seeds([0.60, 0.60, 0.75]) | {"teacher/best_val_acc": 0.75}}]  # fmt: skip
+    rows[0]["mlflow_run_id"] = "rbase"
+    best = best_of_rows(spec, rows)
+    assert verdict(spec, rows)[0].split(": trial ")[1].startswith("a [lot]")
+    assert best == [{"params": {"alpha": 0.1}, "values": {"teacher/best_val_acc": 0.70}, "trial_id": "a",
+                     "label": "lot", "mlflow_run_id": "ra"}]  # fmt: skip
+    only_baselines = best_of_rows(spec, rows[:1])
+    assert only_baselines[0]["trial_id"] == "base"  # a baseline is the best when every trial is one
+
+
 def test_the_verdict_pairs_by_seed_when_trials_share_seeds():
     spec = parse_spec(SPEC)
     seeds = lambda values: {f"teacher/best_val_acc@seed{s}": v for s, v in enumerate(values)}  # noqa: E731

@@ -224,14 +224,17 @@ def pick_best(candidates: list[tuple[float, str, Any]], mode: str) -> Any:
 
 
 def best_of_rows(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The best of the runner's trial rows (single objective)."""
-    metric, mode = spec.metric_names[0], spec.mode_names[0]
-    done = [(r["metrics"][metric], r["trial_id"], r) for r in rows if r["status"] == "OK" and metric in r["metrics"]]
-    best = pick_best(done, mode)
+    """Single objective: the trial the verdict names (`verdict_pick`: baseline arms only when every trial is one,
+    a multi-seed trial by its mean over seeds), as the best entry that the runner, `status`, `export` and
+    `sweep:<name>/best` all share."""
+    best = verdict_pick(spec, rows)
     if best is None:
         return []
-    return [{"params": best["params"], "values": {metric: best["metrics"][metric]}, "trial_id": best["trial_id"],
-             "label": best["label"], "mlflow_run_id": best["mlflow_run_id"]}]  # fmt: skip
+    metric = spec.metric_names[0]
+    keys = list(spec.space) or sorted({k for v in spec.variants.values() for k in v} | {"arm", "seed"})
+    return [{"params": {k: best["params"][k] for k in keys if k in best["params"]},
+             "values": {metric: point_of(best, metric)}, "trial_id": best["trial_id"], "label": best["label"],
+             "mlflow_run_id": best["mlflow_run_id"]}]  # fmt: skip
 
 
 def pareto_front(spec: SweepSpec, storage_url: str, runs=None) -> list[dict[str, Any]]:
@@ -256,47 +259,15 @@ def pareto_front(spec: SweepSpec, storage_url: str, runs=None) -> list[dict[str,
 
 
 def best_trials(sweep: Sweep, runs=None) -> list[dict[str, Any]]:
-    """Single objective: the best finished trial (`pick_best` over the MLflow runs). Several: the Pareto front."""
+    """Single objective: the trial the verdict names (`best_of_rows` over the trials read back). Several: the
+    Pareto front."""
     runs = trial_runs(sweep) if runs is None else runs
     spec = sweep.spec
     if not len(runs):
         return []
-    finished = runs[runs["status"] == "FINISHED"]
     if len(spec.objectives) > 1 and spec.space:
-        return pareto_front(spec, sweep.optuna_url, finished)
-    column, mode = f"metrics.{spec.metric_names[0]}", spec.mode_names[0]
-    if column not in finished:
-        return []
-    from teachsweep.jobs import JOBS
-
-    job = JOBS[spec.job]
-    rows = [row for _, row in finished.iterrows() if row[column] == row[column]]  # (NaN: never reported)
-
-    def baseline(row) -> bool:  # the verdict's rule: a baseline arm is the best only when every trial is one
-        arm = row.get("params.arm")
-        params = {} if arm is None or arm != arm else {"arm": arm}
-        return is_baseline({"params": params, "label": row.get("tags.teachsweep.label", "")}, job)
-
-    rows = [row for row in rows if not baseline(row)] or rows
-    candidates = [(float(row[column]), str(row.get("tags.teachsweep.trial_id")), row) for row in rows]
-    row = pick_best(candidates, mode)
-    if row is None:
-        return []
-    return [{"params": params_of(row, spec), "values": {spec.metric_names[0]: float(row[column])},
-             "mlflow_run_id": row["run_id"], "trial_id": row.get("tags.teachsweep.trial_id")}]  # fmt: skip
-
-
-def params_of(row, spec: SweepSpec) -> dict[str, Any]:
-    """The searched (or, for grids, the overlaid) parameters of a run row, typed back from MLflow's strings."""
-    import yaml
-
-    keys = list(spec.space) or sorted({k for v in spec.variants.values() for k in v} | {"arm", "seed"})
-    out = {}
-    for key in keys:
-        value = row.get(f"params.{key}")
-        if value is not None and value == value:  # not NaN
-            out[key] = yaml.safe_load(value) if value not in ("None",) else None
-    return out
+        return pareto_front(spec, sweep.optuna_url, runs[runs["status"] == "FINISHED"])
+    return best_of_rows(spec, trial_rows(sweep, runs))
 
 
 def match_run(runs, params: dict[str, Any]) -> str | None:

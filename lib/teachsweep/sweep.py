@@ -429,7 +429,8 @@ def trial_rows(grid, spec: SweepSpec) -> list[dict[str, Any]]:
 
 
 def best_trials(spec: SweepSpec, paths: SweepPaths, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Single objective: the best finished trial; several: the Pareto front of the study (results.py's rule)."""
+    """Single objective: the trial the verdict names, over trials merged by seed as the verdict sees them (the
+    same rule `status`, `export` and `sweep:<name>/best` use); several: the Pareto front of the study."""
     if len(spec.objectives) > 1 and spec.space:
         return pareto_front(spec, paths.optuna_url)
-    return best_of_rows(spec, rows)
+    return best_of_rows(spec, merge_seed_trials(rows))
