@@ -202,3 +202,8 @@ def test_a_finished_stage_stays_readable_when_the_sweep_it_took_teachers_from_is
     # running is another matter: the students' references are checked again, and refused in one line
     again = runner.invoke(app, ["resume", "moved-students", *where])
     assert again.exit_code == 2 and "no sweep named 'moved-teachers'" in again.output, again.output
+    # the teachers' sweep run again under its name: new trials, new ids; the students keep their own teachers
+    rerun = tmp_path / "teachers-again.yaml"
+    rerun.write_text((tmp_path / "elsewhere" / "spec.yaml").read_text())
+    assert (outcome := runner.invoke(app, ["run", str(rerun)])).exit_code == 0, outcome.output
+    assert repr(teacher_effect(open_sweep("moved-students", results))) == repr(by_teacher)

@@ -9,7 +9,9 @@ from ray.tune import Callback
 from rich.console import Console
 
 from teachsweep import references
+from teachsweep.jobs import JOBS
 from teachsweep.plan import planned_count
+from teachsweep.results import is_baseline, pick_best
 from teachsweep.spec import SweepSpec
 
 
@@ -33,7 +35,11 @@ def eta(elapsed: float, ended: int, planned: int | None) -> str:
 
 
 class Progress(Callback):
+    """What a resumed sweep prints counts the trials it found finished, but its pace (the ETA) only from the trials
+    this driver ended; the best so far is the verdict's rule (baseline arms only when every trial is one)."""
+
     def __init__(self, spec: SweepSpec):
+        self.spec, self.job = spec, JOBS[spec.job]
         self.metrics = spec.metric_names
         self.objective, self.mode = spec.metric_names[0], spec.mode_names[0]
         try:
@@ -41,7 +47,8 @@ class Progress(Callback):
         except references.TeacherReferenceError:  # a teacher sweep gone since the preflight: the plan's size is unknown
             self.planned = None
         self.start = time.time()
-        self.best: tuple[float, str] | None = None
+        self.values: dict[str, tuple[float, bool]] = {}  # trial id -> (objective, is a baseline arm)
+        self.ended_before: int | None = None  # trials already ended when this driver started (a resume)
 
     @staticmethod
     def _print(text: str) -> None:
@@ -55,19 +62,44 @@ class Progress(Callback):
         value = (trial.last_result or {}).get(self.objective)
         if not isinstance(value, int | float) or value != value:
             return
-        better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
-        if better:
-            self.best = (float(value), trial.trial_id)
+        config = dict(trial.config)
+        overrides = dict(config.pop("fixed_trial", {}))
+        label = overrides.pop("label", None) or str({**self.spec.config, **config}.get("arm", self.job.default_arm))
+        row = {"label": label, "params": {**self.spec.config, **overrides, **config}}
+        self.values[trial.trial_id] = (float(value), is_baseline(row, self.job))
 
-    def _summary(self, trials, ended_now: str) -> None:
+    @property
+    def best(self) -> tuple[float, str] | None:
+        ours = [(v, t, (v, t)) for t, (v, baseline) in self.values.items() if not baseline]
+        return pick_best(ours or [(v, t, (v, t)) for t, (v, _) in self.values.items()], self.mode)
+
+    def _seen(self, trials) -> None:
+        """On the first event: the trials a resume found ended, counted as done but not in this driver's pace."""
+        if self.ended_before is None:
+            ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+            self.ended_before = len(ended)
+            for trial in ended:
+                if trial.status == "TERMINATED":
+                    self._note_best(trial)
+
+    def summary(self, trials, ended_now: str) -> str:
+        self._seen(trials)
         # Tune marks the trial TERMINATED or ERROR after its callbacks ran: count it by the event that called us
         done = sum(t.status == "TERMINATED" for t in trials) + (ended_now == "done")
         failed = sum(t.status == "ERROR" for t in trials) + (ended_now == "failed")
         elapsed = time.time() - self.start
-        best = f"best {self.objective} {self.best[0]:.4g} (trial {self.best[1]})" if self.best else "no best yet"
+        best = self.best
+        best_text = f"best {self.objective} {best[0]:.4g} (trial {best[1]})" if best else "no best yet"
         planned = self.planned if self.planned is not None else "?"
-        self._print(f"        {done}/{planned} done, {failed} failed, {duration(elapsed)} elapsed, "
-                    f"{eta(elapsed, done + failed, self.planned)}; {best}")  # fmt: skip
+        left = None if self.planned is None else self.planned - self.ended_before
+        return (f"        {done}/{planned} done, {failed} failed, {duration(elapsed)} elapsed, "
+                f"{eta(elapsed, done + failed - self.ended_before, left)}; {best_text}")  # fmt: skip
+
+    def _summary(self, trials, ended_now: str) -> None:
+        self._print(self.summary(trials, ended_now))
+
+    def on_step_begin(self, iteration, trials, **info):
+        self._seen(trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         shown = "  ".join(f"{m}={result[m]:.4g}" for m in self.metrics if m in result)

@@ -370,6 +370,73 @@ def teacher_effect(students: Sweep) -> tuple[str, list[dict[str, Any]]] | None:
     if len(names) != 1:
         return None
     (name,) = names
+    if "tags.teachsweep.teacher_run" in runs and runs["tags.teachsweep.teacher_run"].notna().all():
+        found = teachers_from_their_runs(students.tracking_uri, set(runs["tags.teachsweep.teacher_run"]))
+    else:  # students that did not record their teachers' runs: read the teachers' sweep
+        found = teachers_from_their_sweep(name, students)
+    if found is None:
+        return None
+    teachers, reference = found
+    variants = list(students.spec.variants)
+    student_scores = JOBS[students.spec.job].scores
+    rows = [
+        {
+            "teacher": parse_sweep(run["tags.teachsweep.teacher"], "teacher")[1],
+            "variant": variant_of(run["tags.teachsweep.label"], variants) or run["tags.teachsweep.label"],
+            "scores": {
+                m: float(run[f"metrics.{m}"])
+                for m in student_scores
+                if f"metrics.{m}" in run and run[f"metrics.{m}"] == run[f"metrics.{m}"]
+            },
+        }  # fmt: skip
+        for _, run in runs.iterrows()
+    ]
+    return name, by_teacher(teachers, rows, reference or "")
+
+
+TeacherTable = tuple[dict[str, dict[str, Any]], str | None]  # teacher trial id -> label, seed, scores; the baseline
+
+
+def teachers_from_their_runs(tracking_uri: str, run_ids: set[str]) -> TeacherTable | None:
+    """The teachers as the students recorded them (`teachsweep.teacher_run`): their own MLflow runs, read by id,
+    whatever became of the sweep that trained them. None when a run is gone from the store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from teachsweep.jobs import JOBS
+
+    client = MlflowClient(tracking_uri)
+    teachers, reference = {}, None
+    for run_id in sorted(run_ids):
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            return None
+        tags, params = run.data.tags, run.data.params
+        job = JOBS[tags["teachsweep.job"]]
+        if "seed" not in params and len(yaml_list(params.get("seeds"))) != 1:
+            continue  # ran several seeds in one trial: no per-seed teacher to pair
+        seed = params["seed"] if "seed" in params else yaml_list(params["seeds"])[0]
+        row = {"label": tags["teachsweep.label"], "params": {"arm": tags.get("teachsweep.arm") or None}}
+        scores = {m: v for m, v in run.data.metrics.items() if m in job.saved_teacher_scores}
+        teachers[tags["teachsweep.trial_id"]] = {"label": row["label"], "seed": int(seed), "scores": scores}
+        if is_baseline(row, job) and reference is None:
+            reference = row["label"]
+    return teachers, reference
+
+
+def yaml_list(text: str | None) -> list:
+    import yaml
+
+    value = yaml.safe_load(text) if text else None
+    return value if isinstance(value, list) else []
+
+
+def teachers_from_their_sweep(name: str, students: Sweep) -> TeacherTable | None:
+    """The teachers of sweep `name`, read from its directory (or, moved away, from its runs in the students'
+    store); None when neither is left."""
+    from teachsweep.jobs import JOBS
+
     try:
         teacher_sweep = open_sweep(name, students.directory.parent)
     except SpecError:  # its directory moved away; its runs are in the store the students' teachers came from
@@ -387,21 +454,7 @@ def teacher_effect(students: Sweep) -> tuple[str, list[dict[str, Any]]] | None:
         teachers[str(row["trial_id"])] = {"label": row["label"], "seed": int(seed), "scores": scores}
         if is_baseline(row, teacher_job) and reference is None:
             reference = row["label"]
-    variants = list(students.spec.variants)
-    student_scores = JOBS[students.spec.job].scores
-    rows = [
-        {
-            "teacher": parse_sweep(run["tags.teachsweep.teacher"], "teacher")[1],
-            "variant": variant_of(run["tags.teachsweep.label"], variants) or run["tags.teachsweep.label"],
-            "scores": {
-                m: float(run[f"metrics.{m}"])
-                for m in student_scores
-                if f"metrics.{m}" in run and run[f"metrics.{m}"] == run[f"metrics.{m}"]
-            },
-        }  # fmt: skip
-        for _, run in runs.iterrows()
-    ]
-    return name, by_teacher(teachers, rows, reference or "")
+    return teachers, reference
 
 
 def point_of(row: dict[str, Any], metric: str) -> float | None:

@@ -74,6 +74,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     label = label or arm or ctx.job
     seeds = [overrides["seed"]] if "seed" in overrides else ctx.seeds  # a grid runs each seed as its own trial
     teachers = {f: str(teacher_source or config[f])[:250] for f in JOBS[ctx.job].teacher_fields if f in config}
+    # the teacher's own run, so that reading the students never needs the teachers' sweep (it may be re-run)
+    teacher_runs = {f: config[f].removeprefix(references.MLFLOW) for f in JOBS[ctx.job].teacher_fields
+                    if isinstance(config.get(f), str) and config[f].startswith(references.MLFLOW)}  # fmt: skip
     config = references.resolve_config(config, JOBS[ctx.job].teacher_fields, ctx.tracking_uri)
     if "device" in JOBS[ctx.job].config_class.model_fields and (ctx.workers == 1 or not ctx.gpus):  # (DDP workers
         # with GPUs run where Ray Train placed them, and this process drives them without one)
@@ -87,6 +90,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         "teachsweep.arm": arm,
         "teachsweep.label": label,
         **{f"teachsweep.{field}": source for field, source in teachers.items()},  # which teacher it used
+        **{f"teachsweep.{field}_run": run for field, run in teacher_runs.items()},
         **ctx.stage_tags,
     }
     run_id = tracking.start_child_run(
