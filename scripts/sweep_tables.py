@@ -3,15 +3,54 @@ stopped): per variant over seeds (median [IQR], mean with a Student-t 95% CI), p
 job's reference arm (paired t, exact sign-flip p), and the job's own comparisons (LoT minus teacher-only).
 
     python scripts/sweep_tables.py repro-smat [--results-dir teachsweep-results] [--metric simulability/test ...]
+        [--out docs/results/<name>.json] [--from-json]
+
+`--out` also writes the rows the tables come from (each trial's label, seed and metric values), the summaries,
+the comparisons, and the commit the sweep ran (its MLflow parent run's tag) and was read with; `--from-json`
+prints the tables from that file alone, without the sweep.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
 
 from teachsweep.jobs import JOBS
 from teachsweep.metrics import PAIRED_METHOD, T_METHOD, seed_summaries
 from teachsweep.results import DEFAULT_RESULTS, open_sweep, trial_rows
+
+
+def read_commit() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def rows_of(name: str, results_dir: str, metrics: list[str] | None) -> dict[str, Any]:
+    """Everything the tables need, read from the sweep's MLflow runs."""
+    from mlflow.tracking import MlflowClient
+
+    sweep = open_sweep(name, results_dir)
+    job = JOBS[sweep.spec.job]
+    metrics = metrics or list(dict.fromkeys(sweep.spec.metric_names + job.scores))
+    merged = trial_rows(sweep)
+    parent = MlflowClient(sweep.tracking_uri).get_run(sweep.parent_run_id) if sweep.parent_run_id else None
+    kept = lambda key: key.split("@")[0] in metrics or key.startswith("steps/")  # noqa: E731
+    trials = [{"trial_id": r["trial_id"], "label": r["label"], "seed": r["params"].get("seed"),
+               "metrics": {k: v for k, v in r["metrics"].items() if kept(k)}}
+              for r in trial_rows(sweep, merge_seeds=False)]  # fmt: skip
+    return {
+        "sweep": name, "job": sweep.spec.job, "reference_arm": job.reference_arm, "metrics": metrics,
+        "ran_at_commit": parent.data.tags.get("mlflow.source.git.commit") if parent else None,
+        "read_with": read_commit(), "interval_method": T_METHOD, "difference_method": PAIRED_METHOD,
+        "trials": sorted(trials, key=lambda t: (t["label"], str(t["seed"]))),
+        "summaries": seed_summaries(merged, metrics, job.reference_arm),
+        "comparisons": job.compare(merged, metrics),
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -19,14 +58,22 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("--results-dir", default=DEFAULT_RESULTS)
     parser.add_argument("--metric", action="append", help="metrics to tabulate (default: the job's scores)")
+    parser.add_argument("--out", type=Path, help="also write the rows, summaries and comparisons here (JSON)")
+    parser.add_argument("--from-json", action="store_true", help="print the tables from --out alone")
     args = parser.parse_args()
-    sweep = open_sweep(args.name, args.results_dir)
-    job = JOBS[sweep.spec.job]
-    metrics = args.metric or list(dict.fromkeys(sweep.spec.metric_names + job.scores))
-    merged = trial_rows(sweep)
-    summaries = seed_summaries(merged, metrics, job.reference_arm)
+    if args.from_json:
+        table = json.loads(args.out.read_text())
+    else:
+        table = rows_of(args.name, args.results_dir, args.metric)
+        if args.out:
+            args.out.write_text(json.dumps(table, indent=1, sort_keys=False) + "\n")
+    print_tables(table)
+
+
+def print_tables(table: dict[str, Any]) -> None:
+    summaries, comparisons, ref = table["summaries"], table["comparisons"], table["reference_arm"]
+    print(f"sweep {table['sweep']}, ran at {table['ran_at_commit'] or 'an unrecorded commit'}")
     if summaries:
-        ref = job.reference_arm
         print(f"\n{T_METHOD}" + (f"; vs {ref}: {PAIRED_METHOD}" if ref else "") + "\n")
         versus_head = f"vs {ref} (95% CI) | p |" if ref else ""
         print(f"| variant | metric | seeds | median [IQR] | mean (95% CI) | test-point CI | {versus_head}")
@@ -45,7 +92,6 @@ def main() -> None:
             cells = [r["label"], r["metric"], str(r["n_seeds"]), median, mean, points]
             cells += [versus, p_value] if ref else []
             print("| " + " | ".join(cells) + " |")
-    comparisons = job.compare(merged, metrics)
     if comparisons:
         print(f"\nLoT minus teacher-only, {PAIRED_METHOD}\n")
         print("| variant | budget | metric | LoT (95% CI) | teacher-only (95% CI) | LoT − teacher-only | p | n |")
