@@ -1,26 +1,10 @@
 """The jobs a sweep can run, and the protocol through which the sweep layer knows them.
 
-A job is one readable module (lot, lot_rl, teacher, scaffold, explain) that declares:
-
-    Config                    its pydantic config model (extra="forbid")
-    train(config, reporter)   the training loop; returns the final metrics; knows nothing of Ray or MLflow
-    metrics(config)           {metric name: "max" | "min" | None} it reports for that config (None: no direction)
-    OBJECTIVE                 (metric, mode) a sweep optimises when its spec names no objective
-    SCORES                    the held-out scores of record that comparisons and tables show
-    TEACHER_FIELDS            config fields holding a teacher reference (config, checkpoint dir, mlflow:<run>),
-                              resolved and checked by the sweep layer before anything starts
-    check(config)             optional: refuse, with a message naming the field, what would fail in a trial
-    fixed_arms(config, plan)  optional: extra trials the job wants beside each variant (LoT's teacher-only arms)
-    compare(trials, metrics)  optional: the job's own comparisons over finished trials (LoT minus teacher-only)
-    baselines(trial, trials)  optional: (budget, the fixed arm standing for `trial`, or None) per budget it ran
-    uncompared(trials)        optional: a sentence for each comparison `compare` could not make, saying why
-    selection_split(params)   optional: the split a trial's objective is measured on, in words, where the metric's
-                              name does not say all of it (what else uses that split)
-    REFERENCE_ARM             optional: the variant every other one is compared with, paired by seed (SMaT: none)
-    DEFAULT_ARM               optional: the `arm` a config has when it names none (LoT: lot); labels fixed trials
-    SAVES_TEACHER             optional: it hands a teacher to `reporter.log_teacher` (a later stage can use it)
-    SAVED_TEACHER_SCORES      optional: the held-out scores of that saved teacher (a chained study's teacher columns)
-    SINGLE_PROCESS            optional: it runs in one process (no DDP workers): the spec refuses `workers` > 1
+A job is one readable module (lot, lot_rl, teacher, scaffold, explain) that ends with its declaration,
+`JOB = JobSpec(...)` (the fields and their defaults below): its config model, its training loop, the metrics it
+reports, and the optional hooks by which it plans fixed arms and compares them. The sweep layer reads a job only
+through `JOBS[name]`, which imports the module on first use (torch and the models stay unloaded for a CLI that
+only reads results).
 
 A job's own interval of a metric it reports is `<metric>_ci_low/_ci_high`: a bootstrap over the test points of
 that metric's split (SMaT's simulability); the sweep layer adds Wilson intervals of accuracies itself.
@@ -30,8 +14,8 @@ A new job plugs in by adding its module to MODULES; nothing else in the sweep la
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 from teachsweep.training import CHECK_FILES
@@ -54,86 +38,123 @@ class ArmPlan:
     choices: dict[str, list[Any]] = field(default_factory=dict)
 
 
+Trials = list[dict[str, Any]]  # finished trials as the runner's rows ({trial_id, label, params, status, metrics})
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job declares (`JOB = JobSpec(...)` at the end of its module)."""
+
+    config: type  # its pydantic config model (extra="forbid")
+    train: Callable[..., dict[str, float]]  # train(config, reporter): the final metrics; knows no Ray nor MLflow
+    metrics: Callable[[Any], dict[str, str | None]]  # {metric: "max" | "min" | None} it reports for a config
+    objective: tuple[str, str]  # (metric, mode) a sweep optimises when its spec names no objective
+    scores: tuple[str, ...]  # the held-out scores of record that comparisons and tables show
+    # config fields holding a teacher reference (config, checkpoint dir, mlflow:<run>), resolved and checked by
+    # the sweep layer before anything starts
+    teacher_fields: tuple[str, ...] = ()
+    check: Callable[[Any], None] | None = None  # refuse, naming the field, what would fail inside a trial
+    fixed_arms: Callable[[Any, ArmPlan], Trials] | None = None  # extra trials beside each variant (teacher-only)
+    compare: Callable[[Trials, list[str]], Trials] | None = None  # its own comparisons (LoT minus teacher-only)
+    # (budget, the fixed arm standing for `trial`, or None) per budget it ran
+    baselines: Callable[[dict[str, Any], Trials], list[tuple[str, dict | None]]] | None = None
+    uncompared: Callable[[Trials], list[str]] | None = None  # why each comparison `compare` could not make failed
+    # the split a trial's objective is measured on, in words, where the metric's name does not say all of it
+    selection_split: Callable[[dict[str, Any]], str] | None = None
+    reference_arm: str | None = None  # the variant every other one is compared with, paired by seed (SMaT: none)
+    default_arm: str | None = None  # the `arm` a config has when it names none (LoT: lot); labels fixed trials
+    saves_teacher: bool = False  # it hands a teacher to `reporter.log_teacher` (a later stage can use it)
+    saved_teacher_scores: tuple[str, ...] = ()  # the held-out scores of that saved teacher
+    single_process: bool = False  # one process, no DDP workers: the spec refuses `workers` > 1
+
+
 @dataclass(frozen=True)
 class Job:
+    """A job by name, its module imported on first use."""
+
     name: str
     module_name: str
 
     @property
-    def module(self) -> ModuleType:
-        return importlib.import_module(self.module_name)
+    def spec(self) -> JobSpec:
+        declared = importlib.import_module(self.module_name).JOB
+        if not isinstance(declared, JobSpec):
+            raise TypeError(f"{self.module_name}.JOB is not a JobSpec")
+        return declared
 
     @property
     def config_class(self) -> Any:
-        return self.module.Config
+        return self.spec.config
 
     @property
-    def train(self) -> Any:
-        return self.module.train
+    def train(self) -> Callable[..., dict[str, float]]:
+        return self.spec.train
 
     @property
     def objective(self) -> tuple[str, str]:
-        return self.module.OBJECTIVE
+        return self.spec.objective
 
     @property
     def scores(self) -> list[str]:
-        return list(self.module.SCORES)
+        return list(self.spec.scores)
 
     @property
     def teacher_fields(self) -> tuple[str, ...]:
-        return tuple(getattr(self.module, "TEACHER_FIELDS", ()))
+        return self.spec.teacher_fields
 
     @property
     def default_arm(self) -> str | None:
-        return getattr(self.module, "DEFAULT_ARM", None)
+        return self.spec.default_arm
 
     @property
     def saves_teacher(self) -> bool:
-        return bool(getattr(self.module, "SAVES_TEACHER", False))
+        return self.spec.saves_teacher
 
     @property
     def saved_teacher_scores(self) -> list[str]:
-        return list(getattr(self.module, "SAVED_TEACHER_SCORES", ()))
+        return list(self.spec.saved_teacher_scores)
 
     @property
     def single_process(self) -> bool:
-        return bool(getattr(self.module, "SINGLE_PROCESS", False))
+        return self.spec.single_process
 
     @property
     def has_fixed_arms(self) -> bool:
-        return hasattr(self.module, "fixed_arms")
+        return self.spec.fixed_arms is not None
 
     @property
     def reference_arm(self) -> str | None:
-        return getattr(self.module, "REFERENCE_ARM", None)
+        return self.spec.reference_arm
 
     def metrics(self, config: dict[str, Any]) -> dict[str, str | None]:
-        return self.module.metrics(self.config_class.model_validate(config))
+        return self.spec.metrics(self.config_class.model_validate(config))
 
     def check(self, config: dict[str, Any]) -> None:
         """The config validated as the preflight does (its data files must exist), then the job's own check."""
         validated = self.config_class.model_validate(config, context=CHECK_FILES)
-        if hasattr(self.module, "check"):
-            self.module.check(validated)
+        if self.spec.check is not None:
+            self.spec.check(validated)
 
-    def fixed_arms(self, config: dict[str, Any], plan: ArmPlan) -> list[dict[str, Any]]:
-        return self.module.fixed_arms(self.config_class.model_validate(config), plan) if self.has_fixed_arms else []
+    def fixed_arms(self, config: dict[str, Any], plan: ArmPlan) -> Trials:
+        if self.spec.fixed_arms is None:
+            return []
+        return self.spec.fixed_arms(self.config_class.model_validate(config), plan)
 
-    def compare(self, trials: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
-        return self.module.compare(trials, metrics) if hasattr(self.module, "compare") else []
+    def compare(self, trials: Trials, metrics: list[str]) -> Trials:
+        return self.spec.compare(trials, metrics) if self.spec.compare is not None else []
 
     @property
     def matches_baselines(self) -> bool:
-        return hasattr(self.module, "baselines")
+        return self.spec.baselines is not None
 
-    def baselines(self, trial: dict[str, Any], trials: list[dict[str, Any]]) -> list[tuple[str, dict | None]]:
-        return self.module.baselines(trial, trials) if self.matches_baselines else []
+    def baselines(self, trial: dict[str, Any], trials: Trials) -> list[tuple[str, dict | None]]:
+        return self.spec.baselines(trial, trials) if self.spec.baselines is not None else []
 
-    def uncompared(self, trials: list[dict[str, Any]]) -> list[str]:
-        return self.module.uncompared(trials) if hasattr(self.module, "uncompared") else []
+    def uncompared(self, trials: Trials) -> list[str]:
+        return self.spec.uncompared(trials) if self.spec.uncompared is not None else []
 
     def selection_split(self, params: dict[str, Any]) -> str | None:
-        return self.module.selection_split(params) if hasattr(self.module, "selection_split") else None
+        return self.spec.selection_split(params) if self.spec.selection_split is not None else None
 
 
 JOBS: dict[str, Job] = {name: Job(name, module) for name, module in MODULES.items()}

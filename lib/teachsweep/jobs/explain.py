@@ -22,6 +22,7 @@ from pydantic import ConfigDict, Field, field_validator
 from teachsweep import data, models, tasks
 from teachsweep.explain import faithfulness, registry
 from teachsweep.explain.attention import token_distribution
+from teachsweep.jobs import JobSpec
 from teachsweep.jobs import teacher as teacher_job
 from teachsweep.metrics import t_interval
 from teachsweep.plausibility import load_rationales, rationale_plausibility
@@ -62,13 +63,6 @@ class ExplainConfig(teacher_job.TeacherReference):
     def pairs(self) -> list[tuple[str, str]]:
         wanted = self.paired if self.paired is not None else [tuple(p) for p in CHEFER_PAIRS]
         return [(a, b) for a, b in wanted if a in self.explainers and b in self.explainers]
-
-
-Config = ExplainConfig
-SINGLE_PROCESS = True  # it trains nothing: one process
-OBJECTIVE = ("faithfulness/negative_auc", "max")
-SCORES: list[str] = []
-TEACHER_FIELDS = ("teacher",)
 
 
 def selection_split(params: dict) -> str:
@@ -231,3 +225,15 @@ def log_heatmaps(name: str, shown, tokenizer, patch_size, reporter: Reporter) ->
         figure.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(figure)
         reporter.log_file(path)
+
+
+JOB = JobSpec(
+    config=ExplainConfig,
+    train=train,
+    metrics=metrics,
+    objective=("faithfulness/negative_auc", "max"),
+    scores=(),
+    teacher_fields=("teacher",),
+    selection_split=selection_split,
+    single_process=True,  # it trains nothing: one process
+)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from teachsweep import distributed, models, tasks
-from teachsweep.jobs import ArmPlan
+from teachsweep.jobs import ArmPlan, JobSpec
 from teachsweep.metrics import paired_difference, per_seed, summarize
 from teachsweep.reporter import Reporter
 from teachsweep.training import (
@@ -110,15 +110,6 @@ class LoTConfig(DataConfig, OptimizerConfig, LoTTermConfig):
             if name is not None and kind is not None:
                 models.validate_model_name(name, kind, check_files=checks_files(info))
         return self
-
-
-DEFAULT_ARM = "lot"
-SAVES_TEACHER = True  # the best-validation teacher, as model.pt + config.json of the trial's run
-SAVED_TEACHER_SCORES = ["teacher/test_acc_at_best_val", "teacher/test_ppl_at_best_val"]
-Config = LoTConfig
-OBJECTIVE = ("teacher/best_val_acc", "max")
-SCORES = ["teacher/test_acc", "teacher/test_ppl", "teacher/test_acc_at_best_val", "teacher/test_ppl_at_best_val",
-          "student/test_acc", "steps/teacher_at_best_val", "steps/model_at_best_val"]  # fmt: skip
 
 
 def metrics(cfg: LoTConfig) -> dict[str, str | None]:
@@ -569,3 +560,20 @@ def evaluate_all(teacher, students, task_data: TaskData, device, precision) -> d
         if agreements:
             out[f"agreement/{short}"] = sum(agreements) / len(agreements)
     return out
+
+
+JOB = JobSpec(
+    config=LoTConfig,
+    train=train,
+    metrics=metrics,
+    objective=("teacher/best_val_acc", "max"),
+    scores=("teacher/test_acc", "teacher/test_ppl", "teacher/test_acc_at_best_val", "teacher/test_ppl_at_best_val",
+            "student/test_acc", "steps/teacher_at_best_val", "steps/model_at_best_val"),
+    fixed_arms=fixed_arms,
+    baselines=baselines,
+    compare=compare,
+    uncompared=uncompared,
+    default_arm="lot",
+    saves_teacher=True,  # the best-validation teacher, as model.pt + config.json of the trial's run
+    saved_teacher_scores=("teacher/test_acc_at_best_val", "teacher/test_ppl_at_best_val"),
+)  # fmt: skip

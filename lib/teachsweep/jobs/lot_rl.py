@@ -34,7 +34,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 from torch import nn
 
 from teachsweep import environments, models
-from teachsweep.jobs import ArmPlan, lot
+from teachsweep.jobs import ArmPlan, JobSpec, lot
 from teachsweep.jobs.lot import LoTTermConfig, kl_divergence
 from teachsweep.reporter import Reporter
 from teachsweep.training import autocast, checks_files, pick_device, restore_into, state_of, synchronize, uses_bf16
@@ -134,14 +134,6 @@ def gradient_steps_per_teacher_update(cfg: LoTRLConfig, n: int) -> float:
     batch = cfg.student_batch_size or cfg.minibatch_size
     per_pass = math.ceil(cfg.buffer_rollouts * cfg.rollout_size / batch)
     return teacher + cfg.num_students * (teacher * cfg.joint_student_step + n * per_pass)
-
-
-DEFAULT_ARM = "lot"
-SINGLE_PROCESS = True  # vectorised environments in one process; more envs, not DDP workers
-Config = LoTRLConfig
-OBJECTIVE = ("teacher/eval_return", "max")
-SCORES = ["teacher/eval_return", "teacher/eval_return_auc", "teacher/train_return", "student/eval_return",
-          "agreement/buffer"]  # fmt: skip
 
 
 def metrics(cfg: LoTRLConfig) -> dict[str, str | None]:
@@ -617,3 +609,20 @@ def train(config: LoTRLConfig | dict, reporter: Reporter | None = None) -> dict[
     envs.close()
     eval_envs.close()
     return metrics
+
+
+JOB = JobSpec(
+    config=LoTRLConfig,
+    train=train,
+    metrics=metrics,
+    objective=("teacher/eval_return", "max"),
+    scores=("teacher/eval_return", "teacher/eval_return_auc", "teacher/train_return", "student/eval_return",
+            "agreement/buffer"),
+    fixed_arms=fixed_arms,
+    baselines=baselines,
+    compare=compare,
+    uncompared=uncompared,
+    selection_split=selection_split,
+    default_arm="lot",
+    single_process=True,  # vectorised environments in one process; more envs, not DDP workers
+)  # fmt: skip

@@ -31,6 +31,7 @@ from torch.func import functional_call
 from teachsweep import data, distributed, models, tasks
 from teachsweep.explain import registry
 from teachsweep.explain.attention import AttentionExplainer, full_precision, head_scores, token_distribution
+from teachsweep.jobs import JobSpec
 from teachsweep.jobs import teacher as teacher_job
 from teachsweep.metrics import subsample_bootstrap_ci
 from teachsweep.plausibility import load_rationales, rationale_plausibility
@@ -77,11 +78,6 @@ class ScaffoldConfig(teacher_job.TeacherReference):
         return value
 
 
-Config = ScaffoldConfig
-OBJECTIVE = ("simulability/best_val", "max")
-SCORES = ["simulability/test", "student/test_acc", "student/test_pearson"]
-TEACHER_FIELDS = ("teacher",)
-REFERENCE_ARM = "none"  # every explainer is compared with the unexplained student, paired by seed
 TRANSFORMERS = ("minilm", "tiny-bert", "vit")
 
 
@@ -685,3 +681,16 @@ def log_head_coefficients(explainer: AttentionExplainer, reporter: Reporter) -> 
         figure.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(figure)
         reporter.log_file(path)
+
+
+JOB = JobSpec(
+    config=ScaffoldConfig,
+    train=train,
+    metrics=metrics,
+    objective=("simulability/best_val", "max"),
+    scores=("simulability/test", "student/test_acc", "student/test_pearson"),
+    teacher_fields=("teacher",),
+    check=check,
+    selection_split=selection_split,
+    reference_arm="none",  # every explainer is compared with the unexplained student, paired by seed
+)

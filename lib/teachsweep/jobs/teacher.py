@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import nn
 
 from teachsweep import data, distributed, models, tasks
+from teachsweep.jobs import JobSpec
 from teachsweep.reporter import Reporter
 from teachsweep.training import (
     DataConfig,
@@ -76,13 +77,6 @@ class TeacherReference(BaseModel):
                              f"sweep:<name>[/<trial>|/each] (got {value!r})")  # fmt: skip
         # the fields as validated (`lr: "inf"` becomes a float), so the spec's non-finite check sees them
         return TeacherConfig.model_validate(value, context=info.context).model_dump(include=set(value))
-
-
-SAVES_TEACHER = True  # the best-validation teacher, as model.pt + config.json of the trial's run
-SAVED_TEACHER_SCORES = ["teacher/test_acc", "teacher/test_pearson", "teacher/test_ppl"]
-Config = TeacherConfig
-OBJECTIVE = ("teacher/best_val_acc", "max")
-SCORES = ["teacher/test_acc", "teacher/test_pearson", "teacher/test_ppl"]
 
 
 def score_names(task: str) -> dict[str, str]:
@@ -201,3 +195,14 @@ def resolve(teacher: dict | str, device: torch.device):
                 train(cfg)
         fcntl.flock(lock, fcntl.LOCK_UN)
     return load_checkpoint(directory, device)
+
+
+JOB = JobSpec(
+    config=TeacherConfig,
+    train=train,
+    metrics=metrics,
+    objective=("teacher/best_val_acc", "max"),
+    scores=("teacher/test_acc", "teacher/test_pearson", "teacher/test_ppl"),
+    saves_teacher=True,  # the best-validation teacher, as model.pt + config.json of the trial's run
+    saved_teacher_scores=("teacher/test_acc", "teacher/test_pearson", "teacher/test_ppl"),
+)
