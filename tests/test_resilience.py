@@ -362,14 +362,15 @@ def test_export_points_at_the_teacher_the_best_trial_saved(ray_session, tmp_path
 
 
 def test_starting_afresh_keeps_the_crashed_study_beside_the_new_one(tmp_path):
-    from teachsweep.sweep import SweepPaths, start_afresh
+    from teachsweep.layout import SweepDir
+    from teachsweep.sweep import start_afresh
 
-    paths = SweepPaths(tmp_path, tmp_path / "s")
-    (paths.tune / "trials").mkdir(parents=True)
-    (paths.sweep / "optuna.db").write_bytes(b"the crashed study")
+    paths = SweepDir(tmp_path, tmp_path / "s")
+    paths.trials.mkdir(parents=True)
+    paths.optuna_file.write_bytes(b"the crashed study")
     paths.parent_run.write_text("0123")
     assert not paths.started
     start_afresh(paths)
-    kept = list(paths.sweep.glob("optuna.*.abandoned.db"))
+    kept = list(paths.path.glob("optuna.*.abandoned.db"))
     assert [k.read_bytes() for k in kept] == [b"the crashed study"]
-    assert not (paths.sweep / "optuna.db").exists() and not paths.parent_run.exists() and not paths.tune.exists()
+    assert not paths.optuna_file.exists() and not paths.parent_run.exists() and not paths.tune.exists()

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from teachsweep.jobs import JOBS
+from teachsweep.layout import DEFAULT_RESULTS
 from teachsweep.metrics import PAIRED_METHOD, T_METHOD, merge_seed_trials
 
 app = typer.Typer(
@@ -321,7 +322,7 @@ def validate(spec_file: Path = typer.Argument(..., help="a sweep spec or pipelin
 
 
 RESULTS_OPTION = typer.Option(
-    "teachsweep-results", "--results-dir", envvar=RESULTS_DIR_ENV, help="where sweeps keep their results"
+    DEFAULT_RESULTS, "--results-dir", envvar=RESULTS_DIR_ENV, help="where sweeps keep their results"
 )
 
 
@@ -346,7 +347,7 @@ def resume(name: str, results_dir: str = RESULTS_OPTION) -> None:
     spec = sweep.spec.model_copy(update={"results_dir": str(Path(results_dir))})
     try:
         outcome = run_sweep(spec, sweep.spec_text, callbacks=[Progress(spec)],
-                            where=f"{sweep.directory / 'spec.yaml'}: ")  # fmt: skip
+                            where=f"{sweep.layout.spec_file}: ")  # fmt: skip
     except SpecError as error:
         fail(str(error))
     print_outcome(outcome)
@@ -501,7 +502,7 @@ def export(
     run_id = front[0]["mlflow_run_id"]
     config = full_config(sweep, run_id)
     seed = config.pop("seed", None)  # a spec sets seeds at the top level
-    out = out or sweep.directory / "export"
+    out = out or sweep.layout.export
     out.mkdir(parents=True, exist_ok=True)
     job_config = config if seed is None else config | {"seed": seed}  # runnable as job.train(config)
     (out / "best_config.yaml").write_text(yaml.safe_dump(job_config, sort_keys=False))

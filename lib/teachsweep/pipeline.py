@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from teachsweep import preflight
+from teachsweep.layout import DEFAULT_RESULTS
 from teachsweep.spec import NAME_RE, SpecError, SweepSpec, load_yaml, parse_spec
 
 PIPELINE_KEYS = {"pipeline", "description", "results_dir", "tracking_uri", "stages"}
@@ -81,7 +82,7 @@ def parse_pipeline(text: str, where: str = "") -> Pipeline:
         stage_text = yaml.safe_dump(stage_raw, sort_keys=False)
         spec = parse_spec(stage_text, where=f"{where}stages[{index}].")
         stages.append(Stage(index, spec.name, stage_text, stage_raw, spec))
-    return Pipeline(name, stages, shared.get("results_dir", "teachsweep-results"))
+    return Pipeline(name, stages, shared.get("results_dir", DEFAULT_RESULTS))
 
 
 def check_pipeline(pipeline: Pipeline, where: str = "") -> None:

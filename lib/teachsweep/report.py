@@ -528,7 +528,7 @@ def write_report(sweep: Sweep) -> Path:
     """Write `report.html` into the sweep's directory and log it to the sweep's parent MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    path = sweep.directory / "report.html"
+    path = sweep.layout.report
     path.write_text(build_report(sweep))
     if sweep.parent_run_id:
         MlflowClient(sweep.tracking_uri).log_artifact(sweep.parent_run_id, str(path))

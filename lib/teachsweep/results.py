@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from teachsweep import references
+from teachsweep.layout import DEFAULT_RESULTS, SweepDir
 from teachsweep.plan import planned_count
 from teachsweep.spec import SpecError, SweepSpec, parse_spec, read_spec_file
-
-DEFAULT_RESULTS = "teachsweep-results"
-PLANNED_FILE = "planned_trials"  # in the sweep's directory: how many trials its run planned
 
 
 @dataclass
@@ -28,14 +26,18 @@ class Sweep:
     parent_run_id: str | None
 
     @property
+    def layout(self) -> SweepDir:
+        return SweepDir.at(self.directory)
+
+    @property
     def optuna_url(self) -> str:
-        return f"sqlite:///{self.directory / 'optuna.db'}"
+        return self.layout.optuna_url
 
     @property
     def planned_trials(self) -> int | None:
         """As the run counted them (planning again would look for the sweeps its teachers came from); None for a
         sweep recorded before the count was kept whose teachers' sweep is gone."""
-        recorded = self.directory / PLANNED_FILE
+        recorded = self.layout.planned
         if recorded.is_file():
             return int(recorded.read_text())
         try:
@@ -46,17 +48,17 @@ class Sweep:
 
 def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
     """The sweep NAME from its results directory: its own files and tracking store only (no preflight)."""
-    directory = Path(results_dir).expanduser().resolve() / name
-    spec_file = directory / "spec.yaml"
+    layout = SweepDir.of(name, results_dir)
+    directory, spec_file = layout.path, layout.spec_file
     if not spec_file.is_file():
         raise SpecError(f"no sweep named '{name}' in {directory.parent}")
     text = read_spec_file(spec_file)
     spec = parse_spec(text, where=f"{spec_file}: ", check_files=False)
-    uri_file, parent_file = directory / "tracking_uri", directory / "mlflow_parent_run_id"
+    uri_file, parent_file = layout.tracking_uri, layout.parent_run
     if uri_file.exists():
-        uri = local_store_of(uri_file.read_text().strip(), directory, uri_file)
+        uri = local_store_of(uri_file.read_text().strip(), layout)
     else:
-        uri = f"sqlite:///{directory.parent}/mlflow.db"
+        uri = f"sqlite:///{layout.local_store}"
     if missing_sqlite_file(uri):  # no store yet: a sweep that never started (opening one would create it)
         if parent_file.exists():
             raise SpecError(f"{parent_file}: tracking store {uri.removeprefix('sqlite:///')} not found (moved or "
@@ -89,17 +91,16 @@ def missing_sqlite_file(url: str) -> bool:
     return url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()
 
 
-def local_store_of(uri: str, directory: Path, uri_file: Path) -> str:
+def local_store_of(uri: str, layout: SweepDir) -> str:
     """A recorded SQLite store that is no longer where it was: the one beside the sweep when the results directory
     moved, else a one-line SpecError. MLflow would otherwise create an empty store at the old path and show the
     sweep as never started."""
     if not missing_sqlite_file(uri):
         return uri
-    beside = directory.parent / "mlflow.db"
-    if beside.is_file():
-        return f"sqlite:///{beside}"
-    raise SpecError(f"{uri_file}: tracking store {uri.removeprefix('sqlite:///')} not found (moved or deleted), "
-                    f"and no mlflow.db beside the sweep in {directory.parent}")  # fmt: skip
+    if layout.local_store.is_file():
+        return f"sqlite:///{layout.local_store}"
+    raise SpecError(f"{layout.tracking_uri}: tracking store {uri.removeprefix('sqlite:///')} not found (moved or "
+                    f"deleted), and no {layout.local_store.name} beside the sweep in {layout.root}")  # fmt: skip
 
 
 def latest_parent_run(uri: str, spec: SweepSpec) -> str | None:

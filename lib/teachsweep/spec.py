@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from teachsweep.jobs import JOBS
+from teachsweep.layout import DEFAULT_RESULTS
 from teachsweep.training import CHECK_FILES
 
 
@@ -137,7 +138,7 @@ class SweepSpec(Strict):
     experiment: str | None = None  # MLflow experiment; default: the sweep name (a pipeline's stages: the pipeline's)
     pipeline: str | None = None  # set by a pipeline on its stages (pipeline.py)
     stage: int | None = None
-    results_dir: str = "teachsweep-results"
+    results_dir: str = DEFAULT_RESULTS
 
     @field_validator("name")
     @classmethod

@@ -34,53 +34,18 @@ os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 from teachsweep import cluster, preflight, references, tracking  # noqa: E402
 from teachsweep.jobs import JOBS  # noqa: E402
+from teachsweep.layout import SweepDir  # noqa: E402
 from teachsweep.metrics import PAIRED_METHOD, merge_seed_trials, seed_summaries  # noqa: E402
 from teachsweep.plan import planned_count  # noqa: E402
-from teachsweep.results import PLANNED_FILE, best_of_rows, pareto_front  # noqa: E402
+from teachsweep.results import best_of_rows, pareto_front  # noqa: E402
 from teachsweep.spec import SpecError, SweepSpec  # noqa: E402
 from teachsweep.trial import TrialContext, run_trial  # noqa: E402
 
 
 @dataclass
-class SweepPaths:
-    root: Path  # the results directory shared by sweeps (MLflow store lives here by default)
-    sweep: Path  # this sweep's directory
-
-    @property
-    def tune(self) -> Path:
-        return self.sweep / "tune"
-
-    @property
-    def optuna_url(self) -> str:
-        return f"sqlite:///{self.sweep / 'optuna.db'}"
-
-    @property
-    def fingerprint(self) -> Path:
-        return self.sweep / "spec.json"
-
-    @property
-    def parent_run(self) -> Path:
-        return self.sweep / "mlflow_parent_run_id"
-
-    @property
-    def tracking_uri(self) -> Path:
-        return self.sweep / "tracking_uri"
-
-    @property
-    def planned(self) -> Path:
-        return self.sweep / PLANNED_FILE
-
-    @property
-    def started(self) -> bool:
-        """Whether Tune recorded any state of this sweep's trials (a driver that died before its first snapshot
-        leaves none, and a resume would start it from nothing)."""
-        return recorded_by_tune(self.tune / "trials")
-
-
-@dataclass
 class SweepOutcome:
     spec: SweepSpec
-    paths: SweepPaths
+    paths: SweepDir
     tracking_uri: str
     parent_run_id: str
     trials: list[dict[str, Any]] = field(default_factory=list)
@@ -91,9 +56,8 @@ class SweepOutcome:
     report: Path | None = None  # report.html (also an artifact of the parent run)
 
 
-def paths_for(spec: SweepSpec) -> SweepPaths:
-    root = Path(spec.results_dir).expanduser().resolve()
-    return SweepPaths(root, root / spec.name)
+def paths_for(spec: SweepSpec) -> SweepDir:
+    return SweepDir.of(spec.name, spec.results_dir)
 
 
 def init_ray(total_cpus: int | None = None) -> None:
@@ -169,18 +133,18 @@ def run_sweep(
 
     from ray import tune
 
-    paths.sweep.mkdir(parents=True, exist_ok=True)
+    paths.path.mkdir(parents=True, exist_ok=True)
     recorded = json.loads(paths.fingerprint.read_text()) if paths.fingerprint.exists() else None
     if recorded is not None and recorded != spec.fingerprint() and not paths.started:
         start_afresh(paths)
     paths.fingerprint.write_text(json.dumps(spec.fingerprint(), indent=1, sort_keys=True))
-    (paths.sweep / "spec.yaml").write_text(spec_text)
+    paths.spec_file.write_text(spec_text)
     paths.tracking_uri.write_text(uri)
     paths.planned.write_text(str(planned_count(spec)))  # read back without expanding teacher references again
 
     client = tracking.client_for(uri)
     # A SQLite store keeps artifacts beside it (MLflow's default would be ./mlruns in the current directory).
-    artifacts = (paths.root / "artifacts").as_uri() if uri.startswith("sqlite:") else None
+    artifacts = paths.artifacts.as_uri() if uri.startswith("sqlite:") else None
     experiment_id = tracking.ensure_experiment(client, spec.experiment or spec.name, artifacts)
     parent_params = {"job": spec.job, "config": spec.config, "space": spec.model_dump()["space"],
                      "seeds": spec.seeds, "num_samples": spec.num_samples, "objectives": spec.metric_names}  # fmt: skip
@@ -246,11 +210,11 @@ class ResultsUnwritable(SpecError):
     """The results directory stopped accepting writes in the middle of a sweep."""
 
 
-def unwritable_error(spec: SweepSpec, paths: SweepPaths) -> ResultsUnwritable | None:
+def unwritable_error(spec: SweepSpec, paths: SweepDir) -> ResultsUnwritable | None:
     """The error to stop with when the results directory (the sweep's own, and the shared one holding the default
     MLflow store) cannot be written now, or None: a probe file created and removed in each, as SQLite's journal
     and Tune's state need."""
-    for directory in (paths.sweep, paths.root):
+    for directory in (paths.path, paths.root):
         probe = directory / f".probe-{os.getpid()}"
         try:
             probe.write_text("")
@@ -330,17 +294,17 @@ def make_scheduler(spec: SweepSpec):
     )  # fmt: skip
 
 
-def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks, on_restore: Callable[[set[str]], None],
+def run_experiment(spec: SweepSpec, paths: SweepDir, trainable, callbacks, on_restore: Callable[[set[str]], None],
                    concurrency: int):  # fmt: skip
     """Run the sweep's Tune experiment, or resume it; `on_restore` gets the ids of the trials Tune recorded."""
     from ray import tune
 
     from teachsweep.search import complete_finished_trials, fail_interrupted_trials, make_searcher
 
-    experiment = paths.tune / "trials"
-    if tune.Tuner.can_restore(str(experiment)) and recorded_by_tune(experiment):
+    experiment = paths.trials
+    if tune.Tuner.can_restore(str(experiment)) and paths.started:
         failed = []
-        if spec.space and (paths.sweep / "optuna.db").exists():
+        if spec.space and paths.optuna_file.exists():
             failed = fail_interrupted_trials(spec, paths.optuna_url)
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
         recorded = tuner.get_results()
@@ -349,7 +313,7 @@ def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks, on_
         return tuner.fit()
     if experiment.exists():  # a driver that died before Tune recorded any trial: start again from nothing
         shutil.rmtree(experiment)
-        if spec.space and (paths.sweep / "optuna.db").exists():
+        if spec.space and paths.optuna_file.exists():
             fail_interrupted_trials(spec, paths.optuna_url)
         on_restore(set())
     searcher, total = make_searcher(spec, paths.optuna_url)
@@ -376,23 +340,16 @@ def run_experiment(spec: SweepSpec, paths: SweepPaths, trainable, callbacks, on_
     return tuner.fit()
 
 
-def start_afresh(paths: SweepPaths) -> None:
+def start_afresh(paths: SweepDir) -> None:
     """A sweep whose driver stopped before Tune recorded a trial holds no result, so a corrected spec starts it
     anew: a new parent run (the old one stays in MLflow, failed), a new Optuna study (the old file kept beside it
     as `optuna.<time>.abandoned.db`) and a new Tune experiment."""
-    study = paths.sweep / "optuna.db"
+    study = paths.optuna_file
     if study.exists():
-        study.rename(paths.sweep / f"optuna.{time.strftime('%Y%m%d-%H%M%S')}.abandoned.db")
+        study.rename(paths.path / f"optuna.{time.strftime('%Y%m%d-%H%M%S')}.abandoned.db")
     paths.parent_run.unlink(missing_ok=True)
     shutil.rmtree(paths.tune, ignore_errors=True)
-    print(f"sweep '{paths.sweep.name}' never recorded a trial: starting it again with the changed spec", flush=True)
-
-
-def recorded_by_tune(experiment: Path) -> bool:
-    """Whether Tune saved the experiment's state: a driver that died between writing `tuner.pkl` and its first
-    state snapshot leaves an experiment Tune calls restorable but cannot restore ("experiment has not been
-    run")."""
-    return any(experiment.glob("experiment_state-*.json"))
+    print(f"sweep '{paths.name}' never recorded a trial: starting it again with the changed spec", flush=True)
 
 
 def describe_error(error: BaseException) -> str:
@@ -428,7 +385,7 @@ def trial_rows(grid, spec: SweepSpec) -> list[dict[str, Any]]:
     return rows
 
 
-def best_trials(spec: SweepSpec, paths: SweepPaths, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def best_trials(spec: SweepSpec, paths: SweepDir, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Single objective: the trial the verdict names, over trials merged by seed as the verdict sees them (the
     same rule `status`, `export` and `sweep:<name>/best` use); several: the Pareto front of the study."""
     if len(spec.objectives) > 1 and spec.space:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from teachsweep.layout import LOCAL_STORE
 from teachsweep.metrics import with_intervals
 from teachsweep.reporter import Reporter, finite_metrics
 
@@ -28,7 +29,7 @@ class TrackingError(RuntimeError):
 
 
 def default_tracking_uri(results_dir: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_dir.resolve()}/mlflow.db"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_dir.resolve() / LOCAL_STORE}"
 
 
 def check_tracking_uri(uri: str) -> None:

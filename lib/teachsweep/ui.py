@@ -181,7 +181,7 @@ def page_urls(sweep: Sweep, host: str = HOST, port: int = DEFAULT_PORT) -> dict[
     urls = {"trials": f"{base}/runs?{urlencode(MODEL_TRAINING | state, quote_via=quote)}"}
     if sweep.parent_run_id:
         urls["report"] = f"{base}/runs/{sweep.parent_run_id}/artifacts/report.html?{urlencode(MODEL_TRAINING)}"
-    if spec.space and (sweep.directory / "optuna.db").exists():
+    if spec.space and sweep.layout.optuna_file.exists():
         try:
             study = optuna.storages.RDBStorage(sweep.optuna_url).get_study_id_from_name(spec.name)
             urls["study"] = f"http://{host}:{port + 1}/dashboard/studies/{study}"
@@ -355,7 +355,7 @@ def planned_servers(sweep: Sweep, port: int, urls: dict[str, str], say: Callable
     servers = [mlflow_server(sweep, port)]
     if sweep.spec.space:
         dashboard = executable("optuna-dashboard")
-        if not (sweep.directory / "optuna.db").exists():  # optuna-dashboard would create an empty one
+        if not sweep.layout.optuna_file.exists():  # optuna-dashboard would create an empty one
             say("no Optuna study was kept for this sweep: starting the MLflow UI only")
         elif dashboard:
             servers.append(dashboard_server(sweep, dashboard, port + 1, urls.get("study")))

@@ -1,0 +1,101 @@
+"""The results directory, laid out in one place: what a sweep keeps on disk beside its tracking store.
+
+    <results>/mlflow.db                   the local MLflow store (unless tracking_uri or $MLFLOW_TRACKING_URI)
+    <results>/artifacts/                  its artifacts
+    <results>/<sweep>/spec.yaml           the spec as submitted
+    <results>/<sweep>/spec.json           its fingerprint: what a resume must not change
+    <results>/<sweep>/tracking_uri        the store its runs went to
+    <results>/<sweep>/mlflow_parent_run_id
+    <results>/<sweep>/planned_trials      how many trials the run planned
+    <results>/<sweep>/optuna.db           the Optuna study (searched sweeps)
+    <results>/<sweep>/tune/               Tune's experiment state (trials/) and Ray Train storage (train/)
+    <results>/<sweep>/report.html, export/
+
+The writer (sweep.py) and the readers (results.py, ui.py, cli.py) name these files through `SweepDir` only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_RESULTS = "teachsweep-results"
+LOCAL_STORE = "mlflow.db"
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    root: Path  # the results directory shared by sweeps (the local MLflow store lives here)
+    path: Path  # this sweep's directory
+
+    @classmethod
+    def of(cls, name: str, results_dir: str | Path) -> SweepDir:
+        root = Path(results_dir).expanduser().resolve()
+        return cls(root, root / name)
+
+    @classmethod
+    def at(cls, path: Path) -> SweepDir:
+        return cls(path.parent, path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def spec_file(self) -> Path:
+        return self.path / "spec.yaml"
+
+    @property
+    def fingerprint(self) -> Path:
+        return self.path / "spec.json"
+
+    @property
+    def tracking_uri(self) -> Path:
+        return self.path / "tracking_uri"
+
+    @property
+    def parent_run(self) -> Path:
+        return self.path / "mlflow_parent_run_id"
+
+    @property
+    def planned(self) -> Path:
+        return self.path / "planned_trials"
+
+    @property
+    def optuna_file(self) -> Path:
+        return self.path / "optuna.db"
+
+    @property
+    def optuna_url(self) -> str:
+        return f"sqlite:///{self.optuna_file}"
+
+    @property
+    def tune(self) -> Path:
+        return self.path / "tune"
+
+    @property
+    def trials(self) -> Path:
+        """Tune's experiment directory."""
+        return self.tune / "trials"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def export(self) -> Path:
+        return self.path / "export"
+
+    @property
+    def local_store(self) -> Path:
+        """The SQLite MLflow store of the results directory this sweep sits in now."""
+        return self.root / LOCAL_STORE
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def started(self) -> bool:
+        """Whether Tune recorded any state of this sweep's trials (a driver that died between writing `tuner.pkl`
+        and its first state snapshot leaves an experiment Tune calls restorable but cannot restore)."""
+        return any(self.trials.glob("experiment_state-*.json"))
