@@ -39,8 +39,10 @@ def rows_of(name: str, results_dir: str, metrics: list[str] | None) -> dict[str,
     metrics = metrics or list(dict.fromkeys(sweep.spec.metric_names + job.scores))
     merged = trial_rows(sweep)
     parent = MlflowClient(sweep.tracking_uri).get_run(sweep.parent_run_id) if sweep.parent_run_id else None
-    kept = lambda key: key.split("@")[0] in metrics or key.startswith("steps/")  # noqa: E731
+    # the metrics tabulated, and what says how long each trial ran and on what (steps, learning rate, wall time)
+    kept = lambda key: key.split("@")[0] in metrics or key.startswith(("steps/", "lr/", "time/"))  # noqa: E731
     trials = [{"trial_id": r["trial_id"], "label": r["label"], "seed": r["params"].get("seed"),
+               "config": {k: v for k, v in r["params"].items() if k not in ("variant", "seed")},
                "metrics": {k: v for k, v in r["metrics"].items() if kept(k)}}
               for r in trial_rows(sweep, merge_seeds=False)]  # fmt: skip
     return {
