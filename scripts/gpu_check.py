@@ -38,8 +38,10 @@ def device_and_precision() -> None:
 
     device = torch.device("cuda")
     capability = torch.cuda.get_device_capability(device)
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, capability {capability}, "
-          f"native bf16 {native_bf16(capability)}, precision auto uses bf16: {uses_bf16(device, 'auto')}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, capability {capability}, "
+        f"native bf16 {native_bf16(capability)}, precision auto uses bf16: {uses_bf16(device, 'auto')}"
+    )
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ a
@@ -55,12 +57,22 @@ def device_and_precision() -> None:
 def lot_digits() -> None:
     from teachsweep.jobs import lot
 
-    job = {"task": "digits", "teacher": "cnn:8", "epochs": 2, "steps_per_epoch": 30, "max_eval_examples": 200,
-           "optimizer": "sgd", "lr": 0.05, "device": "cuda"}  # fmt: skip
+    job = {
+        "task": "digits",
+        "teacher": "cnn:8",
+        "epochs": 2,
+        "steps_per_epoch": 30,
+        "max_eval_examples": 200,
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "device": "cuda",
+    }
     for precision in ("auto", "fp32"):
         m = lot.train(job | {"precision": precision})
-        print(f"{precision}: teacher val acc {m['teacher/val_acc']:.3f}, student {m['student/val_acc']:.3f}, "
-              f"{m['time/teacher_step_s'] * 1e3:.1f} ms / teacher step")  # fmt: skip
+        print(
+            f"{precision}: teacher val acc {m['teacher/val_acc']:.3f}, student {m['student/val_acc']:.3f}, "
+            f"{m['time/teacher_step_s'] * 1e3:.1f} ms / teacher step"
+        )
         assert math.isfinite(m["loss/teacher"]) and m["teacher/val_acc"] > 0.3
 
 
@@ -69,12 +81,23 @@ def lot_text() -> None:
     from teachsweep.jobs import lot
 
     random_minilm()
-    job = {"task": "rotten_tomatoes", "teacher": "minilm:2", "epochs": 1, "steps_per_epoch": 40, "lr": 3e-4,
-           "max_length": 64, "max_eval_examples": 300, "batch_size": 32, "device": "cuda"}  # fmt: skip
+    job = {
+        "task": "rotten_tomatoes",
+        "teacher": "minilm:2",
+        "epochs": 1,
+        "steps_per_epoch": 40,
+        "lr": 3e-4,
+        "max_length": 64,
+        "max_eval_examples": 300,
+        "batch_size": 32,
+        "device": "cuda",
+    }
     for precision in ("fp32", "auto", "fp32", "auto"):  # twice each: the first run of a kind pays CUDA's warm-up
         m = lot.train(job | {"precision": precision})
-        print(f"{precision}: teacher val acc {m['teacher/val_acc']:.3f}, "
-              f"{m['time/teacher_step_s'] * 1e3:.1f} ms / teacher step")  # fmt: skip
+        print(
+            f"{precision}: teacher val acc {m['teacher/val_acc']:.3f}, "
+            f"{m['time/teacher_step_s'] * 1e3:.1f} ms / teacher step"
+        )
         assert math.isfinite(m["loss/teacher"])
 
 
@@ -82,18 +105,35 @@ def lot_text() -> None:
 def lot_lstm() -> None:
     from teachsweep.jobs import lot
 
-    job = {"task": "bbc_news_lm_2k", "teacher": "lstm:1", "epochs": 2, "steps_per_epoch": 40, "max_train_examples":
-           30000, "max_eval_examples": 5000, "optimizer": "sgd", "lr": 20.0, "momentum": 0.0, "weight_decay": 0.0,
-           "clip_grad_norm": 0.25, "batch_size": 20, "bptt": 35, "alpha": 1.0, "student_steps": 5, "device": "cuda",
-           "precision": "bf16"}  # fmt: skip
+    job = {
+        "task": "bbc_news_lm_2k",
+        "teacher": "lstm:1",
+        "epochs": 2,
+        "steps_per_epoch": 40,
+        "max_train_examples": 30000,
+        "max_eval_examples": 5000,
+        "optimizer": "sgd",
+        "lr": 20.0,
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "clip_grad_norm": 0.25,
+        "batch_size": 20,
+        "bptt": 35,
+        "alpha": 1.0,
+        "student_steps": 5,
+        "device": "cuda",
+        "precision": "bf16",
+    }
     reporter_history = []
     from teachsweep.reporter import Reporter
 
     reporter = Reporter()
     m = lot.train(job, reporter)
     reporter_history = [h["teacher/val_ppl"] for h in reporter.history]
-    print(f"val perplexity per epoch {[round(p, 1) for p in reporter_history]}, "
-          f"{m['time/teacher_step_s'] * 1e3:.1f} ms / teacher step")  # fmt: skip
+    print(
+        f"val perplexity per epoch {[round(p, 1) for p in reporter_history]}, "
+        f"{m['time/teacher_step_s'] * 1e3:.1f} ms / teacher step"
+    )
     assert reporter_history[-1] < reporter_history[0] and math.isfinite(m["loss/teacher"])
 
 
@@ -101,11 +141,23 @@ def lot_lstm() -> None:
 def lot_rl_cuda() -> None:
     from teachsweep.jobs import lot_rl
 
-    config = {"task": "gym:CartPole-v1", "arm": "lot", "num_envs": 4, "num_steps": 128, "clip_coef": 0.2,
-              "lr": 2.5e-3, "steps_per_epoch": 10_240, "epochs": 4, "device": "cuda", "buffer_rollouts": 4}  # fmt: skip
+    config = {
+        "task": "gym:CartPole-v1",
+        "arm": "lot",
+        "num_envs": 4,
+        "num_steps": 128,
+        "clip_coef": 0.2,
+        "lr": 2.5e-3,
+        "steps_per_epoch": 10_240,
+        "epochs": 4,
+        "device": "cuda",
+        "buffer_rollouts": 4,
+    }
     m = lot_rl.train(config)
-    print(f"best greedy return {m['teacher/best_eval_return']:.0f}, student {m['student/eval_return']:.0f}, "
-          f"agreement {m['agreement/buffer']:.3f}, {m['time/env_steps_per_s']:.0f} env steps/s")  # fmt: skip
+    print(
+        f"best greedy return {m['teacher/best_eval_return']:.0f}, student {m['student/eval_return']:.0f}, "
+        f"agreement {m['agreement/buffer']:.3f}, {m['time/env_steps_per_s']:.0f} env steps/s"
+    )
     assert m["teacher/best_eval_return"] >= 200
 
 
@@ -156,14 +208,33 @@ def scaffold_cuda() -> None:
     from teachsweep.jobs import scaffold
 
     random_minilm()
-    teacher = {"task": "rotten_tomatoes", "model": "minilm:2", "lr": 1e-4, "epochs": 1, "steps_per_epoch": 50,
-               "max_length": 64, "max_eval_examples": 300, "device": "cuda"}  # fmt: skip
+    teacher = {
+        "task": "rotten_tomatoes",
+        "model": "minilm:2",
+        "lr": 1e-4,
+        "epochs": 1,
+        "steps_per_epoch": 50,
+        "max_length": 64,
+        "max_eval_examples": 300,
+        "device": "cuda",
+    }
     for explainer in ("attention", "smat"):
         start = time.perf_counter()
-        m = scaffold.train({"teacher": teacher, "explainer": explainer, "num_train_examples": 500, "max_epochs": 2,
-                            "max_length": 64, "max_eval_examples": 300, "device": "cuda"})  # fmt: skip
-        print(f"{explainer}: test simulability {m['simulability/test']:.3f} "
-              f"({time.perf_counter() - start:.1f} s for 2 epochs)")  # fmt: skip
+        m = scaffold.train(
+            {
+                "teacher": teacher,
+                "explainer": explainer,
+                "num_train_examples": 500,
+                "max_epochs": 2,
+                "max_length": 64,
+                "max_eval_examples": 300,
+                "device": "cuda",
+            }
+        )
+        print(
+            f"{explainer}: test simulability {m['simulability/test']:.3f} "
+            f"({time.perf_counter() - start:.1f} s for 2 epochs)"
+        )
 
 
 @check("model FLOP utilisation of a BERT-size classifier step (bf16), by batch size")
@@ -179,14 +250,17 @@ def flop_utilisation() -> None:
     peak = 989e12  # H100 SXM dense bf16
     from transformers import PreTrainedModel
 
-    for implementation, (batch_size, length) in [(i, shape) for i in (models.EXPLAINABLE_ATTENTION, "sdpa")
-                                                  for shape in ((32, 64), (256, 128), (512, 256))]:  # fmt: skip
+    for implementation, (batch_size, length) in [
+        (i, shape) for i in (models.EXPLAINABLE_ATTENTION, "sdpa") for shape in ((32, 64), (256, 128), (512, 256))
+    ]:
         for module in model.modules():  # what a job that never reads attention could use
             if isinstance(module, PreTrainedModel):
                 module.set_attn_implementation(implementation)
-        batch = {"input_ids": torch.randint(1000, 20000, (batch_size, length), device=device),
-                 "attention_mask": torch.ones(batch_size, length, dtype=torch.long, device=device),
-                 "labels": torch.randint(0, 2, (batch_size,), device=device)}  # fmt: skip
+        batch = {
+            "input_ids": torch.randint(1000, 20000, (batch_size, length), device=device),
+            "attention_mask": torch.ones(batch_size, length, dtype=torch.long, device=device),
+            "labels": torch.randint(0, 2, (batch_size,), device=device),
+        }
 
         def step(batch=batch):
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -206,15 +280,26 @@ def flop_utilisation() -> None:
         torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / 10
         rate = flops / seconds
-        print(f"{implementation}, batch {batch_size} x {length}: {seconds * 1e3:.2f} ms / step, {rate / 1e12:.1f} "
-              f"TFLOP/s = {rate / peak:.1%} of 989 TFLOP/s (matmul FLOPs)")  # fmt: skip
+        print(
+            f"{implementation}, batch {batch_size} x {length}: {seconds * 1e3:.2f} ms / step, {rate / 1e12:.1f} "
+            f"TFLOP/s = {rate / peak:.1%} of 989 TFLOP/s (matmul FLOPs)"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    checks = {"device": device_and_precision, "lot": lot_digits, "lot_text": lot_text, "lstm": lot_lstm,
-              "rl": lot_rl_cuda, "scaffold": scaffold_cuda, "mfu": flop_utilisation, "bench_lot": bench_lot,
-              "bench_rl": bench_rl, "bench_scaffold": bench_scaffold}  # fmt: skip
+    checks = {
+        "device": device_and_precision,
+        "lot": lot_digits,
+        "lot_text": lot_text,
+        "lstm": lot_lstm,
+        "rl": lot_rl_cuda,
+        "scaffold": scaffold_cuda,
+        "mfu": flop_utilisation,
+        "bench_lot": bench_lot,
+        "bench_rl": bench_rl,
+        "bench_scaffold": bench_scaffold,
+    }
     parser.add_argument("checks", nargs="*", help=f"the checks to run, of {', '.join(checks)} (default: all)")
     args = parser.parse_args()
     for name in args.checks or checks:

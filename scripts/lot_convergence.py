@@ -84,12 +84,16 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for arm in arms:
             epochs = {s: float(len(c)) for s, c in curves[arm].items()}
-            print(f"| {arm} | {fmt(tests[arm])} | {fmt(by_unit['teacher steps'][arm])} | "
-                  f"{fmt(by_unit['model steps'][arm])} | {fmt(epochs)} |")  # fmt: skip
+            print(
+                f"| {arm} | {fmt(tests[arm])} | {fmt(by_unit['teacher steps'][arm])} | "
+                f"{fmt(by_unit['model steps'][arm])} | {fmt(epochs)} |"
+            )
         for arm in arms[1:]:
-            print(f"| LoT − {arm} | {fmt_diff(tests['lot'], tests[arm])} | "
-                  f"{fmt_diff(by_unit['teacher steps']['lot'], by_unit['teacher steps'][arm])} | "
-                  f"{fmt_diff(by_unit['model steps']['lot'], by_unit['model steps'][arm])} | |")  # fmt: skip
+            print(
+                f"| LoT − {arm} | {fmt_diff(tests['lot'], tests[arm])} | "
+                f"{fmt_diff(by_unit['teacher steps']['lot'], by_unit['teacher steps'][arm])} | "
+                f"{fmt_diff(by_unit['model steps']['lot'], by_unit['model steps'][arm])} | |"
+            )
 
 
 if __name__ == "__main__":

@@ -33,11 +33,21 @@ def rows_of(name: str, results_dir: str) -> dict:
     teachers = []
     for row in trial_rows(sweep, merge_seeds=False):
         domain, _, seed = row["label"].rpartition("-t")
-        teachers.append({"domain": domain, "teacher_seed": int(seed), "trial": row["trial_id"],
-                         "metrics": {k: v for k, v in row["metrics"].items() if "/" in k}})  # fmt: skip
+        teachers.append(
+            {
+                "domain": domain,
+                "teacher_seed": int(seed),
+                "trial": row["trial_id"],
+                "metrics": {k: v for k, v in row["metrics"].items() if "/" in k},
+            }
+        )
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"sweep": name, "spec": f"sweeps/{name.replace('-', '_')}.yaml", "reader_commit": commit,
-            "teachers": sorted(teachers, key=lambda t: (t["domain"], t["teacher_seed"]))}  # fmt: skip
+    return {
+        "sweep": name,
+        "spec": f"sweeps/{name.replace('-', '_')}.yaml",
+        "reader_commit": commit,
+        "teachers": sorted(teachers, key=lambda t: (t["domain"], t["teacher_seed"])),
+    }
 
 
 def mean_and_interval(values: list[float]) -> str:
@@ -65,8 +75,11 @@ def print_tables(rows: dict) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\nChefer minus baseline, per example (paired on the same example and teacher): per teacher, mean with a")
     print("paired t 95% interval over its examples; over teachers, mean of the teachers' means, t 95% over teachers\n")
-    print("| domain | difference | test | " + " | ".join(f"teacher {t['teacher_seed']}" for t in by_domain[domains[0]])
-          + " | over teachers |")  # fmt: skip
+    print(
+        "| domain | difference | test | "
+        + " | ".join(f"teacher {t['teacher_seed']}" for t in by_domain[domains[0]])
+        + " | over teachers |"
+    )
     print("|---|---|---|" + "---|" * (len(by_domain[domains[0]]) + 1))
     for d in domains:
         for a, b in PAIRS:
@@ -74,8 +87,11 @@ def print_tables(rows: dict) -> None:
                 key = f"diff/{a}-{b}/{test}_auc"
                 if any(key not in t["metrics"] for t in by_domain[d]):
                     continue
-                cells = [f"{t['metrics'][key]:+.3f} [{t['metrics'][key + '_t95_low']:+.3f}, "
-                         f"{t['metrics'][key + '_t95_high']:+.3f}]" for t in by_domain[d]]  # fmt: skip
+                cells = [
+                    f"{t['metrics'][key]:+.3f} [{t['metrics'][key + '_t95_low']:+.3f}, "
+                    f"{t['metrics'][key + '_t95_high']:+.3f}]"
+                    for t in by_domain[d]
+                ]
                 over = signed([t["metrics"][key] for t in by_domain[d]])
                 print(f"| {d} | {a} − {b} | {test} | " + " | ".join(cells) + f" | {over} |")
     for d in domains:

@@ -41,18 +41,29 @@ def rows_of(name: str, results_dir: str, metrics: list[str] | None) -> dict[str,
     parent = MlflowClient(sweep.tracking_uri).get_run(sweep.parent_run_id) if sweep.parent_run_id else None
     # the metrics tabulated, and what says how long each trial ran and on what (steps, learning rate, wall time)
     kept = lambda key: key.split("@")[0] in metrics or key.startswith(("steps/", "lr/", "time/"))  # noqa: E731
-    trials = [{"trial_id": r["trial_id"], "label": r["label"], "seed": r["params"].get("seed"),
-               "config": {k: v for k, v in r["params"].items() if k not in ("variant", "seed")},
-               "metrics": {k: v for k, v in r["metrics"].items() if kept(k)}}
-              for r in trial_rows(sweep, merge_seeds=False)]  # fmt: skip
+    trials = [
+        {
+            "trial_id": r["trial_id"],
+            "label": r["label"],
+            "seed": r["params"].get("seed"),
+            "config": {k: v for k, v in r["params"].items() if k not in ("variant", "seed")},
+            "metrics": {k: v for k, v in r["metrics"].items() if kept(k)},
+        }
+        for r in trial_rows(sweep, merge_seeds=False)
+    ]
     return {
-        "sweep": name, "job": sweep.spec.job, "reference_arm": job.reference_arm, "metrics": metrics,
+        "sweep": name,
+        "job": sweep.spec.job,
+        "reference_arm": job.reference_arm,
+        "metrics": metrics,
         "ran_at_commit": parent.data.tags.get("mlflow.source.git.commit") if parent else None,
-        "read_with": read_commit(), "interval_method": T_METHOD, "difference_method": PAIRED_METHOD,
+        "read_with": read_commit(),
+        "interval_method": T_METHOD,
+        "difference_method": PAIRED_METHOD,
         "trials": sorted(trials, key=lambda t: (t["label"], str(t["seed"]))),
         "summaries": seed_summaries(merged, metrics, job.reference_arm),
         "comparisons": job.compare(merged, metrics),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:

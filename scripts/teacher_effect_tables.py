@@ -37,8 +37,10 @@ def cell(row: dict[str, Any] | None, paired: bool, seeds: int) -> str:
         value = f"{row['vs_reference_diff_mean']:+.3f}" if paired else f"{row['mean']:.3f}"
         return f"{value}{fewer}, no interval"
     if paired:
-        return (f"{row['vs_reference_diff_mean']:+.3f} [{row['vs_reference_ci_low']:+.3f}, "
-                f"{row['vs_reference_ci_high']:+.3f}] p {row['vs_reference_p_value']:.2g}{fewer}")  # fmt: skip
+        return (
+            f"{row['vs_reference_diff_mean']:+.3f} [{row['vs_reference_ci_low']:+.3f}, "
+            f"{row['vs_reference_ci_high']:+.3f}] p {row['vs_reference_p_value']:.2g}{fewer}"
+        )
     return f"{row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]{fewer}"
 
 

@@ -38,11 +38,24 @@ def postgres_server() -> Iterator[str]:
     run = lambda *words: subprocess.run([*as_postgres(), *words], check=True, capture_output=True)  # noqa: E731
     try:
         run(str(binaries / "initdb"), "-D", str(data / "db"), "-U", "mlflow", "--auth=trust", "-E", "UTF8")
-        run(str(binaries / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"), "-w", "-t", "120", "start",
-            "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1")  # fmt: skip
+        run(
+            str(binaries / "pg_ctl"),
+            "-D",
+            str(data / "db"),
+            "-l",
+            str(data / "log"),
+            "-w",
+            "-t",
+            "120",
+            "start",
+            "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+        )
         run(str(binaries / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow")
         yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
     finally:
-        subprocess.run([*as_postgres(), str(binaries / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            [*as_postgres(), str(binaries / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
         shutil.rmtree(data, ignore_errors=True)

@@ -14,8 +14,18 @@ from teachsweep.jobs import lot
 from teachsweep.spec import parse_spec
 from teachsweep.sweep import run_sweep
 
-JOB = {"task": "digits", "teacher": "cnn:8", "alpha": 0.5, "student_steps": 2, "epochs": 3, "steps_per_epoch": 5,
-       "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "max_eval_examples": 64}  # fmt: skip
+JOB = {
+    "task": "digits",
+    "teacher": "cnn:8",
+    "alpha": 0.5,
+    "student_steps": 2,
+    "epochs": 3,
+    "steps_per_epoch": 5,
+    "batch_size": 32,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "max_eval_examples": 64,
+}
 
 
 def test_a_restarted_job_continues_exactly_where_it_stopped():
@@ -72,8 +82,9 @@ def test_a_trial_whose_worker_is_killed_resumes_into_the_same_mlflow_run(ray_ses
     assert row["status"] == "OK", row["error"]
     assert row["metrics"]["steps/teacher"] == 4 * 60 and row["metrics"]["trial/resumed_from_epoch"] >= 2
     client = MlflowClient(outcome.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("killed-worker").experiment_id],
-                              "tags.`teachsweep.role` = 'trial'")  # fmt: skip
+    runs = client.search_runs(
+        [client.get_experiment_by_name("killed-worker").experiment_id], "tags.`teachsweep.role` = 'trial'"
+    )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "teacher/val_acc")}
     assert steps == {1, 2, 3, 4}
@@ -91,8 +102,15 @@ def test_a_restarted_smat_job_continues_exactly_where_it_stopped(tmp_path, monke
         "steps_per_epoch": 5,
         "max_eval_examples": 32,
     }
-    job = {"teacher": teacher, "explainer": "smat", "num_train_examples": 32, "batch_size": 8, "max_epochs": 3,
-           "patience": 3, "max_eval_examples": 32}  # fmt: skip
+    job = {
+        "teacher": teacher,
+        "explainer": "smat",
+        "num_train_examples": 32,
+        "batch_size": 8,
+        "max_epochs": 3,
+        "patience": 3,
+        "max_eval_examples": 32,
+    }
     uninterrupted = scaffold.train(job)
     crashed = CrashAfter(1)
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -338,8 +338,13 @@ def test_launcher_mounts_shared_storage_idempotently_and_fails_loudly(tmp_path, 
 
 def submit_dry_run(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TEACHSWEEP_"))} | (env or {})
-    return subprocess.run([str(CLUSTER / "submit.sh"), *args], env=env | {"TEACHSWEEP_SUBMIT_DRY_RUN": "1"},
-                          capture_output=True, text=True, cwd=cwd)  # fmt: skip
+    return subprocess.run(
+        [str(CLUSTER / "submit.sh"), *args],
+        env=env | {"TEACHSWEEP_SUBMIT_DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
 
 
 def submitted(out: str) -> tuple[dict, list[str]]:
@@ -364,9 +369,11 @@ def test_submit_sends_the_tracking_uri_only_when_it_is_set(tracking):
 def test_submit_names_a_spec_in_the_repository_by_its_path_there(form, tmp_path):
     """The job runs in the shipped copy of the repository: whatever path is given here, the entrypoint names the
     spec by its path inside the repository, never by a path of this machine."""
-    arg, cwd = {"relative to the repository": ("sweeps/quickstart.yaml", ROOT),
-                "relative to another directory": ("../sweeps/quickstart.yaml", ROOT / "cluster"),
-                "absolute": (str(ROOT / "sweeps/quickstart.yaml"), tmp_path)}[form]  # fmt: skip
+    arg, cwd = {
+        "relative to the repository": ("sweeps/quickstart.yaml", ROOT),
+        "relative to another directory": ("../sweeps/quickstart.yaml", ROOT / "cluster"),
+        "absolute": (str(ROOT / "sweeps/quickstart.yaml"), tmp_path),
+    }[form]
     done = submit_dry_run(arg, cwd=cwd)
     assert done.returncode == 0, done.stderr
     assert submitted(done.stdout)[1] == ["python", "-m", "teachsweep.cli", "run", "sweeps/quickstart.yaml"]
@@ -431,8 +438,9 @@ def test_the_rayjob_runtime_env_reaches_ray_unchanged_through_a_shell():
     word (strconv.Quote in controllers/ray/common/job.go): nothing in it may be expanded by that shell."""
     (job,) = load_all("k8s/rayjob.yaml")
     as_json = json.dumps(yaml.safe_load(job["spec"]["runtimeEnvYAML"]))
-    through_shell = subprocess.run(["bash", "-c", f"printf '%s' {json.dumps(as_json)}"], capture_output=True,
-                                   text=True, check=True).stdout  # fmt: skip
+    through_shell = subprocess.run(
+        ["bash", "-c", f"printf '%s' {json.dumps(as_json)}"], capture_output=True, text=True, check=True
+    ).stdout
     assert through_shell == as_json
 
 
@@ -454,9 +462,14 @@ def test_the_rayjob_runs_the_sweep_with_its_results_on_the_shared_volume(monkeyp
 
 @pytest.mark.parametrize(
     ("own", "env", "flag", "chosen"),
-    [(None, None, None, "teachsweep-results"), (None, "/shared/r", None, "/shared/r"), ("/efs/own", "/shared/r", None, "/efs/own"),
-     ("/efs/own", "/shared/r", "/flag", "/flag"), (None, None, "/flag", "/flag")],
-)  # fmt: skip
+    [
+        (None, None, None, "teachsweep-results"),
+        (None, "/shared/r", None, "/shared/r"),
+        ("/efs/own", "/shared/r", None, "/efs/own"),
+        ("/efs/own", "/shared/r", "/flag", "/flag"),
+        (None, None, "/flag", "/flag"),
+    ],
+)
 def test_run_takes_its_results_directory_from_the_flag_the_spec_or_the_environment(monkeypatch, own, env, flag, chosen):
     from teachsweep.cli import with_results_dir
     from teachsweep.spec import parse_spec
@@ -637,8 +650,12 @@ def run_bucket_script(tmp_path, script: str, env: dict, head: str) -> tuple[int,
     (tmp_path / "botocore" / "exceptions.py").write_text(BOTO_STUB)
     (tmp_path / "boto3.py").write_text(BOTO3_STUB)
     log = tmp_path / f"s3-{head}.log"
-    env = {k: v for k, v in env.items() if isinstance(v, str)} | {"PYTHONPATH": str(tmp_path), "S3_LOG": str(log),
-                                                                   "S3_HEAD": head, "PATH": os.environ["PATH"]}  # fmt: skip
+    env = {k: v for k, v in env.items() if isinstance(v, str)} | {
+        "PYTHONPATH": str(tmp_path),
+        "S3_LOG": str(log),
+        "S3_HEAD": head,
+        "PATH": os.environ["PATH"],
+    }
     rc = subprocess.run([os.sys.executable, "-c", script], env=env, capture_output=True).returncode
     return rc, [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
@@ -673,11 +690,16 @@ def test_k8s_postgres_is_what_mlflow_connects_to():
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
     keys = {name: ref["secretKeyRef"] for name, ref in env_of(container).items() if isinstance(ref, dict)}
     assert {n: (k["name"], k["key"]) for n, k in keys.items()} == {
-        "POSTGRES_USER": ("teachsweep-mlflow-db", "user"), "POSTGRES_PASSWORD": ("teachsweep-mlflow-db", "password"),
-        "POSTGRES_DB": ("teachsweep-mlflow-db", "database")}  # fmt: skip
+        "POSTGRES_USER": ("teachsweep-mlflow-db", "user"),
+        "POSTGRES_PASSWORD": ("teachsweep-mlflow-db", "password"),
+        "POSTGRES_DB": ("teachsweep-mlflow-db", "database"),
+    }
     (mlflow,) = k8s_mlflow()[0]["containers"]
-    used = {ref["secretKeyRef"]["key"] for ref in env_of(mlflow).values() if isinstance(ref, dict)
-            and ref["secretKeyRef"]["name"] == "teachsweep-mlflow-db"}  # fmt: skip
+    used = {
+        ref["secretKeyRef"]["key"]
+        for ref in env_of(mlflow).values()
+        if isinstance(ref, dict) and ref["secretKeyRef"]["name"] == "teachsweep-mlflow-db"
+    }
     assert used == {"host", "database", "user", "password"}
     name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
     (port,) = service["spec"]["ports"]
@@ -698,8 +720,11 @@ def test_no_template_or_doc_names_a_file_that_is_not_there():
 
 def test_the_stated_kuberay_minimum_has_auth_options_secret_name():
     """authOptions.secretName first appears in KubeRay v1.6.0 (ray-operator/apis/ray/v1/raycluster_types.go)."""
-    stated = [(p.name, m) for p in [*CLUSTER.rglob("*.md"), *CLUSTER.rglob("*.yaml")]
-              for m in re.findall(r"KubeRay\s*(?:>=|≥)\s*v?(\d+\.\d+\.\d+)", p.read_text())]  # fmt: skip
+    stated = [
+        (p.name, m)
+        for p in [*CLUSTER.rglob("*.md"), *CLUSTER.rglob("*.yaml")]
+        for m in re.findall(r"KubeRay\s*(?:>=|≥)\s*v?(\d+\.\d+\.\d+)", p.read_text())
+    ]
     assert stated and all(tuple(map(int, v.split("."))) >= (1, 6, 0) for _, v in stated), stated
 
 
@@ -735,8 +760,12 @@ def emulate_build(image_root: Path, shims: Path) -> subprocess.CompletedProcess 
         elif instruction == "RUN":
             command = args.replace("/tmp/", f"{image_root}/tmp/")
             env = {"PATH": f"{shims}:/usr/bin:/bin", "HOME": str(image_root)}
-            done = subprocess.run(["setpriv", f"--reuid={RAY_UID}", f"--regid={RAY_GID}", "--clear-groups",
-                                   "bash", "-c", command], env=env, capture_output=True, text=True)  # fmt: skip
+            done = subprocess.run(
+                ["setpriv", f"--reuid={RAY_UID}", f"--regid={RAY_GID}", "--clear-groups", "bash", "-c", command],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 return done
     return None
@@ -745,8 +774,13 @@ def emulate_build(image_root: Path, shims: Path) -> subprocess.CompletedProcess 
 def python_for_anyone() -> str | None:
     """A Python >= 3.11 (tomllib, as in the image) that uid 1000 may run: the system's."""
     for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
-        version = subprocess.run([candidate, "-c", "import sys; print(sys.version_info >= (3, 11))"],
-                                 capture_output=True, text=True) if os.path.exists(candidate) else None  # fmt: skip
+        version = (
+            subprocess.run(
+                [candidate, "-c", "import sys; print(sys.version_info >= (3, 11))"], capture_output=True, text=True
+            )
+            if os.path.exists(candidate)
+            else None
+        )
         if version and version.stdout.strip() == "True":
             return candidate
     return None
@@ -790,8 +824,12 @@ def docker_daemon() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not docker_daemon(), reason="no Docker daemon reachable")
 def test_the_dockerfile_builds_with_docker():
-    done = subprocess.run(["docker", "build", "-f", str(CLUSTER / "Dockerfile"), "-t", "teachsweep-ray-deps:test",
-                           str(ROOT)], capture_output=True, text=True, timeout=3600)  # fmt: skip
+    done = subprocess.run(
+        ["docker", "build", "-f", str(CLUSTER / "Dockerfile"), "-t", "teachsweep-ray-deps:test", str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -856,10 +894,12 @@ GPU_SPEC = "name: c\njob: lot\nconfig: {task: digits, teacher: 'cnn:8'}\nresourc
 
 @pytest.mark.parametrize(
     ("now", "grown", "trials", "basis"),
-    [({"CPU": 16.0, "GPU": 2.0}, {"CPU": 704, "GPU": 64}, 64, "what the cluster may grow to"),
-     ({"CPU": 16.0, "GPU": 2.0}, None, 40, "every planned trial is queued"),
-     ({"CPU": 0.0}, None, 40, "every planned trial is queued")],
-)  # fmt: skip
+    [
+        ({"CPU": 16.0, "GPU": 2.0}, {"CPU": 704, "GPU": 64}, 64, "what the cluster may grow to"),
+        ({"CPU": 16.0, "GPU": 2.0}, None, 40, "every planned trial is queued"),
+        ({"CPU": 0.0}, None, 40, "every planned trial is queued"),
+    ],
+)
 def test_concurrency_on_an_autoscaling_cluster_is_not_what_it_has_now(monkeypatch, now, grown, trials, basis):
     """A cluster at 2 of its 8 nodes would run 2 trials at a time for good if sized from what it has: Tune asks
     the autoscaler only for trials it has started (its pending trials are capped at max_concurrent_trials for a

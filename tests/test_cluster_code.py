@@ -41,8 +41,9 @@ if _os.environ.get("TEACHSWEEP_CACHE"):
 
 def copy_of_the_repository(where: Path) -> Path:
     """The files git would ship (tracked and untracked, not ignored), without the virtualenv."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.splitlines()  # fmt: skip
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     for name in listed:
         if (ROOT / name).is_file():
             (where / name).parent.mkdir(parents=True, exist_ok=True)
@@ -61,12 +62,31 @@ def start_node(python: Path, env: dict, *args: str) -> subprocess.Popen:
     """A Ray node; each with its own --temp-dir, as on its own machine: nodes sharing one would share the runtime
     env agent's unpacked packages too (runtime_resources/), and one node's clean-up would reach the others'."""
     return subprocess.Popen(
-        [str(python), "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address", "127.0.0.1",
-         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-         "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-         "--object-store-memory", str(200 * 2**20), *args],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(python),
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--dashboard-agent-grpc-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+            "--runtime-env-agent-port",
+            str(free_port()),
+            "--object-store-memory",
+            str(200 * 2**20),
+            *args,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def node_cpus(gcs: str, env: dict) -> float:
@@ -84,8 +104,14 @@ def wait_for_cpus(gcs: str, env: dict, cpus: float) -> None:
 
 def submit(repo: Path, env: dict, dashboard: str, results: Path) -> subprocess.CompletedProcess:
     for _ in range(12):  # the head's job agent can take a while to come up on a loaded machine
-        done = subprocess.run([str(repo / "cluster" / "submit.sh"), "--results-dir", str(results), "sweeps/code.yaml",
-                               dashboard], env=env, capture_output=True, text=True, timeout=900, cwd=repo)  # fmt: skip
+        done = subprocess.run(
+            [str(repo / "cluster" / "submit.sh"), "--results-dir", str(results), "sweeps/code.yaml", dashboard],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=repo,
+        )
         if "No available agent" not in done.stderr + done.stdout:
             return done
         time.sleep(10)
@@ -112,44 +138,119 @@ def test_a_second_submission_runs_the_new_code_on_every_node_old_and_new(tmp_pat
     repo = copy_of_the_repository(tmp_path / "repo")
     python = environment_without_teachsweep(tmp_path / "env")
     cache = tmp_path / "cache"
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
-                        "RAY_AUTH_TOKEN": secrets.token_hex(32), "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
+    env = os.environ | {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ADDRESS": "",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
     env.pop("TEACHSWEEP_RESULTS_DIR", None)
     gcs_port, dashboard_port = free_port(), free_port()
     gcs, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
-    head = start_node(python, env, "--head", "--port", str(gcs_port), "--num-cpus", "0", "--dashboard-host",
-                      "127.0.0.1", "--dashboard-port", str(dashboard_port), "--min-worker-port", "23000",
-                      "--max-worker-port", "23999", "--temp-dir", tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # fmt: skip
+    head = start_node(
+        python,
+        env,
+        "--head",
+        "--port",
+        str(gcs_port),
+        "--num-cpus",
+        "0",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard_port),
+        "--min-worker-port",
+        "23000",
+        "--max-worker-port",
+        "23999",
+        "--temp-dir",
+        tempfile.mkdtemp(prefix="rc", dir="/tmp"),
+    )
     mlflow_port = free_port()
     tracking = f"http://127.0.0.1:{mlflow_port}"
     server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "art")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root",
+            str(tmp_path / "art"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     nodes = {"head": head}
     submit_env = env | {"RAY_BIN": str(BIN / "ray"), "TEACHSWEEP_CACHE": str(cache), "MLFLOW_TRACKING_URI": tracking}
     try:
         wait_for(f"{tracking}/health", 180)
         wait_for(f"{dashboard}/api/version", 180)
-        nodes["old"] = start_node(python, env, "--address", gcs, "--num-cpus", "2", "--node-manager-port",
-                                  str(free_port()), "--object-manager-port", str(free_port()),
-                                  "--min-worker-port", "24000", "--max-worker-port", "24999",
-                                  "--temp-dir", tempfile.mkdtemp(prefix="rw", dir="/tmp"))  # fmt: skip
+        nodes["old"] = start_node(
+            python,
+            env,
+            "--address",
+            gcs,
+            "--num-cpus",
+            "2",
+            "--node-manager-port",
+            str(free_port()),
+            "--object-manager-port",
+            str(free_port()),
+            "--min-worker-port",
+            "24000",
+            "--max-worker-port",
+            "24999",
+            "--temp-dir",
+            tempfile.mkdtemp(prefix="rw", dir="/tmp"),
+        )
         wait_for_cpus(gcs, env, 2)
         set_version(repo, "A")
         first = submit(repo, submit_env, dashboard, tmp_path / "results")
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
         shutil.rmtree(cache / "imports")
         set_version(repo, "B")
-        nodes["new"] = start_node(python, env, "--address", gcs, "--num-cpus", "2", "--node-manager-port",
-                                  str(free_port()), "--object-manager-port", str(free_port()),
-                                  "--min-worker-port", "25000", "--max-worker-port", "25999",
-                                  "--temp-dir", tempfile.mkdtemp(prefix="rw", dir="/tmp"))  # fmt: skip
+        nodes["new"] = start_node(
+            python,
+            env,
+            "--address",
+            gcs,
+            "--num-cpus",
+            "2",
+            "--node-manager-port",
+            str(free_port()),
+            "--object-manager-port",
+            str(free_port()),
+            "--min-worker-port",
+            "25000",
+            "--max-worker-port",
+            "25999",
+            "--temp-dir",
+            tempfile.mkdtemp(prefix="rw", dir="/tmp"),
+        )
         wait_for_cpus(gcs, env, 4)
-        second = subprocess.Popen([str(repo / "cluster" / "submit.sh"), "--results-dir", str(tmp_path / "results"),
-                                   "sweeps/code.yaml", dashboard], env=submit_env, cwd=repo,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        second = subprocess.Popen(
+            [
+                str(repo / "cluster" / "submit.sh"),
+                "--results-dir",
+                str(tmp_path / "results"),
+                "sweeps/code.yaml",
+                dashboard,
+            ],
+            env=submit_env,
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         seen: dict[str, set[str]] = {}
         deadline = time.time() + 600
         while second.poll() is None and time.time() < deadline:  # trial processes live only while the job runs

@@ -48,11 +48,26 @@ class LocalCluster:
 
     def start_mlflow(self) -> None:
         self.mlflow = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
-             "--backend-store-uri", self.backend, "--serve-artifacts",
-             "--artifacts-destination", (self.root / "artifacts").as_uri(), "--workers", "2"],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.mlflow_port),
+                "--backend-store-uri",
+                self.backend,
+                "--serve-artifacts",
+                "--artifacts-destination",
+                (self.root / "artifacts").as_uri(),
+                "--workers",
+                "2",
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_for(f"{self.tracking}/health", 120)
 
     def add_worker(self) -> subprocess.Popen:
@@ -63,15 +78,44 @@ class LocalCluster:
         low = 21000 + 1000 * (len(self.workers) % 8)
         log = open(self.root / f"worker-{len(self.workers)}.log", "w")  # open for the node's lifetime
         worker = subprocess.Popen(
-            [str(self.python), "-m", "ray.scripts.scripts", "start", "--address", self.gcs, "--block",
-             "--node-ip-address", "127.0.0.1", "--temp-dir", tempfile.mkdtemp(prefix="rw", dir="/tmp"),
-             "--num-cpus", str(WORKER_CPUS), "--node-manager-port", str(free_port()),
-             "--object-manager-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-             "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
-             "--runtime-env-agent-port", str(free_port()), "--min-worker-port", str(low),
-             "--max-worker-port", str(low + 999), "--object-store-memory", str(200 * 2**20)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                str(self.python),
+                "-m",
+                "ray.scripts.scripts",
+                "start",
+                "--address",
+                self.gcs,
+                "--block",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--temp-dir",
+                tempfile.mkdtemp(prefix="rw", dir="/tmp"),
+                "--num-cpus",
+                str(WORKER_CPUS),
+                "--node-manager-port",
+                str(free_port()),
+                "--object-manager-port",
+                str(free_port()),
+                "--dashboard-agent-listen-port",
+                str(free_port()),
+                "--dashboard-agent-grpc-port",
+                str(free_port()),
+                "--metrics-export-port",
+                str(free_port()),
+                "--runtime-env-agent-port",
+                str(free_port()),
+                "--min-worker-port",
+                str(low),
+                "--max-worker-port",
+                str(low + 999),
+                "--object-store-memory",
+                str(200 * 2**20),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.workers.append(worker)
         return worker
 
@@ -92,8 +136,10 @@ class LocalCluster:
         )
 
     def alive_cpus(self) -> float:
-        code = (f"import ray; ray.init(address='{self.gcs}', logging_level='ERROR', log_to_driver=False); "
-                "print(ray.cluster_resources().get('CPU', 0))")  # fmt: skip
+        code = (
+            f"import ray; ray.init(address='{self.gcs}', logging_level='ERROR', log_to_driver=False); "
+            "print(ray.cluster_resources().get('CPU', 0))"
+        )
         out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
         return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0.0
 
@@ -120,10 +166,19 @@ class LocalCluster:
         self.specs.append(path)
         env = self.env | {"RAY_BIN": str(BIN / "ray"), "MLFLOW_TRACKING_URI": self.tracking}
         return subprocess.Popen(
-            [str(ROOT / "cluster" / "submit.sh"), "--results-dir", str(self.root / "results"), str(path),
-             self.dashboard],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
+            [
+                str(ROOT / "cluster" / "submit.sh"),
+                "--results-dir",
+                str(self.root / "results"),
+                str(path),
+                self.dashboard,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
 
     def drivers(self, name: str) -> list[psutil.Process]:
         """The job driver processes (`python -m teachsweep.cli run ...`) of sweep `name` under the head."""
@@ -154,8 +209,13 @@ def cluster(tmp_path_factory):
         k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "TEACHSWEEP_RESULTS_DIR")
     }
     # token authentication, as on a real cluster: every node, the driver and the CLI share RAY_AUTH_TOKEN
-    env |= {"RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(32), "TEACHSWEEP_CACHE": str(root / "cache")}  # fmt: skip
+    env |= {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "TEACHSWEEP_CACHE": str(root / "cache"),
+    }
     python = environment_without_teachsweep(root / "env")
     with postgres_server() as backend:
         local = LocalCluster(root, env, python, backend, mlflow_port=free_port())
@@ -163,14 +223,45 @@ def cluster(tmp_path_factory):
         gcs_port, dashboard_port = free_port(), free_port()
         local.gcs, local.dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
         local.head = subprocess.Popen(
-            [str(python), "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-             "--port", str(gcs_port), "--num-cpus", "0", "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(dashboard_port), "--temp-dir", tempfile.mkdtemp(prefix="rc", dir="/tmp"),
-             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-             "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-             "--min-worker-port", "20000", "--max-worker-port", "20999", "--object-store-memory", str(200 * 2**20)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            [
+                str(python),
+                "-m",
+                "ray.scripts.scripts",
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(gcs_port),
+                "--num-cpus",
+                "0",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dashboard_port),
+                "--temp-dir",
+                tempfile.mkdtemp(prefix="rc", dir="/tmp"),
+                "--dashboard-agent-listen-port",
+                str(free_port()),
+                "--dashboard-agent-grpc-port",
+                str(free_port()),
+                "--metrics-export-port",
+                str(free_port()),
+                "--runtime-env-agent-port",
+                str(free_port()),
+                "--min-worker-port",
+                "20000",
+                "--max-worker-port",
+                "20999",
+                "--object-store-memory",
+                str(200 * 2**20),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             local.start_mlflow()
             wait_for(f"{local.dashboard}/api/version", 180)
@@ -202,7 +293,7 @@ def lot_spec(name: str, epochs: int, steps: int, **extra) -> dict:
         "optimizer": "sgd",
         "max_eval_examples": 64,
     }
-    return {"name": name, "job": "lot", "config": config} | extra  # fmt: skip
+    return {"name": name, "job": "lot", "config": config} | extra
 
 
 def epochs_logged(client, run_id: str) -> list[int]:
@@ -212,9 +303,16 @@ def epochs_logged(client, run_id: str) -> list[int]:
 def test_a_lost_worker_node_restarts_its_trial_elsewhere_from_its_checkpoint_into_the_same_run(cluster):
     epochs = 5
     # two CPUs per trial: one trial per worker node, so the two trials run on different nodes
-    spec = lot_spec("node-loss", epochs, 60, space={"alpha": {"type": "uniform", "low": 0.1, "high": 1.0}},
-                    num_samples=2, resources={"cpus": WORKER_CPUS}, max_failures=2,
-                    max_concurrent_trials=2)  # fmt: skip
+    spec = lot_spec(
+        "node-loss",
+        epochs,
+        60,
+        space={"alpha": {"type": "uniform", "low": 0.1, "high": 1.0}},
+        num_samples=2,
+        resources={"cpus": WORKER_CPUS},
+        max_failures=2,
+        max_concurrent_trials=2,
+    )
     driver = cluster.sweep(spec)
     lost, nodes_before = None, set()
     deadline = time.time() + 400
@@ -266,8 +364,9 @@ def test_a_lost_worker_node_restarts_its_trial_elsewhere_from_its_checkpoint_int
 
 def test_the_mlflow_server_down_mid_sweep_loses_no_metric_and_fails_no_trial(cluster):
     epochs, outage_s = 6, 30
-    spec = lot_spec("mlflow-outage", epochs, 40, variants={"a": {"alpha": 0.5}, "b": {"alpha": 1.0}},
-                    max_concurrent_trials=2)  # fmt: skip
+    spec = lot_spec(
+        "mlflow-outage", epochs, 40, variants={"a": {"alpha": 0.5}, "b": {"alpha": 1.0}}, max_concurrent_trials=2
+    )
     driver = cluster.sweep(spec)
     deadline = time.time() + 400
     while time.time() < deadline and driver.poll() is None:
@@ -291,14 +390,22 @@ def test_the_mlflow_server_down_mid_sweep_loses_no_metric_and_fails_no_trial(clu
     assert all(h == list(range(1, epochs + 1)) for h in histories.values()), (
         f"server down {down_for:.0f} s; epochs logged per trial: {histories}"
     )
-    print(f"MLflow outage: server down {down_for:.0f} s mid-sweep; {len(runs)} trials FINISHED, epochs logged per "
-          f"trial {[len(h) for h in histories.values()]} of {epochs}")  # fmt: skip
+    print(
+        f"MLflow outage: server down {down_for:.0f} s mid-sweep; {len(runs)} trials FINISHED, epochs logged per "
+        f"trial {[len(h) for h in histories.values()]} of {epochs}"
+    )
 
 
 def test_load_32_short_trials_4_at_a_time_across_the_nodes_lose_no_metric(cluster):
     trials, epochs = 32, 3
-    spec = lot_spec("load", epochs, 2, space={"alpha": {"type": "uniform", "low": 0.1, "high": 1.0}},
-                    num_samples=trials, max_concurrent_trials=2 * WORKER_CPUS)  # fmt: skip
+    spec = lot_spec(
+        "load",
+        epochs,
+        2,
+        space={"alpha": {"type": "uniform", "low": 0.1, "high": 1.0}},
+        num_samples=trials,
+        max_concurrent_trials=2 * WORKER_CPUS,
+    )
     started = time.time()
     driver = cluster.sweep(spec)
     output = driver.communicate(timeout=1200)[0]
@@ -329,8 +436,15 @@ def test_a_driver_killed_on_the_cluster_resumes_from_another_submission(cluster)
     submission of the same spec (another driver) resumes: the finished trials keep their runs, the rest finish,
     no run is duplicated and the Optuna study holds no trial left RUNNING."""
     trials, epochs = 4, 3
-    spec = lot_spec("driver-kill", epochs, 30, space={"alpha": {"type": "uniform", "low": 0.1, "high": 1.0}},
-                    num_samples=trials, resources={"cpus": WORKER_CPUS}, max_concurrent_trials=2)  # fmt: skip
+    spec = lot_spec(
+        "driver-kill",
+        epochs,
+        30,
+        space={"alpha": {"type": "uniform", "low": 0.1, "high": 1.0}},
+        num_samples=trials,
+        resources={"cpus": WORKER_CPUS},
+        max_concurrent_trials=2,
+    )
     first = cluster.sweep(spec)
     finished_before: set[str] = set()
     killed = False
@@ -365,5 +479,7 @@ def test_a_driver_killed_on_the_cluster_resumes_from_another_submission(cluster)
     )
     states = [t.state.name for t in study.trials]
     assert "RUNNING" not in states and states.count("COMPLETE") >= trials, states
-    print(f"driver kill: {len(finished_before)} of {trials} trials finished before the driver was killed; the "
-          f"second submission finished the rest, {len(ids)} runs in all; Optuna {states}")  # fmt: skip
+    print(
+        f"driver kill: {len(finished_before)} of {trials} trials finished before the driver was killed; the "
+        f"second submission finished the rest, {len(ids)} runs in all; Optuna {states}"
+    )

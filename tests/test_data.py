@@ -104,9 +104,17 @@ def test_unknown_model_is_named():
         models.validate_model_name("alexnet")
 
 
-@pytest.mark.parametrize(("name", "task"), [("tiny-bert", "rotten_tomatoes"), ("cnn", "digits"),
-                                            ("resnet:8", "digits"), ("vit:1", "mnist_5k"), ("lstm:1", "bbc_news_lm"),
-                                            ("gpt2:1", "bbc_news_lm")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [
+        ("tiny-bert", "rotten_tomatoes"),
+        ("cnn", "digits"),
+        ("resnet:8", "digits"),
+        ("vit:1", "mnist_5k"),
+        ("lstm:1", "bbc_news_lm"),
+        ("gpt2:1", "bbc_news_lm"),
+    ],
+)
 def test_models_share_one_calling_convention(name, task):
     task_data = tasks.load_task(task)
     model = models.build_model(name, task_data, seed=0)

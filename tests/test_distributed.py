@@ -10,8 +10,19 @@ from teachsweep.sweep import run_sweep
 
 pytestmark = pytest.mark.integration
 
-JOB = {"task": "digits", "teacher": "vit:1", "alpha": 0.5, "student_steps": 2, "epochs": 2, "steps_per_epoch": 4,
-       "batch_size": 16, "optimizer": "sgd", "lr": 0.05, "max_eval_examples": 64, "eval_batch_size": 32}  # fmt: skip
+JOB = {
+    "task": "digits",
+    "teacher": "vit:1",
+    "alpha": 0.5,
+    "student_steps": 2,
+    "epochs": 2,
+    "steps_per_epoch": 4,
+    "batch_size": 16,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "max_eval_examples": 64,
+    "eval_batch_size": 32,
+}
 
 
 def test_two_ddp_workers_match_one_process_with_the_same_global_batch(ray_session, tmp_path):
@@ -37,10 +48,24 @@ def test_two_ddp_workers_match_one_process_with_the_same_global_batch(ray_sessio
     assert row["metrics"]["steps/teacher"] == single["steps/teacher"] == 8
 
 
-SMAT_JOB = {"teacher": {"task": "digits", "model": "vit:1", "lr": 1e-3, "epochs": 1, "steps_per_epoch": 5,
-                        "max_eval_examples": 32},
-            "explainer": "smat", "num_train_examples": 32, "batch_size": 8, "max_epochs": 2, "patience": 2,
-            "max_eval_examples": 64, "eval_batch_size": 32, "meta_lr": 0.05}  # fmt: skip
+SMAT_JOB = {
+    "teacher": {
+        "task": "digits",
+        "model": "vit:1",
+        "lr": 1e-3,
+        "epochs": 1,
+        "steps_per_epoch": 5,
+        "max_eval_examples": 32,
+    },
+    "explainer": "smat",
+    "num_train_examples": 32,
+    "batch_size": 8,
+    "max_epochs": 2,
+    "patience": 2,
+    "max_eval_examples": 64,
+    "eval_batch_size": 32,
+    "meta_lr": 0.05,
+}
 
 
 def test_two_ddp_workers_meta_learn_the_same_explainer_as_one_process(ray_session, tmp_path):
@@ -107,8 +132,13 @@ def smat_iteration(unroll: str):
     shard_logits, shard_evidence, shard_targets = inner.pop("t_logits"), inner.pop("evidence"), meta.pop("targets")
     learner = scaffold.Learner(model, params, optimizer, cfg, 5.0)
     words = scaffold.words_read(batch, meta_batch)  # of the global batches: the same rows on every worker
-    _, step = scaffold.student_iteration(learner, scaffold.Lesson(inner, shard_logits, shard_evidence), explainer,
-                                         explainer, scaffold.MetaBatch(meta, shard_targets, words))  # fmt: skip
+    _, step = scaffold.student_iteration(
+        learner,
+        scaffold.Lesson(inner, shard_logits, shard_evidence),
+        explainer,
+        explainer,
+        scaffold.MetaBatch(meta, shard_targets, words),
+    )
     return step.phi_grad, [p.detach() for p in params]
 
 

@@ -77,16 +77,19 @@ def test_gpu_sweeps_on_a_cluster_without_gpus_yet_must_say_how_many_trials_to_ru
 
 
 @pytest.mark.integration
-def test_a_trial_this_machines_ray_can_never_place_is_refused_before_anything_is_created(ray_session, tmp_path,
-                                                                                         monkeypatch):  # fmt: skip
+def test_a_trial_this_machines_ray_can_never_place_is_refused_before_anything_is_created(
+    ray_session, tmp_path, monkeypatch
+):
     """Tune would wait forever for a trial larger than a one-machine Ray (4 logical CPUs in the test session, no
     GPU); a cluster named by RAY_ADDRESS may grow, so there the request goes through."""
     from teachsweep.sweep import check_trial_fits, paths_for, run_sweep
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cases = {"{cpus: 8}": "resources.cpus: a trial needs 8 CPUs (1 worker(s) x 8)",
-             "{cpus: 2, workers: 2}": "resources.cpus: a trial needs 4.01 CPUs (2 worker(s) x 2 + the driver)",
-             "{gpus: 1}": "resources.gpus: a trial needs 1 GPUs"}  # fmt: skip
+    cases = {
+        "{cpus: 8}": "resources.cpus: a trial needs 8 CPUs (1 worker(s) x 8)",
+        "{cpus: 2, workers: 2}": "resources.cpus: a trial needs 4.01 CPUs (2 worker(s) x 2 + the driver)",
+        "{gpus: 1}": "resources.gpus: a trial needs 1 GPUs",
+    }
     for resources, message in cases.items():
         with pytest.raises(SpecError, match=re.escape(message)):
             check_trial_fits(parse_spec(SPEC + f"resources: {resources}\n"))
@@ -109,8 +112,9 @@ def test_jobs_that_never_read_attention_run_fused_attention_with_the_same_output
     task = tasks.load_task(task_name)
     model = models.build_model(name, task, seed=0).eval()
     if task.kind == "text":
-        encoded = models.load_tokenizer(name)(["a fine film", "dull and long , far too long"], padding=True,
-                                              return_tensors="pt")  # fmt: skip
+        encoded = models.load_tokenizer(name)(
+            ["a fine film", "dull and long , far too long"], padding=True, return_tensors="pt"
+        )
         batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     else:
         batch = {"pixel_values": torch.randn(3, *task.image_shape)}

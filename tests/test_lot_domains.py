@@ -46,8 +46,10 @@ def test_one_sweep_per_domain_with_matched_baselines(ray_session, tmp_path):
     compared = {(c["variant"], c["metric"]): c for c in outcome.comparisons}
     assert compared[("lm", "teacher/test_ppl")]["n_seeds"] == 2
     images_acc = compared[("images", "teacher/test_acc")]
-    seeds = [rows[("images-lot", s)]["teacher/test_acc"] - rows[("images-teacher_only-N2", s)]["teacher/test_acc"]
-             for s in (0, 1)]  # fmt: skip
+    seeds = [
+        rows[("images-lot", s)]["teacher/test_acc"] - rows[("images-teacher_only-N2", s)]["teacher/test_acc"]
+        for s in (0, 1)
+    ]
     assert images_acc["diff_mean"] == pytest.approx(sum(seeds) / 2)
     assert images_acc["ci_low"] <= images_acc["diff_mean"] <= images_acc["ci_high"]
 

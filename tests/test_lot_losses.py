@@ -31,8 +31,9 @@ def test_kl_direction_and_temperature_squared_on_hand_logits():
 def test_kl_is_a_mean_over_tokens_for_language_models():
     torch.manual_seed(0)
     target, model = torch.randn(4, 7, 11), torch.randn(4, 7, 11)
-    per_row = torch.stack([lot.kl_divergence(target.reshape(-1, 11)[i : i + 1], model.reshape(-1, 11)[i : i + 1], 1.5)
-                           for i in range(28)])  # fmt: skip
+    per_row = torch.stack(
+        [lot.kl_divergence(target.reshape(-1, 11)[i : i + 1], model.reshape(-1, 11)[i : i + 1], 1.5) for i in range(28)]
+    )
     assert lot.kl_divergence(target, model, 1.5).item() == pytest.approx(per_row.mean().item(), rel=1e-5)
 
 

@@ -19,8 +19,18 @@ from teachsweep.reporter import Reporter
 from teachsweep.spec import SpecError, parse_spec
 from teachsweep.sweep import paths_for, run_sweep
 
-TINY = {"task": "gym:CartPole-v1", "num_envs": 2, "num_steps": 32, "num_minibatches": 2, "steps_per_epoch": 128,
-        "epochs": 2, "eval_episodes": 2, "buffer_rollouts": 2, "student_steps": 2, "device": "cpu"}  # fmt: skip
+TINY = {
+    "task": "gym:CartPole-v1",
+    "num_envs": 2,
+    "num_steps": 32,
+    "num_minibatches": 2,
+    "steps_per_epoch": 128,
+    "epochs": 2,
+    "eval_episodes": 2,
+    "buffer_rollouts": 2,
+    "student_steps": 2,
+    "device": "cpu",
+}
 
 
 def test_gae_matches_a_hand_computation_across_an_episode_end():
@@ -107,8 +117,9 @@ def test_students_learn_from_the_buffer_and_never_step_an_environment(counting_c
     buffer = [torch.randn(64, 4)]
     before = lot_rl.kl_divergence(teacher.logits(buffer[0]), student.logits(buffer[0]), 1.0).item()
     optimizer = lot_rl.make_optimizer(student, cfg, 10)
-    steps = lot_rl.student_passes(teacher, [student], [optimizer], buffer, cfg, torch.Generator().manual_seed(0),
-                                  torch.device("cpu"), "fp32")  # fmt: skip
+    steps = lot_rl.student_passes(
+        teacher, [student], [optimizer], buffer, cfg, torch.Generator().manual_seed(0), torch.device("cpu"), "fp32"
+    )
     after = lot_rl.kl_divergence(teacher.logits(buffer[0]), student.logits(buffer[0]), 1.0).item()
     assert steps == cfg.student_steps * math.ceil(64 / cfg.minibatch_size) and after < 0.5 * before
 
@@ -124,8 +135,18 @@ def test_the_teacher_only_arm_builds_no_student():
 def test_a_short_cartpole_run_learns_well_above_a_random_policy():
     """A random CartPole policy lasts about 22 steps; a broken update (wrong sign, no GAE) stays far below 200."""
     reporter = Reporter()
-    config = {"task": "gym:CartPole-v1", "arm": "teacher_only", "num_envs": 4, "num_steps": 128, "clip_coef": 0.2,
-              "lr": 2.5e-3, "steps_per_epoch": 10_240, "epochs": 4, "device": "cpu", "seed": 0}  # fmt: skip
+    config = {
+        "task": "gym:CartPole-v1",
+        "arm": "teacher_only",
+        "num_envs": 4,
+        "num_steps": 128,
+        "clip_coef": 0.2,
+        "lr": 2.5e-3,
+        "steps_per_epoch": 10_240,
+        "epochs": 4,
+        "device": "cpu",
+        "seed": 0,
+    }
     final = lot_rl.train(config, reporter)
     assert final["teacher/best_eval_return"] >= 200, [h["teacher/eval_return"] for h in reporter.history]
     assert reporter.history[-1]["teacher/train_return"] > 2 * reporter.history[0]["teacher/train_return"]
@@ -158,8 +179,18 @@ def test_the_model_steps_arm_matches_lots_gradient_steps():
 
 @pytest.mark.parametrize("task", ["minatar:breakout", "ale:Pong"])
 def test_minatar_and_atari_agents_train_a_step(task):
-    config = {"task": task, "num_envs": 2, "num_steps": 8, "num_minibatches": 2, "steps_per_epoch": 16, "epochs": 1,
-              "eval_episodes": 1, "eval_step_limit": 20, "student_steps": 1, "device": "cpu"}  # fmt: skip
+    config = {
+        "task": task,
+        "num_envs": 2,
+        "num_steps": 8,
+        "num_minibatches": 2,
+        "steps_per_epoch": 16,
+        "epochs": 1,
+        "eval_episodes": 1,
+        "eval_step_limit": 20,
+        "student_steps": 1,
+        "device": "cpu",
+    }
     final = lot_rl.train(config)
     assert final["steps/env"] == 16 and math.isfinite(final["loss/value"]) and "student/eval_return" in final
     kind = environments.env_kind(task)
@@ -181,16 +212,25 @@ def test_minatar_and_atari_agents_train_a_step(task):
     ],
 )
 def test_bad_rl_specs_are_refused_with_the_field_named(change, message):
-    spec = {"name": "bad-rl", "job": "lot_rl", "config": TINY | change, "space": {"alpha": {"type": "uniform",
-            "low": 0.1, "high": 1.0}}}  # fmt: skip
+    spec = {
+        "name": "bad-rl",
+        "job": "lot_rl",
+        "config": TINY | change,
+        "space": {"alpha": {"type": "uniform", "low": 0.1, "high": 1.0}},
+    }
     with pytest.raises(SpecError) as error:
         parse_spec(yaml.safe_dump(spec))
     assert str(error.value).startswith(message), str(error.value)
 
 
 def test_rl_trials_run_in_one_process():
-    spec = {"name": "bad-rl", "job": "lot_rl", "config": TINY, "space": {"alpha": {"type": "uniform", "low": 0.1,
-            "high": 1.0}}, "resources": {"workers": 2}}  # fmt: skip
+    spec = {
+        "name": "bad-rl",
+        "job": "lot_rl",
+        "config": TINY,
+        "space": {"alpha": {"type": "uniform", "low": 0.1, "high": 1.0}},
+        "resources": {"workers": 2},
+    }
     with pytest.raises(SpecError, match="resources.workers: job 'lot_rl' runs in one process"):
         parse_spec(yaml.safe_dump(spec))
 
@@ -198,12 +238,18 @@ def test_rl_trials_run_in_one_process():
 @pytest.mark.integration
 def test_a_tiny_rl_sweep_through_tune_optuna_and_mlflow(ray_session, tmp_path):
     spec_dict = {
-        "name": "rl-sweep", "job": "lot_rl", "config": TINY,
-        "space": {"alpha": {"type": "loguniform", "low": 0.1, "high": 1.0}, "student_steps": {"type": "int", "low": 1,
-                  "high": 2}},
-        "num_samples": 2, "max_concurrent_trials": 2, "baseline": {"budget": "teacher_steps"},
+        "name": "rl-sweep",
+        "job": "lot_rl",
+        "config": TINY,
+        "space": {
+            "alpha": {"type": "loguniform", "low": 0.1, "high": 1.0},
+            "student_steps": {"type": "int", "low": 1, "high": 2},
+        },
+        "num_samples": 2,
+        "max_concurrent_trials": 2,
+        "baseline": {"budget": "teacher_steps"},
         "results_dir": str(tmp_path / "results"),
-    }  # fmt: skip
+    }
     text = yaml.safe_dump(spec_dict)
     spec = parse_spec(text)
     outcome = run_sweep(spec, text)

@@ -70,8 +70,9 @@ def test_plausibility_ranks_only_the_words_the_model_saw_and_reports_what_was_cu
     def scores_of(batch):  # high on the rationale word, low elsewhere (pre-softmax)
         return (batch["input_ids"] == good).float() * 5.0
 
-    found = rationale_plausibility([(words, rationale), all_cut], tokenizer, scores_of, max_length=16, batch_size=8,
-                                   device="cpu")  # fmt: skip
+    found = rationale_plausibility(
+        [(words, rationale), all_cut], tokenizer, scores_of, max_length=16, batch_size=8, device="cpu"
+    )
     assert found["auc"] == 1.0 and found["ap"] == 1.0 and found["recall_at_k"] == 1.0
     assert found["n"] == 1.0
     assert found["rationale_cut_fraction"] == pytest.approx(7 / 8)  # 6 of 7 words cut, and the other example's one

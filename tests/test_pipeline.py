@@ -28,17 +28,36 @@ def pipeline_text(results: Path, name: str = "chain", student_epochs: int = 1) -
     """Stage 1: LoT teachers (a ViT, so that attention can explain them), LoT and teacher-only. Stage 2: each of
     them explained with attention to a student."""
     teachers = {
-        "name": f"{name}-teachers", "job": "lot",
-        "config": {"task": "digits", "teacher": "vit:1", "epochs": 2, "steps_per_epoch": 3, "batch_size": 16,
-                   "max_eval_examples": 64, "lr": 1e-3, "alpha": 0.5, "student_steps": 1},
-        "variants": {"lot": {}}, "baseline": {"budget": "teacher_steps"}, "max_concurrent_trials": 2,
-    }  # fmt: skip
+        "name": f"{name}-teachers",
+        "job": "lot",
+        "config": {
+            "task": "digits",
+            "teacher": "vit:1",
+            "epochs": 2,
+            "steps_per_epoch": 3,
+            "batch_size": 16,
+            "max_eval_examples": 64,
+            "lr": 1e-3,
+            "alpha": 0.5,
+            "student_steps": 1,
+        },
+        "variants": {"lot": {}},
+        "baseline": {"budget": "teacher_steps"},
+        "max_concurrent_trials": 2,
+    }
     students = {
-        "name": f"{name}-students", "job": "scaffold",
-        "config": {"teacher": f"sweep:{name}-teachers/each", "num_train_examples": 32, "batch_size": 8,
-                   "max_epochs": student_epochs, "max_eval_examples": 32},
-        "variants": {"attention": {"explainer": "attention"}}, "max_concurrent_trials": 2,
-    }  # fmt: skip
+        "name": f"{name}-students",
+        "job": "scaffold",
+        "config": {
+            "teacher": f"sweep:{name}-teachers/each",
+            "num_train_examples": 32,
+            "batch_size": 8,
+            "max_epochs": student_epochs,
+            "max_eval_examples": 32,
+        },
+        "variants": {"attention": {"explainer": "attention"}},
+        "max_concurrent_trials": 2,
+    }
     return yaml.safe_dump({"pipeline": name, "results_dir": str(results), "stages": [teachers, students]})
 
 
@@ -64,8 +83,9 @@ def test_a_two_stage_pipeline_fans_out_over_each_teacher_and_resumes_without_rep
     teacher_trials = {r.data.tags["teachsweep.trial_id"] for r in teachers}
     used = {r.data.tags["teachsweep.teacher"] for r in students}
     assert used == {f"sweep:chain-teachers/{t}" for t in teacher_trials}, used
-    assert all(r.data.tags["teachsweep.stage"] == "1" and r.data.tags["teachsweep.pipeline"] == "chain"
-               for r in students)  # fmt: skip
+    assert all(
+        r.data.tags["teachsweep.stage"] == "1" and r.data.tags["teachsweep.pipeline"] == "chain" for r in students
+    )
     # Teachers round-trip: the artifact a LoT trial saved loads with weights_only into the frozen teacher
     client = MlflowClient(open_sweep("chain-teachers", results).tracking_uri)
     path = client.download_artifacts(teachers[0].info.run_id, "model.pt", str(tmp_path))
@@ -87,8 +107,10 @@ def test_a_two_stage_pipeline_fans_out_over_each_teacher_and_resumes_without_rep
     assert "chain-students by the teacher from chain-teachers" in again.output, again.output
     name, rows = teacher_effect(open_sweep("chain-students", results))
     arm_of = {r.data.tags["teachsweep.trial_id"]: r.data.tags["teachsweep.label"] for r in teachers}
-    expected = {(arm_of[r.data.tags["teachsweep.teacher"].rpartition("/")[2]], r.data.metrics["simulability/test"])
-                for r in students}  # fmt: skip
+    expected = {
+        (arm_of[r.data.tags["teachsweep.teacher"].rpartition("/")[2]], r.data.metrics["simulability/test"])
+        for r in students
+    }
     got = {(r["teacher"], r["mean"]) for r in rows if r["metric"] == "simulability/test"}
     assert name == "chain-teachers" and got == expected, (got, expected)
     baseline = {r.data.tags["teachsweep.label"] for r in teachers if r.data.tags["teachsweep.arm"] == "teacher_only"}
@@ -101,8 +123,9 @@ def test_a_two_stage_pipeline_fans_out_over_each_teacher_and_resumes_without_rep
     monkeypatch.setenv("TEACHSWEEP_SWEEP", "chain-students")
     monkeypatch.setenv("TEACHSWEEP_RESULTS", str(results))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # fmt: skip
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     shown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
@@ -123,13 +146,17 @@ def test_sweep_references_select_best_a_trial_or_each_and_refuse_what_is_missing
     assert (best_trial, best) in each
     other_trial, other = next(pair for pair in each if pair[0] != best_trial)
     assert expand(f"sweep:refs-teachers/{other_trial}", "teacher", results) == [(other_trial, other)]
-    for reference, message in (("sweep:nothing/best", "no sweep named 'nothing'"),
-                               ("sweep:refs-teachers/abc123", "no finished trial 'abc123'")):  # fmt: skip
+    for reference, message in (
+        ("sweep:nothing/best", "no sweep named 'nothing'"),
+        ("sweep:refs-teachers/abc123", "no finished trial 'abc123'"),
+    ):
         with pytest.raises(TeacherReferenceError, match=message):
             expand(reference, "teacher", results)
     bad = tmp_path / "bad.yaml"
-    bad.write_text(f"name: s\njob: scaffold\nconfig: {{teacher: 'sweep:nothing/each'}}\nvariants: {{a: {{}}}}\n"
-                   f"results_dir: {results}\n")  # fmt: skip
+    bad.write_text(
+        f"name: s\njob: scaffold\nconfig: {{teacher: 'sweep:nothing/each'}}\nvariants: {{a: {{}}}}\n"
+        f"results_dir: {results}\n"
+    )
     outcome = CliRunner().invoke(app, ["run", str(bad)])
     assert outcome.exit_code == 2 and "config.teacher: no sweep named 'nothing'" in outcome.output
     assert not (results / "s").exists()
@@ -142,8 +169,9 @@ def test_a_pipeline_killed_in_its_second_stage_resumes_with_one_run_per_trial(tm
     spec_file.write_text(pipeline_text(results, name="killed", student_epochs=8))
     env = os.environ | {"PYTHONUNBUFFERED": "1", "TEACHSWEEP_CACHE": str(tmp_path / "cache")}
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed with the process
-    driver = subprocess.Popen([TEACHSWEEP, "run", str(spec_file)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)  # fmt: skip
+    driver = subprocess.Popen(
+        [TEACHSWEEP, "run", str(spec_file)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline, killed = time.time() + 600, False
     while time.time() < deadline and driver.poll() is None:
         time.sleep(1)

@@ -25,8 +25,12 @@ def trial(trial_id: str, status: str, value: float | None = None, arm: str | Non
 def test_a_resumed_sweep_counts_the_trials_it_found_but_paces_only_by_those_it_ran():
     progress = Progress(parse_spec(SPEC))
     assert progress.planned == 7  # six searched trials and the teacher-only arm
-    found = [trial("a", "TERMINATED", 0.71), trial("b", "TERMINATED", 0.65), trial("c", "TERMINATED", 0.60),
-             trial("d", "PENDING")]  # fmt: skip
+    found = [
+        trial("a", "TERMINATED", 0.71),
+        trial("b", "TERMINATED", 0.65),
+        trial("c", "TERMINATED", 0.60),
+        trial("d", "PENDING"),
+    ]
     progress.on_step_begin(0, found)
     progress.start -= 100  # this driver ran one trial in 100 s
     found[3].status, found[3].last_result = "RUNNING", {"teacher/best_val_acc": 0.62}

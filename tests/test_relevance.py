@@ -105,8 +105,10 @@ class DependsOnOneToken(nn.Module):
 def test_perturbation_curves_reward_the_explanation_that_finds_the_decisive_token():
     from teachsweep.explain import faithfulness
 
-    batch = {"input_ids": torch.tensor([[101, 7, 8, 9, 10, 11, 12, 13, 14, 15, 102]] * 4),
-             "attention_mask": torch.ones(4, 11, dtype=torch.long)}  # fmt: skip
+    batch = {
+        "input_ids": torch.tensor([[101, 7, 8, 9, 10, 11, 12, 13, 14, 15, 102]] * 4),
+        "attention_mask": torch.ones(4, 11, dtype=torch.long),
+    }
     right = torch.zeros(4, 11)
     right[:, 1] = 1.0  # all relevance on the decisive token
     wrong = torch.rand(4, 11)
@@ -177,7 +179,7 @@ def test_lrp_explainers_batched_equal_single_and_ignore_padding(name):
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_attention_gradcam_weights_heads_by_the_read_out_row_alone_on_padded_batches(pooling):
-    """relevance.md: a head's GradCAM weight is its mean gradient over the read-out row; padded keys (whose
+    """docs/jobs/explain.md: a head's GradCAM weight is its mean gradient over the read-out row; padded keys (whose
     gradient is not zero) must not enter, so a padded batch gives each example's batch-1 weights and map."""
     model, batch = tiny_text_model(pooling, seed=3), padded_text_batch()
     nonzero = 0

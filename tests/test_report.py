@@ -47,14 +47,23 @@ SPEC = "name: v\njob: lot\nconfig: {task: digits, teacher: cnn}\nspace: {alpha: 
 
 
 def row(trial_id, accuracy, n=300, **params):
-    return {"trial_id": trial_id, "label": params.get("arm", "lot"), "status": "OK", "params": params,
-            "metrics": {"teacher/best_val_acc": accuracy, "examples/val": float(n)}}  # fmt: skip
+    return {
+        "trial_id": trial_id,
+        "label": params.get("arm", "lot"),
+        "status": "OK",
+        "params": params,
+        "metrics": {"teacher/best_val_acc": accuracy, "examples/val": float(n)},
+    }
 
 
 def test_the_verdict_says_when_the_best_is_within_noise():
     spec = parse_spec(SPEC)
-    rows = [row("a", 0.70, alpha=0.1), row("b", 0.69, alpha=0.5), row("c", 0.50, alpha=0.9),
-            row("base", 0.68, arm="teacher_only")]  # fmt: skip
+    rows = [
+        row("a", 0.70, alpha=0.1),
+        row("b", 0.69, alpha=0.5),
+        row("c", 0.50, alpha=0.9),
+        row("base", 0.68, arm="teacher_only"),
+    ]
     lines = verdict(spec, rows)
     assert lines[0].startswith(
         "best on teacher/best_val_acc (max; picked on the validation split): trial a [lot] 0.7 ["
@@ -75,14 +84,30 @@ def test_the_best_entry_every_reader_shares_is_the_trial_the_verdict_names():
 
     spec = parse_spec(SPEC)
     seeds = lambda values: {f"teacher/best_val_acc@seed{s}": v for s, v in enumerate(values)}  # noqa: E731
-    rows = [row("base", 0.99, arm="teacher_only"), row("a", 0.70, alpha=0.1) | {"mlflow_run_id": "ra"},
-            {"trial_id": "b", "label": "lot", "status": "OK", "params": {"alpha": 0.5}, "mlflow_run_id": "rb",
-             "metrics": seeds([0.60, 0.60, 0.75]) | {"teacher/best_val_acc": 0.75}}]  # fmt: skip
+    rows = [
+        row("base", 0.99, arm="teacher_only"),
+        row("a", 0.70, alpha=0.1) | {"mlflow_run_id": "ra"},
+        {
+            "trial_id": "b",
+            "label": "lot",
+            "status": "OK",
+            "params": {"alpha": 0.5},
+            "mlflow_run_id": "rb",
+            "metrics": seeds([0.60, 0.60, 0.75]) | {"teacher/best_val_acc": 0.75},
+        },
+    ]
     rows[0]["mlflow_run_id"] = "rbase"
     best = best_of_rows(spec, rows)
     assert verdict(spec, rows)[0].split(": trial ")[1].startswith("a [lot]")
-    assert best == [{"params": {"alpha": 0.1}, "values": {"teacher/best_val_acc": 0.70}, "trial_id": "a",
-                     "label": "lot", "mlflow_run_id": "ra"}]  # fmt: skip
+    assert best == [
+        {
+            "params": {"alpha": 0.1},
+            "values": {"teacher/best_val_acc": 0.70},
+            "trial_id": "a",
+            "label": "lot",
+            "mlflow_run_id": "ra",
+        }
+    ]
     only_baselines = best_of_rows(spec, rows[:1])
     assert only_baselines[0]["trial_id"] == "base"  # a baseline is the best when every trial is one
 
@@ -90,10 +115,22 @@ def test_the_best_entry_every_reader_shares_is_the_trial_the_verdict_names():
 def test_the_verdict_pairs_by_seed_when_trials_share_seeds():
     spec = parse_spec(SPEC)
     seeds = lambda values: {f"teacher/best_val_acc@seed{s}": v for s, v in enumerate(values)}  # noqa: E731
-    rows = [{"trial_id": "a", "label": "lot", "status": "OK", "params": {"alpha": 0.1},
-             "metrics": seeds([0.80, 0.82, 0.84])},
-            {"trial_id": "base", "label": "teacher_only", "status": "OK", "params": {"arm": "teacher_only"},
-             "metrics": seeds([0.70, 0.71, 0.73])}]  # fmt: skip
+    rows = [
+        {
+            "trial_id": "a",
+            "label": "lot",
+            "status": "OK",
+            "params": {"alpha": 0.1},
+            "metrics": seeds([0.80, 0.82, 0.84]),
+        },
+        {
+            "trial_id": "base",
+            "label": "teacher_only",
+            "status": "OK",
+            "params": {"arm": "teacher_only"},
+            "metrics": seeds([0.70, 0.71, 0.73]),
+        },
+    ]
     lines = verdict(spec, rows)
     # paired differences 0.10, 0.11, 0.11: mean 0.1067, sd 0.00577, half-width 4.3027 * 0.00577 / sqrt(3) = 0.01434
     assert re.search(r"vs teacher_only: \+0\.1067 \[\+0\.09232, \+0\.121\] \(distinguishable", lines[1]), lines[1]
@@ -101,8 +138,15 @@ def test_the_verdict_pairs_by_seed_when_trials_share_seeds():
 
 
 def test_runs_log_each_accuracy_with_its_wilson_interval():
-    logged = with_intervals({"teacher/val_acc": 0.8, "examples/val": 100.0, "teacher/val_ppl": 3.0,
-                             "simulability/test": 0.9, "simulability/test_ci_low": 0.85})  # fmt: skip
+    logged = with_intervals(
+        {
+            "teacher/val_acc": 0.8,
+            "examples/val": 100.0,
+            "teacher/val_ppl": 3.0,
+            "simulability/test": 0.9,
+            "simulability/test_ci_low": 0.85,
+        }
+    )
     assert (logged["teacher/val_acc_wilson_low"], logged["teacher/val_acc_wilson_high"]) == pytest.approx(
         (0.7112, 0.8666), abs=1e-4
     )
@@ -113,16 +157,21 @@ def test_runs_log_each_accuracy_with_its_wilson_interval():
 
 
 def test_an_interval_read_back_from_mlflow_names_the_method_and_split_it_was_computed_on():
-    logged = with_intervals({"teacher/best_val_acc": 0.73, "examples/val": 300.0, "teacher/test_acc": 0.78,
-                             "examples/test": 300.0})  # fmt: skip
+    logged = with_intervals(
+        {"teacher/best_val_acc": 0.73, "examples/val": 300.0, "teacher/test_acc": 0.78, "examples/test": 300.0}
+    )
     wilson = wilson_interval(0.73, 300)
     assert wilson == pytest.approx((0.6771, 0.7771), abs=1e-4)
     point, low, high, label = interval_of(logged, "teacher/best_val_acc")[:4]
     assert (point, label) == (0.73, "Wilson score 95% over 300 validation examples")
     assert (low, high) == pytest.approx(wilson)
     assert interval_of(logged, "teacher/test_acc")[3] == "Wilson score 95% over 300 test examples"
-    older = {"teacher/best_val_acc": 0.73, "examples/val": 300.0, "teacher/best_val_acc_ci_low": wilson[0],
-             "teacher/best_val_acc_ci_high": wilson[1]}  # fmt: skip
+    older = {
+        "teacher/best_val_acc": 0.73,
+        "examples/val": 300.0,
+        "teacher/best_val_acc_ci_low": wilson[0],
+        "teacher/best_val_acc_ci_high": wilson[1],
+    }
     assert interval_of(older, "teacher/best_val_acc")[3] == "Wilson score 95% over 300 validation examples"
     smat = {"simulability/test": 0.9, "simulability/test_ci_low": 0.85, "simulability/test_ci_high": 0.95}
     assert interval_of(smat, "simulability/test")[1:4] == (0.85, 0.95, "bootstrap 95% over test points")
@@ -133,14 +182,35 @@ def test_an_interval_read_back_from_mlflow_names_the_method_and_split_it_was_com
 TINY_JOBS = {
     "lot": {"task": "digits", "teacher": "cnn:8", "epochs": 1, "steps_per_epoch": 2, "max_eval_examples": 64},
     "teacher": {"task": "digits", "model": "cnn:8", "epochs": 1, "steps_per_epoch": 2, "max_eval_examples": 64},
-    "lot_rl": {"task": "gym:CartPole-v1", "num_envs": 2, "num_steps": 32, "num_minibatches": 2,
-               "steps_per_epoch": 64, "epochs": 1, "eval_episodes": 2, "device": "cpu"},
-    "scaffold": {"teacher": {"task": "rotten_tomatoes", "model": "tiny-bert", "lr": 1e-3, "epochs": 1,
-                             "steps_per_epoch": 3, "max_eval_examples": 32, "max_length": 24,
-                             "max_train_examples": 64},
-                 "explainer": "none", "num_train_examples": 16, "batch_size": 8, "max_epochs": 1,
-                 "max_eval_examples": 32, "max_length": 24},
-}  # fmt: skip
+    "lot_rl": {
+        "task": "gym:CartPole-v1",
+        "num_envs": 2,
+        "num_steps": 32,
+        "num_minibatches": 2,
+        "steps_per_epoch": 64,
+        "epochs": 1,
+        "eval_episodes": 2,
+        "device": "cpu",
+    },
+    "scaffold": {
+        "teacher": {
+            "task": "rotten_tomatoes",
+            "model": "tiny-bert",
+            "lr": 1e-3,
+            "epochs": 1,
+            "steps_per_epoch": 3,
+            "max_eval_examples": 32,
+            "max_length": 24,
+            "max_train_examples": 64,
+        },
+        "explainer": "none",
+        "num_train_examples": 16,
+        "batch_size": 8,
+        "max_epochs": 1,
+        "max_eval_examples": 32,
+        "max_length": 24,
+    },
+}
 
 
 @pytest.mark.parametrize("job", sorted(TINY_JOBS))
@@ -165,32 +235,48 @@ def test_each_jobs_intervals_in_mlflow_are_labelled_with_what_was_computed(job, 
             assert interval[3] == f"Wilson score 95% over {count} {split} examples", metric
             assert interval[1:3] == pytest.approx(wilson_interval(final[metric], count)), metric
         elif job == "scaffold" and metric == "simulability/test":  # its own bootstrap over the test points
-            assert interval[1:4] == (final["simulability/test_ci_low"], final["simulability/test_ci_high"],
-                                     "bootstrap 95% over test points")  # fmt: skip
+            assert interval[1:4] == (
+                final["simulability/test_ci_low"],
+                final["simulability/test_ci_high"],
+                "bootstrap 95% over test points",
+            )
         else:  # SMaT's validation simulability, RL returns, step counts: one seed, no interval
             assert interval is None, (metric, interval)
 
 
 def held_out_row(trial_id, val, test, arm=None, n=300, **params):
-    metrics = {"teacher/best_val_acc": val, "teacher/test_acc": test, "examples/val": float(n),
-               "examples/test": float(n)}  # fmt: skip
-    return {"trial_id": trial_id, "label": arm or "lot", "status": "OK", "params": params | ({"arm": arm} if arm else {}),
-            "metrics": metrics}  # fmt: skip
+    metrics = {
+        "teacher/best_val_acc": val,
+        "teacher/test_acc": test,
+        "examples/val": float(n),
+        "examples/test": float(n),
+    }
+    return {
+        "trial_id": trial_id,
+        "label": arm or "lot",
+        "status": "OK",
+        "params": params | ({"arm": arm} if arm else {}),
+        "metrics": metrics,
+    }
 
 
 def test_the_verdict_shows_the_held_out_score_of_record_beside_the_validation_pick():
     """The winner's curse: picked as the best of several on validation, it is not better on test."""
     spec = parse_spec(SPEC)
-    rows = [held_out_row("a", 0.73, 0.78, alpha=0.1), held_out_row("b", 0.72, 0.79, alpha=0.5),
-            held_out_row("base", 0.7067, 0.7933, arm="teacher_only")]  # fmt: skip
+    rows = [
+        held_out_row("a", 0.73, 0.78, alpha=0.1),
+        held_out_row("b", 0.72, 0.79, alpha=0.5),
+        held_out_row("base", 0.7067, 0.7933, arm="teacher_only"),
+    ]
     lines = verdict(spec, rows)
     assert lines[0].startswith("best on teacher/best_val_acc (max; picked on the validation split): trial a [lot]")
     assert "Wilson score 95% over 300 validation examples" in lines[0]
     held = lines.index("held out, not used to pick the trial: teacher/test_acc")
     low, high = wilson_interval(0.78, 300)
     assert lines[held + 1] == f"  best 0.78 [{low:.4g}, {high:.4g}] (Wilson score 95% over 300 test examples)"
-    assert re.fullmatch(r"  vs teacher_only 0\.7933: -0\.0133 \[-0\.0\d+, \+0\.0\d+\] \(within noise\)",
-                        lines[held + 2]), lines[held + 2]  # fmt: skip
+    assert re.fullmatch(
+        r"  vs teacher_only 0\.7933: -0\.0133 \[-0\.0\d+, \+0\.0\d+\] \(within noise\)", lines[held + 2]
+    ), lines[held + 2]
     assert all(len(line) <= 100 for line in lines[held:])
 
 
@@ -207,13 +293,18 @@ def test_the_report_keeps_the_verdicts_nesting_as_indentation():
 
 
 def test_an_rl_verdict_says_that_its_score_of_record_also_picked_the_trial():
-    spec = parse_spec("name: rl\njob: lot_rl\nconfig: {num_envs: 2}\nspace: {alpha: {type: uniform, low: 0.1, "
-                      "high: 1}}\n")  # fmt: skip
-    rows = [{"trial_id": t, "label": "lot", "status": "OK", "params": {"alpha": a},
-             "metrics": {"teacher/eval_return": r}} for t, a, r in (("a", 0.1, 180.0), ("b", 0.5, 120.0))]  # fmt: skip
+    spec = parse_spec(
+        "name: rl\njob: lot_rl\nconfig: {num_envs: 2}\nspace: {alpha: {type: uniform, low: 0.1, high: 1}}\n"
+    )
+    rows = [
+        {"trial_id": t, "label": "lot", "status": "OK", "params": {"alpha": a}, "metrics": {"teacher/eval_return": r}}
+        for t, a, r in (("a", 0.1, 180.0), ("b", 0.5, 120.0))
+    ]
     lines = verdict(spec, rows)
-    assert lines[0] == "best on teacher/eval_return (max; picked on greedy evaluation episodes): trial a [lot] 180 " \
-        "(no interval)"  # fmt: skip
+    assert (
+        lines[0] == "best on teacher/eval_return (max; picked on greedy evaluation episodes): trial a [lot] 180 "
+        "(no interval)"
+    )
     assert "teacher/eval_return is also the score of record: nothing held out checks the pick" in lines
 
 
@@ -228,13 +319,28 @@ seeds: [0, 1, 2]
 
 def smat_rows() -> list[dict]:
     def seeds(best_val, test):
-        return {f"simulability/{m}@seed{s}": v for m, values in (("best_val", best_val), ("test", test))
-                for s, v in enumerate(values)}  # fmt: skip
+        return {
+            f"simulability/{m}@seed{s}": v
+            for m, values in (("best_val", best_val), ("test", test))
+            for s, v in enumerate(values)
+        }
 
-    return [{"trial_id": "none", "label": "none", "status": "OK", "params": {"explainer": "none", "variant": "none"},
-             "metrics": seeds([0.80, 0.82, 0.81], [0.78, 0.80, 0.79])},
-            {"trial_id": "smat", "label": "smat", "status": "OK", "params": {"explainer": "smat", "variant": "smat"},
-             "metrics": seeds([0.85, 0.86, 0.84], [0.79, 0.80, 0.80])}]  # fmt: skip
+    return [
+        {
+            "trial_id": "none",
+            "label": "none",
+            "status": "OK",
+            "params": {"explainer": "none", "variant": "none"},
+            "metrics": seeds([0.80, 0.82, 0.81], [0.78, 0.80, 0.79]),
+        },
+        {
+            "trial_id": "smat",
+            "label": "smat",
+            "status": "OK",
+            "params": {"explainer": "smat", "variant": "smat"},
+            "metrics": seeds([0.85, 0.86, 0.84], [0.79, 0.80, 0.80]),
+        },
+    ]
 
 
 def test_a_smat_verdict_compares_the_best_explainer_with_none_on_validation_and_on_test():
@@ -267,8 +373,14 @@ space:
 
 def polish_rows() -> list[dict]:
     """Six LoT trials, three at each N, with alphas of full float precision, and a teacher-only arm."""
-    cases = [(0.31622776601683794, 1, 0.52), (0.1234567891234567, 1, 0.61), (0.7777777777777777, 1, 0.70),
-             (0.2, 2, 0.80), (0.5, 2, 0.88), (0.9, 2, 0.95)]  # fmt: skip
+    cases = [
+        (0.31622776601683794, 1, 0.52),
+        (0.1234567891234567, 1, 0.61),
+        (0.7777777777777777, 1, 0.70),
+        (0.2, 2, 0.80),
+        (0.5, 2, 0.88),
+        (0.9, 2, 0.95),
+    ]
     rows = [row(f"t{k}", acc, alpha=a, student_steps=n, arm="lot") for k, (a, n, acc) in enumerate(cases)]
     return rows + [row("base", 0.6, arm="teacher_only")]
 

@@ -55,8 +55,9 @@ def kill_then_resume(tmp_path, name: str, text: str, kill_when, interrupt=kill_d
     spec_file.write_text(text)
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed with the process
-    driver = subprocess.Popen([TEACHSWEEP, "run", str(spec_file)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    driver = subprocess.Popen(
+        [TEACHSWEEP, "run", str(spec_file)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline, killed = time.time() + 400, None
     while killed is None and time.time() < deadline and driver.poll() is None:
         time.sleep(0.5)
@@ -71,8 +72,13 @@ def kill_then_resume(tmp_path, name: str, text: str, kill_when, interrupt=kill_d
         "the sweep ended before it could be killed: " + (tmp_path / "driver.log").read_text()[-3000:]
     )
     time.sleep(3)
-    resumed = subprocess.run([TEACHSWEEP, "resume", name, "--results-dir", str(results)], env=env,
-                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    resumed = subprocess.run(
+        [TEACHSWEEP, "resume", name, "--results-dir", str(results)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     return killed, resumed
 
@@ -125,8 +131,10 @@ def test_a_driver_killed_while_the_last_trial_reports_completes_the_sweep_once_o
     killed_at, resumed = kill_then_resume(tmp_path, "last", text, last_trial_reporting)
     sweep = open_sweep("last", results)
     runs = trial_runs(sweep)
-    histories = [sorted(m.step for m in MlflowClient(sweep.tracking_uri).get_metric_history(r.info.run_id,
-                 "teacher/val_acc")) for r in runs]  # fmt: skip
+    histories = [
+        sorted(m.step for m in MlflowClient(sweep.tracking_uri).get_metric_history(r.info.run_id, "teacher/val_acc"))
+        for r in runs
+    ]
     study = optuna.load_study(study_name="last", storage=sweep.optuna_url)
     states = [t.state.name for t in study.trials]
     parent = MlflowClient(sweep.tracking_uri).get_run(sweep.parent_run_id)
@@ -153,8 +161,9 @@ def test_a_results_directory_unwritable_mid_sweep_stops_it_in_one_line_and_it_re
     stopped = {}
 
     def two_epochs_logged(sweep, runs):
-        logged = [len(MlflowClient(sweep.tracking_uri).get_metric_history(r.info.run_id, "teacher/val_acc"))
-                  for r in runs]  # fmt: skip
+        logged = [
+            len(MlflowClient(sweep.tracking_uri).get_metric_history(r.info.run_id, "teacher/val_acc")) for r in runs
+        ]
         return max(logged) if logged and max(logged) >= 2 else None
 
     def lock_until_the_driver_stops(driver):
@@ -172,8 +181,10 @@ def test_a_results_directory_unwritable_mid_sweep_stops_it_in_one_line_and_it_re
     assert "teachsweep resume unwritable" in stopped["last line"], stopped
     sweep = open_sweep("unwritable", results)
     runs = trial_runs(sweep)
-    histories = [sorted(m.step for m in MlflowClient(sweep.tracking_uri).get_metric_history(r.info.run_id,
-                 "teacher/val_acc")) for r in runs]  # fmt: skip
+    histories = [
+        sorted(m.step for m in MlflowClient(sweep.tracking_uri).get_metric_history(r.info.run_id, "teacher/val_acc"))
+        for r in runs
+    ]
     states = [t.state.name for t in optuna.load_study(study_name="unwritable", storage=sweep.optuna_url).trials]
     counts = f"{len(runs)} runs, histories {histories}, Optuna {states}"
     assert len(runs) == samples and all(r.info.status == "FINISHED" for r in runs), counts
@@ -284,8 +295,10 @@ def test_a_trial_tune_finished_before_its_result_reached_the_study_is_completed_
     searcher = StudySearcher(spec, storage)
     searcher.suggest("finished_1"), searcher.suggest("running_2")
     failed = fail_interrupted_trials(spec, storage)  # what a resume does first: both were RUNNING
-    results = [SimpleNamespace(error=None, metrics={"trial_id": "finished_1", "done": True, "teacher/best_val_acc": 0.9}),
-               SimpleNamespace(error=None, metrics={"trial_id": "running_2", "done": False, "teacher/best_val_acc": 0.5})]  # fmt: skip
+    results = [
+        SimpleNamespace(error=None, metrics={"trial_id": "finished_1", "done": True, "teacher/best_val_acc": 0.9}),
+        SimpleNamespace(error=None, metrics={"trial_id": "running_2", "done": False, "teacher/best_val_acc": 0.5}),
+    ]
     assert complete_finished_trials(spec, storage, failed, results) == 1
     trials = optuna.load_study(study_name="told", storage=storage).trials
     assert [(t.state.name, t.values) for t in trials] == [("FAIL", None), ("FAIL", None), ("COMPLETE", [0.9])]

@@ -158,8 +158,9 @@ def test_student_step_unroll_takes_exactly_the_plain_student_step(optimizer):
             learner = scaffold.Learner(model, params, opt, cfg.model_copy(update={"meta_unroll": "student_step"}), 5.0)
             words = scaffold.words_read(batch, meta_batch)
             meta_args = (scaffold.MetaBatch(meta_batch, meta_targets, words),) if combined else ()
-            _, meta = scaffold.student_iteration(learner, scaffold.Lesson(batch, t_logits, evidence), explainer, explainer,
-                                                 *meta_args)  # fmt: skip
+            _, meta = scaffold.student_iteration(
+                learner, scaffold.Lesson(batch, t_logits, evidence), explainer, explainer, *meta_args
+            )
             if combined:  # the table's gradient came as the rows the two batches read, and phi has a gradient
                 assert meta.rows and meta.grads[next(iter(meta.rows))].shape[0] < params[0].shape[0]
                 assert meta.phi_grad.abs().sum() > 0
@@ -186,8 +187,16 @@ def test_integrated_gradients_follow_the_whole_straight_line_path():
 
 def test_teacher_registry_trains_once_and_reloads_with_weights_only(tmp_path, monkeypatch):
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
-    config = dict(task="rotten_tomatoes", model="tiny-bert", lr=1e-3, epochs=1, steps_per_epoch=3,
-                  max_eval_examples=32, max_length=24, max_train_examples=64)  # fmt: skip
+    config = dict(
+        task="rotten_tomatoes",
+        model="tiny-bert",
+        lr=1e-3,
+        epochs=1,
+        steps_per_epoch=3,
+        max_eval_examples=32,
+        max_length=24,
+        max_train_examples=64,
+    )
     first, cfg = teacher_job.resolve(config, torch.device("cpu"))
     checkpoint = teacher_job.registry_dir(teacher_job.TeacherConfig(**config)) / "model.pt"
     stamp = checkpoint.stat().st_mtime_ns
@@ -203,15 +212,33 @@ def test_teacher_registry_trains_once_and_reloads_with_weights_only(tmp_path, mo
 @pytest.mark.parametrize("explainer", ["none", "attention_last", "smat", "smat_student_step", "grad_x_input"])
 def test_scaffold_job_trains_a_student_and_reports_simulability(tmp_path, monkeypatch, explainer):
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
-    teacher = dict(task="rotten_tomatoes", model="tiny-bert", lr=1e-3, epochs=1, steps_per_epoch=5,
-                   max_eval_examples=32, max_length=24, max_train_examples=128)  # fmt: skip
+    teacher = dict(
+        task="rotten_tomatoes",
+        model="tiny-bert",
+        lr=1e-3,
+        epochs=1,
+        steps_per_epoch=5,
+        max_eval_examples=32,
+        max_length=24,
+        max_train_examples=128,
+    )
     from teachsweep.reporter import Reporter
 
     reporter = Reporter()
     unroll = "student_step" if explainer == "smat_student_step" else "lookahead"
-    metrics = scaffold.train(dict(teacher=teacher, explainer=explainer.removesuffix("_student_step"),
-                                  meta_unroll=unroll, num_train_examples=32, batch_size=8, max_epochs=2,
-                                  max_eval_examples=32, max_length=24), reporter)  # fmt: skip
+    metrics = scaffold.train(
+        dict(
+            teacher=teacher,
+            explainer=explainer.removesuffix("_student_step"),
+            meta_unroll=unroll,
+            num_train_examples=32,
+            batch_size=8,
+            max_epochs=2,
+            max_eval_examples=32,
+            max_length=24,
+        ),
+        reporter,
+    )
     assert 0.0 <= metrics["simulability/test"] <= 1.0 and "student/test_acc" in metrics
     assert [h["epoch"] for h in reporter.history][:2] == [1, 2]
     if explainer.startswith("smat"):
@@ -254,10 +281,28 @@ def write_rationales(tmp_path):
 def test_scaffold_reports_plausibility_against_a_rationale_set_built_here(tmp_path, monkeypatch):
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
     rationales = write_rationales(tmp_path)
-    teacher = dict(task="rotten_tomatoes", model="tiny-bert", lr=1e-3, epochs=1, steps_per_epoch=5,
-                   max_eval_examples=32, max_length=24, max_train_examples=128)  # fmt: skip
-    metrics = scaffold.train(dict(teacher=teacher, explainer="smat", num_train_examples=32, batch_size=8, max_epochs=1,
-                                  max_eval_examples=32, max_length=48, rationales=rationales))  # fmt: skip
+    teacher = dict(
+        task="rotten_tomatoes",
+        model="tiny-bert",
+        lr=1e-3,
+        epochs=1,
+        steps_per_epoch=5,
+        max_eval_examples=32,
+        max_length=24,
+        max_train_examples=128,
+    )
+    metrics = scaffold.train(
+        dict(
+            teacher=teacher,
+            explainer="smat",
+            num_train_examples=32,
+            batch_size=8,
+            max_epochs=1,
+            max_eval_examples=32,
+            max_length=48,
+            rationales=rationales,
+        )
+    )
     for who in ("teacher", "student"):
         assert 0.0 <= metrics[f"plausibility/{who}_auc"] <= 1.0 and metrics[f"plausibility/{who}_n"] >= 10
         assert 0.0 <= metrics[f"plausibility/{who}_recall_at_k"] <= 1.0
@@ -307,12 +352,24 @@ def test_smat_on_a_vit_explains_patch_tokens(tmp_path, monkeypatch):
 
     teacher = dict(task="digits", model="vit:2", lr=1e-3, epochs=1, steps_per_epoch=5, max_eval_examples=32)
     reporter = Reporter()
-    metrics = scaffold.train(dict(teacher=teacher, explainer="smat", num_train_examples=32, batch_size=8,
-                                  max_epochs=1, max_eval_examples=32), reporter)  # fmt: skip
+    metrics = scaffold.train(
+        dict(
+            teacher=teacher, explainer="smat", num_train_examples=32, batch_size=8, max_epochs=1, max_eval_examples=32
+        ),
+        reporter,
+    )
     assert 0.0 <= metrics["simulability/test"] <= 1.0 and metrics["loss/meta"] > 0
     assert len(reporter.artifacts["head_coefficients.json"]["layers_by_heads"]) == 2
-    gradient_student = scaffold.train(dict(teacher=teacher, explainer="integrated_gradients", num_train_examples=32,
-                                           batch_size=8, max_epochs=1, max_eval_examples=32))  # fmt: skip
+    gradient_student = scaffold.train(
+        dict(
+            teacher=teacher,
+            explainer="integrated_gradients",
+            num_train_examples=32,
+            batch_size=8,
+            max_epochs=1,
+            max_eval_examples=32,
+        )
+    )
     assert 0.0 <= gradient_student["simulability/test"] <= 1.0
 
 
@@ -364,13 +421,31 @@ def test_a_float_target_column_makes_a_regression_task_with_target_stratified_sp
 def test_a_regression_teacher_is_simulated_with_mse_and_scored_by_pearson(tmp_path, monkeypatch, explainer):
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
     task = regression_csv(tmp_path / "scores.csv")
-    teacher = dict(task=task, text_column="sentence", label_column="score", model="tiny-bert", lr=1e-3, epochs=2,
-                   steps_per_epoch=10, max_eval_examples=64, max_length=24)  # fmt: skip
+    teacher = dict(
+        task=task,
+        text_column="sentence",
+        label_column="score",
+        model="tiny-bert",
+        lr=1e-3,
+        epochs=2,
+        steps_per_epoch=10,
+        max_eval_examples=64,
+        max_length=24,
+    )
     teacher_metrics = teacher_job.train(teacher)
     assert {"teacher/val_pearson", "teacher/test_pearson"} <= set(teacher_metrics)
     assert "teacher/test_acc" not in teacher_metrics
-    metrics = scaffold.train(dict(teacher=teacher, explainer=explainer, num_train_examples=64, batch_size=8,
-                                  max_epochs=2, max_eval_examples=64, max_length=24))  # fmt: skip
+    metrics = scaffold.train(
+        dict(
+            teacher=teacher,
+            explainer=explainer,
+            num_train_examples=64,
+            batch_size=8,
+            max_epochs=2,
+            max_eval_examples=64,
+            max_length=24,
+        )
+    )
     assert -1.0 <= metrics["simulability/test"] <= 1.0 and "student/test_pearson" in metrics
     assert metrics["simulability/test_ci_low"] <= metrics["simulability/test_ci_high"]
     assert metrics["teacher/test_pearson"] == pytest.approx(teacher_metrics["teacher/test_pearson"], abs=1e-6)
@@ -430,18 +505,43 @@ def test_student_plausibility_comes_from_the_best_student_and_its_explainer_in_e
 
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
     rationales = write_rationales(tmp_path)
-    teacher = dict(task="rotten_tomatoes", model="tiny-bert", lr=1e-3, epochs=1, steps_per_epoch=5,
-                   max_eval_examples=32, max_length=24, max_train_examples=128)  # fmt: skip
+    teacher = dict(
+        task="rotten_tomatoes",
+        model="tiny-bert",
+        lr=1e-3,
+        epochs=1,
+        steps_per_epoch=5,
+        max_eval_examples=32,
+        max_length=24,
+        max_train_examples=128,
+    )
     reporter = Reporter()
-    metrics = scaffold.train(dict(teacher=teacher, explainer="smat", num_train_examples=32, batch_size=8, max_epochs=3,
-                                  max_eval_examples=32, max_length=16, rationales=rationales), reporter)  # fmt: skip
+    metrics = scaffold.train(
+        dict(
+            teacher=teacher,
+            explainer="smat",
+            num_train_examples=32,
+            batch_size=8,
+            max_epochs=3,
+            max_eval_examples=32,
+            max_length=16,
+            rationales=rationales,
+        ),
+        reporter,
+    )
     best = reporter.saved["best_student"]
     student = models.build_model("tiny-bert", tasks.load_task("rotten_tomatoes"), 123)
     model = scaffold.ExplainedStudent(student, AttentionExplainer(2, 4))
     model.load_state_dict(best["model"])
     model.eval()
-    found = rationale_plausibility(load_rationales(rationales, 200), models.load_tokenizer("tiny-bert"),
-                                   lambda b: model(b)[1], 16, 64, torch.device("cpu"))  # fmt: skip
+    found = rationale_plausibility(
+        load_rationales(rationales, 200),
+        models.load_tokenizer("tiny-bert"),
+        lambda b: model(b)[1],
+        16,
+        64,
+        torch.device("cpu"),
+    )
     for key in ("auc", "ap", "recall_at_k"):
         assert metrics[f"plausibility/student_{key}"] == pytest.approx(found[key], abs=1e-9), key
     assert 0 < metrics["plausibility/student_rationale_cut_fraction"] < 1  # max_length 16 cuts long sentences
@@ -452,9 +552,23 @@ def test_a_language_model_teacher_keeps_its_lowest_validation_perplexity(tmp_pat
 
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
     reporter = Reporter()
-    metrics = teacher_job.train(dict(task="bbc_news_lm", model="lstm:1", optimizer="sgd", lr=20.0, momentum=0.0,
-                                     weight_decay=0.0, epochs=3, steps_per_epoch=4, batch_size=4, bptt=16,
-                                     max_eval_examples=2000, patience=3), reporter)  # fmt: skip
+    metrics = teacher_job.train(
+        dict(
+            task="bbc_news_lm",
+            model="lstm:1",
+            optimizer="sgd",
+            lr=20.0,
+            momentum=0.0,
+            weight_decay=0.0,
+            epochs=3,
+            steps_per_epoch=4,
+            batch_size=4,
+            bptt=16,
+            max_eval_examples=2000,
+            patience=3,
+        ),
+        reporter,
+    )
     curve = [h["teacher/val_ppl"] for h in reporter.history if "teacher/test_ppl" not in h]
     assert len(curve) == 3 and len(set(curve)) == 3
     assert metrics["teacher/best_val_ppl"] == min(curve)

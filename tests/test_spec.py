@@ -27,57 +27,124 @@ BAD = [
     ("wrong type", GOOD.replace("num_samples: 2", "num_samples: many"), "num_samples"),
     ("wrong type in config", GOOD.replace("epochs: 1", "epochs: lots"), "config.epochs"),
     ("negative range", GOOD.replace("low: 0.05", "low: -1"), "space.alpha: loguniform needs low > 0"),
-    ("low above high", GOOD.replace("low: 1, high: 4", "low: 5, high: 4"), "space.student_steps: low (5.0) must be below"),
+    (
+        "low above high",
+        GOOD.replace("low: 1, high: 4", "low: 5, high: 4"),
+        "space.student_steps: low (5.0) must be below",
+    ),
     ("N below one", GOOD.replace("low: 1, high: 4", "low: 0, high: 4"), "space.student_steps: value 0 is invalid"),
     ("negative alpha", GOOD.replace("epochs: 1", "epochs: 1, alpha: -0.5"), "config.alpha"),
     ("empty space", GOOD.split("space:")[0], "empty search space"),
     ("unknown job", GOOD.replace("job: lot", "job: distill"), "unknown job 'distill'"),
     ("unknown task", GOOD.replace("task: digits", "task: imagenet"), "unknown task 'imagenet'"),
     ("unknown model", GOOD.replace("teacher: cnn", "teacher: alexnet"), "unknown model 'alexnet'"),
-    ("missing csv file", GOOD.replace("task: digits", "task: 'csv:/no/such/file.csv'"), "data file not found: /no/such/file.csv"),
+    (
+        "missing csv file",
+        GOOD.replace("task: digits", "task: 'csv:/no/such/file.csv'"),
+        "data file not found: /no/such/file.csv",
+    ),
     ("unsearchable key", GOOD + "  colour: {type: categorical, values: [red]}\n", "space.colour: not a parameter"),
     ("empty categorical", GOOD + "  temperature: {type: categorical, values: []}\n", "non-empty 'values'"),
     ("missing name", GOOD.replace("name: ok", ""), "name: required key is missing"),
     ("bad name", GOOD.replace("name: ok", "name: ../escape"), "name: use letters"),
-    ("unknown explainer", "name: s\njob: scaffold\nconfig: {explainer: lime}\nspace: {beta: {type: uniform, low: 0.1, high: 1}}\n", "config.explainer: unknown explainer 'lime'"),
-    ("seed in config", GOOD.replace("epochs: 1", "epochs: 1, seed: 4"), "config.seed: seeds are set by the top-level 'seeds' list"),
+    (
+        "unknown explainer",
+        "name: s\njob: scaffold\nconfig: {explainer: lime}\nspace: {beta: {type: uniform, low: 0.1, high: 1}}\n",
+        "config.explainer: unknown explainer 'lime'",
+    ),
+    (
+        "seed in config",
+        GOOD.replace("epochs: 1", "epochs: 1, seed: 4"),
+        "config.seed: seeds are set by the top-level 'seeds' list",
+    ),
     ("model for the wrong task kind", GOOD.replace("teacher: cnn", "teacher: lstm"), "is for lm tasks"),
     ("gpu type without gpus", GOOD + "resources: {gpu_type: A100}\n", "resources: gpu_type needs gpus > 0"),
-    ("ddp for the explain job", "name: e\njob: explain\nconfig: {}\nvariants: {a: {}}\nresources: {workers: 2}\n",
-     "resources.workers: job 'explain' runs in one process"),
+    (
+        "ddp for the explain job",
+        "name: e\njob: explain\nconfig: {}\nvariants: {a: {}}\nresources: {workers: 2}\n",
+        "resources.workers: job 'explain' runs in one process",
+    ),
     # Refused up front (before, these failed inside Ray after trials had started):
-    ("objective the job never reports", GOOD + "objectives: [{metric: simulability/best_val, mode: max}]\n",
-     "objectives: 'simulability/best_val' is never reported by job 'lot'"),
-    ("perplexity objective on an image task", GOOD + "objectives: [{metric: teacher/best_val_ppl, mode: min}]\n",
-     "objectives: 'teacher/best_val_ppl' is never reported"),
-    ("objective optimised the wrong way", GOOD + "objectives: [{metric: teacher/best_val_acc, mode: min}]\n",
-     "objectives: 'teacher/best_val_acc' is better when higher"),
+    (
+        "objective the job never reports",
+        GOOD + "objectives: [{metric: simulability/best_val, mode: max}]\n",
+        "objectives: 'simulability/best_val' is never reported by job 'lot'",
+    ),
+    (
+        "perplexity objective on an image task",
+        GOOD + "objectives: [{metric: teacher/best_val_ppl, mode: min}]\n",
+        "objectives: 'teacher/best_val_ppl' is never reported",
+    ),
+    (
+        "objective optimised the wrong way",
+        GOOD + "objectives: [{metric: teacher/best_val_acc, mode: min}]\n",
+        "objectives: 'teacher/best_val_acc' is better when higher",
+    ),
     ("resnet depth that does not build", GOOD.replace("teacher: cnn", "teacher: 'resnet:7'"), "must be 6n+2"),
-    ("more MiniLM layers than it has", GOOD.replace("task: digits, teacher: cnn", "task: rotten_tomatoes, teacher: 'minilm:9'"),
-     "all-MiniLM-L6-v2 has 6 pretrained layers"),
-    ("missing teacher checkpoint", "name: s\njob: scaffold\nconfig: {teacher: /no/such/teacher}\nvariants: {a: {}}\n",
-     "config.teacher: no teacher checkpoint at /no/such/teacher"),
-    ("missing mlflow teacher run", "name: s\njob: scaffold\nconfig: {explainer: none}\nvariants: {a: {teacher: 'mlflow:0a1b2c'}}\n",
-     "variants.a.teacher: MLflow run 0a1b2c not found"),
-    ("missing teacher of the explain job", "name: e\njob: explain\nconfig: {teacher: /no/such/dir}\nvariants: {a: {}}\n",
-     "teacher: no teacher checkpoint at /no/such/dir"),
-    ("scaffold teacher without attention", "name: s\njob: scaffold\nconfig: {teacher: {task: digits, model: cnn}}\nvariants: {a: {}}\n",
-     "teacher.model: 'cnn' has no attention"),
+    (
+        "more MiniLM layers than it has",
+        GOOD.replace("task: digits, teacher: cnn", "task: rotten_tomatoes, teacher: 'minilm:9'"),
+        "all-MiniLM-L6-v2 has 6 pretrained layers",
+    ),
+    (
+        "missing teacher checkpoint",
+        "name: s\njob: scaffold\nconfig: {teacher: /no/such/teacher}\nvariants: {a: {}}\n",
+        "config.teacher: no teacher checkpoint at /no/such/teacher",
+    ),
+    (
+        "missing mlflow teacher run",
+        "name: s\njob: scaffold\nconfig: {explainer: none}\nvariants: {a: {teacher: 'mlflow:0a1b2c'}}\n",
+        "variants.a.teacher: MLflow run 0a1b2c not found",
+    ),
+    (
+        "missing teacher of the explain job",
+        "name: e\njob: explain\nconfig: {teacher: /no/such/dir}\nvariants: {a: {}}\n",
+        "teacher: no teacher checkpoint at /no/such/dir",
+    ),
+    (
+        "scaffold teacher without attention",
+        "name: s\njob: scaffold\nconfig: {teacher: {task: digits, model: cnn}}\nvariants: {a: {}}\n",
+        "teacher.model: 'cnn' has no attention",
+    ),
     ("negative seed", GOOD + "seeds: [0, -1]\n", "seeds.1: Input should be greater than or equal to 0"),
     ("seed beyond 32 bits", GOOD + "seeds: [18446744073709551616]\n", "seeds.0: Input should be less than"),
-    ("a control byte in the YAML", GOOD + "note: \"\x00\"\n", "malformed YAML: unacceptable character #x0000"),
-    ("negative sampler seed", GOOD + "sampler: {type: tpe, seed: -1}\n", "sampler.seed: Input should be greater than or equal to 0"),
-    ("sampler seed beyond numpy's range", GOOD + "sampler: {type: random, seed: 4294967296}\n", "sampler.seed: Input should be less than"),
-    ("scaffold on a language model", "name: s\njob: scaffold\nconfig: {teacher: {task: bbc_news_lm, model: 'lstm:1'}}\nvariants: {a: {}}\n",
-     "teacher.task: 'bbc_news_lm' is language modelling"),
-    ("a YAML alias that contains itself", GOOD.replace("config: {", "config: &c {extra: [*c], "), "config.extra.0: a YAML alias that contains itself"),
-    ("a pipeline stage named by a list", "pipeline: p\nstages:\n  - {name: [a, b], job: lot, variants: {a: {alpha: 0.1}}}\n",
-     "stages[0].name: required, a name (got ['a', 'b'])"),
-    ("a teacher given as a number", "name: s\njob: scaffold\nconfig: {teacher: 5}\nvariants: {a: {}}\n",
-     "config.teacher: a teacher config (a mapping), a checkpoint directory"),
-    ("infinity spelled as a string in a teacher", "name: s\njob: scaffold\nconfig: {teacher: {task: digits, model: 'tiny-bert:1', lr: 'inf'}}\nvariants: {a: {}}\n",
-     "config.teacher.lr: not a finite number (got inf)"),
-]  # fmt: skip
+    ("a control byte in the YAML", GOOD + 'note: "\x00"\n', "malformed YAML: unacceptable character #x0000"),
+    (
+        "negative sampler seed",
+        GOOD + "sampler: {type: tpe, seed: -1}\n",
+        "sampler.seed: Input should be greater than or equal to 0",
+    ),
+    (
+        "sampler seed beyond numpy's range",
+        GOOD + "sampler: {type: random, seed: 4294967296}\n",
+        "sampler.seed: Input should be less than",
+    ),
+    (
+        "scaffold on a language model",
+        "name: s\njob: scaffold\nconfig: {teacher: {task: bbc_news_lm, model: 'lstm:1'}}\nvariants: {a: {}}\n",
+        "teacher.task: 'bbc_news_lm' is language modelling",
+    ),
+    (
+        "a YAML alias that contains itself",
+        GOOD.replace("config: {", "config: &c {extra: [*c], "),
+        "config.extra.0: a YAML alias that contains itself",
+    ),
+    (
+        "a pipeline stage named by a list",
+        "pipeline: p\nstages:\n  - {name: [a, b], job: lot, variants: {a: {alpha: 0.1}}}\n",
+        "stages[0].name: required, a name (got ['a', 'b'])",
+    ),
+    (
+        "a teacher given as a number",
+        "name: s\njob: scaffold\nconfig: {teacher: 5}\nvariants: {a: {}}\n",
+        "config.teacher: a teacher config (a mapping), a checkpoint directory",
+    ),
+    (
+        "infinity spelled as a string in a teacher",
+        "name: s\njob: scaffold\nconfig: {teacher: {task: digits, model: 'tiny-bert:1', lr: 'inf'}}\nvariants: {a: {}}\n",
+        "config.teacher.lr: not a finite number (got inf)",
+    ),
+]
 
 
 @pytest.mark.parametrize(("label", "text", "expected"), BAD, ids=[b[0] for b in BAD])
@@ -100,8 +167,13 @@ def test_missing_csv_column_is_refused_before_anything_runs(tmp_path):
     csv.write_text("review,stars\ngood,5\n")
     results = tmp_path / "results"
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(GOOD.replace("task: digits, teacher: cnn", f"task: 'csv:{csv}', teacher: tiny-bert, text_column: text, label_column: stars")
-                         + f"results_dir: {results}\n")  # fmt: skip
+    spec_file.write_text(
+        GOOD.replace(
+            "task: digits, teacher: cnn",
+            f"task: 'csv:{csv}', teacher: tiny-bert, text_column: text, label_column: stars",
+        )
+        + f"results_dir: {results}\n"
+    )
     outcome = CliRunner().invoke(app, ["run", str(spec_file)])
     assert (
         outcome.exit_code == 2
@@ -143,8 +215,13 @@ def test_a_sweep_whose_csv_moved_away_still_reads_and_only_running_refuses_it(tm
 
     csv = tmp_path / "reviews.csv"
     results = tmp_path / "results"
-    text = GOOD.replace("task: digits, teacher: cnn", f"task: 'csv:{csv}', teacher: tiny-bert, text_column: text, "
-                        "label_column: stars") + f"results_dir: {results}\n"  # fmt: skip
+    text = (
+        GOOD.replace(
+            "task: digits, teacher: cnn",
+            f"task: 'csv:{csv}', teacher: tiny-bert, text_column: text, label_column: stars",
+        )
+        + f"results_dir: {results}\n"
+    )
     recorded_sweep(results, "ok", text)
     assert open_sweep("ok", results).spec.config["task"] == f"csv:{csv}"  # the csv does not exist
     spec_file = tmp_path / "spec.yaml"
@@ -248,8 +325,10 @@ def test_an_mlflow_teacher_reference_is_checked_against_the_sweeps_own_store(tmp
     empty_run = client.create_run(experiment).info.run_id
     for reference, expected in ((f"mlflow:{'f' * 32}", "not found"), (f"mlflow:{empty_run}", "logged no teacher")):
         spec_file = tmp_path / "spec.yaml"
-        spec_file.write_text(f"name: s\njob: scaffold\nconfig: {{teacher: '{reference}'}}\nvariants: {{a: {{}}}}\n"
-                             f"results_dir: {results}\n")  # fmt: skip
+        spec_file.write_text(
+            f"name: s\njob: scaffold\nconfig: {{teacher: '{reference}'}}\nvariants: {{a: {{}}}}\n"
+            f"results_dir: {results}\n"
+        )
         outcome = CliRunner().invoke(app, ["run", str(spec_file)])
         assert outcome.exit_code == 2 and len(outcome.output.strip().splitlines()) == 1, outcome.output
         assert "config.teacher: MLflow run" in outcome.output and expected in outcome.output
@@ -263,19 +342,28 @@ NON_FINITE = [
     ("a NaN bound", GOOD.replace("high: 2.0", "high: .nan"), "space.alpha.high"),
     ("an infinite config value", GOOD.replace("epochs: 1", "epochs: 1, temperature: .inf"), "config.temperature"),
     ("a NaN config value", GOOD.replace("epochs: 1", "epochs: 1, alpha: .nan"), "config.alpha"),
-    ("a NaN categorical value", GOOD + "  temperature: {type: categorical, values: [1.0, .nan]}\n",
-     "space.temperature.values.1"),
-    ("an infinite value in a variant", "name: g\njob: lot\nconfig: {task: digits, teacher: cnn, epochs: 1}\n"
-     "variants: {hot: {temperature: .inf}}\n", "variants.hot.temperature"),
-    ("an infinite scheduler factor", GOOD + "scheduler: {type: asha, reduction_factor: .inf}\n",
-     "scheduler.reduction_factor"),
+    (
+        "a NaN categorical value",
+        GOOD + "  temperature: {type: categorical, values: [1.0, .nan]}\n",
+        "space.temperature.values.1",
+    ),
+    (
+        "an infinite value in a variant",
+        "name: g\njob: lot\nconfig: {task: digits, teacher: cnn, epochs: 1}\nvariants: {hot: {temperature: .inf}}\n",
+        "variants.hot.temperature",
+    ),
+    (
+        "an infinite scheduler factor",
+        GOOD + "scheduler: {type: asha, reduction_factor: .inf}\n",
+        "scheduler.reduction_factor",
+    ),
     ("infinite CPUs", GOOD + "resources: {cpus: .inf}\n", "resources.cpus"),
     # YAML reads these spellings as strings; pydantic would turn them into floats
     ("a bound written 1e400", GOOD.replace("high: 2.0", "high: 1e400"), "space.alpha"),
     ("an int bound written inf", GOOD.replace("low: 1, high: 4", "low: 1, high: inf"), "space.student_steps"),
     ("a config value written 1e400", GOOD.replace("epochs: 1", "epochs: 1, lr: 1e400"), "config.lr"),
     ("CPUs written inf", GOOD + "resources: {cpus: inf}\n", "resources.cpus"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("label", "text", "field"), NON_FINITE, ids=[n[0] for n in NON_FINITE])

@@ -205,8 +205,14 @@ def test_the_trials_view_shows_the_objective_the_searched_parameters_and_the_hel
     experiment = client.get_experiment_by_name("uisweep")
     envelope = json.loads(experiment.tags["mlflow.sharedViewState.teachsweep.uisweep"])
     state = json.loads(envelope["state"])
-    metrics = ["teacher/best_val_acc", "teacher/test_acc", "teacher/test_acc_at_best_val", "student/test_acc",
-               "steps/teacher_at_best_val", "steps/model_at_best_val"]  # fmt: skip
+    metrics = [
+        "teacher/best_val_acc",
+        "teacher/test_acc",
+        "teacher/test_acc_at_best_val",
+        "student/test_acc",
+        "steps/teacher_at_best_val",
+        "steps/model_at_best_val",
+    ]
     columns = [f"metrics.`{m}`" for m in metrics] + ["params.`alpha`", "params.`student_steps`"]
     assert state["selectedColumns"] == columns  # the scores the job logged; it logs no perplexity on digits
     assert state["columnOrder"] == ["attributes.`Run Name`", "runDateAndNestInfo", "duration", *columns]
@@ -217,9 +223,11 @@ def test_the_trials_view_shows_the_objective_the_searched_parameters_and_the_hel
 
     urls = ui.page_urls(sweep, port=5123)
     # the saved view carries filter, sort and columns: MLflow ignores it when the URL has a filter of its own
-    assert urls["trials"] == (f"http://127.0.0.1:5123/#/experiments/{experiment.experiment_id}/runs?"
-                              "workflowType=machine_learning&viewStateShareKey=teachsweep.uisweep"
-                              "&compareRunsMode=TABLE")  # fmt: skip
+    assert urls["trials"] == (
+        f"http://127.0.0.1:5123/#/experiments/{experiment.experiment_id}/runs?"
+        "workflowType=machine_learning&viewStateShareKey=teachsweep.uisweep"
+        "&compareRunsMode=TABLE"
+    )
     assert urls["report"].endswith(f"/runs/{sweep.parent_run_id}/artifacts/report.html?workflowType=machine_learning")
 
 

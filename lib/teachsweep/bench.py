@@ -16,9 +16,17 @@ from rich.console import Console
 from rich.table import Table
 
 OVERHEAD_JOB = {
-    "task": "digits", "teacher": "cnn:16", "alpha": 0.5, "student_steps": 2, "batch_size": 64, "epochs": 2,
-    "max_eval_examples": 200, "optimizer": "sgd", "lr": 0.05, "weight_decay": 0.0,
-}  # fmt: skip
+    "task": "digits",
+    "teacher": "cnn:16",
+    "alpha": 0.5,
+    "student_steps": 2,
+    "batch_size": 64,
+    "epochs": 2,
+    "max_eval_examples": 200,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "weight_decay": 0.0,
+}
 
 
 def bench_sweep(spec: dict) -> tuple[float, list]:
@@ -100,31 +108,49 @@ def overhead(trials: int, steps: int, console: Console) -> None:
             measured[name] = [run(n, tmp) for n in (trials, 3 * trials)]
         ray.shutdown()
 
-    table = Table(title=f"bench overhead: {trials} and {3 * trials} trials of {steps} teacher steps, one at a time "
-                        f"(the job alone: {job_s:.2f} s)")  # fmt: skip
-    for column in ("", f"wall s ({trials} / {3 * trials})", "inside jobs s", "overhead s / trial (marginal)",
-                   "fixed s / sweep"):  # fmt: skip
+    table = Table(
+        title=f"bench overhead: {trials} and {3 * trials} trials of {steps} teacher steps, one at a time "
+        f"(the job alone: {job_s:.2f} s)"
+    )
+    for column in (
+        "",
+        f"wall s ({trials} / {3 * trials})",
+        "inside jobs s",
+        "overhead s / trial (marginal)",
+        "fixed s / sweep",
+    ):
         table.add_column(column)
     per_trial = {}
     for name, ((wall_k, in_k), (wall_3k, in_3k)) in measured.items():
         per_trial[name] = ((wall_3k - in_3k) - (wall_k - in_k)) / (2 * trials)
         fixed = (wall_k - in_k) - trials * per_trial[name]
-        table.add_row(name, f"{wall_k:.1f} / {wall_3k:.1f}", f"{in_k:.1f} / {in_3k:.1f}", f"{per_trial[name]:.2f}",
-                      f"{fixed:.1f}")  # fmt: skip
+        table.add_row(
+            name, f"{wall_k:.1f} / {wall_3k:.1f}", f"{in_k:.1f} / {in_3k:.1f}", f"{per_trial[name]:.2f}", f"{fixed:.1f}"
+        )
     console.print(table)
     ours = per_trial["(c) teachsweep sweep (reuse_actors)"]
     for name in list(arms)[:2]:
-        console.print(f"marginal per-trial overhead, teachsweep / {name[4:]}: {ours / per_trial[name]:.2f}x"
-                      " (target <= 1.1x)")  # fmt: skip
-    console.print(f"fraction of wall time inside the job for 60 s trials at this overhead: {60 / (60 + ours):.3f}"
-                  " (target >= 0.85)")  # fmt: skip
+        console.print(
+            f"marginal per-trial overhead, teachsweep / {name[4:]}: {ours / per_trial[name]:.2f}x (target <= 1.1x)"
+        )
+    console.print(
+        f"fraction of wall time inside the job for 60 s trials at this overhead: {60 / (60 + ours):.3f}"
+        " (target >= 0.85)"
+    )
     console.print(peak_memory(tree))
 
 
 LOT_BENCH_JOB = {
-    "task": "mnist_5k", "teacher": "resnet:8", "batch_size": 64, "epochs": 1, "max_eval_examples": 64,
-    "optimizer": "sgd", "lr": 0.05, "alpha": 0.5, "temperature": 1.5,
-}  # fmt: skip
+    "task": "mnist_5k",
+    "teacher": "resnet:8",
+    "batch_size": 64,
+    "epochs": 1,
+    "max_eval_examples": 64,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "alpha": 0.5,
+    "temperature": 1.5,
+}
 
 
 def lot_cost(steps: int, repeats: int, model: str, console: Console, device: str = "auto") -> None:
@@ -141,8 +167,9 @@ def lot_cost(steps: int, repeats: int, model: str, console: Console, device: str
             metrics = lot.train(job | {"arm": arm, "student_steps": n})
             timings[(arm, n)].append(metrics["time/teacher_step_s"])
     base = statistics.median(timings[("teacher_only", 1)])
-    table = Table(title=f"bench lot: {model} on mnist_5k, batch 64, {steps} teacher steps x {repeats} repeats, "
-                        f"device {device}")  # fmt: skip
+    table = Table(
+        title=f"bench lot: {model} on mnist_5k, batch 64, {steps} teacher steps x {repeats} repeats, device {device}"
+    )
     for column in ("arm", "N", "s / teacher step", "ratio to teacher-only", "FLOP ideal", "ratio / ideal"):
         table.add_column(column)
     for arm, n in arms:
@@ -184,11 +211,19 @@ def relevance_throughput(
         inputs = [to_device(batch, device) for batch in data.eval_batches(batches, batch_size, by_length=True)]
         where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
         table = Table(title=f"bench relevance: {model_name}, {examples} {task.name} test examples, {where}")
-        for column in ("explainer", f"batched ({batch_size}) expl/s", "single-example loop expl/s", "speed-up",
-                       "GFLOP/s batched / loop", "ceiling here"):  # fmt: skip
+        for column in (
+            "explainer",
+            f"batched ({batch_size}) expl/s",
+            "single-example loop expl/s",
+            "speed-up",
+            "GFLOP/s batched / loop",
+            "ceiling here",
+        ):
             table.add_column(column)
-        flops = {name: [run_flops(explainer, model, inputs, one_by_one) for one_by_one in (0, 1)]
-                 for name, explainer in explainers.items()}  # fmt: skip
+        flops = {
+            name: [run_flops(explainer, model, inputs, one_by_one) for one_by_one in (0, 1)]
+            for name, explainer in explainers.items()
+        }
         for one_by_one in (0, 1):  # every input shape once before any timing, so no arm pays first-use costs
             explain_all(relevance.generic_rule, model, inputs, one_by_one)
         rows = []
@@ -199,15 +234,22 @@ def relevance_throughput(
         # a peak read in a slow moment of a shared machine must not fall below what the explainers reached
         peak = max(peak, *(row[3] for row in rows))
         for name, batched_s, single_s, batched_rate, single_rate in rows:
-            table.add_row(name, f"{examples / batched_s:.1f}", f"{examples / single_s:.1f}",
-                          f"{single_s / batched_s:.1f}x", f"{batched_rate:.1f} / {single_rate:.1f}",
-                          f"{peak / single_rate:.1f}x")  # fmt: skip
+            table.add_row(
+                name,
+                f"{examples / batched_s:.1f}",
+                f"{examples / single_s:.1f}",
+                f"{single_s / batched_s:.1f}x",
+                f"{batched_rate:.1f} / {single_rate:.1f}",
+                f"{peak / single_rate:.1f}x",
+            )
         table.caption = f"float32 matmul peak {peak:.0f} GFLOP/s"
         console.print(table)
         console.print(peak_memory(), f"(after {model_name})")
         del model, batches, inputs  # before the next model is built
-    console.print("ceiling here: the speed-up batching would reach if it ran the loop's FLOPs at the matmul peak "
-                  "(target for the generic rule: >= 8x)")  # fmt: skip
+    console.print(
+        "ceiling here: the speed-up batching would reach if it ran the loop's FLOPs at the matmul peak "
+        "(target for the generic rule: >= 8x)"
+    )
 
 
 def explain_all(explainer, model, inputs: list[dict], one_by_one: bool) -> None:
@@ -227,8 +269,10 @@ def run_flops(explainer, model, inputs: list[dict], one_by_one: bool) -> float:
     total = 0.0
     for batch in inputs:
         mask = batch.get("attention_mask")
-        key = (tuple((name, tuple(value.shape)) for name, value in batch.items()),
-               None if mask is None else tuple(mask.sum(-1).tolist()))  # fmt: skip
+        key = (
+            tuple((name, tuple(value.shape)) for name, value in batch.items()),
+            None if mask is None else tuple(mask.sum(-1).tolist()),
+        )
         if key not in counted:
             counted[key] = matmul_flops(partial(explain_all, explainer, model, [batch], one_by_one))
         total += counted[key]
@@ -303,8 +347,9 @@ def scaffold_cost(steps: int, model_name: str, console: Console, device_name: st
         learner = scaffold.Learner(model, params, optimizer, arm_cfg, beta)
         synchronize(device)
         start = time.perf_counter()
-        _, meta = scaffold.student_iteration(learner, scaffold.Lesson(batch, t_logits, evidence), teacher_explainer,
-                                             teacher_explainer, *meta_args)  # fmt: skip
+        _, meta = scaffold.student_iteration(
+            learner, scaffold.Lesson(batch, t_logits, evidence), teacher_explainer, teacher_explainer, *meta_args
+        )
         if meta is not None:
             teacher_explainer.phi.grad = meta.phi_grad
             meta_optimizer.step()
@@ -323,9 +368,11 @@ def scaffold_cost(steps: int, model_name: str, console: Console, device_name: st
         for arm in arms:
             timings[arm].append(iteration(arm, drawn))
     plain = statistics.median(timings["plain"])
-    table = Table(title=f"bench scaffold: {model_name}, batch {cfg.batch_size}, length <= {cfg.max_length}, "
-                        f"{steps} interleaved iterations, medians, {device}, "
-                        f"{torch.get_num_threads()} threads")  # fmt: skip
+    table = Table(
+        title=f"bench scaffold: {model_name}, batch {cfg.batch_size}, length <= {cfg.max_length}, "
+        f"{steps} interleaved iterations, medians, {device}, "
+        f"{torch.get_num_threads()} threads"
+    )
     for column in ("", "s / iteration", "ratio", "matmul GFLOP", "FLOP ratio"):
         table.add_column(column)
     labels = {
@@ -335,12 +382,19 @@ def scaffold_cost(steps: int, model_name: str, console: Console, device_name: st
     }
     for arm in arms:
         median = statistics.median(timings[arm])
-        table.add_row(labels[arm], f"{median:.4f}", f"{median / plain:.2f}", f"{flops[arm] / 1e9:.1f}",
-                      f"{flops[arm] / flops['plain']:.2f}")  # fmt: skip
+        table.add_row(
+            labels[arm],
+            f"{median:.4f}",
+            f"{median / plain:.2f}",
+            f"{flops[arm] / 1e9:.1f}",
+            f"{flops[arm] / flops['plain']:.2f}",
+        )
     console.print(table)
     for arm in arms[1:]:
-        console.print(f"SMaT iteration ({arm}) / plain student step: "
-                      f"{statistics.median(timings[arm]) / plain:.2f}x (target <= 3x)")  # fmt: skip
+        console.print(
+            f"SMaT iteration ({arm}) / plain student step: "
+            f"{statistics.median(timings[arm]) / plain:.2f}x (target <= 3x)"
+        )
     console.print(peak_memory())
 
 
@@ -397,8 +451,17 @@ def teacher_step_flops(job: dict, samples: int = 4) -> float:
     return total / len(counted)
 
 
-def flop_utilisation(model_name: str, task: str, batch_size: int, max_length: int, steps: int, workers: int,
-                     device_name: str, sweep: bool, console: Console) -> None:  # fmt: skip
+def flop_utilisation(
+    model_name: str,
+    task: str,
+    batch_size: int,
+    max_length: int,
+    steps: int,
+    workers: int,
+    device_name: str,
+    sweep: bool,
+    console: Console,
+) -> None:
     """Model FLOP utilisation of the teacher job's training step: its matmul FLOPs per step over its measured time
     per step (the second epoch's: the first holds warm-up), against the device's measured matrix-product rate in
     the job's precision (bf16 where native, else fp32). In this process, and as a one-trial teachsweep sweep
@@ -420,22 +483,37 @@ def flop_utilisation(model_name: str, task: str, batch_size: int, max_length: in
         os.environ["TEACHSWEEP_CACHE"] = f"{tmp}/cache"  # the job saves its teacher: keep it out of the user's cache
         try:
             model = str(bert_base_directory(Path(tmp))) if model_name == "bert-base" else model_name
-            job = {"task": task, "model": model, "batch_size": batch_size, "max_length": max_length, "epochs": 2,
-                   "patience": 2, "steps_per_epoch": steps, "max_eval_examples": 64, "lr": 1e-5,
-                   "device": str(device)}  # fmt: skip
+            job = {
+                "task": task,
+                "model": model,
+                "batch_size": batch_size,
+                "max_length": max_length,
+                "epochs": 2,
+                "patience": 2,
+                "steps_per_epoch": steps,
+                "max_eval_examples": 64,
+                "lr": 1e-5,
+                "device": str(device),
+            }
             flops = teacher_step_flops(job)
-            peak = 1e9 * matmul_peak_gflops(8192 if device.type == "cuda" else 2048, device=device,
-                                            dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
+            peak = 1e9 * matmul_peak_gflops(
+                8192 if device.type == "cuda" else 2048, device=device, dtype=torch.bfloat16 if bf16 else torch.float32
+            )
             rows.append(("in-process", 1, teacher.train(job)["time/step_s"], peak))
             if sweep:
                 gpus = 1 if device.type == "cuda" else 0
                 cpus = max(1, torch.get_num_threads() // workers)  # this process's threads, shared by the workers
                 init_ray(total_cpus=workers * cpus + 1)  # (a local Ray: room for a multi-worker trial's driver too)
-                _, (run,) = bench_sweep({
-                    "name": "bench-mfu", "job": "teacher", "config": job | {"device": "auto"},
-                    "variants": {"bench": {}}, "results_dir": f"{tmp}/sweep",
-                    "resources": {"workers": workers, "gpus": gpus, "cpus": cpus},
-                })  # fmt: skip
+                _, (run,) = bench_sweep(
+                    {
+                        "name": "bench-mfu",
+                        "job": "teacher",
+                        "config": job | {"device": "auto"},
+                        "variants": {"bench": {}},
+                        "results_dir": f"{tmp}/sweep",
+                        "resources": {"workers": workers, "gpus": gpus, "cpus": cpus},
+                    }
+                )
                 arm = "sweep, Ray Train DDP" if workers > 1 else "sweep, Ray Tune trial"
                 rows.append((arm, workers, run.data.metrics["time/step_s"], peak * (workers if gpus else 1)))
         finally:
@@ -445,16 +523,20 @@ def flop_utilisation(model_name: str, task: str, batch_size: int, max_length: in
                 os.environ["TEACHSWEEP_CACHE"] = user_cache
 
     precision = "bf16" if bf16 else "fp32"
-    table = Table(title=f"bench mfu: teacher job, {model_name} on {task}, batch {batch_size} (text: at most "
-                        f"{max_length} tokens), {steps} steps x 2 epochs, {precision}, device {device}")  # fmt: skip
+    table = Table(
+        title=f"bench mfu: teacher job, {model_name} on {task}, batch {batch_size} (text: at most "
+        f"{max_length} tokens), {steps} steps x 2 epochs, {precision}, device {device}"
+    )
     for column in ("arm", "workers", "s / step", "TFLOP/s", "MFU (of measured peak)"):
         table.add_column(column)
     for arm, count, step_s, arm_peak in rows:
         rate = flops / step_s
         table.add_row(arm, str(count), f"{step_s:.4g}", f"{rate / 1e12:.3g}", f"{100 * rate / arm_peak:.3g}%")
     console.print(table)
-    console.print(f"matmul FLOPs per step {flops / 1e9:.3g} G (forward + backward, the last epoch's batches); "
-                  f"measured {precision} matmul peak {peak / 1e12:.3g} TFLOP/s per device")  # fmt: skip
+    console.print(
+        f"matmul FLOPs per step {flops / 1e9:.3g} G (forward + backward, the last epoch's batches); "
+        f"measured {precision} matmul peak {peak / 1e12:.3g} TFLOP/s per device"
+    )
     console.print(peak_memory(tree))
 
 
@@ -499,8 +581,10 @@ def peak_memory(tree: ProcessTreePeak | None = None) -> str:
     if children:
         parts.append(f"largest finished child process {children / 2**30:.2f} GiB")
     if tree is not None and tree.peak:
-        parts.append(f"this process and its descendants together {tree.peak / 2**30:.2f} GiB (summed resident "
-                     f"memory sampled every {tree.interval:g} s: shared pages count in each process)")  # fmt: skip
+        parts.append(
+            f"this process and its descendants together {tree.peak / 2**30:.2f} GiB (summed resident "
+            f"memory sampled every {tree.interval:g} s: shared pages count in each process)"
+        )
     return "peak resident memory: " + ", ".join(parts)
 
 
@@ -569,8 +653,9 @@ def distributed_cost(steps: int, repeats: int, console: Console) -> None:
             if arm == "in-process":
                 metrics = launch.run_job("lot", job, Reporter(), cpus=1)
             else:
-                metrics = launch.run_distributed("lot", job, workers, 1, 0, (uri, run_id), f"{tmp}/train",
-                                                 f"bench-{config['case']}")  # fmt: skip
+                metrics = launch.run_distributed(
+                    "lot", job, workers, 1, 0, (uri, run_id), f"{tmp}/train", f"bench-{config['case']}"
+                )
             tune.report({"wall_s": time.perf_counter() - start, "step_s": metrics["time/teacher_step_s"]})
 
         grid = tune.Tuner(
@@ -584,8 +669,9 @@ def distributed_cost(steps: int, repeats: int, console: Console) -> None:
             measured[cases[result.config["case"]]].append((result.metrics["wall_s"], result.metrics["step_s"]))
         ray.shutdown()
 
-    table = Table(title=f"bench distributed: LoT cnn:16 on digits, global batch 64, {steps} teacher steps, "
-                        f"best of {repeats}")  # fmt: skip
+    table = Table(
+        title=f"bench distributed: LoT cnn:16 on digits, global batch 64, {steps} teacher steps, best of {repeats}"
+    )
     for column in ("arm", "workers", "wall s", "s / teacher step", "fixed s (wall - steps)"):
         table.add_column(column)
     for arm, workers in arms:
@@ -606,8 +692,9 @@ def reference_ppo_steps_per_s(config: dict, rollouts: int) -> float:
 
     cfg = lot_rl.LoTRLConfig.model_validate(config)
     envs = environments.make_vector_env(cfg.task, cfg.num_envs)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)  # fmt: skip
+    device = torch.device(
+        "cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device
+    )
     agent = lot_rl.build_agent(cfg, envs.single_observation_space.shape, int(envs.single_action_space.n), "teacher")
     agent = agent.to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
@@ -622,9 +709,16 @@ def reference_ppo_steps_per_s(config: dict, rollouts: int) -> float:
                 dist = torch.distributions.Categorical(logits=logits)
                 action = dist.sample()
                 obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
-                stored.append((obs_t, action, dist.log_prob(action), value,
-                               torch.as_tensor(reward, device=device).float(),
-                               torch.as_tensor(terminated | truncated, device=device).float()))  # fmt: skip
+                stored.append(
+                    (
+                        obs_t,
+                        action,
+                        dist.log_prob(action),
+                        value,
+                        torch.as_tensor(reward, device=device).float(),
+                        torch.as_tensor(terminated | truncated, device=device).float(),
+                    )
+                )
             last_value = agent(torch.as_tensor(obs, device=device))[1]
         b_obs, b_act, b_logp, b_val, b_rew, b_done = (torch.stack(c) for c in zip(*stored, strict=True))
         advantages, running = torch.zeros_like(b_rew), torch.zeros(cfg.num_envs, device=device)
@@ -662,10 +756,20 @@ def reference_ppo_steps_per_s(config: dict, rollouts: int) -> float:
 
 
 RL_BENCH_JOB = {
-    "num_envs": 8, "num_steps": 128, "num_minibatches": 4, "update_epochs": 4, "buffer_rollouts": 10,
-    "alpha": 0.5, "student_steps": 5, "temperature": 1.0, "epochs": 1, "eval_episodes": 1, "eval_step_limit": 1,
-    "device": "cpu", "checkpoint_every": 0,
-}  # fmt: skip
+    "num_envs": 8,
+    "num_steps": 128,
+    "num_minibatches": 4,
+    "update_epochs": 4,
+    "buffer_rollouts": 10,
+    "alpha": 0.5,
+    "student_steps": 5,
+    "temperature": 1.0,
+    "epochs": 1,
+    "eval_episodes": 1,
+    "eval_step_limit": 1,
+    "device": "cpu",
+    "checkpoint_every": 0,
+}
 
 
 def rl_forward_flops(cfg) -> tuple[float, float]:
@@ -693,7 +797,8 @@ def rl_forward_flops(cfg) -> tuple[float, float]:
 def rl_cost(rollouts: int, repeats: int, task: str, console: Console, device: str = "cpu") -> None:
     """(1) Environment steps per second of lot_rl's teacher-only PPO against a minimal PPO loop, same network and
     envs; (2) LoT's time per teacher update against teacher-only, beside the FLOP ideal of what the run did
-    (lot.md: a teacher minibatch = 3 units, LoT's joint minibatch = 6, each extra student minibatch = 4)."""
+    (docs/benchmarks.md, the FLOP ideal: a teacher minibatch = 3 units, LoT's joint minibatch = 6, each extra
+    student minibatch = 4)."""
     from teachsweep.jobs import lot_rl
 
     job = RL_BENCH_JOB | {"task": task, "device": device}
@@ -707,8 +812,10 @@ def rl_cost(rollouts: int, repeats: int, task: str, console: Console, device: st
         runs["lot"].append(lot_rl.train(job | {"arm": "lot"}))
     reference = statistics.median(runs["reference"])
     job_rate = statistics.median(m["time/env_steps_per_s"] for m in runs["teacher_only"])
-    title = (f"bench rl: {task}, {cfg.num_envs} envs x {cfg.num_steps} steps, {rollouts} rollouts x {repeats} "
-             f"repeats (medians), device {device}")  # fmt: skip
+    title = (
+        f"bench rl: {task}, {cfg.num_envs} envs x {cfg.num_steps} steps, {rollouts} rollouts x {repeats} "
+        f"repeats (medians), device {device}"
+    )
     speed = Table(title=title)
     for column in ("loop", "env steps / s", "ratio to reference"):
         speed.add_column(column)
@@ -721,8 +828,8 @@ def rl_cost(rollouts: int, repeats: int, task: str, console: Console, device: st
     update = statistics.median(m["time/teacher_update_s"] for m in runs["lot"])
     teacher_minibatches = lot["steps/teacher"] / lot["steps/teacher_updates"]
     extra = (lot["steps/student"] - lot["steps/teacher"]) / lot["steps/teacher_updates"]  # beyond the joint steps
-    # lot.md's units weighted by each forward's FLOPs: the students and the teacher's target forward are policy
-    # networks without the teacher's value head (for an MLP agent, about half the teacher)
+    # the units of docs/benchmarks.md weighted by each forward's FLOPs: the students and the teacher's target
+    # forward are policy networks without the teacher's value head (for an MLP agent, about half the teacher)
     teacher_fwd, policy_fwd = rl_forward_flops(cfg)
     ideal = (teacher_minibatches * (3 * teacher_fwd + 3 * policy_fwd) + extra * 4 * policy_fwd) / (
         teacher_minibatches * 3 * teacher_fwd
@@ -732,7 +839,9 @@ def rl_cost(rollouts: int, repeats: int, task: str, console: Console, device: st
         cost.add_column(column)
     cost.add_row("teacher_only", f"{base:.4f}", "1.00", "1.00", "1.00")
     cost.add_row("lot", f"{update:.4f}", f"{update / base:.2f}", f"{ideal:.2f}", f"{update / base / ideal:.2f}")
-    cost.caption = (f"per update: {teacher_minibatches:.0f} teacher minibatches, {extra:.1f} extra student "
-                    "minibatches on average (the buffer fills over the first updates)")  # fmt: skip
+    cost.caption = (
+        f"per update: {teacher_minibatches:.0f} teacher minibatches, {extra:.1f} extra student "
+        "minibatches on average (the buffer fills over the first updates)"
+    )
     console.print(cost)
     console.print(peak_memory())

@@ -64,8 +64,9 @@ def print_paths(text: str) -> None:
     (rich would fold it, and a folded path can neither be clicked nor copied)."""
     from teachsweep.results import wrap_lines
 
-    console.print("\n".join(wrap_lines(text.splitlines(), console.width)), soft_wrap=True, highlight=False,
-                  markup=False)  # fmt: skip
+    console.print(
+        "\n".join(wrap_lines(text.splitlines(), console.width)), soft_wrap=True, highlight=False, markup=False
+    )
 
 
 def keep_whole(table: Table, width: int) -> Table:
@@ -87,14 +88,18 @@ def short(value) -> str:
 def print_outcome(outcome) -> None:
     spec = outcome.spec
     shown = list(dict.fromkeys(spec.metric_names + JOBS[spec.job].scores))
-    varying = sorted({k for r in outcome.trials for k in r["params"]
-                      if len({str(t["params"].get(k)) for t in outcome.trials}) > 1} - {"variant", "task"})  # fmt: skip
+    varying = sorted(
+        {k for r in outcome.trials for k in r["params"] if len({str(t["params"].get(k)) for t in outcome.trials}) > 1}
+        - {"variant", "task"}
+    )
     searched = list(spec.space) or varying
     reported = [m for m in shown if any(m in r["metrics"] for r in outcome.trials)]
-    table = fitted_table(f"sweep {spec.name}: {plural(len(outcome.trials), 'trial')} in {outcome.seconds:.0f} s",
-                         ["trial", "arm or label", *searched, *reported],
-                         caption=interval_caption([r["metrics"] for r in outcome.trials], reported),
-                         caption_justify="left")  # fmt: skip
+    table = fitted_table(
+        f"sweep {spec.name}: {plural(len(outcome.trials), 'trial')} in {outcome.seconds:.0f} s",
+        ["trial", "arm or label", *searched, *reported],
+        caption=interval_caption([r["metrics"] for r in outcome.trials], reported),
+        caption_justify="left",
+    )
     for row in outcome.trials:
         metrics = [with_interval(row["metrics"], m) for m in reported]
         params = [short(row["params"].get(k, "")) for k in searched]
@@ -103,15 +108,32 @@ def print_outcome(outcome) -> None:
         )
     console.print(table)
     if outcome.comparisons:
-        columns = ["variant", "trial", "budget", "metric", "LoT mean ± std", "teacher-only mean ± std", "diff",
-                   "95% CI", "p", "seeds"]  # fmt: skip
+        columns = [
+            "variant",
+            "trial",
+            "budget",
+            "metric",
+            "LoT mean ± std",
+            "teacher-only mean ± std",
+            "diff",
+            "95% CI",
+            "p",
+            "seeds",
+        ]
         compare = fitted_table(f"LoT minus teacher-only ({PAIRED_METHOD})", columns)
         for c in outcome.comparisons:
             compare.add_row(
-                c["variant"] or "-", c["trial"], c["budget"], c["metric"], f"{c['lot_mean']:.4g} ± {c['lot_std']:.2g}",
-                f"{c['teacher_only_mean']:.4g} ± {c['teacher_only_std']:.2g}", f"{c['diff_mean']:+.4g}",
-                f"[{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]", f"{c['p_value']:.3g}", str(c["n_seeds"]),
-            )  # fmt: skip
+                c["variant"] or "-",
+                c["trial"],
+                c["budget"],
+                c["metric"],
+                f"{c['lot_mean']:.4g} ± {c['lot_std']:.2g}",
+                f"{c['teacher_only_mean']:.4g} ± {c['teacher_only_std']:.2g}",
+                f"{c['diff_mean']:+.4g}",
+                f"[{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]",
+                f"{c['p_value']:.3g}",
+                str(c["n_seeds"]),
+            )
         console.print(compare)
     for sentence in JOBS[spec.job].uncompared(merge_seed_trials(outcome.trials)):
         console.print(f"not compared: {sentence}", highlight=False, markup=False)
@@ -121,8 +143,11 @@ def print_outcome(outcome) -> None:
     if len(spec.objectives) > 1:
         for best in outcome.best:
             shown = {k: v for k, v in best["params"].items() if k in searched or k == "arm"}
-            console.print(f"[bold]Pareto front[/] {values_text(best['values'])}; {params_text(shown)}; MLflow run "
-                          f"{best.get('mlflow_run_id')}", highlight=False)  # fmt: skip
+            console.print(
+                f"[bold]Pareto front[/] {values_text(best['values'])}; {params_text(shown)}; MLflow run "
+                f"{best.get('mlflow_run_id')}",
+                highlight=False,
+            )
     print_verdict(spec, rows)
     picked = verdict_pick(spec, rows) if len(spec.objectives) == 1 else None
     if picked is not None:
@@ -132,8 +157,11 @@ def print_outcome(outcome) -> None:
             console.print(f"[red]trial {row['trial_id']} failed:[/] {row['error']}")
     if outcome.report:
         print_paths(f"\nReport: file://{outcome.report}")
-    console.print(f"Open the runs:  teachsweep ui {spec.name}  (MLflow UI and optuna-dashboard, with the URLs of the "
-                  "trials, the report and the study)", highlight=False)  # fmt: skip
+    console.print(
+        f"Open the runs:  teachsweep ui {spec.name}  (MLflow UI and optuna-dashboard, with the URLs of the "
+        "trials, the report and the study)",
+        highlight=False,
+    )
 
 
 def with_interval(metrics: dict, metric: str) -> str:
@@ -181,18 +209,28 @@ def verdict_pick(spec, rows: list[dict]):
 def seed_summary_table(rows: list[dict]) -> Table:
     """Per variant over seeds: median (IQR), mean with a Student-t 95% CI, the per-seed test-point CI (bootstrap
     over test points), and the paired difference to the `none` variant when there is one (paired t, sign-flip p)."""
-    table = fitted_table(f"over seeds: median (IQR), mean [95% CI] ({T_METHOD}); vs none: {PAIRED_METHOD}",
-                         ["variant", "metric", "seeds", "median (IQR)", "mean [95% CI]", "test-point CI",
-                          "vs none [95% CI]", "p"])  # fmt: skip
+    table = fitted_table(
+        f"over seeds: median (IQR), mean [95% CI] ({T_METHOD}); vs none: {PAIRED_METHOD}",
+        ["variant", "metric", "seeds", "median (IQR)", "mean [95% CI]", "test-point CI", "vs none [95% CI]", "p"],
+    )
     for r in rows:
         points = f"[{r['test_points_ci_low']:.4g}, {r['test_points_ci_high']:.4g}]" if "test_points_ci_low" in r else ""
-        versus = (f"{r['vs_none_diff_mean']:+.4g} [{r['vs_none_ci_low']:+.4g}, {r['vs_none_ci_high']:+.4g}]"
-                  if "vs_none_diff_mean" in r else "")  # fmt: skip
+        versus = (
+            f"{r['vs_none_diff_mean']:+.4g} [{r['vs_none_ci_low']:+.4g}, {r['vs_none_ci_high']:+.4g}]"
+            if "vs_none_diff_mean" in r
+            else ""
+        )
         p_value = f"{r['vs_none_p_value']:.3g}" if "vs_none_p_value" in r else ""
         table.add_row(
-            r["label"], r["metric"], str(r["n_seeds"]), f"{r['median']:.4g} ({r['q25']:.4g}–{r['q75']:.4g})",
-            f"{r['mean']:.4g} [{r['ci_low']:.4g}, {r['ci_high']:.4g}]", points, versus, p_value,
-        )  # fmt: skip
+            r["label"],
+            r["metric"],
+            str(r["n_seeds"]),
+            f"{r['median']:.4g} ({r['q25']:.4g}–{r['q75']:.4g})",
+            f"{r['mean']:.4g} [{r['ci_low']:.4g}, {r['ci_high']:.4g}]",
+            points,
+            versus,
+            p_value,
+        )
     return table
 
 
@@ -283,15 +321,26 @@ def print_teacher_effect(name: str, results_dir: str) -> None:
     if not chained:
         return
     teachers, rows = chained
-    table = fitted_table(f"{name} by the teacher from {teachers}: mean ({T_METHOD}); vs the baseline teacher: "
-                         f"{PAIRED_METHOD}, paired by teacher seed", ["teacher", "student variant", "metric", "seeds",
-                         "mean [95% CI]", "vs baseline teacher [95% CI]", "p"])  # fmt: skip
+    table = fitted_table(
+        f"{name} by the teacher from {teachers}: mean ({T_METHOD}); vs the baseline teacher: "
+        f"{PAIRED_METHOD}, paired by teacher seed",
+        ["teacher", "student variant", "metric", "seeds", "mean [95% CI]", "vs baseline teacher [95% CI]", "p"],
+    )
     for r in rows:
-        versus = (f"{r['vs_reference_diff_mean']:+.4g} [{r['vs_reference_ci_low']:+.4g}, "
-                  f"{r['vs_reference_ci_high']:+.4g}]" if "vs_reference_diff_mean" in r else "")  # fmt: skip
-        table.add_row(r["teacher"], r["variant"] or "(the teacher)", r["metric"], str(r["n_seeds"]),
-                      f"{r['mean']:.4g} [{r['ci_low']:.4g}, {r['ci_high']:.4g}]", versus,
-                      f"{r['vs_reference_p_value']:.3g}" if "vs_reference_p_value" in r else "")  # fmt: skip
+        versus = (
+            f"{r['vs_reference_diff_mean']:+.4g} [{r['vs_reference_ci_low']:+.4g}, {r['vs_reference_ci_high']:+.4g}]"
+            if "vs_reference_diff_mean" in r
+            else ""
+        )
+        table.add_row(
+            r["teacher"],
+            r["variant"] or "(the teacher)",
+            r["metric"],
+            str(r["n_seeds"]),
+            f"{r['mean']:.4g} [{r['ci_low']:.4g}, {r['ci_high']:.4g}]",
+            versus,
+            f"{r['vs_reference_p_value']:.3g}" if "vs_reference_p_value" in r else "",
+        )
     console.print(table)
 
 
@@ -309,16 +358,18 @@ def validate(spec_file: Path = typer.Argument(..., help="a sweep spec or pipelin
         if is_pipeline(text):
             pipeline = parse_pipeline(text, where)
             check_pipeline(pipeline, where)
-            console.print(f"{spec_file}: ok (pipeline {pipeline.name}: stages "
-                          f"{', '.join(s.name for s in pipeline.stages)})")  # fmt: skip
+            console.print(
+                f"{spec_file}: ok (pipeline {pipeline.name}: stages {', '.join(s.name for s in pipeline.stages)})"
+            )
             return
         spec = parse_spec(text, where)
         preflight.check_spec(spec, where)
     except SpecError as error:
         fail(str(error))
     searched = spec.num_samples if spec.space else 0
-    console.print(f"{spec_file}: ok (job {spec.job}: {plural(len(fixed_trials(spec)), 'fixed trial')}, {searched} "
-                  "searched)")  # fmt: skip
+    console.print(
+        f"{spec_file}: ok (job {spec.job}: {plural(len(fixed_trials(spec)), 'fixed trial')}, {searched} searched)"
+    )
 
 
 RESULTS_OPTION = typer.Option(
@@ -346,8 +397,7 @@ def resume(name: str, results_dir: str = RESULTS_OPTION) -> None:
     sweep = open_or_fail(name, results_dir)
     spec = sweep.spec.model_copy(update={"results_dir": str(Path(results_dir))})
     try:
-        outcome = run_sweep(spec, sweep.spec_text, callbacks=[Progress(spec)],
-                            where=f"{sweep.layout.spec_file}: ")  # fmt: skip
+        outcome = run_sweep(spec, sweep.spec_text, callbacks=[Progress(spec)], where=f"{sweep.layout.spec_file}: ")
     except SpecError as error:
         fail(str(error))
     print_outcome(outcome)
@@ -359,8 +409,10 @@ def list_command(results_dir: str = RESULTS_OPTION) -> None:
     from teachsweep.results import list_sweeps, open_sweep, status
     from teachsweep.spec import SpecError
 
-    table = fitted_table(f"sweeps in {Path(results_dir).resolve()}", ["name", "pipeline stage", "job", "status",
-                         "finished", "failed", "planned", "elapsed"])  # fmt: skip
+    table = fitted_table(
+        f"sweeps in {Path(results_dir).resolve()}",
+        ["name", "pipeline stage", "job", "status", "finished", "failed", "planned", "elapsed"],
+    )
     unreadable = []
     for name in list_sweeps(results_dir):
         try:
@@ -373,8 +425,16 @@ def list_command(results_dir: str = RESULTS_OPTION) -> None:
             unreadable.append(f"{name}: {type(error).__name__}: {str(error).strip().splitlines()[0][:300]}")
             continue
         stage = f"{sweep.spec.pipeline} #{sweep.spec.stage}" if sweep.spec.pipeline else ""
-        table.add_row(name, stage, sweep.spec.job, st["sweep_status"], str(st["finished"]), str(st["failed"]),
-                      str(st["planned"] or "?"), f"{st['elapsed_s']:.0f} s")  # fmt: skip
+        table.add_row(
+            name,
+            stage,
+            sweep.spec.job,
+            st["sweep_status"],
+            str(st["finished"]),
+            str(st["failed"]),
+            str(st["planned"] or "?"),
+            f"{st['elapsed_s']:.0f} s",
+        )
     console.print(table)
     for line in unreadable:
         console.print(f"unreadable: {line}", highlight=False, markup=False)
@@ -393,13 +453,20 @@ def status_command(
     from teachsweep.results import status
 
     sweep = open_or_fail(name, results_dir)
-    with Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[line]}"),
-                  console=console, transient=False) as bar:  # fmt: skip
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=24),
+        TextColumn("{task.fields[line]}"),
+        console=console,
+        transient=False,
+    ) as bar:
         task = bar.add_task(name, total=sweep.planned_trials, line="")
         while True:
             st = status(sweep)
-            line = (f"{st['finished']}/{st['planned'] or '?'} done, {st['running']} running, {st['failed']} failed, "
-                    f"{duration(st['elapsed_s'])}")  # fmt: skip
+            line = (
+                f"{st['finished']}/{st['planned'] or '?'} done, {st['running']} running, {st['failed']} failed, "
+                f"{duration(st['elapsed_s'])}"
+            )
             bar.update(task, completed=st["finished"] + st["failed"], line=line)
             if not watch or st["sweep_status"] != "RUNNING":
                 break
@@ -447,10 +514,12 @@ def best_table(sweep, rows: list[dict]) -> Table | None:
         return None
     metric, objective = sweep.spec.metric_names[0], sweep.spec.objectives[0]
     labels = interval_labels([picked["metrics"]], metric)
-    table = fitted_table(f"{sweep.name}: best trial ({objective.metric} {objective.mode})",
-                         ["trial", "arm or label", metric, "params", "MLflow run"],
-                         caption=f"{metric} [low, high]: {labels[0]}" if labels else f"{metric}: no interval",
-                         caption_justify="left")  # fmt: skip
+    table = fitted_table(
+        f"{sweep.name}: best trial ({objective.metric} {objective.mode})",
+        ["trial", "arm or label", metric, "params", "MLflow run"],
+        caption=f"{metric} [low, high]: {labels[0]}" if labels else f"{metric}: no interval",
+        caption_justify="left",
+    )
     spec = sweep.spec
     shown = list(spec.space) or sorted({k for v in spec.variants.values() for k in v} | {"arm"})
     params = {k: picked["params"][k] for k in shown if k in picked["params"]}
@@ -469,8 +538,12 @@ def pareto_table(sweep, runs) -> Table | None:
     objectives = ", ".join(f"{o.metric} {o.mode}" for o in sweep.spec.objectives)
     table = fitted_table(f"{sweep.name}: Pareto front ({objectives})", ["trial", "values", "params", "MLflow run"])
     for row in front:
-        table.add_row(str(trial_of.get(row.get("mlflow_run_id"), "?")), values_text(row["values"]),
-                      params_text(row["params"]), str(row.get("mlflow_run_id")))  # fmt: skip
+        table.add_row(
+            str(trial_of.get(row.get("mlflow_run_id"), "?")),
+            values_text(row["values"]),
+            params_text(row["params"]),
+            str(row.get("mlflow_run_id")),
+        )
     return keep_whole(table, 32)
 
 
@@ -506,9 +579,15 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     job_config = config if seed is None else config | {"seed": seed}  # runnable as job.train(config)
     (out / "best_config.yaml").write_text(yaml.safe_dump(job_config, sort_keys=False))
-    spec = {"name": f"{name}-best", "job": sweep.spec.job, "description": f"best trial of {name} (run {run_id})",
-            "config": {}, "variants": {"best": config}, "seeds": sweep.spec.seeds if seed is None else [seed],
-            "objectives": [o.model_dump() for o in sweep.spec.objectives]}  # fmt: skip
+    spec = {
+        "name": f"{name}-best",
+        "job": sweep.spec.job,
+        "description": f"best trial of {name} (run {run_id})",
+        "config": {},
+        "variants": {"best": config},
+        "seeds": sweep.spec.seeds if seed is None else [seed],
+        "objectives": [o.model_dump() for o in sweep.spec.objectives],
+    }
     (out / "best_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     console.print(exported_trial(sweep, run_id), highlight=False, markup=False)
     print_paths(teacher_line(sweep, run_id))

@@ -64,20 +64,26 @@ def concurrency_for(spec: SweepSpec, planned: int) -> Concurrency:
     now = ray.cluster_resources()
     if not on_cluster():
         if trials_fitting(spec, now) < 1 and spec.resources.gpus:
-            raise SpecError(f"max_concurrent_trials: the cluster shows {now.get('GPU', 0):g} GPUs now (an "
-                            "autoscaling cluster adds them later); set max_concurrent_trials to the number of "
-                            "trials to run at once")  # fmt: skip
+            raise SpecError(
+                f"max_concurrent_trials: the cluster shows {now.get('GPU', 0):g} GPUs now (an "
+                "autoscaling cluster adds them later); set max_concurrent_trials to the number of "
+                "trials to run at once"
+            )
         return Concurrency(max(1, trials_fitting(spec, now)), f"what this machine's Ray fits now: {fmt(now)}")
     grown = max_cluster_resources()
     if grown:
         fitting = trials_fitting(spec, grown)
         if fitting < 1:
-            raise SpecError(f"resources: a trial needs {fmt(per_trial(spec))} and the cluster can grow to "
-                            f"{fmt(grown)} at most: ask for less, or give the cluster larger nodes")  # fmt: skip
+            raise SpecError(
+                f"resources: a trial needs {fmt(per_trial(spec))} and the cluster can grow to "
+                f"{fmt(grown)} at most: ask for less, or give the cluster larger nodes"
+            )
         return Concurrency(fitting, f"what the cluster may grow to: {fmt(grown)}")
-    return Concurrency(max(1, planned, trials_fitting(spec, now)),
-                       f"every planned trial is queued: the cluster has {fmt(now)} now and its autoscaler adds "
-                       "nodes for the trials that wait; set max_concurrent_trials to bound it")  # fmt: skip
+    return Concurrency(
+        max(1, planned, trials_fitting(spec, now)),
+        f"every planned trial is queued: the cluster has {fmt(now)} now and its autoscaler adds "
+        "nodes for the trials that wait; set max_concurrent_trials to bound it",
+    )
 
 
 def fmt(resources: dict[str, float]) -> str:
@@ -96,14 +102,18 @@ def check_cluster_stores(spec: SweepSpec, root: Path, tracking_uri: str) -> None
     if len(nodes) < 2 and trials_fitting(spec, ray.cluster_resources()) >= 1:
         return  # one node that runs the trials itself
     if tracking_uri.startswith("sqlite:"):
-        raise SpecError(f"tracking store {tracking_uri} is SQLite and the trials run on other nodes of the cluster "
-                        "(SQLite is not safe on a shared filesystem): run an MLflow tracking server and set "
-                        "MLFLOW_TRACKING_URI to it (cluster/README.md, 'MLflow tracking server')")  # fmt: skip
+        raise SpecError(
+            f"tracking store {tracking_uri} is SQLite and the trials run on other nodes of the cluster "
+            "(SQLite is not safe on a shared filesystem): run an MLflow tracking server and set "
+            "MLFLOW_TRACKING_URI to it (cluster/README.md, 'MLflow tracking server')"
+        )
     blind = nodes_not_seeing(root, nodes) if not in_job_working_dir(root) else ["every other node"]
     if blind:
-        raise SpecError(f"results directory {root} is not on storage every node sees ({', '.join(blind)} does "
-                        "not): give --results-dir or TEACHSWEEP_RESULTS_DIR a directory on the shared volume, "
-                        "e.g. /shared/teachsweep-results")  # fmt: skip
+        raise SpecError(
+            f"results directory {root} is not on storage every node sees ({', '.join(blind)} does "
+            "not): give --results-dir or TEACHSWEEP_RESULTS_DIR a directory on the shared volume, "
+            "e.g. /shared/teachsweep-results"
+        )
 
 
 def in_job_working_dir(root: Path) -> bool:

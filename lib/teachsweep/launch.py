@@ -1,7 +1,7 @@
 """Where a trial's job actually runs.
 
 One worker (the default): the job's train function runs in the Tune trial process itself. A TorchTrainer per
-trial costs tens of seconds of start-up on a small machine (../shared/reference/stack.md measured 107 s vs 23.5 s
+trial costs tens of seconds of start-up on a small machine (docs/benchmarks.md, `bench distributed`: 107 s vs 23.5 s
 for four trivial trials), so it is only worth it when a trial spans several workers or GPUs.
 
 Several workers: the trial starts a `ray.train.torch.TorchTrainer` (Train V2) whose workers run the same train
@@ -20,9 +20,18 @@ from teachsweep.reporter import Reporter
 CHECKPOINTS_KEPT = 2  # the newest and the one before it, in case the newest was half-written
 
 
-def run_job(job: str, config: dict[str, Any], reporter: Reporter, cpus: float = 1, workers: int = 1,
-            gpus: float = 0, tracking: tuple[str, str] | None = None, storage: str | None = None,
-            name: str = "trial", accelerator: dict[str, float] | None = None) -> dict:  # fmt: skip
+def run_job(
+    job: str,
+    config: dict[str, Any],
+    reporter: Reporter,
+    cpus: float = 1,
+    workers: int = 1,
+    gpus: float = 0,
+    tracking: tuple[str, str] | None = None,
+    storage: str | None = None,
+    name: str = "trial",
+    accelerator: dict[str, float] | None = None,
+) -> dict:
     if workers > 1:
         if tracking is None:
             raise ValueError("multi-worker trials need a tracking (uri, run id) to log from rank 0")
@@ -31,8 +40,17 @@ def run_job(job: str, config: dict[str, Any], reporter: Reporter, cpus: float = 
     return JOBS[job].train(config, reporter)
 
 
-def run_distributed(job: str, config: dict, workers: int, cpus: float, gpus: float, tracking, storage, name,
-                    accelerator: dict[str, float] | None = None):  # fmt: skip
+def run_distributed(
+    job: str,
+    config: dict,
+    workers: int,
+    cpus: float,
+    gpus: float,
+    tracking,
+    storage,
+    name,
+    accelerator: dict[str, float] | None = None,
+):
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -46,9 +64,12 @@ def run_distributed(job: str, config: dict, workers: int, cpus: float, gpus: flo
         rank = ray.train.get_context().get_world_rank()
         uri, run_id = loop_config["tracking"]
         reporter = tracking_module.TrialReporter(
-            tracking_module.client_for(uri), run_id, rank=rank, report=ray.train.report,
+            tracking_module.client_for(uri),
+            run_id,
+            rank=rank,
+            report=ray.train.report,
             extra={"mlflow_run_id": run_id},
-        )  # fmt: skip
+        )
         JOBS[loop_config["job"]].train(loop_config["config"], reporter)
 
     resources = {"CPU": cpus} | ({"GPU": gpus} if gpus else {}) | (accelerator or {})

@@ -109,10 +109,16 @@ def merge_seed_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append(trial)
             continue
         seed = trial["params"]["seed"]
-        row = merged.setdefault(trial["label"], {
-            **trial, "params": {k: v for k, v in trial["params"].items() if k != "seed"}, "metrics": {},
-            "trial_id": trial["label"], "status": "OK",
-        })  # fmt: skip
+        row = merged.setdefault(
+            trial["label"],
+            {
+                **trial,
+                "params": {k: v for k, v in trial["params"].items() if k != "seed"},
+                "metrics": {},
+                "trial_id": trial["label"],
+                "status": "OK",
+            },
+        )
         if trial["status"] != "OK":
             continue
         row["metrics"] |= {f"{k}@seed{seed}": v for k, v in trial["metrics"].items() if "@seed" not in k}
@@ -135,9 +141,18 @@ def seed_summaries(
             xs = np.asarray(list(values.values()))
             low, high = t_interval(xs)
             q25, median, q75 = np.quantile(xs, [0.25, 0.5, 0.75])
-            row = {"label": trial["label"], "metric": metric, "n_seeds": len(xs), "median": float(median),
-                   "q25": float(q25), "q75": float(q75), "mean": float(xs.mean()),
-                   "ci_low": low, "ci_high": high, "method": T_METHOD}  # fmt: skip
+            row = {
+                "label": trial["label"],
+                "metric": metric,
+                "n_seeds": len(xs),
+                "median": float(median),
+                "q25": float(q25),
+                "q75": float(q75),
+                "mean": float(xs.mean()),
+                "ci_low": low,
+                "ci_high": high,
+                "method": T_METHOD,
+            }
             for bound in ("ci_low", "ci_high"):
                 per_seed_bound = per_seed(trial["metrics"], f"{metric}_{bound}")
                 if per_seed_bound:
@@ -282,8 +297,12 @@ def compare_to_best(best: dict[str, Any], other: dict[str, Any], metric: str) ->
     a, b = per_seed(best["metrics"], metric), per_seed(other["metrics"], metric)
     if len(set(a) & set(b)) >= 2:
         difference = paired_difference(a, b)
-        return {"diff": difference["diff_mean"], "low": difference["ci_low"], "high": difference["ci_high"],
-                "method": PAIRED_METHOD}  # fmt: skip
+        return {
+            "diff": difference["diff_mean"],
+            "low": difference["ci_low"],
+            "high": difference["ci_high"],
+            "method": PAIRED_METHOD,
+        }
     ia, ib = interval_of(best["metrics"], metric), interval_of(other["metrics"], metric)
     if ia is None or ib is None:
         return None
@@ -328,8 +347,14 @@ def by_teacher(
     rows = []
     order = sorted(means.items(), key=lambda item: (item[0][1], item[0][2], item[0][0] != reference, item[0][0]))
     for (label, variant, metric), seeds in order:
-        row = {"teacher": label, "variant": variant, "metric": metric, "n_seeds": len(seeds), **summarize(seeds),
-               "method": T_METHOD}  # fmt: skip
+        row = {
+            "teacher": label,
+            "variant": variant,
+            "metric": metric,
+            "n_seeds": len(seeds),
+            **summarize(seeds),
+            "method": T_METHOD,
+        }
         baseline = means.get((reference, variant, metric))
         if label != reference and baseline:
             paired = paired_difference(seeds, baseline)

@@ -321,11 +321,19 @@ class SmallCNN(nn.Module):
     def __init__(self, channels: int, num_classes: int, width: int = 32):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(2 * width, num_classes)
 
     def forward(self, x):
@@ -372,9 +380,13 @@ def build_text(name: str, task: Task):
         return TextClassifier(encoder, task.num_classes, pooling="mean", special_ids=special_ids_of(name))
     if base == "tiny-bert":
         config = BertConfig(
-            vocab_size=len(load_tokenizer("minilm")), hidden_size=64, num_hidden_layers=layers or 2,
-            num_attention_heads=4, intermediate_size=128, max_position_embeddings=512,
-        )  # fmt: skip
+            vocab_size=len(load_tokenizer("minilm")),
+            hidden_size=64,
+            num_hidden_layers=layers or 2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=512,
+        )
         encoder = AutoModel.from_config(config, attn_implementation=register_attention(), add_pooling_layer=False)
         return TextClassifier(encoder, task.num_classes, pooling="mean", special_ids=special_ids_of(name))
     # The classifier reads the [CLS] hidden state, never the pooler: build the encoder without it where the model
@@ -406,18 +418,30 @@ def build_image(name: str, task: Task):
             raise ModelError(f"model '{name}': CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 56...)")
         blocks = (depth - 2) // 6
         config = ResNetConfig(
-            num_channels=channels, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[blocks] * 3,
-            layer_type="basic", hidden_act="relu", downsample_in_first_stage=False, num_labels=num_classes,
-        )  # fmt: skip
+            num_channels=channels,
+            embedding_size=16,
+            hidden_sizes=[16, 32, 64],
+            depths=[blocks] * 3,
+            layer_type="basic",
+            hidden_act="relu",
+            downsample_in_first_stage=False,
+            num_labels=num_classes,
+        )
         model = ResNetForImageClassification(config)
         model.resnet.embedder = CifarStem(channels, 16)
         return ImageClassifier(model, hf=True)
     if base == "vit":
         patch = 4 if height >= 16 else 2
         config = ViTConfig(
-            image_size=height, patch_size=patch, num_channels=channels, hidden_size=64,
-            num_hidden_layers=size or 4, num_attention_heads=4, intermediate_size=128, num_labels=num_classes,
-        )  # fmt: skip
+            image_size=height,
+            patch_size=patch,
+            num_channels=channels,
+            hidden_size=64,
+            num_hidden_layers=size or 4,
+            num_attention_heads=4,
+            intermediate_size=128,
+            num_labels=num_classes,
+        )
         return ImageClassifier(
             AutoModelForImageClassification.from_config(config, attn_implementation=register_attention()), hf=True
         )
@@ -437,9 +461,14 @@ def build_lm(name: str, task: Task, bptt: int = 64):
         return LSTMLanguageModel(vocab_size, size=256, layers=layers or 2)
     if base == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab_size, n_positions=max(bptt, 64), n_embd=128, n_layer=layers or 2, n_head=4,
-            bos_token_id=0, eos_token_id=0,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            n_positions=max(bptt, 64),
+            n_embd=128,
+            n_layer=layers or 2,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         return CausalLM(GPT2LMHeadModel(config))
     raise ModelError(f"model '{name}': language modelling supports lstm and gpt2 (from config)")
 

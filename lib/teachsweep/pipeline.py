@@ -77,8 +77,10 @@ def parse_pipeline(text: str, where: str = "") -> Pipeline:
         if not isinstance(stage_name, str):
             raise SpecError(f"{where}stages[{index}].name: required, a name (got {stage_name!r})")
         if stage_name == name or stage_name in {s.name for s in stages}:
-            raise SpecError(f"{where}stages[{index}].name: '{stage_name}' is taken (stage names must be distinct "
-                            "and differ from the pipeline's)")  # fmt: skip
+            raise SpecError(
+                f"{where}stages[{index}].name: '{stage_name}' is taken (stage names must be distinct "
+                "and differ from the pipeline's)"
+            )
         stage_text = yaml.safe_dump(stage_raw, sort_keys=False)
         spec = parse_spec(stage_text, where=f"{where}stages[{index}].")
         stages.append(Stage(index, spec.name, stage_text, stage_raw, spec))
@@ -147,8 +149,13 @@ def run_pipeline(pipeline: Pipeline, text: str, callbacks_for=None, on_stage=Non
             continue
         run_id = run_id or pipeline_run(pipeline, spec, text)
         # checked again by run_sweep now that every earlier stage has finished: `sweep:<stage>/each` expands here
-        outcome = run_sweep(spec, stage.text, callbacks_for(spec) if callbacks_for else None, pipeline_run_id=run_id,
-                            where=f"{where}stages[{stage.index}].")  # fmt: skip
+        outcome = run_sweep(
+            spec,
+            stage.text,
+            callbacks_for(spec) if callbacks_for else None,
+            pipeline_run_id=run_id,
+            where=f"{where}stages[{stage.index}].",
+        )
         outcomes.append(outcome)
         if on_stage:
             on_stage(stage, outcome)

@@ -50,10 +50,13 @@ def teacher_choices(
         if expanded[0][0] is None:
             continue
         choices = [
-            (f"{suffix}-teacher{trial}" if len(expanded) > 1 else suffix,
-             chosen | {field: reference, "teacher_source": f"{value.split('/')[0]}/{trial}"})
-            for suffix, chosen in choices for trial, reference in expanded
-        ]  # fmt: skip
+            (
+                f"{suffix}-teacher{trial}" if len(expanded) > 1 else suffix,
+                chosen | {field: reference, "teacher_source": f"{value.split('/')[0]}/{trial}"},
+            )
+            for suffix, chosen in choices
+            for trial, reference in expanded
+        ]
     return choices
 
 

@@ -1,5 +1,5 @@
-"""Plausibility of token explanations against human rationales (smat.md): the rationale sources, word-piece
-scores made word scores by their max, and per-example ROC-AUC, average precision and recall@k.
+"""Plausibility of token explanations against human rationales (docs/jobs/scaffold.md): the rationale sources,
+word-piece scores made word scores by their max, and per-example ROC-AUC, average precision and recall@k.
 
 Only the words the model saw are ranked: a word cut off by max_length has no score, and ranking it at 0 would
 pull every metric down. The fraction of rationale words cut is reported beside the scores."""
@@ -129,8 +129,14 @@ def rationale_plausibility(
     pairs = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        encoded = tokenizer([w for w, _ in chunk], is_split_into_words=True, truncation=True,
-                            max_length=max_length, padding=True, return_tensors="pt")  # fmt: skip
+        encoded = tokenizer(
+            [w for w, _ in chunk],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         batch = {k: encoded[k].to(device) for k in ("input_ids", "attention_mask")}
         with torch.enable_grad():  # gradient explainers need autograd even here
             probs = token_distribution(scores_of(batch), batch["attention_mask"]).detach().float().cpu().numpy()

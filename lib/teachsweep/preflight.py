@@ -43,8 +43,10 @@ def check_spec(spec: SweepSpec, where: str = "", pending: dict[str, str] | None 
         if label == "config" and spec.space:  # searched trials: Optuna needs every objective from each of them
             for objective in spec.objectives:
                 if objective.metric not in metrics:
-                    raise SpecError(f"{where}objectives: '{objective.metric}' is never reported by job '{spec.job}' "
-                                    f"with this config (it reports {', '.join(sorted(metrics))})")  # fmt: skip
+                    raise SpecError(
+                        f"{where}objectives: '{objective.metric}' is never reported by job '{spec.job}' "
+                        f"with this config (it reports {', '.join(sorted(metrics))})"
+                    )
     check_objectives(spec, where, reported)
 
 
@@ -52,16 +54,22 @@ def sweep_references(spec: SweepSpec) -> list[tuple[str, str]]:
     """(field, reference) of every `sweep:` teacher reference in the config and the variants."""
     fields = JOBS[spec.job].teacher_fields
     overlays = [spec.config, *spec.variants.values()]
-    return [(field, overlay[field]) for field in fields for overlay in overlays
-            if isinstance(overlay.get(field), str) and overlay[field].startswith(references.SWEEP)]  # fmt: skip
+    return [
+        (field, overlay[field])
+        for field in fields
+        for overlay in overlays
+        if isinstance(overlay.get(field), str) and overlay[field].startswith(references.SWEEP)
+    ]
 
 
 def refuse_each_in_a_search(spec: SweepSpec, where: str) -> None:
     for field in JOBS[spec.job].teacher_fields:
         value = spec.config.get(field)
         if spec.space and isinstance(value, str) and value.startswith(references.SWEEP) and value.endswith("/each"):
-            raise SpecError(f"{where}config.{field}: '/each' fans out one trial per teacher: give it in a grid "
-                            "(variants), not to a search")  # fmt: skip
+            raise SpecError(
+                f"{where}config.{field}: '/each' fans out one trial per teacher: give it in a grid "
+                "(variants), not to a search"
+            )
 
 
 def refuse_pending_stages_without_teachers(spec: SweepSpec, where: str, pending: dict[str, str]) -> None:
@@ -97,13 +105,17 @@ def check_objectives(spec: SweepSpec, where: str, reported: dict[str, str | None
     """Every objective is reported by some planned trial, and optimised in the direction the job gives it."""
     for objective in spec.objectives:
         if objective.metric not in reported:
-            raise SpecError(f"{where}objectives: '{objective.metric}' is never reported by job '{spec.job}' "
-                            f"(it reports {', '.join(sorted(reported))})")  # fmt: skip
+            raise SpecError(
+                f"{where}objectives: '{objective.metric}' is never reported by job '{spec.job}' "
+                f"(it reports {', '.join(sorted(reported))})"
+            )
         direction = reported[objective.metric]
         if direction is not None and direction != objective.mode:
-            raise SpecError(f"{where}objectives: '{objective.metric}' is better when "
-                            f"{'higher' if direction == 'max' else 'lower'}; mode {objective.mode} would "
-                            f"optimise it the wrong way")  # fmt: skip
+            raise SpecError(
+                f"{where}objectives: '{objective.metric}' is better when "
+                f"{'higher' if direction == 'max' else 'lower'}; mode {objective.mode} would "
+                f"optimise it the wrong way"
+            )
 
 
 def check_stores(spec: SweepSpec, root: Path, fingerprint: Path, started: bool = True) -> str:
@@ -123,6 +135,8 @@ def check_stores(spec: SweepSpec, root: Path, fingerprint: Path, started: bool =
     if fingerprint.exists() and started:
         changes = describe_changes(json.loads(fingerprint.read_text()), spec.fingerprint())
         if changes:
-            raise SpecError(f"sweep '{spec.name}' exists with a different spec ({'; '.join(changes)}): use a new "
-                            "name, or delete its results directory")  # fmt: skip
+            raise SpecError(
+                f"sweep '{spec.name}' exists with a different spec ({'; '.join(changes)}): use a new "
+                "name, or delete its results directory"
+            )
     return uri

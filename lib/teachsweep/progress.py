@@ -92,8 +92,10 @@ class Progress(Callback):
         best_text = f"best {self.objective} {best[0]:.4g} (trial {best[1]})" if best else "no best yet"
         planned = self.planned if self.planned is not None else "?"
         left = None if self.planned is None else self.planned - self.ended_before
-        return (f"        {done}/{planned} done, {failed} failed, {duration(elapsed)} elapsed, "
-                f"{eta(elapsed, done + failed - self.ended_before, left)}; {best_text}")  # fmt: skip
+        return (
+            f"        {done}/{planned} done, {failed} failed, {duration(elapsed)} elapsed, "
+            f"{eta(elapsed, done + failed - self.ended_before, left)}; {best_text}"
+        )
 
     def _summary(self, trials, ended_now: str) -> None:
         self._print(self.summary(trials, ended_now))

@@ -119,8 +119,10 @@ def sweep_teachers(value: str, field: str, results_dir: str | Path) -> dict[str,
             raise TeacherReferenceError(f"{field}: sweep '{name}' has no best trial with a saved teacher")
         return {trial: teachers[trial]}
     if selector not in teachers:
-        raise TeacherReferenceError(f"{field}: sweep '{name}' has no finished trial '{selector}' with a saved teacher "
-                             f"(trials: {', '.join(sorted(teachers))})")  # fmt: skip
+        raise TeacherReferenceError(
+            f"{field}: sweep '{name}' has no finished trial '{selector}' with a saved teacher "
+            f"(trials: {', '.join(sorted(teachers))})"
+        )
     return {selector: teachers[selector]}
 
 

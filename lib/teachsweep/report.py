@@ -56,8 +56,10 @@ class Figure:
 
     def html(self) -> str:
         title, caption = html.escape(self.title), html.escape(self.caption)
-        return (f'<h2>{title}</h2><figure><img alt="{title}" src="data:image/png;base64,{self.png}">'
-                f"<figcaption>{caption}</figcaption></figure>")  # fmt: skip
+        return (
+            f'<h2>{title}</h2><figure><img alt="{title}" src="data:image/png;base64,{self.png}">'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -99,8 +101,13 @@ def objective_vs_parameters(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Fi
         discrete = categorical or param.type == "int"
         positions = [values_order(values).index(x) for x in values] if categorical else values
         xs = jittered(positions) if discrete else positions
-        ax.errorbar(xs, [v[0] for _, v in points], yerr=[[v[1] for _, v in points], [v[2] for _, v in points]],
-                    fmt="o", capsize=3)  # fmt: skip
+        ax.errorbar(
+            xs,
+            [v[0] for _, v in points],
+            yerr=[[v[1] for _, v in points], [v[2] for _, v in points]],
+            fmt="o",
+            capsize=3,
+        )
         if categorical:
             ax.set_xticks(range(len(values_order(values))), values_order(values))
         baselines = [r for r in rows if is_baseline(r, JOBS[spec.job]) and value_and_error(r, metric)]
@@ -118,14 +125,22 @@ def objective_vs_parameters(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Fi
         ax.set_xlabel(name)
         ax.set_ylabel(metric)
         seeds = max(seeds_of(r, metric) for r in searched)
-        arms = f" Lines and bands: the fixed arms ({', '.join(b['label'] for b in baselines[:3])}) with their " \
-            "intervals." if baselines else ""  # fmt: skip
+        arms = (
+            f" Lines and bands: the fixed arms ({', '.join(b['label'] for b in baselines[:3])}) with their intervals."
+            if baselines
+            else ""
+        )
         spread = " Points at the same value are spread sideways so that none hides another." if discrete else ""
-        figures.append(Figure(f"{metric} against {name}", fig,
-                              f"Each point is one searched trial ({len(points)}), its final {metric}"
-                              f"{examples_words(searched, metric)}; bars are 95% intervals "
-                              f"({interval_words(searched, metric)}); {seeds} seed(s) per trial. Points whose bars "
-                              f"overlap a lot are not told apart by this sweep.{spread}{arms}"))  # fmt: skip
+        figures.append(
+            Figure(
+                f"{metric} against {name}",
+                fig,
+                f"Each point is one searched trial ({len(points)}), its final {metric}"
+                f"{examples_words(searched, metric)}; bars are 95% intervals "
+                f"({interval_words(searched, metric)}); {seeds} seed(s) per trial. Points whose bars "
+                f"overlap a lot are not told apart by this sweep.{spread}{arms}",
+            )
+        )
     return figures
 
 
@@ -180,8 +195,11 @@ def alpha_n_map(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
         return []
     alphas = np.array([float(r["params"]["alpha"]) for r in lot])
     ns = sorted({int(r["params"]["student_steps"]) for r in lot})
-    edges = np.geomspace(alphas.min(), alphas.max() * (1 + 1e-9), 5) if alphas.min() > 0 else np.linspace(
-        alphas.min(), alphas.max() + 1e-9, 5)  # fmt: skip
+    edges = (
+        np.geomspace(alphas.min(), alphas.max() * (1 + 1e-9), 5)
+        if alphas.min() > 0
+        else np.linspace(alphas.min(), alphas.max() + 1e-9, 5)
+    )
     grid = np.full((len(ns), len(edges) - 1), np.nan)
     counts = np.zeros_like(grid, dtype=int)
     for r, a in zip(lot, alphas, strict=True):
@@ -200,12 +218,16 @@ def alpha_n_map(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
         for j in range(len(edges) - 1):
             if counts[i, j]:
                 colour = text_colour(image.cmap(image.norm(grid[i, j])))
-                ax.text(j, i, f"{grid[i, j]:.4g}\nn={counts[i, j]}", ha="center", va="center", color=colour,
-                        fontsize=8)  # fmt: skip
-    return [Figure("LoT: alpha × N", fig,
-                   f"Mean final {metric} of the LoT trials in each cell (n = trials in the cell; {len(lot)} in all)"
-                   f"{examples_words(lot, metric)}, alpha in four log-spaced bins. One-trial cells carry all its "
-                   "noise.")]  # fmt: skip
+                ax.text(j, i, f"{grid[i, j]:.4g}\nn={counts[i, j]}", ha="center", va="center", color=colour, fontsize=8)
+    return [
+        Figure(
+            "LoT: alpha × N",
+            fig,
+            f"Mean final {metric} of the LoT trials in each cell (n = trials in the cell; {len(lot)} in all)"
+            f"{examples_words(lot, metric)}, alpha in four log-spaced bins. One-trial cells carry all its "
+            "noise.",
+        )
+    ]
 
 
 def comparison_forest(sweep: Sweep, comparisons: list[dict[str, Any]]) -> list[Figure]:
@@ -215,22 +237,34 @@ def comparison_forest(sweep: Sweep, comparisons: list[dict[str, Any]]) -> list[F
     if not metrics:
         return []
     pairs = list(dict.fromkeys((c["variant"], c["trial"], c["baseline_label"]) for c in rows))
-    fig, axes = subplots(1, len(metrics), figsize=(2.2 + 2.6 * len(metrics), 1.0 + 0.35 * len(pairs)),
-                             sharey=True, squeeze=False)  # fmt: skip
+    fig, axes = subplots(
+        1, len(metrics), figsize=(2.2 + 2.6 * len(metrics), 1.0 + 0.35 * len(pairs)), sharey=True, squeeze=False
+    )
     for ax, metric in zip(axes[0], metrics, strict=True):
         for c in (c for c in rows if c["metric"] == metric):
             k = pairs.index((c["variant"], c["trial"], c["baseline_label"]))
             excludes_zero = c["ci_low"] > 0 or c["ci_high"] < 0
-            ax.errorbar([c["diff_mean"]], [k], xerr=[[c["diff_mean"] - c["ci_low"]], [c["ci_high"] - c["diff_mean"]]],
-                        fmt="o", capsize=3, color="C0" if excludes_zero else "0.4")  # fmt: skip
+            ax.errorbar(
+                [c["diff_mean"]],
+                [k],
+                xerr=[[c["diff_mean"] - c["ci_low"]], [c["ci_high"] - c["diff_mean"]]],
+                fmt="o",
+                capsize=3,
+                color="C0" if excludes_zero else "0.4",
+            )
         ax.axvline(0, color="k", lw=0.8)
         ax.set_title(metric, fontsize=8)
     axes[0][0].set_yticks(range(len(pairs)), [f"{t} vs {b}" for _, t, b in pairs], fontsize=7)
     seeds = ", ".join(str(n) for n in sorted({c["n_seeds"] for c in rows}))
-    return [Figure("LoT minus teacher-only, paired by seed", fig,
-                   f"One panel per metric, one row per LoT trial and its teacher-only arm (the budget is in the arm's "
-                   f"label: -N<n> = matched model steps): mean paired difference (LoT − teacher-only) and its 95% "
-                   f"interval ({PAIRED_METHOD}); {seeds} seeds. Blue: the interval excludes 0.")]  # fmt: skip
+    return [
+        Figure(
+            "LoT minus teacher-only, paired by seed",
+            fig,
+            f"One panel per metric, one row per LoT trial and its teacher-only arm (the budget is in the arm's "
+            f"label: -N<n> = matched model steps): mean paired difference (LoT − teacher-only) and its 95% "
+            f"interval ({PAIRED_METHOD}); {seeds} seeds. Blue: the interval excludes 0.",
+        )
+    ]
 
 
 def pareto_figure(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
@@ -251,8 +285,14 @@ def pareto_figure(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     ax.set_xlabel(f"{m1} ({o1})")
     ax.set_ylabel(f"{m2} ({o2})")
     ax.legend()
-    return [Figure("Pareto front", fig, f"{len(points)} trials on the first two objectives; red: the {len(front)} "
-                   "trials no other trial beats on both (Optuna's front of the searched trials).")]  # fmt: skip
+    return [
+        Figure(
+            "Pareto front",
+            fig,
+            f"{len(points)} trials on the first two objectives; red: the {len(front)} "
+            "trials no other trial beats on both (Optuna's front of the searched trials).",
+        )
+    ]
 
 
 def variant_forest(sweep: Sweep, summaries: list[dict[str, Any]]) -> list[Figure]:
@@ -260,19 +300,26 @@ def variant_forest(sweep: Sweep, summaries: list[dict[str, Any]]) -> list[Figure
     metrics = list(dict.fromkeys(s["metric"] for s in summaries))[:4]
     if not metrics:
         return []
-    fig, axes = subplots(1, len(metrics), figsize=(4.5 * len(metrics), 0.9 + 0.35 * len(summaries) /
-                             len(metrics)), squeeze=False)  # fmt: skip
+    fig, axes = subplots(
+        1, len(metrics), figsize=(4.5 * len(metrics), 0.9 + 0.35 * len(summaries) / len(metrics)), squeeze=False
+    )
     for ax, metric in zip(axes[0], metrics, strict=True):
         rows = [s for s in summaries if s["metric"] == metric]
         for k, s in enumerate(rows):
-            ax.errorbar([s["mean"]], [k], xerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]], fmt="o",
-                        capsize=3)  # fmt: skip
+            ax.errorbar(
+                [s["mean"]], [k], xerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]], fmt="o", capsize=3
+            )
         ax.set_yticks(range(len(rows)), [s["label"] for s in rows], fontsize=8)
         ax.set_title(metric, fontsize=9)
     seeds = ", ".join(str(n) for n in sorted({s["n_seeds"] for s in summaries}))
-    return [Figure("Scores by variant, over seeds", fig,
-                   f"Mean over seeds with its 95% interval ({T_METHOD}); {seeds} seeds per variant. For SMaT sweeps "
-                   "the variants are the explainers, the score simulability.")]  # fmt: skip
+    return [
+        Figure(
+            "Scores by variant, over seeds",
+            fig,
+            f"Mean over seeds with its 95% interval ({T_METHOD}); {seeds} seeds per variant. For SMaT sweeps "
+            "the variants are the explainers, the score simulability.",
+        )
+    ]
 
 
 def verdict_items(lines: list[str]) -> str:
@@ -308,22 +355,39 @@ def teacher_effect_figure(teachers: str, rows: list[dict[str, Any]]) -> list[Fig
         ax.set_title(metric, fontsize=9)
         ax.legend(fontsize=7)
     seeds = ", ".join(str(n) for n in sorted({r["n_seeds"] for r in rows}))
-    return [Figure(f"Scores by the teacher from {teachers}", fig,
-                   f"Each point: the mean over {seeds} teacher seeds with its 95% interval ({T_METHOD}); teachers "
-                   f"by their arm in {teachers}, students by variant (SMaT: the explainer). Differences to the "
-                   "baseline teacher, paired by teacher seed, are in the table below.")]  # fmt: skip
+    return [
+        Figure(
+            f"Scores by the teacher from {teachers}",
+            fig,
+            f"Each point: the mean over {seeds} teacher seeds with its 95% interval ({T_METHOD}); teachers "
+            f"by their arm in {teachers}, students by variant (SMaT: the explainer). Differences to the "
+            "baseline teacher, paired by teacher seed, are in the table below.",
+        )
+    ]
 
 
 def teacher_effect_table(teachers: str, rows: list[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{c}</th>" for c in ["teacher", "student variant", "metric", "seeds", "mean [95%]",
-                                              "vs baseline teacher [95%]", "p"])  # fmt: skip
+    head = "".join(
+        f"<th>{c}</th>"
+        for c in ["teacher", "student variant", "metric", "seeds", "mean [95%]", "vs baseline teacher [95%]", "p"]
+    )
     body = []
     for r in rows:
-        versus = (f"{r['vs_reference_diff_mean']:+.4g} [{r['vs_reference_ci_low']:+.4g}, "
-                  f"{r['vs_reference_ci_high']:+.4g}]" if "vs_reference_diff_mean" in r else "")  # fmt: skip
+        versus = (
+            f"{r['vs_reference_diff_mean']:+.4g} [{r['vs_reference_ci_low']:+.4g}, {r['vs_reference_ci_high']:+.4g}]"
+            if "vs_reference_diff_mean" in r
+            else ""
+        )
         p_value = f"{r['vs_reference_p_value']:.3g}" if "vs_reference_p_value" in r else ""
-        cells = [r["teacher"], r["variant"] or "(the teacher)", r["metric"], r["n_seeds"],
-                 f"{r['mean']:.4g} {interval_text(r['ci_low'], r['ci_high'])}", versus, p_value]  # fmt: skip
+        cells = [
+            r["teacher"],
+            r["variant"] or "(the teacher)",
+            r["metric"],
+            r["n_seeds"],
+            f"{r['mean']:.4g} {interval_text(r['ci_low'], r['ci_high'])}",
+            versus,
+            p_value,
+        ]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
     return (
         f"<h2>By teacher (from <code>{html.escape(teachers)}</code>)</h2><p>{html.escape(T_METHOD)}; vs the "
@@ -361,17 +425,23 @@ def learning_curves(sweep: Sweep, rows: list[dict[str, Any]], top: int = 3) -> l
     ax.set_xlabel("epoch")
     ax.set_ylabel(curve)
     ax.legend(fontsize=8)
-    return [Figure("Learning curves of the best trials", fig,
-                   f"{curve} per epoch of the {drawn} best trials on {metric}{examples_words(ranked[:top], curve)} "
-                   "(for a trial that ran several seeds, its first seed).")]  # fmt: skip
+    return [
+        Figure(
+            "Learning curves of the best trials",
+            fig,
+            f"{curve} per epoch of the {drawn} best trials on {metric}{examples_words(ranked[:top], curve)} "
+            "(for a trial that ran several seeds, its first seed).",
+        )
+    ]
 
 
 def first_seed_run(client, trial_run_id: str) -> str | None:
     runs = client.search_runs(
         [client.get_run(trial_run_id).info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{trial_run_id}' and tags.`teachsweep.role` = 'seed'",
-        order_by=["attributes.start_time ASC"], max_results=1,
-    )  # fmt: skip
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -390,9 +460,10 @@ def rl_return_curves(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     by_label: dict[str, list[list[tuple[int, float]]]] = {}
     for _, run in runs[runs["status"] == "FINISHED"].iterrows():
         ids = [run["run_id"]]
-        seeds = client.search_runs([run["experiment_id"]] if "experiment_id" in run else
-                                   [client.get_run(run["run_id"]).info.experiment_id],
-                                   filter_string=f"tags.`mlflow.parentRunId` = '{run['run_id']}'")  # fmt: skip
+        seeds = client.search_runs(
+            [run["experiment_id"]] if "experiment_id" in run else [client.get_run(run["run_id"]).info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{run['run_id']}'",
+        )
         ids = [s.info.run_id for s in seeds] or ids
         for run_id in ids:
             history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "teacher/eval_return"))
@@ -406,9 +477,14 @@ def rl_return_curves(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     ax.set_xlabel("epoch (a fixed number of environment steps)")
     ax.set_ylabel("teacher greedy evaluation return")
     ax.legend(fontsize=7)
-    return [Figure("RL: evaluation return per epoch", fig,
-                   "The teacher's greedy return per epoch, averaged over each label's runs (seeds); each point is "
-                   "the mean of the evaluation episodes of that epoch.")]  # fmt: skip
+    return [
+        Figure(
+            "RL: evaluation return per epoch",
+            fig,
+            "The teacher's greedy return per epoch, averaged over each label's runs (seeds); each point is "
+            "the mean of the evaluation episodes of that epoch.",
+        )
+    ]
 
 
 def head_coefficients(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
@@ -417,8 +493,11 @@ def head_coefficients(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
 
     client = MlflowClient(sweep.tracking_uri)
     metric, mode = sweep.spec.metric_names[0], sweep.spec.mode_names[0]
-    ranked = sorted((r for r in rows if value_and_error(r, metric) and r.get("mlflow_run_id")),
-                    key=lambda r: value_and_error(r, metric)[0], reverse=mode == "max")  # fmt: skip
+    ranked = sorted(
+        (r for r in rows if value_and_error(r, metric) and r.get("mlflow_run_id")),
+        key=lambda r: value_and_error(r, metric)[0],
+        reverse=mode == "max",
+    )
     for row in ranked:
         run_id = first_seed_run(client, row["mlflow_run_id"]) or row["mlflow_run_id"]
         if "head_coefficients.json" not in [a.path for a in client.list_artifacts(run_id)]:
@@ -432,9 +511,14 @@ def head_coefficients(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
         ax.set_ylabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        return [Figure("SMaT head coefficients", fig,
-                       f"The explainer's normalised head coefficients of trial {row['trial_id']} ({row['label']}), "
-                       "the best on the objective that learned them (first seed).")]  # fmt: skip
+        return [
+            Figure(
+                "SMaT head coefficients",
+                fig,
+                f"The explainer's normalised head coefficients of trial {row['trial_id']} ({row['label']}), "
+                "the best on the objective that learned them (first seed).",
+            )
+        ]
     return []
 
 
@@ -444,15 +528,22 @@ def head_coefficients(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
 def trials_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
     metric = sweep.spec.metric_names[0]
     searched = list(sweep.spec.space)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["trial", "label", *searched, metric, "95% interval",
-                                                           "method", "seeds"])  # fmt: skip
+    head = "".join(
+        f"<th>{html.escape(c)}</th>" for c in ["trial", "label", *searched, metric, "95% interval", "method", "seeds"]
+    )
     body = []
     for r in rows:
         own = interval_of(r["metrics"], metric)
         value = value_and_error(r, metric)
-        cells = [r["trial_id"], r["label"], *[number(r["params"].get(k, "")) for k in searched],
-                 f"{value[0]:.4g}" if value else "", interval_text(own.low, own.high) if own else "",
-                 own.label if own else "no interval", seeds_of(r, metric)]  # fmt: skip
+        cells = [
+            r["trial_id"],
+            r["label"],
+            *[number(r["params"].get(k, "")) for k in searched],
+            f"{value[0]:.4g}" if value else "",
+            interval_text(own.low, own.high) if own else "",
+            own.label if own else "no interval",
+            seeds_of(r, metric),
+        ]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return f"<h2>Trials</h2><table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -465,14 +556,33 @@ def number(value: Any) -> Any:
 def comparisons_table(comparisons: list[dict[str, Any]]) -> str:
     if not comparisons:
         return ""
-    head = "".join(f"<th>{c}</th>" for c in ["variant", "trial", "budget", "metric", "LoT", "teacher-only",
-                                              "LoT − teacher-only [95%]", "p", "seeds"])  # fmt: skip
+    head = "".join(
+        f"<th>{c}</th>"
+        for c in [
+            "variant",
+            "trial",
+            "budget",
+            "metric",
+            "LoT",
+            "teacher-only",
+            "LoT − teacher-only [95%]",
+            "p",
+            "seeds",
+        ]
+    )
     body = []
     for c in comparisons:
-        cells = [c["variant"] or "-", c["trial"], c["budget"], c["metric"], f"{c['lot_mean']:.4g}",
-                 f"{c['teacher_only_mean']:.4g}",
-                 f"{c['diff_mean']:+.4g} [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]", f"{c['p_value']:.3g}",
-                 c["n_seeds"]]  # fmt: skip
+        cells = [
+            c["variant"] or "-",
+            c["trial"],
+            c["budget"],
+            c["metric"],
+            f"{c['lot_mean']:.4g}",
+            f"{c['teacher_only_mean']:.4g}",
+            f"{c['diff_mean']:+.4g} [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]",
+            f"{c['p_value']:.3g}",
+            c["n_seeds"],
+        ]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
     return f"<p>{html.escape(PAIRED_METHOD)}</p><table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -497,15 +607,24 @@ def build_report(sweep: Sweep) -> str:
     )
     summaries = seed_summaries(rows, metrics, job.reference_arm)
     figures: list[Figure] = []
-    for make in (objective_vs_parameters, alpha_n_map, pareto_figure, learning_curves, rl_return_curves,
-                 head_coefficients):  # fmt: skip
+    for make in (
+        objective_vs_parameters,
+        alpha_n_map,
+        pareto_figure,
+        learning_curves,
+        rl_return_curves,
+        head_coefficients,
+    ):
         figures += make(sweep, rows)
     figures += comparison_forest(sweep, comparisons) + variant_forest(sweep, summaries)
     chained = teacher_effect(sweep)
     if chained:
         figures += teacher_effect_figure(*chained)
-    lines = verdict_items(verdict(spec, rows)) if len(spec.objectives) == 1 else \
-        "<li>several objectives: see the Pareto front</li>"  # fmt: skip
+    lines = (
+        verdict_items(verdict(spec, rows))
+        if len(spec.objectives) == 1
+        else "<li>several objectives: see the Pareto front</li>"
+    )
     objectives = ", ".join(f"{o.metric} ({o.mode})" for o in spec.objectives)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>teachsweep report: {html.escape(spec.name)}
 </title><style>{STYLE}</style></head><body>

@@ -61,8 +61,9 @@ def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
         uri = f"sqlite:///{layout.local_store}"
     if missing_sqlite_file(uri):  # no store yet: a sweep that never started (opening one would create it)
         if parent_file.exists():
-            raise SpecError(f"{parent_file}: tracking store {uri.removeprefix('sqlite:///')} not found (moved or "
-                            "deleted)")  # fmt: skip
+            raise SpecError(
+                f"{parent_file}: tracking store {uri.removeprefix('sqlite:///')} not found (moved or deleted)"
+            )
         return Sweep(name, directory, spec, text, uri, None)
     if parent_file.exists():
         parent = parent_file.read_text().strip()
@@ -82,8 +83,9 @@ def check_run_exists(uri: str, run_id: str, named_in: Path) -> None:
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise SpecError(f"{named_in}: MLflow run {run_id} is not in the tracking store {uri} (deleted, or the "
-                        "store was replaced)") from None  # fmt: skip
+        raise SpecError(
+            f"{named_in}: MLflow run {run_id} is not in the tracking store {uri} (deleted, or the store was replaced)"
+        ) from None
 
 
 def missing_sqlite_file(url: str) -> bool:
@@ -99,8 +101,10 @@ def local_store_of(uri: str, layout: SweepDir) -> str:
         return uri
     if layout.local_store.is_file():
         return f"sqlite:///{layout.local_store}"
-    raise SpecError(f"{layout.tracking_uri}: tracking store {uri.removeprefix('sqlite:///')} not found (moved or "
-                    f"deleted), and no {layout.local_store.name} beside the sweep in {layout.root}")  # fmt: skip
+    raise SpecError(
+        f"{layout.tracking_uri}: tracking store {uri.removeprefix('sqlite:///')} not found (moved or "
+        f"deleted), and no {layout.local_store.name} beside the sweep in {layout.root}"
+    )
 
 
 def latest_parent_run(uri: str, spec: SweepSpec) -> str | None:
@@ -128,8 +132,11 @@ def open_logged_sweep(name: str, tracking_uri: str, results_dir: str | Path = DE
     client = MlflowClient(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     query = f"tags.`teachsweep.sweep` = '{name}' and tags.`teachsweep.role` = 'parent'"
-    runs = client.search_runs(experiments, filter_string=query, order_by=["attributes.start_time DESC"],
-                              max_results=1) if experiments else []  # fmt: skip
+    runs = (
+        client.search_runs(experiments, filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
+        if experiments
+        else []
+    )
     directory = Path(results_dir).expanduser().resolve() / name
     if not runs:
         raise SpecError(f"no sweep named '{name}' in {directory.parent} or in {tracking_uri}")
@@ -168,7 +175,7 @@ def trial_runs(sweep: Sweep):
             **{f"params.{k}": v for k, v in run.data.params.items()},
             **{f"metrics.{k}": v for k, v in run.data.metrics.items()},
             **{f"tags.{k}": v for k, v in run.data.tags.items()},
-        }  # fmt: skip
+        }
         for run in runs
     ]
     return pd.DataFrame(rows)
@@ -184,8 +191,9 @@ def teacher_runs(sweep: Sweep) -> dict[str, str]:
     if experiment is None:
         return {}
     query = f"tags.`teachsweep.sweep` = '{sweep.name}' and tags.`teachsweep.teacher_artifact` = 'model.pt'"
-    runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=50_000,
-                              order_by=["attributes.start_time ASC"])  # fmt: skip
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=query, max_results=50_000, order_by=["attributes.start_time ASC"]
+    )
     out: dict[str, str] = {}
     for run in runs:
         trial = run.data.tags.get("teachsweep.trial_id")
@@ -233,9 +241,15 @@ def best_of_rows(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, 
         return []
     metric = spec.metric_names[0]
     keys = list(spec.space) or sorted({k for v in spec.variants.values() for k in v} | {"arm", "seed"})
-    return [{"params": {k: best["params"][k] for k in keys if k in best["params"]},
-             "values": {metric: point_of(best, metric)}, "trial_id": best["trial_id"], "label": best["label"],
-             "mlflow_run_id": best["mlflow_run_id"]}]  # fmt: skip
+    return [
+        {
+            "params": {k: best["params"][k] for k in keys if k in best["params"]},
+            "values": {metric: point_of(best, metric)},
+            "trial_id": best["trial_id"],
+            "label": best["label"],
+            "mlflow_run_id": best["mlflow_run_id"],
+        }
+    ]
 
 
 def pareto_front(spec: SweepSpec, storage_url: str, runs=None) -> list[dict[str, Any]]:
@@ -251,8 +265,11 @@ def pareto_front(spec: SweepSpec, storage_url: str, runs=None) -> list[dict[str,
         return []
     front = []
     for trial in study.best_trials:
-        entry = {"params": trial.params, "values": dict(zip(spec.metric_names, trial.values, strict=True)),
-                 "optuna_trial": trial.number}  # fmt: skip
+        entry = {
+            "params": trial.params,
+            "values": dict(zip(spec.metric_names, trial.values, strict=True)),
+            "optuna_trial": trial.number,
+        }
         if runs is not None:
             entry["mlflow_run_id"] = match_run(runs, trial.params)
         front.append(entry)
@@ -339,9 +356,16 @@ def trial_rows(sweep: Sweep, runs=None, merge_seeds: bool = True) -> list[dict[s
         metrics = {k[8:]: float(v) for k, v in run.items() if k.startswith("metrics.") and v == v}
         params["variant"] = variant_of(run["tags.teachsweep.label"], variants)
         params.pop("seeds", None)
-        rows.append({"trial_id": run["tags.teachsweep.trial_id"], "label": run["tags.teachsweep.label"],
-                     "params": params, "status": "OK", "metrics": metrics | seed_runs.get(run["run_id"], {}),
-                     "mlflow_run_id": run["run_id"]})  # fmt: skip
+        rows.append(
+            {
+                "trial_id": run["tags.teachsweep.trial_id"],
+                "label": run["tags.teachsweep.label"],
+                "params": params,
+                "status": "OK",
+                "metrics": metrics | seed_runs.get(run["run_id"], {}),
+                "mlflow_run_id": run["run_id"],
+            }
+        )
     return merge_seed_trials(rows) if merge_seeds else rows
 
 
@@ -389,7 +413,7 @@ def teacher_effect(students: Sweep) -> tuple[str, list[dict[str, Any]]] | None:
                 for m in student_scores
                 if f"metrics.{m}" in run and run[f"metrics.{m}"] == run[f"metrics.{m}"]
             },
-        }  # fmt: skip
+        }
         for _, run in runs.iterrows()
     ]
     return name, by_teacher(teachers, rows, reference or "")
@@ -487,8 +511,13 @@ def baselines_of(best: dict[str, Any], rows: list[dict[str, Any]], job) -> list[
     if job.matches_baselines:
         return job.baselines(best, rows)
     variant = best["params"].get("variant", "")
-    return [("", r) for r in rows if r is not best and is_baseline(r, job)
-            and (r["params"].get("variant", "") == variant or r["label"] == job.reference_arm)]  # fmt: skip
+    return [
+        ("", r)
+        for r in rows
+        if r is not best
+        and is_baseline(r, job)
+        and (r["params"].get("variant", "") == variant or r["label"] == job.reference_arm)
+    ]
 
 
 def selection_words(best: dict[str, Any], metric: str, job) -> str:
@@ -515,8 +544,10 @@ def versus_baselines(
         elif (c := compare_to_best(best, base, metric)) is None:
             lines.append(f"vs {base['label']}: {point_of(best, metric) - point_of(base, metric):+.4g} (no interval)")
         else:
-            lines.append(f"vs {base['label']}: {c['diff']:+.4g} [{c['low']:+.4g}, {c['high']:+.4g}] ({noise_of(c)}; "
-                         f"{c['method']})")  # fmt: skip
+            lines.append(
+                f"vs {base['label']}: {c['diff']:+.4g} [{c['low']:+.4g}, {c['high']:+.4g}] ({noise_of(c)}; "
+                f"{c['method']})"
+            )
     return lines
 
 
@@ -542,8 +573,11 @@ def held_out(
         if value is None:
             continue
         c = compare_to_best(best, base, score)
-        versus = f"{c['diff']:+.4g} [{c['low']:+.4g}, {c['high']:+.4g}] ({noise_of(c)})" if c else \
-            f"{point_of(best, score) - value:+.4g} (no interval)"  # fmt: skip
+        versus = (
+            f"{c['diff']:+.4g} [{c['low']:+.4g}, {c['high']:+.4g}] ({noise_of(c)})"
+            if c
+            else f"{point_of(best, score) - value:+.4g} (no interval)"
+        )
         lines.append(f"  vs {base['label']} {value:.4g}: {versus}")
         if c:
             lines.append(f"    (difference: {c['method']})")
@@ -575,8 +609,9 @@ def wrap_lines(lines: list[str], width: int = 100, indent: str = "  ") -> list[s
     out = []
     for line in lines:
         lead = line[: len(line) - len(line.lstrip())]
-        out += textwrap.wrap(line, width, subsequent_indent=lead + indent, break_long_words=False,
-                             break_on_hyphens=False) or [""]  # fmt: skip
+        out += textwrap.wrap(
+            line, width, subsequent_indent=lead + indent, break_long_words=False, break_on_hyphens=False
+        ) or [""]
     return out
 
 
@@ -594,8 +629,10 @@ def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
     if best is None:
         return [f"no finished trial reported {metric}"]
     candidates = verdict_candidates(spec, rows)
-    lines = [f"best on {metric} ({mode}{selection_words(best, metric, job)}): trial {best['trial_id']} "
-             f"[{best['label']}] {with_its_interval(best, metric)}"]  # fmt: skip
+    lines = [
+        f"best on {metric} ({mode}{selection_words(best, metric, job)}): trial {best['trial_id']} "
+        f"[{best['label']}] {with_its_interval(best, metric)}"
+    ]
     variant = best["params"].get("variant", "")
     others = [r for r in candidates if r is not best and r["params"].get("variant", "") == variant]
     if others:
@@ -605,9 +642,11 @@ def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
         if not known:
             lines.append(f"{len(others)} other trial(s): no interval to tell them apart from the best")
         elif close:
-            lines.append(f"{len(close)} of {len(others)} other trials are within noise of the best (their difference "
-                         f"to it has a 95% interval containing 0: {known[0][1]['method']}); the best is not a clear "
-                         "winner")  # fmt: skip
+            lines.append(
+                f"{len(close)} of {len(others)} other trials are within noise of the best (their difference "
+                f"to it has a 95% interval containing 0: {known[0][1]['method']}); the best is not a clear "
+                "winner"
+            )
         else:
             lines.append(f"the best is distinguishable from all {len(known)} other trials ({known[0][1]['method']})")
     baselines = baselines_of(best, rows, job)

@@ -43,9 +43,12 @@ def open_study(spec: SweepSpec, storage_url: str) -> optuna.Study:
     )
     directions = ["maximize" if mode == "max" else "minimize" for mode in spec.mode_names]
     study = optuna.create_study(
-        study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url), sampler=sampler,
-        directions=directions, load_if_exists=True,
-    )  # fmt: skip
+        study_name=spec.name,
+        storage=optuna.storages.RDBStorage(storage_url),
+        sampler=sampler,
+        directions=directions,
+        load_if_exists=True,
+    )
     if study.metric_names is None:  # what optuna-dashboard labels the objectives with
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -107,7 +110,7 @@ class StudySearcher(Searcher):
                 self.study.add_trial(
                     optuna.trial.create_trial(
                         params=frozen.params, distributions=frozen.distributions, values=[float(v) for v in values]
-                    )  # fmt: skip
+                    )
                 )
             return
         if complete:
@@ -203,8 +206,11 @@ def complete_finished_trials(spec: SweepSpec, storage_url: str, failed: list[int
         values = [metrics.get(m) for m in spec.metric_names]
         if trial is None or result.error is not None or not metrics.get("done") or None in values:
             continue
-        study.add_trial(optuna.trial.create_trial(params=trial.params, distributions=trial.distributions,
-                                                  values=[float(v) for v in values]))  # fmt: skip
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=trial.params, distributions=trial.distributions, values=[float(v) for v in values]
+            )
+        )
         told += 1
     return told
 

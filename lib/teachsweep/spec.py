@@ -102,11 +102,15 @@ class Resources(Strict):
         if self.gpu_type and not self.gpus:
             raise ValueError("gpu_type needs gpus > 0")
         if self.gpus > 1:
-            raise ValueError(f"gpus: {self.gpus:g} per worker, but a worker drives one GPU; for several GPUs set "
-                             "workers (one per GPU) and gpus: 1")  # fmt: skip
+            raise ValueError(
+                f"gpus: {self.gpus:g} per worker, but a worker drives one GPU; for several GPUs set "
+                "workers (one per GPU) and gpus: 1"
+            )
         if self.workers > 1 and 0 < self.gpus < 1:
-            raise ValueError(f"gpus: {self.gpus:g} with {self.workers} workers would put several NCCL ranks on one "
-                             "GPU, which NCCL refuses; use gpus: 1 per worker")  # fmt: skip
+            raise ValueError(
+                f"gpus: {self.gpus:g} with {self.workers} workers would put several NCCL ranks on one "
+                "GPU, which NCCL refuses; use gpus: 1 per worker"
+            )
         return self
 
     def accelerator(self) -> dict[str, float]:
@@ -217,8 +221,19 @@ def one_line(error: ValidationError, prefix: str = "") -> str:
     field, sep, rest = msg.partition(": ")
     if not first["loc"] and sep and field.isidentifier():  # a whole-config check that names its field
         return f"{prefix}{field}: {rest}"
-    if first["type"] in ("int_type", "float_type", "string_type", "bool_type", "list_type", "dict_type", "model_type",
-                         "int_parsing", "float_parsing", "bool_parsing", "literal_error"):  # fmt: skip
+    if first["type"] in (
+        "int_type",
+        "float_type",
+        "string_type",
+        "bool_type",
+        "list_type",
+        "dict_type",
+        "model_type",
+        "int_parsing",
+        "float_parsing",
+        "bool_parsing",
+        "literal_error",
+    ):
         msg += f" (got {first.get('input')!r})"
     return f"{loc}: {msg}"
 
@@ -334,8 +349,10 @@ def read_spec_file(path: str | Path) -> str:
     try:
         return file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
-        raise SpecError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}): "
-                        "a spec is a YAML file") from None  # fmt: skip
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}): "
+            "a spec is a YAML file"
+        ) from None
     except OSError as error:
         raise SpecError(f"{path}: cannot read the spec file ({error.strerror})") from None
 

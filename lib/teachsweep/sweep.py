@@ -84,13 +84,17 @@ def check_trial_fits(spec: SweepSpec) -> None:
         return
     workers, available = spec.resources.workers, ray.cluster_resources()
     driver_cpu = 0.0 if workers == 1 else 0.01  # a multi-worker trial's driver holds a token CPU (see run_sweep)
-    for key, resource, per_worker, extra in (("cpus", "CPU", spec.resources.cpus, driver_cpu),
-                                             ("gpus", "GPU", spec.resources.gpus, 0.0)):  # fmt: skip
+    for key, resource, per_worker, extra in (
+        ("cpus", "CPU", spec.resources.cpus, driver_cpu),
+        ("gpus", "GPU", spec.resources.gpus, 0.0),
+    ):
         needed, there = per_worker * workers + extra, available.get(resource, 0.0)
         if needed > there + 1e-9:
-            raise SpecError(f"resources.{key}: a trial needs {needed:g} {resource}s ({workers} worker(s) x "
-                            f"{per_worker:g}{' + the driver' if extra else ''}) and this machine's Ray has "
-                            f"{there:g}: ask for less, or run on a cluster (RAY_ADDRESS)")  # fmt: skip
+            raise SpecError(
+                f"resources.{key}: a trial needs {needed:g} {resource}s ({workers} worker(s) x "
+                f"{per_worker:g}{' + the driver' if extra else ''}) and this machine's Ray has "
+                f"{there:g}: ask for less, or run on a cluster (RAY_ADDRESS)"
+            )
 
 
 def max_concurrency(spec: SweepSpec) -> int:
@@ -146,21 +150,38 @@ def run_sweep(
     # A SQLite store keeps artifacts beside it (MLflow's default would be ./mlruns in the current directory).
     artifacts = paths.artifacts.as_uri() if uri.startswith("sqlite:") else None
     experiment_id = tracking.ensure_experiment(client, spec.experiment or spec.name, artifacts)
-    parent_params = {"job": spec.job, "config": spec.config, "space": spec.model_dump()["space"],
-                     "seeds": spec.seeds, "num_samples": spec.num_samples, "objectives": spec.metric_names}  # fmt: skip
+    parent_params = {
+        "job": spec.job,
+        "config": spec.config,
+        "space": spec.model_dump()["space"],
+        "seeds": spec.seeds,
+        "num_samples": spec.num_samples,
+        "objectives": spec.metric_names,
+    }
     known_parent = paths.parent_run.read_text().strip() if paths.parent_run.exists() else None
     stage_tags = {"teachsweep.pipeline": spec.pipeline, "teachsweep.stage": str(spec.stage)} if spec.pipeline else {}
     if pipeline_run_id:
         stage_tags["mlflow.parentRunId"] = pipeline_run_id
-    parent_run_id = tracking.start_parent_run(client, experiment_id, spec.name, parent_params, spec_text, known_parent,
-                                              stage_tags)  # fmt: skip
+    parent_run_id = tracking.start_parent_run(
+        client, experiment_id, spec.name, parent_params, spec_text, known_parent, stage_tags
+    )
     paths.parent_run.write_text(parent_run_id)
 
     ctx = TrialContext(
-        spec.name, spec.job, searched_config(spec), spec.seeds, uri, experiment_id, parent_run_id,
-        spec.resources.cpus, spec.resources.workers, spec.resources.gpus, str(paths.tune / "train"),
-        spec.resources.accelerator(), {k: v for k, v in stage_tags.items() if k.startswith("teachsweep.")},
-    )  # fmt: skip
+        spec.name,
+        spec.job,
+        searched_config(spec),
+        spec.seeds,
+        uri,
+        experiment_id,
+        parent_run_id,
+        spec.resources.cpus,
+        spec.resources.workers,
+        spec.resources.gpus,
+        str(paths.tune / "train"),
+        spec.resources.accelerator(),
+        {k: v for k, v in stage_tags.items() if k.startswith("teachsweep.")},
+    )
     # A multi-worker trial only drives its TorchTrainer, whose workers reserve the CPUs and GPUs themselves
     # (Tune refuses an empty request: the driver takes a token 0.01 CPU).
     single = spec.resources.workers == 1
@@ -265,8 +286,10 @@ def log_comparisons(client, parent_run_id: str, comparisons: list[dict[str, Any]
     for row in comparisons:
         variant = row["variant"] + "/" if row["variant"] else ""
         prefix = f"compare/{variant}{row['trial']}/{row['budget']}/{row['metric']}"
-        flat |= {f"{prefix}/{k}": row[k] for k in ("diff_mean", "ci_low", "ci_high", "p_value", "lot_mean",
-                                                     "teacher_only_mean")}  # fmt: skip
+        flat |= {
+            f"{prefix}/{k}": row[k]
+            for k in ("diff_mean", "ci_low", "ci_high", "p_value", "lot_mean", "teacher_only_mean")
+        }
     tracking.log_metrics(client, parent_run_id, flat, step=0)
     tracking.retry(lambda: client.set_tag(parent_run_id, "compare.interval_method", PAIRED_METHOD))
 
@@ -288,14 +311,18 @@ def make_scheduler(spec: SweepSpec):
                 super().on_trial_complete(tune_controller, trial, result)
 
     return SearchOnlyASHA(
-        time_attr="epoch", metric=spec.metric_names[0], mode=spec.mode_names[0],
-        max_t=spec.scheduler.max_t or int(spec.config.get("epochs", 3)), grace_period=spec.scheduler.grace_period,
+        time_attr="epoch",
+        metric=spec.metric_names[0],
+        mode=spec.mode_names[0],
+        max_t=spec.scheduler.max_t or int(spec.config.get("epochs", 3)),
+        grace_period=spec.scheduler.grace_period,
         reduction_factor=spec.scheduler.reduction_factor,
-    )  # fmt: skip
+    )
 
 
-def run_experiment(spec: SweepSpec, paths: SweepDir, trainable, callbacks, on_restore: Callable[[set[str]], None],
-                   concurrency: int):  # fmt: skip
+def run_experiment(
+    spec: SweepSpec, paths: SweepDir, trainable, callbacks, on_restore: Callable[[set[str]], None], concurrency: int
+):
     """Run the sweep's Tune experiment, or resume it; `on_restore` gets the ids of the trials Tune recorded."""
     from ray import tune
 
@@ -327,7 +354,7 @@ def run_experiment(spec: SweepSpec, paths: SweepDir, trainable, callbacks, on_re
             trial_dirname_creator=lambda trial: trial.trial_id,
             # One trial process runs trial after trial: imports, data and tokenizer caches are paid once.
             reuse_actors=True,
-        ),  # fmt: skip
+        ),
         run_config=tune.RunConfig(
             name="trials",
             storage_path=str(paths.tune),
@@ -335,7 +362,7 @@ def run_experiment(spec: SweepSpec, paths: SweepDir, trainable, callbacks, on_re
             callbacks=callbacks or [],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        ),  # fmt: skip
+        ),
     )
     return tuner.fit()
 

@@ -207,8 +207,9 @@ def finish_run(client, run_id: str, error: BaseException | None = None) -> None:
 class TrialReporter(Reporter):
     """Reports each epoch to MLflow (rank 0 only) and, when `to_tune`, to Ray Tune for Optuna and ASHA."""
 
-    def __init__(self, client, run_id: str, to_tune: bool = True, rank: int = 0, extra: dict | None = None,
-                 report=None):  # fmt: skip
+    def __init__(
+        self, client, run_id: str, to_tune: bool = True, rank: int = 0, extra: dict | None = None, report=None
+    ):
         """`report` sends a result to Ray: `ray.tune.report` in a trial (the default), `ray.train.report` in a
         Train worker (every rank calls it: it is a barrier)."""
         super().__init__()

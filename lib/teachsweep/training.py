@@ -109,9 +109,12 @@ def make_optimizer(model: nn.Module, cfg, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
-        )  # fmt: skip
+        )
     elif cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -189,8 +192,10 @@ class TaskData:
         interval needs); empty for language modelling and regression, whose scores are not proportions."""
         if self.is_lm or self.task.regression:
             return {}
-        return {f"examples/{short}": float(len(self.eval[split].split))
-                for split, short in (("validation", "val"), ("test", "test"))}  # fmt: skip
+        return {
+            f"examples/{short}": float(len(self.eval[split].split))
+            for split, short in (("validation", "val"), ("test", "test"))
+        }
 
     def steps_per_pass(self) -> int:
         if self.is_lm:

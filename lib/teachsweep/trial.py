@@ -42,8 +42,10 @@ def device_for(config: dict[str, Any], gpus: float, cuda_available: bool) -> dic
     CUDA is visible (Ray no longer hides a node's GPUs from tasks that reserve none, so `auto` would put every
     such trial on cuda:0); a trial that reserved GPUs refuses to start on a torch without CUDA."""
     if gpus and not cuda_available:
-        raise RuntimeError(f"resources.gpus: {gpus:g} GPU(s) reserved, but torch {torch.__version__} here has no "
-                           "CUDA (a CPU build, or no driver): install a CUDA torch on the GPU nodes")  # fmt: skip
+        raise RuntimeError(
+            f"resources.gpus: {gpus:g} GPU(s) reserved, but torch {torch.__version__} here has no "
+            "CUDA (a CPU build, or no driver): install a CUDA torch on the GPU nodes"
+        )
     if not gpus and config.get("device", "auto") == "auto":
         return config | {"device": "cpu"}
     return config
@@ -75,8 +77,11 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     seeds = [overrides["seed"]] if "seed" in overrides else ctx.seeds  # a grid runs each seed as its own trial
     teachers = {f: str(teacher_source or config[f])[:250] for f in JOBS[ctx.job].teacher_fields if f in config}
     # the teacher's own run, so that reading the students never needs the teachers' sweep (it may be re-run)
-    teacher_runs = {f: config[f].removeprefix(references.MLFLOW) for f in JOBS[ctx.job].teacher_fields
-                    if isinstance(config.get(f), str) and config[f].startswith(references.MLFLOW)}  # fmt: skip
+    teacher_runs = {
+        f: config[f].removeprefix(references.MLFLOW)
+        for f in JOBS[ctx.job].teacher_fields
+        if isinstance(config.get(f), str) and config[f].startswith(references.MLFLOW)
+    }
     config = references.resolve_config(config, JOBS[ctx.job].teacher_fields, ctx.tracking_uri)
     if "device" in JOBS[ctx.job].config_class.model_fields and (ctx.workers == 1 or not ctx.gpus):  # (DDP workers
         # with GPUs run where Ray Train placed them, and this process drives them without one)
@@ -94,9 +99,14 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         **ctx.stage_tags,
     }
     run_id = tracking.start_child_run(
-        client, ctx.experiment_id, ctx.parent_run_id, trial_id, f"{label}-{trial_id}", tags,
+        client,
+        ctx.experiment_id,
+        ctx.parent_run_id,
+        trial_id,
+        f"{label}-{trial_id}",
+        tags,
         config | {"seeds": seeds},
-    )  # fmt: skip
+    )
     # Which node and process run the trial now (a restarted trial gets new ones): for operators and fault tests.
     tracking.retry(lambda: client.set_tag(run_id, "teachsweep.pid", f"{socket.gethostname()}:{os.getpid()}"))
     tracking.retry(lambda: client.set_tag(run_id, "teachsweep.node", ray.get_runtime_context().get_node_id()))
@@ -105,18 +115,30 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         if len(seeds) == 1:
             reporter = tracking.TrialReporter(client, run_id, extra={"mlflow_run_id": run_id})
             launch.run_job(
-                ctx.job, {**config, "seed": seeds[0]}, reporter, ctx.cpus, ctx.workers, ctx.gpus,
-                tracking=(ctx.tracking_uri, run_id), storage=ctx.train_storage, name=f"{ctx.sweep}-{trial_id}",
+                ctx.job,
+                {**config, "seed": seeds[0]},
+                reporter,
+                ctx.cpus,
+                ctx.workers,
+                ctx.gpus,
+                tracking=(ctx.tracking_uri, run_id),
+                storage=ctx.train_storage,
+                name=f"{ctx.sweep}-{trial_id}",
                 accelerator=ctx.accelerator,
-            )  # fmt: skip
+            )
         else:
             finals = []
             for done, seed in enumerate(seeds, start=1):
                 seed_tags = tags | {"teachsweep.role": tracking.SEED, "teachsweep.seed": str(seed)}
                 seed_run = tracking.start_child_run(
-                    client, ctx.experiment_id, run_id, f"{trial_id}/seed{seed}", f"seed-{seed}", seed_tags,
+                    client,
+                    ctx.experiment_id,
+                    run_id,
+                    f"{trial_id}/seed{seed}",
+                    f"seed-{seed}",
+                    seed_tags,
                     {**config, "seed": seed},
-                )  # fmt: skip
+                )
                 reporter = tracking.TrialReporter(client, seed_run, to_tune=False)
                 try:
                     finals.append(launch.run_job(ctx.job, {**config, "seed": seed}, reporter, ctx.cpus, ctx.workers))

@@ -176,8 +176,11 @@ def page_urls(sweep: Sweep, host: str = HOST, port: int = DEFAULT_PORT) -> dict[
         # MLflow applies a saved view only while the URL carries no filter or sort of its own
         state = {"viewStateShareKey": view_id(sweep), "compareRunsMode": "TABLE"}
     else:
-        state = {"searchFilter": trial_filter(sweep), "orderByKey": column("metrics", spec.metric_names[0]),
-                 "orderByAsc": "true" if spec.mode_names[0] == "min" else "false"}  # fmt: skip
+        state = {
+            "searchFilter": trial_filter(sweep),
+            "orderByKey": column("metrics", spec.metric_names[0]),
+            "orderByAsc": "true" if spec.mode_names[0] == "min" else "false",
+        }
     urls = {"trials": f"{base}/runs?{urlencode(MODEL_TRAINING | state, quote_via=quote)}"}
     if sweep.parent_run_id:
         urls["report"] = f"{base}/runs/{sweep.parent_run_id}/artifacts/report.html?{urlencode(MODEL_TRAINING)}"
@@ -245,8 +248,18 @@ def executable(name: str) -> str | None:
 
 
 def mlflow_server(sweep: Sweep, port: int) -> Server:
-    command = [executable("mlflow") or "mlflow", "ui", "--backend-store-uri", sweep.tracking_uri,
-               "--host", HOST, "--port", str(port), "--workers", "1"]  # fmt: skip
+    command = [
+        executable("mlflow") or "mlflow",
+        "ui",
+        "--backend-store-uri",
+        sweep.tracking_uri,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     # The job runner (huey consumers) only serves GenAI evaluation jobs: seven processes and about 1 GiB
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return Server("MLflow UI", command, port, f"http://{HOST}:{port}/health", env)

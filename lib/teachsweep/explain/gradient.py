@@ -57,7 +57,11 @@ def integrated_gradients(model, batch, steps: int = 10, baseline: str = "zero", 
 
     with torch.enable_grad():
         attributions = IntegratedGradients(logits_of).attribute(
-            embeds, baselines=reference, target=target, n_steps=steps, internal_batch_size=embeds.shape[0],
+            embeds,
+            baselines=reference,
+            target=target,
+            n_steps=steps,
+            internal_batch_size=embeds.shape[0],
             additional_forward_args=(mask,) if mask is not None else None,
-        )  # fmt: skip
+        )
     return attributions.sum(-1).detach()

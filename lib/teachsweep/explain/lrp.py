@@ -86,7 +86,7 @@ def _parts(model):
                 fc2=b.output.dense,
                 ln2=b.output.LayerNorm,
                 act=b.intermediate.intermediate_act_fn,
-            )  # fmt: skip
+            )
             for b in bert.encoder.layer
         ]
         return "bert", bert.config, blocks
@@ -102,7 +102,7 @@ def _parts(model):
             fc2=b.mlp.fc2,
             ln2=b.layernorm_after,
             act=b.mlp.activation_fn,
-        )  # fmt: skip
+        )
         for b in vit.layers
     ]
     return "vit", vit.config, blocks
@@ -138,8 +138,9 @@ def trace(model, batch: dict):
         ffn_hidden = m["act"](m["fc1"](ffn_in))
         ffn_out = m["fc2"](ffn_hidden)
         x2 = ffn_out + x1 if kind == "vit" else m["ln2"](ffn_out + x1)
-        layers.append(Layer(kind == "vit", attn_in, q, k, v, attention, context, attn_out, x, ffn_in, ffn_hidden,
-                            ffn_out, x1, m))  # fmt: skip
+        layers.append(
+            Layer(kind == "vit", attn_in, q, k, v, attention, context, attn_out, x, ffn_in, ffn_hidden, ffn_out, x1, m)
+        )
         x = x2
     if kind == "bert":
         pooled = model.pool(x, mask)
@@ -197,8 +198,10 @@ def propagate_layer(layer: Layer, relevance: torch.Tensor) -> tuple[torch.Tensor
     r_attention, r_v = lrp_matmul(d["attention"], d["v"], r_context)
     r_q, r_kt = lrp_matmul(d["q"], d["k"].transpose(-1, -2), r_attention)  # softmax passes it unchanged
     merge = lambda t: t.transpose(1, 2).reshape(batch_size, n, heads * dh)  # noqa: E731
-    r_in = sum(lrp_linear(d["attn_in"], m[name].weight, merge(r))
-               for name, r in (("q", r_q), ("k", r_kt.transpose(-1, -2)), ("v", r_v)))  # fmt: skip
+    r_in = sum(
+        lrp_linear(d["attn_in"], m[name].weight, merge(r))
+        for name, r in (("q", r_q), ("k", r_kt.transpose(-1, -2)), ("v", r_v))
+    )
     return r_x + r_in, r_attention
 
 

@@ -1,4 +1,4 @@
-"""Teacher explainers by name, with their default explanation weight beta (smat.md).
+"""Teacher explainers by name, with their default explanation weight beta (docs/jobs/scaffold.md).
 
 Attention explainers are head mixes over the teacher's attention (`smat` learns the mix); the others are static
 functions of the frozen teacher and a batch returning pre-softmax token scores. New explainers (the relevance

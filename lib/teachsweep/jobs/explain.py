@@ -29,8 +29,18 @@ from teachsweep.plausibility import load_rationales, rationale_plausibility
 from teachsweep.reporter import Reporter
 from teachsweep.training import pick_device, synchronize, to_device
 
-DEFAULT_EXPLAINERS = ["raw_attention", "rollout", "attention_gradcam", "relevance", "lrp", "partial_lrp", "full_lrp",
-                      "attention", "grad_x_input", "integrated_gradients"]  # fmt: skip
+DEFAULT_EXPLAINERS = [
+    "raw_attention",
+    "rollout",
+    "attention_gradcam",
+    "relevance",
+    "lrp",
+    "partial_lrp",
+    "full_lrp",
+    "attention",
+    "grad_x_input",
+    "integrated_gradients",
+]
 SPLIT_NAMES = {"validation": "val", "test": "test"}
 CHEFER_PAIRS = [["relevance", "rollout"], ["relevance", "raw_attention"], ["lrp", "rollout"], ["lrp", "raw_attention"]]
 
@@ -137,8 +147,14 @@ def train(config: ExplainConfig | dict, reporter: Reporter | None = None) -> dic
         metrics[f"{name}/ms_per_example"] = 1000 * seconds / count
         if cfg.rationales and task.kind == "text":
             examples = load_rationales(cfg.rationales, cfg.max_examples)
-            found = rationale_plausibility(examples, tokenizer, lambda b, name=name: registry.explain(name, model, b),
-                                           cfg.max_length, cfg.batch_size, device)  # fmt: skip
+            found = rationale_plausibility(
+                examples,
+                tokenizer,
+                lambda b, name=name: registry.explain(name, model, b),
+                cfg.max_length,
+                cfg.batch_size,
+                device,
+            )
             metrics |= {f"{name}/plausibility_{k}": v for k, v in found.items()}
         if shown:
             log_heatmaps(name, shown, tokenizer, patch_size, reporter)
@@ -198,8 +214,12 @@ def log_heatmaps(name: str, shown, tokenizer, patch_size, reporter: Reporter) ->
                 # specials are no input word (never ranked or removed): unshaded, so they cannot wash out the rest
                 weights = (probs[row, :length] * (~special_mask(batch, row, length, tokenizer))).cpu().numpy()
                 weights = weights / max(weights.max(), 1e-12)
-                rows.append(" ".join(f'<span style="background: rgba(255,0,0,{w:.2f})">{html.escape(t)}</span>'
-                                     for t, w in zip(tokens, weights, strict=True)))  # fmt: skip
+                rows.append(
+                    " ".join(
+                        f'<span style="background: rgba(255,0,0,{w:.2f})">{html.escape(t)}</span>'
+                        for t, w in zip(tokens, weights, strict=True)
+                    )
+                )
             page = Path(tmp) / f"{name}_tokens.html"
             page.write_text(f"<html><body><h3>{name}</h3><p>" + "</p><p>".join(rows) + "</p></body></html>")
             reporter.log_file(page)

@@ -134,9 +134,19 @@ def metrics(cfg: LoTConfig) -> dict[str, str | None]:
                 }
             if score == "acc":
                 out |= {"agreement/val": "max", "agreement/test": "max"}
-    out |= {"loss/teacher": "min", "loss/student": "min", "steps/teacher": None, "steps/student": None,
-            "steps/model": None, "steps/teacher_at_best_val": None, "steps/model_at_best_val": None,
-            "best_epoch": None, "time/teacher_step_s": "min", "time/train_s": "min", "lr/teacher": None}  # fmt: skip
+    out |= {
+        "loss/teacher": "min",
+        "loss/student": "min",
+        "steps/teacher": None,
+        "steps/student": None,
+        "steps/model": None,
+        "steps/teacher_at_best_val": None,
+        "steps/model_at_best_val": None,
+        "best_epoch": None,
+        "time/teacher_step_s": "min",
+        "time/train_s": "min",
+        "lr/teacher": None,
+    }
     if kind in ("text", "image"):
         out |= {"examples/val": None, "examples/test": None}
     return out
@@ -167,8 +177,12 @@ def filled(params: dict[str, Any], config: type[BaseModel]) -> dict[str, Any]:
 
 
 PULL_FIELDS = frozenset(LoTTermConfig.model_fields) - {"num_students"}
-FIELDS = TeacherOnlyFields(LoTConfig, PULL_FIELDS | {"student", "student_ce", "detach"},
-                           frozenset({"student_steps", "num_students"}), model_steps_multiplier)  # fmt: skip
+FIELDS = TeacherOnlyFields(
+    LoTConfig,
+    PULL_FIELDS | {"student", "student_ce", "detach"},
+    frozenset({"student_steps", "num_students"}),
+    model_steps_multiplier,
+)
 BUDGETS = ("teacher_steps", "model_steps")
 
 
@@ -193,10 +207,15 @@ def fixed_arms(cfg: LoTConfig, plan: ArmPlan) -> list[dict[str, Any]]:
     if "model_steps" in plan.budgets:
         neutral = teacher_only_overrides(FIELDS, "model_steps")
         arms += [
-            {"label": f"teacher_only-N{n}", "arm": "teacher_only", **neutral, "student_steps": n,
-             "budget_multiplier": float(1 + n * cfg.num_students)}
+            {
+                "label": f"teacher_only-N{n}",
+                "arm": "teacher_only",
+                **neutral,
+                "student_steps": n,
+                "budget_multiplier": float(1 + n * cfg.num_students),
+            }
             for n in sorted(set(plan.choices.get("student_steps", [cfg.student_steps])))
-        ]  # fmt: skip
+        ]
     return arms
 
 
@@ -302,13 +321,19 @@ def compare(
                 lot_values, base_values = per_seed(trial["metrics"], metric), per_seed(baseline["metrics"], metric)
                 if not lot_values or not base_values:
                     continue
-                rows.append({
-                    "variant": variant, "trial": trial["trial_id"], "baseline": baseline["trial_id"],
-                    "baseline_label": baseline["label"], "budget": budget, "metric": metric,
-                    **{f"lot_{k}": v for k, v in summarize(lot_values).items()},
-                    **{f"teacher_only_{k}": v for k, v in summarize(base_values).items()},
-                    **paired_difference(lot_values, base_values),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "variant": variant,
+                        "trial": trial["trial_id"],
+                        "baseline": baseline["trial_id"],
+                        "baseline_label": baseline["label"],
+                        "budget": budget,
+                        "metric": metric,
+                        **{f"lot_{k}": v for k, v in summarize(lot_values).items()},
+                        **{f"teacher_only_{k}": v for k, v in summarize(base_values).items()},
+                        **paired_difference(lot_values, base_values),
+                    }
+                )
     return rows
 
 
@@ -496,9 +521,16 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
         metrics |= at_best
         checkpoint = None
         if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == epochs):
-            counters = {"epoch": epoch, "teacher_steps": teacher_steps, "student_steps": student_steps,
-                        "train_seconds": train_seconds, "best_val": best_val, "at_best": at_best,
-                        "metrics": metrics, "best_teacher": best_teacher}  # fmt: skip
+            counters = {
+                "epoch": epoch,
+                "teacher_steps": teacher_steps,
+                "student_steps": student_steps,
+                "train_seconds": train_seconds,
+                "best_val": best_val,
+                "at_best": at_best,
+                "metrics": metrics,
+                "best_teacher": best_teacher,
+            }
             checkpoint = counters | state_of(stateful)
         if saved is not None:
             metrics["trial/resumed_from_epoch"] = saved["epoch"]
@@ -567,8 +599,15 @@ JOB = JobSpec(
     train=train,
     metrics=metrics,
     objective=("teacher/best_val_acc", "max"),
-    scores=("teacher/test_acc", "teacher/test_ppl", "teacher/test_acc_at_best_val", "teacher/test_ppl_at_best_val",
-            "student/test_acc", "steps/teacher_at_best_val", "steps/model_at_best_val"),
+    scores=(
+        "teacher/test_acc",
+        "teacher/test_ppl",
+        "teacher/test_acc_at_best_val",
+        "teacher/test_ppl_at_best_val",
+        "student/test_acc",
+        "steps/teacher_at_best_val",
+        "steps/model_at_best_val",
+    ),
     fixed_arms=fixed_arms,
     baselines=baselines,
     compare=compare,
@@ -576,4 +615,4 @@ JOB = JobSpec(
     default_arm="lot",
     saves_teacher=True,  # the best-validation teacher, as model.pt + config.json of the trial's run
     saved_teacher_scores=("teacher/test_acc_at_best_val", "teacher/test_ppl_at_best_val"),
-)  # fmt: skip
+)

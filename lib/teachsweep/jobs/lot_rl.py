@@ -92,11 +92,15 @@ class LoTRLConfig(LoTTermConfig):
     @model_validator(mode="after")
     def _shapes_fit(self) -> LoTRLConfig:
         if self.rollout_size % self.num_minibatches:
-            raise ValueError(f"num_minibatches: {self.num_minibatches} does not divide a rollout of "
-                             f"num_envs * num_steps = {self.rollout_size} steps")  # fmt: skip
+            raise ValueError(
+                f"num_minibatches: {self.num_minibatches} does not divide a rollout of "
+                f"num_envs * num_steps = {self.rollout_size} steps"
+            )
         if self.steps_per_epoch % self.rollout_size:
-            raise ValueError(f"steps_per_epoch: {self.steps_per_epoch} is not a whole number of rollouts of "
-                             f"num_envs * num_steps = {self.rollout_size} steps")  # fmt: skip
+            raise ValueError(
+                f"steps_per_epoch: {self.steps_per_epoch} is not a whole number of rollouts of "
+                f"num_envs * num_steps = {self.rollout_size} steps"
+            )
         return self
 
     @property
@@ -138,15 +142,27 @@ def gradient_steps_per_teacher_update(cfg: LoTRLConfig, n: int) -> float:
 
 def metrics(cfg: LoTRLConfig) -> dict[str, str | None]:
     out: dict[str, str | None] = {
-        "teacher/eval_return": "max", "teacher/eval_return_auc": "max", "teacher/best_eval_return": "max",
-        "teacher/train_return": "max", "teacher/train_episodes": None, "loss/policy": None, "loss/value": "min",
-        "loss/entropy": None, "kl/approx": None, "steps/env": None, "steps/eval_env": None,
-        "steps/teacher_updates": None, "steps/teacher": None, "steps/student": None, "steps/model": None,
-        "time/env_steps_per_s": "max", "time/teacher_update_s": "min", "time/train_s": "min",
-    }  # fmt: skip
+        "teacher/eval_return": "max",
+        "teacher/eval_return_auc": "max",
+        "teacher/best_eval_return": "max",
+        "teacher/train_return": "max",
+        "teacher/train_episodes": None,
+        "loss/policy": None,
+        "loss/value": "min",
+        "loss/entropy": None,
+        "kl/approx": None,
+        "steps/env": None,
+        "steps/eval_env": None,
+        "steps/teacher_updates": None,
+        "steps/teacher": None,
+        "steps/student": None,
+        "steps/model": None,
+        "time/env_steps_per_s": "max",
+        "time/teacher_update_s": "min",
+        "time/train_s": "min",
+    }
     if cfg.arm == "lot":
-        out |= {"student/eval_return": "max", "agreement/buffer": "max", "kl/teacher_term": None,
-                "kl/student": "min"}  # fmt: skip
+        out |= {"student/eval_return": "max", "agreement/buffer": "max", "kl/teacher_term": None, "kl/student": "min"}
         if cfg.num_students > 1:
             out |= {f"student{i}/eval_return": "max" for i in range(cfg.num_students)}
     return out
@@ -159,10 +175,11 @@ def model_steps_multiplier(params: dict[str, Any]) -> float:
 
 
 FIELDS = lot.TeacherOnlyFields(
-    LoTRLConfig, lot.PULL_FIELDS | {"student_weight_decay"},
+    LoTRLConfig,
+    lot.PULL_FIELDS | {"student_weight_decay"},
     frozenset({"student_steps", "num_students", "joint_student_step", "buffer_rollouts", "student_batch_size"}),
     model_steps_multiplier,
-)  # fmt: skip
+)
 
 
 def selection_split(params: dict[str, Any]) -> str:
@@ -175,15 +192,23 @@ def fixed_arms(cfg: LoTRLConfig, plan: ArmPlan) -> list[dict[str, Any]]:
     `model_steps` (as many gradient steps as LoT's teacher and students: one arm per N the sweep can pick)."""
     arms: list[dict[str, Any]] = []
     if "teacher_steps" in plan.budgets:
-        arms.append({"label": "teacher_only", "arm": "teacher_only",
-                     **lot.teacher_only_overrides(FIELDS, "teacher_steps")})  # fmt: skip
+        arms.append(
+            {"label": "teacher_only", "arm": "teacher_only", **lot.teacher_only_overrides(FIELDS, "teacher_steps")}
+        )
     if "model_steps" in plan.budgets:
         teacher = cfg.update_epochs * cfg.num_minibatches
         neutral = lot.teacher_only_overrides(FIELDS, "model_steps")
         for n in sorted(set(plan.choices.get("student_steps", [cfg.student_steps]))):
             multiplier = gradient_steps_per_teacher_update(cfg, n) / teacher
-            arms.append({"label": f"teacher_only-N{n}", "arm": "teacher_only", **neutral, "student_steps": n,
-                         "budget_multiplier": multiplier})  # fmt: skip
+            arms.append(
+                {
+                    "label": f"teacher_only-N{n}",
+                    "arm": "teacher_only",
+                    **neutral,
+                    "student_steps": n,
+                    "budget_multiplier": multiplier,
+                }
+            )
     return arms
 
 
@@ -213,20 +238,31 @@ def layer(module: nn.Module, std: float = math.sqrt(2), bias: float = 0.0) -> nn
 def body(kind: environments.EnvKind, obs_shape: tuple[int, ...], hidden: int) -> tuple[nn.Module, int]:
     """The feature extractor for one kind of observation, and its output width."""
     if kind == "mlp":
-        net = nn.Sequential(layer(nn.Linear(obs_shape[0], hidden)), nn.Tanh(), layer(nn.Linear(hidden, hidden)),
-                            nn.Tanh())  # fmt: skip
+        net = nn.Sequential(
+            layer(nn.Linear(obs_shape[0], hidden)), nn.Tanh(), layer(nn.Linear(hidden, hidden)), nn.Tanh()
+        )
         return net, hidden
     if kind == "minatar":  # 10x10xC boolean planes: one 3x3 conv, as MinAtar's baselines
         channels = obs_shape[-1]
-        net = nn.Sequential(layer(nn.Conv2d(channels, 16, 3)), nn.ReLU(), nn.Flatten(),
-                            layer(nn.Linear(16 * (obs_shape[0] - 2) * (obs_shape[1] - 2), 128)), nn.ReLU())  # fmt: skip
+        net = nn.Sequential(
+            layer(nn.Conv2d(channels, 16, 3)),
+            nn.ReLU(),
+            nn.Flatten(),
+            layer(nn.Linear(16 * (obs_shape[0] - 2) * (obs_shape[1] - 2), 128)),
+            nn.ReLU(),
+        )
         return net, 128
     net = nn.Sequential(  # the Nature CNN on 4 stacked 84x84 frames
-        layer(nn.Conv2d(obs_shape[0], 32, 8, stride=4)), nn.ReLU(),
-        layer(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
-        layer(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(), nn.Flatten(),
-        layer(nn.Linear(64 * 7 * 7, 512)), nn.ReLU(),
-    )  # fmt: skip
+        layer(nn.Conv2d(obs_shape[0], 32, 8, stride=4)),
+        nn.ReLU(),
+        layer(nn.Conv2d(32, 64, 4, stride=2)),
+        nn.ReLU(),
+        layer(nn.Conv2d(64, 64, 3, stride=1)),
+        nn.ReLU(),
+        nn.Flatten(),
+        layer(nn.Linear(64 * 7 * 7, 512)),
+        nn.ReLU(),
+    )
     return net, 512
 
 
@@ -268,8 +304,9 @@ def build_agent(cfg: LoTRLConfig, obs_shape, n_actions: int, role: str, index: i
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, ended: torch.Tensor, last_value: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, ended: torch.Tensor, last_value: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimates and value targets over a rollout of shape (steps, envs).
 
     ended[t] = 1 when the transition at step t ended its episode (the observation after it starts a new one);
@@ -285,8 +322,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, ended: torch.Tensor, last_v
     return advantages, advantages + values
 
 
-def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                        clip: float) -> torch.Tensor:  # fmt: skip
+def clipped_policy_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip: float
+) -> torch.Tensor:
     """PPO's pessimistic objective, as a loss: mean of max(-A r, -A clip(r, 1-eps, 1+eps)), r = pi/pi_old."""
     ratio = torch.exp(log_prob - old_log_prob)
     return torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
@@ -375,15 +413,18 @@ def collect_rollout(teacher: Agent, envs, obs: np.ndarray, cfg: LoTRLConfig, dev
 # ---------------------------------------------------------------------------------------------- updates
 
 
-def teacher_update(teacher, students, optimizers, rollout: Rollout, cfg: LoTRLConfig, generator, device,
-                   precision) -> dict[str, float]:  # fmt: skip
+def teacher_update(
+    teacher, students, optimizers, rollout: Rollout, cfg: LoTRLConfig, generator, device, precision
+) -> dict[str, float]:
     """`update_epochs` passes over the rollout in minibatches; each minibatch is one step of the teacher (PPO + the
     LoT term) and, with `joint_student_step`, one imitation step of every student."""
-    advantages, targets = gae(rollout.rewards, rollout.values, rollout.ended, rollout.last_value, cfg.gamma,
-                              cfg.gae_lambda)  # fmt: skip
+    advantages, targets = gae(
+        rollout.rewards, rollout.values, rollout.ended, rollout.last_value, cfg.gamma, cfg.gae_lambda
+    )
     flat = lambda x: x.flatten(0, 1)  # noqa: E731
-    obs, actions, old_log_probs, old_values = map(flat, (rollout.obs, rollout.actions, rollout.log_probs,
-                                                         rollout.values))  # fmt: skip
+    obs, actions, old_log_probs, old_values = map(
+        flat, (rollout.obs, rollout.actions, rollout.log_probs, rollout.values)
+    )
     advantages, targets = flat(advantages), flat(targets)
     terms: list[tuple[torch.Tensor, ...]] = []  # per minibatch: policy, value, entropy, approx KL (+ LoT term)
     for _ in range(cfg.update_epochs):
@@ -400,8 +441,9 @@ def teacher_update(teacher, students, optimizers, rollout: Rollout, cfg: LoTRLCo
             if cfg.normalize_advantages and len(index) > 1:
                 adv = (adv - adv.mean()) / (adv.std() + 1e-8)
             policy = clipped_policy_loss(log_probs, old_log_probs[index], adv, cfg.clip_coef)
-            v_loss = value_loss(values, old_values[index], targets[index], cfg.clip_coef if cfg.clip_value_loss
-                                else None)  # fmt: skip
+            v_loss = value_loss(
+                values, old_values[index], targets[index], cfg.clip_coef if cfg.clip_value_loss else None
+            )
             entropy = dist.entropy().mean()
             loss = policy + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
             term = (policy, v_loss, entropy)
@@ -425,8 +467,9 @@ def teacher_update(teacher, students, optimizers, rollout: Rollout, cfg: LoTRLCo
     return stats
 
 
-def student_passes(teacher: Agent, students, optimizers, buffer: deque, cfg: LoTRLConfig, generator, device,
-                   precision) -> int:  # fmt: skip
+def student_passes(
+    teacher: Agent, students, optimizers, buffer: deque, cfg: LoTRLConfig, generator, device, precision
+) -> int:
     """N passes of every student over the buffered observations, imitating the current teacher (no teacher graph).
     Reads only the buffer: students never step an environment. Returns the minibatch steps each student made."""
     if not students:
@@ -531,9 +574,18 @@ def train(config: LoTRLConfig | dict, reporter: Reporter | None = None) -> dict[
     for i, (model, (opt, sched)) in enumerate(zip([teacher, *students], optimizers, strict=True)):
         name = "teacher" if i == 0 else f"student{i - 1}"
         stateful |= {name: model, f"{name}_opt": opt, f"{name}_sched": sched}
-    counters = {"epoch": 0, "env_steps": 0, "eval_env_steps": 0, "teacher_updates": 0, "teacher_steps": 0,
-                "student_steps": 0, "train_seconds": 0.0, "update_seconds": 0.0, "eval_returns": [],
-                "train_return": float("nan")}  # fmt: skip
+    counters = {
+        "epoch": 0,
+        "env_steps": 0,
+        "eval_env_steps": 0,
+        "teacher_updates": 0,
+        "teacher_steps": 0,
+        "student_steps": 0,
+        "train_seconds": 0.0,
+        "update_seconds": 0.0,
+        "eval_returns": [],
+        "train_return": float("nan"),
+    }
     saved = reporter.restore()
     if saved is not None:  # a restarted trial continues after its last checkpoint; its buffer refills
         restore_into(saved, {k: v for k, v in stateful.items() if k != "generator"})
@@ -595,8 +647,11 @@ def train(config: LoTRLConfig | dict, reporter: Reporter | None = None) -> dict[
                 if n_students > 1:
                     metrics[f"student{i}/eval_return"] = per_student[-1]
             agreement, student_kl = agreement_and_kl(teacher, students, buffer[-1], cfg)
-            metrics |= {"student/eval_return": float(np.mean(per_student)), "agreement/buffer": agreement,
-                        "kl/student": student_kl}  # fmt: skip
+            metrics |= {
+                "student/eval_return": float(np.mean(per_student)),
+                "agreement/buffer": agreement,
+                "kl/student": student_kl,
+            }
         metrics["steps/eval_env"] = counters["eval_env_steps"]
         counters["epoch"] = epoch
         checkpoint = None
@@ -616,8 +671,13 @@ JOB = JobSpec(
     train=train,
     metrics=metrics,
     objective=("teacher/eval_return", "max"),
-    scores=("teacher/eval_return", "teacher/eval_return_auc", "teacher/train_return", "student/eval_return",
-            "agreement/buffer"),
+    scores=(
+        "teacher/eval_return",
+        "teacher/eval_return_auc",
+        "teacher/train_return",
+        "student/eval_return",
+        "agreement/buffer",
+    ),
     fixed_arms=fixed_arms,
     baselines=baselines,
     compare=compare,
@@ -625,4 +685,4 @@ JOB = JobSpec(
     selection_split=selection_split,
     default_arm="lot",
     single_process=True,  # vectorised environments in one process; more envs, not DDP workers
-)  # fmt: skip
+)

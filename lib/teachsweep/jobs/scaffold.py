@@ -89,10 +89,16 @@ def selection_split(params: dict[str, Any]) -> str:
 
 def metrics(cfg: ScaffoldConfig) -> dict[str, str | None]:
     out: dict[str, str | None] = {
-        "simulability/val": "max", "simulability/best_val": "max", "simulability/test": "max",
-        "simulability/test_ci_low": None, "simulability/test_ci_high": None, "loss/train": "min", "loss/meta": "min",
-        "explainer/beta": None, "best_epoch": None,
-    }  # fmt: skip
+        "simulability/val": "max",
+        "simulability/best_val": "max",
+        "simulability/test": "max",
+        "simulability/test_ci_low": None,
+        "simulability/test_ci_high": None,
+        "loss/train": "min",
+        "loss/meta": "min",
+        "explainer/beta": None,
+        "best_epoch": None,
+    }
     for score in ("acc", "pearson"):
         out |= {f"student/test_{score}": "max", f"teacher/test_{score}": "max"}
     if cfg.rationales and cfg.explainer != "none":
@@ -115,8 +121,10 @@ def check(cfg: ScaffoldConfig) -> None:
     for field, name in (("teacher.model", teacher.model), ("student", cfg.student)):
         if name is not None and models.parse_name(name)[0] in models.KNOWN_MODELS:
             if models.parse_name(name)[0] not in TRANSFORMERS:
-                raise ValueError(f"{field}: '{name}' has no attention to explain (scaffold needs minilm, tiny-bert, "
-                                 "vit or a hub transformer)")  # fmt: skip
+                raise ValueError(
+                    f"{field}: '{name}' has no attention to explain (scaffold needs minilm, tiny-bert, "
+                    "vit or a hub transformer)"
+                )
     if kind == "image" and not registry.explainer_info(cfg.explainer).images:
         raise ValueError(f"explainer: '{cfg.explainer}' is not available for image tasks")
     if cfg.student is not None and kind is not None:
@@ -335,19 +343,24 @@ def meta_gradient(learner: Learner, teacher_explainer: AttentionExplainer, lesso
         phi_grad = torch.zeros_like(teacher_explainer.phi)
         return MetaStep(phi_grad, distributed.all_mean(meta_loss), loss.detach(), detached(grads), rows)
     (phi_grad,) = torch.autograd.grad(
-        [g for g, _ in pairs], teacher_explainer.phi, grad_outputs=[c for _, c in pairs], allow_unused=True,
+        [g for g, _ in pairs],
+        teacher_explainer.phi,
+        grad_outputs=[c for _, c in pairs],
+        allow_unused=True,
         materialize_grads=True,
-    )  # fmt: skip
-    return MetaStep(distributed.all_mean(phi_grad), distributed.all_mean(meta_loss), loss.detach(), detached(grads),
-                    rows)  # fmt: skip
+    )
+    return MetaStep(
+        distributed.all_mean(phi_grad), distributed.all_mean(meta_loss), loss.detach(), detached(grads), rows
+    )
 
 
 def detached(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach() for t in tensors]
 
 
-def step_with(params: list[torch.Tensor], grads: list[torch.Tensor], rows: dict[int, torch.Tensor], optimizer,
-              cfg: ScaffoldConfig) -> None:  # fmt: skip
+def step_with(
+    params: list[torch.Tensor], grads: list[torch.Tensor], rows: dict[int, torch.Tensor], optimizer, cfg: ScaffoldConfig
+) -> None:
     """The real student step with gradients the meta step computed (a row-gathered table gradient is scattered
     back into the whole table, zero elsewhere, as a backward pass would give it)."""
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
@@ -355,8 +368,13 @@ def step_with(params: list[torch.Tensor], grads: list[torch.Tensor], rows: dict[
     student_step(params, optimizer, cfg)
 
 
-def student_iteration(learner: Learner, lesson: Lesson, teacher_explainer: AttentionExplainer, teacher_scores,
-                      meta: MetaBatch | None = None) -> tuple[torch.Tensor, MetaStep | None]:  # fmt: skip
+def student_iteration(
+    learner: Learner,
+    lesson: Lesson,
+    teacher_explainer: AttentionExplainer,
+    teacher_scores,
+    meta: MetaBatch | None = None,
+) -> tuple[torch.Tensor, MetaStep | None]:
     """One student step on the lesson and, given a meta batch, the explainer's meta-gradient, in the order
     `cfg.meta_unroll` says. `teacher_scores(evidence, mask)` is the teacher's explanation (its phi mix, or static
     scores). Returns (this worker's inner loss, the MetaStep or None); the caller steps phi."""
@@ -503,8 +521,12 @@ class Scaffold:
 
     def stateful(self) -> dict[str, Any]:
         """What a checkpoint saves and a restarted trial loads, by key."""
-        return {"student": self.learner.model, "optimizer": self.learner.optimizer,
-                "teacher_explainer": self.teacher_explainer, "meta_optimizer": self.meta_optimizer}  # fmt: skip
+        return {
+            "student": self.learner.model,
+            "optimizer": self.learner.optimizer,
+            "teacher_explainer": self.teacher_explainer,
+            "meta_optimizer": self.meta_optimizer,
+        }
 
     def keep_best(self) -> None:
         """The best epoch leaves behind the student with its explainer, and the teacher explainer it learned from
@@ -538,18 +560,26 @@ def setup(cfg: ScaffoldConfig) -> Scaffold:
     params = [p for p in model.parameters() if p.requires_grad]
     beta = info.default_beta if cfg.beta is None else cfg.beta
     run = Scaffold(
-        cfg, device, task, tokenizer, info, teacher, teacher_explainer,
+        cfg,
+        device,
+        task,
+        tokenizer,
+        info,
+        teacher,
+        teacher_explainer,
         Learner(model, params, make_student_optimizer(params, cfg), cfg, beta),
         torch.optim.AdamW([teacher_explainer.phi], lr=cfg.meta_lr, weight_decay=0.0) if info.learnable else None,
-        splits, data.train_stream(splits["train"], cfg.batch_size, cfg.seed),
+        splits,
+        data.train_stream(splits["train"], cfg.batch_size, cfg.seed),
         data.train_stream(splits["validation"], cfg.batch_size, cfg.seed + 1),
         max(1, math.ceil(len(splits["train"].split) / cfg.batch_size)),
-    )  # fmt: skip
+    )
     # The teacher is frozen: its logits and explanation evidence (head scores, or static token scores) do not
     # depend on phi, so they are computed once per example here and only mixed by phi in the loop.
     run.train_cache = TeacherCache(splits["train"], run.teacher_evidence, teacher, device, cfg.eval_batch_size)
-    run.meta_cache = TeacherCache(splits["validation"], lambda b: (teacher.classify(b)[0], None), teacher, device,
-                                  cfg.eval_batch_size)  # fmt: skip
+    run.meta_cache = TeacherCache(
+        splits["validation"], lambda b: (teacher.classify(b)[0], None), teacher, device, cfg.eval_batch_size
+    )
     return run
 
 
@@ -602,9 +632,14 @@ def final_evaluation(run: Scaffold) -> dict[str, float]:
 
     ci_low, ci_high = subsample_bootstrap_ci(simulability_of, len(labels))
     score = "pearson" if run.task.regression else "acc"
-    metrics = {"simulability/test": test_sim, "simulability/test_ci_low": ci_low, "simulability/test_ci_high": ci_high,
-               f"student/test_{score}": student_score, f"teacher/test_{score}": teacher_score,
-               "best_epoch": run.best_epoch}  # fmt: skip
+    metrics = {
+        "simulability/test": test_sim,
+        "simulability/test_ci_low": ci_low,
+        "simulability/test_ci_high": ci_high,
+        f"student/test_{score}": student_score,
+        f"teacher/test_{score}": teacher_score,
+        "best_epoch": run.best_epoch,
+    }
     if cfg.rationales and run.info.kind != "none" and run.task.kind == "text":
         examples = load_rationales(cfg.rationales, cfg.max_rationale_examples)
         model = run.learner.model.eval()  # the best student with its own explainer, without dropout
@@ -613,8 +648,9 @@ def final_evaluation(run: Scaffold) -> dict[str, float]:
             return run.teacher_scores(run.teacher_evidence(batch)[1], batch["attention_mask"])
 
         for who, scores_of in (("teacher", teacher_explanation), ("student", lambda b: model(b)[1])):
-            found = rationale_plausibility(examples, run.tokenizer, scores_of, cfg.max_length, cfg.eval_batch_size,
-                                           run.device)  # fmt: skip
+            found = rationale_plausibility(
+                examples, run.tokenizer, scores_of, cfg.max_length, cfg.eval_batch_size, run.device
+            )
             metrics |= {f"plausibility/{who}_{k}": v for k, v in found.items()}
     return metrics
 
@@ -643,14 +679,25 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
         if val_sim > run.best_val:
             run.best_val, run.best_epoch = val_sim, epoch
             run.keep_best()
-        metrics = {"simulability/val": val_sim, "simulability/best_val": run.best_val, "loss/train": train_loss,
-                   "loss/meta": meta_loss, "explainer/beta": run.learner.beta}  # fmt: skip
+        metrics = {
+            "simulability/val": val_sim,
+            "simulability/best_val": run.best_val,
+            "loss/train": train_loss,
+            "loss/meta": meta_loss,
+            "explainer/beta": run.learner.beta,
+        }
         if saved is not None:
             metrics["trial/resumed_from_epoch"] = saved["epoch"]
         checkpoint = None
         if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
-            checkpoint = {"epoch": epoch, "metrics": metrics, "best_val": run.best_val, "best_epoch": run.best_epoch,
-                          "best_student": run.best_state, **state_of(run.stateful())}  # fmt: skip
+            checkpoint = {
+                "epoch": epoch,
+                "metrics": metrics,
+                "best_val": run.best_val,
+                "best_epoch": run.best_epoch,
+                "best_student": run.best_state,
+                **state_of(run.stateful()),
+            }
         reporter.report(metrics, epoch, checkpoint=checkpoint)
         if epoch - run.best_epoch >= cfg.patience:
             break

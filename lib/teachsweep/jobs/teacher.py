@@ -73,8 +73,10 @@ class TeacherReference(BaseModel):
         if isinstance(value, str):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"a teacher config (a mapping), a checkpoint directory, mlflow:<run id> or "
-                             f"sweep:<name>[/<trial>|/each] (got {value!r})")  # fmt: skip
+            raise ValueError(
+                f"a teacher config (a mapping), a checkpoint directory, mlflow:<run id> or "
+                f"sweep:<name>[/<trial>|/each] (got {value!r})"
+            )
         # the fields as validated (`lr: "inf"` becomes a float), so the spec's non-finite check sees them
         return TeacherConfig.model_validate(value, context=info.context).model_dump(include=set(value))
 
@@ -91,8 +93,13 @@ def score_names(task: str) -> dict[str, str]:
 
 
 def metrics(cfg: TeacherConfig) -> dict[str, str | None]:
-    out: dict[str, str | None] = {"teacher/loss": "min", "teacher/best_epoch": None, "examples/val": None,
-                                  "examples/test": None, "time/step_s": "min"}  # fmt: skip
+    out: dict[str, str | None] = {
+        "teacher/loss": "min",
+        "teacher/best_epoch": None,
+        "examples/val": None,
+        "examples/test": None,
+        "time/step_s": "min",
+    }
     for score, mode in score_names(cfg.task).items():
         out |= {f"teacher/{split}_{score}": mode for split in ("val", "best_val", "test")}
     return out
