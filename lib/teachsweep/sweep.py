@@ -29,7 +29,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # A grid may mix domains whose trials report different metrics (accuracy for images, perplexity for language
-# models); trial_rows() flags searched trials that never reported their objective instead.
+# models); rows_from_tune() flags searched trials that never reported their objective instead.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 from teachsweep import cluster, preflight, references, tracking  # noqa: E402
@@ -200,8 +200,8 @@ def run_sweep(
         grid = run_experiment(spec, paths, trainable, callbacks, forget_unrecorded_trials, concurrency.trials)
         if stopped := unwritable_error(spec, paths):  # trials that could not record failed: say why, in one line
             raise stopped
-        outcome.trials = trial_rows(grid, spec)
-        outcome.best = best_trials(spec, paths, outcome.trials)
+        outcome.trials = rows_from_tune(grid, spec)
+        outcome.best = best_of_run(spec, paths, outcome.trials)
         merged = merge_seed_trials(outcome.trials)
         outcome.comparisons = JOBS[spec.job].compare(merged, comparison_metrics(spec))
         log_comparisons(client, parent_run_id, outcome.comparisons)
@@ -386,7 +386,8 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"[:500]
 
 
-def trial_rows(grid, spec: SweepSpec) -> list[dict[str, Any]]:
+def rows_from_tune(grid, spec: SweepSpec) -> list[dict[str, Any]]:
+    """The trials as Tune returned them to this driver (results.trial_rows reads the same rows back from MLflow)."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -412,7 +413,7 @@ def trial_rows(grid, spec: SweepSpec) -> list[dict[str, Any]]:
     return rows
 
 
-def best_trials(spec: SweepSpec, paths: SweepDir, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def best_of_run(spec: SweepSpec, paths: SweepDir, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Single objective: the trial the verdict names, over trials merged by seed as the verdict sees them (the
     same rule `status`, `export` and `sweep:<name>/best` use); several: the Pareto front of the study."""
     if len(spec.objectives) > 1 and spec.space:
