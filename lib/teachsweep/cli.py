@@ -608,17 +608,16 @@ def exported_trial(sweep, run_id: str) -> str:
 
 def teacher_line(sweep, run_id: str) -> str:
     """Where the best trial's saved teacher is, by the reference a scaffold or explain sweep takes."""
-    from mlflow.tracking import MlflowClient
-
     from teachsweep.references import MLFLOW
     from teachsweep.results import saved_teacher
+    from teachsweep.tracking import RetryingClient
 
     if not JOBS[sweep.spec.job].saves_teacher:
         return f"checkpoint: none (job '{sweep.spec.job}' saves no teacher)"
     teacher = saved_teacher(sweep, run_id)
     if teacher is None:
         return f"checkpoint: none (the best trial's run {run_id} holds no model.pt and config.json)"
-    artifacts = MlflowClient(sweep.tracking_uri).get_run(teacher).info.artifact_uri
+    artifacts = RetryingClient(sweep.tracking_uri).get_run(teacher).info.artifact_uri
     return (
         f"teacher: {MLFLOW}{teacher}\n  model.pt and config.json in {artifacts}\n  give `teacher: "
         f'"{MLFLOW}{teacher}"` to a scaffold or explain sweep on the tracking store {sweep.tracking_uri}'

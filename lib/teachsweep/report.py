@@ -402,14 +402,14 @@ def curve_metric(spec_metric: str) -> str:
 
 
 def learning_curves(sweep: Sweep, rows: list[dict[str, Any]], top: int = 3) -> list[Figure]:
-    from mlflow.tracking import MlflowClient
+    from teachsweep.tracking import RetryingClient
 
     spec = sweep.spec
     metric, mode = spec.metric_names[0], spec.mode_names[0]
     curve = curve_metric(metric)
     ranked = [r for r in rows if value_and_error(r, metric) and r.get("mlflow_run_id")]
     ranked.sort(key=lambda r: value_and_error(r, metric)[0], reverse=mode == "max")
-    client = MlflowClient(sweep.tracking_uri)
+    client = RetryingClient(sweep.tracking_uri)
     fig, ax = subplots(figsize=(6.5, 3.8))
     drawn = 0
     for row in ranked[:top]:
@@ -450,9 +450,9 @@ def rl_return_curves(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     recorded one)."""
     if not any("teacher/eval_return" in r["metrics"] or per_seed(r["metrics"], "teacher/eval_return") for r in rows):
         return []
-    from mlflow.tracking import MlflowClient
+    from teachsweep.tracking import RetryingClient
 
-    client = MlflowClient(sweep.tracking_uri)
+    client = RetryingClient(sweep.tracking_uri)
     runs = trial_runs(sweep)
     if not len(runs):
         return []
@@ -489,9 +489,9 @@ def rl_return_curves(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
 
 def head_coefficients(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     """SMaT: the learned head coefficients (layers x heads) of the best trial that logged them."""
-    from mlflow.tracking import MlflowClient
+    from teachsweep.tracking import RetryingClient
 
-    client = MlflowClient(sweep.tracking_uri)
+    client = RetryingClient(sweep.tracking_uri)
     metric, mode = sweep.spec.metric_names[0], sweep.spec.mode_names[0]
     ranked = sorted(
         (r for r in rows if value_and_error(r, metric) and r.get("mlflow_run_id")),
@@ -645,10 +645,10 @@ between trials are paired by seed when both ran the same seeds, else combined fr
 
 def write_report(sweep: Sweep) -> Path:
     """Write `report.html` into the sweep's directory and log it to the sweep's parent MLflow run."""
-    from mlflow.tracking import MlflowClient
+    from teachsweep.tracking import RetryingClient
 
     path = sweep.layout.report
     path.write_text(build_report(sweep))
     if sweep.parent_run_id:
-        MlflowClient(sweep.tracking_uri).log_artifact(sweep.parent_run_id, str(path))
+        RetryingClient(sweep.tracking_uri).log_artifact(sweep.parent_run_id, str(path))
     return path

@@ -76,10 +76,11 @@ def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
 def check_run_exists(uri: str, run_id: str, named_in: Path) -> None:
     """A one-line SpecError when the run a sweep recorded is not in its store (deleted, or the store replaced)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+
+    from teachsweep.tracking import RetryingClient
 
     try:
-        MlflowClient(uri).get_run(run_id)
+        RetryingClient(uri).get_run(run_id)
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
@@ -109,9 +110,9 @@ def local_store_of(uri: str, layout: SweepDir) -> str:
 
 def latest_parent_run(uri: str, spec: SweepSpec) -> str | None:
     """The newest parent run tagged with the sweep's name (for results directories without the id file)."""
-    from mlflow.tracking import MlflowClient
+    from teachsweep.tracking import RetryingClient
 
-    client = MlflowClient(uri)
+    client = RetryingClient(uri)
     experiment = client.get_experiment_by_name(spec.experiment or spec.name)
     if experiment is None:
         return None
@@ -127,9 +128,9 @@ def latest_parent_run(uri: str, spec: SweepSpec) -> str | None:
 def open_logged_sweep(name: str, tracking_uri: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
     """A sweep read back from its parent run in a tracking store (the spec it logged there), for a sweep whose
     results directory is gone: the earlier sweep a finished one took its teachers from, moved away."""
-    from mlflow.tracking import MlflowClient
+    from teachsweep.tracking import RetryingClient
 
-    client = MlflowClient(tracking_uri)
+    client = RetryingClient(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     query = f"tags.`teachsweep.sweep` = '{name}' and tags.`teachsweep.role` = 'parent'"
     runs = (
@@ -157,11 +158,12 @@ def trial_runs(sweep: Sweep):
     per trial, like `mlflow.search_runs` gives, but through a client: no process-wide tracking URI is set (a
     notebook or a driver that reads one sweep must not redirect the next sweep's logging)."""
     import pandas as pd
-    from mlflow.tracking import MlflowClient
+
+    from teachsweep.tracking import RetryingClient
 
     if sweep.parent_run_id is None:
         return pd.DataFrame()
-    client = MlflowClient(sweep.tracking_uri)
+    client = RetryingClient(sweep.tracking_uri)
     experiment = client.get_experiment_by_name(sweep.spec.experiment or sweep.name)
     if experiment is None:
         return pd.DataFrame()
@@ -184,9 +186,9 @@ def trial_runs(sweep: Sweep):
 def teacher_runs(sweep: Sweep) -> dict[str, str]:
     """{trial id: MLflow run id} of the sweep's finished trials that saved a teacher (`model.pt`; for a trial that
     ran several seeds, its first seed's run)."""
-    from mlflow.tracking import MlflowClient
+    from teachsweep.tracking import RetryingClient
 
-    client = MlflowClient(sweep.tracking_uri)
+    client = RetryingClient(sweep.tracking_uri)
     experiment = client.get_experiment_by_name(sweep.spec.experiment or sweep.name)
     if experiment is None:
         return {}
@@ -203,11 +205,11 @@ def teacher_runs(sweep: Sweep) -> dict[str, str]:
 
 
 def status(sweep: Sweep) -> dict[str, Any]:
-    from mlflow.tracking import MlflowClient
+    from teachsweep.tracking import RetryingClient
 
     runs = trial_runs(sweep)
     counts = runs["status"].value_counts().to_dict() if len(runs) else {}
-    parent = MlflowClient(sweep.tracking_uri).get_run(sweep.parent_run_id) if sweep.parent_run_id else None
+    parent = RetryingClient(sweep.tracking_uri).get_run(sweep.parent_run_id) if sweep.parent_run_id else None
     start = parent.info.start_time / 1000 if parent else time.time()
     end = parent.info.end_time / 1000 if parent and parent.info.status != "RUNNING" and parent.info.end_time else None
     return {
@@ -298,11 +300,11 @@ def match_run(runs, params: dict[str, Any]) -> str | None:
 def full_config(sweep: Sweep, run_id: str) -> dict[str, Any]:
     """The complete job config a trial ran, read back from its MLflow params and typed by the job's model."""
     import yaml
-    from mlflow.tracking import MlflowClient
 
     from teachsweep.jobs import JOBS
+    from teachsweep.tracking import RetryingClient
 
-    params = MlflowClient(sweep.tracking_uri).get_run(run_id).data.params
+    params = RetryingClient(sweep.tracking_uri).get_run(run_id).data.params
     fields = JOBS[sweep.spec.job].config_class.model_fields
     config = {k: yaml.safe_load(v) if v != "None" else None for k, v in params.items() if k in fields}
     return JOBS[sweep.spec.job].config_class.model_validate(config).model_dump()
@@ -311,9 +313,9 @@ def full_config(sweep: Sweep, run_id: str) -> dict[str, Any]:
 def saved_teacher(sweep: Sweep, run_id: str) -> str | None:
     """The MLflow run holding the teacher (model.pt and config.json) that the trial of run `run_id` saved: the
     run itself, or for a trial that ran several seeds its first seed's run; None when it saved none."""
-    from mlflow.tracking import MlflowClient
+    from teachsweep.tracking import RetryingClient
 
-    client = MlflowClient(sweep.tracking_uri)
+    client = RetryingClient(sweep.tracking_uri)
     trial = client.get_run(run_id).data.tags.get("teachsweep.trial_id")
     teacher = teacher_runs(sweep).get(trial) if trial else None
     if teacher is None:
@@ -333,15 +335,15 @@ def trial_rows(sweep: Sweep, runs=None, merge_seeds: bool = True) -> list[dict[s
     a trial that ran several seeds; a grid's one-seed trials merged into one row per label unless not
     `merge_seeds`)."""
     import yaml
-    from mlflow.tracking import MlflowClient
 
     from teachsweep.metrics import merge_seed_trials
+    from teachsweep.tracking import RetryingClient
 
     runs = trial_runs(sweep) if runs is None else runs
     if not len(runs):
         return []
     variants = list(sweep.spec.variants)
-    client = MlflowClient(sweep.tracking_uri)
+    client = RetryingClient(sweep.tracking_uri)
     experiment = client.get_experiment_by_name(sweep.spec.experiment or sweep.name)
     seed_runs: dict[str, dict[str, float]] = {}
     query = f"tags.`teachsweep.sweep` = '{sweep.spec.name}' and tags.`teachsweep.role` = 'seed'"
@@ -426,11 +428,11 @@ def teachers_from_their_runs(tracking_uri: str, run_ids: set[str]) -> TeacherTab
     """The teachers as the students recorded them (`teachsweep.teacher_run`): their own MLflow runs, read by id,
     whatever became of the sweep that trained them. None when a run is gone from the store."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from teachsweep.jobs import JOBS
+    from teachsweep.tracking import RetryingClient
 
-    client = MlflowClient(tracking_uri)
+    client = RetryingClient(tracking_uri)
     teachers, reference = {}, None
     for run_id in sorted(run_ids):
         try:

@@ -69,6 +69,20 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+class RetryingClient:
+    """An MlflowClient whose every call goes through `retry`: what the readers use, so that reading a sweep
+    while its trials write to the same SQLite store (or a server restarts) retries as the writers do."""
+
+    def __init__(self, uri: str):
+        self._client = client_for(uri)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+        return lambda *args, **kwargs: retry(lambda: method(*args, **kwargs))
+
+
 def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in obj.items():

@@ -91,9 +91,9 @@ def trial_columns(sweep: Sweep, metrics: set[str], params: set[str], labels: set
 
 def logged_keys(sweep: Sweep, experiment_id: str) -> tuple[set[str], set[str], set[str]]:
     """Metric keys, param keys and arm labels of the sweep's trial runs."""
-    from mlflow.tracking import MlflowClient
+    from teachsweep.tracking import RetryingClient
 
-    runs = MlflowClient(sweep.tracking_uri).search_runs([experiment_id], trial_filter(sweep), max_results=5000)
+    runs = RetryingClient(sweep.tracking_uri).search_runs([experiment_id], trial_filter(sweep), max_results=5000)
     metrics = {k for r in runs for k in r.data.metrics}
     params = {k for r in runs for k in r.data.params}
     labels = {r.data.tags.get("teachsweep.label", "") for r in runs}
@@ -145,9 +145,10 @@ def save_trials_view(sweep: Sweep) -> bool:
     """Record the trials view on the sweep's experiment (again only when it changed); False when it cannot be
     written, and the trials URL then carries the filter and the sort without the columns."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(sweep.tracking_uri)
+    from teachsweep.tracking import RetryingClient
+
+    client = RetryingClient(sweep.tracking_uri)
     experiment = client.get_experiment_by_name(sweep.spec.experiment or sweep.spec.name)
     if experiment is None:
         return False
@@ -167,10 +168,11 @@ def page_urls(sweep: Sweep, host: str = HOST, port: int = DEFAULT_PORT) -> dict[
     """The trials (model-training view, flat, sorted by the first objective, with its columns when the saved
     view exists), the parent run's report, and the study on optuna-dashboard (port + 1)."""
     import optuna
-    from mlflow.tracking import MlflowClient
+
+    from teachsweep.tracking import RetryingClient
 
     spec = sweep.spec
-    experiment = MlflowClient(sweep.tracking_uri).get_experiment_by_name(spec.experiment or spec.name)
+    experiment = RetryingClient(sweep.tracking_uri).get_experiment_by_name(spec.experiment or spec.name)
     base = f"http://{host}:{port}/#/experiments/{experiment.experiment_id if experiment else ''}"
     if experiment is not None and VIEW_TAG_PREFIX + view_id(sweep) in experiment.tags:
         # MLflow applies a saved view only while the URL carries no filter or sort of its own
