@@ -125,6 +125,34 @@ BAD = [
         "teacher.task: 'bbc_news_lm' is language modelling",
     ),
     (
+        "a nesting deeper than the stack",
+        GOOD + "description: " + "[" * 3000 + "]" * 3000 + "\n",
+        "malformed spec: nested too deeply",
+    ),
+    ("a key given twice", GOOD.replace("epochs: 1", "epochs: 1, epochs: 2"), "key 'epochs' given twice"),
+    (
+        "an int bound beyond any size",
+        GOOD.replace("low: 1, high: 4", "low: 1, high: 1e300"),
+        "space.student_steps: int bounds beyond any sensible size",
+    ),
+    (
+        "an int config value beyond any size",
+        GOOD.replace("epochs: 1", "epochs: 100000000000000000000000000000000"),
+        "config.epochs: beyond any sensible size",
+    ),
+    (
+        "num_samples beyond any size",
+        GOOD.replace("num_samples: 2", "num_samples: 100000000000000000000000000"),
+        "num_samples: Input should be less than or equal to 1000000",
+    ),
+    ("a seed given as a boolean", GOOD + "seeds: [true]\n", "seeds.0: Input should be a valid integer"),
+    ("a results_dir with a NUL byte", GOOD + 'results_dir: "a\\0b"\n', "results_dir: not a usable directory path"),
+    (
+        "a pipeline's own key not finite",
+        "pipeline: p\ntracking_uri: .inf\nstages:\n  - {name: a, job: lot, config: {task: digits}, variants: {a: {alpha: 0.1}}}\n",
+        ": tracking_uri: not a finite number (got inf)",
+    ),
+    (
         "a YAML alias that contains itself",
         GOOD.replace("config: {", "config: &c {extra: [*c], "),
         "config.extra.0: a YAML alias that contains itself",
@@ -436,3 +464,57 @@ def test_reading_an_rl_sweep_back_needs_no_environment_installed():
     assert parse_spec(text, check_files=False).config["task"] == "gym:NoSuchGame-v0"
     with pytest.raises(SpecError, match="gymnasium has no environment 'NoSuchGame-v0'"):
         parse_spec(text)
+
+
+def test_reading_a_corrupt_store_is_one_line_naming_it(tmp_path):
+    recorded_sweep(tmp_path, "ok", GOOD)
+    (tmp_path / "mlflow.db").write_bytes(b"garbage, not a database")
+    for command in ("status", "best", "report", "export"):
+        outcome = CliRunner().invoke(app, [command, "ok", "--results-dir", str(tmp_path)])
+        message = outcome.output.strip()
+        assert outcome.exit_code == 2 and len(message.splitlines()) == 1, (command, message)
+        assert f"{tmp_path / 'mlflow.db'}: not a readable MLflow store" in message
+    assert (tmp_path / "mlflow.db").read_bytes() == b"garbage, not a database"
+
+
+def test_report_and_ui_of_a_sweep_that_never_started_refuse_and_create_no_store(tmp_path):
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "spec.yaml").write_text(GOOD.replace("name: ok", "name: fresh", 1))
+    for command in (["report", "fresh"], ["ui", "fresh", "--port", "5999"]):
+        outcome = CliRunner().invoke(app, [*command, "--results-dir", str(tmp_path)])
+        assert outcome.exit_code == 2 and "sweep 'fresh' has not started" in outcome.output, outcome.output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["fresh", "spec.yaml"]
+
+
+def test_a_port_that_is_not_a_number_is_one_line(tmp_path):
+    outcome = CliRunner().invoke(app, ["ui", "any", "--port", "abc", "--results-dir", str(tmp_path)])
+    assert outcome.exit_code == 2 and outcome.output.strip() == "error: --port: a port number, 1-65535 (got 'abc')"
+
+
+def test_a_report_read_from_a_moved_results_directory_does_not_recreate_the_old_one(tmp_path):
+    old, moved = tmp_path / "old", tmp_path / "moved"
+    recorded_sweep(old, "ok", GOOD)
+    old.rename(moved)
+    outcome = CliRunner().invoke(app, ["report", "ok", "--results-dir", str(moved)], env={"COLUMNS": "200"})
+    assert outcome.exit_code == 0, outcome.output
+    assert (moved / "ok" / "report.html").is_file() and "not logged to MLflow" in outcome.output
+    assert not old.exists()
+
+
+def test_status_of_a_sweep_whose_driver_died_counts_its_running_trials_as_interrupted(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from teachsweep.results import open_sweep, status
+
+    recorded_sweep(tmp_path, "ok", GOOD)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = (tmp_path / "ok" / "mlflow_parent_run_id").read_text()
+    experiment = client.get_run(parent).info.experiment_id
+    tags = {"mlflow.parentRunId": parent, "teachsweep.role": "trial", "teachsweep.trial_id": "t1"}
+    client.create_run(experiment, tags=tags)  # left RUNNING by the driver
+    assert status(open_sweep("ok", tmp_path))["running"] == 1  # the driver may still be alive
+    client.set_terminated(parent, "FAILED")
+    st = status(open_sweep("ok", tmp_path))
+    assert (st["running"], st["interrupted"], st["sweep_status"]) == (0, 1, "FAILED")
+    outcome = CliRunner().invoke(app, ["status", "ok", "--results-dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert "0 running, 0 failed, 1 interrupted (resume re-runs them)" in outcome.output, outcome.output

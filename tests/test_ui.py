@@ -163,11 +163,17 @@ def test_an_explicitly_requested_busy_port_fails_with_one_line_and_exit_2(result
         finally:
             end(process, [])
     assert process.returncode == 2
-    assert output.strip().splitlines() == [f"error: port {port + 1} on 127.0.0.1: in use; give another with --port"]
+    assert output.strip().splitlines() == [
+        f"error: port {port + 1} on 127.0.0.1: in use (the MLflow UI takes {port}, optuna-dashboard {port + 1}); "
+        "give another with --port"
+    ]
 
 
 def test_a_requested_port_out_of_range_or_not_ours_is_bad_input_not_a_crash():
-    with pytest.raises(ui.PortInUse, match=r"^port 65536 on 127.0.0.1: out of range \(1-65535\); give another"):
+    with pytest.raises(
+        ui.PortInUse,
+        match=r"^port 65536 on 127.0.0.1: out of range \(1-65535\) \(the MLflow UI takes 65535, optuna-dashboard 65536\)",
+    ):
         ui.choose_port("127.0.0.1", 65535, 2)  # optuna-dashboard would get 65536 (bind() raised OverflowError)
     with pytest.raises(ui.PortInUse, match="port 0 on 127.0.0.1: out of range"):
         ui.choose_port("127.0.0.1", 0, 1)

@@ -377,14 +377,19 @@ RESULTS_OPTION = typer.Option(
 )
 
 
-def open_or_fail(name: str, results_dir: str):
+def open_or_fail(name: str, results_dir: str, started: bool = False):
+    """The sweep, or one line and exit 2; with `started`, a sweep that never started is refused too (what it
+    would show is nothing, and its store does not exist yet)."""
     from teachsweep.results import open_sweep
     from teachsweep.spec import SpecError
 
     try:
-        return open_sweep(name, results_dir)
+        sweep = open_sweep(name, results_dir)
     except SpecError as error:
         fail(str(error))
+    if started and sweep.parent_run_id is None:
+        fail(f"sweep '{name}' has not started: nothing to show yet (teachsweep run its spec)")
+    return sweep
 
 
 @app.command()
@@ -465,7 +470,8 @@ def status_command(
             st = status(sweep)
             line = (
                 f"{st['finished']}/{st['planned'] or '?'} done, {st['running']} running, {st['failed']} failed, "
-                f"{duration(st['elapsed_s'])}"
+                + (f"{st['interrupted']} interrupted (resume re-runs them), " if st["interrupted"] else "")
+                + f"{duration(st['elapsed_s'])}"
             )
             bar.update(task, completed=st["finished"] + st["failed"], line=line)
             if not watch or st["sweep_status"] != "RUNNING":
@@ -552,9 +558,15 @@ def report(name: str, results_dir: str = RESULTS_OPTION) -> None:
     """Write sweep NAME's HTML report (self-contained) into its results directory and its parent MLflow run."""
     from teachsweep.report import write_report
 
-    sweep = open_or_fail(name, results_dir)
-    path = write_report(sweep)
+    sweep = open_or_fail(name, results_dir, started=True)
+    path, logged = write_report(sweep)
     print_paths(f"report: file://{path}")
+    if not logged:
+        console.print(
+            "not logged to MLflow: the parent run keeps its artifacts where the results directory was before it moved",
+            highlight=False,
+            markup=False,
+        )
 
 
 @app.command()
@@ -628,7 +640,7 @@ def teacher_line(sweep, run_id: str) -> str:
 def ui(
     name: str,
     results_dir: str = RESULTS_OPTION,
-    port: int | None = typer.Option(
+    port: str | None = typer.Option(
         None, help="MLflow UI port (default: 5000, or the next free one); optuna-dashboard uses port + 1"
     ),
 ) -> None:
@@ -636,9 +648,15 @@ def ui(
     answer. Ctrl-C, SIGTERM or SIGHUP stops both."""
     from teachsweep import ui as servers
 
-    sweep = open_or_fail(name, results_dir)
+    if port is not None and not port.isdigit():
+        fail(f"--port: a port number, 1-65535 (got {port!r})")
+    sweep = open_or_fail(name, results_dir, started=True)
     try:
-        servers.serve(sweep, port, lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False))
+        servers.serve(
+            sweep,
+            None if port is None else int(port),
+            lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False),
+        )
     except servers.PortInUse as error:
         fail(str(error))
     except servers.ServerFailed as error:

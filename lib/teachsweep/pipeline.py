@@ -22,7 +22,7 @@ import yaml
 
 from teachsweep import preflight
 from teachsweep.layout import DEFAULT_RESULTS
-from teachsweep.spec import NAME_RE, SpecError, SweepSpec, load_yaml, parse_spec
+from teachsweep.spec import NAME_RE, SpecError, SweepSpec, load_yaml, non_finite_number, number_problem, parse_spec
 
 PIPELINE_KEYS = {"pipeline", "description", "results_dir", "tracking_uri", "stages"}
 
@@ -50,7 +50,7 @@ class Pipeline:
 def is_pipeline(text: str) -> bool:
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return False
     return isinstance(raw, dict) and "stages" in raw
 
@@ -68,6 +68,8 @@ def parse_pipeline(text: str, where: str = "") -> Pipeline:
     if not isinstance(raw["stages"], list) or not raw["stages"]:
         raise SpecError(f"{where}stages: a non-empty list of sweep specs")
     shared = {k: raw[k] for k in ("results_dir", "tracking_uri") if k in raw}
+    if found := non_finite_number(shared):  # the pipeline's own keys, named as the pipeline's
+        raise SpecError(f"{where}{'.'.join(map(str, found[0]))}: {number_problem(found[1])}")
     stages = []
     for index, body in enumerate(raw["stages"]):
         if not isinstance(body, dict):

@@ -118,20 +118,20 @@ def check_objectives(spec: SweepSpec, where: str, reported: dict[str, str | None
             )
 
 
-def check_stores(spec: SweepSpec, root: Path, fingerprint: Path, started: bool = True) -> str:
+def check_stores(spec: SweepSpec, root: Path, fingerprint: Path, started: bool = True, where: str = "") -> str:
     """The stores a sweep writes, checked before it creates any: the results directory `root` writable, the
     tracking store reachable, and the spec the same as when the sweep started (its `fingerprint` file) unless
     it never `started` a trial (then a corrected spec starts it anew). Returns the tracking URI."""
     existing = next((p for p in [root, *root.parents] if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise SpecError(f"results directory {root} is not writable")
+        raise SpecError(f"{where}results_dir: {root} is not writable")
     if root.exists() and not os.access(root, os.W_OK | os.X_OK):
-        raise SpecError(f"results directory {root} is not writable")
+        raise SpecError(f"{where}results_dir: {root} is not writable")
     uri = spec.tracking_uri or tracking.default_tracking_uri(root)
     try:
         tracking.check_tracking_uri(uri)
     except tracking.TrackingError as error:
-        raise SpecError(str(error)) from None
+        raise SpecError(f"{where}tracking_uri: {error}") from None
     if fingerprint.exists() and started:
         changes = describe_changes(json.loads(fingerprint.read_text()), spec.fingerprint())
         if changes:

@@ -643,12 +643,23 @@ between trials are paired by seed when both ran the same seeds, else combined fr
 (MOVER).</p></body></html>"""
 
 
-def write_report(sweep: Sweep) -> Path:
-    """Write `report.html` into the sweep's directory and log it to the sweep's parent MLflow run."""
+def write_report(sweep: Sweep) -> tuple[Path, bool]:
+    """Write `report.html` into the sweep's directory and log it to the sweep's parent MLflow run; False when it
+    was not logged because the run's local artifact directory is not under the results directory any more (the
+    directory moved: logging would recreate the old path)."""
+    from urllib.parse import unquote, urlparse
+
     from teachsweep.tracking import RetryingClient
 
     path = sweep.layout.report
     path.write_text(build_report(sweep))
-    if sweep.parent_run_id:
-        RetryingClient(sweep.tracking_uri).log_artifact(sweep.parent_run_id, str(path))
-    return path
+    if not sweep.parent_run_id:
+        return path, False
+    client = RetryingClient(sweep.tracking_uri)
+    artifacts = client.get_run(sweep.parent_run_id).info.artifact_uri
+    if artifacts.startswith("file:") or "://" not in artifacts:
+        local = Path(unquote(urlparse(artifacts).path) if artifacts.startswith("file:") else artifacts)
+        if not local.resolve().is_relative_to(sweep.layout.root):
+            return path, False
+    client.log_artifact(sweep.parent_run_id, str(path))
+    return path, True

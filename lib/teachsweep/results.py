@@ -65,12 +65,28 @@ def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
                 f"{parent_file}: tracking store {uri.removeprefix('sqlite:///')} not found (moved or deleted)"
             )
         return Sweep(name, directory, spec, text, uri, None)
+    check_sqlite_store(uri)
     if parent_file.exists():
         parent = parent_file.read_text().strip()
         check_run_exists(uri, parent, parent_file)
     else:
         parent = latest_parent_run(uri, spec)
     return Sweep(name, directory, spec, text, uri, parent)
+
+
+def check_sqlite_store(uri: str) -> None:
+    """A one-line SpecError when a SQLite tracking store is not a database (opened read-only: nothing is written)."""
+    import contextlib
+    import sqlite3
+
+    if not uri.startswith("sqlite:///"):
+        return
+    path = uri.removeprefix("sqlite:///")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            db.execute("select count(*) from sqlite_master").fetchone()
+    except sqlite3.DatabaseError as error:
+        raise SpecError(f"{path}: not a readable MLflow store ({error})") from None
 
 
 def check_run_exists(uri: str, run_id: str, named_in: Path) -> None:
@@ -212,10 +228,13 @@ def status(sweep: Sweep) -> dict[str, Any]:
     parent = RetryingClient(sweep.tracking_uri).get_run(sweep.parent_run_id) if sweep.parent_run_id else None
     start = parent.info.start_time / 1000 if parent else time.time()
     end = parent.info.end_time / 1000 if parent and parent.info.status != "RUNNING" and parent.info.end_time else None
+    # trials a driver left RUNNING when it stopped (killed, crashed) run no more: they are resumed as new trials
+    alive = parent is not None and parent.info.status == "RUNNING"
     return {
         "planned": sweep.planned_trials,
         "finished": counts.get("FINISHED", 0),
-        "running": counts.get("RUNNING", 0),
+        "running": counts.get("RUNNING", 0) if alive else 0,
+        "interrupted": 0 if alive else counts.get("RUNNING", 0),
         "failed": counts.get("FAILED", 0),
         "sweep_status": parent.info.status if parent else "NOT STARTED",
         "elapsed_s": (end or time.time()) - start,

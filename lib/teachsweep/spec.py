@@ -20,6 +20,8 @@ from teachsweep.jobs import JOBS
 from teachsweep.layout import DEFAULT_RESULTS
 from teachsweep.training import CHECK_FILES
 
+LARGEST_INT = 2**32  # no count, size or seed a spec can sensibly hold reaches it (Optuna and numpy fail beyond)
+
 
 class SpecError(ValueError):
     """A spec that cannot run; the message is one line naming the file and field."""
@@ -52,6 +54,8 @@ class Param(Strict):
             raise ValueError(f"not a finite number (low {self.low}, high {self.high})")
         if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
             raise ValueError("int needs integer low and high")
+        if self.type == "int" and max(abs(self.low), abs(self.high)) > LARGEST_INT:
+            raise ValueError(f"int bounds beyond any sensible size (at most {LARGEST_INT:,})")
         return self
 
     def corner_values(self) -> list[Any]:
@@ -129,12 +133,12 @@ class SweepSpec(Strict):
     space: dict[str, Param] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)  # a grid of named config overlays
     objectives: list[Objective] = Field(default_factory=list)
-    num_samples: int = Field(8, ge=1)
+    num_samples: int = Field(8, ge=1, le=1_000_000)
     max_concurrent_trials: int | None = Field(None, ge=1)
     sampler: Sampler = Field(default_factory=Sampler)
     scheduler: Scheduler | None = None
     # torch, numpy and gymnasium all take them: 0 <= seed < 2**32 is what every one of them accepts
-    seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=2**32, strict=True)]] = Field(default_factory=lambda: [0], min_length=1)
     baseline: Baseline | None = None
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(0, ge=0)
@@ -149,6 +153,13 @@ class SweepSpec(Strict):
     def _safe_name(cls, value: str) -> str:
         if not NAME_RE.match(value):
             raise ValueError("use letters, digits, '_', '-' and '.' (it names directories and studies)")
+        return value
+
+    @field_validator("results_dir")
+    @classmethod
+    def _a_path(cls, value: str) -> str:
+        if "\0" in value or not value.strip():
+            raise ValueError("not a usable directory path (empty, or a NUL byte)")
         return value
 
     @field_validator("job")
@@ -272,37 +283,66 @@ def tracking_uri_of(spec: SweepSpec) -> str:
     return spec.tracking_uri or default_tracking_uri(Path(spec.results_dir).expanduser())
 
 
-def non_finite_number(value: Any, loc: tuple = ()) -> tuple[tuple, float] | None:
+def non_finite_number(value: Any, loc: tuple = (), huge_ints: bool = False) -> tuple[tuple, float] | None:
     """(where, value) of the first number in parsed YAML that is inf or NaN (`.inf`, `.nan`, or a literal beyond a
-    float's range such as 1.0e+400), or None. Pydantic's bounds let them through (inf is above any lower bound)
-    and Optuna's samplers, the jobs and Ray fail on them only once the sweep's stores exist."""
+    float's range such as 1.0e+400), or with `huge_ints` an integer beyond LARGEST_INT; or None. Pydantic's bounds
+    let them through (inf is above any lower bound) and Optuna's samplers, the jobs and Ray fail on them (or never
+    finish) only once the sweep's stores exist."""
     if isinstance(value, float) and not math.isfinite(value):
+        return loc, value
+    if huge_ints and isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST_INT:
         return loc, value
     children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, child in children:
-        if found := non_finite_number(child, (*loc, key)):
+        if found := non_finite_number(child, (*loc, key), huge_ints):
             return found
     return None
 
 
+def number_problem(value: float) -> str:
+    if isinstance(value, int):
+        return f"beyond any sensible size (got {value:.3g}; at most {LARGEST_INT:,})"
+    return f"not a finite number (got {value})"
+
+
 def refuse_non_finite(values: Any, where: str, loc: tuple = ()) -> None:
     """A number that only became inf or NaN in validation (YAML reads `1e400`, `inf`, `nan` as strings, which
-    pydantic turns into floats) is refused like one written `.inf`."""
-    if found := non_finite_number(values, loc):
-        raise SpecError(f"{where}{_location(found[0])}: not a finite number (got {found[1]})")
+    pydantic turns into floats) is refused like one written `.inf`, and so is an integer beyond any sensible size
+    (checked after validation, so that a field's own bound speaks first)."""
+    if found := non_finite_number(values, loc, huge_ints=True):
+        raise SpecError(f"{where}{_location(found[0])}: {number_problem(found[1])}")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_yaml(text: str, where: str = "") -> Any:
-    """Safe YAML, with its errors as one line; an alias that contains itself (`a: &x [*x]`) is refused, since
-    every walk over the spec would recurse forever."""
+    """Safe YAML, with its errors as one line; a key given twice, a nesting deeper than Python's stack and an
+    alias that contains itself (`a: &x [*x]`, on which every walk over the spec would recurse forever) are
+    refused."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        loc = recursive_alias(raw)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]  # a ReaderError has no `problem`
         raise SpecError(f"{where}malformed YAML{line}: {problem}") from None
-    if loc := recursive_alias(raw):
+    except RecursionError:
+        raise SpecError(f"{where}malformed spec: nested too deeply") from None
+    if loc:
         raise SpecError(f"{where}{_location(loc)}: a YAML alias that contains itself")
     return raw
 
@@ -331,7 +371,7 @@ def parse_spec(text: str, where: str = "", check_files: bool = True) -> SweepSpe
         raise SpecError(f"{where}malformed spec: expected a mapping of keys, got {type(raw).__name__}")
     if found := non_finite_number(raw):
         loc, value = found
-        raise SpecError(f"{where}{_location(loc)}: not a finite number (got {value})")
+        raise SpecError(f"{where}{_location(loc)}: {number_problem(value)}")
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as error:

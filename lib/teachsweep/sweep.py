@@ -127,7 +127,7 @@ def run_sweep(
     quiet_libraries()
     paths = paths_for(spec)
     preflight.check_spec(spec, where)
-    uri = preflight.check_stores(spec, paths.root, paths.fingerprint, started=paths.started)
+    uri = preflight.check_stores(spec, paths.root, paths.fingerprint, started=paths.started, where=where)
     start = time.time()
     init_ray()
     check_trial_fits(spec)  # these may refuse the spec: before anything is created
@@ -137,7 +137,10 @@ def run_sweep(
 
     from ray import tune
 
-    paths.path.mkdir(parents=True, exist_ok=True)
+    try:
+        paths.path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a path the access check allowed but the file system refuses (/proc, a full disk)
+        raise SpecError(f"{where}results_dir: cannot create {paths.path} ({error.strerror})") from None
     recorded = json.loads(paths.fingerprint.read_text()) if paths.fingerprint.exists() else None
     if recorded is not None and recorded != spec.fingerprint() and not paths.started:
         start_afresh(paths)
@@ -255,7 +258,7 @@ def write_report(spec: SweepSpec) -> Path | None:
     from teachsweep.results import open_sweep
 
     try:
-        return report.write_report(open_sweep(spec.name, spec.results_dir))
+        return report.write_report(open_sweep(spec.name, spec.results_dir))[0]
     except Exception as error:  # noqa: BLE001
         print(f"warning: the report of sweep '{spec.name}' was not written: {error}", file=sys.stderr)
         return None
@@ -373,7 +376,10 @@ def start_afresh(paths: SweepDir) -> None:
     as `optuna.<time>.abandoned.db`) and a new Tune experiment."""
     study = paths.optuna_file
     if study.exists():
-        study.rename(paths.path / f"optuna.{time.strftime('%Y%m%d-%H%M%S')}.abandoned.db")
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+        while (kept := paths.path / f"optuna.{stamp}{f'-{n}' if n else ''}.abandoned.db").exists():
+            n += 1
+        study.rename(kept)
     paths.parent_run.unlink(missing_ok=True)
     shutil.rmtree(paths.tune, ignore_errors=True)
     print(f"sweep '{paths.name}' never recorded a trial: starting it again with the changed spec", flush=True)

@@ -222,7 +222,8 @@ def choose_port(host: str, requested: int | None, count: int) -> tuple[int, str 
     if requested is not None:
         for port in range(requested, requested + count):
             if problem := port_problem(host, port):
-                raise PortInUse(f"port {port} on {host}: {problem}; give another with --port")
+                both = f" (the MLflow UI takes {requested}, optuna-dashboard {port})" if port > requested else ""
+                raise PortInUse(f"port {port} on {host}: {problem}{both}; give another with --port")
         return requested, None
     for base in range(DEFAULT_PORT, DEFAULT_PORT + PORT_SCAN):
         busy = [p for p in range(base, base + count) if port_in_use(host, p)]
@@ -383,7 +384,8 @@ def serve(sweep: Sweep, requested_port: int | None, say: Callable[[str], None]) 
     """Start the servers, wait for them to answer, print the pages and serve until stopped.
 
     Raises PortInUse before anything starts, ServerFailed when a server dies; returns on a stop signal."""
-    port, note = choose_port(HOST, requested_port, 2 if sweep.spec.space else 1)
+    dashboard = sweep.spec.space and sweep.layout.optuna_file.exists()
+    port, note = choose_port(HOST, requested_port, 2 if dashboard else 1)
     if note:
         say(note)
     save_trials_view(sweep)
