@@ -67,3 +67,20 @@ def test_analysis_notebook_executes_against_a_real_sweep(ray_session, tmp_path, 
     header = trials.split("</thead>")[0]
     assert "<th>teacher/best_val_acc</th>" in header and "<th>...</th>" not in header, header  # no column hidden
     assert "TqdmWarning" not in text_out and "IProgress" not in text_out  # stdout and stderr both
+
+
+def test_the_notebook_on_a_sweep_that_never_started_says_so_and_creates_no_store(tmp_path, monkeypatch):
+    from nbclient.exceptions import CellExecutionError
+
+    results = tmp_path / "results"
+    (results / "nb").mkdir(parents=True)
+    (results / "nb" / "spec.yaml").write_text(SPEC.replace("RESULTS", str(results)))
+    monkeypatch.setenv("TEACHSWEEP_SWEEP", "nb")
+    monkeypatch.setenv("TEACHSWEEP_RESULTS", str(results))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    with pytest.raises(CellExecutionError, match="sweep nb has not started"):
+        client.execute()
+    assert sorted(p.name for p in results.rglob("*")) == ["nb", "spec.yaml"]
