@@ -99,7 +99,7 @@ def test_a_trial_this_machines_ray_can_never_place_is_refused_before_anything_is
     text = SPEC + f"resources: {{cpus: 8}}\nresults_dir: {tmp_path}\n"
     with pytest.raises(SpecError, match="resources.cpus"):
         run_sweep(parse_spec(text), text)
-    assert not paths_for(parse_spec(text)).sweep.exists()  # no study, no Tune state, no fingerprint
+    assert not paths_for(parse_spec(text)).path.exists()  # no study, no Tune state, no fingerprint
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a cluster: its autoscaler may add what the trial asks for
     check_trial_fits(parse_spec(SPEC + "resources: {cpus: 8}\n"))
