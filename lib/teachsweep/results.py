@@ -452,21 +452,29 @@ def teachers_from_their_runs(tracking_uri: str, run_ids: set[str]) -> TeacherTab
     from teachsweep.tracking import RetryingClient
 
     client = RetryingClient(tracking_uri)
-    teachers, reference = {}, None
+    found = []
     for run_id in sorted(run_ids):
         try:
             run = client.get_run(run_id)
         except MlflowException:
             return None
         tags, params = run.data.tags, run.data.params
-        job = JOBS[tags["teachsweep.job"]]
         if "seed" not in params and len(yaml_list(params.get("seeds"))) != 1:
             continue  # ran several seeds in one trial: no per-seed teacher to pair
         seed = params["seed"] if "seed" in params else yaml_list(params["seeds"])[0]
         row = {"label": tags["teachsweep.label"], "params": {"arm": tags.get("teachsweep.arm") or None}}
-        scores = {m: v for m, v in run.data.metrics.items() if m in job.saved_teacher_scores}
-        teachers[tags["teachsweep.trial_id"]] = {"label": row["label"], "seed": int(seed), "scores": scores}
-        if is_baseline(row, job) and reference is None:
+        found.append((tags["teachsweep.trial_id"], row, int(seed), run.data.metrics, JOBS[tags["teachsweep.job"]]))
+    return teacher_table(found)
+
+
+def teacher_table(found: list[tuple[str, dict[str, Any], int, dict[str, float], Any]]) -> TeacherTable:
+    """{teacher trial id: label, seed, saved-teacher scores} and the baseline teacher's label, from (trial id,
+    row with label and params, seed, metrics, the teacher's job) per teacher."""
+    teachers, reference = {}, None
+    for trial_id, row, seed, metrics, job in found:
+        scores = {m: metrics[m] for m in job.saved_teacher_scores if m in metrics}
+        teachers[trial_id] = {"label": row["label"], "seed": seed, "scores": scores}
+        if reference is None and is_baseline(row, job):
             reference = row["label"]
     return teachers, reference
 
@@ -490,17 +498,13 @@ def teachers_from_their_sweep(name: str, students: Sweep) -> TeacherTable | None
             teacher_sweep = open_logged_sweep(name, students.tracking_uri, students.directory.parent)
         except Exception:  # its runs are gone too: the students still read, without the by-teacher table
             return None
-    teacher_job = JOBS[teacher_sweep.spec.job]
-    teachers, reference = {}, None
-    for row in trial_rows(teacher_sweep, merge_seeds=False):
-        if any("@seed" in k for k in row["metrics"]):  # ran several seeds in one trial: no per-seed teacher to pair
-            continue
-        seed = row["params"].get("seed", teacher_sweep.spec.seeds[0] if teacher_sweep.spec.seeds else 0)
-        scores = {m: row["metrics"][m] for m in teacher_job.saved_teacher_scores if m in row["metrics"]}
-        teachers[str(row["trial_id"])] = {"label": row["label"], "seed": int(seed), "scores": scores}
-        if is_baseline(row, teacher_job) and reference is None:
-            reference = row["label"]
-    return teachers, reference
+    job, default_seed = JOBS[teacher_sweep.spec.job], teacher_sweep.spec.seeds[0]
+    found = [
+        (str(row["trial_id"]), row, int(row["params"].get("seed", default_seed)), row["metrics"], job)
+        for row in trial_rows(teacher_sweep, merge_seeds=False)
+        if not any("@seed" in k for k in row["metrics"])
+    ]  # several seeds in one trial: no per-seed teacher
+    return teacher_table(found)
 
 
 def point_of(row: dict[str, Any], metric: str) -> float | None:
