@@ -387,3 +387,50 @@ def test_starting_afresh_keeps_the_crashed_study_beside_the_new_one(tmp_path):
     kept = list(paths.path.glob("optuna.*.abandoned.db"))
     assert [k.read_bytes() for k in kept] == [b"the crashed study"]
     assert not paths.optuna_file.exists() and not paths.parent_run.exists() and not paths.tune.exists()
+
+
+def cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
+
+
+def test_tune_snapshot_files_cut_short_are_told_from_whole_ones(tmp_path):
+    """A driver killed while Tune copies its snapshot leaves a truncated JSON or pickle; a grid's empty searcher
+    file is whole."""
+    import pickle
+
+    from teachsweep.layout import state_file_parses
+
+    (json_file := tmp_path / "experiment_state-x.json").write_text('{"trial_data": [[1, 2]], "runner_data": {}}')
+    (pickled := tmp_path / "searcher-state-x.pkl").write_bytes(pickle.dumps({"numbers": {"a": 1}}))
+    (empty := tmp_path / "searcher-state-y.pkl").write_bytes(b"")
+    assert all(state_file_parses(f) for f in (json_file, pickled, empty))
+    for path in (json_file, pickled):
+        cut_short(path)
+        assert not state_file_parses(path), path.read_bytes()
+
+
+def test_a_tune_snapshot_cut_short_resumes_from_its_last_whole_copy(ray_session, tmp_path):
+    """The experiment state and the searcher's files truncated as a killed driver's copy leaves them: the next
+    run restores the copy the driver kept and resumes (nothing re-trained, no run added); with no copy the
+    broken snapshot is set aside and the sweep starts again, one run per trial."""
+    from teachsweep.layout import SweepDir
+
+    text = SPEC.format(name="cut", epochs=1, steps=2, samples=2, results=tmp_path / "results")
+    first = run_sweep(parse_spec(text), text)
+    paths = SweepDir.of("cut", tmp_path / "results")
+    assert sorted(p.name for p in paths.tune_backup.iterdir()) == sorted(
+        p.name for p in paths.trials.iterdir() if p.name.startswith(("experiment_state-", "search"))
+    )
+    for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
+        cut_short(next(paths.trials.glob(pattern)))
+    again = run_sweep(parse_spec(text), text)
+    assert {t["trial_id"] for t in again.trials} == {t["trial_id"] for t in first.trials}
+    assert len(trial_runs(open_sweep("cut", tmp_path / "results"))) == 2
+
+    for backup in paths.tune_backup.iterdir():
+        backup.unlink()
+    cut_short(next(paths.trials.glob("experiment_state-*.json")))
+    restarted = run_sweep(parse_spec(text), text)
+    assert len(restarted.trials) == 2 and all(t["status"] == "OK" for t in restarted.trials)
+    assert len(list(paths.trials.glob("*.broken"))) == 3
+    assert len(trial_runs(open_sweep("cut", tmp_path / "results"))) == 2

@@ -8,18 +8,41 @@
     <results>/<sweep>/mlflow_parent_run_id
     <results>/<sweep>/planned_trials      how many trials the run planned
     <results>/<sweep>/optuna.db           the Optuna study (searched sweeps)
-    <results>/<sweep>/tune/               Tune's experiment state (trials/) and Ray Train storage (train/)
+    <results>/<sweep>/tune/               Tune's experiment state (trials/), the last whole copy of its snapshot
+                                          (last_good/) and Ray Train storage (train/)
     <results>/<sweep>/report.html, export/
 
 The writer (sweep.py) and the readers (results.py, ui.py, cli.py) name these files through `SweepDir` only."""
 
 from __future__ import annotations
 
+import json
+import pickletools
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_RESULTS = "teachsweep-results"
 LOCAL_STORE = "mlflow.db"
+# The files of one Tune snapshot, per driver session: the experiment's state and its searcher's.
+EXPERIMENT_STATE = "experiment_state-*.json"
+STATE_PATTERNS = (EXPERIMENT_STATE, "search_gen_state-*.json", "searcher-state-*.pkl")
+
+
+def state_file_parses(path: Path) -> bool:
+    """Whether a Tune snapshot file is whole: a copy cut short by a killed driver does not parse. Pickles (Tune
+    writes its search generator's state as one, under a .json name) are walked opcode by opcode to their STOP,
+    which builds no object and runs no code. An empty searcher file is whole: a grid's searcher saves nothing."""
+    try:
+        data = path.read_bytes()
+        if data.startswith(b"\x80"):
+            *_, (last, _, _) = pickletools.genops(data)
+            return last.name == "STOP"
+        if path.suffix == ".pkl" and not data:
+            return True
+        json.loads(data)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,11 @@ class SweepDir:
         return self.tune / "trials"
 
     @property
+    def tune_backup(self) -> Path:
+        """The last whole copy of Tune's snapshot (tune_state.py)."""
+        return self.tune / "last_good"
+
+    @property
     def report(self) -> Path:
         return self.path / "report.html"
 
@@ -96,6 +124,8 @@ class SweepDir:
 
     @property
     def started(self) -> bool:
-        """Whether Tune recorded any state of this sweep's trials (a driver that died between writing `tuner.pkl`
-        and its first state snapshot leaves an experiment Tune calls restorable but cannot restore)."""
-        return any(self.trials.glob("experiment_state-*.json"))
+        """Whether Tune recorded a whole snapshot of this sweep's trials (a driver that died between writing
+        `tuner.pkl` and its first snapshot, or while copying it, leaves an experiment Tune calls restorable but
+        cannot restore)."""
+        kept = [*self.trials.glob(EXPERIMENT_STATE), *self.tune_backup.glob(EXPERIMENT_STATE)]
+        return any(state_file_parses(path) for path in kept)

@@ -123,8 +123,14 @@ class StudySearcher(Searcher):
             pickle.dump({"numbers": self.numbers}, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.numbers = pickle.load(f)["numbers"]
+        """The map Tune trial -> Optuna trial; each Optuna trial also names its Tune trial, so a searcher file cut
+        short by a killed driver costs nothing."""
+        try:
+            with open(checkpoint_path, "rb") as f:
+                self.numbers = pickle.load(f)["numbers"]
+        except (OSError, EOFError, KeyError, pickle.UnpicklingError):
+            trials = self.study.get_trials(deepcopy=False)
+            self.numbers = {t.user_attrs[TUNE_TRIAL]: t.number for t in trials if TUNE_TRIAL in t.user_attrs}
 
 
 class NothingToSearch(Searcher):

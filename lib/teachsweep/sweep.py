@@ -32,7 +32,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # models); rows_from_tune() flags searched trials that never reported their objective instead.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
-from teachsweep import cluster, preflight, references, tracking  # noqa: E402
+from teachsweep import cluster, preflight, references, tracking, tune_state  # noqa: E402
 from teachsweep.jobs import JOBS  # noqa: E402
 from teachsweep.layout import SweepDir  # noqa: E402
 from teachsweep.metrics import PAIRED_METHOD, merge_seed_trials, seed_summaries  # noqa: E402
@@ -332,6 +332,9 @@ def run_experiment(
     from teachsweep.search import complete_finished_trials, fail_interrupted_trials, make_searcher
 
     experiment = paths.trials
+    if experiment.is_dir():
+        for line in tune_state.repair(paths):
+            print(line, flush=True)
     if tune.Tuner.can_restore(str(experiment)) and paths.started:
         failed = []
         if spec.space and paths.optuna_file.exists():
@@ -343,6 +346,7 @@ def run_experiment(
         return tuner.fit()
     if experiment.exists():  # a driver that died before Tune recorded any trial: start again from nothing
         shutil.rmtree(experiment)
+        shutil.rmtree(paths.tune_backup, ignore_errors=True)
         if spec.space and paths.optuna_file.exists():
             fail_interrupted_trials(spec, paths.optuna_url)
         on_restore(set())
@@ -362,7 +366,7 @@ def run_experiment(
             name="trials",
             storage_path=str(paths.tune),
             verbose=0,
-            callbacks=callbacks or [],
+            callbacks=[*(callbacks or []), tune_state.KeepLastGoodState()],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),
