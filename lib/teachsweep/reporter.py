@@ -46,3 +46,31 @@ class Reporter:
 def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Plain floats, without the NaN/inf values MLflow refuses."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}
+
+
+class PackReporter:
+    """What a packed job talks to: one Reporter per member (its own metrics, artifacts and saved teacher) and the
+    pack's epoch boundary, where the pack checkpoints once and learns which members to stop. This one keeps
+    everything in memory (tests, benchmarks, plain Python); the sweep's (tracking.py) records each member in its
+    own MLflow run and Optuna trial."""
+
+    def __init__(self, members: list[Reporter]) -> None:
+        self.members = members
+        self.failed: dict[int, BaseException] = {}
+
+    def report(self, epoch: int, results: dict[int, dict[str, float]], checkpoint: dict | None = None) -> set[int]:
+        """This epoch's metrics of each member still training (by member index) and the pack's checkpoint; the
+        members to stop now (early stopping decided per member)."""
+        for member, metrics in results.items():
+            self.members[member].report(metrics, epoch)
+        if checkpoint is not None:
+            self.saved = checkpoint
+        return set()
+
+    def fail(self, member: int, error: BaseException) -> None:
+        """A member whose training failed (a loss that went NaN): it leaves the pack, the others go on."""
+        self.failed[member] = error
+
+    def restore(self) -> dict | None:
+        """The pack's last checkpoint when it is being restarted after a failure, else None."""
+        return None

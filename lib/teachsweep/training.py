@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -119,13 +119,14 @@ def make_optimizer(model: nn.Module, cfg, total_steps: int):
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        )
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    return opt, sched
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(cfg.schedule, total_steps))
+
+
+def schedule_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """The learning rate's factor at each step: 1 (`constant`), or a cosine from 1 to 0 over `total_steps`."""
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return lambda step: 1.0
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -66,6 +66,11 @@ class JobSpec:
     saves_teacher: bool = False  # it hands a teacher to `reporter.log_teacher` (a later stage can use it)
     saved_teacher_scores: tuple[str, ...] = ()  # the held-out scores of that saved teacher
     single_process: bool = False  # one process, no DDP workers: the spec refuses `workers` > 1
+    # packed trials (packing.py): train_pack(configs, pack_reporter) -> {member: final metrics}; the config fields
+    # members of one pack may differ in (every other field must be equal); what it refuses to pack, by field
+    train_pack: Callable[..., dict[int, dict[str, float]]] | None = None
+    pack_varies: frozenset[str] = frozenset()
+    check_pack: Callable[[Any], None] | None = None
 
 
 @dataclass(frozen=True)

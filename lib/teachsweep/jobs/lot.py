@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from teachsweep import distributed, models, tasks
 from teachsweep.jobs import ArmPlan, JobSpec
 from teachsweep.metrics import paired_difference, per_seed, summarize
-from teachsweep.reporter import Reporter
+from teachsweep.packing import StackedModel, StackedOptimizer, member_column
+from teachsweep.reporter import PackReporter, Reporter
 from teachsweep.training import (
     DataConfig,
     OptimizerConfig,
@@ -44,7 +45,9 @@ from teachsweep.training import (
     pick_device,
     replay,
     restore_into,
+    schedule_factor,
     state_of,
+    synchronize,
     to_device,
     update,
 )
@@ -594,6 +597,366 @@ def evaluate_all(teacher, students, task_data: TaskData, device, precision) -> d
     return out
 
 
+# ---------------------------------------------------------------------------------------------- packed training
+
+# What the members of one pack may differ in: every other field shapes the computation (model, N, K, batch size,
+# steps) and must be equal across the pack.
+PACK_VARIES = frozenset(
+    {"seed", "lr", "momentum", "weight_decay", "clip_grad_norm", "alpha", "temperature", "student_weights"}
+    | {"patience", "lr_decay_on_plateau", "checkpoint_every"}
+)
+
+
+def check_pack(cfg: LoTConfig) -> None:
+    """What a packed LoT trial cannot train, named by its field."""
+    if tasks.task_kind(cfg.task) == "lm":
+        raise ValueError(f"task {cfg.task}: language models do not pack (an LSTM's fused kernel has no vmap rule)")
+
+
+def member_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(P,) each member's mean cross-entropy: logits (P, B, C), labels (P, B)."""
+    per_example = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    return per_example.view(logits.shape[0], -1).mean(1)
+
+
+def member_kl(target_logits: torch.Tensor, logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """(P,) `kl_divergence` of each member at its own temperature (P,): T^2 * KL(softmax(target/T) ||
+    softmax(logits/T)), summed over classes and averaged over the member's rows."""
+    t = temperature.view(-1, 1, 1)
+    log_target = F.log_softmax(target_logits.float() / t, dim=-1)
+    log_model = F.log_softmax(logits.float() / t, dim=-1)
+    kl = (log_target.exp() * (log_target - log_model)).sum((1, 2)) / logits.shape[1]
+    return kl * temperature**2
+
+
+@dataclass(frozen=True)
+class MemberTerms:
+    """The LoT term's per-member hyperparameters as columns (P,) and the structure all members share."""
+
+    alpha: torch.Tensor
+    temperature: torch.Tensor
+    lambdas: torch.Tensor  # (K, P)
+    symmetric_kl: bool
+    detach: bool
+    student_ce: bool
+
+    @classmethod
+    def of(cls, cfgs: list[LoTConfig], device: torch.device) -> MemberTerms:
+        lead = cfgs[0]
+        return cls(
+            member_column([c.alpha for c in cfgs], device),
+            member_column([c.temperature for c in cfgs], device),
+            torch.tensor([c.lambdas for c in cfgs], dtype=torch.float32, device=device).T,
+            lead.symmetric_kl,
+            lead.detach,
+            lead.student_ce,
+        )
+
+    def at(self, positions: torch.Tensor) -> MemberTerms:
+        """The columns of the members at `positions` (the original indices of those still training)."""
+        index = positions.to(self.alpha.device)
+        return MemberTerms(
+            self.alpha[index],
+            self.temperature[index],
+            self.lambdas[:, index],
+            self.symmetric_kl,
+            self.detach,
+            self.student_ce,
+        )
+
+
+def pack_teacher_loss(
+    teacher_logits: torch.Tensor, student_logits: list[torch.Tensor], labels: torch.Tensor, terms: MemberTerms
+) -> torch.Tensor:
+    """(P,) `teacher_loss` of each member."""
+    loss = member_cross_entropy(teacher_logits, labels)
+    for weight, s_logits in zip(terms.lambdas, student_logits, strict=True):
+        target = s_logits.detach() if terms.detach else s_logits
+        term = member_kl(target, teacher_logits, terms.temperature)
+        if terms.symmetric_kl:
+            term = term + member_kl(teacher_logits, target, terms.temperature)
+        loss = loss + terms.alpha * weight * term
+    return loss
+
+
+def pack_student_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, terms: MemberTerms
+) -> torch.Tensor:
+    """(P,) `student_loss` of each member."""
+    target = teacher_logits.detach() if terms.detach else teacher_logits
+    loss = terms.alpha * member_kl(target, student_logits, terms.temperature)
+    if terms.student_ce:
+        loss = loss + member_cross_entropy(student_logits, labels)
+    return loss
+
+
+@dataclass
+class MemberRecord:
+    """What one member carries from epoch to epoch: its best validation score and what was measured there."""
+
+    best_val: float | None = None
+    at_best: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    best_teacher: dict[str, torch.Tensor] | None = None
+
+
+def stack_batches(batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    """One batch per member stacked to (P, B, ...); text batches padded to the longest member's length (padding
+    is masked, so a member's logits are those of its own batch)."""
+    stacked = {}
+    for key in batches[0]:
+        tensors = [b[key] for b in batches]
+        if tensors[0].dim() == 2 and key != "labels" and len({t.shape[1] for t in tensors}) > 1:
+            longest = max(t.shape[1] for t in tensors)
+            tensors = [F.pad(t, (0, longest - t.shape[1])) for t in tensors]
+        stacked[key] = torch.stack(tensors)
+    return to_device(stacked, device)
+
+
+@torch.no_grad()
+def evaluate_pack(model: StackedModel, batches, device, precision) -> tuple[list[float], torch.Tensor]:
+    """(each member's accuracy, its predictions (P, examples)) on one split: `evaluate` for a whole pack."""
+    model.eval()
+    correct, count, predictions = torch.zeros(model.size, dtype=torch.long, device=device), 0, []
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            logits = model(batch, shared=True)
+        predictions.append(logits.argmax(-1))
+        correct += (predictions[-1] == batch["labels"]).sum(1)
+        count += batch["labels"].numel()
+    model.train()
+    return [c / count for c in correct.tolist()], torch.cat(predictions, dim=1).cpu()
+
+
+def evaluate_pack_all(teacher: StackedModel, students: list[StackedModel], task_data: TaskData, device, precision):
+    """`evaluate_all` for each member of a pack: a list of metric dicts, one per member still training."""
+    out: list[dict[str, float]] = [{} for _ in range(teacher.size)]
+    for split, short in (("validation", "val"), ("test", "test")):
+        accuracy, t_pred = evaluate_pack(teacher, task_data.eval_stream(split), device, precision)
+        scores = [evaluate_pack(s, task_data.eval_stream(split), device, precision) for s in students]
+        for m, metrics in enumerate(out):
+            metrics[f"teacher/{short}_acc"] = accuracy[m]
+            if not scores:
+                continue
+            if len(students) > 1:
+                metrics |= {f"student{i}/{short}_acc": s_acc[m] for i, (s_acc, _) in enumerate(scores)}
+            metrics[f"student/{short}_acc"] = sum(s_acc[m] for s_acc, _ in scores) / len(scores)
+            agreements = [(s_pred[m] == t_pred[m]).sum().item() / t_pred.shape[1] for _, s_pred in scores]
+            metrics[f"agreement/{short}"] = sum(agreements) / len(agreements)
+    return out
+
+
+def check_pack_members(cfgs: list[LoTConfig]) -> None:
+    """Members of a pack share every field but those in PACK_VARIES (the planner groups them so)."""
+    shared = [{k: v for k, v in c.model_dump().items() if k not in PACK_VARIES} for c in cfgs]
+    for i, other in enumerate(shared[1:], start=1):
+        differing = sorted(k for k in other if other[k] != shared[0][k])
+        if differing:
+            raise ValueError(f"pack member {i} differs from member 0 in {', '.join(differing)}: they cannot share a pack")
+
+
+def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None) -> dict[int, dict[str, float]]:
+    """`train` for P configs at once (module docstring of packing.py): each member's reports equal its unpacked
+    twin's. Returns each member's final metrics, by member index, for the members that did not fail."""
+    cfgs = [LoTConfig.model_validate(c) for c in configs]
+    pack = pack or PackReporter([Reporter() for _ in cfgs])
+    check_pack_members(cfgs)
+    lead = cfgs[0]
+    check_pack(lead)
+    device = pick_device(lead.device)
+    task_data = TaskData(lead, [lead.teacher, lead.student])
+    if task_data.task.regression or task_data.is_lm:
+        raise ValueError(f"task {lead.task}: packed LoT trains classifiers")
+
+    def built(name: str, role: str, index: int = 0) -> list[torch.nn.Module]:
+        members = [models.build_model(name, task_data.task, models.init_seed(c.seed, role, index)) for c in cfgs]
+        for model in members:
+            if lead.freeze_embeddings:
+                models.freeze_word_embeddings(model)
+        return [models.use_fast_attention(model).to(device).train() for model in members]
+
+    teacher = StackedModel(built(lead.teacher, "teacher"))
+    n_students = lead.num_students if lead.arm == "lot" else 0
+    students = [StackedModel(built(lead.student or lead.teacher, "student", i)) for i in range(n_students)]
+    steps_per_epoch = lead.steps_per_epoch or task_data.steps_per_pass()
+    epochs = epochs_to_run(lead)
+    teacher_total = steps_per_epoch * epochs
+
+    def optimizer(model: StackedModel, total_steps: int) -> StackedOptimizer:
+        return StackedOptimizer(
+            model.trainable(),
+            lead.optimizer,
+            lr=member_column([c.lr for c in cfgs], device),
+            weight_decay=member_column([c.weight_decay for c in cfgs], device),
+            momentum=member_column([c.momentum for c in cfgs], device),
+            clip=member_column([c.clip_grad_norm for c in cfgs], device),
+            nesterov=lead.nesterov,
+            lr_factor=schedule_factor(lead.schedule, total_steps),
+        )
+
+    teacher_opt = optimizer(teacher, teacher_total)
+    student_opts = [optimizer(s, teacher_total * lead.student_steps) for s in students]
+    all_terms = MemberTerms.of(cfgs, device)
+    joint_streams = {c.seed: task_data.stream(c.seed) for c in cfgs}
+    student_streams = {c.seed: task_data.stream(c.seed + 10_000) for c in cfgs}
+
+    active = list(range(len(cfgs)))  # original indices of the members still training, in stack order
+    records = [MemberRecord() for _ in cfgs]
+    teacher_steps = student_steps = 0
+    train_seconds, first_epoch = 0.0, 1
+    saved = pack.restore()
+    if saved is not None:
+        active = saved["active"]
+        leave_pack(teacher, students, teacher_opt, student_opts, list(range(len(active))))
+        restore_pack(saved, teacher, students, teacher_opt, student_opts)
+        records = saved["records"]
+        teacher_steps, student_steps = saved["teacher_steps"], saved["student_steps"]
+        train_seconds, first_epoch = saved["train_seconds"], saved["epoch"] + 1
+        for seed in {cfgs[m].seed for m in active}:
+            replay(joint_streams[seed], teacher_steps)
+            replay(student_streams[seed], student_steps - teacher_steps if students else 0)
+
+    def next_batch(streams) -> dict[str, torch.Tensor]:
+        drawn = {seed: next(streams[seed]) for seed in dict.fromkeys(cfgs[m].seed for m in active)}
+        return stack_batches([drawn[cfgs[m].seed] for m in active], device)
+
+    finals: dict[int, dict[str, float]] = {}
+    for epoch in range(first_epoch, epochs + 1):
+        if not active:
+            break
+        terms = all_terms.at(torch.tensor(active))
+        loss_sums = torch.zeros(len(active), 2, device=device)  # teacher, students per member: checked for NaN
+        epoch_start = time.perf_counter()
+        for _ in range(steps_per_epoch):
+            batch = next_batch(joint_streams)
+            with autocast(device, lead.precision):
+                t_logits = teacher(batch)
+                s_logits = [student(batch) for student in students]
+                loss_t = pack_teacher_loss(t_logits, s_logits, batch["labels"], terms)
+                zero = torch.zeros_like(loss_t)
+                loss_s = sum((pack_student_loss(s, t_logits, batch["labels"], terms) for s in s_logits), zero)
+            (loss_t + loss_s).sum().backward()  # members' parameters are disjoint slices: one backward for all
+            for opt in (teacher_opt, *student_opts):
+                opt.step()
+                opt.zero_grad()
+            loss_sums += torch.stack([loss_t.detach(), loss_s.detach()], dim=1)
+            teacher_steps += 1
+            student_steps += 1 if students else 0
+            for _ in range(lead.student_steps - 1 if students else 0):
+                batch = next_batch(student_streams)
+                with autocast(device, lead.precision):
+                    with torch.no_grad():
+                        t_logits = teacher(batch)
+                    for student, opt in zip(students, student_opts, strict=True):
+                        pack_student_loss(student(batch), t_logits, batch["labels"], terms).sum().backward()
+                        opt.step()
+                        opt.zero_grad()
+                student_steps += 1
+        synchronize(device)
+        train_seconds += time.perf_counter() - epoch_start
+
+        finite = torch.isfinite(loss_sums).all(dim=1).tolist()
+        for position, member in enumerate(active):
+            if not finite[position]:
+                sums = loss_sums[position].tolist()
+                pack.fail(member, FloatingPointError(f"loss is not finite in epoch {epoch} (teacher, students: {sums})"))
+        going_on = [p for p, ok in enumerate(finite) if ok]
+        if len(going_on) < len(active):
+            leave_pack(teacher, students, teacher_opt, student_opts, going_on)
+            active = [active[p] for p in going_on]
+            if not active:
+                break
+
+        evaluated = evaluate_pack_all(teacher, students, task_data, device, lead.precision)
+        plateaued = []
+        results = {}
+        for position, member in enumerate(active):
+            cfg, record = cfgs[member], records[member]
+            metrics = evaluated[position] | task_data.examples()
+            metrics |= {
+                "loss/teacher": loss_sums[position, 0].item() / steps_per_epoch,
+                "loss/student": loss_sums[position, 1].item() / steps_per_epoch / max(1, n_students),
+                "steps/teacher": teacher_steps,
+                "steps/student": student_steps,
+                "steps/model": teacher_steps + student_steps * n_students,
+                "time/teacher_step_s": train_seconds / teacher_steps,
+                "time/train_s": train_seconds,
+            }
+            if record.best_val is None or metrics["teacher/val_acc"] > record.best_val:
+                record.best_val = metrics["teacher/val_acc"]
+                record.at_best = {
+                    "teacher/test_acc_at_best_val": metrics["teacher/test_acc"],
+                    "steps/teacher_at_best_val": teacher_steps,
+                    "steps/model_at_best_val": metrics["steps/model"],
+                    "best_epoch": epoch,
+                }
+                record.best_teacher = teacher.member_state(position)
+                plateaued.append(False)
+            else:
+                plateaued.append(cfg.lr_decay_on_plateau is not None)
+            metrics["teacher/best_val_acc"] = record.best_val
+            metrics |= record.at_best
+            if saved is not None:
+                metrics["trial/resumed_from_epoch"] = saved["epoch"]
+            record.metrics = results[member] = metrics
+        if any(plateaued):
+            mask = torch.tensor(plateaued, device=device)
+            factors = member_column([cfgs[m].lr_decay_on_plateau or 1.0 for m in active], device)
+            for opt in (teacher_opt, *student_opts):
+                opt.divide_learning_rate(mask, factors)
+        for position, lr in enumerate(teacher_opt.current_lr().tolist()):
+            results[active[position]]["lr/teacher"] = lr
+
+        checkpoint = None
+        if any(cfgs[m].checkpoint_every for m in active):
+            checkpoint = pack_checkpoint(epoch, active, records, teacher, students, teacher_opt, student_opts)
+            checkpoint |= {"teacher_steps": teacher_steps, "student_steps": student_steps}
+            checkpoint["train_seconds"] = train_seconds
+        stopped = pack.report(epoch, results, checkpoint=checkpoint)
+        patience_over = {
+            m for m in active if cfgs[m].patience is not None and epoch - records[m].at_best["best_epoch"] >= cfgs[m].patience
+        }
+        for member in patience_over | {m for m in active if epoch == epochs}:
+            if member not in stopped and records[member].best_teacher is not None:
+                pack.members[member].log_teacher(records[member].best_teacher, teacher_config(cfgs[member]))
+        for member in active:
+            finals[member] = results[member]
+        going_on = [p for p, m in enumerate(active) if m not in stopped | patience_over]
+        if len(going_on) < len(active):
+            leave_pack(teacher, students, teacher_opt, student_opts, going_on)
+            active = [active[p] for p in going_on]
+    return {m: metrics for m, metrics in finals.items() if m not in pack.failed}
+
+
+def leave_pack(teacher, students, teacher_opt, student_opts, positions: list[int]) -> None:
+    """Only the members at these stack positions go on: their slices are kept, the others' dropped."""
+    for model, opt in zip([teacher, *students], [teacher_opt, *student_opts], strict=True):
+        model.keep(positions)
+        opt.keep(positions, model.trainable())
+
+
+def pack_checkpoint(epoch, active, records, teacher, students, teacher_opt, student_opts) -> dict[str, Any]:
+    """The pack's state at an epoch boundary: which members train, their records, every stacked tensor."""
+    return {
+        "epoch": epoch,
+        "active": list(active),
+        "records": records,
+        "models": [{"params": m.params, "buffers": m.buffers} for m in [teacher, *students]],
+        "optimizers": [opt.state_dict() for opt in [teacher_opt, *student_opts]],
+    }
+
+
+def restore_pack(saved, teacher, students, teacher_opt, student_opts) -> None:
+    for model, state, opt, opt_state in zip(
+        [teacher, *students], saved["models"], [teacher_opt, *student_opts], saved["optimizers"], strict=True
+    ):
+        with torch.no_grad():
+            for name, tensor in {**model.params, **model.buffers}.items():
+                tensor.copy_({**state["params"], **state["buffers"]}[name])
+        opt.load_state_dict(opt_state)
+
+
 JOB = JobSpec(
     config=LoTConfig,
     train=train,
@@ -613,6 +976,9 @@ JOB = JobSpec(
     compare=compare,
     uncompared=uncompared,
     default_arm="lot",
+    train_pack=train_pack,
+    pack_varies=PACK_VARIES,
+    check_pack=check_pack,
     saves_teacher=True,  # the best-validation teacher, as model.pt + config.json of the trial's run
     saved_teacher_scores=("teacher/test_acc_at_best_val", "teacher/test_ppl_at_best_val"),
 )

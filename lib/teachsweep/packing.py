@@ -1,0 +1,211 @@
+"""Packed training: P members of one job that share their structure (model, batch size, steps) trained as one.
+
+A member is one trial's configuration. Its model's parameters and buffers are stacked along a leading member
+dimension (`torch.func.stack_module_state`) and one vmapped call of the architecture runs every member on its own
+batch (`vmap(functional_call)`): batch-norm statistics stay per member, and a member's outputs, gradients and
+updates are those of its unpacked twin, up to float rounding.
+
+torch.optim applies one learning rate to a tensor, so the stacked parameters get their own optimizer here, with
+every hyperparameter a per-member tensor (learning rate, weight decay, momentum, gradient clip) and the same
+update rules as torch's SGD, Adam and AdamW. A member that stops or fails leaves the pack at an epoch boundary:
+`keep` drops its slice from the parameters and the optimizer state, and the pack's compute shrinks with it."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+Tensors = dict[str, torch.Tensor]
+
+
+def member_column(values: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-member scalars as a float tensor (P,); None (no clip) becomes +inf, which clips nothing."""
+    return torch.tensor([math.inf if v is None else float(v) for v in values], dtype=torch.float32, device=device)
+
+
+def along_members(column: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (P,) column shaped to broadcast over a stacked tensor (P, ...)."""
+    return column.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+class StackedModel:
+    """P models of one architecture as stacked parameters and buffers; calling it runs every member at once.
+
+    `model(batch)` with a batch whose tensors are stacked by member (P, B, ...) gives each member its own inputs;
+    `model(batch, shared=True)` gives all members the same batch (B, ...), as evaluation does."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.params, self.buffers = stack_module_state(list(modules))
+        self.architecture = copy.deepcopy(modules[0]).to("meta")  # only its code and shapes are used
+        self.training = True
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def trainable(self) -> Tensors:
+        return {name: p for name, p in self.params.items() if p.requires_grad}
+
+    def train(self, mode: bool = True) -> StackedModel:
+        self.training = mode
+        self.architecture.train(mode)
+        return self
+
+    def eval(self) -> StackedModel:
+        return self.train(False)
+
+    def __call__(self, batch: dict[str, torch.Tensor], shared: bool = False) -> torch.Tensor:
+        def one_member(params: Tensors, buffers: Tensors, member_batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            logits, _ = functional_call(self.architecture, (params, buffers), (member_batch,))
+            return logits
+
+        return vmap(one_member, in_dims=(0, 0, None if shared else 0), randomness="different")(
+            self.params, self.buffers, batch
+        )
+
+    def member_state(self, member: int) -> Tensors:
+        """One member's state_dict, as its unpacked twin's `state_dict()` holds it (detached copies)."""
+        state = {name: tensor[member].detach().clone() for name, tensor in {**self.params, **self.buffers}.items()}
+        order = [name for name, _ in self.architecture.state_dict().items()]
+        return {name: state[name] for name in order if name in state}
+
+    def load_member_states(self, states: Sequence[Tensors]) -> None:
+        """Replace every member's parameters and buffers (a restarted pack)."""
+        for name, tensor in {**self.params, **self.buffers}.items():
+            with torch.no_grad():
+                tensor.copy_(torch.stack([state[name] for state in states]).to(tensor.device, tensor.dtype))
+
+    def keep(self, members: Sequence[int]) -> None:
+        """Only these members go on (the others stopped or failed)."""
+        index = torch.tensor(list(members), device=next(iter(self.params.values())).device)
+        self.params = {name: keep_rows(p, index) for name, p in self.params.items()}
+        self.buffers = {name: b.index_select(0, index) for name, b in self.buffers.items()}
+
+
+def keep_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A stacked leaf with only the members at `index`, still a leaf (requiring grad as before)."""
+    kept = tensor.detach().index_select(0, index)
+    return kept.requires_grad_(tensor.requires_grad)
+
+
+def clip_per_member(grads: Sequence[torch.Tensor], max_norm: torch.Tensor) -> None:
+    """torch.nn.utils.clip_grad_norm_ for each member on its own: scale a member's gradients by max_norm /
+    (its total norm + 1e-6) where that is below 1 (a member whose max_norm is inf is left as it is)."""
+    grads = [g for g in grads if g is not None]
+    if not grads or bool(torch.isinf(max_norm).all()):
+        return
+    squares = torch.stack([g.detach().flatten(1).float().pow(2).sum(1) for g in grads]).sum(0)
+    scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(along_members(scale, g))
+
+
+class StackedOptimizer:
+    """SGD (momentum, Nesterov, weight decay), Adam (L2 weight decay) and AdamW (decoupled) on stacked
+    parameters, with a per-member learning rate, weight decay, momentum and clip, and a shared schedule factor
+    (`lr_factor(step)`, as torch's LambdaLR gives it). Updates follow torch's single-tensor implementations."""
+
+    def __init__(
+        self,
+        params: Tensors,
+        kind: str,
+        lr: torch.Tensor,
+        weight_decay: torch.Tensor,
+        momentum: torch.Tensor,
+        clip: torch.Tensor,
+        nesterov: bool = False,
+        lr_factor: Callable[[int], float] = lambda step: 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        self.params, self.kind, self.nesterov, self.lr_factor = params, kind, nesterov, lr_factor
+        self.base_lr, self.weight_decay, self.momentum, self.clip = lr, weight_decay, momentum, clip
+        self.betas, self.eps = betas, eps
+        self.steps = 0
+        self.state: dict[str, Tensors] = {name: {} for name in params}
+
+    def current_lr(self) -> torch.Tensor:
+        """Each member's learning rate at this step: its base rate times the schedule's factor."""
+        return self.base_lr * self.lr_factor(self.steps)
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [p.grad for p in self.params.values()]
+        clip_per_member(grads, self.clip)
+        lr = self.current_lr()
+        for name, p in self.params.items():
+            if p.grad is None:
+                continue
+            if self.kind == "sgd":
+                self.sgd(p, p.grad, self.state[name], lr)
+            else:
+                self.adam(p, p.grad, self.state[name], lr, decoupled=self.kind == "adamw")
+        self.steps += 1
+
+    def sgd(self, p: torch.Tensor, grad: torch.Tensor, state: Tensors, lr: torch.Tensor) -> None:
+        grad = grad + along_members(self.weight_decay, p) * p
+        momentum = along_members(self.momentum, p)
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = grad.clone()  # torch: the first step's buffer is the gradient itself
+        else:
+            state["momentum_buffer"].mul_(momentum).add_(grad)
+        buffer = state["momentum_buffer"]
+        with_momentum = grad + momentum * buffer if self.nesterov else buffer
+        # a member without momentum steps on its raw gradient, as torch's SGD with momentum=0 does
+        direction = torch.where(momentum > 0, with_momentum, grad)
+        p.sub_(along_members(lr, p) * direction)
+
+    def adam(self, p: torch.Tensor, grad: torch.Tensor, state: Tensors, lr: torch.Tensor, decoupled: bool) -> None:
+        beta1, beta2 = self.betas
+        lr_p, decay = along_members(lr, p), along_members(self.weight_decay, p)
+        if decoupled:
+            p.mul_(1 - lr_p * decay)
+        else:
+            grad = grad + decay * p
+        if not state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+        step = self.steps + 1
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+        denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(bias_correction2)).add_(self.eps)
+        p.sub_(lr_p / bias_correction1 * state["exp_avg"] / denominator)
+
+    def divide_learning_rate(self, members: torch.Tensor, factor: torch.Tensor | float) -> None:
+        """Anneal the chosen members' learning rates (a bool mask (P,)) by their `factor` (a column (P,), or one
+        number), now and for every later step."""
+        self.base_lr = torch.where(members, self.base_lr / factor, self.base_lr)
+
+    def keep(self, members: Sequence[int], params: Tensors) -> None:
+        """Only these members go on; `params` are the kept stacked parameters (StackedModel.keep made them)."""
+        index = torch.tensor(list(members), device=self.base_lr.device)
+        self.base_lr, self.weight_decay = self.base_lr[index], self.weight_decay[index]
+        self.momentum, self.clip = self.momentum[index], self.clip[index]
+        self.state = {
+            name: {k: v.index_select(0, index.to(v.device)) for k, v in state.items()}
+            for name, state in self.state.items()
+        }
+        self.params = params
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "base_lr": self.base_lr.clone(),
+            "state": {name: {k: v.clone() for k, v in s.items()} for name, s in self.state.items()},
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.steps, self.base_lr = saved["steps"], saved["base_lr"].to(self.base_lr.device)
+        self.state = {
+            name: {k: v.to(self.params[name].device) for k, v in s.items()} for name, s in saved["state"].items()
+        }
