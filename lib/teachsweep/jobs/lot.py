@@ -753,7 +753,7 @@ def check_pack_members(cfgs: list[LoTConfig]) -> None:
     for i, other in enumerate(shared[1:], start=1):
         differing = sorted(k for k in other if other[k] != shared[0][k])
         if differing:
-            raise ValueError(f"pack member {i} differs from member 0 in {', '.join(differing)}: they cannot share a pack")
+            raise ValueError(f"pack member {i} differs from member 0 in {', '.join(differing)}: they cannot pack")
 
 
 def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None) -> dict[int, dict[str, float]]:
@@ -860,7 +860,8 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
         for position, member in enumerate(active):
             if not finite[position]:
                 sums = loss_sums[position].tolist()
-                pack.fail(member, FloatingPointError(f"loss is not finite in epoch {epoch} (teacher, students: {sums})"))
+                error = FloatingPointError(f"loss is not finite in epoch {epoch} (teacher, students: {sums})")
+                pack.fail(member, error)
         going_on = [p for p, ok in enumerate(finite) if ok]
         if len(going_on) < len(active):
             leave_pack(teacher, students, teacher_opt, student_opts, going_on)
@@ -914,9 +915,7 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
             checkpoint |= {"teacher_steps": teacher_steps, "student_steps": student_steps}
             checkpoint["train_seconds"] = train_seconds
         stopped = pack.report(epoch, results, checkpoint=checkpoint)
-        patience_over = {
-            m for m in active if cfgs[m].patience is not None and epoch - records[m].at_best["best_epoch"] >= cfgs[m].patience
-        }
+        patience_over = {m for m in active if patience_over_for(cfgs[m], records[m], epoch)}
         for member in patience_over | {m for m in active if epoch == epochs}:
             if member not in stopped and records[member].best_teacher is not None:
                 pack.members[member].log_teacher(records[member].best_teacher, teacher_config(cfgs[member]))
@@ -927,6 +926,10 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
             leave_pack(teacher, students, teacher_opt, student_opts, going_on)
             active = [active[p] for p in going_on]
     return {m: metrics for m, metrics in finals.items() if m not in pack.failed}
+
+
+def patience_over_for(cfg: LoTConfig, record: MemberRecord, epoch: int) -> bool:
+    return cfg.patience is not None and epoch - record.at_best["best_epoch"] >= cfg.patience
 
 
 def leave_pack(teacher, students, teacher_opt, student_opts, positions: list[int]) -> None:
