@@ -75,12 +75,6 @@ class StackedModel:
         order = [name for name, _ in self.architecture.state_dict().items()]
         return {name: state[name] for name in order if name in state}
 
-    def load_member_states(self, states: Sequence[Tensors]) -> None:
-        """Replace every member's parameters and buffers (a restarted pack)."""
-        for name, tensor in {**self.params, **self.buffers}.items():
-            with torch.no_grad():
-                tensor.copy_(torch.stack([state[name] for state in states]).to(tensor.device, tensor.dtype))
-
     def keep(self, members: Sequence[int]) -> None:
         """Only these members go on (the others stopped or failed)."""
         index = torch.tensor(list(members), device=next(iter(self.params.values())).device)

@@ -11,6 +11,28 @@ from teachsweep import references
 from teachsweep.jobs import JOBS, ArmPlan
 from teachsweep.spec import SweepSpec
 
+PACK = "pack"  # a packed Tune trial's config: {"pack": [each member's params]}
+OPTUNA_TRIAL = "optuna_trial"  # a searched member's Optuna trial number, among its params
+
+
+def member_id(pack_id: str, index: int) -> str:
+    """A pack member's trial id: its pack's Tune trial id and its place in the pack."""
+    return f"{pack_id}.{index}"
+
+
+def member_states(result: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """A pack's result as {member id: its status and metrics}, whether Tune hands it over nested (`pack` ->
+    member -> metric) or flattened (`pack/<member>/<metric>`, what searchers get)."""
+    result = result or {}
+    if isinstance(result.get(PACK), dict):
+        return result[PACK]
+    states: dict[str, dict[str, Any]] = {}
+    for key, value in result.items():
+        if key.startswith(f"{PACK}/"):
+            member, _, metric = key.removeprefix(f"{PACK}/").partition("/")
+            states.setdefault(member, {})[metric] = value
+    return states
+
 
 def fixed_trials(spec: SweepSpec) -> list[dict[str, Any]]:
     """Trials that are not searched: each variant (with its fixed arms) and the search's fixed arms.
@@ -19,6 +41,34 @@ def fixed_trials(spec: SweepSpec) -> list[dict[str, Any]]:
     if spec.space or len(spec.seeds) == 1:
         return trials
     return [{**trial, "seed": seed} for seed in spec.seeds for trial in trials]  # seed-major: mixes costs
+
+
+def structure_key(spec: SweepSpec, trial: dict[str, Any]) -> str:
+    """What a trial's config fixes of the computation: every field its job does not let pack members vary."""
+    varies = JOBS[spec.job].spec.pack_varies
+    config = json.loads(config_key(spec, trial))
+    return json.dumps({k: v for k, v in config.items() if k not in varies and k != "teacher_source"}, sort_keys=True)
+
+
+def packs_of(spec: SweepSpec, trials: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Trials grouped into packs of at most `resources.pack` members sharing their structure (model, N, K,
+    batch size, steps), in the order the trials were planned."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for trial in trials:
+        groups.setdefault(structure_key(spec, trial), []).append(trial)
+    size = spec.resources.pack
+    return [members[i : i + size] for members in groups.values() for i in range(0, len(members), size)]
+
+
+def structural_params(spec: SweepSpec) -> list[str]:
+    """The searched parameters that pack members must share: the first member's values are asked of the rest."""
+    return [key for key in spec.space if key not in JOBS[spec.job].spec.pack_varies]
+
+
+def searched_packs(spec: SweepSpec) -> list[int]:
+    """The sizes of the packs of searched trials: `num_samples` in packs of `resources.pack`."""
+    size = spec.resources.pack
+    return [min(size, spec.num_samples - start) for start in range(0, spec.num_samples, size)] if spec.space else []
 
 
 def planned_count(spec: SweepSpec) -> int:

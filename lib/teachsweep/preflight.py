@@ -85,7 +85,7 @@ def check_planned_config(
     """One planned trial's config: the job's own check, then each teacher reference it holds."""
     job = JOBS[spec.job]
     try:
-        job.check(config)
+        job.check(config, packed=spec.packed)
     except ValidationError as error:  # the data files it names, checked here only
         at = label if "task" in overridden else "config"
         raise SpecError(where + one_line(error, prefix=f"{at}.")) from None

@@ -10,9 +10,10 @@ from rich.console import Console
 
 from teachsweep import references
 from teachsweep.jobs import JOBS
-from teachsweep.plan import planned_count
+from teachsweep.plan import OPTUNA_TRIAL, PACK, member_id, member_states, planned_count
 from teachsweep.results import is_baseline, pick_best
 from teachsweep.spec import SweepSpec
+from teachsweep.trial import trial_label
 
 
 def duration(seconds: float) -> str:
@@ -55,18 +56,30 @@ class Progress(Callback):
         Console(highlight=False).print(text)  # made each time: Tune pickles its callbacks, a Console holds a lock
 
     def _line(self, trial, text: str) -> None:
-        label = trial.config.get("fixed_trial", {}).get("label", "search")
+        if PACK in trial.config:
+            label = f"pack of {len(trial.config[PACK])}"
+        else:
+            label = trial.config.get("fixed_trial", {}).get("label", "search")
         self._print(f"[dim]{time.time() - self.start:6.0f}s[/] {trial.trial_id} {label:<16} {text}")
 
     def _note_best(self, trial) -> None:
-        value = (trial.last_result or {}).get(self.objective)
+        result = trial.last_result or {}
+        if PACK in trial.config:  # each member its own trial
+            states = member_states(result)
+            for index, member in enumerate(trial.config[PACK]):
+                key = member_id(trial.trial_id, index)
+                self._note_value(key, member, states.get(key, {}).get(self.objective))
+            return
+        self._note_value(trial.trial_id, trial.config, result.get(self.objective))
+
+    def _note_value(self, trial_id: str, config: dict, value) -> None:
         if not isinstance(value, int | float) or value != value:
             return
-        config = dict(trial.config)
-        overrides = dict(config.pop("fixed_trial", {}))
-        label = overrides.pop("label", None) or str({**self.spec.config, **config}.get("arm", self.job.default_arm))
-        row = {"label": label, "params": {**self.spec.config, **overrides, **config}}
-        self.values[trial.trial_id] = (float(value), is_baseline(row, self.job))
+        overrides = {k: v for k, v in config.get("fixed_trial", {}).items() if k != "label"}
+        searched = {k: v for k, v in config.items() if k not in ("fixed_trial", OPTUNA_TRIAL)}
+        params = {**self.spec.config, **overrides, **searched}
+        row = {"label": trial_label(config, params, self.spec.job), "params": params}
+        self.values[trial_id] = (float(value), is_baseline(row, self.job))
 
     @property
     def best(self) -> tuple[float, str] | None:
@@ -77,16 +90,24 @@ class Progress(Callback):
         """On the first event: the trials a resume found ended, counted as done but not in this driver's pace."""
         if self.ended_before is None:
             ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-            self.ended_before = len(ended)
+            self.ended_before = sum(sum(ended_members(t, t.status)) for t in ended)
             for trial in ended:
                 if trial.status == "TERMINATED":
                     self._note_best(trial)
 
-    def summary(self, trials, ended_now: str) -> str:
+    def summary(self, trials, ended_now: str, ended_trial=None) -> str:
+        """The progress line; `ended_now` ("done" or "failed") is how `ended_trial` (or one plain trial) just
+        ended: Tune marks a trial TERMINATED or ERROR only after its callbacks ran."""
         self._seen(trials)
-        # Tune marks the trial TERMINATED or ERROR after its callbacks ran: count it by the event that called us
-        done = sum(t.status == "TERMINATED" for t in trials) + (ended_now == "done")
-        failed = sum(t.status == "ERROR" for t in trials) + (ended_now == "failed")
+        done = failed = 0
+        for trial in trials:
+            status = trial.status
+            if trial is ended_trial:
+                status = "TERMINATED" if ended_now == "done" else "ERROR"
+            trial_done, trial_failed = ended_members(trial, status)
+            done, failed = done + trial_done, failed + trial_failed
+        if ended_trial is None:
+            done, failed = done + (ended_now == "done"), failed + (ended_now == "failed")
         elapsed = time.time() - self.start
         best = self.best
         best_text = f"best {self.objective} {best[0]:.4g} (trial {best[1]})" if best else "no best yet"
@@ -97,13 +118,16 @@ class Progress(Callback):
             f"{eta(elapsed, done + failed - self.ended_before, left)}; {best_text}"
         )
 
-    def _summary(self, trials, ended_now: str) -> None:
-        self._print(self.summary(trials, ended_now))
-
     def on_step_begin(self, iteration, trials, **info):
         self._seen(trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if member_states(result):
+            self._note_best(trial)
+            best = self.best
+            shown = f"best {self.objective} {best[0]:.4g} (trial {best[1]})" if best else ""
+            self._line(trial, f"epoch {result.get('epoch', '-')}  {shown}")
+            return
         shown = "  ".join(f"{m}={result[m]:.4g}" for m in self.metrics if m in result)
         step = f"epoch {result['epoch']}" if "epoch" in result else f"seeds {result.get('seeds_done')}"
         self._line(trial, f"{step}  {shown}")
@@ -111,8 +135,23 @@ class Progress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._note_best(trial)
         self._line(trial, "[green]done[/]")
-        self._summary(trials, "done")
+        self._print(self.summary(trials, "done", trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(trial, f"[red]FAILED[/] {trial.error_file or ''}")
-        self._summary(trials, "failed")
+        self._print(self.summary(trials, "failed", trial))
+
+
+def ended_members(trial, status: str) -> tuple[int, int]:
+    """(done, failed) trials a Tune trial in `status` counts for: itself, or each member of a pack (a member
+    that failed alone counts as failed in a pack that finished)."""
+    members = trial.config.get(PACK) if isinstance(trial.config, dict) else None
+    if status not in ("TERMINATED", "ERROR"):
+        return 0, 0
+    if not members:
+        return (1, 0) if status == "TERMINATED" else (0, 1)
+    if status == "ERROR":
+        return 0, len(members)
+    states = member_states(trial.last_result)
+    failed = sum(state.get("status") == "ERROR" for state in states.values())
+    return len(members) - failed, failed

@@ -16,10 +16,19 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from teachsweep.plan import fixed_trials
+from teachsweep.plan import (
+    OPTUNA_TRIAL,
+    PACK,
+    fixed_trials,
+    member_id,
+    member_states,
+    packs_of,
+    searched_packs,
+    structural_params,
+)
 from teachsweep.spec import SweepSpec
 
-TUNE_TRIAL = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial
+TUNE_TRIAL = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial (or pack member)
 
 
 def optuna_space(spec: SweepSpec) -> dict[str, Any]:
@@ -76,11 +85,27 @@ class StudySearcher(Searcher):
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
 
-    def suggest(self, trial_id: str) -> dict[str, Any]:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str:
+        if not self.spec.packed:
+            return dict(self.ask(trial_id).params)
+        sizes = searched_packs(self.spec)
+        packs_asked = len({key.rsplit(".", 1)[0] for key in self.numbers if "." in key})
+        if packs_asked >= len(sizes):
+            return Searcher.FINISHED
+        leader = self.ask(member_id(trial_id, 0))
+        shared = {key: leader.params[key] for key in structural_params(self.spec)}
+        members = [leader]
+        for index in range(1, sizes[packs_asked]):
+            # an enqueued trial's fixed params are what ask() suggests for them: the rest is sampled
+            self.study.enqueue_trial(shared, skip_if_exists=False)
+            members.append(self.ask(member_id(trial_id, index)))
+        return {PACK: [dict(member.params) | {OPTUNA_TRIAL: member.number} for member in members]}
+
+    def ask(self, key: str) -> optuna.Trial:
         trial = self.study.ask(self.space)
-        trial.set_user_attr(TUNE_TRIAL, trial_id)  # read back on resume (complete_finished_trials)
-        self.numbers[trial_id], self.asked[trial_id] = trial.number, trial
-        return dict(trial.params)
+        trial.set_user_attr(TUNE_TRIAL, key)  # read back on resume (complete_finished_trials)
+        self.numbers[key], self.asked[key] = trial.number, trial
+        return trial
 
     def frozen(self, trial_id: str) -> optuna.trial.FrozenTrial | None:
         number = self.numbers.get(trial_id)
@@ -98,7 +123,21 @@ class StudySearcher(Searcher):
             trial.report(float(result[metric]), step=int(result.get("training_iteration", 0)))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        frozen = self.frozen(trial_id)
+        members = [key for key in self.numbers if key.startswith(f"{trial_id}.")]
+        if not members:
+            self.tell(trial_id, result, error)
+            return
+        states = member_states(result)
+        for key in members:
+            state = states.get(key, {})
+            if state.get("status") == "STOPPED":
+                self.tell(key, None, False)  # pruned: ASHA stopped it before it reported its objective
+            else:
+                self.tell(key, state, error or state.get("status") != "OK")
+
+    def tell(self, key: str, result: dict | None, error: bool) -> None:
+        """Tell the study one trial's (or member's) end: its objectives, a failure, or early stopping."""
+        frozen = self.frozen(key)
         if frozen is None:
             return
         values = [result.get(m) for m in self.spec.metric_names] if result else None
@@ -164,7 +203,9 @@ class FixedThenSearch(Searcher):
     def suggest(self, trial_id: str):
         if self.pending:
             self.fixed_ids.add(trial_id)
-            return {"fixed_trial": self.pending.pop(0)}
+            entry = self.pending.pop(0)
+            # (a searcher saved by an earlier version holds the fixed trials themselves)
+            return entry if "fixed_trial" in entry or PACK in entry else {"fixed_trial": entry}
         return self.searcher.suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -189,12 +230,14 @@ class FixedThenSearch(Searcher):
 
 
 def make_searcher(spec: SweepSpec, storage_url: str) -> tuple[FixedThenSearch, int]:
-    """The sweep's searcher and how many trials it will hand out."""
-    fixed = fixed_trials(spec)
+    """The sweep's searcher and how many Tune trials it will hand out (a pack is one Tune trial)."""
+    fixed: list[dict[str, Any]] = [{"fixed_trial": trial} for trial in fixed_trials(spec)]
+    if spec.packed:
+        fixed = [{PACK: [{"fixed_trial": trial} for trial in pack]} for pack in packs_of(spec, fixed_trials(spec))]
     metric, mode = spec.metric_names[0], spec.mode_names[0]
     searcher = StudySearcher(spec, storage_url) if spec.space else NothingToSearch(metric=metric, mode=mode)
-    total = len(fixed) + (spec.num_samples if spec.space else 0)
-    return FixedThenSearch(fixed, searcher, metric, mode), total
+    searched = len(searched_packs(spec)) if spec.packed else spec.num_samples if spec.space else 0
+    return FixedThenSearch(fixed, searcher, metric, mode), len(fixed) + searched
 
 
 def complete_finished_trials(spec: SweepSpec, storage_url: str, failed: list[int], results) -> int:
@@ -208,16 +251,22 @@ def complete_finished_trials(spec: SweepSpec, storage_url: str, failed: list[int
     told = 0
     for result in results:
         metrics = result.metrics or {}
-        trial = by_tune_id.get(metrics.get("trial_id"))
-        values = [metrics.get(m) for m in spec.metric_names]
-        if trial is None or result.error is not None or not metrics.get("done") or None in values:
+        if result.error is not None or not metrics.get("done"):
             continue
-        study.add_trial(
-            optuna.trial.create_trial(
-                params=trial.params, distributions=trial.distributions, values=[float(v) for v in values]
+        ended = [(metrics.get("trial_id"), metrics)]
+        if member_states(metrics):  # a pack's members, each its own Optuna trial
+            ended = [(key, state) for key, state in member_states(metrics).items() if state.get("status") == "OK"]
+        for key, values_of in ended:
+            trial = by_tune_id.get(key)
+            values = [values_of.get(m) for m in spec.metric_names]
+            if trial is None or None in values:
+                continue
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=trial.params, distributions=trial.distributions, values=[float(v) for v in values]
+                )
             )
-        )
-        told += 1
+            told += 1
     return told
 
 

@@ -100,6 +100,7 @@ class Resources(Strict):
     gpus: float = Field(0.0, ge=0)  # per worker
     workers: int = Field(1, ge=1)
     gpu_type: str | None = None  # Ray's accelerator type, e.g. A100, H100, A10G (nodes advertise it)
+    pack: int = Field(1, ge=1, le=4096)  # configurations one trial trains at once (packing.py)
 
     @model_validator(mode="after")
     def _gpu_type_needs_gpus(self) -> Resources:
@@ -141,6 +142,7 @@ class SweepSpec(Strict):
     seeds: list[Annotated[int, Field(ge=0, lt=2**32, strict=True)]] = Field(default_factory=lambda: [0], min_length=1)
     baseline: Baseline | None = None
     resources: Resources = Field(default_factory=Resources)
+    pack: int | None = Field(None, ge=1, le=4096)  # the same as resources.pack, at the top level
     max_failures: int = Field(0, ge=0)
     tracking_uri: str | None = None  # default: sqlite file in the results directory ($MLFLOW_TRACKING_URI wins)
     experiment: str | None = None  # MLflow experiment; default: the sweep name (a pipeline's stages: the pipeline's)
@@ -193,12 +195,31 @@ class SweepSpec(Strict):
             raise ValueError(f"resources.workers: job '{self.job}' runs in one process (no DDP workers)")
         if self.resources.workers > 1 and len(self.seeds) > 1 and self.space:
             raise ValueError("resources.workers > 1 (DDP) runs one seed per trial: give seeds to a grid, not a search")
+        self._one_pack_size()
         if self.baseline is not None and not JOBS[self.job].has_fixed_arms:
             raise ValueError(f"baseline: job '{self.job}' has no baseline arms (the teacher-only arm is LoT's)")
         if not self.objectives:
             metric, mode = JOBS[self.job].objective
             self.objectives = [Objective(metric=metric, mode=mode)]
         return self
+
+    def _one_pack_size(self) -> None:
+        if self.pack is not None:
+            if "pack" in self.resources.model_fields_set and self.resources.pack != self.pack:
+                raise ValueError(f"pack: {self.pack} here and {self.resources.pack} under resources: give one")
+            self.resources.pack = self.pack
+        if self.resources.pack == 1:
+            return
+        if JOBS[self.job].spec.train_pack is None:
+            raise ValueError(f"resources.pack: job '{self.job}' does not pack trials (one configuration per trial)")
+        if self.resources.workers > 1:
+            raise ValueError("resources.pack: a pack trains in one process; it cannot span workers (workers: 1)")
+        if self.space and len(self.seeds) > 1:
+            raise ValueError("resources.pack: a packed search runs one seed per trial; give seeds to a grid")
+
+    @property
+    def packed(self) -> bool:
+        return self.resources.pack > 1
 
     @property
     def metric_names(self) -> list[str]:
@@ -211,7 +232,10 @@ class SweepSpec(Strict):
     def fingerprint(self) -> dict[str, Any]:
         """What must not change when a sweep is resumed."""
         keep = ("job", "config", "space", "variants", "objectives", "sampler", "scheduler", "seeds", "baseline")
-        return json.loads(self.model_dump_json(include=set(keep)))
+        # packs change what a Tune trial is: a resume cannot repack (named only when packed, so the fingerprints
+        # of unpacked sweeps stay as they were)
+        packing = {"pack": self.resources.pack} if self.packed else {}
+        return json.loads(self.model_dump_json(include=set(keep))) | packing
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]

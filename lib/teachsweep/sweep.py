@@ -33,13 +33,15 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 from teachsweep import cluster, preflight, references, tracking, tune_state  # noqa: E402
+from teachsweep.early_stopping import StudyASHA  # noqa: E402
 from teachsweep.jobs import JOBS  # noqa: E402
+from teachsweep.launch import Placement  # noqa: E402
 from teachsweep.layout import SweepDir  # noqa: E402
 from teachsweep.metrics import PAIRED_METHOD, merge_seed_trials, seed_summaries  # noqa: E402
-from teachsweep.plan import planned_count  # noqa: E402
+from teachsweep.plan import OPTUNA_TRIAL, PACK, member_states, planned_count  # noqa: E402
 from teachsweep.results import best_of_rows, pareto_front  # noqa: E402
 from teachsweep.spec import SpecError, SweepSpec  # noqa: E402
-from teachsweep.trial import TrialContext, run_trial  # noqa: E402
+from teachsweep.trial import SweepRecords, TrialContext, run_trial, trial_label  # noqa: E402
 
 
 @dataclass
@@ -170,20 +172,18 @@ def run_sweep(
     )
     paths.parent_run.write_text(parent_run_id)
 
+    own_tags = {k: v for k, v in stage_tags.items() if k.startswith("teachsweep.")}
+    records = SweepRecords(spec.name, uri, experiment_id, parent_run_id, own_tags)
+    resources = spec.resources
     ctx = TrialContext(
-        spec.name,
+        records,
         spec.job,
         searched_config(spec),
         spec.seeds,
-        uri,
-        experiment_id,
-        parent_run_id,
-        spec.resources.cpus,
-        spec.resources.workers,
-        spec.resources.gpus,
-        str(paths.tune / "train"),
-        spec.resources.accelerator(),
-        {k: v for k, v in stage_tags.items() if k.startswith("teachsweep.")},
+        Placement(resources.cpus, resources.gpus, resources.workers, resources.accelerator()),
+        train_storage=str(paths.tune / "train"),
+        objective=spec.metric_names[0],
+        member_stopping=member_stopping(spec, paths),
     )
     # A multi-worker trial only drives its TorchTrainer, whose workers reserve the CPUs and GPUs themselves
     # (Tune refuses an empty request: the driver takes a token 0.01 CPU).
@@ -297,9 +297,28 @@ def log_comparisons(client, parent_run_id: str, comparisons: list[dict[str, Any]
     tracking.retry(lambda: client.set_tag(parent_run_id, "compare.interval_method", PAIRED_METHOD))
 
 
+def member_stopping(spec: SweepSpec, paths: SweepDir) -> StudyASHA | None:
+    """A packed search's early stopping, decided for each member by ASHA's rule over the study (early_stopping.py)."""
+    if spec.scheduler is None or not spec.packed or not spec.space:
+        return None
+    return StudyASHA(
+        paths.optuna_url,
+        spec.name,
+        spec.mode_names[0],
+        spec.scheduler.grace_period,
+        spec.scheduler.reduction_factor,
+        scheduler_max_t(spec),
+    )
+
+
+def scheduler_max_t(spec: SweepSpec) -> int:
+    return spec.scheduler.max_t or int(spec.config.get("epochs", 3))
+
+
 def make_scheduler(spec: SweepSpec):
-    """ASHA on the first objective, epochs as time; fixed trials (baselines) are never stopped early."""
-    if spec.scheduler is None:
+    """ASHA on the first objective, epochs as time; fixed trials (baselines) are never stopped early. A packed
+    search stops its members itself (member_stopping): Tune could only stop whole packs."""
+    if spec.scheduler is None or spec.packed:
         return None
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
@@ -317,7 +336,7 @@ def make_scheduler(spec: SweepSpec):
         time_attr="epoch",
         metric=spec.metric_names[0],
         mode=spec.mode_names[0],
-        max_t=spec.scheduler.max_t or int(spec.config.get("epochs", 3)),
+        max_t=scheduler_max_t(spec),
         grace_period=spec.scheduler.grace_period,
         reduction_factor=spec.scheduler.reduction_factor,
     )
@@ -397,30 +416,47 @@ def describe_error(error: BaseException) -> str:
 
 
 def rows_from_tune(grid, spec: SweepSpec) -> list[dict[str, Any]]:
-    """The trials as Tune returned them to this driver (results.trial_rows reads the same rows back from MLflow)."""
+    """The trials as Tune returned them to this driver, a pack's members each a row of its own
+    (results.trial_rows reads the same rows back from MLflow)."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         config = dict(result.config or {})
-        overrides = dict(config.pop("fixed_trial", {}))
-        label = overrides.pop("label", None) or str(
-            {**spec.config, **config}.get("arm", JOBS[spec.job].default_arm or spec.job)
-        )
-        row = {
-            "trial_id": metrics.get("trial_id") or (result.path or "").rsplit("/", 1)[-1],
-            "label": label,
-            "params": {**spec.config, **overrides, **config},  # the trial's full job config
-            "status": "ERROR" if result.error else "OK",
-            "error": describe_error(result.error) if result.error else "",
-            "mlflow_run_id": metrics.get("mlflow_run_id", ""),
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float) and "/" in k},
-        }
-        missing = [m for m in spec.metric_names if m not in metrics]
-        searched = "fixed_trial" not in (result.config or {})
-        if searched and missing and not result.error:
-            row["status"], row["error"] = "ERROR", f"never reported objective metric(s) {', '.join(missing)}"
-        rows.append(row)
+        trial_id = metrics.get("trial_id") or (result.path or "").rsplit("/", 1)[-1]
+        if PACK in config:
+            states = member_states(metrics)
+            for index, member in enumerate(config[PACK]):
+                key = f"{trial_id}.{index}"
+                state = states.get(key, {})
+                error = describe_error(result.error) if result.error else state.get("error", "")
+                failed = result.error is not None or state.get("status") == "ERROR"
+                rows.append(trial_row(spec, key, member, {**state}, failed, error))
+            continue
+        rows.append(trial_row(spec, trial_id, config, metrics, result.error is not None, describe_error(result.error)))
     return rows
+
+
+def trial_row(
+    spec: SweepSpec, trial_id: str, config: dict[str, Any], metrics: dict[str, Any], failed: bool, error: str
+) -> dict[str, Any]:
+    """One trial's row: its label, full job config, status and the metrics it reported last."""
+    overrides = dict(config.get("fixed_trial", {}))
+    searched = {k: v for k, v in config.items() if k not in ("fixed_trial", OPTUNA_TRIAL)}
+    row = {
+        "trial_id": trial_id,
+        "label": trial_label(config, {**spec.config, **overrides, **searched}, spec.job),
+        "params": {**spec.config, **{k: v for k, v in overrides.items() if k != "label"}, **searched},
+        "status": "ERROR" if failed else "OK",
+        "error": error if failed else "",
+        "mlflow_run_id": metrics.get("mlflow_run_id", ""),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float) and "/" in k},
+    }
+    missing = [m for m in spec.metric_names if m not in metrics]
+    searched_trial = "fixed_trial" not in config
+    stopped = metrics.get("status") == "STOPPED"
+    if searched_trial and missing and not failed and not stopped:
+        row["status"], row["error"] = "ERROR", f"never reported objective metric(s) {', '.join(missing)}"
+    return row
 
 
 def best_of_run(spec: SweepSpec, paths: SweepDir, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -196,7 +196,11 @@ def drop_orphan_trial_runs(client, experiment_id: str, parent_run_id: str, known
     query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`teachsweep.role` = '{TRIAL}'"
     runs = retry(lambda: client.search_runs([experiment_id], filter_string=query, max_results=10000))
     reason = "the driver died before Ray Tune recorded this trial; it ran again as a new trial"
-    orphans = [r for r in runs if r.data.tags.get("teachsweep.trial_id") not in known_trial_ids]
+
+    def tune_trial(run) -> str | None:  # a pack member's run belongs to its pack's Tune trial
+        return run.data.tags.get("teachsweep.pack_id") or run.data.tags.get("teachsweep.trial_id")
+
+    orphans = [r for r in runs if tune_trial(r) not in known_trial_ids]
     for run in orphans:
         seed_query = f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
         seed_runs = retry(lambda q=seed_query: client.search_runs([experiment_id], filter_string=q))

@@ -1,13 +1,14 @@
 """The Tune function trainable: one trial = one job configuration, run for each of its seeds, in one MLflow child
-run (a child run per seed when there are several). The job runs in this process, or under a TorchTrainer when the
-trial spans several workers (launch.py); its teacher references were resolved here, so the job never talks to
-MLflow."""
+run (a child run per seed when there are several), or one pack of configurations trained together, each member
+in its own MLflow run and Optuna trial. The job runs in this process, or under a TorchTrainer when the trial spans
+several workers (launch.py); its teacher references were resolved here, so the job never talks to MLflow."""
 
 from __future__ import annotations
 
 import os
 import socket
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,26 +16,47 @@ from typing import Any
 import torch
 
 from teachsweep import launch, references, tracking
+from teachsweep.early_stopping import StudyASHA
 from teachsweep.jobs import JOBS
+from teachsweep.launch import Placement, TrainRun
+from teachsweep.plan import OPTUNA_TRIAL, PACK, member_id
+from teachsweep.reporter import PackReporter, finite_metrics
 
 
-@dataclass
-class TrialContext:
-    """Plain data a trial process needs (pickled to Ray workers)."""
+@dataclass(frozen=True)
+class SweepRecords:
+    """Where a sweep's trials record: its MLflow store, experiment and parent run, and a pipeline stage's tags."""
 
     sweep: str
-    job: str
-    fixed: dict[str, Any]
-    seeds: list[int]
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    cpus: float
-    workers: int
-    gpus: float = 0.0
+    stage_tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Plain data a trial process needs (pickled to Ray workers)."""
+
+    records: SweepRecords
+    job: str
+    fixed: dict[str, Any]  # the config every trial starts from (searched values and fixed overrides go on top)
+    seeds: list[int]
+    placement: Placement
     train_storage: str | None = None  # where multi-worker trials keep their Train runs
-    accelerator: dict[str, float] = field(default_factory=dict)  # e.g. {"accelerator_type:A100": 0.001}
-    stage_tags: dict[str, str] = field(default_factory=dict)  # a pipeline stage's trials: pipeline and stage
+    objective: str = ""  # the first objective: what a searched pack member reports to its Optuna trial
+    member_stopping: StudyASHA | None = None  # packs: early stopping decided per searched member
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One configuration as a trial (or a pack member) runs it: its label, config, seeds and MLflow tags."""
+
+    label: str
+    arm: str
+    config: dict[str, Any]
+    seeds: list[int]
+    tags: dict[str, str]
 
 
 def device_for(config: dict[str, Any], gpus: float, cuda_available: bool) -> dict[str, Any]:
@@ -61,34 +83,38 @@ def mean_and_std(finals: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
-    """The Tune function trainable: one configuration, every seed, one MLflow child run."""
-    import ray
-    from ray import tune
+def trial_label(params: dict[str, Any], config: dict[str, Any], job: str) -> str:
+    """What tables call a trial: its fixed trial's label, else its arm, else the job."""
+    label = params.get("fixed_trial", {}).get("label")
+    return label or str(config.get("arm", JOBS[job].default_arm or "")) or job
 
-    trial_id = tune.get_context().get_trial_id()
+
+def planned_run(params: dict[str, Any], ctx: TrialContext, trial_id: str) -> PlannedRun:
+    """A trial's (or member's) params as the config it trains, its seeds and the tags of its MLflow run."""
     overrides = dict(params.get("fixed_trial", {}))
-    label = overrides.pop("label", None)
+    overrides.pop("label", None)
     overrides.pop("variant", None)
     teacher_source = overrides.pop("teacher_source", None)
-    config = {**ctx.fixed, **overrides, **{k: v for k, v in params.items() if k != "fixed_trial"}}
-    arm = str(config.get("arm", JOBS[ctx.job].default_arm or ""))
-    label = label or arm or ctx.job
+    searched = {k: v for k, v in params.items() if k not in ("fixed_trial", OPTUNA_TRIAL)}
+    config = {**ctx.fixed, **overrides, **searched}
+    job = JOBS[ctx.job]
+    arm = str(config.get("arm", job.default_arm or ""))
+    label = trial_label(params, config, ctx.job)
     seeds = [overrides["seed"]] if "seed" in overrides else ctx.seeds  # a grid runs each seed as its own trial
-    teachers = {f: str(teacher_source or config[f])[:250] for f in JOBS[ctx.job].teacher_fields if f in config}
+    teachers = {f: str(teacher_source or config[f])[:250] for f in job.teacher_fields if f in config}
     # the teacher's own run, so that reading the students never needs the teachers' sweep (it may be re-run)
     teacher_runs = {
         f: config[f].removeprefix(references.MLFLOW)
-        for f in JOBS[ctx.job].teacher_fields
+        for f in job.teacher_fields
         if isinstance(config.get(f), str) and config[f].startswith(references.MLFLOW)
     }
-    config = references.resolve_config(config, JOBS[ctx.job].teacher_fields, ctx.tracking_uri)
-    if "device" in JOBS[ctx.job].config_class.model_fields and (ctx.workers == 1 or not ctx.gpus):  # (DDP workers
-        # with GPUs run where Ray Train placed them, and this process drives them without one)
-        config = device_for(config, ctx.gpus, torch.cuda.is_available())
-    client = tracking.client_for(ctx.tracking_uri)
+    config = references.resolve_config(config, job.teacher_fields, ctx.records.tracking_uri)
+    placement = ctx.placement
+    if "device" in job.config_class.model_fields and (placement.workers == 1 or not placement.gpus):  # (DDP
+        # workers with GPUs run where Ray Train placed them, and this process drives them without one)
+        config = device_for(config, placement.gpus, torch.cuda.is_available())
     tags = {
-        "teachsweep.sweep": ctx.sweep,
+        "teachsweep.sweep": ctx.records.sweep,
         "teachsweep.role": tracking.TRIAL,
         "teachsweep.trial_id": trial_id,
         "teachsweep.job": ctx.job,
@@ -96,63 +122,192 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         "teachsweep.label": label,
         **{f"teachsweep.{field}": source for field, source in teachers.items()},  # which teacher it used
         **{f"teachsweep.{field}_run": run for field, run in teacher_runs.items()},
-        **ctx.stage_tags,
+        **ctx.records.stage_tags,
     }
+    return PlannedRun(label, arm, config, seeds, tags)
+
+
+def start_run(client, ctx: TrialContext, trial_id: str, run: PlannedRun) -> str:
+    """The trial's MLflow child run (found again when the trial restarts), tagged with where it runs now."""
+    import ray
+
+    records = ctx.records
+    params = run.config | {"seeds": run.seeds}
     run_id = tracking.start_child_run(
-        client,
-        ctx.experiment_id,
-        ctx.parent_run_id,
-        trial_id,
-        f"{label}-{trial_id}",
-        tags,
-        config | {"seeds": seeds},
+        client, records.experiment_id, records.parent_run_id, trial_id, f"{run.label}-{trial_id}", run.tags, params
     )
     # Which node and process run the trial now (a restarted trial gets new ones): for operators and fault tests.
     tracking.retry(lambda: client.set_tag(run_id, "teachsweep.pid", f"{socket.gethostname()}:{os.getpid()}"))
     tracking.retry(lambda: client.set_tag(run_id, "teachsweep.node", ray.get_runtime_context().get_node_id()))
+    return run_id
+
+
+def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune function trainable: one configuration, every seed, one MLflow child run; or a pack."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    if PACK in params:
+        run_pack_trial(params[PACK], ctx, trial_id)
+        return
+    run = planned_run(params, ctx, trial_id)
+    client = tracking.client_for(ctx.records.tracking_uri)
+    run_id = start_run(client, ctx, trial_id, run)
     job_start = time.perf_counter()
     try:
-        if len(seeds) == 1:
+        if len(run.seeds) == 1:
             reporter = tracking.TrialReporter(client, run_id, extra={"mlflow_run_id": run_id})
-            launch.run_job(
-                ctx.job,
-                {**config, "seed": seeds[0]},
-                reporter,
-                ctx.cpus,
-                ctx.workers,
-                ctx.gpus,
-                tracking=(ctx.tracking_uri, run_id),
-                storage=ctx.train_storage,
-                name=f"{ctx.sweep}-{trial_id}",
-                accelerator=ctx.accelerator,
-            )
+            train_run = TrainRun(ctx.records.tracking_uri, run_id, ctx.train_storage, f"{ctx.records.sweep}-{trial_id}")
+            launch.run_job(ctx.job, {**run.config, "seed": run.seeds[0]}, reporter, ctx.placement, train_run)
         else:
-            finals = []
-            for done, seed in enumerate(seeds, start=1):
-                seed_tags = tags | {"teachsweep.role": tracking.SEED, "teachsweep.seed": str(seed)}
-                seed_run = tracking.start_child_run(
-                    client,
-                    ctx.experiment_id,
-                    run_id,
-                    f"{trial_id}/seed{seed}",
-                    f"seed-{seed}",
-                    seed_tags,
-                    {**config, "seed": seed},
-                )
-                reporter = tracking.TrialReporter(client, seed_run, to_tune=False)
-                try:
-                    finals.append(launch.run_job(ctx.job, {**config, "seed": seed}, reporter, ctx.cpus, ctx.workers))
-                except BaseException as error:
-                    tracking.finish_run(client, seed_run, error)
-                    raise
-                tracking.finish_run(client, seed_run)
-                summary = mean_and_std(finals) | {"seeds_done": done}
-                tracking.log_metrics(client, run_id, summary, step=done)
-                # Per-seed finals travel to the driver for paired LoT-vs-baseline comparisons.
-                by_seed = {f"{k}@seed{s}": v for s, f in zip(seeds, finals, strict=False) for k, v in f.items()}
-                tune.report(summary | by_seed | {"mlflow_run_id": run_id})
+            run_seeds(client, ctx, trial_id, run, run_id)
     except BaseException as error:
         tracking.finish_run(client, run_id, error)
         raise
     tracking.log_metrics(client, run_id, {"time/job_s": time.perf_counter() - job_start}, step=0)
     tracking.finish_run(client, run_id)
+
+
+def run_seeds(client, ctx: TrialContext, trial_id: str, run: PlannedRun, run_id: str) -> None:
+    """A trial of several seeds: one child run per seed under the trial's run, their mean and spread reported
+    after each seed, and the per-seed finals for the driver's paired comparisons."""
+    from ray import tune
+
+    finals = []
+    for done, seed in enumerate(run.seeds, start=1):
+        seed_tags = run.tags | {"teachsweep.role": tracking.SEED, "teachsweep.seed": str(seed)}
+        records = ctx.records
+        key, name = f"{trial_id}/seed{seed}", f"seed-{seed}"
+        seed_config = {**run.config, "seed": seed}
+        seed_run = tracking.start_child_run(client, records.experiment_id, run_id, key, name, seed_tags, seed_config)
+        reporter = tracking.TrialReporter(client, seed_run, to_tune=False)
+        train_run = TrainRun(records.tracking_uri, seed_run, ctx.train_storage, f"{records.sweep}-{trial_id}-{seed}")
+        try:
+            finals.append(launch.run_job(ctx.job, {**run.config, "seed": seed}, reporter, ctx.placement, train_run))
+        except BaseException as error:
+            tracking.finish_run(client, seed_run, error)
+            raise
+        tracking.finish_run(client, seed_run)
+        summary = mean_and_std(finals) | {"seeds_done": done}
+        tracking.log_metrics(client, run_id, summary, step=done)
+        # Per-seed finals travel to the driver for paired LoT-vs-baseline comparisons.
+        by_seed = {f"{k}@seed{s}": v for s, f in zip(run.seeds, finals, strict=False) for k, v in f.items()}
+        tune.report(summary | by_seed | {"mlflow_run_id": run_id})
+
+
+# ---------------------------------------------------------------------------------------------- packs
+
+RUNNING, OK, ERROR, STOPPED = "RUNNING", "OK", "ERROR", "STOPPED"
+
+
+class TunePackReporter(PackReporter):
+    """A pack's reporter in a sweep: each member's epochs go to its own MLflow run (its TrialReporter), searched
+    members report their objective to their own Optuna trial and stop by ASHA's rule on their own, and the pack
+    sends Tune one result per epoch, every member's metrics and state under `pack`, with one checkpoint."""
+
+    def __init__(
+        self,
+        members: list[tracking.TrialReporter],
+        ids: list[str],
+        numbers: list[int | None],
+        objective: str,
+        stopping: StudyASHA | None,
+    ) -> None:
+        super().__init__(list(members))
+        self.ids, self.numbers, self.objective, self.stopping = ids, numbers, objective, stopping
+        self.state = {i: {"status": RUNNING, "mlflow_run_id": m.run_id} for i, m in zip(ids, members, strict=True)}
+
+    def resume_states(self, previous: dict[str, dict[str, Any]]) -> None:
+        """A restarted pack: members that had failed or stopped stay so (the job does not train them again)."""
+        for trial, state in previous.items():
+            if state.get("status") in (ERROR, STOPPED):
+                self.state[trial] = state
+
+    def report(self, epoch: int, results: dict[int, dict[str, float]], checkpoint: dict | None = None) -> set[int]:
+        stopped = set()
+        for member, metrics in results.items():
+            self.members[member].report(metrics, epoch)
+            self.state[self.ids[member]] |= finite_metrics(metrics) | {"epoch": epoch}
+            value, number = metrics.get(self.objective), self.numbers[member]
+            if self.stopping is not None and number is not None and isinstance(value, int | float):
+                if self.stopping.decide(number, epoch, float(value)):
+                    stopped.add(member)
+                    self.state[self.ids[member]]["status"] = STOPPED
+        self.send({PACK: self.state, "epoch": epoch}, checkpoint)
+        return stopped
+
+    def fail(self, member: int, error: BaseException) -> None:
+        super().fail(member, error)
+        self.state[self.ids[member]] |= {"status": ERROR, "error": f"{type(error).__name__}: {error}"[:500]}
+        tracking.finish_run(self.members[member].client, self.members[member].run_id, error)
+
+    def send(self, result: dict, checkpoint: dict | None) -> None:
+        from ray import tune
+        from ray.tune import Checkpoint
+
+        if checkpoint is None:
+            tune.report(result)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(checkpoint | {"pack_states": self.state}, f"{directory}/state.pt")
+            tune.report(result, checkpoint=Checkpoint.from_directory(directory))
+
+    def restore(self) -> dict | None:
+        return last_checkpoint()
+
+
+def last_checkpoint() -> dict | None:
+    """The pack's last checkpoint when Tune restarts it, else None."""
+    from ray.tune import get_checkpoint
+
+    checkpoint = get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(f"{directory}/state.pt", weights_only=True, map_location="cpu")
+
+
+def run_pack_trial(members: list[dict[str, Any]], ctx: TrialContext, pack_id: str) -> None:
+    """A pack: each member planned as its own trial would be (its own MLflow run, tagged with the pack), then
+    the job's packed training; members that fail fail alone, and the pack ends with one result naming each
+    member's status and final metrics."""
+    client = tracking.client_for(ctx.records.tracking_uri)
+    ids = [member_id(pack_id, i) for i in range(len(members))]
+    runs = [planned_run(params, ctx, trial) for params, trial in zip(members, ids, strict=True)]
+    saved = last_checkpoint()
+    previous = saved["pack_states"] if saved else {}
+    run_ids = []
+    for trial, run in zip(ids, runs, strict=True):
+        if previous.get(trial, {}).get("status") in (ERROR, STOPPED):  # ended before the restart: left as it was
+            run_ids.append(previous[trial]["mlflow_run_id"])
+            continue
+        tagged = PlannedRun(run.label, run.arm, run.config, run.seeds, run.tags | {"teachsweep.pack_id": pack_id})
+        run_ids.append(start_run(client, ctx, trial, tagged))
+    reporters = [tracking.TrialReporter(client, run_id, to_tune=False) for run_id in run_ids]
+    numbers = [params.get(OPTUNA_TRIAL) for params in members]
+    pack = TunePackReporter(reporters, ids, numbers, ctx.objective, ctx.member_stopping)
+    pack.resume_states(previous)
+    configs = [{**run.config, "seed": run.seeds[0]} for run in runs]
+    start = time.perf_counter()
+    try:
+        finals = launch.run_pack(ctx.job, configs, pack, ctx.placement)
+    except BaseException as error:
+        for index, run_id in enumerate(run_ids):
+            if pack.state[ids[index]]["status"] != ERROR:
+                tracking.finish_run(client, run_id, error)
+        raise
+    seconds = time.perf_counter() - start
+    for index, run_id in enumerate(run_ids):
+        state = pack.state[ids[index]]
+        if state["status"] == ERROR:
+            continue
+        if state["status"] == RUNNING:
+            state["status"] = OK
+        state |= finite_metrics(finals.get(index, {}))
+        tracking.log_metrics(client, run_id, {"time/job_s": seconds}, step=0)
+        if state["status"] == STOPPED:
+            tracking.retry(lambda r=run_id: client.set_tag(r, "teachsweep.stopped_early", "ASHA"))
+        tracking.finish_run(client, run_id)
+    from ray import tune
+
+    tune.report({PACK: pack.state, "done_members": len(ids)})

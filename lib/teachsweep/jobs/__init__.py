@@ -134,11 +134,14 @@ class Job:
     def metrics(self, config: dict[str, Any]) -> dict[str, str | None]:
         return self.spec.metrics(self.config_class.model_validate(config))
 
-    def check(self, config: dict[str, Any]) -> None:
-        """The config validated as the preflight does (its data files must exist), then the job's own check."""
+    def check(self, config: dict[str, Any], packed: bool = False) -> None:
+        """The config validated as the preflight does (its data files must exist), then the job's own check, and
+        what it refuses to pack when the trial is packed."""
         validated = self.config_class.model_validate(config, context=CHECK_FILES)
         if self.spec.check is not None:
             self.spec.check(validated)
+        if packed and self.spec.check_pack is not None:
+            self.spec.check_pack(validated)
 
     def fixed_arms(self, config: dict[str, Any], plan: ArmPlan) -> Trials:
         if self.spec.fixed_arms is None:

@@ -19,6 +19,7 @@ times more lenient, and two teacher-only arms of one model would stop by differe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -610,7 +611,7 @@ PACK_VARIES = frozenset(
 def check_pack(cfg: LoTConfig) -> None:
     """What a packed LoT trial cannot train, named by its field."""
     if tasks.task_kind(cfg.task) == "lm":
-        raise ValueError(f"task {cfg.task}: language models do not pack (an LSTM's fused kernel has no vmap rule)")
+        raise ValueError(f"task: {cfg.task} is language modelling, which does not pack yet: set resources.pack to 1")
 
 
 def member_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -670,6 +671,8 @@ def pack_teacher_loss(
 ) -> torch.Tensor:
     """(P,) `teacher_loss` of each member."""
     loss = member_cross_entropy(teacher_logits, labels)
+    if not student_logits:  # the teacher-only arm
+        return loss
     for weight, s_logits in zip(terms.lambdas, student_logits, strict=True):
         target = s_logits.detach() if terms.detach else s_logits
         term = member_kl(target, teacher_logits, terms.temperature)
@@ -810,7 +813,7 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
         active = saved["active"]
         leave_pack(teacher, students, teacher_opt, student_opts, list(range(len(active))))
         restore_pack(saved, teacher, students, teacher_opt, student_opts)
-        records = saved["records"]
+        records = [MemberRecord(**record) for record in saved["records"]]
         teacher_steps, student_steps = saved["teacher_steps"], saved["student_steps"]
         train_seconds, first_epoch = saved["train_seconds"], saved["epoch"] + 1
         for seed in {cfgs[m].seed for m in active}:
@@ -944,7 +947,7 @@ def pack_checkpoint(epoch, active, records, teacher, students, teacher_opt, stud
     return {
         "epoch": epoch,
         "active": list(active),
-        "records": records,
+        "records": [dataclasses.asdict(record) for record in records],
         "models": [{"params": m.params, "buffers": m.buffers} for m in [teacher, *students]],
         "optimizers": [opt.state_dict() for opt in [teacher_opt, *student_opts]],
     }
