@@ -811,7 +811,7 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
     saved = pack.restore()
     if saved is not None:
         active = saved["active"]
-        leave_pack(teacher, students, teacher_opt, student_opts, list(range(len(active))))
+        leave_pack(teacher, students, teacher_opt, student_opts, active)  # (a fresh stack holds every member)
         restore_pack(saved, teacher, students, teacher_opt, student_opts)
         records = [MemberRecord(**record) for record in saved["records"]]
         teacher_steps, student_steps = saved["teacher_steps"], saved["student_steps"]
@@ -948,9 +948,13 @@ def pack_checkpoint(epoch, active, records, teacher, students, teacher_opt, stud
         "epoch": epoch,
         "active": list(active),
         "records": [dataclasses.asdict(record) for record in records],
-        "models": [{"params": m.params, "buffers": m.buffers} for m in [teacher, *students]],
+        "models": [{"params": detached(m.params), "buffers": detached(m.buffers)} for m in [teacher, *students]],
         "optimizers": [opt.state_dict() for opt in [teacher_opt, *student_opts]],
     }
+
+
+def detached(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in tensors.items()}
 
 
 def restore_pack(saved, teacher, students, teacher_opt, student_opts) -> None:

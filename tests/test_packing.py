@@ -1,0 +1,297 @@
+"""Packed trials: a member trained in a pack reports what its unpacked twin reports (same config and seed), fails
+or stops alone, resumes from the pack's checkpoint, and a packed sweep reads back as an unpacked one does."""
+
+import math
+import os
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from teachsweep import early_stopping
+from teachsweep.jobs import lot
+from teachsweep.packing import StackedModel, StackedOptimizer, member_column
+from teachsweep.reporter import PackReporter, Reporter
+from teachsweep.results import open_sweep, trial_rows
+from teachsweep.spec import SpecError, parse_spec
+from teachsweep.sweep import run_sweep
+
+BASE = {
+    "task": "digits",
+    "teacher": "cnn:8",
+    "epochs": 3,
+    "steps_per_epoch": 4,
+    "batch_size": 16,
+    "max_eval_examples": 64,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "student_steps": 2,
+    "device": "cpu",
+    "precision": "fp32",
+}
+
+
+def twin_histories(configs: list[dict]) -> list[Reporter]:
+    reporters = []
+    for config in configs:
+        reporter = Reporter()
+        try:
+            lot.train(config, reporter)
+        except FloatingPointError as error:
+            reporter.error = str(error)
+        reporters.append(reporter)
+    return reporters
+
+
+def assert_same_history(twin: list[dict], packed: list[dict], keys=None, rel: float = 1e-4) -> None:
+    assert len(twin) == len(packed), (len(twin), len(packed))
+    for ours, theirs in zip(twin, packed, strict=True):
+        assert set(ours) == set(theirs)
+        for key in keys or ours:
+            if key.startswith("time/"):
+                continue
+            assert math.isclose(ours[key], theirs[key], rel_tol=rel, abs_tol=1e-6), (ours["epoch"], key)
+
+
+def test_the_stacked_optimizer_steps_each_member_as_torch_steps_it():
+    torch.manual_seed(0)
+    for kind, options in [
+        ("sgd", {"momentum": 0.9, "nesterov": True}),
+        ("sgd", {"momentum": 0.0, "nesterov": False}),
+        ("adam", {}),
+        ("adamw", {}),
+    ]:
+        models = [torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)) for _ in range(3)]
+        twins = [torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)) for _ in range(3)]
+        for twin, model in zip(twins, models, strict=True):
+            twin.load_state_dict(model.state_dict())
+        lrs, decays, clips = [0.1, 0.01, 0.3], [0.0, 0.05, 0.01], [None, 0.5, 0.05]
+        momentum = options.get("momentum", 0.9)
+        stacked = StackedModel(models)
+        optimizer = StackedOptimizer(
+            stacked.trainable(),
+            kind,
+            lr=member_column(lrs),
+            weight_decay=member_column(decays),
+            momentum=member_column([momentum] * 3),
+            clip=member_column(clips),
+            nesterov=options.get("nesterov", False),
+            lr_factor=lambda step: 1.0 / (1 + step),
+        )
+        torch_optimizers = []
+        for twin, lr, decay in zip(twins, lrs, decays, strict=True):
+            if kind == "sgd":
+                sgd_options = {"momentum": momentum, "nesterov": options["nesterov"]}
+                made = torch.optim.SGD(twin.parameters(), lr=lr, weight_decay=decay, **sgd_options)
+            else:
+                adam = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+                made = adam(twin.parameters(), lr=lr, weight_decay=decay)
+            torch_optimizers.append((made, torch.optim.lr_scheduler.LambdaLR(made, lambda step: 1.0 / (1 + step))))
+        for _ in range(5):
+            x = torch.randn(3, 8, 5)
+            stacked_net = stacked.architecture
+            out = torch.func.vmap(
+                lambda p, xi, net=stacked_net: torch.func.functional_call(net, p, (xi,)), in_dims=(0, 0)
+            )(stacked.params, x)
+            out.pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            for i, (twin, (made, schedule)) in enumerate(zip(twins, torch_optimizers, strict=True)):
+                twin(x[i]).pow(2).sum().backward()
+                if clips[i] is not None:
+                    torch.nn.utils.clip_grad_norm_(twin.parameters(), clips[i])
+                made.step()
+                schedule.step()
+                made.zero_grad()
+        for i, twin in enumerate(twins):
+            for name, value in twin.state_dict().items():
+                assert torch.allclose(stacked.params[name][i], value, atol=1e-6), (kind, i, name)
+
+
+def test_packed_lot_members_report_what_their_unpacked_twins_report():
+    """Different seeds, learning rates, alphas, temperatures, clips, patience and annealing in one pack of two
+    students each; a member whose loss goes NaN fails alone with its twin's message."""
+    base = BASE | {"num_students": 2, "schedule": "cosine", "lr_decay_on_plateau": 2.0, "epochs": 4}
+    configs = [
+        base | {"alpha": 0.3, "seed": 0, "patience": 1, "lr": 1e-7},  # no better epoch: its patience stops it
+        base | {"alpha": 1.0, "seed": 1, "lr": 0.1, "temperature": 2.0, "student_weights": [0.7, 0.3]},
+        base | {"alpha": 0.5, "seed": 0, "momentum": 0.0, "clip_grad_norm": None, "weight_decay": 0.1},
+        base | {"alpha": 0.5, "seed": 2, "lr": 1e9},  # diverges
+    ]
+    twins = twin_histories(configs)
+    pack = PackReporter([Reporter() for _ in configs])
+    finals = lot.train_pack(configs, pack)
+    for i in range(3):
+        assert_same_history(twins[i].history, pack.members[i].history)
+        assert {**finals[i], "epoch": pack.members[i].last["epoch"]} == pack.members[i].last
+        for name, value in twins[i].teacher["state"].items():
+            assert torch.allclose(pack.members[i].teacher["state"][name], value, atol=1e-5)
+    assert len(pack.members[0].history) < 4  # stopped by its patience, as its twin did
+    assert 3 not in finals and str(pack.failed[3]) == twins[3].error
+    assert not pack.members[3].history and not hasattr(pack.members[3], "teacher")
+
+
+def test_adam_packed_members_match_their_twins_in_loss():
+    """Adam amplifies rounding on parameters whose gradient is zero up to rounding (a convolution's bias before
+    batch norm), as the unpacked job's own results differ between 1 and 2 threads: the training losses agree."""
+    configs = [BASE | {"optimizer": "adamw", "lr": 0.01, "alpha": a, "seed": s} for a, s in ((0.3, 0), (1.0, 1))]
+    twins = twin_histories(configs)
+    pack = PackReporter([Reporter() for _ in configs])
+    lot.train_pack(configs, pack)
+    for twin, member in zip(twins, pack.members, strict=True):
+        assert_same_history(twin.history, member.history, keys=["loss/teacher", "loss/student"], rel=1e-5)
+
+
+class StopAt(PackReporter):
+    """Stops member `member` after epoch `epoch` (as early stopping would), and restarts the pack from the
+    checkpoint it kept at `restart_from`."""
+
+    def __init__(self, members, stop: tuple[int, int] | None = None, restart_from: dict | None = None):
+        super().__init__(members)
+        self.stop, self.restart_from, self.checkpoints = stop, restart_from, {}
+
+    def report(self, epoch, results, checkpoint=None):
+        super().report(epoch, results, checkpoint)
+        self.checkpoints[epoch] = checkpoint
+        return {self.stop[0]} if self.stop and epoch == self.stop[1] and self.stop[0] in results else set()
+
+    def restore(self):
+        return self.restart_from
+
+
+def test_a_stopped_member_leaves_the_pack_and_the_others_go_on_as_their_twins():
+    configs = [BASE | {"alpha": a, "seed": s} for a, s in ((0.3, 0), (1.0, 1), (0.5, 2))]
+    twins = twin_histories(configs)
+    pack = StopAt([Reporter() for _ in configs], stop=(1, 1))
+    lot.train_pack(configs, pack)
+    assert_same_history(twins[1].history[:1], pack.members[1].history)
+    assert not hasattr(pack.members[1], "teacher")  # stopped early: no teacher saved, as a stopped trial saves none
+    for i in (0, 2):
+        assert_same_history(twins[i].history, pack.members[i].history)
+
+
+def test_a_pack_restarted_from_its_checkpoint_goes_on_as_if_never_stopped():
+    configs = [BASE | {"alpha": a, "seed": s} for a, s in ((0.3, 0), (1.0, 1), (0.5, 0))]
+    whole = StopAt([Reporter() for _ in configs], stop=(0, 1))
+    lot.train_pack(configs, whole)
+    restarted = StopAt([Reporter() for _ in configs], restart_from=whole.checkpoints[2])
+    lot.train_pack(configs, restarted)
+    for i in (1, 2):  # member 0 left the pack before the checkpoint: the others restart without it
+        resumed = [
+            {k: v for k, v in h.items() if k != "trial/resumed_from_epoch"} for h in restarted.members[i].history
+        ]
+        assert_same_history(whole.members[i].history[2:], resumed)
+    assert not restarted.members[0].history
+
+
+def test_asha_milestones_and_cutoffs_follow_tunes_rule():
+    assert early_stopping.milestones(1, 2, 8) == [1, 2, 4, 8]
+    assert early_stopping.milestones(1, 3, 4) == [1, 3]
+    assert not early_stopping.stops(0.1, [], "max", 2)  # the first at a rung goes on
+    assert early_stopping.stops(0.2, [0.5, 0.6], "max", 2)
+    assert not early_stopping.stops(0.7, [0.5, 0.6], "max", 2)
+    assert early_stopping.stops(9.0, [1.0, 2.0], "min", 2) and not early_stopping.stops(0.5, [1.0, 2.0], "min", 2)
+
+
+def test_packing_is_refused_in_one_line_where_it_cannot_work(tmp_path):
+    head = "name: x\njob: {job}\nconfig: {config}\nspace: {{alpha: {{type: uniform, low: 0.1, high: 1.0}}}}\n"
+    lot_head = head.format(job="lot", config="{task: digits, teacher: cnn}")
+    cases = [
+        (lot_head + "resources: {pack: 4, workers: 2}\n", "resources.pack: a pack trains in one process"),
+        (lot_head + "seeds: [0, 1]\npack: 4\n", "resources.pack: a packed search runs one seed per trial"),
+        (lot_head + "pack: 4\nresources: {pack: 2}\n", "pack: 4 here and 2 under resources"),
+        (lot_head + "pack: 0\n", "pack"),
+    ]
+    for text, expected in cases:
+        with pytest.raises(SpecError) as refused:
+            parse_spec(text, "s.yaml: ")
+        assert expected in str(refused.value) and "\n" not in str(refused.value), str(refused.value)
+    scaffold = "name: x\njob: scaffold\nconfig: {}\nspace: {meta_lr: {type: loguniform, low: 0.001, high: 0.1}}\n"
+    with pytest.raises(SpecError, match="resources.pack: job 'scaffold' does not pack trials"):
+        parse_spec(scaffold + "pack: 2\n", "s.yaml: ")
+
+
+GRID = """
+name: {name}
+job: lot
+config: {{task: digits, teacher: "cnn:8", epochs: 2, steps_per_epoch: 3, batch_size: 16, max_eval_examples: 64,
+          optimizer: sgd, lr: 0.05, device: cpu, precision: fp32}}
+variants:
+  a03: {{alpha: 0.3}}
+  a10: {{alpha: 1.0, temperature: 2.0}}
+seeds: [0, 1]
+baseline: {{budget: teacher_steps}}
+results_dir: {results}
+{pack}
+"""
+
+
+@pytest.mark.integration
+def test_a_packed_grid_reads_back_as_the_same_grid_unpacked(ray_session, tmp_path):
+    """The same grid (2 variants and their teacher-only arm, 2 seeds) packed and unpacked: every trial's
+    metrics are equal, each packed member has its own MLflow run tagged with its pack, and the comparisons agree."""
+    outcomes = {}
+    for name, pack in (("plain", ""), ("packed", "resources: {pack: 8}")):
+        text = GRID.format(name=name, results=tmp_path / "results", pack=pack)
+        outcomes[name] = run_sweep(parse_spec(text), text)
+    by_config = {}
+    for name, outcome in outcomes.items():
+        assert all(row["status"] == "OK" for row in outcome.trials), outcome.trials
+        for row in outcome.trials:
+            key = (row["label"], row["params"]["seed"])
+            by_config.setdefault(key, {})[name] = row["metrics"]
+    assert len(by_config) == 6 and all(len(v) == 2 for v in by_config.values())
+    for key, both in by_config.items():
+        for metric, value in both["plain"].items():
+            if not metric.startswith("time/"):
+                assert math.isclose(value, both["packed"][metric], rel_tol=1e-4, abs_tol=1e-6), (key, metric)
+    packed = open_sweep("packed", tmp_path / "results")
+    assert len(trial_rows(packed)) == 3  # the reader's rows: each variant and the arm, their seeds merged
+    client = MlflowClient(packed.tracking_uri)
+    query = f"tags.`mlflow.parentRunId` = '{packed.parent_run_id}' and tags.`teachsweep.role` = 'trial'"
+    runs = client.search_runs([client.get_experiment_by_name("packed").experiment_id], query)
+    assert len(runs) == 6 and all(run.info.status == "FINISHED" for run in runs)
+    pack_ids = {run.data.tags["teachsweep.pack_id"] for run in runs}
+    assert len(pack_ids) == 2  # LoT members and teacher-only members differ in structure: two packs
+    differences = {
+        name: sorted((c["variant"], c["metric"], c["diff_mean"]) for c in outcome.comparisons)
+        for name, outcome in outcomes.items()
+    }
+    assert [d[:2] for d in differences["plain"]] == [d[:2] for d in differences["packed"]]
+    assert [d[2] for d in differences["plain"]] == pytest.approx([d[2] for d in differences["packed"]], rel=1e-4)
+
+
+SEARCH = """
+name: search
+job: lot
+config: {{task: digits, teacher: "cnn:8", epochs: 2, steps_per_epoch: 3, batch_size: 16, max_eval_examples: 64,
+          optimizer: sgd, lr: 0.05, device: cpu}}
+space:
+  alpha: {{type: loguniform, low: 0.1, high: 1.0}}
+  student_steps: {{type: int, low: 1, high: 3}}
+num_samples: 6
+resources: {{pack: 4}}
+results_dir: {results}
+"""
+
+
+@pytest.mark.integration
+def test_a_packed_search_tells_each_member_to_the_study_and_shares_the_structure_within_a_pack(ray_session, tmp_path):
+    text = SEARCH.format(results=tmp_path / "results")
+    outcome = run_sweep(parse_spec(text), text)
+    assert len(outcome.trials) == 6 and all(row["status"] == "OK" for row in outcome.trials)
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'results/search/optuna.db'}")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 6
+    by_pack = {}
+    for trial in trials:
+        by_pack.setdefault(trial.user_attrs["tune_trial_id"].split(".")[0], []).append(trial)
+    assert sorted(len(members) for members in by_pack.values()) == [2, 4]
+    for members in by_pack.values():
+        assert len({t.params["student_steps"] for t in members}) == 1  # N is structural: one per pack
+    rows = {row["trial_id"]: row for row in outcome.trials}
+    for trial in trials:
+        row = rows[trial.user_attrs["tune_trial_id"]]
+        assert trial.values[0] == pytest.approx(row["metrics"]["teacher/best_val_acc"])
+    assert os.path.exists(tmp_path / "results" / "search" / "report.html")
