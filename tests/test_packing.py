@@ -295,3 +295,29 @@ def test_a_packed_search_tells_each_member_to_the_study_and_shares_the_structure
         row = rows[trial.user_attrs["tune_trial_id"]]
         assert trial.values[0] == pytest.approx(row["metrics"]["teacher/best_val_acc"])
     assert os.path.exists(tmp_path / "results" / "search" / "report.html")
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_pack_resumes_with_one_run_per_member_and_every_epoch_once(tmp_path):
+    from test_resilience import kill_then_resume, trial_runs
+
+    text = SEARCH.replace("num_samples: 6", "num_samples: 4").replace("pack: 4", "pack: 2")
+    text = text.replace("epochs: 2, steps_per_epoch: 3", "epochs: 4, steps_per_epoch: 120")
+    text = text.replace("name: search", "name: killed").format(results=tmp_path / "results")
+
+    def mid_pack(sweep, runs):
+        return True if any(r.info.status == "RUNNING" and r.data.metrics for r in runs) else None
+
+    kill_then_resume(tmp_path, "killed", text, mid_pack)
+    sweep = open_sweep("killed", tmp_path / "results")
+    runs = trial_runs(sweep)
+    assert len(runs) == 4 and len({r.data.tags["teachsweep.trial_id"] for r in runs}) == 4
+    assert all(r.info.status == "FINISHED" for r in runs)
+    client = MlflowClient(sweep.tracking_uri)
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "teacher/val_acc")]
+        assert sorted(steps) == [1, 2, 3, 4]
+    study = optuna.load_study(study_name="killed", storage=sweep.optuna_url)
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
