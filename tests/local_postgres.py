@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_real_servers import free_port
+from local_servers import free_port
 
 
 def server_binaries() -> Path | None:

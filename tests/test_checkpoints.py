@@ -9,6 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from reporters import CrashAfter, Resume
+from small_jobs import small_scaffold_job, vit_digits_teacher
 
 from teachsweep.jobs import lot
 from teachsweep.spec import parse_spec
@@ -94,23 +95,7 @@ def test_a_restarted_smat_job_continues_exactly_where_it_stopped(tmp_path, monke
     from teachsweep.jobs import scaffold
 
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
-    teacher = {
-        "task": "digits",
-        "model": "vit:1",
-        "lr": 1e-3,
-        "epochs": 1,
-        "steps_per_epoch": 5,
-        "max_eval_examples": 32,
-    }
-    job = {
-        "teacher": teacher,
-        "explainer": "smat",
-        "num_train_examples": 32,
-        "batch_size": 8,
-        "max_epochs": 3,
-        "patience": 3,
-        "max_eval_examples": 32,
-    }
+    job = small_scaffold_job(vit_digits_teacher("vit:1"), "smat", 3, patience=3)
     uninterrupted = scaffold.train(job)
     crashed = CrashAfter(1)
     with pytest.raises(RuntimeError, match="simulated crash"):

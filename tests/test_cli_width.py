@@ -2,8 +2,10 @@
 number is shown with its interval (no Python dict), headers are whole, and `best` names the trial the verdict names."""
 
 import re
+from pathlib import Path
 
 import pytest
+from small_jobs import lot_search_spec
 from typer.testing import CliRunner
 
 from teachsweep.cli import app
@@ -11,18 +13,11 @@ from teachsweep.cli import app
 pytestmark = pytest.mark.integration
 WIDTH = 100
 
-SPEC = """
-name: cw
-job: lot
-config: {task: digits, teacher: "cnn:8", epochs: 1, steps_per_epoch: 2, batch_size: 32, max_eval_examples: 64}
-space:
-  alpha: {type: loguniform, low: 0.1, high: 1.0}
-  student_steps: {type: int, low: 1, high: 2}
-num_samples: 2
-max_concurrent_trials: 2
-baseline: {budget: teacher_steps}
-results_dir: RESULTS
-"""
+CONFIG = '{task: digits, teacher: "cnn:8", epochs: 1, steps_per_epoch: 2, batch_size: 32, max_eval_examples: 64}'
+
+
+def spec_text(results: Path) -> str:
+    return lot_search_spec("cw", CONFIG, 2, 2, results) + "baseline: {budget: teacher_steps}\n"
 
 
 def fits(output: str) -> list[str]:
@@ -59,7 +54,7 @@ def test_every_command_fits_100_columns_and_shows_its_numbers_with_intervals(ray
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path / "cache"))
     results = tmp_path / "results"
     spec_file = tmp_path / "cw.yaml"
-    spec_file.write_text(SPEC.replace("RESULTS", str(results)))
+    spec_file.write_text(spec_text(results))
 
     assert "ok (job lot: 1 fixed trial, 2 searched)" in flat(invoke("validate", str(spec_file)))
     help_text = invoke("--help")

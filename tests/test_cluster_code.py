@@ -5,20 +5,16 @@ the changed code: Ray caches a runtime env by its name, and a name that does not
 text) would hand the old node the first submission's package."""
 
 import os
-import secrets
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
+import local_servers as servers
 import psutil
 import pytest
-from test_real_servers import environment_without_teachsweep, free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).parents[1]
 SPEC = """
 name: code-{version}
@@ -58,64 +54,11 @@ def set_version(repo: Path, version: str) -> None:
     (repo / "sweeps" / "code.yaml").write_text(SPEC.format(version=version))
 
 
-def start_node(python: Path, env: dict, *args: str) -> subprocess.Popen:
-    """A Ray node; each with its own --temp-dir, as on its own machine: nodes sharing one would share the runtime
-    env agent's unpacked packages too (runtime_resources/), and one node's clean-up would reach the others'."""
-    return subprocess.Popen(
-        [
-            str(python),
-            "-m",
-            "ray.scripts.scripts",
-            "start",
-            "--block",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--dashboard-agent-listen-port",
-            str(free_port()),
-            "--dashboard-agent-grpc-port",
-            str(free_port()),
-            "--metrics-export-port",
-            str(free_port()),
-            "--runtime-env-agent-port",
-            str(free_port()),
-            "--object-store-memory",
-            str(200 * 2**20),
-            *args,
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-def node_cpus(gcs: str, env: dict) -> float:
-    code = f"import ray; ray.init(address='{gcs}', logging_level='ERROR'); print(ray.cluster_resources().get('CPU', 0))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    return float(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0.0
-
-
 def wait_for_cpus(gcs: str, env: dict, cpus: float) -> None:
     deadline = time.time() + 240
-    while node_cpus(gcs, env) < cpus:
+    while servers.cluster_cpus(gcs, env) < cpus:
         assert time.time() < deadline, f"the cluster never reached {cpus} CPUs"
         time.sleep(2)
-
-
-def submit(repo: Path, env: dict, dashboard: str, results: Path) -> subprocess.CompletedProcess:
-    for _ in range(12):  # the head's job agent can take a while to come up on a loaded machine
-        done = subprocess.run(
-            [str(repo / "cluster" / "submit.sh"), "--results-dir", str(results), "sweeps/code.yaml", dashboard],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            cwd=repo,
-        )
-        if "No available agent" not in done.stderr + done.stdout:
-            return done
-        time.sleep(10)
-    return done
 
 
 def imports_by_node(cache: Path, nodes: dict[str, subprocess.Popen]) -> dict[str, set[str]]:
@@ -136,115 +79,37 @@ def imports_by_node(cache: Path, nodes: dict[str, subprocess.Popen]) -> dict[str
 
 def test_a_second_submission_runs_the_new_code_on_every_node_old_and_new(tmp_path):
     repo = copy_of_the_repository(tmp_path / "repo")
-    python = environment_without_teachsweep(tmp_path / "env")
+    python = servers.environment_without_teachsweep(tmp_path / "env")
     cache = tmp_path / "cache"
-    env = os.environ | {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_ADDRESS": "",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-    }
+    env = servers.token_auth_env(os.environ) | {"RAY_ADDRESS": ""}
     env.pop("TEACHSWEEP_RESULTS_DIR", None)
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port = servers.free_port(), servers.free_port()
     gcs, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
-    head = start_node(
-        python,
-        env,
-        "--head",
-        "--port",
-        str(gcs_port),
-        "--num-cpus",
-        "0",
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(dashboard_port),
-        "--min-worker-port",
-        "23000",
-        "--max-worker-port",
-        "23999",
-        "--temp-dir",
-        tempfile.mkdtemp(prefix="rc", dir="/tmp"),
-    )
-    mlflow_port = free_port()
+    head = servers.start_ray_head(python, env, gcs_port, dashboard_port, 0, 23000, *servers.SMALL_OBJECT_STORE)
+    mlflow_port = servers.free_port()
     tracking = f"http://127.0.0.1:{mlflow_port}"
-    server = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mlflow_port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--default-artifact-root",
-            str(tmp_path / "art"),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    server = servers.start_mlflow_server(mlflow_port, env, *servers.sqlite_store(tmp_path))
     nodes = {"head": head}
-    submit_env = env | {"RAY_BIN": str(BIN / "ray"), "TEACHSWEEP_CACHE": str(cache), "MLFLOW_TRACKING_URI": tracking}
+    submit_env = env | {
+        "RAY_BIN": str(servers.BIN / "ray"),
+        "TEACHSWEEP_CACHE": str(cache),
+        "MLFLOW_TRACKING_URI": tracking,
+    }
+    results = tmp_path / "results"
     try:
-        wait_for(f"{tracking}/health", 180)
-        wait_for(f"{dashboard}/api/version", 180)
-        nodes["old"] = start_node(
-            python,
-            env,
-            "--address",
-            gcs,
-            "--num-cpus",
-            "2",
-            "--node-manager-port",
-            str(free_port()),
-            "--object-manager-port",
-            str(free_port()),
-            "--min-worker-port",
-            "24000",
-            "--max-worker-port",
-            "24999",
-            "--temp-dir",
-            tempfile.mkdtemp(prefix="rw", dir="/tmp"),
-        )
+        servers.wait_for(f"{tracking}/health", 180)
+        servers.wait_for(f"{dashboard}/api/version", 180)
+        nodes["old"] = servers.start_ray_worker(python, env, gcs, 2, 24000)
         wait_for_cpus(gcs, env, 2)
         set_version(repo, "A")
-        first = submit(repo, submit_env, dashboard, tmp_path / "results")
+        first = servers.submit_once_an_agent_answers(repo, "sweeps/code.yaml", dashboard, results, submit_env, 900)
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
         shutil.rmtree(cache / "imports")
         set_version(repo, "B")
-        nodes["new"] = start_node(
-            python,
-            env,
-            "--address",
-            gcs,
-            "--num-cpus",
-            "2",
-            "--node-manager-port",
-            str(free_port()),
-            "--object-manager-port",
-            str(free_port()),
-            "--min-worker-port",
-            "25000",
-            "--max-worker-port",
-            "25999",
-            "--temp-dir",
-            tempfile.mkdtemp(prefix="rw", dir="/tmp"),
-        )
+        nodes["new"] = servers.start_ray_worker(python, env, gcs, 2, 25000)
         wait_for_cpus(gcs, env, 4)
         second = subprocess.Popen(
-            [
-                str(repo / "cluster" / "submit.sh"),
-                "--results-dir",
-                str(tmp_path / "results"),
-                "sweeps/code.yaml",
-                dashboard,
-            ],
+            servers.submit_command(repo, "sweeps/code.yaml", dashboard, results),
             env=submit_env,
             cwd=repo,
             stdout=subprocess.PIPE,

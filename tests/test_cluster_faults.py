@@ -11,22 +11,19 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import local_servers as servers
 import optuna
 import psutil
 import pytest
 import yaml
 from local_postgres import postgres_server
 from mlflow.tracking import MlflowClient
-from test_real_servers import environment_without_teachsweep, free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).parents[1]
 WORKER_CPUS = 2
 
@@ -47,28 +44,11 @@ class LocalCluster:
     specs: list[Path] = field(default_factory=list)
 
     def start_mlflow(self) -> None:
-        self.mlflow = subprocess.Popen(
-            [
-                str(BIN / "mlflow"),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.mlflow_port),
-                "--backend-store-uri",
-                self.backend,
-                "--serve-artifacts",
-                "--artifacts-destination",
-                (self.root / "artifacts").as_uri(),
-                "--workers",
-                "2",
-            ],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        artifacts = ("--serve-artifacts", "--artifacts-destination", (self.root / "artifacts").as_uri())
+        self.mlflow = servers.start_mlflow_server(
+            self.mlflow_port, self.env, "--backend-store-uri", self.backend, *artifacts, workers=2
         )
-        wait_for(f"{self.tracking}/health", 120)
+        servers.wait_for(f"{self.tracking}/health", 120)
 
     def add_worker(self) -> subprocess.Popen:
         """A worker node: its own raylet, object manager and agents on their own ports. Nodes sharing a machine
@@ -77,45 +57,7 @@ class LocalCluster:
         has its own --temp-dir, as on its own machine: the runtime env agent unpacks packages there."""
         low = 21000 + 1000 * (len(self.workers) % 8)
         log = open(self.root / f"worker-{len(self.workers)}.log", "w")  # open for the node's lifetime
-        worker = subprocess.Popen(
-            [
-                str(self.python),
-                "-m",
-                "ray.scripts.scripts",
-                "start",
-                "--address",
-                self.gcs,
-                "--block",
-                "--node-ip-address",
-                "127.0.0.1",
-                "--temp-dir",
-                tempfile.mkdtemp(prefix="rw", dir="/tmp"),
-                "--num-cpus",
-                str(WORKER_CPUS),
-                "--node-manager-port",
-                str(free_port()),
-                "--object-manager-port",
-                str(free_port()),
-                "--dashboard-agent-listen-port",
-                str(free_port()),
-                "--dashboard-agent-grpc-port",
-                str(free_port()),
-                "--metrics-export-port",
-                str(free_port()),
-                "--runtime-env-agent-port",
-                str(free_port()),
-                "--min-worker-port",
-                str(low),
-                "--max-worker-port",
-                str(low + 999),
-                "--object-store-memory",
-                str(200 * 2**20),
-            ],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        worker = servers.start_ray_worker(self.python, self.env, self.gcs, WORKER_CPUS, low, log)
         self.workers.append(worker)
         return worker
 
@@ -136,12 +78,7 @@ class LocalCluster:
         )
 
     def alive_cpus(self) -> float:
-        code = (
-            f"import ray; ray.init(address='{self.gcs}', logging_level='ERROR', log_to_driver=False); "
-            "print(ray.cluster_resources().get('CPU', 0))"
-        )
-        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
-        return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0.0
+        return servers.cluster_cpus(self.gcs, self.env)
 
     def wait_for_cpus(self, cpus: float, seconds: float = 180, node: subprocess.Popen | None = None) -> bool:
         """Wait until the cluster has `cpus` CPUs (True) or `node` has exited (False); fail after `seconds`."""
@@ -164,15 +101,9 @@ class LocalCluster:
         path = ROOT / "tests" / f"_faults_{spec['name']}_{secrets.token_hex(3)}.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
         self.specs.append(path)
-        env = self.env | {"RAY_BIN": str(BIN / "ray"), "MLFLOW_TRACKING_URI": self.tracking}
+        env = self.env | {"RAY_BIN": str(servers.BIN / "ray"), "MLFLOW_TRACKING_URI": self.tracking}
         return subprocess.Popen(
-            [
-                str(ROOT / "cluster" / "submit.sh"),
-                "--results-dir",
-                str(self.root / "results"),
-                str(path),
-                self.dashboard,
-            ],
+            servers.submit_command(ROOT, str(path), self.dashboard, self.root / "results"),
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -205,66 +136,21 @@ def stop(process: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "TEACHSWEEP_RESULTS_DIR")
-    }
-    # token authentication, as on a real cluster: every node, the driver and the CLI share RAY_AUTH_TOKEN
-    env |= {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "TEACHSWEEP_CACHE": str(root / "cache"),
-    }
-    python = environment_without_teachsweep(root / "env")
+    unset = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "TEACHSWEEP_RESULTS_DIR")
+    env = servers.token_auth_env({k: v for k, v in os.environ.items() if k not in unset})
+    env["TEACHSWEEP_CACHE"] = str(root / "cache")
+    python = servers.environment_without_teachsweep(root / "env")
     with postgres_server() as backend:
-        local = LocalCluster(root, env, python, backend, mlflow_port=free_port())
+        local = LocalCluster(root, env, python, backend, mlflow_port=servers.free_port())
         local.tracking = f"http://127.0.0.1:{local.mlflow_port}"
-        gcs_port, dashboard_port = free_port(), free_port()
+        gcs_port, dashboard_port = servers.free_port(), servers.free_port()
         local.gcs, local.dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
-        local.head = subprocess.Popen(
-            [
-                str(python),
-                "-m",
-                "ray.scripts.scripts",
-                "start",
-                "--head",
-                "--block",
-                "--node-ip-address",
-                "127.0.0.1",
-                "--port",
-                str(gcs_port),
-                "--num-cpus",
-                "0",
-                "--dashboard-host",
-                "127.0.0.1",
-                "--dashboard-port",
-                str(dashboard_port),
-                "--temp-dir",
-                tempfile.mkdtemp(prefix="rc", dir="/tmp"),
-                "--dashboard-agent-listen-port",
-                str(free_port()),
-                "--dashboard-agent-grpc-port",
-                str(free_port()),
-                "--metrics-export-port",
-                str(free_port()),
-                "--runtime-env-agent-port",
-                str(free_port()),
-                "--min-worker-port",
-                "20000",
-                "--max-worker-port",
-                "20999",
-                "--object-store-memory",
-                str(200 * 2**20),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        local.head = servers.start_ray_head(
+            python, env, gcs_port, dashboard_port, 0, 20000, *servers.SMALL_OBJECT_STORE
         )
         try:
             local.start_mlflow()
-            wait_for(f"{local.dashboard}/api/version", 180)
+            servers.wait_for(f"{local.dashboard}/api/version", 180)
             local.add_workers(2)
             yield local
         finally:  # the cluster is thrown away: no graceful shutdown (each process group killed at once)

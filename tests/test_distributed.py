@@ -1,12 +1,16 @@
 """Two gloo DDP workers under a TorchTrainer started from a Tune trial take the same steps as one process on
 the same global batches."""
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import yaml
+from small_jobs import small_scaffold_job, vit_digits_teacher
 
 from teachsweep.jobs import lot
 from teachsweep.spec import parse_spec
-from teachsweep.sweep import run_sweep
+from teachsweep.sweep import SweepOutcome, run_sweep
 
 pytestmark = pytest.mark.integration
 
@@ -25,19 +29,24 @@ JOB = {
 }
 
 
-def test_two_ddp_workers_match_one_process_with_the_same_global_batch(ray_session, tmp_path):
-    single = lot.train(JOB | {"seed": 3})
+def two_worker_trial(name: str, job: str, config: dict[str, Any], results: Path) -> SweepOutcome:
+    """A sweep of one trial with seed 3 (the seed the single-process runs use), trained by 2 DDP workers."""
     spec = {
-        "name": "ddp",
-        "job": "lot",
-        "config": JOB,
+        "name": name,
+        "job": job,
+        "config": config,
         "variants": {"ddp": {}},
         "resources": {"workers": 2, "cpus": 1},
         "seeds": [3],
-        "results_dir": str(tmp_path / "results"),
+        "results_dir": str(results),
     }
     text = yaml.safe_dump(spec, sort_keys=False)
-    outcome = run_sweep(parse_spec(text), text)
+    return run_sweep(parse_spec(text), text)
+
+
+def test_two_ddp_workers_match_one_process_with_the_same_global_batch(ray_session, tmp_path):
+    single = lot.train(JOB | {"seed": 3})
+    outcome = two_worker_trial("ddp", "lot", JOB, tmp_path / "results")
     (row,) = outcome.trials
     assert row["status"] == "OK", row["error"]
     for key in ("loss/teacher", "loss/student"):  # continuous: equal up to float summation order
@@ -48,24 +57,9 @@ def test_two_ddp_workers_match_one_process_with_the_same_global_batch(ray_sessio
     assert row["metrics"]["steps/teacher"] == single["steps/teacher"] == 8
 
 
-SMAT_JOB = {
-    "teacher": {
-        "task": "digits",
-        "model": "vit:1",
-        "lr": 1e-3,
-        "epochs": 1,
-        "steps_per_epoch": 5,
-        "max_eval_examples": 32,
-    },
-    "explainer": "smat",
-    "num_train_examples": 32,
-    "batch_size": 8,
-    "max_epochs": 2,
-    "patience": 2,
-    "max_eval_examples": 64,
-    "eval_batch_size": 32,
-    "meta_lr": 0.05,
-}
+SMAT_JOB = small_scaffold_job(
+    vit_digits_teacher("vit:1"), "smat", 2, patience=2, max_eval_examples=64, eval_batch_size=32, meta_lr=0.05
+)
 
 
 def test_two_ddp_workers_meta_learn_the_same_explainer_as_one_process(ray_session, tmp_path):
@@ -80,17 +74,7 @@ def test_two_ddp_workers_meta_learn_the_same_explainer_as_one_process(ray_sessio
 
     reporter = Reporter()
     single = scaffold.train(SMAT_JOB | {"seed": 3}, reporter)  # also trains the shared teacher, once
-    spec = {
-        "name": "ddp-smat",
-        "job": "scaffold",
-        "config": SMAT_JOB,
-        "variants": {"ddp": {}},
-        "resources": {"workers": 2, "cpus": 1},
-        "seeds": [3],
-        "results_dir": str(tmp_path / "results"),
-    }
-    text = yaml.safe_dump(spec, sort_keys=False)
-    outcome = run_sweep(parse_spec(text), text)
+    outcome = two_worker_trial("ddp-smat", "scaffold", SMAT_JOB, tmp_path / "results")
     (row,) = outcome.trials
     assert row["status"] == "OK", row["error"]
     for key in ("loss/train", "loss/meta"):

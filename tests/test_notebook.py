@@ -6,6 +6,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from small_jobs import lot_search_spec
 
 from teachsweep.spec import parse_spec
 from teachsweep.sweep import run_sweep
@@ -13,18 +14,11 @@ from teachsweep.sweep import run_sweep
 pytestmark = pytest.mark.integration
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "analyze_sweep.ipynb"
 
-SPEC = """
-name: nb
-job: lot
-config: {task: digits, teacher: "cnn:8", epochs: 2, steps_per_epoch: 3, batch_size: 32, max_eval_examples: 64}
-space:
-  alpha: {type: loguniform, low: 0.1, high: 1.0}
-  student_steps: {type: int, low: 1, high: 3}
-num_samples: 3
-max_concurrent_trials: 3
-baseline: {budget: teacher_steps}
-results_dir: RESULTS
-"""
+CONFIG = '{task: digits, teacher: "cnn:8", epochs: 2, steps_per_epoch: 3, batch_size: 32, max_eval_examples: 64}'
+
+
+def spec_text(results: Path) -> str:
+    return lot_search_spec("nb", CONFIG, 3, 3, results) + "baseline: {budget: teacher_steps}\n"
 
 
 def test_notebook_is_committed_without_outputs():
@@ -37,7 +31,7 @@ def test_notebook_is_committed_without_outputs():
 
 
 def test_analysis_notebook_executes_against_a_real_sweep(ray_session, tmp_path, monkeypatch):
-    text = SPEC.replace("RESULTS", str(tmp_path / "results"))
+    text = spec_text(tmp_path / "results")
     run_sweep(parse_spec(text), text)
     monkeypatch.setenv("TEACHSWEEP_SWEEP", "nb")
     monkeypatch.setenv("TEACHSWEEP_RESULTS", str(tmp_path / "results"))
@@ -74,7 +68,7 @@ def test_the_notebook_on_a_sweep_that_never_started_says_so_and_creates_no_store
 
     results = tmp_path / "results"
     (results / "nb").mkdir(parents=True)
-    (results / "nb" / "spec.yaml").write_text(SPEC.replace("RESULTS", str(results)))
+    (results / "nb" / "spec.yaml").write_text(spec_text(results))
     monkeypatch.setenv("TEACHSWEEP_SWEEP", "nb")
     monkeypatch.setenv("TEACHSWEEP_RESULTS", str(results))
     notebook = nbformat.read(NOTEBOOK, as_version=4)

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from small_jobs import small_scaffold_job, tiny_bert_teacher, vit_digits_teacher
 from torch import nn
 
 from teachsweep import data, models, tasks
@@ -13,6 +14,7 @@ from teachsweep.explain import gradient
 from teachsweep.explain.attention import AttentionExplainer, head_scores, token_distribution
 from teachsweep.jobs import scaffold
 from teachsweep.jobs import teacher as teacher_job
+from teachsweep.reporter import Reporter
 
 
 def tiny_bert(seed=0, dropout=False):
@@ -187,16 +189,7 @@ def test_integrated_gradients_follow_the_whole_straight_line_path():
 
 def test_teacher_registry_trains_once_and_reloads_with_weights_only(tmp_path, monkeypatch):
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
-    config = dict(
-        task="rotten_tomatoes",
-        model="tiny-bert",
-        lr=1e-3,
-        epochs=1,
-        steps_per_epoch=3,
-        max_eval_examples=32,
-        max_length=24,
-        max_train_examples=64,
-    )
+    config = tiny_bert_teacher(steps_per_epoch=3, max_train_examples=64)
     first, cfg = teacher_job.resolve(config, torch.device("cpu"))
     checkpoint = teacher_job.registry_dir(teacher_job.TeacherConfig(**config)) / "model.pt"
     stamp = checkpoint.stat().st_mtime_ns
@@ -212,33 +205,12 @@ def test_teacher_registry_trains_once_and_reloads_with_weights_only(tmp_path, mo
 @pytest.mark.parametrize("explainer", ["none", "attention_last", "smat", "smat_student_step", "grad_x_input"])
 def test_scaffold_job_trains_a_student_and_reports_simulability(tmp_path, monkeypatch, explainer):
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
-    teacher = dict(
-        task="rotten_tomatoes",
-        model="tiny-bert",
-        lr=1e-3,
-        epochs=1,
-        steps_per_epoch=5,
-        max_eval_examples=32,
-        max_length=24,
-        max_train_examples=128,
-    )
-    from teachsweep.reporter import Reporter
-
     reporter = Reporter()
     unroll = "student_step" if explainer == "smat_student_step" else "lookahead"
-    metrics = scaffold.train(
-        dict(
-            teacher=teacher,
-            explainer=explainer.removesuffix("_student_step"),
-            meta_unroll=unroll,
-            num_train_examples=32,
-            batch_size=8,
-            max_epochs=2,
-            max_eval_examples=32,
-            max_length=24,
-        ),
-        reporter,
+    job = small_scaffold_job(
+        tiny_bert_teacher(), explainer.removesuffix("_student_step"), 2, meta_unroll=unroll, max_length=24
     )
+    metrics = scaffold.train(job, reporter)
     assert 0.0 <= metrics["simulability/test"] <= 1.0 and "student/test_acc" in metrics
     assert [h["epoch"] for h in reporter.history][:2] == [1, 2]
     if explainer.startswith("smat"):
@@ -281,28 +253,8 @@ def write_rationales(tmp_path):
 def test_scaffold_reports_plausibility_against_a_rationale_set_built_here(tmp_path, monkeypatch):
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
     rationales = write_rationales(tmp_path)
-    teacher = dict(
-        task="rotten_tomatoes",
-        model="tiny-bert",
-        lr=1e-3,
-        epochs=1,
-        steps_per_epoch=5,
-        max_eval_examples=32,
-        max_length=24,
-        max_train_examples=128,
-    )
-    metrics = scaffold.train(
-        dict(
-            teacher=teacher,
-            explainer="smat",
-            num_train_examples=32,
-            batch_size=8,
-            max_epochs=1,
-            max_eval_examples=32,
-            max_length=48,
-            rationales=rationales,
-        )
-    )
+    job = small_scaffold_job(tiny_bert_teacher(), "smat", 1, max_length=48, rationales=rationales)
+    metrics = scaffold.train(job)
     for who in ("teacher", "student"):
         assert 0.0 <= metrics[f"plausibility/{who}_auc"] <= 1.0 and metrics[f"plausibility/{who}_n"] >= 10
         assert 0.0 <= metrics[f"plausibility/{who}_recall_at_k"] <= 1.0
@@ -348,28 +300,12 @@ def test_smat_sweep_logs_simulability_and_head_coefficient_artifacts(ray_session
 
 def test_smat_on_a_vit_explains_patch_tokens(tmp_path, monkeypatch):
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
-    from teachsweep.reporter import Reporter
-
-    teacher = dict(task="digits", model="vit:2", lr=1e-3, epochs=1, steps_per_epoch=5, max_eval_examples=32)
+    teacher = vit_digits_teacher("vit:2")
     reporter = Reporter()
-    metrics = scaffold.train(
-        dict(
-            teacher=teacher, explainer="smat", num_train_examples=32, batch_size=8, max_epochs=1, max_eval_examples=32
-        ),
-        reporter,
-    )
+    metrics = scaffold.train(small_scaffold_job(teacher, "smat", 1), reporter)
     assert 0.0 <= metrics["simulability/test"] <= 1.0 and metrics["loss/meta"] > 0
     assert len(reporter.artifacts["head_coefficients.json"]["layers_by_heads"]) == 2
-    gradient_student = scaffold.train(
-        dict(
-            teacher=teacher,
-            explainer="integrated_gradients",
-            num_train_examples=32,
-            batch_size=8,
-            max_epochs=1,
-            max_eval_examples=32,
-        )
-    )
+    gradient_student = scaffold.train(small_scaffold_job(teacher, "integrated_gradients", 1))
     assert 0.0 <= gradient_student["simulability/test"] <= 1.0
 
 
@@ -435,17 +371,8 @@ def test_a_regression_teacher_is_simulated_with_mse_and_scored_by_pearson(tmp_pa
     teacher_metrics = teacher_job.train(teacher)
     assert {"teacher/val_pearson", "teacher/test_pearson"} <= set(teacher_metrics)
     assert "teacher/test_acc" not in teacher_metrics
-    metrics = scaffold.train(
-        dict(
-            teacher=teacher,
-            explainer=explainer,
-            num_train_examples=64,
-            batch_size=8,
-            max_epochs=2,
-            max_eval_examples=64,
-            max_length=24,
-        )
-    )
+    job = small_scaffold_job(teacher, explainer, 2, num_train_examples=64, max_eval_examples=64, max_length=24)
+    metrics = scaffold.train(job)
     assert -1.0 <= metrics["simulability/test"] <= 1.0 and "student/test_pearson" in metrics
     assert metrics["simulability/test_ci_low"] <= metrics["simulability/test_ci_high"]
     assert metrics["teacher/test_pearson"] == pytest.approx(teacher_metrics["teacher/test_pearson"], abs=1e-6)
@@ -501,34 +428,12 @@ def test_student_explanations_use_attention_before_attention_dropout():
 
 def test_student_plausibility_comes_from_the_best_student_and_its_explainer_in_eval_mode(tmp_path, monkeypatch):
     from teachsweep.plausibility import load_rationales, rationale_plausibility
-    from teachsweep.reporter import Reporter
 
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
     rationales = write_rationales(tmp_path)
-    teacher = dict(
-        task="rotten_tomatoes",
-        model="tiny-bert",
-        lr=1e-3,
-        epochs=1,
-        steps_per_epoch=5,
-        max_eval_examples=32,
-        max_length=24,
-        max_train_examples=128,
-    )
     reporter = Reporter()
-    metrics = scaffold.train(
-        dict(
-            teacher=teacher,
-            explainer="smat",
-            num_train_examples=32,
-            batch_size=8,
-            max_epochs=3,
-            max_eval_examples=32,
-            max_length=16,
-            rationales=rationales,
-        ),
-        reporter,
-    )
+    job = small_scaffold_job(tiny_bert_teacher(), "smat", 3, max_length=16, rationales=rationales)
+    metrics = scaffold.train(job, reporter)
     best = reporter.saved["best_student"]
     student = models.build_model("tiny-bert", tasks.load_task("rotten_tomatoes"), 123)
     model = scaffold.ExplainedStudent(student, AttentionExplainer(2, 4))
@@ -548,8 +453,6 @@ def test_student_plausibility_comes_from_the_best_student_and_its_explainer_in_e
 
 
 def test_a_language_model_teacher_keeps_its_lowest_validation_perplexity(tmp_path, monkeypatch):
-    from teachsweep.reporter import Reporter
-
     monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path))
     reporter = Reporter()
     metrics = teacher_job.train(

@@ -1,10 +1,12 @@
 """A real sweep through real Ray Tune, a real Optuna RDB study and a real MLflow store."""
 
 import re
+from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from small_jobs import lot_search_spec
 
 from teachsweep.metrics import wilson_interval
 from teachsweep.results import open_sweep, ui_urls
@@ -13,26 +15,14 @@ from teachsweep.sweep import paths_for, run_sweep
 
 pytestmark = pytest.mark.integration
 
-SPEC = """
-name: {name}
-job: lot
-config:
-  task: rotten_tomatoes
-  teacher: tiny-bert
-  lr: 1.0e-3
-  epochs: 2
-  steps_per_epoch: 3
-  batch_size: 16
-  max_train_examples: 256
-  max_eval_examples: 64
-  max_length: 32
-space:
-  alpha: {{type: loguniform, low: 0.1, high: 1.0}}
-  student_steps: {{type: int, low: 1, high: 2}}
-num_samples: 2
-max_concurrent_trials: 2
-results_dir: {results}
-"""
+CONFIG = (
+    "{task: rotten_tomatoes, teacher: tiny-bert, lr: 1.0e-3, epochs: 2, steps_per_epoch: 3, batch_size: 16, "
+    "max_train_examples: 256, max_eval_examples: 64, max_length: 32}"
+)
+
+
+def spec_text(name: str, results: Path) -> str:
+    return lot_search_spec(name, CONFIG, 2, 2, results)
 
 
 def child_runs(client, experiment_id, parent_run_id):
@@ -40,7 +30,7 @@ def child_runs(client, experiment_id, parent_run_id):
 
 
 def test_two_trial_sweep_records_the_same_results_in_mlflow_and_optuna(ray_session, tmp_path):
-    text = SPEC.format(name="itest", results=tmp_path / "results")
+    text = spec_text("itest", tmp_path / "results")
     spec = parse_spec(text)
     outcome = run_sweep(spec, text)
 
@@ -74,7 +64,7 @@ def test_two_trial_sweep_records_the_same_results_in_mlflow_and_optuna(ray_sessi
 
 def test_baseline_arm_and_seeds(ray_session, tmp_path):
     """A teacher-only arm at matched model-steps next to the search, each configuration over two seeds."""
-    text = SPEC.format(name="seeded", results=tmp_path / "results").replace("num_samples: 2", "num_samples: 1")
+    text = spec_text("seeded", tmp_path / "results").replace("num_samples: 2", "num_samples: 1")
     text = text.replace("{type: int, low: 1, high: 2}", "{type: categorical, values: [2]}")
     text += "seeds: [0, 1]\nbaseline: {budget: model_steps}\n"
     spec = parse_spec(text)

@@ -18,6 +18,7 @@ from urllib.request import urlopen
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from small_jobs import lot_search_spec
 
 from teachsweep import ui
 from teachsweep.report import STYLE
@@ -27,24 +28,14 @@ from teachsweep.sweep import run_sweep
 
 pytestmark = pytest.mark.integration
 
-SPEC = """
-name: uisweep
-job: lot
-config: {{task: digits, teacher: "cnn:8", epochs: 1, steps_per_epoch: 2, max_eval_examples: 32, batch_size: 16}}
-space:
-  alpha: {{type: loguniform, low: 0.05, high: 1.0}}
-  student_steps: {{type: int, low: 1, high: 2}}
-num_samples: 2
-max_concurrent_trials: 2
-results_dir: {results}
-"""
+CONFIG = '{task: digits, teacher: "cnn:8", epochs: 1, steps_per_epoch: 2, max_eval_examples: 32, batch_size: 16}'
 START_S = 600  # MLflow's first start on a loaded machine takes minutes
 
 
 @pytest.fixture(scope="module")
 def results(ray_session, tmp_path_factory) -> Path:
     results = tmp_path_factory.mktemp("ui") / "results"
-    text = SPEC.format(results=results)
+    text = lot_search_spec("uisweep", CONFIG, 2, 2, results, lowest_alpha=0.05)
     run_sweep(parse_spec(text), text)
     return results
 
