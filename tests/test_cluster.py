@@ -1021,5 +1021,7 @@ def test_multi_worker_trials_keep_two_checkpoints(monkeypatch):
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
     monkeypatch.setattr("ray.tune.integration.ray_train.TuneReportCallback", ray.train.UserCallback)  # no Tune here
-    launch.run_distributed("lot", {}, launch.Placement(cpus=1, workers=2), launch.TrainRun("uri", "run", "/tmp/storage", "t"))
+    launch.run_distributed(
+        "lot", {}, launch.Placement(cpus=1, workers=2), launch.TrainRun("uri", "run", "/tmp/storage", "t")
+    )
     assert seen["run_config"].checkpoint_config.num_to_keep == 2

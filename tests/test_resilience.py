@@ -1,6 +1,7 @@
 """A sweep people can trust: a driver killed with SIGKILL resumes without duplicates, failing trials are
 recorded and the sweep goes on, several objectives keep a Pareto front, and the CLI reads it all back."""
 
+import json
 import os
 import signal
 import subprocess
@@ -113,6 +114,12 @@ def test_killed_driver_resumes_with_one_run_per_trial_and_no_running_optuna_tria
     states = [t.state for t in study.trials]
     assert optuna.trial.TrialState.RUNNING not in states
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4
+    # the resumed sampler does not replay the configurations already tried, and one the dead driver was
+    # training comes back (re-run by Tune, or enqueued when Tune never recorded its trial)
+    complete = [t.params for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len({tuple(sorted(p.items())) for p in complete}) == 4, complete
+    failed = [t.params for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert all(p in complete for p in failed), (failed, complete)
 
 
 @pytest.mark.slow
@@ -260,6 +267,19 @@ def test_spec_changed_since_the_sweep_started_is_refused_with_what_changed(ray_s
     spec_file.write_text(text.replace("high: 1.0}", "high: 2.0}"))
     outcome = CliRunner().invoke(app, ["run", str(spec_file)])
     assert outcome.exit_code == 2 and "space.alpha.high: 1.0 -> 2.0" in outcome.output
+    # a finished search asked for more samples: Tune would restore the old count and run nothing
+    spec_file.write_text(text.replace("num_samples: 1", "num_samples: 3"))
+    outcome = CliRunner().invoke(app, ["run", str(spec_file)])
+    assert outcome.exit_code == 2 and "num_samples: 1 -> 3" in outcome.output, outcome.output
+
+
+def test_a_sweep_fingerprinted_before_num_samples_was_recorded_still_resumes(tmp_path):
+    from teachsweep.preflight import check_stores
+
+    spec = parse_spec(SPEC.format(name="old", epochs=1, steps=2, samples=2, results=tmp_path / "results"))
+    fingerprint = tmp_path / "spec.json"
+    fingerprint.write_text(json.dumps({k: v for k, v in spec.fingerprint().items() if k != "num_samples"}))
+    check_stores(spec, tmp_path / "results", fingerprint, started=True)  # no refusal
 
 
 def test_concurrent_writers_on_one_sqlite_store_lose_no_metric(tmp_path):
@@ -434,3 +454,30 @@ def test_a_tune_snapshot_cut_short_resumes_from_its_last_whole_copy(ray_session,
     assert len(restarted.trials) == 2 and all(t["status"] == "OK" for t in restarted.trials)
     assert len(list(paths.trials.glob("*.broken"))) == 3
     assert len(trial_runs(open_sweep("cut", tmp_path / "results"))) == 2
+
+
+def test_a_sweep_stopped_after_its_trials_started_but_before_any_reported_takes_a_corrected_spec(ray_session, tmp_path):
+    """Ctrl-C (here a callback raising as the first trial starts) after Tune saved a snapshot of started trials
+    but before any trial logged a metric: the sweep holds no result, so a corrected spec starts it anew."""
+    import time as clock
+
+    from ray.tune import Callback
+
+    from teachsweep.layout import SweepDir
+
+    class StopAsTheFirstTrialStarts(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            clock.sleep(6)  # past Tune's first snapshot of the started trial
+            raise KeyboardInterrupt
+
+    results = tmp_path / "results"
+    text = SPEC.format(name="stopped", epochs=1, steps=2, samples=2, results=results)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(parse_spec(text), text, callbacks=[StopAsTheFirstTrialStarts()])
+    paths = SweepDir.of("stopped", results)
+    assert paths.started  # Tune holds a snapshot: before, the corrected spec was refused as a changed one
+    corrected = text.replace("high: 1.0}", "high: 2.0}")
+    outcome = run_sweep(parse_spec(corrected), corrected)
+    assert [row["status"] for row in outcome.trials] == ["OK", "OK"], outcome.trials
+    study = optuna.load_study(study_name="stopped", storage=paths.optuna_url)
+    assert {t.distributions["alpha"].high for t in study.trials} == {2.0}

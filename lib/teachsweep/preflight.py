@@ -133,7 +133,10 @@ def check_stores(spec: SweepSpec, root: Path, fingerprint: Path, started: bool =
     except tracking.TrackingError as error:
         raise SpecError(f"{where}tracking_uri: {error}") from None
     if fingerprint.exists() and started:
-        changes = describe_changes(json.loads(fingerprint.read_text()), spec.fingerprint())
+        recorded = json.loads(fingerprint.read_text())
+        # a sweep started by a version that recorded fewer fields is held to those it recorded (and its packing)
+        current = {k: v for k, v in spec.fingerprint().items() if k in recorded or k == "pack"}
+        changes = describe_changes(recorded, current)
         if changes:
             raise SpecError(
                 f"sweep '{spec.name}' exists with a different spec ({'; '.join(changes)}): use a new "

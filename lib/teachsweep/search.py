@@ -43,21 +43,27 @@ def optuna_space(spec: SweepSpec) -> dict[str, Any]:
     return space
 
 
+def make_sampler(spec: SweepSpec, seed: int) -> optuna.samplers.BaseSampler:
+    if spec.sampler.type == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
 def open_study(spec: SweepSpec, storage_url: str) -> optuna.Study:
-    """The sweep's study (created on first use), named after the sweep, with its metric names recorded."""
-    sampler = (
-        optuna.samplers.TPESampler(seed=spec.sampler.seed)
-        if spec.sampler.type == "tpe"
-        else optuna.samplers.RandomSampler(seed=spec.sampler.seed)
-    )
+    """The sweep's study (created on first use), named after the sweep, with its metric names recorded.
+
+    A resumed study's sampler is seeded from the spec's seed and the trials the study already holds: seeded as at
+    the start, its random start-up draws would replay the configurations the study already tried."""
     directions = ["maximize" if mode == "max" else "minimize" for mode in spec.mode_names]
     study = optuna.create_study(
         study_name=spec.name,
         storage=optuna.storages.RDBStorage(storage_url),
-        sampler=sampler,
+        sampler=make_sampler(spec, spec.sampler.seed),
         directions=directions,
         load_if_exists=True,
     )
+    if held := len(study.get_trials(deepcopy=False)):
+        study.sampler = make_sampler(spec, (spec.sampler.seed + 1_000_003 * held) % 2**32)
     if study.metric_names is None:  # what optuna-dashboard labels the objectives with
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -281,3 +287,19 @@ def fail_interrupted_trials(spec: SweepSpec, storage_url: str) -> list[int]:
     for trial in running:
         study.tell(trial.number, state=TrialState.FAIL)
     return [t.number for t in running]
+
+
+def requeue_lost_trials(spec: SweepSpec, storage_url: str, failed: list[int], recorded: set[str]) -> int:
+    """Trials the dead driver had asked (and the resume told FAIL) whose Tune trial the restored experiment never
+    recorded: Tune will not run them again, so their configurations are enqueued, and the next asks run them."""
+    if not failed:
+        return 0
+    study = optuna.load_study(study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url))
+    lost = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.number in failed and str(t.user_attrs.get(TUNE_TRIAL, "")).split(".")[0] not in recorded
+    ]
+    for trial in lost:
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+    return len(lost)

@@ -235,7 +235,9 @@ class SweepSpec(Strict):
         # packs change what a Tune trial is: a resume cannot repack (named only when packed, so the fingerprints
         # of unpacked sweeps stay as they were)
         packing = {"pack": self.resources.pack} if self.packed else {}
-        return json.loads(self.model_dump_json(include=set(keep))) | packing
+        # a search's size: Tune restores the number of trials it planned, so a changed one would be ignored
+        samples = {"num_samples": self.num_samples} if self.space else {}
+        return json.loads(self.model_dump_json(include=set(keep))) | packing | samples
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]

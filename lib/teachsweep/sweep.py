@@ -129,7 +129,7 @@ def run_sweep(
     quiet_libraries()
     paths = paths_for(spec)
     preflight.check_spec(spec, where)
-    uri = preflight.check_stores(spec, paths.root, paths.fingerprint, started=paths.started, where=where)
+    uri = preflight.check_stores(spec, paths.root, paths.fingerprint, started=holds_results(paths), where=where)
     start = time.time()
     init_ray()
     check_trial_fits(spec)  # these may refuse the spec: before anything is created
@@ -144,7 +144,7 @@ def run_sweep(
     except OSError as error:  # a path the access check allowed but the file system refuses (/proc, a full disk)
         raise SpecError(f"{where}results_dir: cannot create {paths.path} ({error.strerror})") from None
     recorded = json.loads(paths.fingerprint.read_text()) if paths.fingerprint.exists() else None
-    if recorded is not None and recorded != spec.fingerprint() and not paths.started:
+    if recorded is not None and recorded != spec.fingerprint() and not holds_results(paths):
         start_afresh(paths)
     paths.fingerprint.write_text(json.dumps(spec.fingerprint(), indent=1, sort_keys=True))
     paths.spec_file.write_text(spec_text)
@@ -348,7 +348,12 @@ def run_experiment(
     """Run the sweep's Tune experiment, or resume it; `on_restore` gets the ids of the trials Tune recorded."""
     from ray import tune
 
-    from teachsweep.search import complete_finished_trials, fail_interrupted_trials, make_searcher
+    from teachsweep.search import (
+        complete_finished_trials,
+        fail_interrupted_trials,
+        make_searcher,
+        requeue_lost_trials,
+    )
 
     experiment = paths.trials
     if experiment.is_dir():
@@ -360,14 +365,16 @@ def run_experiment(
             failed = fail_interrupted_trials(spec, paths.optuna_url)
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
         recorded = tuner.get_results()
+        known = {Path(result.path).name for result in recorded}  # trial dirs are named by id
         complete_finished_trials(spec, paths.optuna_url, failed, recorded)
-        on_restore({Path(result.path).name for result in recorded})  # trial dirs are named by id
+        requeue_lost_trials(spec, paths.optuna_url, failed, known)
+        on_restore(known)
         return tuner.fit()
     if experiment.exists():  # a driver that died before Tune recorded any trial: start again from nothing
         shutil.rmtree(experiment)
         shutil.rmtree(paths.tune_backup, ignore_errors=True)
         if spec.space and paths.optuna_file.exists():
-            fail_interrupted_trials(spec, paths.optuna_url)
+            requeue_lost_trials(spec, paths.optuna_url, fail_interrupted_trials(spec, paths.optuna_url), set())
         on_restore(set())
     searcher, total = make_searcher(spec, paths.optuna_url)
     tuner = tune.Tuner(
@@ -391,6 +398,14 @@ def run_experiment(
         ),
     )
     return tuner.fit()
+
+
+def holds_results(paths: SweepDir) -> bool:
+    """Whether the sweep holds any result: Tune saved a snapshot and a trial logged a metric (a sweep stopped
+    before, by a crash or Ctrl-C in its first seconds, may start anew with a corrected spec)."""
+    if not paths.started or not paths.parent_run.exists() or not paths.tracking_uri.exists():
+        return paths.started
+    return tracking.any_trial_reported(paths.tracking_uri.read_text().strip(), paths.parent_run.read_text().strip())
 
 
 def start_afresh(paths: SweepDir) -> None:

@@ -186,6 +186,19 @@ def start_child_run(
     return run_id
 
 
+def any_trial_reported(uri: str, parent_run_id: str) -> bool:
+    """Whether a trial under this parent run logged any metric (a sweep stopped before that holds no result,
+    so a corrected spec may start it anew). Unreadable store: assume it did (nothing is thrown away)."""
+    try:
+        client = client_for(uri)
+        experiment_id = retry(lambda: client.get_run(parent_run_id)).info.experiment_id
+        query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`teachsweep.role` = '{TRIAL}'"
+        runs = retry(lambda: client.search_runs([experiment_id], filter_string=query, max_results=10000))
+    except Exception:  # noqa: BLE001 - any store error: keep the sweep as it is
+        return True
+    return any(run.data.metrics for run in runs)
+
+
 def drop_orphan_trial_runs(client, experiment_id: str, parent_run_id: str, known_trial_ids: set[str]) -> list[str]:
     """Soft-delete the trial runs (and their seed runs) of trials Ray Tune never recorded.
 

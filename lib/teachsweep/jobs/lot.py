@@ -365,29 +365,37 @@ def teacher_loss(
     teacher_logits: torch.Tensor,
     student_logits: list[torch.Tensor],
     labels: torch.Tensor,
-    cfg: LoTConfig,
+    cfg: LoTConfig | MemberTerms,
+    task: Callable = task_loss,
+    kl: Callable = kl_divergence,
 ) -> torch.Tensor:
-    """CE + alpha * sum_i lambda_i KL(S_i || T); the students' logits are detached unless cfg.detach is off."""
-    loss = task_loss(teacher_logits, labels)
+    """CE + alpha * sum_i lambda_i KL(S_i || T); the students' logits are detached unless cfg.detach is off.
+    A pack passes its members' terms as columns and its per-member `task` and `kl` (one loss per member)."""
+    loss = task(teacher_logits, labels)
     if not student_logits:  # the teacher-only arm
         return loss
     for weight, s_logits in zip(cfg.lambdas, student_logits, strict=True):
         target = s_logits.detach() if cfg.detach else s_logits
-        term = kl_divergence(target, teacher_logits, cfg.temperature)
+        term = kl(target, teacher_logits, cfg.temperature)
         if cfg.symmetric_kl:
-            term = term + kl_divergence(teacher_logits, target, cfg.temperature)
+            term = term + kl(teacher_logits, target, cfg.temperature)
         loss = loss + cfg.alpha * weight * term
     return loss
 
 
 def student_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, cfg: LoTConfig
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: LoTConfig | MemberTerms,
+    task: Callable = task_loss,
+    kl: Callable = kl_divergence,
 ) -> torch.Tensor:
     """[CE] + alpha * KL(T || S); the teacher's logits are detached unless cfg.detach is off."""
     target = teacher_logits.detach() if cfg.detach else teacher_logits
-    loss = cfg.alpha * kl_divergence(target, student_logits, cfg.temperature)
+    loss = cfg.alpha * kl(target, student_logits, cfg.temperature)
     if cfg.student_ce:
-        loss = loss + task_loss(student_logits, labels)
+        loss = loss + task(student_logits, labels)
     return loss
 
 
@@ -670,27 +678,14 @@ def pack_teacher_loss(
     teacher_logits: torch.Tensor, student_logits: list[torch.Tensor], labels: torch.Tensor, terms: MemberTerms
 ) -> torch.Tensor:
     """(P,) `teacher_loss` of each member."""
-    loss = member_cross_entropy(teacher_logits, labels)
-    if not student_logits:  # the teacher-only arm
-        return loss
-    for weight, s_logits in zip(terms.lambdas, student_logits, strict=True):
-        target = s_logits.detach() if terms.detach else s_logits
-        term = member_kl(target, teacher_logits, terms.temperature)
-        if terms.symmetric_kl:
-            term = term + member_kl(teacher_logits, target, terms.temperature)
-        loss = loss + terms.alpha * weight * term
-    return loss
+    return teacher_loss(teacher_logits, student_logits, labels, terms, member_cross_entropy, member_kl)
 
 
 def pack_student_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, terms: MemberTerms
 ) -> torch.Tensor:
     """(P,) `student_loss` of each member."""
-    target = teacher_logits.detach() if terms.detach else teacher_logits
-    loss = terms.alpha * member_kl(target, student_logits, terms.temperature)
-    if terms.student_ce:
-        loss = loss + member_cross_entropy(student_logits, labels)
-    return loss
+    return student_loss(student_logits, teacher_logits, labels, terms, member_cross_entropy, member_kl)
 
 
 @dataclass
