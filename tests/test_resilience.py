@@ -392,6 +392,11 @@ def test_export_points_at_the_teacher_the_best_trial_saved(ray_session, tmp_path
     checkpoint = Path(references.materialize(reference, sweep.tracking_uri))
     state = torch.load(checkpoint / "model.pt", weights_only=True)
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+    # the results directory moved: export still finds the teacher, where the directory is now
+    results.rename(tmp_path / "moved")
+    moved = CliRunner().invoke(app, ["export", "exported", "--results-dir", str(tmp_path / "moved")])
+    assert moved.exit_code == 0 and f"teacher: {reference}" in moved.output, moved.output
+    assert str(tmp_path / "moved" / "artifacts") in moved.output.replace("\n  ", ""), moved.output
 
 
 def test_starting_afresh_keeps_the_crashed_study_beside_the_new_one(tmp_path):

@@ -621,7 +621,7 @@ def exported_trial(sweep, run_id: str) -> str:
 def teacher_line(sweep, run_id: str) -> str:
     """Where the best trial's saved teacher is, by the reference a scaffold or explain sweep takes."""
     from teachsweep.references import MLFLOW
-    from teachsweep.results import saved_teacher
+    from teachsweep.results import artifact_directory, saved_teacher
     from teachsweep.tracking import RetryingClient
 
     if not JOBS[sweep.spec.job].saves_teacher:
@@ -630,6 +630,8 @@ def teacher_line(sweep, run_id: str) -> str:
     if teacher is None:
         return f"checkpoint: none (the best trial's run {run_id} holds no model.pt and config.json)"
     artifacts = RetryingClient(sweep.tracking_uri).get_run(teacher).info.artifact_uri
+    if sweep.moved_from is not None:  # the recorded location is where the results directory was
+        artifacts = artifact_directory(sweep, teacher) or artifacts
     return (
         f"teacher: {MLFLOW}{teacher}\n  model.pt and config.json in {artifacts}\n  give `teacher: "
         f'"{MLFLOW}{teacher}"` to a scaffold or explain sweep on the tracking store {sweep.tracking_uri}'

@@ -34,7 +34,7 @@ from teachsweep.metrics import (
     per_seed,
     seed_summaries,
 )
-from teachsweep.results import Sweep, is_baseline, teacher_effect, trial_rows, trial_runs, verdict
+from teachsweep.results import Sweep, is_baseline, run_artifact, teacher_effect, trial_rows, trial_runs, verdict
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
@@ -500,11 +500,11 @@ def head_coefficients(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     )
     for row in ranked:
         run_id = first_seed_run(client, row["mlflow_run_id"]) or row["mlflow_run_id"]
-        if "head_coefficients.json" not in [a.path for a in client.list_artifacts(run_id)]:
+        path = run_artifact(sweep, run_id, "head_coefficients.json")
+        if path is None:
             continue  # a trial without a learnable explainer
-        path = client.download_artifacts(run_id, "head_coefficients.json")
-        coefficients = np.asarray(json.loads(Path(path).read_text())["layers_by_heads"], dtype=float)
-        fig, ax = subplots(figsize=(5, 1 + 0.4 * coefficients.shape[0]))
+        coefficients = np.asarray(json.loads(path.read_text())["layers_by_heads"], dtype=float)
+        fig, ax = subplots(figsize=(5, max(2.0, 1 + 0.4 * coefficients.shape[0])))  # (tick labels need 2 inches)
         image = ax.imshow(coefficients, aspect="auto", cmap="magma")
         fig.colorbar(image, ax=ax)
         ax.set_xlabel("head")

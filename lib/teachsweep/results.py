@@ -24,6 +24,7 @@ class Sweep:
     spec_text: str
     tracking_uri: str
     parent_run_id: str | None
+    moved_from: Path | None = None  # the results directory the local store was in when the runs were logged
 
     @property
     def layout(self) -> SweepDir:
@@ -55,8 +56,12 @@ def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
     text = read_spec_file(spec_file)
     spec = parse_spec(text, where=f"{spec_file}: ", check_files=False)
     uri_file, parent_file = layout.tracking_uri, layout.parent_run
+    moved_from = None
     if uri_file.exists():
-        uri = local_store_of(uri_file.read_text().strip(), layout)
+        recorded_uri = uri_file.read_text().strip()
+        uri = local_store_of(recorded_uri, layout)
+        if uri != recorded_uri:
+            moved_from = Path(recorded_uri.removeprefix("sqlite:///")).parent
     else:
         uri = f"sqlite:///{layout.local_store}"
     if missing_sqlite_file(uri):  # no store yet: a sweep that never started (opening one would create it)
@@ -64,14 +69,44 @@ def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
             raise SpecError(
                 f"{parent_file}: tracking store {uri.removeprefix('sqlite:///')} not found (moved or deleted)"
             )
-        return Sweep(name, directory, spec, text, uri, None)
+        return Sweep(name, directory, spec, text, uri, None, moved_from)
     check_sqlite_store(uri)
     if parent_file.exists():
         parent = parent_file.read_text().strip()
         check_run_exists(uri, parent, parent_file)
     else:
         parent = latest_parent_run(uri, spec)
-    return Sweep(name, directory, spec, text, uri, parent)
+    return Sweep(name, directory, spec, text, uri, parent, moved_from)
+
+
+def artifact_directory(sweep: Sweep, run_id: str) -> Path | None:
+    """Where a run's artifacts are on this machine: its artifact location, or, for a local store whose results
+    directory moved, the same place under the directory's new location (None: not a local directory)."""
+    from urllib.parse import unquote, urlparse
+
+    from teachsweep.tracking import RetryingClient
+
+    uri = RetryingClient(sweep.tracking_uri).get_run(run_id).info.artifact_uri
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    path = Path(unquote(parsed.path))
+    if not path.exists() and sweep.moved_from is not None and path.is_relative_to(sweep.moved_from):
+        path = sweep.layout.root / path.relative_to(sweep.moved_from)
+    return path
+
+
+def run_artifact(sweep: Sweep, run_id: str, name: str) -> Path | None:
+    """A run's artifact file on this machine (downloaded when its store is remote); None when it has none."""
+    from teachsweep.tracking import RetryingClient
+
+    directory = artifact_directory(sweep, run_id)
+    if directory is not None:
+        return directory / name if (directory / name).is_file() else None
+    client = RetryingClient(sweep.tracking_uri)
+    if name not in {artifact.path for artifact in client.list_artifacts(run_id)}:
+        return None
+    return Path(client.download_artifacts(run_id, name))
 
 
 def check_sqlite_store(uri: str) -> None:
@@ -341,7 +376,11 @@ def saved_teacher(sweep: Sweep, run_id: str) -> str | None:
     teacher = teacher_runs(sweep).get(trial) if trial else None
     if teacher is None:
         return None
-    logged = {artifact.path for artifact in client.list_artifacts(teacher)}
+    directory = artifact_directory(sweep, teacher)
+    if directory is not None:
+        logged = {path.name for path in directory.iterdir()} if directory.is_dir() else set()
+    else:
+        logged = {artifact.path for artifact in client.list_artifacts(teacher)}
     return teacher if all(name in logged for name in references.CHECKPOINT_FILES) else None
 
 
