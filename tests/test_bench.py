@@ -5,7 +5,7 @@ import re
 import pytest
 from rich.console import Console
 
-from teachsweep import bench
+from teachsweep.benchmarks import mfu as bench
 
 JOB = {"task": "digits", "model": "cnn:8", "epochs": 2, "steps_per_epoch": 3, "max_eval_examples": 32, "device": "cpu"}
 
