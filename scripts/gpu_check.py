@@ -165,7 +165,7 @@ def lot_rl_cuda() -> None:
 def bench_rl() -> None:
     from rich.console import Console
 
-    from teachsweep.bench import rl_cost
+    from teachsweep.benchmarks.rl import rl_cost
 
     for device in ("cpu", "cuda"):
         rl_cost(20, 3, "gym:CartPole-v1", Console(width=140), device)
@@ -175,7 +175,7 @@ def bench_rl() -> None:
 def bench_lot() -> None:
     from rich.console import Console
 
-    from teachsweep.bench import lot_cost
+    from teachsweep.benchmarks.lot import lot_cost
 
     lot_cost(30, 3, "resnet:8", Console(width=140), "cuda")
 
@@ -184,7 +184,7 @@ def bench_lot() -> None:
 def bench_scaffold() -> None:
     from rich.console import Console
 
-    from teachsweep.bench import scaffold_cost
+    from teachsweep.benchmarks.scaffold import scaffold_cost
 
     random_minilm()
     scaffold_cost(20, "minilm:2", Console(width=140), "cuda")
@@ -240,7 +240,7 @@ def scaffold_cuda() -> None:
 @check("model FLOP utilisation of a BERT-size classifier step (bf16), by batch size")
 def flop_utilisation() -> None:
     from teachsweep import models, tasks
-    from teachsweep.bench import matmul_flops
+    from teachsweep.benchmarks.measure import matmul_flops
 
     random_minilm()
     device = torch.device("cuda")

@@ -429,7 +429,7 @@ def test_a_changed_module_gives_the_shipped_package_a_new_name(tmp_path):
     (package / "__pycache__").mkdir(exist_ok=True)
     (package / "__pycache__" / "x.pyc").write_bytes(b"compiled")  # not the code: the same name
     assert get_uri_for_directory(str(package), include_gitignore=True, excludes=excludes) == before
-    (package / "cli.py").write_text((package / "cli.py").read_text() + "\n# changed\n")
+    (package / "cli" / "app.py").write_text((package / "cli" / "app.py").read_text() + "\n# changed\n")
     assert get_uri_for_directory(str(package), include_gitignore=True, excludes=excludes) != before
 
 
@@ -447,7 +447,7 @@ def test_the_rayjob_runtime_env_reaches_ray_unchanged_through_a_shell():
 def test_the_rayjob_runs_the_sweep_with_its_results_on_the_shared_volume(monkeypatch, tmp_path):
     """The RayJob's entrypoint names a spec without results_dir; TEACHSWEEP_RESULTS_DIR from its runtime env is
     where the CLI then puts the sweep."""
-    from teachsweep.cli import with_results_dir
+    from teachsweep.cli.options import with_results_dir
     from teachsweep.spec import parse_spec
 
     (job,) = load_all("k8s/rayjob.yaml")
@@ -471,7 +471,7 @@ def test_the_rayjob_runs_the_sweep_with_its_results_on_the_shared_volume(monkeyp
     ],
 )
 def test_run_takes_its_results_directory_from_the_flag_the_spec_or_the_environment(monkeypatch, own, env, flag, chosen):
-    from teachsweep.cli import with_results_dir
+    from teachsweep.cli.options import with_results_dir
     from teachsweep.spec import parse_spec
 
     monkeypatch.delenv("TEACHSWEEP_RESULTS_DIR", raising=False)
@@ -484,6 +484,7 @@ def test_run_takes_its_results_directory_from_the_flag_the_spec_or_the_environme
 def test_run_accepts_a_results_dir_flag(tmp_path, monkeypatch):
     """Through the command line, as submit.sh's entrypoint calls it: the sweep's files land in the flag's
     directory (a spec that fails at its first trial is enough to see where)."""
+    import typer
     from typer.testing import CliRunner
 
     from teachsweep import cli
@@ -492,7 +493,7 @@ def test_run_accepts_a_results_dir_flag(tmp_path, monkeypatch):
 
     def fake_run_sweep(spec, text, callbacks=None, where=""):
         seen["results_dir"] = spec.results_dir
-        raise cli.typer.Exit(0)
+        raise typer.Exit(0)
 
     monkeypatch.setattr("teachsweep.sweep.run_sweep", fake_run_sweep)
     result = CliRunner().invoke(cli.app, ["run", str(ROOT / "sweeps/quickstart.yaml"), "--results-dir", str(tmp_path)])

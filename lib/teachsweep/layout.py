@@ -12,7 +12,7 @@
                                           (last_good/) and Ray Train storage (train/)
     <results>/<sweep>/report.html, export/
 
-The writer (sweep.py) and the readers (results.py, ui.py, cli.py) name these files through `SweepDir` only."""
+The writer (sweep.py) and the readers (results.py, ui.py, cli/) name these files through `SweepDir` only."""
 
 from __future__ import annotations
 

@@ -588,32 +588,43 @@ def train_epoch(run: Scaffold) -> tuple[float, float]:
 
     Under DDP every worker draws the same global batches and trains on its shard; gradients are averaged
     explicitly (the student is not DDP-wrapped: the look-ahead's functional calls would bypass its hooks)."""
-    cfg, device = run.cfg, run.device
+    device = run.device
     # inner and meta loss, summed on the device in float64 (as the host sums did), read once per epoch: no host sync
     losses = torch.zeros(2, device=device, dtype=torch.float64)
     for _ in range(run.steps_per_epoch):
-        global_batch = next(run.stream)
-        raw = distributed.shard(global_batch)
-        batch = with_mask(to_device(raw, device), run.teacher)
-        meta = None
-        if run.meta_optimizer is not None:
-            global_meta = next(run.meta_stream)
-            raw_meta = distributed.shard(global_meta)
-            meta_batch = with_mask(to_device(raw_meta, device), run.teacher)
-            targets = run.meta_cache.lookup(meta_batch, raw_meta["index"])[0]
-            meta = MetaBatch(meta_batch, targets, words_read(global_batch, global_meta))
-        lesson = Lesson(batch, *run.train_cache.lookup(batch, raw["index"]))
+        lesson, meta = next_lesson(run)
         loss, step = student_iteration(run.learner, lesson, run.teacher_explainer, run.teacher_scores, meta)
         losses[0] += loss
         if step is not None:
-            clip = torch.clamp(cfg.meta_clip / (step.phi_grad.norm() + 1e-6), max=1.0)
-            run.teacher_explainer.phi.grad = step.phi_grad * clip
-            run.meta_optimizer.step()
-            run.meta_optimizer.zero_grad(set_to_none=True)
+            step_explainer(run, step)
             losses[1] += step.meta_loss.detach()
     world = distributed.world()[1]
     train_loss, meta_loss = (v / world / run.steps_per_epoch for v in distributed.all_sum(losses.tolist(), device))
     return train_loss, meta_loss
+
+
+def next_lesson(run: Scaffold) -> tuple[Lesson, MetaBatch | None]:
+    """This worker's shard of the next training batch with the teacher's cached outputs on it and, when phi is
+    meta-learned, of the next meta batch with the teacher's predictions."""
+    global_batch = next(run.stream)
+    raw = distributed.shard(global_batch)
+    batch = with_mask(to_device(raw, run.device), run.teacher)
+    meta = None
+    if run.meta_optimizer is not None:
+        global_meta = next(run.meta_stream)
+        raw_meta = distributed.shard(global_meta)
+        meta_batch = with_mask(to_device(raw_meta, run.device), run.teacher)
+        targets = run.meta_cache.lookup(meta_batch, raw_meta["index"])[0]
+        meta = MetaBatch(meta_batch, targets, words_read(global_batch, global_meta))
+    return Lesson(batch, *run.train_cache.lookup(batch, raw["index"])), meta
+
+
+def step_explainer(run: Scaffold, step: MetaStep) -> None:
+    """The teacher explainer's step: phi follows its meta-gradient, clipped to a norm of at most `meta_clip`."""
+    clip = torch.clamp(run.cfg.meta_clip / (step.phi_grad.norm() + 1e-6), max=1.0)
+    run.teacher_explainer.phi.grad = step.phi_grad * clip
+    run.meta_optimizer.step()
+    run.meta_optimizer.zero_grad(set_to_none=True)
 
 
 def final_evaluation(run: Scaffold) -> dict[str, float]:
