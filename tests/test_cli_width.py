@@ -69,6 +69,8 @@ def test_every_command_fits_100_columns_and_shows_its_numbers_with_intervals(ray
     assert verdict, ran
     trial = verdict[1]
     assert f"best trial {trial}: MLflow run " in ran
+    trials_table = ran.partition("┏")[2].partition("└")[0]
+    assert re.search(rf"│ {trial}\s+│", trials_table), trials_table  # its id whole in the table, never folded
 
     status = flat(invoke("status", "cw", "--results-dir", str(results)))
     assert "3/3 done, 0 running, 0 failed" in status, status

@@ -35,6 +35,7 @@ from teachsweep.metrics import (
     seed_summaries,
 )
 from teachsweep.results import Sweep, is_baseline, run_artifact, teacher_effect, trial_rows, trial_runs, verdict
+from teachsweep.tracking import RetryingClient
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
@@ -402,7 +403,6 @@ def curve_metric(spec_metric: str) -> str:
 
 
 def learning_curves(sweep: Sweep, rows: list[dict[str, Any]], top: int = 3) -> list[Figure]:
-    from teachsweep.tracking import RetryingClient
 
     spec = sweep.spec
     metric, mode = spec.metric_names[0], spec.mode_names[0]
@@ -450,7 +450,6 @@ def rl_return_curves(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     recorded one)."""
     if not any("teacher/eval_return" in r["metrics"] or per_seed(r["metrics"], "teacher/eval_return") for r in rows):
         return []
-    from teachsweep.tracking import RetryingClient
 
     client = RetryingClient(sweep.tracking_uri)
     runs = trial_runs(sweep)
@@ -489,7 +488,6 @@ def rl_return_curves(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
 
 def head_coefficients(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
     """SMaT: the learned head coefficients (layers x heads) of the best trial that logged them."""
-    from teachsweep.tracking import RetryingClient
 
     client = RetryingClient(sweep.tracking_uri)
     metric, mode = sweep.spec.metric_names[0], sweep.spec.mode_names[0]
@@ -648,8 +646,6 @@ def write_report(sweep: Sweep) -> tuple[Path, bool]:
     was not logged because the run's local artifact directory is not under the results directory any more (the
     directory moved: logging would recreate the old path)."""
     from urllib.parse import unquote, urlparse
-
-    from teachsweep.tracking import RetryingClient
 
     path = sweep.layout.report
     path.write_text(build_report(sweep))

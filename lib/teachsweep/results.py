@@ -3,17 +3,34 @@ for notebooks. Everything is found from the sweep's name and its results directo
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import statistics
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from teachsweep import references
+from teachsweep.jobs import JOBS
 from teachsweep.layout import DEFAULT_RESULTS, SweepDir
+from teachsweep.metrics import (
+    by_teacher,
+    compare_to_best,
+    interval_of,
+    interval_text,
+    merge_seed_trials,
+    per_seed,
+    split_of,
+)
 from teachsweep.plan import planned_count
+from teachsweep.references import parse_sweep
 from teachsweep.spec import SpecError, SweepSpec, parse_spec, read_spec_file
+from teachsweep.tracking import RetryingClient
 
 
 @dataclass
@@ -84,8 +101,6 @@ def artifact_directory(sweep: Sweep, run_id: str) -> Path | None:
     directory moved, the same place under the directory's new location (None: not a local directory)."""
     from urllib.parse import unquote, urlparse
 
-    from teachsweep.tracking import RetryingClient
-
     uri = RetryingClient(sweep.tracking_uri).get_run(run_id).info.artifact_uri
     parsed = urlparse(uri)
     if parsed.scheme not in ("", "file"):
@@ -98,7 +113,6 @@ def artifact_directory(sweep: Sweep, run_id: str) -> Path | None:
 
 def run_artifact(sweep: Sweep, run_id: str, name: str) -> Path | None:
     """A run's artifact file on this machine (downloaded when its store is remote); None when it has none."""
-    from teachsweep.tracking import RetryingClient
 
     directory = artifact_directory(sweep, run_id)
     if directory is not None:
@@ -111,8 +125,6 @@ def run_artifact(sweep: Sweep, run_id: str, name: str) -> Path | None:
 
 def check_sqlite_store(uri: str) -> None:
     """A one-line SpecError when a SQLite tracking store is not a database (opened read-only: nothing is written)."""
-    import contextlib
-    import sqlite3
 
     if not uri.startswith("sqlite:///"):
         return
@@ -129,8 +141,6 @@ def check_sqlite_store(uri: str) -> None:
 def check_run_exists(uri: str, run_id: str, named_in: Path) -> None:
     """A one-line SpecError when the run a sweep recorded is not in its store (deleted, or the store replaced)."""
     from mlflow.exceptions import MlflowException
-
-    from teachsweep.tracking import RetryingClient
 
     try:
         RetryingClient(uri).get_run(run_id)
@@ -163,7 +173,6 @@ def local_store_of(uri: str, layout: SweepDir) -> str:
 
 def latest_parent_run(uri: str, spec: SweepSpec) -> str | None:
     """The newest parent run tagged with the sweep's name (for results directories without the id file)."""
-    from teachsweep.tracking import RetryingClient
 
     client = RetryingClient(uri)
     experiment = client.get_experiment_by_name(spec.experiment or spec.name)
@@ -181,7 +190,6 @@ def latest_parent_run(uri: str, spec: SweepSpec) -> str | None:
 def open_logged_sweep(name: str, tracking_uri: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
     """A sweep read back from its parent run in a tracking store (the spec it logged there), for a sweep whose
     results directory is gone: the earlier sweep a finished one took its teachers from, moved away."""
-    from teachsweep.tracking import RetryingClient
 
     client = RetryingClient(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -210,9 +218,7 @@ def trial_runs(sweep: Sweep):
     """A DataFrame of the sweep's trial runs (run_id, status, start_time, params.*, metrics.*, tags.*), one row
     per trial, like `mlflow.search_runs` gives, but through a client: no process-wide tracking URI is set (a
     notebook or a driver that reads one sweep must not redirect the next sweep's logging)."""
-    import pandas as pd
-
-    from teachsweep.tracking import RetryingClient
+    import pandas as pd  # heavy: only the readers that build tables load it
 
     if sweep.parent_run_id is None:
         return pd.DataFrame()
@@ -239,7 +245,6 @@ def trial_runs(sweep: Sweep):
 def teacher_runs(sweep: Sweep) -> dict[str, str]:
     """{trial id: MLflow run id} of the sweep's finished trials that saved a teacher (`model.pt`; for a trial that
     ran several seeds, its first seed's run)."""
-    from teachsweep.tracking import RetryingClient
 
     client = RetryingClient(sweep.tracking_uri)
     experiment = client.get_experiment_by_name(sweep.spec.experiment or sweep.name)
@@ -258,7 +263,6 @@ def teacher_runs(sweep: Sweep) -> dict[str, str]:
 
 
 def status(sweep: Sweep) -> dict[str, Any]:
-    from teachsweep.tracking import RetryingClient
 
     runs = trial_runs(sweep)
     counts = runs["status"].value_counts().to_dict() if len(runs) else {}
@@ -313,7 +317,7 @@ def best_of_rows(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, 
 def pareto_front(spec: SweepSpec, storage_url: str, runs=None) -> list[dict[str, Any]]:
     """Several objectives: the Pareto front of the sweep's Optuna study (searched trials), each matched to its
     MLflow run by parameters when `runs` (finished trial runs) are given."""
-    import optuna
+    import optuna  # heavy: only the Pareto front reads the study
 
     if missing_sqlite_file(storage_url):
         return []  # never searched here (or moved away): opening it would create an empty study file
@@ -355,10 +359,6 @@ def match_run(runs, params: dict[str, Any]) -> str | None:
 
 def full_config(sweep: Sweep, run_id: str) -> dict[str, Any]:
     """The complete job config a trial ran, read back from its MLflow params and typed by the job's model."""
-    import yaml
-
-    from teachsweep.jobs import JOBS
-    from teachsweep.tracking import RetryingClient
 
     params = RetryingClient(sweep.tracking_uri).get_run(run_id).data.params
     fields = JOBS[sweep.spec.job].config_class.model_fields
@@ -369,7 +369,6 @@ def full_config(sweep: Sweep, run_id: str) -> dict[str, Any]:
 def saved_teacher(sweep: Sweep, run_id: str) -> str | None:
     """The MLflow run holding the teacher (model.pt and config.json) that the trial of run `run_id` saved: the
     run itself, or for a trial that ran several seeds its first seed's run; None when it saved none."""
-    from teachsweep.tracking import RetryingClient
 
     client = RetryingClient(sweep.tracking_uri)
     trial = client.get_run(run_id).data.tags.get("teachsweep.trial_id")
@@ -394,10 +393,6 @@ def trial_rows(sweep: Sweep, runs=None, merge_seeds: bool = True) -> list[dict[s
     MLflow: params typed back, `variant` from the label, per-seed values as `metric@seedN` (from the seed runs of
     a trial that ran several seeds; a grid's one-seed trials merged into one row per label unless not
     `merge_seeds`)."""
-    import yaml
-
-    from teachsweep.metrics import merge_seed_trials
-    from teachsweep.tracking import RetryingClient
 
     runs = trial_runs(sweep) if runs is None else runs
     if not len(runs):
@@ -445,9 +440,6 @@ def teacher_effect(students: Sweep) -> tuple[str, list[dict[str, Any]]] | None:
     `teachsweep.teacher`): the teacher sweep's name and `metrics.by_teacher` rows, with the saved teacher's scores
     (the teacher job's SAVED_TEACHER_SCORES) and the students' SCORES by the teacher's label, paired by teacher seed
     against the teacher sweep's baseline arm (LoT's teacher-only). None when no trial used such a teacher."""
-    from teachsweep.jobs import JOBS
-    from teachsweep.metrics import by_teacher
-    from teachsweep.references import parse_sweep
 
     runs = trial_runs(students)
     if not len(runs) or "tags.teachsweep.teacher" not in runs:
@@ -489,9 +481,6 @@ def teachers_from_their_runs(tracking_uri: str, run_ids: set[str]) -> TeacherTab
     whatever became of the sweep that trained them. None when a run is gone from the store."""
     from mlflow.exceptions import MlflowException
 
-    from teachsweep.jobs import JOBS
-    from teachsweep.tracking import RetryingClient
-
     client = RetryingClient(tracking_uri)
     found = []
     for run_id in sorted(run_ids):
@@ -521,7 +510,6 @@ def teacher_table(found: list[tuple[str, dict[str, Any], int, dict[str, float], 
 
 
 def yaml_list(text: str | None) -> list:
-    import yaml
 
     value = yaml.safe_load(text) if text else None
     return value if isinstance(value, list) else []
@@ -530,7 +518,6 @@ def yaml_list(text: str | None) -> list:
 def teachers_from_their_sweep(name: str, students: Sweep) -> TeacherTable | None:
     """The teachers of sweep `name`, read from its directory (or, moved away, from its runs in the students'
     store); None when neither is left."""
-    from teachsweep.jobs import JOBS
 
     try:
         teacher_sweep = open_sweep(name, students.directory.parent)
@@ -550,7 +537,6 @@ def teachers_from_their_sweep(name: str, students: Sweep) -> TeacherTable | None
 
 def point_of(row: dict[str, Any], metric: str) -> float | None:
     """A trial's value of `metric`: the mean over its seeds when it ran several."""
-    from teachsweep.metrics import per_seed
 
     seeds = per_seed(row["metrics"], metric)
     return statistics.fmean(seeds.values()) if seeds else row["metrics"].get(metric)
@@ -558,7 +544,6 @@ def point_of(row: dict[str, Any], metric: str) -> float | None:
 
 def with_its_interval(row: dict[str, Any], metric: str) -> str:
     """'0.73 [0.6771, 0.7771] (Wilson score 95% over 300 validation examples)', or the value and '(no interval)'."""
-    from teachsweep.metrics import interval_of, interval_text
 
     own = interval_of(row["metrics"], metric)
     if own is None:
@@ -588,7 +573,6 @@ def baselines_of(best: dict[str, Any], rows: list[dict[str, Any]], job) -> list[
 
 def selection_words(best: dict[str, Any], metric: str, job) -> str:
     """Where the trial was picked: the job's words for its objective's split, else the split in the metric's name."""
-    from teachsweep.metrics import split_of
 
     split = split_of(metric)
     where = job.selection_split(best["params"]) or (f"the {split} split" if split else None)
@@ -599,7 +583,6 @@ def versus_baselines(
     best: dict[str, Any], baselines: list[tuple[str, dict[str, Any] | None]], metric: str
 ) -> list[str]:
     """The best against each baseline arm on the objective."""
-    from teachsweep.metrics import compare_to_best
 
     lines = []
     for budget, base in baselines:
@@ -622,7 +605,6 @@ def held_out(
 ) -> list[str]:
     """The best and each baseline on the job's first score of record the best reports, which played no part in
     picking it (the validation score of the best of many trials is biased upwards: the winner's curse)."""
-    from teachsweep.metrics import compare_to_best
 
     # the score of the model a trial keeps (its best-validation epoch) before the last epoch's
     kept_first = [s for s in scores if s.endswith("_at_best_val")] + [
@@ -653,7 +635,6 @@ def held_out(
 def verdict_candidates(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The finished trials that reported the first objective and are not baseline arms (all of them when every
     trial is one): those the verdict picks its best from."""
-    from teachsweep.jobs import JOBS
 
     metric, job = spec.metric_names[0], JOBS[spec.job]
     done = [r for r in rows if r["status"] == "OK" and point_of(r, metric) is not None]
@@ -670,7 +651,6 @@ def verdict_pick(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] 
 def wrap_lines(lines: list[str], width: int = 100, indent: str = "  ") -> list[str]:
     """Lines (the verdict's sentences) cut at spaces to fit `width` columns; a continuation is indented past its
     line's own indentation, so each sentence still reads as one item. A word longer than the width stays whole."""
-    import textwrap
 
     out = []
     for line in lines:
@@ -686,8 +666,6 @@ def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
     split that picked it, how many trials are within noise of it (their difference to the best has a 95% interval
     containing 0), the best against each baseline arm, and then the same on the job's held-out score of record.
     Plain sentences, for the end of `run`, `best` and the report."""
-    from teachsweep.jobs import JOBS
-    from teachsweep.metrics import compare_to_best
 
     metric, mode = spec.metric_names[0], spec.mode_names[0]
     job = JOBS[spec.job]
@@ -724,6 +702,6 @@ def ui_urls(sweep: Sweep, host: str = "127.0.0.1", port: int = 5000) -> dict[str
     in the model-training view, flat (the parent run filtered out), ordered by the first objective and, once
     `teachsweep ui` saved the sweep's view, with the objectives, searched parameters and held-out scores as
     columns; the parent run's report in the model-training view; the study."""
-    from teachsweep.ui import page_urls
+    from teachsweep.ui import page_urls  # ui reads sweeps through this module
 
     return page_urls(sweep, host, port)

@@ -43,6 +43,7 @@ bench_app.command("scaffold")(bench.bench_scaffold)
 bench_app.command("mfu")(bench.bench_mfu)
 bench_app.command("rl")(bench.bench_rl)
 bench_app.command("distributed")(bench.bench_distributed)
+bench_app.command("pack")(bench.bench_pack)
 
 
 def one_line_summaries(group: typer.Typer) -> None:

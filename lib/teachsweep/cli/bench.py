@@ -96,3 +96,16 @@ def bench_distributed(
     from teachsweep.benchmarks.distributed import distributed_cost  # heavy: Ray and torch
 
     distributed_cost(steps, repeats, console)
+
+
+def bench_pack(
+    job: str = typer.Option("lot", help="the job (lot)"),
+    samples: int = typer.Option(16, help="searched trials in every configuration"),
+    packs: list[int] = typer.Option([1, 4, 16], "--pack", help="pack sizes P (1: one trial per process); repeatable"),
+    steps: int = typer.Option(20, help="teacher steps per epoch (2 epochs)"),
+    device: str = typer.Option("cpu", help="cpu, or cuda (each pack then reserves one GPU)"),
+) -> None:
+    """Trials per hour through the real sweep path, packed P at a time against one trial per process."""
+    from teachsweep.benchmarks.pack import pack_throughput  # heavy: Ray and torch
+
+    pack_throughput(job, samples, packs, steps, console, device)

@@ -131,10 +131,9 @@ def print_outcome(outcome: SweepOutcome) -> None:
     and its trial, failures, and where to look next."""
     spec = outcome.spec
     shown = list(dict.fromkeys(spec.metric_names + JOBS[spec.job].scores))
-    varying = sorted(
-        {k for r in outcome.trials for k in r["params"] if len({str(t["params"].get(k)) for t in outcome.trials}) > 1}
-        - {"variant", "task"}
-    )
+    # a grid's columns: what its variants set and its seeds (a baseline arm's own settings show in its label)
+    overlaid = {k for overlay in spec.variants.values() for k in overlay} | ({"seed"} if len(spec.seeds) > 1 else set())
+    varying = sorted(k for k in overlaid - {"task"} if len({str(t["params"].get(k)) for t in outcome.trials}) > 1)
     searched = list(spec.space) or varying
     reported = [m for m in shown if any(m in r["metrics"] for r in outcome.trials)]
     console.print(trials_table(outcome, searched, reported))

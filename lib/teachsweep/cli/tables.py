@@ -89,6 +89,9 @@ def trials_table(outcome: SweepOutcome, searched: list[str], reported: list[str]
         table.add_row(
             row["trial_id"], row["label"] if row["status"] == "OK" else f"{row['label']} FAILED", *params, *metrics
         )
+    # a trial id is what the verdict names and what `sweep:<name>/<trial>` takes: never folded
+    table.columns[0].no_wrap = True
+    table.columns[0].min_width = max((len(str(row["trial_id"])) for row in outcome.trials), default=5)
     return table
 
 
