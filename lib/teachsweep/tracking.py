@@ -127,11 +127,12 @@ def find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+def log_params(client, run_id: str, params: dict[str, Any], fresh: bool = False) -> None:
+    """The run's params, but those it holds already (`fresh`: a run just created holds none)."""
     from mlflow.entities import Param
 
     flat = flatten(params)
-    existing = retry(lambda: client.get_run(run_id)).data.params
+    existing = {} if fresh else retry(lambda: client.get_run(run_id)).data.params
     new = [Param(k, v) for k, v in flat.items() if k not in existing]
     for start in range(0, len(new), 100):
         retry(lambda s=start: client.log_batch(run_id, params=new[s : s + 100]))
@@ -184,6 +185,33 @@ def start_child_run(
         retry(lambda: client.update_run(run_id, status="RUNNING"))
     log_params(client, run_id, params)
     return run_id
+
+
+def start_member_runs(
+    client, experiment_id: str, parent_run_id: str, pack_id: str, members: list[tuple[str, str, dict, dict]]
+) -> list[tuple[str, bool]]:
+    """A pack's member runs, each (key, name, tags, params) found again by its key or created: one search for the
+    whole pack, and a created run gets its tags at creation and its params without a read. (run id, created)."""
+    from mlflow.entities import RunTag
+
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`teachsweep.pack_id` = '{pack_id}'"
+    found = retry(lambda: client.search_runs([experiment_id], filter_string=query, max_results=10000))
+    by_key = {run.data.tags.get("teachsweep.run_key"): run.info.run_id for run in found}
+    started = []
+    for key, name, tags, params in members:
+        all_tags = {"teachsweep.run_key": key, **tags, "mlflow.parentRunId": parent_run_id}
+        run_id = by_key.get(key)
+        if run_id is None:
+            run_id = retry(lambda: client.create_run(experiment_id, run_name=name, tags=all_tags)).info.run_id  # noqa: B023
+            log_params(client, run_id, params, fresh=True)
+            started.append((run_id, True))
+            continue
+        retry(lambda r=run_id: client.update_run(r, status="RUNNING"))
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        retry(lambda r=run_id, b=batch: client.log_batch(r, tags=b))
+        log_params(client, run_id, params)
+        started.append((run_id, False))
+    return started
 
 
 def any_trial_reported(uri: str, parent_run_id: str) -> bool:

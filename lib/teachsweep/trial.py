@@ -129,17 +129,24 @@ def planned_run(params: dict[str, Any], ctx: TrialContext, trial_id: str) -> Pla
 
 def start_run(client, ctx: TrialContext, trial_id: str, run: PlannedRun) -> str:
     """The trial's MLflow child run (found again when the trial restarts), tagged with where it runs now."""
-    import ray
-
     records = ctx.records
     params = run.config | {"seeds": run.seeds}
     run_id = tracking.start_child_run(
         client, records.experiment_id, records.parent_run_id, trial_id, f"{run.label}-{trial_id}", run.tags, params
     )
-    # Which node and process run the trial now (a restarted trial gets new ones): for operators and fault tests.
-    tracking.retry(lambda: client.set_tag(run_id, "teachsweep.pid", f"{socket.gethostname()}:{os.getpid()}"))
-    tracking.retry(lambda: client.set_tag(run_id, "teachsweep.node", ray.get_runtime_context().get_node_id()))
+    for key, value in running_here().items():
+        tracking.retry(lambda k=key, v=value: client.set_tag(run_id, k, v))
     return run_id
+
+
+def running_here() -> dict[str, str]:
+    """Which node and process run the trial now (a restarted trial gets new ones): for operators and fault tests."""
+    import ray
+
+    return {
+        "teachsweep.pid": f"{socket.gethostname()}:{os.getpid()}",
+        "teachsweep.node": ray.get_runtime_context().get_node_id(),
+    }
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
@@ -276,14 +283,28 @@ def run_pack_trial(members: list[dict[str, Any]], ctx: TrialContext, pack_id: st
     runs = [planned_run(params, ctx, trial) for params, trial in zip(members, ids, strict=True)]
     saved = last_checkpoint()
     previous = saved["pack_states"] if saved else {}
-    run_ids = []
-    for trial, run in zip(ids, runs, strict=True):
-        if previous.get(trial, {}).get("status") in (ERROR, STOPPED):  # ended before the restart: left as it was
-            run_ids.append(previous[trial]["mlflow_run_id"])
-            continue
-        tagged = PlannedRun(run.label, run.arm, run.config, run.seeds, run.tags | {"teachsweep.pack_id": pack_id})
-        run_ids.append(start_run(client, ctx, trial, tagged))
-    reporters = [tracking.TrialReporter(client, run_id, to_tune=False) for run_id in run_ids]
+    ended = {trial for trial in ids if previous.get(trial, {}).get("status") in (ERROR, STOPPED)}
+    records = ctx.records
+    where = {"teachsweep.pack_id": pack_id} | running_here()
+    started = tracking.start_member_runs(
+        client,
+        records.experiment_id,
+        records.parent_run_id,
+        pack_id,
+        [
+            (trial, f"{run.label}-{trial}", run.tags | where, run.config | {"seeds": run.seeds})
+            for trial, run in zip(ids, runs, strict=True)
+            if trial not in ended  # ended before the restart: left as it was
+        ],
+    )
+    run_ids, reporters, fresh = [], [], iter(started)
+    for trial in ids:
+        run_id, created = (previous[trial]["mlflow_run_id"], False) if trial in ended else next(fresh)
+        reporter = tracking.TrialReporter(client, run_id, to_tune=False)
+        if created:
+            reporter.logged_before = set()  # a new run holds no epoch yet
+        run_ids.append(run_id)
+        reporters.append(reporter)
     numbers = [params.get(OPTUNA_TRIAL) for params in members]
     pack = TunePackReporter(reporters, ids, numbers, ctx.objective, ctx.member_stopping)
     pack.resume_states(previous)
