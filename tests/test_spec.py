@@ -518,3 +518,13 @@ def test_status_of_a_sweep_whose_driver_died_counts_its_running_trials_as_interr
     assert (st["running"], st["interrupted"], st["sweep_status"]) == (0, 1, "FAILED")
     outcome = CliRunner().invoke(app, ["status", "ok", "--results-dir", str(tmp_path)], env={"COLUMNS": "200"})
     assert "0 running, 0 failed, 1 interrupted (resume re-runs them)" in outcome.output, outcome.output
+
+
+def test_list_of_a_results_directory_that_is_not_there_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for where, said in ((tmp_path / "missing", "no results directory at"), (tmp_path / "a-file", "is not a directory")):
+        outcome = CliRunner().invoke(app, ["list", "--results-dir", str(where)], env={"COLUMNS": "100"})
+        assert outcome.exit_code == 2 and said in outcome.output and len(outcome.output.splitlines()) == 1, (
+            outcome.output
+        )
+        assert not (tmp_path / "missing").exists()

@@ -20,6 +20,9 @@ from teachsweep.layout import LOCAL_STORE
 from teachsweep.metrics import with_intervals
 from teachsweep.reporter import Reporter, finite_metrics
 
+# MLflow draws a tqdm bar for every artifact download (a teacher, a report figure's data): noise in the CLI's output
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 T = TypeVar("T")
 PARENT, TRIAL, SEED = "parent", "trial", "seed"
 

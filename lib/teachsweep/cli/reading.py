@@ -35,6 +35,10 @@ from teachsweep.tracking import RetryingClient
 
 def list_command(results_dir: str = RESULTS_OPTION) -> None:
     """The sweeps in the results directory, with their progress."""
+    if Path(results_dir).exists() and not Path(results_dir).is_dir():
+        fail(f"results_dir: {Path(results_dir).resolve()} is not a directory")
+    if not Path(results_dir).exists():
+        fail(f"results_dir: no results directory at {Path(results_dir).resolve()} (no sweep has run there)")
     table = fitted_table(
         f"sweeps in {Path(results_dir).resolve()}",
         ["name", "pipeline stage", "job", "status", "finished", "failed", "planned", "elapsed"],
