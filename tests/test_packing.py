@@ -144,17 +144,19 @@ def test_adam_packed_members_match_their_twins_in_loss():
 
 
 class StopAt(PackReporter):
-    """Stops member `member` after epoch `epoch` (as early stopping would), and restarts the pack from the
-    checkpoint it kept at `restart_from`."""
+    """Stops member `stop[0]` after epoch `stop[1]` (as early stopping would), keeps every checkpoint, and
+    restarts the pack from `restart_from`."""
 
     def __init__(self, members, stop: tuple[int, int] | None = None, restart_from: dict | None = None):
         super().__init__(members)
         self.stop, self.restart_from, self.checkpoints = stop, restart_from, {}
 
+    def early_stops(self, epoch, results):
+        return {self.stop[0]} if self.stop and epoch == self.stop[1] and self.stop[0] in results else set()
+
     def report(self, epoch, results, checkpoint=None):
         super().report(epoch, results, checkpoint)
         self.checkpoints[epoch] = checkpoint
-        return {self.stop[0]} if self.stop and epoch == self.stop[1] and self.stop[0] in results else set()
 
     def restore(self):
         return self.restart_from
@@ -321,3 +323,56 @@ def test_a_driver_killed_mid_pack_resumes_with_one_run_per_member_and_every_epoc
     states = [t.state for t in study.trials]
     assert optuna.trial.TrialState.RUNNING not in states
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4
+
+
+def test_a_member_that_fails_first_leaves_the_others_their_own_losses():
+    configs = [BASE | {"alpha": 0.5, "seed": 2, "lr": 1e9}] + [
+        BASE | {"alpha": a, "seed": s} for a, s in ((0.3, 0), (1.0, 1))
+    ]
+    twins = twin_histories(configs)
+    pack = PackReporter([Reporter() for _ in configs])
+    lot.train_pack(configs, pack)
+    assert 0 in pack.failed
+    for i in (1, 2):
+        assert_same_history(twins[i].history, pack.members[i].history)
+
+
+def test_a_member_stopped_at_the_checkpointed_epoch_does_not_come_back_after_a_restart():
+    configs = [BASE | {"alpha": a, "seed": s} for a, s in ((0.3, 0), (1.0, 1), (0.5, 2))]
+    configs[2] |= {"lr": 1e-7, "patience": 1}  # no better epoch: its patience ends it at epoch 2
+    whole = StopAt([Reporter() for _ in configs], stop=(0, 2))
+    lot.train_pack(configs, whole)
+    assert whole.checkpoints[2]["active"] == [1]
+    restarted = StopAt([Reporter() for _ in configs], restart_from=whole.checkpoints[2])
+    lot.train_pack(configs, restarted)
+    assert not restarted.members[0].history and not restarted.members[2].history
+    assert [h["epoch"] for h in restarted.members[1].history] == [3]
+
+
+def test_a_pack_restarted_from_its_last_checkpoint_still_saves_its_teachers():
+    configs = [BASE | {"alpha": a, "seed": s} for a, s in ((0.3, 0), (1.0, 1))]
+    whole = StopAt([Reporter() for _ in configs])
+    lot.train_pack(configs, whole)
+    restarted = StopAt([Reporter() for _ in configs], restart_from=whole.checkpoints[BASE["epochs"]])
+    finals = lot.train_pack(configs, restarted)
+    for i in (0, 1):
+        assert not restarted.members[i].history  # nothing left to train
+        assert torch.equal(
+            restarted.members[i].teacher["state"]["net.head.weight"],
+            whole.members[i].teacher["state"]["net.head.weight"],
+        )
+        assert finals[i]["teacher/best_val_acc"] == whole.members[i].last["teacher/best_val_acc"]
+
+
+def test_asha_per_member_ends_at_max_t_and_cuts_at_milestones_crossed(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    asha = early_stopping.StudyASHA(url, "s", "max", grace_period=1, reduction_factor=1.5, max_t=4)
+    assert early_stopping.milestones(1, 1.5, 4) == [1, 1.5, 2.25, 3.375]
+    numbers = [study.ask().number for _ in range(3)]
+    assert asha.decide(numbers[0], 1, 0.9) == early_stopping.CONTINUE  # the first at a rung goes on
+    assert asha.decide(numbers[1], 1, 0.5) == early_stopping.CUT
+    assert asha.decide(numbers[0], 2, 0.9) == early_stopping.CONTINUE  # crosses 1.5 at epoch 2
+    assert asha.decide(numbers[2], 2, 0.1) == early_stopping.CUT
+    assert asha.decide(numbers[0], 4, 0.1) == early_stopping.END  # Tune ends a trial at max_t, whatever its value
+    assert study.trials[0].intermediate_values == {1: 0.9, 2: 0.9, 4: 0.1}

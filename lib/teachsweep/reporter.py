@@ -58,14 +58,17 @@ class PackReporter:
         self.members = members
         self.failed: dict[int, BaseException] = {}
 
-    def report(self, epoch: int, results: dict[int, dict[str, float]], checkpoint: dict | None = None) -> set[int]:
-        """This epoch's metrics of each member still training (by member index) and the pack's checkpoint; the
-        members to stop now (early stopping decided per member)."""
+    def early_stops(self, epoch: int, results: dict[int, dict[str, float]]) -> set[int]:
+        """The members (by index) that early stopping ends after this epoch's `results`: none here; in a sweep,
+        ASHA's rule for each searched member. Asked before `report`, so the checkpoint leaves them out."""
+        return set()
+
+    def report(self, epoch: int, results: dict[int, dict[str, float]], checkpoint: dict | None = None) -> None:
+        """This epoch's metrics of each member that trained it (by member index), and the pack's checkpoint."""
         for member, metrics in results.items():
             self.members[member].report(metrics, epoch)
         if checkpoint is not None:
             self.saved = checkpoint
-        return set()
 
     def fail(self, member: int, error: BaseException) -> None:
         """A member whose training failed (a loss that went NaN): it leaves the pack, the others go on."""

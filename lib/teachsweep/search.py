@@ -101,10 +101,16 @@ class StudySearcher(Searcher):
         leader = self.ask(member_id(trial_id, 0))
         shared = {key: leader.params[key] for key in structural_params(self.spec)}
         members = [leader]
-        for index in range(1, sizes[packs_asked]):
-            # an enqueued trial's fixed params are what ask() suggests for them: the rest is sampled
-            self.study.enqueue_trial(shared, skip_if_exists=False)
-            members.append(self.ask(member_id(trial_id, index)))
+        base = self.study.sampler
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # the other members sample what they may differ in, the leader's structure fixed
+            self.study.sampler = optuna.samplers.PartialFixedSampler(shared, base)
+        try:
+            for index in range(1, sizes[packs_asked]):
+                members.append(self.ask(member_id(trial_id, index)))
+        finally:
+            self.study.sampler = base
         return {PACK: [dict(member.params) | {OPTUNA_TRIAL: member.number} for member in members]}
 
     def ask(self, key: str) -> optuna.Trial:
@@ -136,10 +142,8 @@ class StudySearcher(Searcher):
         states = member_states(result)
         for key in members:
             state = states.get(key, {})
-            if state.get("status") == "STOPPED":
-                self.tell(key, None, False)  # pruned: ASHA stopped it before it reported its objective
-            else:
-                self.tell(key, state, error or state.get("status") != "OK")
+            # a member ASHA stopped is told its last objective, as Tune tells a trial its scheduler stopped
+            self.tell(key, state, error or state.get("status") not in ("OK", "STOPPED"))
 
     def tell(self, key: str, result: dict | None, error: bool) -> None:
         """Tell the study one trial's (or member's) end: its objectives, a failure, or early stopping."""
@@ -292,7 +296,7 @@ def fail_interrupted_trials(spec: SweepSpec, storage_url: str) -> list[int]:
 def requeue_lost_trials(spec: SweepSpec, storage_url: str, failed: list[int], recorded: set[str]) -> int:
     """Trials the dead driver had asked (and the resume told FAIL) whose Tune trial the restored experiment never
     recorded: Tune will not run them again, so their configurations are enqueued, and the next asks run them."""
-    if not failed:
+    if not failed or spec.packed:  # (a pack's members must share their structure: they are asked, not queued)
         return 0
     study = optuna.load_study(study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url))
     lost = [

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from teachsweep import launch, references, tracking
-from teachsweep.early_stopping import StudyASHA
+from teachsweep.early_stopping import CONTINUE, CUT, StudyASHA
 from teachsweep.jobs import JOBS
 from teachsweep.launch import Placement, TrainRun
 from teachsweep.plan import OPTUNA_TRIAL, PACK, member_id
@@ -230,18 +230,26 @@ class TunePackReporter(PackReporter):
             if state.get("status") in (ERROR, STOPPED):
                 self.state[trial] = state
 
-    def report(self, epoch: int, results: dict[int, dict[str, float]], checkpoint: dict | None = None) -> set[int]:
-        stopped = set()
+    def early_stops(self, epoch: int, results: dict[int, dict[str, float]]) -> set[int]:
+        """Searched members that ASHA's rule ends now: cut at a milestone (STOPPED), or at `max_t`, where Tune ends
+        a trial as finished; both leave the pack without saving a teacher, as a trial Tune stops does."""
+        leaving = set()
+        for member, metrics in results.items():
+            value, number = metrics.get(self.objective), self.numbers[member]
+            if self.stopping is None or number is None or not isinstance(value, int | float):
+                continue
+            decision = self.stopping.decide(number, epoch, float(value))
+            if decision != CONTINUE:
+                leaving.add(member)
+            if decision == CUT:
+                self.state[self.ids[member]]["status"] = STOPPED
+        return leaving
+
+    def report(self, epoch: int, results: dict[int, dict[str, float]], checkpoint: dict | None = None) -> None:
         for member, metrics in results.items():
             self.members[member].report(metrics, epoch)
             self.state[self.ids[member]] |= finite_metrics(metrics) | {"epoch": epoch}
-            value, number = metrics.get(self.objective), self.numbers[member]
-            if self.stopping is not None and number is not None and isinstance(value, int | float):
-                if self.stopping.decide(number, epoch, float(value)):
-                    stopped.add(member)
-                    self.state[self.ids[member]]["status"] = STOPPED
         self.send({PACK: self.state, "epoch": epoch}, checkpoint)
-        return stopped
 
     def fail(self, member: int, error: BaseException) -> None:
         super().fail(member, error)
@@ -314,8 +322,12 @@ def run_pack_trial(members: list[dict[str, Any]], ctx: TrialContext, pack_id: st
         finals = launch.run_pack(ctx.job, configs, pack, ctx.placement)
     except BaseException as error:
         for index, run_id in enumerate(run_ids):
-            if pack.state[ids[index]]["status"] != ERROR:
+            status = pack.state[ids[index]]["status"]
+            if status == RUNNING:
                 tracking.finish_run(client, run_id, error)
+            elif status == STOPPED:  # it had ended before the pack failed, as its unpacked twin would have
+                tracking.retry(lambda r=run_id: client.set_tag(r, "teachsweep.stopped_early", "ASHA"))
+                tracking.finish_run(client, run_id)
         raise
     seconds = time.perf_counter() - start
     for index, run_id in enumerate(run_ids):

@@ -819,7 +819,6 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
         drawn = {seed: next(streams[seed]) for seed in dict.fromkeys(cfgs[m].seed for m in active)}
         return stack_batches([drawn[cfgs[m].seed] for m in active], device)
 
-    finals: dict[int, dict[str, float]] = {}
     for epoch in range(first_epoch, epochs + 1):
         if not active:
             break
@@ -863,7 +862,7 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
         going_on = [p for p, ok in enumerate(finite) if ok]
         if len(going_on) < len(active):
             leave_pack(teacher, students, teacher_opt, student_opts, going_on)
-            active = [active[p] for p in going_on]
+            active, loss_sums = [active[p] for p in going_on], loss_sums[going_on]
             if not active:
                 break
 
@@ -907,23 +906,25 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
         for position, lr in enumerate(teacher_opt.current_lr().tolist()):
             results[active[position]]["lr/teacher"] = lr
 
-        checkpoint = None
-        if any(cfgs[m].checkpoint_every for m in active):
-            checkpoint = pack_checkpoint(epoch, active, records, teacher, students, teacher_opt, student_opts)
-            checkpoint |= {"teacher_steps": teacher_steps, "student_steps": student_steps}
-            checkpoint["train_seconds"] = train_seconds
-        stopped = pack.report(epoch, results, checkpoint=checkpoint)
-        patience_over = {m for m in active if patience_over_for(cfgs[m], records[m], epoch)}
-        for member in patience_over | {m for m in active if epoch == epochs}:
-            if member not in stopped and records[member].best_teacher is not None:
-                pack.members[member].log_teacher(records[member].best_teacher, teacher_config(cfgs[member]))
-        for member in active:
-            finals[member] = results[member]
+        # who leaves now: stopped early (no teacher saved, as a stopped trial saves none) or out of patience
+        stopped = pack.early_stops(epoch, results)
+        patience_over = {m for m in active if patience_over_for(cfgs[m], records[m], epoch)} - stopped
+        for member in patience_over:
+            pack.members[member].log_teacher(records[member].best_teacher, teacher_config(cfgs[member]))
         going_on = [p for p, m in enumerate(active) if m not in stopped | patience_over]
         if len(going_on) < len(active):
             leave_pack(teacher, students, teacher_opt, student_opts, going_on)
             active = [active[p] for p in going_on]
-    return {m: metrics for m, metrics in finals.items() if m not in pack.failed}
+        checkpoint = None
+        if any(cfgs[m].checkpoint_every for m in results):
+            checkpoint = pack_checkpoint(epoch, active, records, teacher, students, teacher_opt, student_opts)
+            checkpoint |= {"teacher_steps": teacher_steps, "student_steps": student_steps}
+            checkpoint["train_seconds"] = train_seconds
+        pack.report(epoch, results, checkpoint=checkpoint)
+    for member in active:  # trained every epoch (also when restarted from the last epoch's checkpoint)
+        if records[member].best_teacher is not None:
+            pack.members[member].log_teacher(records[member].best_teacher, teacher_config(cfgs[member]))
+    return {m: record.metrics for m, record in enumerate(records) if record.metrics and m not in pack.failed}
 
 
 def patience_over_for(cfg: LoTConfig, record: MemberRecord, epoch: int) -> bool:
