@@ -72,9 +72,9 @@ def test_the_stacked_optimizer_steps_each_member_as_torch_steps_it():
         optimizer = StackedOptimizer(
             stacked.trainable(),
             kind,
-            lr=member_column(lrs),
-            weight_decay=member_column(decays),
-            momentum=member_column([momentum] * 3),
+            lr=member_column(lrs, dtype=torch.float64),
+            weight_decay=member_column(decays, dtype=torch.float64),
+            momentum=member_column([momentum] * 3, dtype=torch.float64),
             clip=member_column(clips),
             nesterov=options.get("nesterov", False),
             lr_factor=lambda step: 1.0 / (1 + step),
@@ -376,3 +376,111 @@ def test_asha_per_member_ends_at_max_t_and_cuts_at_milestones_crossed(tmp_path):
     assert asha.decide(numbers[2], 2, 0.1) == early_stopping.CUT
     assert asha.decide(numbers[0], 4, 0.1) == early_stopping.END  # Tune ends a trial at max_t, whatever its value
     assert study.trials[0].intermediate_values == {1: 0.9, 2: 0.9, 4: 0.1}
+
+
+RL = {
+    "task": "gym:CartPole-v1",
+    "num_envs": 4,
+    "num_steps": 64,
+    "num_minibatches": 4,
+    "update_epochs": 2,
+    "steps_per_epoch": 512,
+    "epochs": 3,
+    "eval_episodes": 3,
+    "buffer_rollouts": 2,
+    "student_steps": 2,
+    "step_limit": 50,  # time limits inside the rollouts: their bootstrapped rewards are compared too
+    "device": "cpu",
+}
+
+
+def rl_twins(configs: list[dict]) -> list[Reporter]:
+    from teachsweep.jobs import lot_rl
+
+    reporters = []
+    for config in configs:
+        reporter = Reporter()
+        try:
+            lot_rl.train(config, reporter)
+        except (FloatingPointError, ValueError) as error:
+            reporter.error = str(error)
+        reporters.append(reporter)
+    return reporters
+
+
+def test_cartpole_as_arrays_steps_as_gymnasiums_vector_env_number_for_number():
+    import numpy as np
+
+    from teachsweep.environments import BatchedCartPole, finished_episodes, make_vector_env
+
+    ours, theirs = BatchedCartPole(6, 60), make_vector_env("gym:CartPole-v1", 6, 60)
+    seeds = [17 + i for i in range(6)]
+    assert np.array_equal(ours.reset(seeds), theirs.reset(seed=seeds)[0])
+    actions = np.random.default_rng(0).integers(0, 2, (2000, 6))
+    for t, action in enumerate(actions):
+        obs, reward, terminated, truncated, final, returns = ours.step(action)
+        their_obs, their_reward, their_terminated, their_truncated, info = theirs.step(action)
+        assert np.array_equal(obs, their_obs) and np.array_equal(reward, their_reward), t
+        assert np.array_equal(terminated, their_terminated) and np.array_equal(truncated, their_truncated), t
+        ended, their_returns = finished_episodes(info)
+        assert np.array_equal(returns[ended], their_returns), t
+        for i in np.flatnonzero(ended):
+            assert np.array_equal(final[i], info["final_obs"][i]), t
+
+
+@pytest.mark.parametrize("arm", ["lot", "teacher_only"])
+def test_packed_lot_rl_members_report_what_their_unpacked_twins_report(arm):
+    """Different seeds, learning rates and schedules' floors, entropy and clip coefficients, gammas, GAE lambdas,
+    alphas and temperatures, two students, gradient clipping on and off, and a member that goes NaN."""
+    from teachsweep.jobs import lot_rl
+
+    base = RL | {"arm": arm, "num_students": 2}
+    configs = [
+        base | {"seed": 0, "alpha": 0.5},
+        base | {"seed": 1, "alpha": 1.0, "lr": 1e-3, "ent_coef": 0.02, "gamma": 0.98, "max_grad_norm": None},
+        base | {"seed": 1, "lr": float("inf")},  # diverges: fails alone
+        base | {"seed": 2, "alpha": 0.2, "clip_coef": 0.2, "temperature": 2.0, "lr_min": 1e-5, "gae_lambda": 0.9},
+    ]
+    twins = rl_twins(configs)
+    pack = PackReporter([Reporter() for _ in configs])
+    finals = lot_rl.train_pack(configs, pack)
+    for i in (0, 1, 3):
+        assert_same_history(twins[i].history, pack.members[i].history)
+        assert {**finals[i], "epoch": pack.members[i].last["epoch"]} == pack.members[i].last
+    # its twin stops in its first update too (a NaN policy: torch.distributions refuses its logits)
+    assert str(pack.failed[2]).startswith("PPO losses are not finite in epoch 1") and hasattr(twins[2], "error")
+    assert not pack.members[2].history and not twins[2].history
+
+
+def test_lot_rl_packs_only_what_it_steps_as_arrays(tmp_path):
+    spec = """
+name: x
+job: lot_rl
+config: {task: "gym:Acrobot-v1", num_envs: 4, num_steps: 32, steps_per_epoch: 128}
+space: {alpha: {type: uniform, low: 0.1, high: 1.0}}
+pack: 4
+"""
+    from teachsweep.preflight import check_spec
+
+    with pytest.raises(SpecError) as refused:
+        check_spec(parse_spec(spec, "s.yaml: "), "s.yaml: ")
+    assert str(refused.value).startswith("s.yaml: config.task: gym:Acrobot-v1 does not pack yet"), str(refused.value)
+
+
+def test_a_packed_lot_rl_restarted_from_its_checkpoint_goes_on_without_the_member_that_left():
+    """A restarted RL pack draws its actions again from where each twin's global generator starts (a restarted
+    twin does the same), so what must hold is that the pack resumes whole: the members that were in it, their
+    epochs, optimizers and minibatch generators."""
+    from teachsweep.jobs import lot_rl
+
+    configs = [RL | {"seed": s, "alpha": a} for s, a in ((0, 0.5), (1, 1.0), (2, 0.2))]
+    whole = StopAt([Reporter() for _ in configs], stop=(1, 1))
+    lot_rl.train_pack(configs, whole)
+    assert whole.checkpoints[1]["active"] == [0, 2]
+    restarted = StopAt([Reporter() for _ in configs], restart_from=whole.checkpoints[2])
+    lot_rl.train_pack(configs, restarted)
+    assert not restarted.members[1].history
+    for i in (0, 2):
+        assert [h["epoch"] for h in restarted.members[i].history] == [3]
+        assert restarted.members[i].last["steps/env"] == whole.members[i].last["steps/env"]
+        assert restarted.members[i].last["trial/resumed_from_epoch"] == 2

@@ -11,6 +11,7 @@ and the vectorised environments a PPO trial steps. Everything here installs offl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -119,3 +120,62 @@ def finished_episodes(info: dict) -> tuple[np.ndarray, np.ndarray]:
     if not mask.any():
         return mask, np.zeros(0)
     return mask, np.asarray(final["episode"]["r"], dtype=np.float64)[mask]
+
+
+class BatchedCartPole:
+    """`n` CartPole-v1 environments as arrays, stepped with numpy in one call: the dynamics, time limit, episode
+    returns and same-step resets of `make_vector_env("gym:CartPole-v1", n)`, number for number (each env keeps its
+    own generator, seeded as gymnasium seeds it, for the draws of its resets). What packs of RL trials step."""
+
+    gravity, masspole, total_mass, length, force_mag, tau = 9.8, 0.1, 1.1, 0.5, 10.0, 0.02
+    polemass_length = 0.05
+    theta_threshold, x_threshold = 12 * 2 * math.pi / 360, 2.4
+    observation_shape, actions = (4,), 2
+
+    def __init__(self, n: int, step_limit: int | None = None) -> None:
+        self.n, self.step_limit = n, step_limit or 500
+        self.state = np.zeros((n, 4))
+        self.elapsed = np.zeros(n, dtype=np.int64)
+        self.returns = np.zeros(n)
+        self.generators: list[np.random.Generator] = []
+
+    def reset(self, seeds: list[int]) -> np.ndarray:
+        self.generators = [gym.utils.seeding.np_random(seed)[0] for seed in seeds]
+        self.state = np.stack([g.uniform(low=-0.05, high=0.05, size=(4,)) for g in self.generators])
+        self.elapsed[:], self.returns[:] = 0, 0.0
+        return self.state.astype(np.float32)
+
+    def keep(self, envs: np.ndarray) -> None:
+        """Only these envs go on (a pack whose members left), each as it was."""
+        self.state, self.elapsed, self.returns = self.state[envs], self.elapsed[envs], self.returns[envs]
+        self.generators = [self.generators[i] for i in envs]
+        self.n = len(envs)
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(observations, rewards, terminated, truncated, final observations, episode returns): the last two hold
+        the ended envs' last observation and return (NaN elsewhere); an ended env is already reset in the first."""
+        x, x_dot, theta, theta_dot = self.state.T
+        force = np.where(actions == 1, self.force_mag, -self.force_mag)
+        costheta, sintheta = np.cos(theta), np.sin(theta)
+        temp = (force + self.polemass_length * np.square(theta_dot) * sintheta) / self.total_mass
+        thetaacc = (self.gravity * sintheta - costheta * temp) / (
+            self.length * (4.0 / 3.0 - self.masspole * np.square(costheta) / self.total_mass)
+        )
+        xacc = temp - self.polemass_length * thetaacc * costheta / self.total_mass
+        x, x_dot = x + self.tau * x_dot, x_dot + self.tau * xacc
+        theta, theta_dot = theta + self.tau * theta_dot, theta_dot + self.tau * thetaacc
+        self.state = np.stack([x, x_dot, theta, theta_dot], axis=1)
+        terminated = (x < -self.x_threshold) | (x > self.x_threshold)
+        terminated |= (theta < -self.theta_threshold) | (theta > self.theta_threshold)
+        rewards = np.ones(self.n)
+        self.elapsed += 1
+        self.returns += rewards
+        truncated = self.elapsed >= self.step_limit
+        ended = terminated | truncated
+        final = np.full((self.n, 4), np.nan, dtype=np.float32)
+        returns = np.full(self.n, np.nan)
+        for i in np.flatnonzero(ended):
+            final[i], returns[i] = self.state[i].astype(np.float32), self.returns[i]
+            self.state[i] = self.generators[i].uniform(low=-0.05, high=0.05, size=(4,))
+            self.elapsed[i], self.returns[i] = 0, 0.0
+        return self.state.astype(np.float32), rewards, terminated, truncated, final, returns

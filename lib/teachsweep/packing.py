@@ -24,9 +24,12 @@ from torch.func import functional_call, stack_module_state, vmap
 Tensors = dict[str, torch.Tensor]
 
 
-def member_column(values: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Per-member scalars as a float tensor (P,); None (no clip) becomes +inf, which clips nothing."""
-    return torch.tensor([math.inf if v is None else float(v) for v in values], dtype=torch.float32, device=device)
+def member_column(
+    values: Sequence[float | None], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Per-member scalars as a tensor (P,); None (no clip) becomes +inf, which clips nothing. Optimizer settings
+    are kept in double, as the Python floats torch's optimizers compute with."""
+    return torch.tensor([math.inf if v is None else float(v) for v in values], dtype=dtype, device=device)
 
 
 def along_members(column: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -34,15 +37,26 @@ def along_members(column: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return column.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
+def first(output: Any) -> torch.Tensor:
+    """A model's logits from its (logits, recurrent state) output."""
+    return output[0]
+
+
+def whole(output: Any) -> Any:
+    return output
+
+
 class StackedModel:
     """P models of one architecture as stacked parameters and buffers; calling it runs every member at once.
 
-    `model(batch)` with a batch whose tensors are stacked by member (P, B, ...) gives each member its own inputs;
-    `model(batch, shared=True)` gives all members the same batch (B, ...), as evaluation does."""
+    `model(batch)` with inputs stacked by member (P, B, ...) gives each member its own inputs; `model(batch,
+    shared=True)` gives all members the same inputs (B, ...), as evaluation does. Keyword options go to each
+    member's forward unchanged; `pick` selects what of the forward's output is returned (tensors only)."""
 
-    def __init__(self, modules: Sequence[nn.Module]):
+    def __init__(self, modules: Sequence[nn.Module], pick: Callable[[Any], Any] = first):
         self.params, self.buffers = stack_module_state(list(modules))
         self.architecture = copy.deepcopy(modules[0]).to("meta")  # only its code and shapes are used
+        self.pick = pick
         self.training = True
 
     @property
@@ -60,14 +74,12 @@ class StackedModel:
     def eval(self) -> StackedModel:
         return self.train(False)
 
-    def __call__(self, batch: dict[str, torch.Tensor], shared: bool = False) -> torch.Tensor:
-        def one_member(params: Tensors, buffers: Tensors, member_batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            logits, _ = functional_call(self.architecture, (params, buffers), (member_batch,))
-            return logits
+    def __call__(self, *inputs: Any, shared: bool = False, **options: Any) -> Any:
+        def one_member(params: Tensors, buffers: Tensors, *member_inputs: Any) -> Any:
+            return self.pick(functional_call(self.architecture, (params, buffers), member_inputs, options))
 
-        return vmap(one_member, in_dims=(0, 0, None if shared else 0), randomness="different")(
-            self.params, self.buffers, batch
-        )
+        in_dims = (0, 0, *[None if shared else 0] * len(inputs))
+        return vmap(one_member, in_dims=in_dims, randomness="different")(self.params, self.buffers, *inputs)
 
     def member_state(self, member: int) -> Tensors:
         """One member's state_dict, as its unpacked twin's `state_dict()` holds it (detached copies)."""
@@ -89,13 +101,14 @@ def keep_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def clip_per_member(grads: Sequence[torch.Tensor], max_norm: torch.Tensor) -> None:
-    """torch.nn.utils.clip_grad_norm_ for each member on its own: scale a member's gradients by max_norm /
-    (its total norm + 1e-6) where that is below 1 (a member whose max_norm is inf is left as it is)."""
+    """torch.nn.utils.clip_grad_norm_ for each member on its own: the norm of the per-tensor norms, then each
+    gradient scaled by max_norm / (norm + 1e-6) where that is below 1 (a member whose max_norm is inf keeps its)."""
     grads = [g for g in grads if g is not None]
     if not grads or bool(torch.isinf(max_norm).all()):
         return
-    squares = torch.stack([g.detach().flatten(1).float().pow(2).sum(1) for g in grads]).sum(0)
-    scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    norms = torch.stack([torch.linalg.vector_norm(g.detach().flatten(1), 2, dim=1) for g in grads])
+    total = torch.linalg.vector_norm(norms, 2, dim=0)
+    scale = (max_norm.to(total.dtype) / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(along_members(scale, g))
 
@@ -114,19 +127,31 @@ class StackedOptimizer:
         momentum: torch.Tensor,
         clip: torch.Tensor,
         nesterov: bool = False,
-        lr_factor: Callable[[int], float] = lambda step: 1.0,
+        lr_factor: Callable[[int], float | torch.Tensor] = lambda step: 1.0,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        schedule_per_step: bool = True,
     ):
+        """`lr_factor(t)` is the schedule's factor (one number, or one per member) after t schedule steps: one
+        per optimizer step, or, with `schedule_per_step` off, one per `advance_schedule()` (RL steps its schedule
+        once per update of many minibatches)."""
         self.params, self.kind, self.nesterov, self.lr_factor = params, kind, nesterov, lr_factor
-        self.base_lr, self.weight_decay, self.momentum, self.clip = lr, weight_decay, momentum, clip
-        self.betas, self.eps = betas, eps
-        self.steps = 0
+        self.base_lr, self.weight_decay, self.momentum = lr.double(), weight_decay.double(), momentum.double()
+        self.clip = clip
+        self.betas, self.eps, self.schedule_per_step = betas, eps, schedule_per_step
+        self.steps = self.schedule_steps = 0
         self.state: dict[str, Tensors] = {name: {} for name in params}
+        self.kept: torch.Tensor | None = None  # which of the first members are left (a per-member schedule's rows)
 
     def current_lr(self) -> torch.Tensor:
-        """Each member's learning rate at this step: its base rate times the schedule's factor."""
-        return self.base_lr * self.lr_factor(self.steps)
+        """Each member's learning rate now (double): its base rate times the schedule's factor."""
+        factor = self.lr_factor(self.schedule_steps)
+        if isinstance(factor, torch.Tensor) and self.kept is not None:
+            factor = factor[self.kept]
+        return self.base_lr.double() * factor
+
+    def advance_schedule(self) -> None:
+        self.schedule_steps += 1
 
     def zero_grad(self) -> None:
         for p in self.params.values():
@@ -145,6 +170,8 @@ class StackedOptimizer:
             else:
                 self.adam(p, p.grad, self.state[name], lr, decoupled=self.kind == "adamw")
         self.steps += 1
+        if self.schedule_per_step:
+            self.schedule_steps += 1
 
     def sgd(self, p: torch.Tensor, grad: torch.Tensor, state: Tensors, lr: torch.Tensor) -> None:
         grad = grad + along_members(self.weight_decay, p) * p
@@ -157,15 +184,16 @@ class StackedOptimizer:
         with_momentum = grad + momentum * buffer if self.nesterov else buffer
         # a member without momentum steps on its raw gradient, as torch's SGD with momentum=0 does
         direction = torch.where(momentum > 0, with_momentum, grad)
-        p.sub_(along_members(lr, p) * direction)
+        p.add_(along_members(-lr, p) * direction)
 
     def adam(self, p: torch.Tensor, grad: torch.Tensor, state: Tensors, lr: torch.Tensor, decoupled: bool) -> None:
+        """torch's single-tensor Adam/AdamW, its per-step numbers (lr / bias correction, 1 - lr * decay) computed
+        in double as torch computes them from Python floats, then applied in the parameter's precision."""
         beta1, beta2 = self.betas
-        lr_p, decay = along_members(lr, p), along_members(self.weight_decay, p)
         if decoupled:
-            p.mul_(1 - lr_p * decay)
+            p.mul_(along_members(1 - lr * self.weight_decay, p))
         else:
-            grad = grad + decay * p
+            grad = grad + along_members(self.weight_decay, p) * p
         if not state:
             state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
         step = self.steps + 1
@@ -173,7 +201,7 @@ class StackedOptimizer:
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
         denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(bias_correction2)).add_(self.eps)
-        p.sub_(lr_p / bias_correction1 * state["exp_avg"] / denominator)
+        p.add_(along_members(-lr / bias_correction1, p) * state["exp_avg"] / denominator)
 
     def divide_learning_rate(self, members: torch.Tensor, factor: torch.Tensor | float) -> None:
         """Anneal the chosen members' learning rates (a bool mask (P,)) by their `factor` (a column (P,), or one
@@ -182,7 +210,8 @@ class StackedOptimizer:
 
     def keep(self, members: Sequence[int], params: Tensors) -> None:
         """Only these members go on; `params` are the kept stacked parameters (StackedModel.keep made them)."""
-        index = torch.tensor(list(members), device=self.base_lr.device)
+        index = torch.tensor(list(members), device=self.base_lr.device, dtype=torch.long)
+        self.kept = index if self.kept is None else self.kept[index]
         self.base_lr, self.weight_decay = self.base_lr[index], self.weight_decay[index]
         self.momentum, self.clip = self.momentum[index], self.clip[index]
         self.state = {
@@ -194,12 +223,36 @@ class StackedOptimizer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
+            "schedule_steps": self.schedule_steps,
             "base_lr": self.base_lr.clone(),
             "state": {name: {k: v.clone() for k, v in s.items()} for name, s in self.state.items()},
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.steps, self.base_lr = saved["steps"], saved["base_lr"].to(self.base_lr.device)
+        self.schedule_steps = saved.get("schedule_steps", self.steps)
         self.state = {
             name: {k: v.to(self.params[name].device) for k, v in s.items()} for name, s in saved["state"].items()
         }
+
+
+def leave(models: Sequence[StackedModel], optimizers: Sequence[StackedOptimizer], positions: Sequence[int]) -> None:
+    """Only the members at these stack positions go on, in every model and its optimizer."""
+    for model, optimizer in zip(models, optimizers, strict=True):
+        model.keep(positions)
+        optimizer.keep(positions, model.trainable())
+
+
+def detached(tensors: Tensors) -> Tensors:
+    """Copies of stacked tensors for a checkpoint (the stacks go on changing in place)."""
+    return {name: tensor.detach().clone() for name, tensor in tensors.items()}
+
+
+def restore_stacks(saved_models: list[dict], saved_optimizers: list[dict], models, optimizers) -> None:
+    """Load a checkpoint's stacked tensors and optimizer states into stacks already cut to its members."""
+    pairs = zip(models, saved_models, optimizers, saved_optimizers, strict=True)
+    for model, state, optimizer, optimizer_state in pairs:
+        with torch.no_grad():
+            for name, tensor in {**model.params, **model.buffers}.items():
+                tensor.copy_({**state["params"], **state.get("buffers", {})}[name])
+        optimizer.load_state_dict(optimizer_state)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from teachsweep import distributed, models, tasks
 from teachsweep.jobs import ArmPlan, JobSpec
 from teachsweep.metrics import paired_difference, per_seed, summarize
-from teachsweep.packing import StackedModel, StackedOptimizer, member_column
+from teachsweep.packing import StackedModel, StackedOptimizer, detached, leave, member_column, restore_stacks
 from teachsweep.reporter import PackReporter, Reporter
 from teachsweep.training import (
     DataConfig,
@@ -785,9 +785,9 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
         return StackedOptimizer(
             model.trainable(),
             lead.optimizer,
-            lr=member_column([c.lr for c in cfgs], device),
-            weight_decay=member_column([c.weight_decay for c in cfgs], device),
-            momentum=member_column([c.momentum for c in cfgs], device),
+            lr=member_column([c.lr for c in cfgs], device, torch.float64),
+            weight_decay=member_column([c.weight_decay for c in cfgs], device, torch.float64),
+            momentum=member_column([c.momentum for c in cfgs], device, torch.float64),
             clip=member_column([c.clip_grad_norm for c in cfgs], device),
             nesterov=lead.nesterov,
             lr_factor=schedule_factor(lead.schedule, total_steps),
@@ -806,8 +806,8 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
     saved = pack.restore()
     if saved is not None:
         active = saved["active"]
-        leave_pack(teacher, students, teacher_opt, student_opts, active)  # (a fresh stack holds every member)
-        restore_pack(saved, teacher, students, teacher_opt, student_opts)
+        leave([teacher, *students], [teacher_opt, *student_opts], active)  # (a fresh stack holds every member)
+        restore_stacks(saved["models"], saved["optimizers"], [teacher, *students], [teacher_opt, *student_opts])
         records = [MemberRecord(**record) for record in saved["records"]]
         teacher_steps, student_steps = saved["teacher_steps"], saved["student_steps"]
         train_seconds, first_epoch = saved["train_seconds"], saved["epoch"] + 1
@@ -861,7 +861,7 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
                 pack.fail(member, error)
         going_on = [p for p, ok in enumerate(finite) if ok]
         if len(going_on) < len(active):
-            leave_pack(teacher, students, teacher_opt, student_opts, going_on)
+            leave([teacher, *students], [teacher_opt, *student_opts], going_on)
             active, loss_sums = [active[p] for p in going_on], loss_sums[going_on]
             if not active:
                 break
@@ -900,7 +900,7 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
             record.metrics = results[member] = metrics
         if any(plateaued):
             mask = torch.tensor(plateaued, device=device)
-            factors = member_column([cfgs[m].lr_decay_on_plateau or 1.0 for m in active], device)
+            factors = member_column([cfgs[m].lr_decay_on_plateau or 1.0 for m in active], device, torch.float64)
             for opt in (teacher_opt, *student_opts):
                 opt.divide_learning_rate(mask, factors)
         for position, lr in enumerate(teacher_opt.current_lr().tolist()):
@@ -913,7 +913,7 @@ def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None
             pack.members[member].log_teacher(records[member].best_teacher, teacher_config(cfgs[member]))
         going_on = [p for p, m in enumerate(active) if m not in stopped | patience_over]
         if len(going_on) < len(active):
-            leave_pack(teacher, students, teacher_opt, student_opts, going_on)
+            leave([teacher, *students], [teacher_opt, *student_opts], going_on)
             active = [active[p] for p in going_on]
         checkpoint = None
         if any(cfgs[m].checkpoint_every for m in results):
@@ -931,13 +931,6 @@ def patience_over_for(cfg: LoTConfig, record: MemberRecord, epoch: int) -> bool:
     return cfg.patience is not None and epoch - record.at_best["best_epoch"] >= cfg.patience
 
 
-def leave_pack(teacher, students, teacher_opt, student_opts, positions: list[int]) -> None:
-    """Only the members at these stack positions go on: their slices are kept, the others' dropped."""
-    for model, opt in zip([teacher, *students], [teacher_opt, *student_opts], strict=True):
-        model.keep(positions)
-        opt.keep(positions, model.trainable())
-
-
 def pack_checkpoint(epoch, active, records, teacher, students, teacher_opt, student_opts) -> dict[str, Any]:
     """The pack's state at an epoch boundary: which members train, their records, every stacked tensor."""
     return {
@@ -947,20 +940,6 @@ def pack_checkpoint(epoch, active, records, teacher, students, teacher_opt, stud
         "models": [{"params": detached(m.params), "buffers": detached(m.buffers)} for m in [teacher, *students]],
         "optimizers": [opt.state_dict() for opt in [teacher_opt, *student_opts]],
     }
-
-
-def detached(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in tensors.items()}
-
-
-def restore_pack(saved, teacher, students, teacher_opt, student_opts) -> None:
-    for model, state, opt, opt_state in zip(
-        [teacher, *students], saved["models"], [teacher_opt, *student_opts], saved["optimizers"], strict=True
-    ):
-        with torch.no_grad():
-            for name, tensor in {**model.params, **model.buffers}.items():
-                tensor.copy_({**state["params"], **state["buffers"]}[name])
-        opt.load_state_dict(opt_state)
 
 
 JOB = JobSpec(

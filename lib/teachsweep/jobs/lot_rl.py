@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -35,8 +37,9 @@ from torch import nn
 
 from teachsweep import environments, models
 from teachsweep.jobs import ArmPlan, JobSpec, lot
-from teachsweep.jobs.lot import LoTTermConfig, kl_divergence
-from teachsweep.reporter import Reporter
+from teachsweep.jobs.lot import LoTTermConfig, kl_divergence, member_kl
+from teachsweep.packing import StackedModel, StackedOptimizer, detached, leave, member_column, restore_stacks, whole
+from teachsweep.reporter import PackReporter, Reporter
 from teachsweep.training import autocast, checks_files, pick_device, restore_into, state_of, synchronize, uses_bf16
 
 # ---------------------------------------------------------------------------------------------- config
@@ -288,10 +291,13 @@ class Agent(nn.Module):
     def logits(self, obs: torch.Tensor) -> torch.Tensor:
         return self.actor_head(self.actor_body(self.prepare(obs)))
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, value) from one observation batch."""
+    def forward(self, obs: torch.Tensor, value: bool = True) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """(logits, value) from one observation batch; the logits alone without `value` (packed calls, where a
+        student has no value head)."""
         x = self.prepare(obs)
         features = self.actor_body(x)
+        if not value:
+            return self.actor_head(features)
         critic_features = features if self.critic_body is None else self.critic_body(x)
         return self.actor_head(features), self.critic_head(critic_features).squeeze(-1)
 
@@ -305,19 +311,27 @@ def build_agent(cfg: LoTRLConfig, obs_shape, n_actions: int, role: str, index: i
 
 
 def gae(
-    rewards: torch.Tensor, values: torch.Tensor, ended: torch.Tensor, last_value: torch.Tensor, gamma: float, lam: float
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    ended: torch.Tensor,
+    last_value: torch.Tensor,
+    gamma: float | torch.Tensor,
+    lam: float,
+    trace: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimates and value targets over a rollout of shape (steps, envs).
 
     ended[t] = 1 when the transition at step t ended its episode (the observation after it starts a new one);
-    last_value = V(observation after the rollout)."""
+    last_value = V(observation after the rollout). A pack gives `gamma` and `trace` (gamma * lambda, multiplied
+    in double as Python multiplies the numbers) as one value per env."""
+    trace = gamma * lam if trace is None else trace
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(last_value)
     for t in reversed(range(rewards.size(0))):
         next_value = last_value if t == rewards.size(0) - 1 else values[t + 1]
         not_ended = 1.0 - ended[t]
         delta = rewards[t] + gamma * next_value * not_ended - values[t]
-        running = delta + gamma * lam * not_ended * running
+        running = delta + trace * not_ended * running
         advantages[t] = running
     return advantages, advantages + values
 
@@ -666,6 +680,433 @@ def train(config: LoTRLConfig | dict, reporter: Reporter | None = None) -> dict[
     return metrics
 
 
+# ---------------------------------------------------------------------------------------------- packed training
+
+# What the members of one pack may differ in; every other field (environment, envs, steps, minibatches, N, K,
+# buffer, network width, epochs) shapes the computation and must be equal across the pack.
+PACK_VARIES = frozenset(
+    {"seed", "alpha", "temperature", "student_weights", "lr", "lr_min", "ent_coef", "vf_coef", "clip_coef"}
+    | {"max_grad_norm", "gamma", "gae_lambda", "student_weight_decay", "checkpoint_every"}
+)
+PACKED_TASKS = ("gym:CartPole-v1",)
+
+
+def check_pack(cfg: LoTRLConfig) -> None:
+    """What a packed lot_rl trial cannot train, named by its field."""
+    if cfg.task not in PACKED_TASKS:
+        raise ValueError(
+            f"task: {cfg.task} does not pack yet (packs step {', '.join(PACKED_TASKS)} as arrays): "
+            "set resources.pack to 1"
+        )
+
+
+@dataclass(frozen=True)
+class PackTerms:
+    """Each member's PPO and LoT settings as columns (P,) on the device."""
+
+    gamma: torch.Tensor
+    trace: torch.Tensor  # gamma * gae_lambda
+    clip: torch.Tensor
+    ent: torch.Tensor
+    vf: torch.Tensor
+    alpha: torch.Tensor
+    temperature: torch.Tensor
+    lambdas: torch.Tensor  # (K, P)
+
+    @classmethod
+    def of(cls, cfgs: list[LoTRLConfig], device) -> PackTerms:
+        column = lambda values: member_column(values, device)  # noqa: E731
+        return cls(
+            column([c.gamma for c in cfgs]),
+            column([c.gamma * c.gae_lambda for c in cfgs]),
+            column([c.clip_coef for c in cfgs]),
+            column([c.ent_coef for c in cfgs]),
+            column([c.vf_coef for c in cfgs]),
+            column([c.alpha for c in cfgs]),
+            column([c.temperature for c in cfgs]),
+            torch.tensor([c.lambdas for c in cfgs], dtype=torch.float32, device=device).T,
+        )
+
+    def at(self, members: list[int]) -> PackTerms:
+        index = torch.tensor(members, device=self.gamma.device)
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return PackTerms(**{n: v[:, index] if n == "lambdas" else v[index] for n, v in fields.items()})
+
+
+def by_member(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor (P, N, ...) at each member's own indices (P, M): (P, M, ...)."""
+    shape = index.shape + tensor.shape[2:]
+    expanded = index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(shape)
+    return torch.gather(tensor, 1, expanded)
+
+
+@torch.no_grad()
+def collect_pack_rollout(teacher: StackedModel, envs, obs: np.ndarray, cfg, terms: PackTerms, samplers, device):
+    """`collect_rollout` for a pack: one vmapped teacher call per step over P x E envs, each member's actions drawn
+    from its own generator as its twin draws them. Returns (rollout (steps, P, E, ...), next observation, each
+    member's finished episodes' returns)."""
+    members, per = terms.gamma.shape[0], cfg.num_envs
+    steps, returns = [], [[] for _ in range(members)]
+    for _ in range(cfg.num_steps):
+        obs_t = observation_tensor(obs, device).view(members, per, *obs.shape[1:])
+        logits, value = teacher(obs_t)
+        # (no argument checks: one member's NaN must not stop the pack; it fails alone after its update)
+        dist = torch.distributions.Categorical(logits=logits.float(), validate_args=False)
+        probs = torch.where(torch.isfinite(dist.probs), dist.probs, 1.0 / dist.probs.shape[-1])
+        action = torch.stack(
+            [torch.multinomial(probs[m], 1, True, generator=g).T.reshape(per) for m, g in enumerate(samplers)]
+        )
+        next_obs, reward, terminated, truncated, final, finished = envs.step(action.reshape(-1).cpu().numpy())
+        reward = torch.as_tensor(reward, dtype=torch.float32, device=device).view(members, per)
+        cut = torch.as_tensor(truncated & ~terminated, device=device).view(members, per)
+        if cut.any():  # a time limit, not the game, ended these: bootstrap from their last observation
+            final_obs = torch.as_tensor(np.nan_to_num(final), device=device).view(members, per, *obs.shape[1:])
+            bootstrap = reward + terms.gamma[:, None] * teacher(final_obs)[1].float()
+            reward = torch.where(cut, bootstrap, reward)
+        for index in np.flatnonzero(~np.isnan(finished)):
+            returns[index // per].append(float(finished[index]))
+        ended = torch.as_tensor(terminated | truncated, dtype=torch.float32, device=device).view(members, per)
+        steps.append((obs_t, action, dist.log_prob(action), value.float(), reward, ended))
+        obs = next_obs
+    last_value = teacher(observation_tensor(obs, device).view(members, per, *obs.shape[1:]))[1].float()
+    columns = [torch.stack(c) for c in zip(*steps, strict=True)]
+    return Rollout(*columns, last_value), obs, returns
+
+
+def pack_teacher_update(
+    teacher: StackedModel, students, optimizers, rollout: Rollout, cfg, terms: PackTerms, generators, device
+) -> dict[str, torch.Tensor]:
+    """`teacher_update` for a pack: each member's advantages, minibatch order (its own generator), losses and
+    optimizer steps, as columns; returns each statistic as a column (P,)."""
+    steps, members, per = rollout.rewards.shape
+    flat_envs = lambda x: x.reshape(steps, members * per)  # noqa: E731
+    advantages, targets = gae(
+        flat_envs(rollout.rewards),
+        flat_envs(rollout.values),
+        flat_envs(rollout.ended),
+        rollout.last_value.reshape(-1),
+        terms.gamma.repeat_interleave(per),
+        0.0,
+        terms.trace.repeat_interleave(per),
+    )
+    by_step = lambda x: x.reshape(steps, members, per, *x.shape[2:]).transpose(0, 1).flatten(1, 2)  # noqa: E731
+    obs = rollout.obs.transpose(0, 1).flatten(1, 2)  # (P, steps * envs, ...) in its twin's order
+    actions, old_log_probs, old_values = (x.transpose(0, 1).flatten(1, 2) for x in rollout[1:4])
+    advantages, targets = by_step(advantages), by_step(targets)
+    terms_seen: list[torch.Tensor] = []
+    for _ in range(cfg.update_epochs):
+        orders = torch.stack([torch.randperm(cfg.rollout_size, generator=g) for g in generators]).to(device)
+        for index in orders.split(cfg.minibatch_size, dim=1):
+            mb_obs = by_member(obs, index)
+            logits, values = teacher(mb_obs)
+            with torch.set_grad_enabled(cfg.joint_student_step):
+                student_logits = [s(mb_obs, value=False).float() for s in students]
+            logits, values = logits.float(), values.float()
+            dist = torch.distributions.Categorical(logits=logits, validate_args=False)
+            log_probs = dist.log_prob(by_member(actions, index))
+            old = by_member(old_log_probs, index)
+            adv = by_member(advantages, index)
+            if cfg.normalize_advantages and index.shape[1] > 1:
+                adv = (adv - adv.mean(1, keepdim=True)) / (adv.std(1, keepdim=True) + 1e-8)
+            ratio = torch.exp(log_probs - old)
+            clip = terms.clip[:, None]
+            policy = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean(1)
+            mb_targets, mb_old_values = by_member(targets, index), by_member(old_values, index)
+            plain = (values - mb_targets) ** 2
+            if cfg.clip_value_loss:
+                clipped = (mb_old_values + torch.clamp(values - mb_old_values, -clip, clip) - mb_targets) ** 2
+                v_loss = 0.5 * torch.max(plain, clipped).mean(1)
+            else:
+                v_loss = 0.5 * plain.mean(1)
+            entropy = dist.entropy().mean(1)
+            loss = policy + terms.vf * v_loss - terms.ent * entropy
+            seen = [policy, v_loss, entropy]
+            if students:
+                lot_term = torch.zeros_like(loss)
+                for weight, s_logits in zip(terms.lambdas, student_logits, strict=True):
+                    kl = member_kl(s_logits.detach(), logits, terms.temperature)
+                    if cfg.symmetric_kl:
+                        kl = kl + member_kl(logits, s_logits.detach(), terms.temperature)
+                    lot_term = lot_term + weight * kl
+                loss = loss + terms.alpha * lot_term
+                if cfg.joint_student_step:
+                    loss = loss + sum(member_kl(logits.detach(), s, terms.temperature) for s in student_logits)
+                seen.append(lot_term)
+            loss.sum().backward()
+            for optimizer in optimizers if cfg.joint_student_step else optimizers[:1]:
+                optimizer.step()
+                optimizer.zero_grad()
+            with torch.no_grad():
+                log_ratio = log_probs - old
+                seen.append((log_ratio.exp() - 1 - log_ratio).mean(1))
+            terms_seen.append(torch.stack([t.detach() for t in seen]))
+    means = torch.stack(terms_seen).mean(0)  # (statistics, P)
+    stats = {"loss/policy": means[0], "loss/value": means[1], "loss/entropy": means[2], "kl/approx": means[-1]}
+    stats["kl/teacher_term"] = means[3] if students else torch.zeros_like(means[0])
+    return stats | {"updates": len(terms_seen)}
+
+
+def pack_student_passes(teacher, students, optimizers, buffer: deque, cfg, terms: PackTerms, generators, device) -> int:
+    """`student_passes` for a pack: each member's students over its own buffer, in its own order."""
+    if not students:
+        return 0
+    observations = torch.cat(list(buffer), dim=1)  # (P, buffered, ...)
+    batch = cfg.student_batch_size or cfg.minibatch_size
+    steps = 0
+    for _ in range(cfg.student_steps):
+        orders = torch.stack([torch.randperm(observations.shape[1], generator=g) for g in generators]).to(device)
+        for index in orders.split(batch, dim=1):
+            obs = by_member(observations, index)
+            with torch.no_grad():
+                target = teacher(obs, value=False)
+            for student, optimizer in zip(students, optimizers, strict=True):
+                member_kl(target.float(), student(obs, value=False).float(), terms.temperature).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            steps += 1
+    return steps
+
+
+@torch.no_grad()
+def pack_greedy_returns(agent: StackedModel, envs, seeds: list[list[int]], device, step_limit: int):
+    """`greedy_returns` for a pack: each member's agent on its own seeded episodes. (returns (P, episodes),
+    environment steps each member's own evaluation took)."""
+    members, episodes = len(seeds), len(seeds[0])
+    obs = envs.reset([seed for member in seeds for seed in member])
+    totals, running = np.full(members * episodes, np.nan), np.zeros(members * episodes)
+    taken = np.zeros(members, dtype=np.int64)
+    steps = 0
+    while np.isnan(totals).any() and steps < step_limit:
+        logits = agent(observation_tensor(obs, device).view(members, episodes, -1), value=False)
+        obs, reward, terminated, truncated, _, _ = envs.step(logits.argmax(-1).reshape(-1).cpu().numpy())
+        steps += 1
+        taken += np.isnan(totals).reshape(members, episodes).any(1)  # a member's loop ran while one was unfinished
+        running += reward
+        ended = terminated | truncated
+        first = ended & np.isnan(totals)
+        totals[first] = running[first]
+        running[ended] = 0.0
+    totals[np.isnan(totals)] = running[np.isnan(totals)]
+    return totals.reshape(members, episodes), taken * episodes
+
+
+def check_pack_members(cfgs: list[LoTRLConfig]) -> None:
+    shared = [{k: v for k, v in c.model_dump().items() if k not in PACK_VARIES} for c in cfgs]
+    for i, other in enumerate(shared[1:], start=1):
+        differing = sorted(k for k in other if other[k] != shared[0][k])
+        if differing:
+            raise ValueError(f"pack member {i} differs from member 0 in {', '.join(differing)}: they cannot pack")
+
+
+def pack_schedule(cfgs: list[LoTRLConfig], total_updates: int, device) -> Callable[[int], torch.Tensor]:
+    """`make_optimizer`'s schedule factor for each member (its own lr and lr_min), after `update` updates."""
+    floors = [c.lr_min / c.lr for c in cfgs]
+    schedule = cfgs[0].schedule
+
+    def factor(update: int) -> torch.Tensor:
+        progress = min(update, total_updates) / max(1, total_updates)
+        if schedule == "linear":
+            values = [1.0 - (1.0 - floor) * progress for floor in floors]
+        elif schedule == "cosine":
+            values = [floor + (1.0 - floor) * 0.5 * (1 + math.cos(math.pi * progress)) for floor in floors]
+        else:
+            values = [1.0] * len(floors)
+        return torch.tensor(values, dtype=torch.float64, device=device)
+
+    return factor
+
+
+def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = None) -> dict[int, dict[str, float]]:
+    """`train` for P configs at once (packing.py): P x E environments stepped as arrays (`BatchedCartPole`), one
+    vmapped call of the teachers per step, each member's own action and minibatch generators, its own
+    hyperparameters as columns. Returns each member's final metrics, for the members that did not fail."""
+    cfgs = [LoTRLConfig.model_validate(c) for c in configs]
+    pack = pack or PackReporter([Reporter() for _ in cfgs])
+    check_pack_members(cfgs)
+    lead = cfgs[0]
+    check_pack(lead)
+    device = pick_device(lead.device)
+    members = list(range(len(cfgs)))
+    eval_seeds = [[1_000_000 + 1_000 * c.seed + i for i in range(c.eval_episodes)] for c in cfgs]
+    obs_shape, n_actions = environments.BatchedCartPole.observation_shape, environments.BatchedCartPole.actions
+    n_students = lead.num_students if lead.arm == "lot" else 0
+    teachers, students_by_member, samplers = [], [], []
+    for cfg in cfgs:  # as each twin builds its agents; its actions are drawn from the global generator after that
+        torch.manual_seed(cfg.seed)
+        teachers.append(build_agent(cfg, obs_shape, n_actions, "teacher").to(device).train())
+        students_by_member.append(
+            [build_agent(cfg, obs_shape, n_actions, "student", i).to(device).train() for i in range(n_students)]
+        )
+        samplers.append(torch.Generator(device=device).set_state(torch.get_rng_state()))
+    teacher = StackedModel(teachers, pick=whole)
+    students = [StackedModel([own[i] for own in students_by_member], pick=whole) for i in range(n_students)]
+    total_updates = lead.total_rollouts
+
+    def optimizer(model: StackedModel, weight_decay: list[float]) -> StackedOptimizer:
+        return StackedOptimizer(
+            model.trainable(),
+            "adam",
+            lr=member_column([c.lr for c in cfgs], device, torch.float64),
+            weight_decay=member_column(weight_decay, device, torch.float64),
+            momentum=member_column([0.0] * len(cfgs), device, torch.float64),
+            clip=member_column([c.max_grad_norm for c in cfgs], device),
+            lr_factor=pack_schedule(cfgs, total_updates, device),
+            eps=lead.adam_eps,
+            schedule_per_step=False,
+        )
+
+    optimizers = [optimizer(teacher, [0.0] * len(cfgs))]
+    optimizers += [optimizer(s, [c.student_weight_decay for c in cfgs]) for s in students]
+    generators = [torch.Generator().manual_seed(c.seed) for c in cfgs]
+    all_terms = PackTerms.of(cfgs, device)
+    counters = {"epoch": 0, "env_steps": 0, "teacher_updates": 0, "teacher_steps": 0, "student_steps": 0}
+    counters |= {"train_seconds": 0.0, "update_seconds": 0.0}
+    per_member = [{"eval_env_steps": 0, "eval_returns": [], "train_return": float("nan")} for _ in cfgs]
+    saved = pack.restore()
+    if saved is not None:
+        members = saved["active"]
+        leave([teacher, *students], optimizers, members)
+        restore_stacks(saved["models"], saved["optimizers"], [teacher, *students], optimizers)
+        for member, state in zip(members, saved["generators"], strict=True):
+            generators[member].set_state(state)
+        counters, per_member = dict(saved["counters"]), [dict(m) for m in saved["members"]]
+    run = PackRun(members, lead, deque(maxlen=lead.buffer_rollouts))
+    epoch_seed = counters["epoch"] * 100
+    run.obs = run.envs.reset([cfgs[m].seed * 10_000 + epoch_seed + i for m in members for i in range(lead.num_envs)])
+    models = [teacher, *students]
+
+    for epoch in range(counters["epoch"] + 1, lead.epochs_to_run + 1):
+        epoch_returns: dict[int, list[float]] = {m: [] for m in run.members}
+        last_stats: dict[int, dict[str, float]] = {}
+        epoch_start = time.perf_counter()
+        for _ in range(lead.rollouts_in(epoch)):
+            if not run.members:
+                break
+            terms = all_terms.at(run.members)
+            samplers_now, generators_now = of_members(samplers, run.members), of_members(generators, run.members)
+            rollout, run.obs, finished = collect_pack_rollout(
+                teacher, run.envs, run.obs, lead, terms, samplers_now, device
+            )
+            for member, returns in zip(run.members, finished, strict=True):
+                epoch_returns[member] += returns
+            update_start = time.perf_counter()
+            stats = pack_teacher_update(teacher, students, optimizers, rollout, lead, terms, generators_now, device)
+            run.buffer.append(rollout.obs.transpose(0, 1).flatten(1, 2))
+            extra = pack_student_passes(
+                teacher, students, optimizers[1:], run.buffer, lead, terms, generators_now, device
+            )
+            for opt in optimizers:
+                opt.advance_schedule()
+            synchronize(device)
+            counters["update_seconds"] += time.perf_counter() - update_start
+            counters["env_steps"] += lead.rollout_size
+            counters["teacher_updates"] += 1
+            counters["teacher_steps"] += stats["updates"]
+            counters["student_steps"] += (stats["updates"] if lead.joint_student_step and students else 0) + extra
+            columns = {k: v.tolist() for k, v in stats.items() if k != "updates"}
+            last_stats = {m: {k: v[p] for k, v in columns.items()} for p, m in enumerate(run.members)}
+            # a member whose update went NaN fails now, alone (its unpacked twin stops in this update too)
+            for member in [m for m in run.members if not all(math.isfinite(v) for v in last_stats[m].values())]:
+                failure = last_stats.pop(member) | {"updates": stats["updates"]}
+                pack.fail(member, FloatingPointError(f"PPO losses are not finite in epoch {epoch}: {failure}"))
+            run.keep([p for p, m in enumerate(run.members) if m not in pack.failed], models, optimizers)
+        counters["train_seconds"] += time.perf_counter() - epoch_start
+        if not run.members:
+            break
+
+        members, terms = run.members, all_terms.at(run.members)
+        seeds = of_members(eval_seeds, members)
+        teacher_returns, eval_steps = pack_greedy_returns(teacher, run.eval_envs, seeds, device, lead.eval_step_limit)
+        student_returns = [pack_greedy_returns(s, run.eval_envs, seeds, device, lead.eval_step_limit) for s in students]
+        agreement = kl_student = None
+        if students:
+            with torch.no_grad():
+                t_logits = teacher(run.buffer[-1], value=False).float()
+                s_logits = [s(run.buffer[-1], value=False).float() for s in students]
+            agreement = torch.stack([(s.argmax(-1) == t_logits.argmax(-1)).float().mean(1) for s in s_logits])
+            kl_student = torch.stack([member_kl(t_logits, s, terms.temperature) for s in s_logits])
+        results = {}
+        for position, member in enumerate(members):
+            record = per_member[member]
+            record["eval_env_steps"] += int(eval_steps[position])
+            record["eval_returns"] = record["eval_returns"] + [float(teacher_returns[position].mean())]
+            if epoch_returns[member]:
+                record["train_return"] = float(np.mean(epoch_returns[member]))
+            metrics = {
+                "teacher/eval_return": float(teacher_returns[position].mean()),
+                "teacher/eval_return_auc": float(np.mean(record["eval_returns"])),
+                "teacher/best_eval_return": float(np.max(record["eval_returns"])),
+                "teacher/train_return": record["train_return"],
+                "teacher/train_episodes": len(epoch_returns[member]),
+                **last_stats[member],
+                "steps/env": counters["env_steps"],
+                "steps/teacher_updates": counters["teacher_updates"],
+                "steps/teacher": counters["teacher_steps"],
+                "steps/student": counters["student_steps"],
+                "steps/model": counters["teacher_steps"] + counters["student_steps"] * n_students,
+                "time/env_steps_per_s": counters["env_steps"] / counters["train_seconds"],
+                "time/teacher_update_s": counters["update_seconds"] / counters["teacher_updates"],
+                "time/train_s": counters["train_seconds"],
+            }
+            if students:
+                mine = [float(returns[position].mean()) for returns, _ in student_returns]
+                record["eval_env_steps"] += sum(int(taken[position]) for _, taken in student_returns)
+                if n_students > 1:
+                    metrics |= {f"student{i}/eval_return": value for i, value in enumerate(mine)}
+                metrics |= {
+                    "student/eval_return": float(np.mean(mine)),
+                    "agreement/buffer": float(np.mean(agreement[:, position].tolist())),
+                    "kl/student": float(np.mean(kl_student[:, position].tolist())),
+                }
+            metrics["steps/eval_env"] = record["eval_env_steps"]
+            if saved is not None:
+                metrics["trial/resumed_from_epoch"] = saved["counters"]["epoch"]
+            results[member] = record["metrics"] = metrics
+        counters["epoch"] = epoch
+        stopped = pack.early_stops(epoch, results)
+        run.keep([p for p, m in enumerate(members) if m not in stopped], models, optimizers)
+        checkpoint = None
+        if any(cfgs[m].checkpoint_every for m in results):
+            checkpoint = {
+                "active": list(run.members),
+                "counters": dict(counters),
+                "members": [dict(m) for m in per_member],
+                "generators": [generators[m].get_state() for m in run.members],
+                "models": [{"params": detached(m.params)} for m in models],
+                "optimizers": [opt.state_dict() for opt in optimizers],
+            }
+        pack.report(epoch, results, checkpoint=checkpoint)
+    return {m: record["metrics"] for m, record in enumerate(per_member) if "metrics" in record and m not in pack.failed}
+
+
+class PackRun:
+    """What a pack's members step through, by position: their training and evaluation environments, the last
+    observation, the students' buffer."""
+
+    def __init__(self, members: list[int], cfg: LoTRLConfig, buffer: deque) -> None:
+        self.members, self.cfg, self.buffer = list(members), cfg, buffer
+        self.envs = environments.BatchedCartPole(len(members) * cfg.num_envs, cfg.step_limit)
+        self.eval_envs = environments.BatchedCartPole(len(members) * cfg.eval_episodes, cfg.step_limit)
+        self.obs = np.zeros((0,))
+
+    def keep(self, positions: list[int], models: list[StackedModel], optimizers: list[StackedOptimizer]) -> None:
+        """Only the members at these positions go on: their envs, observations, buffer and stacked slices."""
+        if len(positions) == len(self.members):
+            return
+        per = self.cfg.num_envs
+        envs = np.array([p * per + i for p in positions for i in range(per)], dtype=np.int64)
+        self.envs.keep(envs)
+        self.obs = self.obs[envs]
+        self.buffer = deque([rollouts[positions] for rollouts in self.buffer], maxlen=self.buffer.maxlen)
+        self.members = [self.members[p] for p in positions]
+        self.eval_envs = environments.BatchedCartPole(len(self.members) * self.cfg.eval_episodes, self.cfg.step_limit)
+        leave(models, optimizers, positions)
+
+
+def of_members(items: list, members: list[int]) -> list:
+    return [items[m] for m in members]
+
+
 JOB = JobSpec(
     config=LoTRLConfig,
     train=train,
@@ -685,4 +1126,7 @@ JOB = JobSpec(
     selection_split=selection_split,
     default_arm="lot",
     single_process=True,  # vectorised environments in one process; more envs, not DDP workers
+    train_pack=train_pack,
+    pack_varies=PACK_VARIES,
+    check_pack=check_pack,
 )
