@@ -33,8 +33,18 @@ JOBS = {
             "alpha": {"type": "loguniform", "low": 0.1, "high": 1.0},
             "temperature": {"type": "uniform", "low": 1.0, "high": 3.0},
         },
-    }
+        "describe": "cnn:8 on digits, {steps} teacher steps x 2 epochs",
+    },
+    "lot_rl": {
+        "config": {"task": "gym:CartPole-v1", "epochs": 2, "num_students": 1, "eval_episodes": 10},
+        "space": {
+            "alpha": {"type": "loguniform", "low": 0.1, "high": 1.0},
+            "lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3},
+        },
+        "describe": "PPO on CartPole-v1, 8 envs, {steps} environment steps x 2 epochs",
+    },
 }
+STEPS = {"lot": "steps_per_epoch", "lot_rl": "steps_per_epoch"}
 
 
 def bench_spec(job: str, name: str, results: str, samples: int, pack: int, steps: int, cpus: int, device: str):
@@ -44,7 +54,7 @@ def bench_spec(job: str, name: str, results: str, samples: int, pack: int, steps
     return {
         "name": name,
         "job": job,
-        "config": JOBS[job]["config"] | {"steps_per_epoch": steps, "device": device},
+        "config": JOBS[job]["config"] | {STEPS[job]: steps, "device": device},
         "space": JOBS[job]["space"],
         "num_samples": samples,
         "sampler": {"type": "random", "seed": 0},
@@ -72,8 +82,8 @@ def pack_throughput(job: str, samples: int, packs: list[int], steps: int, consol
         ray.shutdown()
     base_rate = samples / rows[0][1] * 3600 if rows and rows[0][0] == 1 else None
     table = Table(
-        title=f"bench pack: {job} ({JOBS[job]['config']['teacher']}, {samples} searched trials of {steps} teacher "
-        f"steps x 2 epochs, {cpus} CPUs, {device})"
+        title=f"bench pack: {job} ({JOBS[job]['describe'].format(steps=steps)}), {samples} searched trials, "
+        f"{cpus} CPUs, {device}"
     )
     for column in ("P", "wall s", "trials", "trials/hour", "vs P=1", "peak RSS / trial"):
         table.add_column(column, justify="right")

@@ -99,10 +99,10 @@ def bench_distributed(
 
 
 def bench_pack(
-    job: str = typer.Option("lot", help="the job (lot)"),
+    job: str = typer.Option("lot", help="the job: lot (digits, cnn:8) or lot_rl (CartPole)"),
     samples: int = typer.Option(16, help="searched trials in every configuration"),
     packs: list[int] = typer.Option([1, 4, 16], "--pack", help="pack sizes P (1: one trial per process); repeatable"),
-    steps: int = typer.Option(20, help="teacher steps per epoch (2 epochs)"),
+    steps: int = typer.Option(20, help="steps per epoch, 2 epochs (lot: teacher steps; lot_rl: env steps, k x 1024)"),
     device: str = typer.Option("cpu", help="cpu, or cuda (each pack then reserves one GPU)"),
 ) -> None:
     """Trials per hour through the real sweep path, packed P at a time against one trial per process."""
