@@ -484,3 +484,36 @@ def test_a_packed_lot_rl_restarted_from_its_checkpoint_goes_on_without_the_membe
         assert [h["epoch"] for h in restarted.members[i].history] == [3]
         assert restarted.members[i].last["steps/env"] == whole.members[i].last["steps/env"]
         assert restarted.members[i].last["trial/resumed_from_epoch"] == 2
+
+
+RL_GRID = """
+name: {name}
+job: lot_rl
+config: {{task: "gym:CartPole-v1", num_envs: 4, num_steps: 32, num_minibatches: 2, update_epochs: 2,
+          steps_per_epoch: 256, epochs: 2, eval_episodes: 3, buffer_rollouts: 2, student_steps: 2, device: cpu}}
+variants:
+  a05: {{alpha: 0.5}}
+  a10: {{alpha: 1.0, lr: 0.001}}
+seeds: [0, 1]
+baseline: {{budget: teacher_steps}}
+results_dir: {results}
+{pack}
+"""
+
+
+@pytest.mark.integration
+def test_a_packed_lot_rl_grid_reads_back_as_the_same_grid_unpacked(ray_session, tmp_path):
+    outcomes = {}
+    for name, pack in (("plain", ""), ("packed", "resources: {pack: 8}")):
+        text = RL_GRID.format(name=name, results=tmp_path / "results", pack=pack)
+        outcomes[name] = run_sweep(parse_spec(text), text)
+    by_config = {}
+    for name, outcome in outcomes.items():
+        assert all(row["status"] == "OK" for row in outcome.trials), outcome.trials
+        for row in outcome.trials:
+            by_config.setdefault((row["label"], row["params"]["seed"]), {})[name] = row["metrics"]
+    assert len(by_config) == 6 and all(len(v) == 2 for v in by_config.values())
+    for key, both in by_config.items():
+        for metric, value in both["plain"].items():
+            if not metric.startswith("time/"):
+                assert math.isclose(value, both["packed"][metric], rel_tol=1e-4, abs_tol=1e-6), (key, metric)
