@@ -140,6 +140,9 @@ def seed_summaries(
                 continue
             xs = np.asarray(list(values.values()))
             low, high = t_interval(xs)
+            bounded = PROPORTION.search(metric) is not None  # a proportion's interval stays inside [0, 1]
+            if bounded:
+                low, high = max(low, 0.0), min(high, 1.0)
             q25, median, q75 = np.quantile(xs, [0.25, 0.5, 0.75])
             row = {
                 "label": trial["label"],
@@ -151,7 +154,7 @@ def seed_summaries(
                 "mean": float(xs.mean()),
                 "ci_low": low,
                 "ci_high": high,
-                "method": T_METHOD,
+                "method": T_METHOD + (", clipped to [0, 1]" if bounded else ""),
             }
             for bound in ("ci_low", "ci_high"):
                 per_seed_bound = per_seed(trial["metrics"], f"{metric}_{bound}")
@@ -159,6 +162,9 @@ def seed_summaries(
                     row[f"test_points_{bound}"] = statistics.fmean(per_seed_bound.values())
             if reference in by_label and trial["label"] != reference:
                 difference = paired_difference(values, per_seed(by_label[reference]["metrics"], metric))
+                if bounded:  # a difference of proportions lies in [-1, 1]
+                    difference["ci_low"] = max(difference["ci_low"], -1.0)
+                    difference["ci_high"] = min(difference["ci_high"], 1.0)
                 row |= {f"vs_{reference}_{k}": v for k, v in difference.items() if k not in ("n_seeds", "method")}
                 row["vs_method"] = PAIRED_METHOD
             rows.append(row)

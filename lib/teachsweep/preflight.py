@@ -22,6 +22,8 @@ from teachsweep.jobs import JOBS
 from teachsweep.plan import planned_configs
 from teachsweep.spec import SpecError, SweepSpec, describe_changes, one_line, tracking_uri_of
 
+ALLOW_DIRTY = "TEACHSWEEP_ALLOW_DIRTY"
+
 
 def check_spec(spec: SweepSpec, where: str = "", pending: dict[str, str] | None = None) -> None:
     """What used to fail only inside trials, refused before anything exists: each planned config's own checks
@@ -48,6 +50,27 @@ def check_spec(spec: SweepSpec, where: str = "", pending: dict[str, str] | None 
                         f"with this config (it reports {', '.join(sorted(metrics))})"
                     )
     check_objectives(spec, where, reported)
+    check_study(spec, where, reported)
+
+
+def check_study(spec: SweepSpec, where: str, reported: dict[str, str | None]) -> None:
+    """A registered study's endpoints are metrics its trials report, and its code is committed: a study's table
+    names the commit it ran, so the commit must hold that code (TEACHSWEEP_ALLOW_DIRTY=1 runs it anyway, and its
+    runs are tagged `teachsweep.git_dirty`, which the report shows)."""
+    if spec.study is None:
+        return
+    endpoints = [("primary", spec.study.primary)] + [(f"secondary.{i}", e) for i, e in enumerate(spec.study.secondary)]
+    for role, endpoint in endpoints:
+        if endpoint.metric not in reported:
+            raise SpecError(
+                f"{where}study.{role}.metric: '{endpoint.metric}' is never reported by job '{spec.job}' "
+                f"(it reports {', '.join(sorted(reported))})"
+            )
+    if tracking.git_dirty() and os.environ.get(ALLOW_DIRTY) != "1":
+        raise SpecError(
+            f"{where}study: the code in {tracking.CODE_DIR} has uncommitted changes; commit them before running a "
+            f"registered study (or set {ALLOW_DIRTY}=1: its runs are then tagged as run from a dirty tree)"
+        )
 
 
 def sweep_references(spec: SweepSpec) -> list[tuple[str, str]]:

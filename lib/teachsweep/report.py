@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.ticker import MaxNLocator
 
+from teachsweep.endpoints import endpoint_lines, endpoint_results
 from teachsweep.jobs import JOBS
 from teachsweep.metrics import (
     PAIRED_METHOD,
@@ -624,12 +625,13 @@ def build_report(sweep: Sweep) -> str:
         else "<li>several objectives: see the Pareto front</li>"
     )
     objectives = ", ".join(f"{o.metric} ({o.mode})" for o in spec.objectives)
+    study = study_section(sweep, comparisons, summaries)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>teachsweep report: {html.escape(spec.name)}
 </title><style>{STYLE}</style></head><body>
 <h1>Sweep <code>{html.escape(spec.name)}</code></h1>
 <p>job <code>{html.escape(spec.job)}</code> · objective {html.escape(objectives)} · {len(rows)} finished trial rows
 · seeds {html.escape(str(spec.seeds))} · MLflow parent run <code>{html.escape(str(sweep.parent_run_id))}</code></p>
-<div class="verdict"><b>Verdict</b><ul>{lines}</ul></div>
+{study}<div class="verdict"><b>Verdict</b><ul>{lines}</ul></div>
 {"".join(f.html() for f in figures)}
 {comparison_section}
 {teacher_effect_table(*chained) if chained else ""}
@@ -639,6 +641,30 @@ job's own interval over test points (SMaT's bootstrap), or a Wilson score interv
 the metric's split for accuracies and agreements; each caption and table names the one it shows; differences
 between trials are paired by seed when both ran the same seeds, else combined from their two intervals
 (MOVER).</p></body></html>"""
+
+
+def study_section(sweep: Sweep, comparisons: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> str:
+    """A registered study's endpoints, the primary first, and a red line when any of its runs ran code with
+    uncommitted changes (or code whose state is unknown)."""
+    spec = sweep.spec
+    if spec.study is None:
+        return ""
+    results = endpoint_results(spec, comparisons, summaries, JOBS[spec.job].reference_arm)
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in endpoint_lines(spec, results))
+    runs = trial_runs(sweep)
+    states = set(runs.get("tags.teachsweep.git_dirty", [])) if len(runs) else set()
+    commits = sorted(set(runs.get("tags.mlflow.source.git.commit", []))) if len(runs) else []
+    warning = ""
+    if states - {"false"}:
+        warning = (
+            '<p style="color:#b00020"><b>Run from code with uncommitted changes</b> (or not from a git checkout): '
+            "its numbers cannot be traced to a commit.</p>"
+        )
+    commit_words = ", ".join(html.escape(str(c)) for c in commits if isinstance(c, str)) or "unknown"
+    return (
+        f'<div class="verdict"><b>Registered study</b> (fixed in the spec before it ran; commit {commit_words}; '
+        f"seeds {html.escape(str(spec.seeds))})<ul>{items}</ul>{warning}</div>"
+    )
 
 
 def write_report(sweep: Sweep) -> tuple[Path, bool]:

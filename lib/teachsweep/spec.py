@@ -95,6 +95,29 @@ class Baseline(Strict):
         return list(dict.fromkeys([self.budget] if isinstance(self.budget, str) else self.budget))
 
 
+class Endpoint(Strict):
+    """One registered comparison of a study: a metric, LoT minus its teacher-only arm at a `budget` (LoT's jobs),
+    or a variant minus the job's reference arm (`variant`; SMaT's students against the unexplained ones),
+    paired by seed."""
+
+    metric: str
+    budget: Literal["teacher_steps", "model_steps"] | None = None
+    variant: str | None = None  # LoT: whose LoT trials (default: every variant's); else the label compared
+
+    def describe(self) -> str:
+        where = f" of {self.variant}" if self.variant else ""
+        return f"{self.metric}{where}" + (f" at {self.budget.replace('_', ' ')}" if self.budget else "")
+
+
+class Study(Strict):
+    """A registered study: its primary endpoint and secondary ones, fixed before it runs (part of the fingerprint:
+    a resumed study cannot change them), and the seeds a claim needs."""
+
+    primary: Endpoint
+    secondary: list[Endpoint] = Field(default_factory=list)
+    min_seeds: int = Field(8, ge=2)
+
+
 class Resources(Strict):
     cpus: float = Field(1.0, gt=0)  # per worker
     gpus: float = Field(0.0, ge=0)  # per worker
@@ -143,6 +166,7 @@ class SweepSpec(Strict):
     baseline: Baseline | None = None
     resources: Resources = Field(default_factory=Resources)
     pack: int | None = Field(None, ge=1, le=4096)  # the same as resources.pack, at the top level
+    study: Study | None = None  # a registered study: primary and secondary endpoints
     max_failures: int = Field(0, ge=0)
     tracking_uri: str | None = None  # default: sqlite file in the results directory ($MLFLOW_TRACKING_URI wins)
     experiment: str | None = None  # MLflow experiment; default: the sweep name (a pipeline's stages: the pipeline's)
@@ -196,6 +220,7 @@ class SweepSpec(Strict):
         if self.resources.workers > 1 and len(self.seeds) > 1 and self.space:
             raise ValueError("resources.workers > 1 (DDP) runs one seed per trial: give seeds to a grid, not a search")
         self._one_pack_size()
+        self._registered_study()
         if self.baseline is not None and not JOBS[self.job].has_fixed_arms:
             raise ValueError(f"baseline: job '{self.job}' has no baseline arms (the teacher-only arm is LoT's)")
         if not self.objectives:
@@ -217,6 +242,32 @@ class SweepSpec(Strict):
         if self.space and len(self.seeds) > 1:
             raise ValueError("resources.pack: a packed search runs one seed per trial; give seeds to a grid")
 
+    def _registered_study(self) -> None:
+        if self.study is None:
+            return
+        if len(self.seeds) < self.study.min_seeds:
+            raise ValueError(
+                f"seeds: a study's claims need at least {self.study.min_seeds} seeds (got {len(self.seeds)}); "
+                "a pilot sets study.min_seeds lower"
+            )
+        budgets = self.baseline.budgets if self.baseline else []
+        for where, endpoint in [("primary", self.study.primary)] + [
+            (f"secondary.{i}", e) for i, e in enumerate(self.study.secondary)
+        ]:
+            if endpoint.budget is not None and endpoint.budget not in budgets:
+                raise ValueError(
+                    f"study.{where}.budget: {endpoint.budget}, but the baseline runs no teacher-only arm at it "
+                    f"(baseline budgets: {', '.join(budgets) or 'none'})"
+                )
+            if (
+                endpoint.variant is not None
+                and self.variants
+                and not any(
+                    endpoint.variant == name or endpoint.variant.startswith(f"{name}-") for name in self.variants
+                )
+            ):
+                raise ValueError(f"study.{where}.variant: no variant named {endpoint.variant!r}")
+
     @property
     def packed(self) -> bool:
         return self.resources.pack > 1
@@ -232,6 +283,7 @@ class SweepSpec(Strict):
     def fingerprint(self) -> dict[str, Any]:
         """What must not change when a sweep is resumed."""
         keep = ("job", "config", "space", "variants", "objectives", "sampler", "scheduler", "seeds", "baseline")
+        keep += ("study",) if self.study is not None else ()
         # packs change what a Tune trial is: a resume cannot repack (named only when packed, so the fingerprints
         # of unpacked sweeps stay as they were)
         packing = {"pack": self.resources.pack} if self.packed else {}
@@ -256,7 +308,8 @@ def one_line(error: ValidationError, prefix: str = "") -> str:
         return f"{loc}: required key is missing"
     msg = first["msg"].removeprefix("Value error, ")
     field, sep, rest = msg.partition(": ")
-    if not first["loc"] and sep and field.isidentifier():  # a whole-config check that names its field
+    names_a_field = all(part.isidentifier() or part.isdigit() for part in field.split("."))
+    if not first["loc"] and sep and names_a_field:  # a whole-config check that names its field (or dotted path)
         return f"{prefix}{field}: {rest}"
     if first["type"] in (
         "int_type",

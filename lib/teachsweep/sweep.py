@@ -173,7 +173,7 @@ def run_sweep(
     paths.parent_run.write_text(parent_run_id)
 
     own_tags = {k: v for k, v in stage_tags.items() if k.startswith("teachsweep.")}
-    records = SweepRecords(spec.name, uri, experiment_id, parent_run_id, own_tags)
+    records = SweepRecords(spec.name, uri, experiment_id, parent_run_id, own_tags, tracking.code_tags())
     resources = spec.resources
     ctx = TrialContext(
         records,

@@ -96,12 +96,39 @@ def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def git_commit() -> str | None:
+CODE_DIR = Path(__file__).resolve().parent  # the code a run runs: its commit, and whether it was edited
+
+
+def git_commit(directory: Path | None = None) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        command = ["git", "rev-parse", "HEAD"]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=5, cwd=directory or CODE_DIR)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def git_dirty(directory: Path | None = None) -> bool | None:
+    """Whether the repository holding `directory` has uncommitted changes to tracked files (None: not a git
+    checkout, e.g. an installed package or a cluster's shipped copy)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=directory or CODE_DIR,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def code_tags(directory: Path | None = None) -> dict[str, str]:
+    """The commit a run ran and whether its tree was dirty, as MLflow tags."""
+    commit, dirty = git_commit(directory), git_dirty(directory)
+    tags = {"mlflow.source.git.commit": commit} if commit else {}
+    return tags | {"teachsweep.git_dirty": "unknown" if dirty is None else str(dirty).lower()}
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens its model-training view,
@@ -165,8 +192,7 @@ def start_parent_run(
     a sweep deleted and started again gets a fresh parent run instead of inheriting stale children."""
     if run_id is None:
         tags = {"teachsweep.sweep": sweep, "teachsweep.role": PARENT} | (extra_tags or {})
-        commit = git_commit()
-        run_tags = tags | ({"mlflow.source.git.commit": commit} if commit else {})
+        run_tags = tags | code_tags()
         run_id = retry(lambda: client.create_run(experiment_id, run_name=sweep, tags=run_tags)).info.run_id
         retry(lambda: client.log_text(run_id, spec_text, "spec.yaml"))
     else:

@@ -32,6 +32,7 @@ class SweepRecords:
     experiment_id: str
     parent_run_id: str
     stage_tags: dict[str, str] = field(default_factory=dict)
+    code_tags: dict[str, str] = field(default_factory=dict)  # the driver's commit and whether its tree was dirty
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ def planned_run(params: dict[str, Any], ctx: TrialContext, trial_id: str) -> Pla
         **{f"teachsweep.{field}": source for field, source in teachers.items()},  # which teacher it used
         **{f"teachsweep.{field}_run": run for field, run in teacher_runs.items()},
         **ctx.records.stage_tags,
+        **ctx.records.code_tags,
     }
     return PlannedRun(label, arm, config, seeds, tags)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.markup import escape
 
 from teachsweep import preflight
 from teachsweep.cli.options import (
@@ -27,6 +28,7 @@ from teachsweep.cli.tables import (
     values_text,
 )
 from teachsweep.cli.terminal import console, fail, print_paths
+from teachsweep.endpoints import endpoint_lines, endpoint_results
 from teachsweep.jobs import JOBS
 from teachsweep.metrics import merge_seed_trials
 from teachsweep.pipeline import check_pipeline, is_pipeline, parse_pipeline, run_pipeline
@@ -137,6 +139,9 @@ def print_outcome(outcome: SweepOutcome) -> None:
     searched = list(spec.space) or varying
     reported = [m for m in shown if any(m in r["metrics"] for r in outcome.trials)]
     console.print(trials_table(outcome, searched, reported))
+    reference = JOBS[spec.job].reference_arm
+    for line in endpoint_lines(spec, endpoint_results(spec, outcome.comparisons, outcome.seed_summaries, reference)):
+        console.print(f"[bold]study[/] {escape(line)}", highlight=False)
     if outcome.comparisons:
         console.print(comparisons_table(outcome.comparisons))
     rows = merge_seed_trials(outcome.trials)

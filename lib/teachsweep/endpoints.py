@@ -1,0 +1,94 @@
+"""A registered study's endpoints read from a sweep's comparisons: the primary first, each with its paired
+difference over seeds, its interval (clipped to what the metric can take: a difference of accuracies lies in
+[-1, 1]) and the method that gave it, and a line saying when an endpoint found nothing to compare."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from teachsweep.metrics import PAIRED_METHOD, PROPORTION
+from teachsweep.spec import Endpoint, SweepSpec
+
+
+@dataclass(frozen=True)
+class EndpointResult:
+    role: str  # "primary" or "secondary"
+    endpoint: Endpoint
+    compared: str  # what was compared with what: "cartpole-lot − teacher_only"
+    diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    n_seeds: int
+    method: str
+
+
+def difference_bounds(metric: str) -> tuple[float, float]:
+    """What a difference of this metric can take: [-1, 1] for proportions (accuracies, agreement, simulability)."""
+    return (-1.0, 1.0) if PROPORTION.search(metric) else (-math.inf, math.inf)
+
+
+def clipped(metric: str, low: float, high: float) -> tuple[float, float, bool]:
+    lowest, highest = difference_bounds(metric)
+    clipped_low, clipped_high = max(low, lowest), min(high, highest)
+    return clipped_low, clipped_high, (clipped_low, clipped_high) != (low, high)
+
+
+def matching(spec: SweepSpec, endpoint: Endpoint, comparisons, summaries, reference: str | None) -> list[dict]:
+    """The comparison rows an endpoint names, as {compared, diff, ci_low, ci_high, p_value, n_seeds}."""
+    found = []
+    if endpoint.budget is not None:  # LoT minus its teacher-only arm at that budget
+        for row in comparisons:
+            if row["metric"] != endpoint.metric or row["budget"] != endpoint.budget:
+                continue
+            if endpoint.variant is not None and endpoint.variant not in (row["variant"], row["trial"]):
+                continue
+            stats = {k: row[k] for k in ("diff_mean", "ci_low", "ci_high", "p_value", "n_seeds")}
+            found.append({"compared": f"{row['trial']} − {row['baseline_label']}", **stats})
+        return found
+    for row in summaries:  # a variant minus the job's reference arm
+        if row["metric"] != endpoint.metric or reference is None or f"vs_{reference}_diff_mean" not in row:
+            continue
+        if endpoint.variant is not None and row["label"] != endpoint.variant:
+            continue
+        stats = {k: row[f"vs_{reference}_{k}"] for k in ("diff_mean", "ci_low", "ci_high", "p_value")}
+        found.append({"compared": f"{row['label']} − {reference}", "n_seeds": row["n_seeds"], **stats})
+    return found
+
+
+def endpoint_results(
+    spec: SweepSpec, comparisons: list[dict[str, Any]], summaries: list[dict[str, Any]], reference: str | None
+) -> list[EndpointResult]:
+    if spec.study is None:
+        return []
+    results = []
+    for role, endpoint in [("primary", spec.study.primary)] + [("secondary", e) for e in spec.study.secondary]:
+        for row in matching(spec, endpoint, comparisons, summaries, reference):
+            low, high, was_clipped = clipped(endpoint.metric, row["ci_low"], row["ci_high"])
+            method = PAIRED_METHOD + (", clipped to the metric's bounds" if was_clipped else "")
+            results.append(
+                EndpointResult(
+                    role, endpoint, row["compared"], row["diff_mean"], low, high, row["p_value"], row["n_seeds"], method
+                )
+            )
+    return results
+
+
+def endpoint_lines(spec: SweepSpec, results: list[EndpointResult]) -> list[str]:
+    """One line per endpoint result, the primary first; an endpoint that matched nothing says so."""
+    if spec.study is None:
+        return []
+    lines = []
+    endpoints = [("primary", spec.study.primary)] + [("secondary", e) for e in spec.study.secondary]
+    for role, endpoint in endpoints:
+        mine = [r for r in results if r.endpoint is endpoint]
+        if not mine:
+            lines.append(f"{role} endpoint {endpoint.describe()}: nothing to compare (no finished paired trials)")
+        for r in mine:
+            lines.append(
+                f"{role} endpoint {endpoint.describe()}, {r.compared}: {r.diff:+.4g} [{r.ci_low:+.4g}, "
+                f"{r.ci_high:+.4g}] ({r.method} over {r.n_seeds} seeds, exact sign-flip p {r.p_value:.2g})"
+            )
+    return lines

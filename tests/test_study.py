@@ -1,0 +1,120 @@
+"""A registered study: its endpoints are part of the spec (validated, fingerprinted), its code must be committed,
+and its results are read primary first, each with a paired interval clipped to what the metric can take."""
+
+import subprocess
+
+import pytest
+
+from teachsweep import preflight, tracking
+from teachsweep.endpoints import endpoint_lines, endpoint_results
+from teachsweep.metrics import seed_summaries
+from teachsweep.spec import SpecError, parse_spec
+
+SPEC = """
+name: s
+job: lot
+config: {{task: digits, teacher: cnn, epochs: 1}}
+variants: {{a05: {{alpha: 0.5}}}}
+seeds: [{seeds}]
+baseline: {{budget: teacher_steps}}
+study:
+{study}
+"""
+PRIMARY = "  primary: {metric: teacher/test_acc_at_best_val, budget: teacher_steps}\n"
+
+
+def spec_text(study: str = PRIMARY, seeds: int = 8) -> str:
+    return SPEC.format(seeds=", ".join(str(s) for s in range(seeds)), study=study)
+
+
+@pytest.mark.parametrize(
+    ("study", "seeds", "said"),
+    [
+        (PRIMARY, 5, "seeds: a study's claims need at least 8 seeds (got 5)"),
+        (PRIMARY + "  min_seeds: 4\n", 5, None),
+        ("  primary: {metric: teacher/test_acc, budget: model_steps}\n", 8, "study.primary.budget: model_steps, but"),
+        ("  primary: {metric: teacher/test_acc, variant: nope}\n", 8, "study.primary.variant: no variant named 'nope'"),
+        (PRIMARY + "  secondary: [{metric: x, budget: model_steps}]\n", 8, "study.secondary.0.budget"),
+    ],
+)
+def test_a_study_is_refused_in_one_line_where_it_cannot_answer(study, seeds, said):
+    if said is None:
+        parse_spec(spec_text(study, seeds), "s.yaml: ")
+        return
+    with pytest.raises(SpecError) as refused:
+        parse_spec(spec_text(study, seeds), "s.yaml: ")
+    assert str(refused.value).startswith(f"s.yaml: {said}"), str(refused.value)
+
+
+def test_a_study_endpoint_no_trial_reports_is_refused_before_anything_runs(monkeypatch):
+    monkeypatch.setenv(preflight.ALLOW_DIRTY, "1")
+    spec = parse_spec(spec_text("  primary: {metric: teacher/test_ppl, budget: teacher_steps}\n"), "s.yaml: ")
+    with pytest.raises(SpecError, match="s.yaml: study.primary.metric: 'teacher/test_ppl' is never reported"):
+        preflight.check_spec(spec, "s.yaml: ")
+
+
+def test_the_endpoints_are_part_of_the_fingerprint():
+    first = parse_spec(spec_text()).fingerprint()
+    changed = parse_spec(spec_text(PRIMARY.replace("test_acc_at_best_val", "test_acc"))).fingerprint()
+    assert first != changed and "study" in first
+    assert "study" not in parse_spec(SPEC.split("study:")[0].format(seeds="0")).fingerprint()
+
+
+def git(directory, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=directory, check=True, capture_output=True)
+
+
+def test_a_study_from_code_with_uncommitted_changes_is_refused_unless_allowed(tmp_path, monkeypatch):
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "empty")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git(tmp_path, "add", "code.py")
+    git(tmp_path, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "code")
+    monkeypatch.setattr(tracking, "CODE_DIR", tmp_path)
+    assert tracking.git_dirty() is False and tracking.code_tags()["teachsweep.git_dirty"] == "false"
+    spec = parse_spec(spec_text(), "s.yaml: ")
+    preflight.check_spec(spec, "s.yaml: ")  # committed: runs
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert tracking.code_tags()["teachsweep.git_dirty"] == "true"
+    with pytest.raises(SpecError, match="s.yaml: study: the code in .* has uncommitted changes"):
+        preflight.check_spec(spec, "s.yaml: ")
+    monkeypatch.setenv(preflight.ALLOW_DIRTY, "1")
+    preflight.check_spec(spec, "s.yaml: ")
+    monkeypatch.setattr(tracking, "CODE_DIR", tmp_path / "not-a-checkout")
+    (tmp_path / "not-a-checkout").mkdir()
+    monkeypatch.chdir(tmp_path / "not-a-checkout")
+    assert tracking.git_dirty(tmp_path.parent) in (None, False, True)  # whatever holds it: no crash
+
+
+def test_endpoints_read_primary_first_with_a_clipped_paired_interval_and_say_when_nothing_matched():
+    study = PRIMARY + "  secondary: [{metric: student/test_acc, budget: teacher_steps}]\n"
+    spec = parse_spec(spec_text(study))
+    comparisons = [
+        {"variant": "a05", "trial": "a05-lot", "baseline_label": "teacher_only", "budget": "teacher_steps",
+         "metric": "teacher/test_acc_at_best_val", "diff_mean": 0.02, "ci_low": -1.7, "ci_high": 0.9,
+         "p_value": 0.0078, "n_seeds": 8},
+    ]  # fmt: skip
+    results = endpoint_results(spec, comparisons, [], None)
+    (primary,) = results
+    assert (primary.role, primary.ci_low, primary.ci_high) == ("primary", -1.0, 0.9)
+    assert "clipped to the metric's bounds" in primary.method
+    lines = endpoint_lines(spec, results)
+    assert lines[0].startswith("primary endpoint teacher/test_acc_at_best_val at teacher steps, a05-lot − teacher_only")
+    assert "over 8 seeds, exact sign-flip p 0.0078" in lines[0]
+    assert (
+        lines[1]
+        == "secondary endpoint student/test_acc at teacher steps: nothing to compare (no finished paired trials)"
+    )
+
+
+def test_an_accuracy_mean_over_seeds_keeps_its_interval_inside_0_and_1():
+    rows = [
+        {
+            "label": "x",
+            "status": "OK",
+            "params": {},
+            "metrics": {"teacher/test_acc@seed0": 0.99, "teacher/test_acc@seed1": 0.2},
+        }
+    ]
+    (summary,) = seed_summaries(rows, ["teacher/test_acc"])
+    assert 0.0 <= summary["ci_low"] and summary["ci_high"] <= 1.0 and "clipped to [0, 1]" in summary["method"]
