@@ -408,16 +408,17 @@ def rl_twins(configs: list[dict]) -> list[Reporter]:
     return reporters
 
 
-def test_cartpole_as_arrays_steps_as_gymnasiums_vector_env_number_for_number():
+@pytest.mark.parametrize(("task", "actions"), [("gym:CartPole-v1", 2), ("gym:Acrobot-v1", 3)])
+def test_classic_control_as_arrays_steps_as_gymnasiums_vector_env_number_for_number(task, actions):
     import numpy as np
 
-    from teachsweep.environments import BatchedCartPole, finished_episodes, make_vector_env
+    from teachsweep.environments import BATCHED, finished_episodes, make_vector_env
 
-    ours, theirs = BatchedCartPole(6, 60), make_vector_env("gym:CartPole-v1", 6, 60)
+    ours, theirs = BATCHED[task](6, 60), make_vector_env(task, 6, 60)
     seeds = [17 + i for i in range(6)]
     assert np.array_equal(ours.reset(seeds), theirs.reset(seed=seeds)[0])
-    actions = np.random.default_rng(0).integers(0, 2, (2000, 6))
-    for t, action in enumerate(actions):
+    chosen = np.random.default_rng(0).integers(0, actions, (2000, 6))
+    for t, action in enumerate(chosen):
         obs, reward, terminated, truncated, final, returns = ours.step(action)
         their_obs, their_reward, their_terminated, their_truncated, info = theirs.step(action)
         assert np.array_equal(obs, their_obs) and np.array_equal(reward, their_reward), t
@@ -428,13 +429,13 @@ def test_cartpole_as_arrays_steps_as_gymnasiums_vector_env_number_for_number():
             assert np.array_equal(final[i], info["final_obs"][i]), t
 
 
-@pytest.mark.parametrize("arm", ["lot", "teacher_only"])
-def test_packed_lot_rl_members_report_what_their_unpacked_twins_report(arm):
+@pytest.mark.parametrize(("arm", "task"), [("lot", "gym:CartPole-v1"), ("teacher_only", "gym:Acrobot-v1")])
+def test_packed_lot_rl_members_report_what_their_unpacked_twins_report(arm, task):
     """Different seeds, learning rates and schedules' floors, entropy and clip coefficients, gammas, GAE lambdas,
     alphas and temperatures, two students, gradient clipping on and off, and a member that goes NaN."""
     from teachsweep.jobs import lot_rl
 
-    base = RL | {"arm": arm, "num_students": 2}
+    base = RL | {"arm": arm, "task": task, "num_students": 2}
     configs = [
         base | {"seed": 0, "alpha": 0.5},
         base | {"seed": 1, "alpha": 1.0, "lr": 1e-3, "ent_coef": 0.02, "gamma": 0.98, "max_grad_norm": None},
@@ -456,7 +457,7 @@ def test_lot_rl_packs_only_what_it_steps_as_arrays(tmp_path):
     spec = """
 name: x
 job: lot_rl
-config: {task: "gym:Acrobot-v1", num_envs: 4, num_steps: 32, steps_per_epoch: 128}
+config: {task: "gym:MountainCar-v0", num_envs: 4, num_steps: 32, steps_per_epoch: 128}
 space: {alpha: {type: uniform, low: 0.1, high: 1.0}}
 pack: 4
 """
@@ -464,7 +465,9 @@ pack: 4
 
     with pytest.raises(SpecError) as refused:
         check_spec(parse_spec(spec, "s.yaml: "), "s.yaml: ")
-    assert str(refused.value).startswith("s.yaml: config.task: gym:Acrobot-v1 does not pack yet"), str(refused.value)
+    assert str(refused.value).startswith("s.yaml: config.task: gym:MountainCar-v0 does not pack yet"), str(
+        refused.value
+    )
 
 
 def test_a_packed_lot_rl_restarted_from_its_checkpoint_goes_on_without_the_member_that_left():

@@ -122,28 +122,38 @@ def finished_episodes(info: dict) -> tuple[np.ndarray, np.ndarray]:
     return mask, np.asarray(final["episode"]["r"], dtype=np.float64)[mask]
 
 
-class BatchedCartPole:
-    """`n` CartPole-v1 environments as arrays, stepped with numpy in one call: the dynamics, time limit, episode
-    returns and same-step resets of `make_vector_env("gym:CartPole-v1", n)`, number for number (each env keeps its
-    own generator, seeded as gymnasium seeds it, for the draws of its resets). What packs of RL trials step."""
+class BatchedEnvs:
+    """`n` copies of one classic-control environment as arrays, stepped with numpy in one call: its dynamics, time
+    limit, episode returns and same-step resets as `make_vector_env(task, n)` gives them, number for number (each
+    env keeps its own generator, seeded as gymnasium seeds it, for the draws of its resets). What packs of RL
+    trials step. Subclasses give the state's start, the dynamics and the observation."""
 
-    gravity, masspole, total_mass, length, force_mag, tau = 9.8, 0.1, 1.1, 0.5, 10.0, 0.02
-    polemass_length = 0.05
-    theta_threshold, x_threshold = 12 * 2 * math.pi / 360, 2.4
-    observation_shape, actions = (4,), 2
+    observation_shape: tuple[int, ...]
+    actions: int
+    default_step_limit: int
 
     def __init__(self, n: int, step_limit: int | None = None) -> None:
-        self.n, self.step_limit = n, step_limit or 500
+        self.n, self.step_limit = n, step_limit or self.default_step_limit
         self.state = np.zeros((n, 4))
         self.elapsed = np.zeros(n, dtype=np.int64)
         self.returns = np.zeros(n)
         self.generators: list[np.random.Generator] = []
 
+    def start(self, generator: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def dynamics(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(next state, rewards, terminated) of every env."""
+        raise NotImplementedError
+
+    def observe(self, state: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
     def reset(self, seeds: list[int]) -> np.ndarray:
         self.generators = [gym.utils.seeding.np_random(seed)[0] for seed in seeds]
-        self.state = np.stack([g.uniform(low=-0.05, high=0.05, size=(4,)) for g in self.generators])
+        self.state = np.stack([self.start(g) for g in self.generators])
         self.elapsed[:], self.returns[:] = 0, 0.0
-        return self.state.astype(np.float32)
+        return self.observe(self.state)
 
     def keep(self, envs: np.ndarray) -> None:
         """Only these envs go on (a pack whose members left), each as it was."""
@@ -154,6 +164,37 @@ class BatchedCartPole:
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, ...]:
         """(observations, rewards, terminated, truncated, final observations, episode returns): the last two hold
         the ended envs' last observation and return (NaN elsewhere); an ended env is already reset in the first."""
+        self.state, rewards, terminated = self.dynamics(actions)
+        self.elapsed += 1
+        self.returns += rewards
+        truncated = self.elapsed >= self.step_limit
+        ended = terminated | truncated
+        observations = self.observe(self.state)
+        final = np.full_like(observations, np.nan)
+        returns = np.full(self.n, np.nan)
+        for i in np.flatnonzero(ended):
+            final[i], returns[i] = observations[i], self.returns[i]
+            self.state[i] = self.start(self.generators[i])
+            observations[i] = self.observe(self.state[i : i + 1])[0]
+            self.elapsed[i], self.returns[i] = 0, 0.0
+        return observations, rewards, terminated, truncated, final, returns
+
+
+class BatchedCartPole(BatchedEnvs):
+    """CartPole-v1 (gymnasium's `CartPoleEnv`, Euler integration) as arrays."""
+
+    gravity, masspole, total_mass, length, force_mag, tau = 9.8, 0.1, 1.1, 0.5, 10.0, 0.02
+    polemass_length = 0.05
+    theta_threshold, x_threshold = 12 * 2 * math.pi / 360, 2.4
+    observation_shape, actions, default_step_limit = (4,), 2, 500
+
+    def start(self, generator: np.random.Generator) -> np.ndarray:
+        return generator.uniform(low=-0.05, high=0.05, size=(4,))
+
+    def observe(self, state: np.ndarray) -> np.ndarray:
+        return state.astype(np.float32)
+
+    def dynamics(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x, x_dot, theta, theta_dot = self.state.T
         force = np.where(actions == 1, self.force_mag, -self.force_mag)
         costheta, sintheta = np.cos(theta), np.sin(theta)
@@ -164,18 +205,63 @@ class BatchedCartPole:
         xacc = temp - self.polemass_length * thetaacc * costheta / self.total_mass
         x, x_dot = x + self.tau * x_dot, x_dot + self.tau * xacc
         theta, theta_dot = theta + self.tau * theta_dot, theta_dot + self.tau * thetaacc
-        self.state = np.stack([x, x_dot, theta, theta_dot], axis=1)
         terminated = (x < -self.x_threshold) | (x > self.x_threshold)
         terminated |= (theta < -self.theta_threshold) | (theta > self.theta_threshold)
-        rewards = np.ones(self.n)
-        self.elapsed += 1
-        self.returns += rewards
-        truncated = self.elapsed >= self.step_limit
-        ended = terminated | truncated
-        final = np.full((self.n, 4), np.nan, dtype=np.float32)
-        returns = np.full(self.n, np.nan)
-        for i in np.flatnonzero(ended):
-            final[i], returns[i] = self.state[i].astype(np.float32), self.returns[i]
-            self.state[i] = self.generators[i].uniform(low=-0.05, high=0.05, size=(4,))
-            self.elapsed[i], self.returns[i] = 0, 0.0
-        return self.state.astype(np.float32), rewards, terminated, truncated, final, returns
+        return np.stack([x, x_dot, theta, theta_dot], axis=1), np.ones(self.n), terminated
+
+
+class BatchedAcrobot(BatchedEnvs):
+    """Acrobot-v1 (gymnasium's `AcrobotEnv`, the book's dynamics, one RK4 step of 0.2 s) as arrays."""
+
+    dt, max_vel_1, max_vel_2 = 0.2, 4 * math.pi, 9 * math.pi
+    torques = np.array([-1.0, 0.0, 1.0])
+    observation_shape, actions, default_step_limit = (6,), 3, 500
+
+    def start(self, generator: np.random.Generator) -> np.ndarray:
+        return generator.uniform(low=-0.1, high=0.1, size=(4,)).astype(np.float32).astype(np.float64)
+
+    def observe(self, state: np.ndarray) -> np.ndarray:
+        s0, s1, s2, s3 = state.T
+        return np.stack([np.cos(s0), np.sin(s0), np.cos(s1), np.sin(s1), s2, s3], axis=1).astype(np.float32)
+
+    @staticmethod
+    def derivatives(y: np.ndarray) -> np.ndarray:
+        """The book's equations of motion for y = (theta1, theta2, dtheta1, dtheta2, torque), one column per env."""
+        m1 = m2 = l1 = i1 = i2 = 1.0
+        lc1 = lc2 = 0.5
+        g = 9.8
+        theta1, theta2, dtheta1, dtheta2, a = y
+        d1 = m1 * lc1**2 + m2 * (l1**2 + lc2**2 + 2 * l1 * lc2 * np.cos(theta2)) + i1 + i2
+        d2 = m2 * (lc2**2 + l1 * lc2 * np.cos(theta2)) + i2
+        phi2 = m2 * lc2 * g * np.cos(theta1 + theta2 - math.pi / 2.0)
+        phi1 = (
+            -m2 * l1 * lc2 * dtheta2**2 * np.sin(theta2)
+            - 2 * m2 * l1 * lc2 * dtheta2 * dtheta1 * np.sin(theta2)
+            + (m1 * lc1 + m2 * l1) * g * np.cos(theta1 - math.pi / 2)
+            + phi2
+        )
+        ddtheta2 = (a + d2 / d1 * phi1 - m2 * l1 * lc2 * dtheta1**2 * np.sin(theta2) - phi2) / (
+            m2 * lc2**2 + i2 - d2**2 / d1
+        )
+        ddtheta1 = -(d2 * ddtheta2 + phi1) / d1
+        return np.stack([dtheta1, dtheta2, ddtheta1, ddtheta2, np.zeros_like(a)])
+
+    def dynamics(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        y0 = np.concatenate([self.state.T, self.torques[actions][None]])  # (5, envs)
+        dt, dt2 = self.dt, self.dt / 2.0
+        k1 = self.derivatives(y0)
+        k2 = self.derivatives(y0 + dt2 * k1)
+        k3 = self.derivatives(y0 + dt2 * k2)
+        k4 = self.derivatives(y0 + dt * k3)
+        state = (y0 + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4))[:4]
+        for row in (0, 1):  # wrapped into [-pi, pi] as gymnasium's `wrap` does, one period at a time
+            while (state[row] > math.pi).any() or (state[row] < -math.pi).any():
+                state[row] = np.where(state[row] > math.pi, state[row] - 2 * math.pi, state[row])
+                state[row] = np.where(state[row] < -math.pi, state[row] + 2 * math.pi, state[row])
+        state[2] = np.minimum(np.maximum(state[2], -self.max_vel_1), self.max_vel_1)
+        state[3] = np.minimum(np.maximum(state[3], -self.max_vel_2), self.max_vel_2)
+        terminated = -np.cos(state[0]) - np.cos(state[1] + state[0]) > 1.0
+        return state.T.copy(), np.where(terminated, 0.0, -1.0), terminated
+
+
+BATCHED = {"gym:CartPole-v1": BatchedCartPole, "gym:Acrobot-v1": BatchedAcrobot}

@@ -688,7 +688,7 @@ PACK_VARIES = frozenset(
     {"seed", "alpha", "temperature", "student_weights", "lr", "lr_min", "ent_coef", "vf_coef", "clip_coef"}
     | {"max_grad_norm", "gamma", "gae_lambda", "student_weight_decay", "checkpoint_every"}
 )
-PACKED_TASKS = ("gym:CartPole-v1",)
+PACKED_TASKS = tuple(environments.BATCHED)  # the environments stepped as arrays
 
 
 def check_pack(cfg: LoTRLConfig) -> None:
@@ -917,7 +917,7 @@ def pack_schedule(cfgs: list[LoTRLConfig], total_updates: int, device) -> Callab
 
 
 def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = None) -> dict[int, dict[str, float]]:
-    """`train` for P configs at once (packing.py): P x E environments stepped as arrays (`BatchedCartPole`), one
+    """`train` for P configs at once (packing.py): P x E environments stepped as arrays (`BatchedEnvs`), one
     vmapped call of the teachers per step, each member's own action and minibatch generators, its own
     hyperparameters as columns. Returns each member's final metrics, for the members that did not fail."""
     cfgs = [LoTRLConfig.model_validate(c) for c in configs]
@@ -928,7 +928,8 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
     device = pick_device(lead.device)
     members = list(range(len(cfgs)))
     eval_seeds = [[1_000_000 + 1_000 * c.seed + i for i in range(c.eval_episodes)] for c in cfgs]
-    obs_shape, n_actions = environments.BatchedCartPole.observation_shape, environments.BatchedCartPole.actions
+    env_class = environments.BATCHED[lead.task]
+    obs_shape, n_actions = env_class.observation_shape, env_class.actions
     n_students = lead.num_students if lead.arm == "lot" else 0
     teachers, students_by_member, samplers = [], [], []
     for cfg in cfgs:  # as each twin builds its agents; its actions are drawn from the global generator after that
@@ -970,7 +971,7 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
         for member, state in zip(members, saved["generators"], strict=True):
             generators[member].set_state(state)
         counters, per_member = dict(saved["counters"]), [dict(m) for m in saved["members"]]
-    run = PackRun(members, lead, deque(maxlen=lead.buffer_rollouts))
+    run = PackRun(members, lead, deque(maxlen=lead.buffer_rollouts), env_class)
     epoch_seed = counters["epoch"] * 100
     run.obs = run.envs.reset([cfgs[m].seed * 10_000 + epoch_seed + i for m in members for i in range(lead.num_envs)])
     models = [teacher, *students]
@@ -1083,10 +1084,10 @@ class PackRun:
     """What a pack's members step through, by position: their training and evaluation environments, the last
     observation, the students' buffer."""
 
-    def __init__(self, members: list[int], cfg: LoTRLConfig, buffer: deque) -> None:
-        self.members, self.cfg, self.buffer = list(members), cfg, buffer
-        self.envs = environments.BatchedCartPole(len(members) * cfg.num_envs, cfg.step_limit)
-        self.eval_envs = environments.BatchedCartPole(len(members) * cfg.eval_episodes, cfg.step_limit)
+    def __init__(self, members: list[int], cfg: LoTRLConfig, buffer: deque, env_class: type) -> None:
+        self.members, self.cfg, self.buffer, self.env_class = list(members), cfg, buffer, env_class
+        self.envs = env_class(len(members) * cfg.num_envs, cfg.step_limit)
+        self.eval_envs = env_class(len(members) * cfg.eval_episodes, cfg.step_limit)
         self.obs = np.zeros((0,))
 
     def keep(self, positions: list[int], models: list[StackedModel], optimizers: list[StackedOptimizer]) -> None:
@@ -1099,7 +1100,7 @@ class PackRun:
         self.obs = self.obs[envs]
         self.buffer = deque([rollouts[positions] for rollouts in self.buffer], maxlen=self.buffer.maxlen)
         self.members = [self.members[p] for p in positions]
-        self.eval_envs = environments.BatchedCartPole(len(self.members) * self.cfg.eval_episodes, self.cfg.step_limit)
+        self.eval_envs = self.env_class(len(self.members) * self.cfg.eval_episodes, self.cfg.step_limit)
         leave(models, optimizers, positions)
 
 
