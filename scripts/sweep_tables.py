@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from teachsweep.endpoints import endpoint_results
 from teachsweep.jobs import JOBS
 from teachsweep.metrics import PAIRED_METHOD, T_METHOD, seed_summaries
 from teachsweep.results import DEFAULT_RESULTS, open_sweep, trial_rows
@@ -51,18 +52,36 @@ def rows_of(name: str, results_dir: str, metrics: list[str] | None) -> dict[str,
         }
         for r in trial_rows(sweep, merge_seeds=False)
     ]
+    summaries, comparisons = seed_summaries(merged, metrics, job.reference_arm), job.compare(merged, metrics)
+    endpoints = endpoint_results(sweep.spec, comparisons, summaries, job.reference_arm)
     return {
         "sweep": name,
         "job": sweep.spec.job,
         "reference_arm": job.reference_arm,
         "metrics": metrics,
         "ran_at_commit": parent.data.tags.get("mlflow.source.git.commit") if parent else None,
+        "ran_dirty": parent.data.tags.get("teachsweep.git_dirty") if parent else None,
         "read_with": read_commit(),
         "interval_method": T_METHOD,
         "difference_method": PAIRED_METHOD,
+        "study": sweep.spec.study.model_dump() if sweep.spec.study else None,
+        "endpoints": [
+            {
+                "role": e.role,
+                "endpoint": e.endpoint.describe(),
+                "compared": e.compared,
+                "diff": e.diff,
+                "ci_low": e.ci_low,
+                "ci_high": e.ci_high,
+                "p_value": e.p_value,
+                "n_seeds": e.n_seeds,
+                "method": e.method,
+            }
+            for e in endpoints
+        ],
         "trials": sorted(trials, key=lambda t: (t["label"], str(t["seed"]))),
-        "summaries": seed_summaries(merged, metrics, job.reference_arm),
-        "comparisons": job.compare(merged, metrics),
+        "summaries": summaries,
+        "comparisons": comparisons,
     }
 
 
@@ -85,7 +104,24 @@ def main() -> None:
 
 def print_tables(table: dict[str, Any]) -> None:
     summaries, comparisons, ref = table["summaries"], table["comparisons"], table["reference_arm"]
-    print(f"sweep {table['sweep']}, ran at {table['ran_at_commit'] or 'an unrecorded commit'}")
+    dirty = " (from a tree with uncommitted changes)" if table.get("ran_dirty") == "true" else ""
+    print(f"sweep {table['sweep']}, ran at {table['ran_at_commit'] or 'an unrecorded commit'}{dirty}")
+    if table.get("endpoints"):
+        print("\nRegistered endpoints, primary first (registered in the spec before the sweep ran)\n")
+        print("| endpoint | | compared | difference [95% CI] | p | seeds | method |")
+        print("|---|---|---|---|---|---|---|")
+        for e in table["endpoints"]:
+            diff = f"{e['diff']:+.4g} [{e['ci_low']:+.4g}, {e['ci_high']:+.4g}]"
+            cells = [
+                e["endpoint"],
+                e["role"],
+                e["compared"],
+                diff,
+                f"{e['p_value']:.3g}",
+                str(e["n_seeds"]),
+                e["method"],
+            ]
+            print("| " + " | ".join(cells) + " |")
     if summaries:
         print(f"\n{T_METHOD}" + (f"; vs {ref}: {PAIRED_METHOD}" if ref else "") + "\n")
         versus_head = f"vs {ref} (95% CI) | p |" if ref else ""

@@ -90,10 +90,19 @@ def test_endpoints_read_primary_first_with_a_clipped_paired_interval_and_say_whe
     study = PRIMARY + "  secondary: [{metric: student/test_acc, budget: teacher_steps}]\n"
     spec = parse_spec(spec_text(study))
     comparisons = [
-        {"variant": "a05", "trial": "a05-lot", "baseline_label": "teacher_only", "budget": "teacher_steps",
-         "metric": "teacher/test_acc_at_best_val", "diff_mean": 0.02, "ci_low": -1.7, "ci_high": 0.9,
-         "p_value": 0.0078, "n_seeds": 8},
-    ]  # fmt: skip
+        {
+            "variant": "a05",
+            "trial": "a05-lot",
+            "baseline_label": "teacher_only",
+            "budget": "teacher_steps",
+            "metric": "teacher/test_acc_at_best_val",
+            "diff_mean": 0.02,
+            "ci_low": -1.7,
+            "ci_high": 0.9,
+            "p_value": 0.0078,
+            "n_seeds": 8,
+        },
+    ]
     results = endpoint_results(spec, comparisons, [], None)
     (primary,) = results
     assert (primary.role, primary.ci_low, primary.ci_high) == ("primary", -1.0, 0.9)
