@@ -219,6 +219,8 @@ class Interval(NamedTuple):
 def interval_text(low: float, high: float, signed: bool = False) -> str:
     """How every 95% interval is written, in the CLI, the verdict and the report: square brackets, 4 significant
     digits, '[0.6771, 0.7771]'; a difference's bounds signed, '[-0.04854, +0.09489]'."""
+    if low != low or high != high:  # NaN: a mean over one seed, a difference over one pair
+        return "(no interval)"
     style = "+.4g" if signed else ".4g"
     return f"[{low:{style}}, {high:{style}}]"
 

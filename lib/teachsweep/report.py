@@ -376,11 +376,13 @@ def teacher_effect_table(teachers: str, rows: list[dict[str, Any]]) -> str:
     body = []
     for r in rows:
         versus = (
-            f"{r['vs_reference_diff_mean']:+.4g} [{r['vs_reference_ci_low']:+.4g}, {r['vs_reference_ci_high']:+.4g}]"
+            f"{r['vs_reference_diff_mean']:+.4g} "
+            + interval_text(r["vs_reference_ci_low"], r["vs_reference_ci_high"], signed=True)
             if "vs_reference_diff_mean" in r
             else ""
         )
-        p_value = f"{r['vs_reference_p_value']:.3g}" if "vs_reference_p_value" in r else ""
+        # a sign-flip p over one pair is 1 by construction: not a test
+        p_value = f"{r['vs_reference_p_value']:.3g}" if "vs_reference_p_value" in r and r["n_seeds"] > 1 else ""
         cells = [
             r["teacher"],
             r["variant"] or "(the teacher)",
