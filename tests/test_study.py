@@ -109,7 +109,7 @@ def test_endpoints_read_primary_first_with_a_clipped_paired_interval_and_say_whe
     assert "clipped to the metric's bounds" in primary.method
     lines = endpoint_lines(spec, results)
     assert lines[0].startswith("primary endpoint teacher/test_acc_at_best_val at teacher steps, a05-lot − teacher_only")
-    assert "over 8 seeds, exact sign-flip p 0.0078" in lines[0]
+    assert ": +0.02 [-1, +0.9], p 0.0078 (8 seeds; paired Student-t 95%" in lines[0], lines[0]
     assert (
         lines[1]
         == "secondary endpoint student/test_acc at teacher steps: nothing to compare (no finished paired trials)"

@@ -89,6 +89,6 @@ def endpoint_lines(spec: SweepSpec, results: list[EndpointResult]) -> list[str]:
         for r in mine:
             lines.append(
                 f"{role} endpoint {endpoint.describe()}, {r.compared}: {r.diff:+.4g} [{r.ci_low:+.4g}, "
-                f"{r.ci_high:+.4g}] ({r.method} over {r.n_seeds} seeds, exact sign-flip p {r.p_value:.2g})"
+                f"{r.ci_high:+.4g}], p {r.p_value:.2g} ({r.n_seeds} seeds; {r.method})"
             )
     return lines
