@@ -18,10 +18,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from teachsweep.endpoints import endpoint_results
+from teachsweep.endpoints import endpoint_lines, endpoint_results
 from teachsweep.jobs import JOBS
 from teachsweep.metrics import PAIRED_METHOD, T_METHOD, seed_summaries
-from teachsweep.results import DEFAULT_RESULTS, open_sweep, trial_rows
+from teachsweep.results import DEFAULT_RESULTS, open_sweep, trial_rows, trial_runs
 
 
 def read_commit() -> dict[str, Any]:
@@ -37,8 +37,9 @@ def rows_of(name: str, results_dir: str, metrics: list[str] | None) -> dict[str,
 
     sweep = open_sweep(name, results_dir)
     job = JOBS[sweep.spec.job]
-    metrics = metrics or list(dict.fromkeys(sweep.spec.metric_names + job.scores))
+    metrics = list(dict.fromkeys((metrics or sweep.spec.metric_names + job.scores) + sweep.spec.endpoint_metrics))
     merged = trial_rows(sweep)
+    runs = trial_runs(sweep)
     parent = MlflowClient(sweep.tracking_uri).get_run(sweep.parent_run_id) if sweep.parent_run_id else None
     # the metrics tabulated, and what says how long each trial ran and on what (steps, learning rate, wall time)
     kept = lambda key: key.split("@")[0] in metrics or key.startswith(("steps/", "lr/", "time/"))  # noqa: E731
@@ -61,10 +62,14 @@ def rows_of(name: str, results_dir: str, metrics: list[str] | None) -> dict[str,
         "metrics": metrics,
         "ran_at_commit": parent.data.tags.get("mlflow.source.git.commit") if parent else None,
         "ran_dirty": parent.data.tags.get("teachsweep.git_dirty") if parent else None,
+        # every trial's own: a resumed sweep may have run more than one commit
+        "trial_commits": sorted({str(c) for c in runs.get("tags.mlflow.source.git.commit", []) if c == c}),
+        "trial_dirty": sorted({str(c) for c in runs.get("tags.teachsweep.git_dirty", []) if c == c}),
         "read_with": read_commit(),
         "interval_method": T_METHOD,
         "difference_method": PAIRED_METHOD,
         "study": sweep.spec.study.model_dump() if sweep.spec.study else None,
+        "endpoint_lines": endpoint_lines(sweep.spec, endpoints),
         "endpoints": [
             {
                 "role": e.role,
@@ -104,8 +109,12 @@ def main() -> None:
 
 def print_tables(table: dict[str, Any]) -> None:
     summaries, comparisons, ref = table["summaries"], table["comparisons"], table["reference_arm"]
-    dirty = " (from a tree with uncommitted changes)" if table.get("ran_dirty") == "true" else ""
-    print(f"sweep {table['sweep']}, ran at {table['ran_at_commit'] or 'an unrecorded commit'}{dirty}")
+    commits = ", ".join(table.get("trial_commits") or [table["ran_at_commit"] or "an unrecorded commit"])
+    states = set(table.get("trial_dirty") or [table.get("ran_dirty") or "unknown"])
+    dirty = "" if states == {"false"} else " (some runs from a tree with uncommitted changes, or not a checkout)"
+    print(f"sweep {table['sweep']}, ran at {commits}{dirty}")
+    for line in table.get("endpoint_lines", []):
+        print(line)
     if table.get("endpoints"):
         print("\nRegistered endpoints, primary first (registered in the spec before the sweep ran)\n")
         print("| endpoint | | compared | difference [95% CI] | p | seeds | method |")

@@ -33,7 +33,12 @@ def spec_text(study: str = PRIMARY, seeds: int = 8) -> str:
         (PRIMARY, 5, "seeds: a study's claims need at least 8 seeds (got 5)"),
         (PRIMARY + "  min_seeds: 4\n", 5, None),
         ("  primary: {metric: teacher/test_acc, budget: model_steps}\n", 8, "study.primary.budget: model_steps, but"),
-        ("  primary: {metric: teacher/test_acc, variant: nope}\n", 8, "study.primary.variant: no variant named 'nope'"),
+        (
+            "  primary: {metric: teacher/test_acc, budget: teacher_steps, variant: nope}\n",
+            8,
+            "study.primary.variant: no variant named 'nope'",
+        ),
+        ("  primary: {metric: teacher/test_acc}\n", 8, "study.primary.budget: job 'lot' has no reference arm"),
         (PRIMARY + "  secondary: [{metric: x, budget: model_steps}]\n", 8, "study.secondary.0.budget"),
     ],
 )
@@ -127,3 +132,22 @@ def test_an_accuracy_mean_over_seeds_keeps_its_interval_inside_0_and_1():
     ]
     (summary,) = seed_summaries(rows, ["teacher/test_acc"])
     assert 0.0 <= summary["ci_low"] and summary["ci_high"] <= 1.0 and "clipped to [0, 1]" in summary["method"]
+
+
+def test_a_study_of_a_search_is_refused():
+    text = spec_text().replace("variants: {a05: {alpha: 0.5}}", "space: {alpha: {type: uniform, low: 0.1, high: 1.0}}")
+    with pytest.raises(SpecError, match="s.yaml: study: a study compares the arms of a grid"):
+        parse_spec(text, "s.yaml: ")
+
+
+def test_a_study_cannot_be_added_to_a_sweep_that_ran_without_one(tmp_path):
+    import json
+
+    from teachsweep.preflight import check_stores
+
+    with_study = parse_spec(spec_text())
+    without = parse_spec(spec_text().split("study:")[0])
+    fingerprint = tmp_path / "spec.json"
+    fingerprint.write_text(json.dumps(without.fingerprint()))
+    with pytest.raises(SpecError, match="exists with a different spec .*study: None ->"):
+        check_stores(with_study, tmp_path / "results", fingerprint, started=True)

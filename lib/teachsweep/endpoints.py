@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from teachsweep.metrics import PAIRED_METHOD, PROPORTION
+from teachsweep.metrics import PAIRED_METHOD, PROPORTION, interval_text
 from teachsweep.spec import Endpoint, SweepSpec
 
 
@@ -86,9 +86,16 @@ def endpoint_lines(spec: SweepSpec, results: list[EndpointResult]) -> list[str]:
         mine = [r for r in results if r.endpoint is endpoint]
         if not mine:
             lines.append(f"{role} endpoint {endpoint.describe()}: nothing to compare (no finished paired trials)")
+        planned = len(spec.seeds)
         for r in mine:
+            seeds = f"{r.n_seeds} seeds" if r.n_seeds == planned else f"{r.n_seeds} of {planned} seeds"
+            short = (
+                f"; fewer than the {spec.study.min_seeds} registered: seeds failed or did not finish"
+                if r.n_seeds < spec.study.min_seeds
+                else ""
+            )
             lines.append(
-                f"{role} endpoint {endpoint.describe()}, {r.compared}: {r.diff:+.4g} [{r.ci_low:+.4g}, "
-                f"{r.ci_high:+.4g}], p {r.p_value:.2g} ({r.n_seeds} seeds; {r.method})"
+                f"{role} endpoint {endpoint.describe()}, {r.compared}: {r.diff:+.4g} "
+                f"{interval_text(r.ci_low, r.ci_high, signed=True)}, p {r.p_value:.2g} ({seeds}{short}; {r.method})"
             )
     return lines

@@ -149,11 +149,15 @@ class BatchedEnvs:
     def observe(self, state: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def observe_start(self, state: np.ndarray) -> np.ndarray:
+        """The observation of a state just drawn by `start` (an environment may compute it differently)."""
+        return self.observe(state)
+
     def reset(self, seeds: list[int]) -> np.ndarray:
         self.generators = [gym.utils.seeding.np_random(seed)[0] for seed in seeds]
         self.state = np.stack([self.start(g) for g in self.generators])
         self.elapsed[:], self.returns[:] = 0, 0.0
-        return self.observe(self.state)
+        return self.observe_start(self.state)
 
     def keep(self, envs: np.ndarray) -> None:
         """Only these envs go on (a pack whose members left), each as it was."""
@@ -175,7 +179,7 @@ class BatchedEnvs:
         for i in np.flatnonzero(ended):
             final[i], returns[i] = observations[i], self.returns[i]
             self.state[i] = self.start(self.generators[i])
-            observations[i] = self.observe(self.state[i : i + 1])[0]
+            observations[i] = self.observe_start(self.state[i : i + 1])[0]
             self.elapsed[i], self.returns[i] = 0, 0.0
         return observations, rewards, terminated, truncated, final, returns
 
@@ -224,6 +228,14 @@ class BatchedAcrobot(BatchedEnvs):
         s0, s1, s2, s3 = state.T
         return np.stack([np.cos(s0), np.sin(s0), np.cos(s1), np.sin(s1), s2, s3], axis=1).astype(np.float32)
 
+    def observe_start(self, state: np.ndarray) -> np.ndarray:
+        """gymnasium keeps a fresh state in float32, so its first observation's cosines are float32 ones."""
+        rows = []
+        for row in state.astype(np.float32):
+            s0, s1, s2, s3 = row  # numpy float32 scalars, as gymnasium's `_get_ob` indexes them
+            rows.append(np.array([np.cos(s0), np.sin(s0), np.cos(s1), np.sin(s1), s2, s3], dtype=np.float32))
+        return np.stack(rows)
+
     @staticmethod
     def derivatives(y: np.ndarray) -> np.ndarray:
         """The book's equations of motion for y = (theta1, theta2, dtheta1, dtheta2, torque), one column per env."""
@@ -235,13 +247,13 @@ class BatchedAcrobot(BatchedEnvs):
         d2 = m2 * (lc2**2 + l1 * lc2 * np.cos(theta2)) + i2
         phi2 = m2 * lc2 * g * np.cos(theta1 + theta2 - math.pi / 2.0)
         phi1 = (
-            -m2 * l1 * lc2 * dtheta2**2 * np.sin(theta2)
+            -m2 * l1 * lc2 * squared(dtheta2) * np.sin(theta2)
             - 2 * m2 * l1 * lc2 * dtheta2 * dtheta1 * np.sin(theta2)
             + (m1 * lc1 + m2 * l1) * g * np.cos(theta1 - math.pi / 2)
             + phi2
         )
-        ddtheta2 = (a + d2 / d1 * phi1 - m2 * l1 * lc2 * dtheta1**2 * np.sin(theta2) - phi2) / (
-            m2 * lc2**2 + i2 - d2**2 / d1
+        ddtheta2 = (a + d2 / d1 * phi1 - m2 * l1 * lc2 * squared(dtheta1) * np.sin(theta2) - phi2) / (
+            m2 * lc2**2 + i2 - squared(d2) / d1
         )
         ddtheta1 = -(d2 * ddtheta2 + phi1) / d1
         return np.stack([dtheta1, dtheta2, ddtheta1, ddtheta2, np.zeros_like(a)])
@@ -262,6 +274,13 @@ class BatchedAcrobot(BatchedEnvs):
         state[3] = np.minimum(np.maximum(state[3], -self.max_vel_2), self.max_vel_2)
         terminated = -np.cos(state[0]) - np.cos(state[1] + state[0]) > 1.0
         return state.T.copy(), np.where(terminated, 0.0, -1.0), terminated
+
+
+def squared(x: np.ndarray) -> np.ndarray:
+    """x**2 as C's pow() gives it, element by element: gymnasium squares numpy scalars, which calls pow(), and an
+    array's `**2` is an exact multiplication that differs from it in the last bit now and then (Acrobot is
+    chaotic: one bit becomes another trajectory)."""
+    return np.fromiter((math.pow(v, 2.0) for v in x.tolist()), dtype=np.float64, count=len(x))
 
 
 BATCHED = {"gym:CartPole-v1": BatchedCartPole, "gym:Acrobot-v1": BatchedAcrobot}

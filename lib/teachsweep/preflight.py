@@ -23,9 +23,12 @@ from teachsweep.plan import planned_configs
 from teachsweep.spec import SpecError, SweepSpec, describe_changes, one_line, tracking_uri_of
 
 ALLOW_DIRTY = "TEACHSWEEP_ALLOW_DIRTY"
+RECORDED_LATER = frozenset({"num_samples"})  # fingerprint fields earlier versions did not record
 
 
-def check_spec(spec: SweepSpec, where: str = "", pending: dict[str, str] | None = None) -> None:
+def check_spec(
+    spec: SweepSpec, where: str = "", pending: dict[str, str] | None = None, refuse_dirty: bool = True
+) -> None:
     """What used to fail only inside trials, refused before anything exists: each planned config's own checks
     and teacher references, and objectives that no trial reports (or optimises in the wrong direction).
     `pending` ({stage name: job}) are earlier stages of a pipeline that have not run yet: references to them are
@@ -50,10 +53,10 @@ def check_spec(spec: SweepSpec, where: str = "", pending: dict[str, str] | None 
                         f"with this config (it reports {', '.join(sorted(metrics))})"
                     )
     check_objectives(spec, where, reported)
-    check_study(spec, where, reported)
+    check_study(spec, where, reported, refuse_dirty)
 
 
-def check_study(spec: SweepSpec, where: str, reported: dict[str, str | None]) -> None:
+def check_study(spec: SweepSpec, where: str, reported: dict[str, str | None], refuse_dirty: bool = True) -> None:
     """A registered study's endpoints are metrics its trials report, and its code is committed: a study's table
     names the commit it ran, so the commit must hold that code (TEACHSWEEP_ALLOW_DIRTY=1 runs it anyway, and its
     runs are tagged `teachsweep.git_dirty`, which the report shows)."""
@@ -66,10 +69,12 @@ def check_study(spec: SweepSpec, where: str, reported: dict[str, str | None]) ->
                 f"{where}study.{role}.metric: '{endpoint.metric}' is never reported by job '{spec.job}' "
                 f"(it reports {', '.join(sorted(reported))})"
             )
-    if tracking.git_dirty() and os.environ.get(ALLOW_DIRTY) != "1":
+    dirty = tracking.git_dirty()
+    if refuse_dirty and dirty is not False and os.environ.get(ALLOW_DIRTY) != "1":
+        state = "has uncommitted changes" if dirty else "is not in a git checkout (its commit is unknown)"
         raise SpecError(
-            f"{where}study: the code in {tracking.CODE_DIR} has uncommitted changes; commit them before running a "
-            f"registered study (or set {ALLOW_DIRTY}=1: its runs are then tagged as run from a dirty tree)"
+            f"{where}study: the code in {tracking.CODE_DIR} {state}; commit it before running a registered study "
+            f"(or set {ALLOW_DIRTY}=1: its runs are then tagged as run from a dirty tree)"
         )
 
 
@@ -157,8 +162,9 @@ def check_stores(spec: SweepSpec, root: Path, fingerprint: Path, started: bool =
         raise SpecError(f"{where}tracking_uri: {error}") from None
     if fingerprint.exists() and started:
         recorded = json.loads(fingerprint.read_text())
-        # a sweep started by a version that recorded fewer fields is held to those it recorded (and its packing)
-        current = {k: v for k, v in spec.fingerprint().items() if k in recorded or k == "pack"}
+        # a sweep started by a version that did not record num_samples is not held to it; every other field
+        # (a study's endpoints, packing) is compared, present or absent
+        current = {k: v for k, v in spec.fingerprint().items() if k in recorded or k not in RECORDED_LATER}
         changes = describe_changes(recorded, current)
         if changes:
             raise SpecError(

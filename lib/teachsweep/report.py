@@ -599,7 +599,7 @@ def build_report(sweep: Sweep) -> str:
     spec = sweep.spec
     job = JOBS[spec.job]
     rows = trial_rows(sweep)
-    metrics = list(dict.fromkeys(spec.metric_names + job.scores))
+    metrics = list(dict.fromkeys(spec.metric_names + job.scores + spec.endpoint_metrics))
     comparisons, uncompared = job.compare(rows, metrics), job.uncompared(rows)
     comparison_section = (
         "<h2>Comparisons</h2>" + comparisons_table(comparisons) + not_compared(uncompared)

@@ -245,6 +245,8 @@ class SweepSpec(Strict):
     def _registered_study(self) -> None:
         if self.study is None:
             return
+        if self.space:
+            raise ValueError("study: a study compares the arms of a grid (variants and seeds), not a search")
         if len(self.seeds) < self.study.min_seeds:
             raise ValueError(
                 f"seeds: a study's claims need at least {self.study.min_seeds} seeds (got {len(self.seeds)}); "
@@ -254,19 +256,31 @@ class SweepSpec(Strict):
         for where, endpoint in [("primary", self.study.primary)] + [
             (f"secondary.{i}", e) for i, e in enumerate(self.study.secondary)
         ]:
+            job = JOBS[self.job]
             if endpoint.budget is not None and endpoint.budget not in budgets:
                 raise ValueError(
                     f"study.{where}.budget: {endpoint.budget}, but the baseline runs no teacher-only arm at it "
                     f"(baseline budgets: {', '.join(budgets) or 'none'})"
                 )
-            if (
-                endpoint.variant is not None
-                and self.variants
-                and not any(
-                    endpoint.variant == name or endpoint.variant.startswith(f"{name}-") for name in self.variants
+            if endpoint.budget is None and job.reference_arm is None:
+                raise ValueError(
+                    f"study.{where}.budget: job '{self.job}' has no reference arm to compare a variant with; give "
+                    "the budget its LoT trials are compared with their teacher-only arm at"
                 )
-            ):
-                raise ValueError(f"study.{where}.variant: no variant named {endpoint.variant!r}")
+            if endpoint.variant is not None and endpoint.variant not in self.variants:
+                raise ValueError(
+                    f"study.{where}.variant: no variant named {endpoint.variant!r} "
+                    f"(variants: {', '.join(self.variants) or 'none'})"
+                )
+            if endpoint.budget is None and endpoint.variant == job.reference_arm:
+                raise ValueError(f"study.{where}.variant: {endpoint.variant!r} is the arm the others are compared with")
+
+    @property
+    def endpoint_metrics(self) -> list[str]:
+        """The metrics a registered study's endpoints compare (compared beside the objectives and scores)."""
+        if self.study is None:
+            return []
+        return list(dict.fromkeys(e.metric for e in [self.study.primary, *self.study.secondary]))
 
     @property
     def packed(self) -> bool:
@@ -283,13 +297,14 @@ class SweepSpec(Strict):
     def fingerprint(self) -> dict[str, Any]:
         """What must not change when a sweep is resumed."""
         keep = ("job", "config", "space", "variants", "objectives", "sampler", "scheduler", "seeds", "baseline")
-        keep += ("study",) if self.study is not None else ()
         # packs change what a Tune trial is: a resume cannot repack (named only when packed, so the fingerprints
         # of unpacked sweeps stay as they were)
         packing = {"pack": self.resources.pack} if self.packed else {}
         # a search's size: Tune restores the number of trials it planned, so a changed one would be ignored
         samples = {"num_samples": self.num_samples} if self.space else {}
-        return json.loads(self.model_dump_json(include=set(keep))) | packing | samples
+        # a study's endpoints as given (fields left at their defaults out: a field added later keeps old ones equal)
+        study = {"study": json.loads(self.study.model_dump_json(exclude_defaults=True))} if self.study else {}
+        return json.loads(self.model_dump_json(include=set(keep))) | packing | samples | study
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]

@@ -277,7 +277,7 @@ def searched_config(spec: SweepSpec) -> dict[str, Any]:
 
 def comparison_metrics(spec: SweepSpec) -> list[str]:
     """Objectives plus the job's held-out scores of record (whichever the trials report)."""
-    return list(dict.fromkeys(spec.metric_names + JOBS[spec.job].scores))
+    return list(dict.fromkeys(spec.metric_names + JOBS[spec.job].scores + spec.endpoint_metrics))
 
 
 def log_comparisons(client, parent_run_id: str, comparisons: list[dict[str, Any]]) -> None:

@@ -109,11 +109,12 @@ def git_commit(directory: Path | None = None) -> str | None:
 
 
 def git_dirty(directory: Path | None = None) -> bool | None:
-    """Whether the repository holding `directory` has uncommitted changes to tracked files (None: not a git
-    checkout, e.g. an installed package or a cluster's shipped copy)."""
+    """Whether the code in `directory` differs from its repository's commit: tracked files changed, or files git
+    does not know (a new module the jobs import) that it does not ignore either; the rest of the repository
+    (docs, result rows) does not count. None: not a git checkout (an installed package, a cluster's copy)."""
     try:
         out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=all", "--", "."],
             capture_output=True,
             text=True,
             timeout=10,

@@ -60,10 +60,20 @@ def run(
 
         outcome = run_sweep(spec, text, callbacks=[Progress(spec)], where=f"{spec_file}: ")
     except SpecError as error:
+        stop_ray()
         fail(str(error))
     print_outcome(outcome)
     if any(row["status"] != "OK" for row in outcome.trials):
         raise typer.Exit(1)
+
+
+def stop_ray() -> None:
+    """Shut Ray down before the error line: at shutdown it prints the errors of the trials it still holds
+    (a results directory gone unwritable fails them all), which would otherwise bury the line."""
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
 
 
 def run_pipeline_file(spec_file: Path, text: str, results_dir: str | None = None) -> None:
@@ -104,7 +114,7 @@ def validate(spec_file: Path = typer.Argument(..., help="a sweep spec or pipelin
             )
             return
         spec = parse_spec(text, where)
-        preflight.check_spec(spec, where)
+        preflight.check_spec(spec, where, refuse_dirty=False)  # (a study is validated before it is committed)
     except SpecError as error:
         fail(str(error))
     searched = spec.num_samples if spec.space else 0
@@ -124,6 +134,7 @@ def resume(name: str, results_dir: str = RESULTS_OPTION) -> None:
     try:
         outcome = run_sweep(spec, sweep.spec_text, callbacks=[Progress(spec)], where=f"{sweep.layout.spec_file}: ")
     except SpecError as error:
+        stop_ray()
         fail(str(error))
     print_outcome(outcome)
 

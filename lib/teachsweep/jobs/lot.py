@@ -612,7 +612,7 @@ def evaluate_all(teacher, students, task_data: TaskData, device, precision) -> d
 # steps) and must be equal across the pack.
 PACK_VARIES = frozenset(
     {"seed", "lr", "momentum", "weight_decay", "clip_grad_norm", "alpha", "temperature", "student_weights"}
-    | {"patience", "lr_decay_on_plateau", "checkpoint_every"}
+    | {"patience", "lr_decay_on_plateau"}
 )
 
 

@@ -686,7 +686,7 @@ def train(config: LoTRLConfig | dict, reporter: Reporter | None = None) -> dict[
 # buffer, network width, epochs) shapes the computation and must be equal across the pack.
 PACK_VARIES = frozenset(
     {"seed", "alpha", "temperature", "student_weights", "lr", "lr_min", "ent_coef", "vf_coef", "clip_coef"}
-    | {"max_grad_norm", "gamma", "gae_lambda", "student_weight_decay", "checkpoint_every"}
+    | {"max_grad_norm", "gamma", "gae_lambda", "student_weight_decay"}
 )
 PACKED_TASKS = tuple(environments.BATCHED)  # the environments stepped as arrays
 
@@ -926,6 +926,8 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
     lead = cfgs[0]
     check_pack(lead)
     device = pick_device(lead.device)
+    if uses_bf16(device, lead.precision):
+        raise ValueError("precision: a packed lot_rl trial runs in fp32 (set precision: fp32, or resources.pack: 1)")
     members = list(range(len(cfgs)))
     eval_seeds = [[1_000_000 + 1_000 * c.seed + i for i in range(c.eval_episodes)] for c in cfgs]
     env_class = environments.BATCHED[lead.task]
@@ -938,7 +940,8 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
         students_by_member.append(
             [build_agent(cfg, obs_shape, n_actions, "student", i).to(device).train() for i in range(n_students)]
         )
-        samplers.append(torch.Generator(device=device).set_state(torch.get_rng_state()))
+        state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+        samplers.append(torch.Generator(device=device).set_state(state))
     teacher = StackedModel(teachers, pick=whole)
     students = [StackedModel([own[i] for own in students_by_member], pick=whole) for i in range(n_students)]
     total_updates = lead.total_rollouts
@@ -980,7 +983,7 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
         epoch_returns: dict[int, list[float]] = {m: [] for m in run.members}
         last_stats: dict[int, dict[str, float]] = {}
         epoch_start = time.perf_counter()
-        for _ in range(lead.rollouts_in(epoch)):
+        for rollout_index in range(lead.rollouts_in(epoch)):
             if not run.members:
                 break
             terms = all_terms.at(run.members)
@@ -1006,10 +1009,15 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
             counters["student_steps"] += (stats["updates"] if lead.joint_student_step and students else 0) + extra
             columns = {k: v.tolist() for k, v in stats.items() if k != "updates"}
             last_stats = {m: {k: v[p] for k, v in columns.items()} for p, m in enumerate(run.members)}
-            # a member whose update went NaN fails now, alone (its unpacked twin stops in this update too)
-            for member in [m for m in run.members if not all(math.isfinite(v) for v in last_stats[m].values())]:
-                failure = last_stats.pop(member) | {"updates": stats["updates"]}
-                pack.fail(member, FloatingPointError(f"PPO losses are not finite in epoch {epoch}: {failure}"))
+            # a member whose parameters went NaN fails now, alone (its twin's next rollout refuses NaN logits); one
+            # whose last update of the epoch reported a non-finite loss fails as its twin does, at the epoch's end
+            broken = ~finite_members(models)
+            last_rollout = rollout_index == lead.rollouts_in(epoch) - 1
+            for position, member in enumerate(list(run.members)):
+                losses_finite = all(math.isfinite(v) for v in last_stats[member].values())
+                if broken[position] or (last_rollout and not losses_finite):
+                    failure = last_stats.pop(member) | {"updates": stats["updates"]}
+                    pack.fail(member, FloatingPointError(f"PPO losses are not finite in epoch {epoch}: {failure}"))
             run.keep([p for p, m in enumerate(run.members) if m not in pack.failed], models, optimizers)
         counters["train_seconds"] += time.perf_counter() - epoch_start
         if not run.members:
@@ -1102,6 +1110,16 @@ class PackRun:
         self.members = [self.members[p] for p in positions]
         self.eval_envs = self.env_class(len(self.members) * self.cfg.eval_episodes, self.cfg.step_limit)
         leave(models, optimizers, positions)
+
+
+def finite_members(models: list[StackedModel]) -> torch.Tensor:
+    """(P,) whether each member's parameters are all finite."""
+    finite = None
+    for model in models:
+        for tensor in model.params.values():
+            mine = torch.isfinite(tensor.detach()).flatten(1).all(1)
+            finite = mine if finite is None else finite & mine
+    return finite.cpu()
 
 
 def of_members(items: list, members: list[int]) -> list:
