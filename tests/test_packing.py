@@ -527,7 +527,7 @@ def test_a_packed_lot_rl_grid_reads_back_as_the_same_grid_unpacked(ray_session, 
         assert all(row["status"] == "OK" for row in outcome.trials), outcome.trials
         for row in outcome.trials:
             by_config.setdefault((row["label"], row["params"]["seed"]), {})[name] = row["metrics"]
-    assert len(by_config) == 6 and all(len(v) == 2 for v in by_config.values())
+    assert len(by_config) == 8 and all(len(v) == 2 for v in by_config.values())  # 2 variants x (LoT, own arm) x 2 seeds
     for key, both in by_config.items():
         for metric, value in both["plain"].items():
             if not metric.startswith("time/"):
