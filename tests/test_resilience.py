@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from teachsweep.cli import app
 from teachsweep.results import open_sweep, pareto_front
-from teachsweep.spec import parse_spec
+from teachsweep.spec import SpecError, parse_spec
 from teachsweep.sweep import run_sweep
 
 pytestmark = pytest.mark.integration
@@ -462,26 +462,34 @@ def test_a_tune_snapshot_cut_short_resumes_from_its_last_whole_copy(ray_session,
 
 
 def test_a_sweep_stopped_after_its_trials_started_but_before_any_reported_takes_a_corrected_spec(ray_session, tmp_path):
-    """Ctrl-C (here a callback raising as the first trial starts) after Tune saved a snapshot of started trials
-    but before any trial logged a metric: the sweep holds no result, so a corrected spec starts it anew."""
-    import time as clock
+    """Ctrl-C after Tune saved a snapshot of started trials but before any trial logged a metric: the sweep holds
+    no result, so a corrected spec starts it anew (before, it was refused as a changed spec). The stopped state is
+    built as such a driver leaves it: the stores, a parent run, a trial run without metrics, Tune's snapshot."""
+    from mlflow.tracking import MlflowClient
 
-    from ray.tune import Callback
-
+    from teachsweep import preflight, tracking
     from teachsweep.layout import SweepDir
-
-    class StopAsTheFirstTrialStarts(Callback):
-        def on_trial_start(self, iteration, trials, trial, **info):
-            clock.sleep(6)  # past Tune's first snapshot of the started trial
-            raise KeyboardInterrupt
 
     results = tmp_path / "results"
     text = SPEC.format(name="stopped", epochs=1, steps=2, samples=2, results=results)
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep(parse_spec(text), text, callbacks=[StopAsTheFirstTrialStarts()])
     paths = SweepDir.of("stopped", results)
-    assert paths.started  # Tune holds a snapshot: before, the corrected spec was refused as a changed one
+    (paths.trials).mkdir(parents=True)
+    (paths.trials / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    paths.fingerprint.write_text(json.dumps(parse_spec(text).fingerprint()))
+    paths.spec_file.write_text(text)
+    uri = tracking.default_tracking_uri(results)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("stopped")
+    parent = client.create_run(experiment, tags={"teachsweep.sweep": "stopped", "teachsweep.role": "parent"})
+    tags = {"mlflow.parentRunId": parent.info.run_id, "teachsweep.role": "trial", "teachsweep.trial_id": "a"}
+    client.create_run(experiment, tags=tags)  # started, nothing logged yet
+    paths.tracking_uri.write_text(uri)
+    paths.parent_run.write_text(parent.info.run_id)
+    assert paths.started
+
     corrected = text.replace("high: 1.0}", "high: 2.0}")
+    with pytest.raises(SpecError, match="exists with a different spec"):  # what the snapshot alone decided
+        preflight.check_stores(parse_spec(corrected), paths.root, paths.fingerprint, started=True)
     outcome = run_sweep(parse_spec(corrected), corrected)
     assert [row["status"] for row in outcome.trials] == ["OK", "OK"], outcome.trials
     study = optuna.load_study(study_name="stopped", storage=paths.optuna_url)
