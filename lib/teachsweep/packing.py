@@ -256,3 +256,12 @@ def restore_stacks(saved_models: list[dict], saved_optimizers: list[dict], model
             for name, tensor in {**model.params, **model.buffers}.items():
                 tensor.copy_({**state["params"], **state.get("buffers", {})}[name])
         optimizer.load_state_dict(optimizer_state)
+
+
+def check_members_share(configs: Sequence[Any], varies: frozenset[str]) -> None:
+    """Members of a pack share every config field but those their job lets vary (the planner groups them so)."""
+    shared = [{k: v for k, v in c.model_dump().items() if k not in varies} for c in configs]
+    for i, other in enumerate(shared[1:], start=1):
+        differing = sorted(k for k in other if other[k] != shared[0][k])
+        if differing:
+            raise ValueError(f"pack member {i} differs from member 0 in {', '.join(differing)}: they cannot pack")

@@ -221,8 +221,10 @@ class TunePackReporter(PackReporter):
         numbers: list[int | None],
         objective: str,
         stopping: StudyASHA | None,
+        saved: dict | None = None,
     ) -> None:
         super().__init__(list(members))
+        self.saved = saved  # the pack's last checkpoint, read once by the pack trial
         self.ids, self.numbers, self.objective, self.stopping = ids, numbers, objective, stopping
         self.state = {i: {"status": RUNNING, "mlflow_run_id": m.run_id} for i, m in zip(ids, members, strict=True)}
 
@@ -270,7 +272,7 @@ class TunePackReporter(PackReporter):
             tune.report(result, checkpoint=Checkpoint.from_directory(directory))
 
     def restore(self) -> dict | None:
-        return last_checkpoint()
+        return self.saved
 
 
 def last_checkpoint() -> dict | None:
@@ -316,7 +318,7 @@ def run_pack_trial(members: list[dict[str, Any]], ctx: TrialContext, pack_id: st
         run_ids.append(run_id)
         reporters.append(reporter)
     numbers = [params.get(OPTUNA_TRIAL) for params in members]
-    pack = TunePackReporter(reporters, ids, numbers, ctx.objective, ctx.member_stopping)
+    pack = TunePackReporter(reporters, ids, numbers, ctx.objective, ctx.member_stopping, saved)
     pack.resume_states(previous)
     configs = [{**run.config, "seed": run.seeds[0]} for run in runs]
     start = time.perf_counter()

@@ -33,7 +33,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from teachsweep import distributed, models, tasks
 from teachsweep.jobs import ArmPlan, JobSpec
 from teachsweep.metrics import paired_difference, per_seed, summarize
-from teachsweep.packing import StackedModel, StackedOptimizer, detached, leave, member_column, restore_stacks
+from teachsweep.packing import (
+    StackedModel,
+    StackedOptimizer,
+    check_members_share,
+    detached,
+    leave,
+    member_column,
+    restore_stacks,
+)
 from teachsweep.reporter import PackReporter, Reporter
 from teachsweep.training import (
     DataConfig,
@@ -745,21 +753,12 @@ def evaluate_pack_all(teacher: StackedModel, students: list[StackedModel], task_
     return out
 
 
-def check_pack_members(cfgs: list[LoTConfig]) -> None:
-    """Members of a pack share every field but those in PACK_VARIES (the planner groups them so)."""
-    shared = [{k: v for k, v in c.model_dump().items() if k not in PACK_VARIES} for c in cfgs]
-    for i, other in enumerate(shared[1:], start=1):
-        differing = sorted(k for k in other if other[k] != shared[0][k])
-        if differing:
-            raise ValueError(f"pack member {i} differs from member 0 in {', '.join(differing)}: they cannot pack")
-
-
 def train_pack(configs: list[LoTConfig | dict], pack: PackReporter | None = None) -> dict[int, dict[str, float]]:
     """`train` for P configs at once (module docstring of packing.py): each member's reports equal its unpacked
     twin's. Returns each member's final metrics, by member index, for the members that did not fail."""
     cfgs = [LoTConfig.model_validate(c) for c in configs]
     pack = pack or PackReporter([Reporter() for _ in cfgs])
-    check_pack_members(cfgs)
+    check_members_share(cfgs, PACK_VARIES)
     lead = cfgs[0]
     check_pack(lead)
     device = pick_device(lead.device)

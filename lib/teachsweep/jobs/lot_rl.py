@@ -38,7 +38,16 @@ from torch import nn
 from teachsweep import environments, models
 from teachsweep.jobs import ArmPlan, JobSpec, lot
 from teachsweep.jobs.lot import LoTTermConfig, kl_divergence, member_kl
-from teachsweep.packing import StackedModel, StackedOptimizer, detached, leave, member_column, restore_stacks, whole
+from teachsweep.packing import (
+    StackedModel,
+    StackedOptimizer,
+    check_members_share,
+    detached,
+    leave,
+    member_column,
+    restore_stacks,
+    whole,
+)
 from teachsweep.reporter import PackReporter, Reporter
 from teachsweep.training import autocast, checks_files, pick_device, restore_into, state_of, synchronize, uses_bf16
 
@@ -565,6 +574,34 @@ def agreement_and_kl(teacher: Agent, students, obs: torch.Tensor, cfg: LoTRLConf
 # ---------------------------------------------------------------------------------------------- training
 
 
+def epoch_metrics(
+    eval_returns: list[float], train_return: float, train_episodes: int, losses: dict[str, float]
+) -> dict[str, float]:
+    """An epoch's teacher scores (its greedy returns so far, the last one this epoch's) and its update's losses."""
+    return {
+        "teacher/eval_return": eval_returns[-1],
+        "teacher/eval_return_auc": float(np.mean(eval_returns)),
+        "teacher/best_eval_return": float(np.max(eval_returns)),
+        "teacher/train_return": train_return,
+        "teacher/train_episodes": train_episodes,
+        **losses,
+    }
+
+
+def step_metrics(counters: dict[str, Any], n_students: int) -> dict[str, float]:
+    """What the training has cost so far, in steps and seconds."""
+    return {
+        "steps/env": counters["env_steps"],
+        "steps/teacher_updates": counters["teacher_updates"],
+        "steps/teacher": counters["teacher_steps"],
+        "steps/student": counters["student_steps"],
+        "steps/model": counters["teacher_steps"] + counters["student_steps"] * n_students,
+        "time/env_steps_per_s": counters["env_steps"] / counters["train_seconds"],
+        "time/teacher_update_s": counters["update_seconds"] / counters["teacher_updates"],
+        "time/train_s": counters["train_seconds"],
+    }
+
+
 def train(config: LoTRLConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
     cfg = LoTRLConfig.model_validate(config)
     reporter = reporter or Reporter()
@@ -636,22 +673,9 @@ def train(config: LoTRLConfig | dict, reporter: Reporter | None = None) -> dict[
         counters["eval_returns"] = counters["eval_returns"] + [float(teacher_returns.mean())]
         if epoch_returns:
             counters["train_return"] = float(np.mean(epoch_returns))
-        metrics = {
-            "teacher/eval_return": float(teacher_returns.mean()),
-            "teacher/eval_return_auc": float(np.mean(counters["eval_returns"])),
-            "teacher/best_eval_return": float(np.max(counters["eval_returns"])),
-            "teacher/train_return": counters["train_return"],
-            "teacher/train_episodes": len(epoch_returns),
-            **{k: v for k, v in stats.items() if k != "updates"},
-            "steps/env": counters["env_steps"],
-            "steps/teacher_updates": counters["teacher_updates"],
-            "steps/teacher": counters["teacher_steps"],
-            "steps/student": counters["student_steps"],
-            "steps/model": counters["teacher_steps"] + counters["student_steps"] * n_students,
-            "time/env_steps_per_s": counters["env_steps"] / counters["train_seconds"],
-            "time/teacher_update_s": counters["update_seconds"] / counters["teacher_updates"],
-            "time/train_s": counters["train_seconds"],
-        }
+        losses = {k: v for k, v in stats.items() if k != "updates"}
+        metrics = epoch_metrics(counters["eval_returns"], counters["train_return"], len(epoch_returns), losses)
+        metrics |= step_metrics(counters, n_students)
         if students:
             per_student = []
             for i, student in enumerate(students):
@@ -890,14 +914,6 @@ def pack_greedy_returns(agent: StackedModel, envs, seeds: list[list[int]], devic
     return totals.reshape(members, episodes), taken * episodes
 
 
-def check_pack_members(cfgs: list[LoTRLConfig]) -> None:
-    shared = [{k: v for k, v in c.model_dump().items() if k not in PACK_VARIES} for c in cfgs]
-    for i, other in enumerate(shared[1:], start=1):
-        differing = sorted(k for k in other if other[k] != shared[0][k])
-        if differing:
-            raise ValueError(f"pack member {i} differs from member 0 in {', '.join(differing)}: they cannot pack")
-
-
 def pack_schedule(cfgs: list[LoTRLConfig], total_updates: int, device) -> Callable[[int], torch.Tensor]:
     """`make_optimizer`'s schedule factor for each member (its own lr and lr_min), after `update` updates."""
     floors = [c.lr_min / c.lr for c in cfgs]
@@ -922,7 +938,7 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
     hyperparameters as columns. Returns each member's final metrics, for the members that did not fail."""
     cfgs = [LoTRLConfig.model_validate(c) for c in configs]
     pack = pack or PackReporter([Reporter() for _ in cfgs])
-    check_pack_members(cfgs)
+    check_members_share(cfgs, PACK_VARIES)
     lead = cfgs[0]
     check_pack(lead)
     device = pick_device(lead.device)
@@ -1041,22 +1057,9 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
             record["eval_returns"] = record["eval_returns"] + [float(teacher_returns[position].mean())]
             if epoch_returns[member]:
                 record["train_return"] = float(np.mean(epoch_returns[member]))
-            metrics = {
-                "teacher/eval_return": float(teacher_returns[position].mean()),
-                "teacher/eval_return_auc": float(np.mean(record["eval_returns"])),
-                "teacher/best_eval_return": float(np.max(record["eval_returns"])),
-                "teacher/train_return": record["train_return"],
-                "teacher/train_episodes": len(epoch_returns[member]),
-                **last_stats[member],
-                "steps/env": counters["env_steps"],
-                "steps/teacher_updates": counters["teacher_updates"],
-                "steps/teacher": counters["teacher_steps"],
-                "steps/student": counters["student_steps"],
-                "steps/model": counters["teacher_steps"] + counters["student_steps"] * n_students,
-                "time/env_steps_per_s": counters["env_steps"] / counters["train_seconds"],
-                "time/teacher_update_s": counters["update_seconds"] / counters["teacher_updates"],
-                "time/train_s": counters["train_seconds"],
-            }
+            returns = record["eval_returns"]
+            metrics = epoch_metrics(returns, record["train_return"], len(epoch_returns[member]), last_stats[member])
+            metrics |= step_metrics(counters, n_students)
             if students:
                 mine = [float(returns[position].mean()) for returns, _ in student_returns]
                 record["eval_env_steps"] += sum(int(taken[position]) for _, taken in student_returns)
