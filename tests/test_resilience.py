@@ -118,7 +118,8 @@ def test_killed_driver_resumes_with_one_run_per_trial_and_no_running_optuna_tria
     # training comes back (re-run by Tune, or enqueued when Tune never recorded its trial)
     complete = [t.params for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len({tuple(sorted(p.items())) for p in complete}) == 4, complete
-    failed = [t.params for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    # (a trial the driver was killed inside asking holds no configuration: there is nothing to bring back)
+    failed = [t.params for t in study.trials if t.state == optuna.trial.TrialState.FAIL and t.params]
     assert all(p in complete for p in failed), (failed, complete)
 
 

@@ -302,7 +302,9 @@ def requeue_lost_trials(spec: SweepSpec, storage_url: str, failed: list[int], re
     lost = [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.number in failed and str(t.user_attrs.get(TUNE_TRIAL, "")).split(".")[0] not in recorded
+        if t.number in failed
+        and t.params  # a driver killed inside `ask` leaves a trial with no configuration: nothing to bring back
+        and str(t.user_attrs.get(TUNE_TRIAL, "")).split(".")[0] not in recorded
     ]
     for trial in lost:
         study.enqueue_trial(trial.params, skip_if_exists=False)
