@@ -9,9 +9,10 @@ from mlflow.tracking import MlflowClient
 from small_jobs import lot_search_spec
 
 from teachsweep.metrics import wilson_interval
-from teachsweep.results import open_sweep, ui_urls
+from teachsweep.results import open_sweep
 from teachsweep.spec import parse_spec
 from teachsweep.sweep import paths_for, run_sweep
+from teachsweep.ui import page_urls as ui_urls
 
 pytestmark = pytest.mark.integration
 

@@ -71,7 +71,7 @@ def run_distributed(job: str, config: dict, placement: Placement, train_run: Tra
     from ray.tune.integration.ray_train import TuneReportCallback
 
     def worker_loop(loop_config: dict) -> None:
-        import ray.train
+        import ray.train  # (imported on the worker, where this loop runs)
 
         from teachsweep import tracking as tracking_module
 

@@ -17,12 +17,20 @@ The writer (sweep.py) and the readers (results.py, ui.py, cli/) name these files
 from __future__ import annotations
 
 import json
+import os
 import pickletools
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_RESULTS = "teachsweep-results"
 LOCAL_STORE = "mlflow.db"
+
+
+def default_tracking_uri(results_dir: Path) -> str:
+    """The MLflow store a sweep logs to when its spec names none: $MLFLOW_TRACKING_URI, else the local store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_dir.resolve() / LOCAL_STORE}"
+
+
 # The files of one Tune snapshot, per driver session: the experiment's state and its searcher's.
 EXPERIMENT_STATE = "experiment_state-*.json"
 STATE_PATTERNS = (EXPERIMENT_STATE, "search_gen_state-*.json", "searcher-state-*.pkl")

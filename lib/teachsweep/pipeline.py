@@ -20,9 +20,19 @@ from typing import Any
 
 import yaml
 
-from teachsweep import preflight
+from teachsweep import preflight, tracking
 from teachsweep.layout import DEFAULT_RESULTS
-from teachsweep.spec import NAME_RE, SpecError, SweepSpec, load_yaml, non_finite_number, number_problem, parse_spec
+from teachsweep.results import open_sweep
+from teachsweep.spec import (
+    NAME_RE,
+    SpecError,
+    SweepSpec,
+    load_yaml,
+    non_finite_number,
+    number_problem,
+    parse_spec,
+    tracking_uri_of,
+)
 
 PIPELINE_KEYS = {"pipeline", "description", "results_dir", "tracking_uri", "stages"}
 
@@ -101,24 +111,17 @@ def check_pipeline(pipeline: Pipeline, where: str = "") -> None:
 
 def stage_finished(spec: SweepSpec) -> bool:
     """Whether a stage's sweep has run to the end (its parent run FINISHED), from its results directory."""
-    from teachsweep.results import open_sweep
-
     try:
         sweep = open_sweep(spec.name, spec.results_dir)
     except SpecError:
         return False
     if sweep.parent_run_id is None:
         return False
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(sweep.tracking_uri).get_run(sweep.parent_run_id).info.status == "FINISHED"
+    return tracking.client_for(sweep.tracking_uri).get_run(sweep.parent_run_id).info.status == "FINISHED"
 
 
 def pipeline_run(pipeline: Pipeline, spec: SweepSpec, text: str) -> str:
     """The pipeline's MLflow run (created once; its id kept in <results>/<pipeline>/mlflow_pipeline_run_id)."""
-    from teachsweep import tracking
-    from teachsweep.spec import tracking_uri_of
-
     client = tracking.client_for(tracking_uri_of(spec))
     artifacts = (Path(spec.results_dir).expanduser().resolve() / "artifacts").as_uri()
     experiment_id = tracking.ensure_experiment(client, spec.experiment or pipeline.name, artifacts)
@@ -137,9 +140,7 @@ def run_pipeline(pipeline: Pipeline, text: str, callbacks_for=None, on_stage=Non
     """Check every stage, then run (or resume) them in order; returns the outcomes of the stages run now.
     `callbacks_for(spec)` gives Tune callbacks per stage; `on_stage(stage, outcome or None)` hears each stage end
     (None: skipped); `where` prefixes refusals (the pipeline file)."""
-    from teachsweep import tracking
-    from teachsweep.spec import tracking_uri_of
-    from teachsweep.sweep import run_sweep
+    from teachsweep.sweep import run_sweep  # heavy (Ray, Tune): checking a pipeline does not start them
 
     check_pipeline(pipeline, where)
     outcomes, run_id = [], None

@@ -21,6 +21,7 @@ from teachsweep import references, tracking
 from teachsweep.jobs import JOBS
 from teachsweep.plan import planned_configs
 from teachsweep.spec import SpecError, SweepSpec, describe_changes, one_line, tracking_uri_of
+from teachsweep.teacher_refs import SWEEP, TeacherReferenceError, parse_sweep
 
 ALLOW_DIRTY = "TEACHSWEEP_ALLOW_DIRTY"
 RECORDED_LATER = frozenset({"num_samples"})  # fingerprint fields earlier versions did not record
@@ -38,7 +39,7 @@ def check_spec(
     refuse_pending_stages_without_teachers(spec, where, pending)
     try:
         planned = planned_configs(spec, set(pending))
-    except references.TeacherReferenceError as error:
+    except TeacherReferenceError as error:
         raise SpecError(f"{where}{error}") from None
     reported: dict[str, str | None] = {}
     for label, config, overridden in planned:
@@ -86,14 +87,14 @@ def sweep_references(spec: SweepSpec) -> list[tuple[str, str]]:
         (field, overlay[field])
         for field in fields
         for overlay in overlays
-        if isinstance(overlay.get(field), str) and overlay[field].startswith(references.SWEEP)
+        if isinstance(overlay.get(field), str) and overlay[field].startswith(SWEEP)
     ]
 
 
 def refuse_each_in_a_search(spec: SweepSpec, where: str) -> None:
     for field in JOBS[spec.job].teacher_fields:
         value = spec.config.get(field)
-        if spec.space and isinstance(value, str) and value.startswith(references.SWEEP) and value.endswith("/each"):
+        if spec.space and isinstance(value, str) and value.startswith(SWEEP) and value.endswith("/each"):
             raise SpecError(
                 f"{where}config.{field}: '/each' fans out one trial per teacher: give it in a grid "
                 "(variants), not to a search"
@@ -102,7 +103,7 @@ def refuse_each_in_a_search(spec: SweepSpec, where: str) -> None:
 
 def refuse_pending_stages_without_teachers(spec: SweepSpec, where: str, pending: dict[str, str]) -> None:
     for field, value in sweep_references(spec):
-        name = references.parse_sweep(value, field)[0]
+        name = parse_sweep(value, field)[0]
         if name in pending and not JOBS[pending[name]].saves_teacher:
             raise SpecError(f"{where}{field}: stage '{name}' runs job '{pending[name]}', which saves no teacher")
 
@@ -125,7 +126,7 @@ def check_planned_config(
         if field in config:
             try:
                 references.check(config[field], field, tracking_uri_of(spec), spec.results_dir, pending)
-            except references.TeacherReferenceError as error:
+            except TeacherReferenceError as error:
                 raise SpecError(f"{where}{label if field in overridden else 'config'}.{error}") from None
 
 

@@ -8,11 +8,11 @@ import time
 from ray.tune import Callback
 from rich.console import Console
 
-from teachsweep import references
 from teachsweep.jobs import JOBS
 from teachsweep.plan import OPTUNA_TRIAL, PACK, member_id, member_states, planned_count
 from teachsweep.results import is_baseline, pick_best
 from teachsweep.spec import SweepSpec
+from teachsweep.teacher_refs import TeacherReferenceError
 from teachsweep.trial import trial_label
 
 
@@ -45,7 +45,7 @@ class Progress(Callback):
         self.objective, self.mode = spec.metric_names[0], spec.mode_names[0]
         try:
             self.planned: int | None = planned_count(spec)
-        except references.TeacherReferenceError:  # a teacher sweep gone since the preflight: the plan's size is unknown
+        except TeacherReferenceError:  # a teacher sweep gone since the preflight: the plan's size is unknown
             self.planned = None
         self.start = time.time()
         self.values: dict[str, tuple[float, bool]] = {}  # trial id -> (objective, is a baseline arm)

@@ -11,7 +11,9 @@ A job declares which of its config fields hold a teacher (`TEACHER_FIELDS`); eac
 
 The sweep layer resolves `mlflow:` references to a local directory (`materialize`) so that jobs never talk to
 MLflow, and checks every reference up front (`check`): a run, directory or file that does not exist is a
-one-line error naming the field, before any trial, run or study exists."""
+one-line error naming the field, before any trial, run or study exists. How a reference is written, and the error
+naming its field, are teacher_refs.py: the results reader, which this module reads earlier sweeps with, parses
+the references its runs recorded with them."""
 
 from __future__ import annotations
 
@@ -22,15 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from teachsweep import data
-
-MLFLOW = "mlflow:"
-SWEEP = "sweep:"
-SELECTORS = ("best", "each")
-CHECKPOINT_FILES = ("model.pt", "config.json")
-
-
-class TeacherReferenceError(ValueError):
-    """A teacher reference that cannot be resolved; the message names the field."""
+from teachsweep.results import best_trials, open_sweep, teacher_runs
+from teachsweep.spec import SpecError
+from teachsweep.teacher_refs import CHECKPOINT_FILES, MLFLOW, SWEEP, TeacherReferenceError, parse_sweep
 
 
 def check(
@@ -38,7 +34,7 @@ def check(
 ) -> None:
     """Refuse a reference that could not be resolved (reads only; creates no store, run or file). References to
     `pending` sweeps (earlier stages of a pipeline that have not run yet) are checked when those have run."""
-    from teachsweep.jobs.teacher import TeacherConfig
+    from teachsweep.jobs.teacher import TeacherConfig  # heavy (torch): only a check of a teacher config loads it
 
     if isinstance(value, str) and value.startswith(SWEEP):
         if parse_sweep(value, field)[0] in pending:
@@ -86,22 +82,9 @@ def check_mlflow_run(run_id: str, field: str, tracking_uri: str) -> None:
         raise TeacherReferenceError(f"{field}: MLflow run {run_id} logged no teacher ({', '.join(missing)} missing)")
 
 
-def parse_sweep(value: str, field: str) -> tuple[str, str]:
-    """`sweep:<name>/<selector>` -> (name, selector); the selector defaults to `best`."""
-    name, _, selector = value.removeprefix(SWEEP).partition("/")
-    if not name:
-        raise TeacherReferenceError(
-            f"{field}: '{value}': give sweep:<name>/best, sweep:<name>/<trial id> or sweep:<name>/each"
-        )
-    return name, selector or "best"
-
-
 def sweep_teachers(value: str, field: str, results_dir: str | Path) -> dict[str, str]:
     """{trial id: MLflow run id} of the teachers a `sweep:` reference selects, from the earlier sweep's own
     store (finished trials that logged a teacher; for a trial that ran several seeds, its first seed's)."""
-    from teachsweep.results import best_trials, open_sweep, teacher_runs
-    from teachsweep.spec import SpecError
-
     name, selector = parse_sweep(value, field)
     try:
         sweep = open_sweep(name, results_dir)

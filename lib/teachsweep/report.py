@@ -35,7 +35,16 @@ from teachsweep.metrics import (
     per_seed,
     seed_summaries,
 )
-from teachsweep.results import Sweep, is_baseline, run_artifact, teacher_effect, trial_rows, trial_runs, verdict
+from teachsweep.results import (
+    Sweep,
+    is_baseline,
+    pareto_front,
+    run_artifact,
+    teacher_effect,
+    trial_rows,
+    trial_runs,
+    verdict,
+)
 from teachsweep.tracking import RetryingClient
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
@@ -270,8 +279,6 @@ def comparison_forest(sweep: Sweep, comparisons: list[dict[str, Any]]) -> list[F
 
 
 def pareto_figure(sweep: Sweep, rows: list[dict[str, Any]]) -> list[Figure]:
-    from teachsweep.results import pareto_front
-
     spec = sweep.spec
     if len(spec.objectives) < 2:
         return []

@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-from teachsweep import references
 from teachsweep.jobs import JOBS
 from teachsweep.layout import DEFAULT_RESULTS, SweepDir
 from teachsweep.metrics import (
@@ -27,9 +26,8 @@ from teachsweep.metrics import (
     per_seed,
     split_of,
 )
-from teachsweep.plan import planned_count
-from teachsweep.references import parse_sweep
 from teachsweep.spec import SpecError, SweepSpec, parse_spec, read_spec_file
+from teachsweep.teacher_refs import CHECKPOINT_FILES, parse_sweep
 from teachsweep.tracking import RetryingClient
 
 
@@ -53,15 +51,10 @@ class Sweep:
 
     @property
     def planned_trials(self) -> int | None:
-        """As the run counted them (planning again would look for the sweeps its teachers came from); None for a
-        sweep recorded before the count was kept whose teachers' sweep is gone."""
+        """As the run counted them when it started (planning again would look for the sweeps its teachers came
+        from, and reading never depends on those); None until the run has counted them."""
         recorded = self.layout.planned
-        if recorded.is_file():
-            return int(recorded.read_text())
-        try:
-            return planned_count(self.spec)
-        except references.TeacherReferenceError:
-            return None
+        return int(recorded.read_text()) if recorded.is_file() else None
 
 
 def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
@@ -380,7 +373,7 @@ def saved_teacher(sweep: Sweep, run_id: str) -> str | None:
         logged = {path.name for path in directory.iterdir()} if directory.is_dir() else set()
     else:
         logged = {artifact.path for artifact in client.list_artifacts(teacher)}
-    return teacher if all(name in logged for name in references.CHECKPOINT_FILES) else None
+    return teacher if all(name in logged for name in CHECKPOINT_FILES) else None
 
 
 def variant_of(label: str, variants: list[str]) -> str:
@@ -695,13 +688,3 @@ def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
             lines.append(f"the best is distinguishable from all {len(known)} other trials ({known[0][1]['method']})")
     baselines = baselines_of(best, rows, job)
     return lines + versus_baselines(best, baselines, metric) + held_out(best, baselines, metric, job.scores)
-
-
-def ui_urls(sweep: Sweep, host: str = "127.0.0.1", port: int = 5000) -> dict[str, str]:
-    """The pages a sweep's user needs in the MLflow UI (on `port`) and optuna-dashboard (on port + 1): the trials
-    in the model-training view, flat (the parent run filtered out), ordered by the first objective and, once
-    `teachsweep ui` saved the sweep's view, with the objectives, searched parameters and held-out scores as
-    columns; the parent run's report in the model-training view; the study."""
-    from teachsweep.ui import page_urls  # ui reads sweeps through this module
-
-    return page_urls(sweep, host, port)

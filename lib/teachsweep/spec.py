@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from teachsweep.jobs import JOBS
-from teachsweep.layout import DEFAULT_RESULTS
+from teachsweep.layout import DEFAULT_RESULTS, default_tracking_uri
 from teachsweep.training import CHECK_FILES
 
 LARGEST_INT = 2**32  # no count, size or seed a spec can sensibly hold reaches it (Optuna and numpy fail beyond)
@@ -372,8 +372,6 @@ def validate_job_config(spec: SweepSpec, where: str, check_files: bool = True) -
 
 def tracking_uri_of(spec: SweepSpec) -> str:
     """The MLflow store a sweep will log to (nothing is created here)."""
-    from teachsweep.tracking import default_tracking_uri
-
     return spec.tracking_uri or default_tracking_uri(Path(spec.results_dir).expanduser())
 
 

@@ -32,14 +32,20 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # models); rows_from_tune() flags searched trials that never reported their objective instead.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
-from teachsweep import cluster, preflight, references, tracking, tune_state  # noqa: E402
+from teachsweep import cluster, preflight, references, report, tracking, tune_state  # noqa: E402
 from teachsweep.early_stopping import StudyASHA  # noqa: E402
 from teachsweep.jobs import JOBS  # noqa: E402
 from teachsweep.launch import Placement  # noqa: E402
 from teachsweep.layout import SweepDir  # noqa: E402
 from teachsweep.metrics import PAIRED_METHOD, merge_seed_trials, seed_summaries  # noqa: E402
 from teachsweep.plan import OPTUNA_TRIAL, PACK, member_states, planned_count  # noqa: E402
-from teachsweep.results import best_of_rows, pareto_front  # noqa: E402
+from teachsweep.results import best_of_rows, open_sweep, pareto_front  # noqa: E402
+from teachsweep.search import (  # noqa: E402
+    complete_finished_trials,
+    fail_interrupted_trials,
+    make_searcher,
+    requeue_lost_trials,
+)
 from teachsweep.spec import SpecError, SweepSpec  # noqa: E402
 from teachsweep.trial import SweepRecords, TrialContext, run_trial, trial_label  # noqa: E402
 
@@ -254,9 +260,6 @@ def unwritable_error(spec: SweepSpec, paths: SweepDir) -> ResultsUnwritable | No
 def write_report(spec: SweepSpec) -> Path | None:
     """The sweep's HTML report. Everything it reads is already recorded, so a report that cannot be drawn costs a
     warning, not the sweep (`teachsweep report NAME` draws it again)."""
-    from teachsweep import report
-    from teachsweep.results import open_sweep
-
     try:
         return report.write_report(open_sweep(spec.name, spec.results_dir))[0]
     except Exception as error:  # noqa: BLE001
@@ -347,13 +350,6 @@ def run_experiment(
 ):
     """Run the sweep's Tune experiment, or resume it; `on_restore` gets the ids of the trials Tune recorded."""
     from ray import tune
-
-    from teachsweep.search import (
-        complete_finished_trials,
-        fail_interrupted_trials,
-        make_searcher,
-        requeue_lost_trials,
-    )
 
     experiment = paths.trials
     if experiment.is_dir():

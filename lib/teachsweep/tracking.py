@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from teachsweep.layout import LOCAL_STORE
+from teachsweep.layout import LOCAL_STORE, default_tracking_uri  # noqa: F401 (read as tracking.default_tracking_uri)
 from teachsweep.metrics import with_intervals
 from teachsweep.reporter import Reporter, finite_metrics
 
@@ -29,10 +29,6 @@ PARENT, TRIAL, SEED = "parent", "trial", "seed"
 
 class TrackingError(RuntimeError):
     pass
-
-
-def default_tracking_uri(results_dir: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_dir.resolve() / LOCAL_STORE}"
 
 
 def check_tracking_uri(uri: str) -> None:

@@ -21,6 +21,7 @@ from teachsweep.jobs import JOBS
 from teachsweep.launch import Placement, TrainRun
 from teachsweep.plan import OPTUNA_TRIAL, PACK, member_id
 from teachsweep.reporter import PackReporter, finite_metrics
+from teachsweep.teacher_refs import MLFLOW
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,9 @@ def planned_run(params: dict[str, Any], ctx: TrialContext, trial_id: str) -> Pla
     teachers = {f: str(teacher_source or config[f])[:250] for f in job.teacher_fields if f in config}
     # the teacher's own run, so that reading the students never needs the teachers' sweep (it may be re-run)
     teacher_runs = {
-        f: config[f].removeprefix(references.MLFLOW)
+        f: config[f].removeprefix(MLFLOW)
         for f in job.teacher_fields
-        if isinstance(config.get(f), str) and config[f].startswith(references.MLFLOW)
+        if isinstance(config.get(f), str) and config[f].startswith(MLFLOW)
     }
     config = references.resolve_config(config, job.teacher_fields, ctx.records.tracking_uri)
     placement = ctx.placement

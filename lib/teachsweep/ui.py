@@ -24,13 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.error import URLError
 from urllib.parse import quote, urlencode
 from urllib.request import urlopen
 
-if TYPE_CHECKING:
-    from teachsweep.results import Sweep
+from teachsweep.jobs import JOBS
+from teachsweep.results import Sweep
+from teachsweep.tracking import RetryingClient
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 5000  # MLflow's own default, so another `mlflow ui` often holds it already
@@ -78,8 +79,6 @@ def searched_keys(sweep: Sweep) -> list[str]:
 def trial_columns(sweep: Sweep, metrics: set[str], params: set[str], labels: set[str]) -> list[str]:
     """The objectives, the searched parameters and the job's held-out scores that the trials logged (MLflow
     flattens nested config keys with dots), and the arm label where trials carry different ones."""
-    from teachsweep.jobs import JOBS
-
     wanted = list(dict.fromkeys(sweep.spec.metric_names + JOBS[sweep.spec.job].scores))
     columns = [column("metrics", m) for m in wanted if m in metrics]
     for key in searched_keys(sweep):
@@ -91,8 +90,6 @@ def trial_columns(sweep: Sweep, metrics: set[str], params: set[str], labels: set
 
 def logged_keys(sweep: Sweep, experiment_id: str) -> tuple[set[str], set[str], set[str]]:
     """Metric keys, param keys and arm labels of the sweep's trial runs."""
-    from teachsweep.tracking import RetryingClient
-
     runs = RetryingClient(sweep.tracking_uri).search_runs([experiment_id], trial_filter(sweep), max_results=5000)
     metrics = {k for r in runs for k in r.data.metrics}
     params = {k for r in runs for k in r.data.params}
@@ -144,9 +141,7 @@ def saved_state(value: str | None) -> dict[str, Any] | None:
 def save_trials_view(sweep: Sweep) -> bool:
     """Record the trials view on the sweep's experiment (again only when it changed); False when it cannot be
     written, and the trials URL then carries the filter and the sort without the columns."""
-    from mlflow.exceptions import MlflowException
-
-    from teachsweep.tracking import RetryingClient
+    from mlflow.exceptions import MlflowException  # heavy: the CLI loads MLflow only for the commands that use it
 
     client = RetryingClient(sweep.tracking_uri)
     experiment = client.get_experiment_by_name(sweep.spec.experiment or sweep.spec.name)
@@ -167,9 +162,7 @@ def save_trials_view(sweep: Sweep) -> bool:
 def page_urls(sweep: Sweep, host: str = HOST, port: int = DEFAULT_PORT) -> dict[str, str]:
     """The trials (model-training view, flat, sorted by the first objective, with its columns when the saved
     view exists), the parent run's report, and the study on optuna-dashboard (port + 1)."""
-    import optuna
-
-    from teachsweep.tracking import RetryingClient
+    import optuna  # heavy: only the study's page number needs it
 
     spec = sweep.spec
     experiment = RetryingClient(sweep.tracking_uri).get_experiment_by_name(spec.experiment or spec.name)

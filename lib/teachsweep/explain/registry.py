@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from teachsweep.explain import gradient, lrp, relevance
+from teachsweep.explain.attention import AttentionExplainer, head_scores
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,6 @@ def names() -> list[str]:
 
 def explain(name: str, model, batch: dict, **kwargs) -> torch.Tensor:
     """Pre-softmax token scores of a frozen model for one explainer (attention mixes use uniform heads)."""
-    from teachsweep.explain.attention import AttentionExplainer, head_scores
-
     info = explainer_info(name)
     if info.kind == "static":
         return STATIC[name][0](model, batch, **kwargs)

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from teachsweep import distributed, models, tasks
 from teachsweep.jobs import ArmPlan, JobSpec
+from teachsweep.jobs.teacher import TeacherConfig
 from teachsweep.metrics import paired_difference, per_seed, summarize
 from teachsweep.packing import (
     StackedModel,
@@ -577,8 +578,6 @@ def divide_learning_rate(schedule: torch.optim.lr_scheduler.LambdaLR, factor: fl
 
 def teacher_config(cfg: LoTConfig) -> dict[str, Any]:
     """The teacher config a saved LoT teacher is loaded with (jobs/teacher.py rebuilds the model from it)."""
-    from teachsweep.jobs.teacher import TeacherConfig
-
     shared = {k: v for k, v in cfg.model_dump().items() if k in TeacherConfig.model_fields and k != "patience"}
     return TeacherConfig.model_validate(shared | {"model": cfg.teacher}).model_dump()
 
