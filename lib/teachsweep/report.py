@@ -76,6 +76,11 @@ class Figure:
 # ---------------------------------------------------------------------------------------------- figures
 
 
+def seed_counts(rows: list[dict[str, Any]]) -> str:
+    """The numbers of seeds the rows were measured over, for a caption ("8" or "4, 8")."""
+    return ", ".join(str(n) for n in sorted({row["n_seeds"] for row in rows}))
+
+
 def subplots(nrows: int = 1, ncols: int = 1, *, figsize, **kwargs):
     """A figure outside pyplot's global state: drawing a report never changes a notebook's backend or figures."""
     fig = MplFigure(figsize=figsize)
@@ -266,7 +271,7 @@ def comparison_forest(sweep: Sweep, comparisons: list[dict[str, Any]]) -> list[F
         ax.axvline(0, color="k", lw=0.8)
         ax.set_title(metric, fontsize=8)
     axes[0][0].set_yticks(range(len(pairs)), [f"{t} vs {b}" for _, t, b in pairs], fontsize=7)
-    seeds = ", ".join(str(n) for n in sorted({c["n_seeds"] for c in rows}))
+    seeds = seed_counts(rows)
     return [
         Figure(
             "LoT minus teacher-only, paired by seed",
@@ -320,7 +325,7 @@ def variant_forest(sweep: Sweep, summaries: list[dict[str, Any]]) -> list[Figure
             )
         ax.set_yticks(range(len(rows)), [s["label"] for s in rows], fontsize=8)
         ax.set_title(metric, fontsize=9)
-    seeds = ", ".join(str(n) for n in sorted({s["n_seeds"] for s in summaries}))
+    seeds = seed_counts(summaries)
     return [
         Figure(
             "Scores by variant, over seeds",

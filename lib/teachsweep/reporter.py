@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,16 @@ class Reporter:
 
     def log_file(self, path: str | Path) -> None:
         self.artifacts[Path(path).name] = str(path)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        """A matplotlib figure as the PNG artifact NAME (through `log_file`); the figure is closed."""
+        import matplotlib.pyplot as plt  # heavy: only the jobs that draw figures load it
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            figure.savefig(path, dpi=100, bbox_inches="tight")
+            self.log_file(path)
+        plt.close(figure)
 
     def log_teacher(self, state: dict, config: dict) -> None:
         """The teacher a later stage should load as a frozen teacher: its state_dict (tensors only, loadable with

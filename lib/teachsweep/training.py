@@ -57,7 +57,17 @@ def checks_files(info: ValidationInfo) -> bool:
     return bool(info.context and info.context.get("check_files"))
 
 
-class DataConfig(BaseModel):
+class RunConfig(BaseModel):
+    """The seed, device and precision of the jobs that train (lot, lot_rl, teacher): a config mixin."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class DataConfig(RunConfig):
     """The task and batching fields of the jobs that train on a task (lot, teacher): a config mixin."""
 
     model_config = ConfigDict(extra="forbid")
@@ -75,9 +85,6 @@ class DataConfig(BaseModel):
     augment_pad: int = Field(0, ge=0)  # images: random-crop padding
     augment_flip: bool = False  # images: horizontal flips (not for digits)
     bptt: int = Field(35, ge=2)  # language modelling: tokens per chunk
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @field_validator("task")
     @classmethod

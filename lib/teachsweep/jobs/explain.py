@@ -241,10 +241,7 @@ def log_heatmaps(name: str, shown, tokenizer, patch_size, reporter: Reporter) ->
                 axis.imshow(np.kron(patches, np.ones((patch_size, patch_size))), cmap="jet", alpha=0.5)
                 axis.axis("off")
         figure.suptitle(name)
-        path = Path(tmp) / f"{name}_heatmap.png"
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(figure)
-        reporter.log_file(path)
+        reporter.log_figure(figure, f"{name}_heatmap.png")
 
 
 JOB = JobSpec(

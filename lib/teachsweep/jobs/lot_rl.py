@@ -35,26 +35,25 @@ import torch
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
-from teachsweep import environments, models
+from teachsweep import environments, models, packing
 from teachsweep.jobs import ArmPlan, JobSpec, lot
 from teachsweep.jobs.lot import LoTTermConfig, kl_divergence, member_kl
-from teachsweep.packing import (
-    StackedModel,
-    StackedOptimizer,
-    check_members_share,
-    detached,
-    leave,
-    member_column,
-    restore_stacks,
-    whole,
-)
 from teachsweep.reporter import PackReporter, Reporter
-from teachsweep.training import autocast, checks_files, pick_device, restore_into, state_of, synchronize, uses_bf16
+from teachsweep.training import (
+    RunConfig,
+    autocast,
+    checks_files,
+    pick_device,
+    restore_into,
+    state_of,
+    synchronize,
+    uses_bf16,
+)
 
 # ---------------------------------------------------------------------------------------------- config
 
 
-class LoTRLConfig(LoTTermConfig):
+class LoTRLConfig(LoTTermConfig, RunConfig):
     model_config = ConfigDict(extra="forbid")
 
     task: str = "gym:CartPole-v1"
@@ -92,9 +91,6 @@ class LoTRLConfig(LoTTermConfig):
     step_limit: int | None = Field(None, ge=1)  # episode length cap (default: the environment's own)
     eval_step_limit: int = Field(27_000, ge=1)  # safety cap on one greedy evaluation
     checkpoint_every: int = Field(1, ge=0)
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @field_validator("task")
     @classmethod
@@ -588,6 +584,17 @@ def epoch_metrics(
     }
 
 
+def count_update(
+    counters: dict[str, Any], cfg: LoTRLConfig, updates: int, extra: int, has_students: bool, started: float
+) -> None:
+    """One teacher update counted: its seconds, its environment steps, the teacher's and the students' steps."""
+    counters["update_seconds"] += time.perf_counter() - started
+    counters["env_steps"] += cfg.rollout_size
+    counters["teacher_updates"] += 1
+    counters["teacher_steps"] += updates
+    counters["student_steps"] += (updates if cfg.joint_student_step and has_students else 0) + extra
+
+
 def step_metrics(counters: dict[str, Any], n_students: int) -> dict[str, float]:
     """What the training has cost so far, in steps and seconds."""
     return {
@@ -659,11 +666,7 @@ def train(config: LoTRLConfig | dict, reporter: Reporter | None = None) -> dict[
             for _, schedule in optimizers:
                 schedule.step()
             synchronize(device)
-            counters["update_seconds"] += time.perf_counter() - update_start
-            counters["env_steps"] += cfg.rollout_size
-            counters["teacher_updates"] += 1
-            counters["teacher_steps"] += stats["updates"]
-            counters["student_steps"] += (stats["updates"] if cfg.joint_student_step and students else 0) + extra
+            count_update(counters, cfg, stats["updates"], extra, bool(students), update_start)
         counters["train_seconds"] += time.perf_counter() - epoch_start
         if not all(math.isfinite(v) for v in stats.values()):
             raise FloatingPointError(f"PPO losses are not finite in epoch {epoch}: {stats}")
@@ -739,7 +742,7 @@ class PackTerms:
 
     @classmethod
     def of(cls, cfgs: list[LoTRLConfig], device) -> PackTerms:
-        column = lambda values: member_column(values, device)  # noqa: E731
+        column = lambda values: packing.member_column(values, device)  # noqa: E731
         return cls(
             column([c.gamma for c in cfgs]),
             column([c.gamma * c.gae_lambda for c in cfgs]),
@@ -765,7 +768,7 @@ def by_member(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_pack_rollout(teacher: StackedModel, envs, obs: np.ndarray, cfg, terms: PackTerms, samplers, device):
+def collect_pack_rollout(teacher: packing.StackedModel, envs, obs: np.ndarray, cfg, terms: PackTerms, samplers, device):
     """`collect_rollout` for a pack: one vmapped teacher call per step over P x E envs, each member's actions drawn
     from its own generator as its twin draws them. Returns (rollout (steps, P, E, ...), next observation, each
     member's finished episodes' returns)."""
@@ -798,7 +801,7 @@ def collect_pack_rollout(teacher: StackedModel, envs, obs: np.ndarray, cfg, term
 
 
 def pack_teacher_update(
-    teacher: StackedModel, students, optimizers, rollout: Rollout, cfg, terms: PackTerms, generators, device
+    teacher: packing.StackedModel, students, optimizers, rollout: Rollout, cfg, terms: PackTerms, generators, device
 ) -> dict[str, torch.Tensor]:
     """`teacher_update` for a pack: each member's advantages, minibatch order (its own generator), losses and
     optimizer steps, as columns; returns each statistic as a column (P,)."""
@@ -892,7 +895,7 @@ def pack_student_passes(teacher, students, optimizers, buffer: deque, cfg, terms
 
 
 @torch.no_grad()
-def pack_greedy_returns(agent: StackedModel, envs, seeds: list[list[int]], device, step_limit: int):
+def pack_greedy_returns(agent: packing.StackedModel, envs, seeds: list[list[int]], device, step_limit: int):
     """`greedy_returns` for a pack: each member's agent on its own seeded episodes. (returns (P, episodes),
     environment steps each member's own evaluation took)."""
     members, episodes = len(seeds), len(seeds[0])
@@ -938,7 +941,7 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
     hyperparameters as columns. Returns each member's final metrics, for the members that did not fail."""
     cfgs = [LoTRLConfig.model_validate(c) for c in configs]
     pack = pack or PackReporter([Reporter() for _ in cfgs])
-    check_members_share(cfgs, PACK_VARIES)
+    packing.check_members_share(cfgs, PACK_VARIES)
     lead = cfgs[0]
     check_pack(lead)
     device = pick_device(lead.device)
@@ -958,18 +961,20 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
         )
         state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
         samplers.append(torch.Generator(device=device).set_state(state))
-    teacher = StackedModel(teachers, pick=whole)
-    students = [StackedModel([own[i] for own in students_by_member], pick=whole) for i in range(n_students)]
+    teacher = packing.StackedModel(teachers, pick=packing.whole)
+    students = [
+        packing.StackedModel([own[i] for own in students_by_member], pick=packing.whole) for i in range(n_students)
+    ]
     total_updates = lead.total_rollouts
 
-    def optimizer(model: StackedModel, weight_decay: list[float]) -> StackedOptimizer:
-        return StackedOptimizer(
+    def optimizer(model: packing.StackedModel, weight_decay: list[float]) -> packing.StackedOptimizer:
+        return packing.StackedOptimizer(
             model.trainable(),
             "adam",
-            lr=member_column([c.lr for c in cfgs], device, torch.float64),
-            weight_decay=member_column(weight_decay, device, torch.float64),
-            momentum=member_column([0.0] * len(cfgs), device, torch.float64),
-            clip=member_column([c.max_grad_norm for c in cfgs], device),
+            lr=packing.member_column([c.lr for c in cfgs], device, torch.float64),
+            weight_decay=packing.member_column(weight_decay, device, torch.float64),
+            momentum=packing.member_column([0.0] * len(cfgs), device, torch.float64),
+            clip=packing.member_column([c.max_grad_norm for c in cfgs], device),
             lr_factor=pack_schedule(cfgs, total_updates, device),
             eps=lead.adam_eps,
             schedule_per_step=False,
@@ -985,8 +990,8 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
     saved = pack.restore()
     if saved is not None:
         members = saved["active"]
-        leave([teacher, *students], optimizers, members)
-        restore_stacks(saved["models"], saved["optimizers"], [teacher, *students], optimizers)
+        packing.leave([teacher, *students], optimizers, members)
+        packing.restore_stacks(saved["models"], saved["optimizers"], [teacher, *students], optimizers)
         for member, state in zip(members, saved["generators"], strict=True):
             generators[member].set_state(state)
         counters, per_member = dict(saved["counters"]), [dict(m) for m in saved["members"]]
@@ -1018,11 +1023,7 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
             for opt in optimizers:
                 opt.advance_schedule()
             synchronize(device)
-            counters["update_seconds"] += time.perf_counter() - update_start
-            counters["env_steps"] += lead.rollout_size
-            counters["teacher_updates"] += 1
-            counters["teacher_steps"] += stats["updates"]
-            counters["student_steps"] += (stats["updates"] if lead.joint_student_step and students else 0) + extra
+            count_update(counters, lead, stats["updates"], extra, bool(students), update_start)
             columns = {k: v.tolist() for k, v in stats.items() if k != "updates"}
             last_stats = {m: {k: v[p] for k, v in columns.items()} for p, m in enumerate(run.members)}
             # a member whose parameters went NaN fails now, alone (its twin's next rollout refuses NaN logits); one
@@ -1084,7 +1085,7 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
                 "counters": dict(counters),
                 "members": [dict(m) for m in per_member],
                 "generators": [generators[m].get_state() for m in run.members],
-                "models": [{"params": detached(m.params)} for m in models],
+                "models": [{"params": packing.detached(m.params)} for m in models],
                 "optimizers": [opt.state_dict() for opt in optimizers],
             }
         pack.report(epoch, results, checkpoint=checkpoint)
@@ -1101,7 +1102,9 @@ class PackRun:
         self.eval_envs = env_class(len(members) * cfg.eval_episodes, cfg.step_limit)
         self.obs = np.zeros((0,))
 
-    def keep(self, positions: list[int], models: list[StackedModel], optimizers: list[StackedOptimizer]) -> None:
+    def keep(
+        self, positions: list[int], models: list[packing.StackedModel], optimizers: list[packing.StackedOptimizer]
+    ) -> None:
         """Only the members at these positions go on: their envs, observations, buffer and stacked slices."""
         if len(positions) == len(self.members):
             return
@@ -1112,10 +1115,10 @@ class PackRun:
         self.buffer = deque([rollouts[positions] for rollouts in self.buffer], maxlen=self.buffer.maxlen)
         self.members = [self.members[p] for p in positions]
         self.eval_envs = self.env_class(len(self.members) * self.cfg.eval_episodes, self.cfg.step_limit)
-        leave(models, optimizers, positions)
+        packing.leave(models, optimizers, positions)
 
 
-def finite_members(models: list[StackedModel]) -> torch.Tensor:
+def finite_members(models: list[packing.StackedModel]) -> torch.Tensor:
     """(P,) whether each member's parameters are all finite."""
     finite = None
     for model in models:

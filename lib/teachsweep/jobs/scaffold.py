@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -722,8 +721,6 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
 
 def log_head_coefficients(explainer: AttentionExplainer, reporter: Reporter) -> None:
     """The teacher explainer's head mix as JSON and as a layers x heads heatmap."""
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -734,11 +731,7 @@ def log_head_coefficients(explainer: AttentionExplainer, reporter: Reporter) -> 
     figure, axes = plt.subplots(figsize=(1 + 0.4 * explainer.num_heads, 1 + 0.4 * explainer.num_layers))
     image = axes.imshow(coefficients, cmap="magma", vmin=0)
     axes.set_xlabel("head"), axes.set_ylabel("layer"), figure.colorbar(image)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "head_coefficients.png"
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(figure)
-        reporter.log_file(path)
+    reporter.log_figure(figure, "head_coefficients.png")
 
 
 JOB = JobSpec(
