@@ -53,7 +53,8 @@ def rows_of(name: str, results_dir: str, metrics: list[str] | None) -> dict[str,
         }
         for r in trial_rows(sweep, merge_seeds=False)
     ]
-    summaries, comparisons = seed_summaries(merged, metrics, job.reference_arm), job.compare(merged, metrics)
+    summaries = seed_summaries(merged, metrics, job.reference_arm, sweep.spec.endpoint_references)
+    comparisons = job.compare(merged, metrics)
     endpoints = endpoint_results(sweep.spec, comparisons, summaries, job.reference_arm)
     return {
         "sweep": name,

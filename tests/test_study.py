@@ -151,3 +151,50 @@ def test_a_study_cannot_be_added_to_a_sweep_that_ran_without_one(tmp_path):
     fingerprint.write_text(json.dumps(without.fingerprint()))
     with pytest.raises(SpecError, match="exists with a different spec .*study: None ->"):
         check_stores(with_study, tmp_path / "results", fingerprint, started=True)
+
+
+SCAFFOLD_SPEC = """
+name: s
+job: scaffold
+config: {{teacher: {{task: rotten_tomatoes, model: "minilm:2"}}}}
+variants: {{none: {{explainer: none}}, attention: {{explainer: attention}}, smat: {{explainer: smat}}}}
+seeds: [0, 1, 2, 3, 4, 5, 6, 7]
+study:
+  primary: {{metric: simulability/test, variant: smat{versus}}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("versus", "said"),
+    [
+        (", versus: nope", "study.primary.versus: no variant named 'nope'"),
+        (", versus: smat", "study.primary.versus: 'smat' is the variant it would be compared with"),
+    ],
+)
+def test_a_variant_compared_with_another_names_one_that_exists(versus, said):
+    with pytest.raises(SpecError) as refused:
+        parse_spec(SCAFFOLD_SPEC.format(versus=versus), "s.yaml: ")
+    assert str(refused.value).startswith(f"s.yaml: {said}"), str(refused.value)
+
+
+def test_an_endpoint_versus_another_variant_is_the_paired_difference_with_that_variant_not_the_reference_arm():
+    spec = parse_spec(SCAFFOLD_SPEC.format(versus=", versus: attention"))
+    assert spec.endpoint_references == ["attention"]
+    by_label = {"none": 0.80, "attention": 0.88, "smat": 0.86}
+    jitter = [0.01, -0.01, 0.02, 0.0, -0.02, 0.01, 0.0, -0.01]
+    rows = [
+        {
+            "label": label,
+            "status": "OK",
+            "params": {},
+            "metrics": {f"simulability/test@seed{s}": level + jitter[s] * (label == "smat") for s in range(8)},
+        }
+        for label, level in by_label.items()
+    ]
+    summaries = seed_summaries(rows, ["simulability/test"], "none", spec.endpoint_references)
+    (primary,) = endpoint_results(spec, [], summaries, "none")
+    assert primary.compared == "smat − attention"
+    assert primary.diff == pytest.approx(-0.02)  # not smat − none (+0.06)
+    assert primary.ci_low < -0.02 < primary.ci_high and primary.n_seeds == 8
+    (line,) = endpoint_lines(spec, [primary])
+    assert line.startswith("primary endpoint simulability/test of smat, smat − attention: -0.02 ["), line

@@ -48,13 +48,14 @@ def matching(spec: SweepSpec, endpoint: Endpoint, comparisons, summaries, refere
             stats = {k: row[k] for k in ("diff_mean", "ci_low", "ci_high", "p_value", "n_seeds")}
             found.append({"compared": f"{row['trial']} − {row['baseline_label']}", **stats})
         return found
-    for row in summaries:  # a variant minus the job's reference arm
-        if row["metric"] != endpoint.metric or reference is None or f"vs_{reference}_diff_mean" not in row:
+    against = endpoint.versus or reference
+    for row in summaries:  # a variant minus the job's reference arm, or minus the variant it is registered against
+        if row["metric"] != endpoint.metric or against is None or f"vs_{against}_diff_mean" not in row:
             continue
         if endpoint.variant is not None and row["label"] != endpoint.variant:
             continue
-        stats = {k: row[f"vs_{reference}_{k}"] for k in ("diff_mean", "ci_low", "ci_high", "p_value")}
-        found.append({"compared": f"{row['label']} − {reference}", "n_seeds": row["n_seeds"], **stats})
+        stats = {k: row[f"vs_{against}_{k}"] for k in ("diff_mean", "ci_low", "ci_high", "p_value")}
+        found.append({"compared": f"{row['label']} − {against}", "n_seeds": row["n_seeds"], **stats})
     return found
 
 

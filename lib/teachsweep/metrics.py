@@ -126,11 +126,12 @@ def merge_seed_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def seed_summaries(
-    trials: list[dict[str, Any]], metrics: list[str], reference: str | None = None
+    trials: list[dict[str, Any]], metrics: list[str], reference: str | None = None, versus: list[str] = ()
 ) -> list[dict[str, Any]]:
     """Per label (variant) and metric over seeds: median and IQR, mean with a Student-t CI, the mean of the
     per-seed test-point CIs where the job reports them (`<metric>_ci_low/high`), and the paired difference
-    to the `reference` label (SMaT's "no explanation" students) when it ran with the same seeds."""
+    to the `reference` label (SMaT's "no explanation" students) and to each label in `versus` (a study's other
+    comparisons) when it ran with the same seeds (`vs_<label>_diff_mean`, ...)."""
     rows = []
     by_label = {t["label"]: t for t in trials if t["status"] == "OK"}
     for trial in by_label.values():
@@ -160,12 +161,14 @@ def seed_summaries(
                 per_seed_bound = per_seed(trial["metrics"], f"{metric}_{bound}")
                 if per_seed_bound:
                     row[f"test_points_{bound}"] = statistics.fmean(per_seed_bound.values())
-            if reference in by_label and trial["label"] != reference:
-                difference = paired_difference(values, per_seed(by_label[reference]["metrics"], metric))
+            for other in dict.fromkeys([reference, *versus]):
+                if other not in by_label or trial["label"] == other:
+                    continue
+                difference = paired_difference(values, per_seed(by_label[other]["metrics"], metric))
                 if bounded:  # a difference of proportions lies in [-1, 1]
                     difference["ci_low"] = max(difference["ci_low"], -1.0)
                     difference["ci_high"] = min(difference["ci_high"], 1.0)
-                row |= {f"vs_{reference}_{k}": v for k, v in difference.items() if k not in ("n_seeds", "method")}
+                row |= {f"vs_{other}_{k}": v for k, v in difference.items() if k not in ("n_seeds", "method")}
                 row["vs_method"] = PAIRED_METHOD
             rows.append(row)
     return rows

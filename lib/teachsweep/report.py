@@ -618,7 +618,7 @@ def build_report(sweep: Sweep) -> str:
         if comparisons or uncompared
         else ""
     )
-    summaries = seed_summaries(rows, metrics, job.reference_arm)
+    summaries = seed_summaries(rows, metrics, job.reference_arm, spec.endpoint_references)
     figures: list[Figure] = []
     for make in (
         objective_vs_parameters,

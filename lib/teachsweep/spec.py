@@ -97,12 +97,13 @@ class Baseline(Strict):
 
 class Endpoint(Strict):
     """One registered comparison of a study: a metric, LoT minus its teacher-only arm at a `budget` (LoT's jobs),
-    or a variant minus the job's reference arm (`variant`; SMaT's students against the unexplained ones),
-    paired by seed."""
+    or a variant minus the job's reference arm (`variant`; SMaT's students against the unexplained ones) or minus
+    another variant (`versus`: SMaT's students against the static-attention ones), paired by seed."""
 
     metric: str
     budget: Literal["teacher_steps", "model_steps"] | None = None
     variant: str | None = None  # LoT: whose LoT trials (default: every variant's); else the label compared
+    versus: str | None = None  # the variant it is compared with (default: the job's reference arm)
 
     def describe(self) -> str:
         where = f" of {self.variant}" if self.variant else ""
@@ -262,7 +263,18 @@ class SweepSpec(Strict):
                     f"study.{where}.budget: {endpoint.budget}, but the baseline runs no teacher-only arm at it "
                     f"(baseline budgets: {', '.join(budgets) or 'none'})"
                 )
-            if endpoint.budget is None and job.reference_arm is None:
+            if endpoint.versus is not None and (endpoint.budget is not None or endpoint.variant is None):
+                raise ValueError(
+                    f"study.{where}.versus: compares one variant with another: give `variant` and no `budget`"
+                )
+            if endpoint.versus is not None and endpoint.versus not in self.variants:
+                raise ValueError(
+                    f"study.{where}.versus: no variant named {endpoint.versus!r} "
+                    f"(variants: {', '.join(self.variants) or 'none'})"
+                )
+            if endpoint.versus is not None and endpoint.versus == endpoint.variant:
+                raise ValueError(f"study.{where}.versus: {endpoint.versus!r} is the variant it would be compared with")
+            if endpoint.budget is None and endpoint.versus is None and job.reference_arm is None:
                 raise ValueError(
                     f"study.{where}.budget: job '{self.job}' has no reference arm to compare a variant with; give "
                     "the budget its LoT trials are compared with their teacher-only arm at"
@@ -272,7 +284,7 @@ class SweepSpec(Strict):
                     f"study.{where}.variant: no variant named {endpoint.variant!r} "
                     f"(variants: {', '.join(self.variants) or 'none'})"
                 )
-            if endpoint.budget is None and endpoint.variant == job.reference_arm:
+            if endpoint.budget is None and endpoint.versus is None and endpoint.variant == job.reference_arm:
                 raise ValueError(f"study.{where}.variant: {endpoint.variant!r} is the arm the others are compared with")
 
     @property
@@ -281,6 +293,14 @@ class SweepSpec(Strict):
         if self.study is None:
             return []
         return list(dict.fromkeys(e.metric for e in [self.study.primary, *self.study.secondary]))
+
+    @property
+    def endpoint_references(self) -> list[str]:
+        """The variants a registered study compares others with, beside the job's reference arm."""
+        if self.study is None:
+            return []
+        endpoints = [self.study.primary, *self.study.secondary]
+        return list(dict.fromkeys(e.versus for e in endpoints if e.versus is not None))
 
     @property
     def packed(self) -> bool:

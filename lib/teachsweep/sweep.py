@@ -216,7 +216,9 @@ def run_sweep(
         log_comparisons(client, parent_run_id, outcome.comparisons)
         if uncompared := JOBS[spec.job].uncompared(merged):  # a missing baseline is recorded, never dropped
             tracking.retry(lambda: client.log_dict(parent_run_id, uncompared, "uncompared.json"))
-        outcome.seed_summaries = seed_summaries(merged, comparison_metrics(spec), JOBS[spec.job].reference_arm)
+        outcome.seed_summaries = seed_summaries(
+            merged, comparison_metrics(spec), JOBS[spec.job].reference_arm, spec.endpoint_references
+        )
         if outcome.seed_summaries:
             tracking.retry(lambda: client.log_dict(parent_run_id, outcome.seed_summaries, "seed_summary.json"))
     except BaseException as err:
