@@ -495,16 +495,16 @@ def student_passes(
         return 0
     observations = torch.cat(list(buffer))
     batch = cfg.student_batch_size or cfg.minibatch_size
+    with autocast(device, precision), torch.no_grad():  # the teacher stays as it is through the N passes
+        targets = torch.cat([teacher.logits(chunk).float() for chunk in observations.split(batch)])
     steps = 0
     for _ in range(cfg.student_steps):
         order = torch.randperm(len(observations), generator=generator).to(device)
         for index in order.split(batch):
-            obs = observations[index]
+            obs, target = observations[index], targets[index]
             with autocast(device, precision):
-                with torch.no_grad():
-                    target = teacher.logits(obs)
                 for student, (optimizer, _) in zip(students, optimizers, strict=True):
-                    student_imitation_loss(student.logits(obs).float(), target.float(), cfg.temperature).backward()
+                    student_imitation_loss(student.logits(obs).float(), target, cfg.temperature).backward()
                     step(student, optimizer, cfg.max_grad_norm)
             steps += 1
     return steps
@@ -879,15 +879,15 @@ def pack_student_passes(teacher, students, optimizers, buffer: deque, cfg, terms
         return 0
     observations = torch.cat(list(buffer), dim=1)  # (P, buffered, ...)
     batch = cfg.student_batch_size or cfg.minibatch_size
+    with torch.no_grad():  # the teachers stay as they are through the N passes
+        targets = torch.cat([teacher(chunk, value=False).float() for chunk in observations.split(batch, dim=1)], 1)
     steps = 0
     for _ in range(cfg.student_steps):
         orders = torch.stack([torch.randperm(observations.shape[1], generator=g) for g in generators]).to(device)
         for index in orders.split(batch, dim=1):
-            obs = by_member(observations, index)
-            with torch.no_grad():
-                target = teacher(obs, value=False)
+            obs, target = by_member(observations, index), by_member(targets, index)
             for student, optimizer in zip(students, optimizers, strict=True):
-                member_kl(target.float(), student(obs, value=False).float(), terms.temperature).sum().backward()
+                member_kl(target, student(obs, value=False).float(), terms.temperature).sum().backward()
                 optimizer.step()
                 optimizer.zero_grad()
             steps += 1
