@@ -109,6 +109,33 @@ def test_the_stacked_optimizer_steps_each_member_as_torch_steps_it():
                 assert torch.allclose(stacked.params[name][i], value, atol=1e-6), (kind, i, name)
 
 
+def test_a_model_packed_by_layer_computes_what_the_vmapped_pack_computes():
+    """Each linear layer one batched matmul over the members: the same outputs and gradients as vmap of the
+    module, on per-member and on shared inputs; a model with a layer it cannot stack is refused."""
+    from torch import nn
+
+    from teachsweep.jobs.lot_rl import Agent
+
+    torch.manual_seed(0)
+    agents = [Agent("mlp", (6,), 3, 16, critic=True) for _ in range(4)]
+    vmapped = StackedModel(agents, pick=lambda out: out)
+    layered = StackedModel(agents, pick=lambda out: out, by_layer=True)
+    per_member, shared = torch.randn(4, 5, 6), torch.randn(5, 6)
+    for inputs, options in ((per_member, {}), (shared, {"shared": True})):
+        (logits_v, values_v), (logits_l, values_l) = vmapped(inputs, **options), layered(inputs, **options)
+        assert logits_l.shape == logits_v.shape == (4, 5, 3) and values_l.shape == values_v.shape == (4, 5)
+        torch.testing.assert_close(logits_l, logits_v)
+        torch.testing.assert_close(values_l, values_v)
+    grads = []
+    for model in (vmapped, layered):
+        logits, values = model(per_member)
+        grads.append(torch.autograd.grad((logits.square().sum() + values.sum()), list(model.trainable().values())))
+    for vmapped_grad, layered_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(layered_grad, vmapped_grad)
+    with pytest.raises(ValueError, match="not Conv2d"):
+        StackedModel([nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())], by_layer=True)
+
+
 def test_packed_lot_members_report_what_their_unpacked_twins_report():
     """Different seeds, learning rates, alphas, temperatures, clips, patience and annealing in one pack of two
     students each; a member whose loss goes NaN fails alone with its twin's message."""

@@ -8,7 +8,11 @@ updates are those of its unpacked twin, up to float rounding.
 torch.optim applies one learning rate to a tensor, so the stacked parameters get their own optimizer here, with
 every hyperparameter a per-member tensor (learning rate, weight decay, momentum, gradient clip) and the same
 update rules as torch's SGD, Adam and AdamW. A member that stops or fails leaves the pack at an epoch boundary:
-`keep` drops its slice from the parameters and the optimizer state, and the pack's compute shrinks with it."""
+`keep` drops its slice from the parameters and the optimizer state, and the pack's compute shrinks with it.
+
+A model made only of linear layers and elementwise activations, whose forward acts on the last dimension alone
+(the MLP agents of LoT for RL), can run `by_layer`: each linear layer one batched matmul over the members
+(`baddbmm`), without vmap. Small models are dominated by vmap's per-call cost (measured in `bench pack`)."""
 
 from __future__ import annotations
 
@@ -46,16 +50,52 @@ def whole(output: Any) -> Any:
     return output
 
 
+ELEMENTWISE = (nn.Tanh, nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Identity)
+
+
+class MemberLinear(nn.Module):
+    """nn.Linear over stacked members: weight (P, out, in), bias (P, out), inputs (P, ..., in)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        weight = self.weight.transpose(1, 2)
+        out = torch.bmm(rows, weight) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), rows, weight)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def by_layer_architecture(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose linear layers take stacked members (MemberLinear); refused unless every leaf is a
+    linear layer or an elementwise activation (a convolution, a norm or a reshape needs vmap)."""
+    leaves = [m for m in module.modules() if not list(m.children())]
+    others = sorted({type(m).__name__ for m in leaves if not isinstance(m, (nn.Linear, *ELEMENTWISE))})
+    if others:
+        raise ValueError(f"by_layer packs linear layers and elementwise activations only, not {', '.join(others)}")
+    stacked = copy.deepcopy(module)
+    for name, child in list(stacked.named_modules()):
+        if isinstance(child, nn.Linear):
+            parent, _, attribute = name.rpartition(".")
+            setattr(stacked.get_submodule(parent) if parent else stacked, attribute, MemberLinear(child))
+    return stacked
+
+
 class StackedModel:
     """P models of one architecture as stacked parameters and buffers; calling it runs every member at once.
 
     `model(batch)` with inputs stacked by member (P, B, ...) gives each member its own inputs; `model(batch,
     shared=True)` gives all members the same inputs (B, ...), as evaluation does. Keyword options go to each
-    member's forward unchanged; `pick` selects what of the forward's output is returned (tensors only)."""
+    member's forward unchanged; `pick` selects what of the forward's output is returned (tensors only). With
+    `by_layer` the architecture runs once over the stacked members, each linear layer a batched matmul
+    (`by_layer_architecture`: for models whose forward acts on the last dimension only)."""
 
-    def __init__(self, modules: Sequence[nn.Module], pick: Callable[[Any], Any] = first):
+    def __init__(self, modules: Sequence[nn.Module], pick: Callable[[Any], Any] = first, by_layer: bool = False):
         self.params, self.buffers = stack_module_state(list(modules))
         self.architecture = copy.deepcopy(modules[0]).to("meta")  # only its code and shapes are used
+        self.layered = by_layer_architecture(self.architecture) if by_layer else None
         self.pick = pick
         self.training = True
 
@@ -69,12 +109,19 @@ class StackedModel:
     def train(self, mode: bool = True) -> StackedModel:
         self.training = mode
         self.architecture.train(mode)
+        if self.layered is not None:
+            self.layered.train(mode)
         return self
 
     def eval(self) -> StackedModel:
         return self.train(False)
 
     def __call__(self, *inputs: Any, shared: bool = False, **options: Any) -> Any:
+        if self.layered is not None:
+            if shared:
+                inputs = tuple(x.expand(self.size, *x.shape) for x in inputs)
+            return self.pick(functional_call(self.layered, (self.params, self.buffers), inputs, options))
+
         def one_member(params: Tensors, buffers: Tensors, *member_inputs: Any) -> Any:
             return self.pick(functional_call(self.architecture, (params, buffers), member_inputs, options))
 

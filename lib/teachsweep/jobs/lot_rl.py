@@ -961,9 +961,11 @@ def train_pack(configs: list[LoTRLConfig | dict], pack: PackReporter | None = No
         )
         state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
         samplers.append(torch.Generator(device=device).set_state(state))
-    teacher = packing.StackedModel(teachers, pick=packing.whole)
+    layered = environments.env_kind(lead.task) == "mlp"  # MLP agents act on the last dimension only
+    teacher = packing.StackedModel(teachers, pick=packing.whole, by_layer=layered)
     students = [
-        packing.StackedModel([own[i] for own in students_by_member], pick=packing.whole) for i in range(n_students)
+        packing.StackedModel([own[i] for own in students_by_member], pick=packing.whole, by_layer=layered)
+        for i in range(n_students)
     ]
     total_updates = lead.total_rollouts
 
