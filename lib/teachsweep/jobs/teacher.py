@@ -21,26 +21,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
-from teachsweep import data, distributed, models, tasks
+from teachsweep import data, distributed, models, tasks, training
 from teachsweep.jobs import JobSpec
 from teachsweep.reporter import Reporter
-from teachsweep.training import (
-    DataConfig,
-    OptimizerConfig,
-    TaskData,
-    autocast,
-    checks_files,
-    evaluate,
-    make_optimizer,
-    pick_device,
-    supervised_loss,
-    synchronize,
-    to_device,
-    update,
-)
 
 
-class TeacherConfig(DataConfig, OptimizerConfig):
+class TeacherConfig(training.DataConfig, training.OptimizerConfig):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "minilm:2"
@@ -50,7 +36,7 @@ class TeacherConfig(DataConfig, OptimizerConfig):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str, info: ValidationInfo) -> str:
-        return models.validate_model_name(value, check_files=checks_files(info))
+        return models.validate_model_name(value, check_files=training.checks_files(info))
 
     def key(self) -> str:
         # The version changes whenever the same config would train a different teacher (v2: derived init seeds,
@@ -114,15 +100,15 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
     logs it as the trial's teacher artifact)."""
     cfg = TeacherConfig.model_validate(config)
     reporter = reporter or Reporter()
-    device = pick_device(cfg.device)
-    task_data = TaskData(cfg, [cfg.model])
+    device = training.pick_device(cfg.device)
+    task_data = training.TaskData(cfg, [cfg.model])
     model = models.build_model(cfg.model, task_data.task, models.init_seed(cfg.seed, "teacher"), cfg.bptt)
     model = models.use_fast_attention(model).to(device).train()  # (training never reads attention weights)
     if cfg.freeze_embeddings:
         models.freeze_word_embeddings(model)
     model = distributed.wrap(model)  # under DDP: every worker draws the same global batch and trains on its shard
     steps = cfg.steps_per_epoch or task_data.steps_per_pass()
-    optimizer, scheduler = make_optimizer(model, cfg, steps * cfg.epochs)
+    optimizer, scheduler = training.make_optimizer(model, cfg, steps * cfg.epochs)
     stream = task_data.stream(cfg.seed)
 
     # The validation score early stopping follows, and its direction (perplexity is minimised).
@@ -130,20 +116,22 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
     sign = -1.0 if task_data.is_lm else 1.0
     best_score, best_state, best_epoch, metrics = -math.inf, None, 0, {}
     for epoch in range(1, cfg.epochs + 1):
-        synchronize(device)
+        training.synchronize(device)
         started = time.perf_counter()
         for _ in range(steps):
-            batch = to_device(distributed.shard(next(stream)), device)
-            with autocast(device, cfg.precision):
+            batch = training.to_device(distributed.shard(next(stream)), device)
+            with training.autocast(device, cfg.precision):
                 logits, _ = model(batch)
-                loss = supervised_loss(logits, batch["labels"])
+                loss = training.supervised_loss(logits, batch["labels"])
             loss.backward()
-            update(model, optimizer, scheduler, cfg.clip_grad_norm)
-        synchronize(device)
+            training.update(model, optimizer, scheduler, cfg.clip_grad_norm)
+        training.synchronize(device)
         step_seconds = (time.perf_counter() - started) / steps  # this epoch's: the first one's includes warm-up
         if not torch.isfinite(loss):
             raise FloatingPointError(f"teacher loss is not finite in epoch {epoch}")
-        val_score, _ = evaluate(distributed.unwrap(model), task_data.eval_stream("validation"), device, cfg.precision)
+        val_score, _ = training.evaluate(
+            distributed.unwrap(model), task_data.eval_stream("validation"), device, cfg.precision
+        )
         if sign * val_score > best_score:
             best_score, best_epoch = sign * val_score, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in distributed.unwrap(model).state_dict().items()}
@@ -159,7 +147,7 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
             break
     model = distributed.unwrap(model)
     model.load_state_dict(best_state)
-    test_score, _ = evaluate(model, task_data.eval_stream("test"), device, cfg.precision)
+    test_score, _ = training.evaluate(model, task_data.eval_stream("test"), device, cfg.precision)
     metrics |= {f"teacher/test_{score}": test_score, "teacher/best_epoch": best_epoch}
     reporter.report(metrics, epoch)
     if distributed.world()[0] == 0:
