@@ -559,3 +559,95 @@ def test_a_packed_lot_rl_grid_reads_back_as_the_same_grid_unpacked(ray_session, 
         for metric, value in both["plain"].items():
             if not metric.startswith("time/"):
                 assert math.isclose(value, both["packed"][metric], rel_tol=1e-4, abs_tol=1e-6), (key, metric)
+
+
+TEACHER = {
+    "task": "digits",
+    "model": "cnn:8",
+    "epochs": 4,
+    "steps_per_epoch": 4,
+    "batch_size": 16,
+    "max_eval_examples": 64,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "device": "cpu",
+    "precision": "fp32",
+}
+
+
+def test_packed_teacher_members_report_and_save_what_their_unpacked_twins_do(tmp_path, monkeypatch):
+    """Different seeds, learning rates, momentum and patience (one member runs out of it and leaves the pack
+    early), and a member that goes NaN: each member's epochs, its final test score, the teacher it hands to its
+    run and its registry entry are its twin's."""
+    from teachsweep.jobs import teacher
+
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path / "cache"))
+    configs = [
+        TEACHER | {"seed": 0},
+        TEACHER | {"seed": 1, "lr": 0.02, "momentum": 0.5, "patience": 1},
+        TEACHER | {"seed": 2, "lr": float("inf")},
+        TEACHER | {"seed": 3, "weight_decay": 0.05},
+    ]
+    twins = []
+    for config in configs:
+        reporter = Reporter()
+        try:
+            teacher.train(config, reporter)
+        except FloatingPointError as error:
+            reporter.error = str(error)
+        twins.append(reporter)
+    twin_registry = {
+        i: torch.load(teacher.registry_dir(teacher.TeacherConfig(**c)) / "model.pt")
+        for i, c in enumerate(configs)
+        if i != 2
+    }
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path / "packed_cache"))
+    pack = PackReporter([Reporter() for _ in configs])
+    finals = teacher.train_pack(configs, pack)
+    assert set(finals) == {0, 1, 3} and str(pack.failed[2]).startswith("teacher loss is not finite in epoch 1")
+    assert hasattr(twins[2], "error") and not pack.members[2].history
+    assert len(pack.members[1].history) < len(pack.members[0].history)  # out of patience: it left early
+    for i in (0, 1, 3):
+        assert_same_history(twins[i].history, pack.members[i].history, rel=1e-5)
+        assert finals[i] == {k: v for k, v in pack.members[i].last.items() if k != "epoch"}
+        saved, twin_saved = pack.members[i].teacher["state"], twins[i].teacher["state"]
+        assert list(saved) == list(twin_saved)
+        for name in saved:
+            torch.testing.assert_close(saved[name], twin_saved[name], rtol=1e-5, atol=1e-6)
+        registry = torch.load(teacher.registry_dir(teacher.TeacherConfig(**configs[i])) / "model.pt")
+        for name in registry:
+            torch.testing.assert_close(registry[name], twin_registry[i][name], rtol=1e-5, atol=1e-6)
+
+
+TEACHER_SEARCH = """
+name: teachers
+job: teacher
+config: {{task: digits, model: "cnn:8", epochs: 2, steps_per_epoch: 3, batch_size: 16, max_eval_examples: 64,
+          optimizer: sgd, device: cpu}}
+space:
+  lr: {{type: loguniform, low: 0.01, high: 0.1}}
+num_samples: 3
+resources: {{pack: 3}}
+results_dir: {results}
+"""
+
+
+@pytest.mark.integration
+def test_a_packed_teacher_search_gives_each_member_its_trial_its_run_and_its_saved_teacher(
+    ray_session, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path / "cache"))
+    text = TEACHER_SEARCH.format(results=tmp_path / "results")
+    outcome = run_sweep(parse_spec(text), text)
+    assert len(outcome.trials) == 3 and all(row["status"] == "OK" for row in outcome.trials), outcome.trials
+    sweep = open_sweep("teachers", tmp_path / "results")
+    client = MlflowClient(sweep.tracking_uri)
+    query = f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}' and tags.`teachsweep.role` = 'trial'"
+    runs = client.search_runs([client.get_experiment_by_name("teachers").experiment_id], query)
+    assert len(runs) == 3 and len({run.data.tags["teachsweep.pack_id"] for run in runs}) == 1
+    for run in runs:
+        assert run.info.status == "FINISHED" and "teacher/test_acc" in run.data.metrics
+        assert {"model.pt", "config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    study = optuna.load_study(study_name="teachers", storage=sweep.optuna_url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3 and len({t.params["lr"] for t in complete}) == 3

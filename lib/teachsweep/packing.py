@@ -22,8 +22,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+
+from teachsweep.training import autocast, to_device
 
 Tensors = dict[str, torch.Tensor]
 
@@ -136,7 +139,7 @@ class StackedModel:
 
     def keep(self, members: Sequence[int]) -> None:
         """Only these members go on (the others stopped or failed)."""
-        index = torch.tensor(list(members), device=next(iter(self.params.values())).device)
+        index = torch.tensor(list(members), dtype=torch.long, device=next(iter(self.params.values())).device)
         self.params = {name: keep_rows(p, index) for name, p in self.params.items()}
         self.buffers = {name: b.index_select(0, index) for name, b in self.buffers.items()}
 
@@ -303,6 +306,44 @@ def restore_stacks(saved_models: list[dict], saved_optimizers: list[dict], model
             for name, tensor in {**model.params, **model.buffers}.items():
                 tensor.copy_({**state["params"], **state.get("buffers", {})}[name])
         optimizer.load_state_dict(optimizer_state)
+
+
+# ---------------------------------------------------------------------------------------------- classifiers
+
+
+def member_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(P,) each member's mean cross-entropy: logits (P, B, C), labels (P, B)."""
+    per_example = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    return per_example.view(logits.shape[0], -1).mean(1)
+
+
+def stack_batches(batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    """One batch per member stacked to (P, B, ...); text batches padded to the longest member's length (padding
+    is masked, so a member's logits are those of its own batch)."""
+    stacked = {}
+    for key in batches[0]:
+        tensors = [b[key] for b in batches]
+        if tensors[0].dim() == 2 and key != "labels" and len({t.shape[1] for t in tensors}) > 1:
+            longest = max(t.shape[1] for t in tensors)
+            tensors = [F.pad(t, (0, longest - t.shape[1])) for t in tensors]
+        stacked[key] = torch.stack(tensors)
+    return to_device(stacked, device)
+
+
+@torch.no_grad()
+def evaluate_pack(model: StackedModel, batches, device, precision) -> tuple[list[float], torch.Tensor]:
+    """(each member's accuracy, its predictions (P, examples)) on one split: `evaluate` for a whole pack."""
+    model.eval()
+    correct, count, predictions = torch.zeros(model.size, dtype=torch.long, device=device), 0, []
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            logits = model(batch, shared=True)
+        predictions.append(logits.argmax(-1))
+        correct += (predictions[-1] == batch["labels"]).sum(1)
+        count += batch["labels"].numel()
+    model.train()
+    return [c / count for c in correct.tolist()], torch.cat(predictions, dim=1).cpu()
 
 
 def check_members_share(configs: Sequence[Any], varies: frozenset[str]) -> None:

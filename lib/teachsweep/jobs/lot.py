@@ -39,9 +39,12 @@ from teachsweep.packing import (
     StackedOptimizer,
     check_members_share,
     detached,
+    evaluate_pack,
     leave,
     member_column,
+    member_cross_entropy,
     restore_stacks,
+    stack_batches,
 )
 from teachsweep.reporter import PackReporter, Reporter
 from teachsweep.training import (
@@ -629,12 +632,6 @@ def check_pack(cfg: LoTConfig) -> None:
         raise ValueError(f"task: {cfg.task} is language modelling, which does not pack yet: set resources.pack to 1")
 
 
-def member_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(P,) each member's mean cross-entropy: logits (P, B, C), labels (P, B)."""
-    per_example = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
-    return per_example.view(logits.shape[0], -1).mean(1)
-
-
 def member_kl(target_logits: torch.Tensor, logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """(P,) `kl_divergence` of each member at its own temperature (P,): T^2 * KL(softmax(target/T) ||
     softmax(logits/T)), summed over classes and averaged over the member's rows."""
@@ -703,35 +700,6 @@ class MemberRecord:
     at_best: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     best_teacher: dict[str, torch.Tensor] | None = None
-
-
-def stack_batches(batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
-    """One batch per member stacked to (P, B, ...); text batches padded to the longest member's length (padding
-    is masked, so a member's logits are those of its own batch)."""
-    stacked = {}
-    for key in batches[0]:
-        tensors = [b[key] for b in batches]
-        if tensors[0].dim() == 2 and key != "labels" and len({t.shape[1] for t in tensors}) > 1:
-            longest = max(t.shape[1] for t in tensors)
-            tensors = [F.pad(t, (0, longest - t.shape[1])) for t in tensors]
-        stacked[key] = torch.stack(tensors)
-    return to_device(stacked, device)
-
-
-@torch.no_grad()
-def evaluate_pack(model: StackedModel, batches, device, precision) -> tuple[list[float], torch.Tensor]:
-    """(each member's accuracy, its predictions (P, examples)) on one split: `evaluate` for a whole pack."""
-    model.eval()
-    correct, count, predictions = torch.zeros(model.size, dtype=torch.long, device=device), 0, []
-    for batch in batches:
-        batch = to_device(batch, device)
-        with autocast(device, precision):
-            logits = model(batch, shared=True)
-        predictions.append(logits.argmax(-1))
-        correct += (predictions[-1] == batch["labels"]).sum(1)
-        count += batch["labels"].numel()
-    model.train()
-    return [c / count for c in correct.tolist()], torch.cat(predictions, dim=1).cpu()
 
 
 def evaluate_pack_all(teacher: StackedModel, students: list[StackedModel], task_data: TaskData, device, precision):

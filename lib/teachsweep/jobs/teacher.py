@@ -14,6 +14,7 @@ import math
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
-from teachsweep import data, distributed, models, tasks, training
+from teachsweep import data, distributed, models, packing, tasks, training
 from teachsweep.jobs import JobSpec
-from teachsweep.reporter import Reporter
+from teachsweep.reporter import PackReporter, Reporter
 
 
 class TeacherConfig(training.DataConfig, training.OptimizerConfig):
@@ -156,6 +157,123 @@ def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dic
     return metrics
 
 
+PACK_VARIES = frozenset({"seed", "lr", "momentum", "weight_decay", "clip_grad_norm", "patience"})
+
+
+def check_pack(cfg: TeacherConfig) -> None:
+    """What a packed teacher trial cannot train, named by its field."""
+    if tasks.task_kind(cfg.task) == "lm":
+        raise ValueError(f"task: {cfg.task} is language modelling, which does not pack yet: set resources.pack to 1")
+
+
+@dataclass
+class BestEpoch:
+    """A member's best validation epoch so far: its (signed) score, the epoch and the weights there."""
+
+    score: float = -math.inf
+    epoch: int = 0
+    state: dict[str, torch.Tensor] | None = None
+
+
+def train_pack(configs: list[TeacherConfig | dict], pack: PackReporter | None = None) -> dict[int, dict[str, float]]:
+    """`train` for P configs that differ only in `PACK_VARIES` (packing.py): each member's reports, saved teacher
+    and registry entry are its unpacked twin's. A member out of patience leaves the pack at that epoch; one whose
+    loss goes NaN fails alone. Returns each finished member's final metrics, by member index."""
+    cfgs = [TeacherConfig.model_validate(c) for c in configs]
+    pack = pack or PackReporter([Reporter() for _ in cfgs])
+    packing.check_members_share(cfgs, PACK_VARIES)
+    lead = cfgs[0]
+    check_pack(lead)
+    device = training.pick_device(lead.device)
+    task_data = training.TaskData(lead, [lead.model])
+    if task_data.task.regression:
+        raise ValueError(f"task {lead.task}: a packed teacher trains a classifier")
+    members = []
+    for cfg in cfgs:
+        model = models.build_model(lead.model, task_data.task, models.init_seed(cfg.seed, "teacher"), lead.bptt)
+        model = models.use_fast_attention(model).to(device).train()
+        if lead.freeze_embeddings:
+            models.freeze_word_embeddings(model)
+        members.append(model)
+    model = packing.StackedModel(members)
+    steps = lead.steps_per_epoch or task_data.steps_per_pass()
+    optimizer = packing.StackedOptimizer(
+        model.trainable(),
+        lead.optimizer,
+        lr=packing.member_column([c.lr for c in cfgs], device, torch.float64),
+        weight_decay=packing.member_column([c.weight_decay for c in cfgs], device, torch.float64),
+        momentum=packing.member_column([c.momentum for c in cfgs], device, torch.float64),
+        clip=packing.member_column([c.clip_grad_norm for c in cfgs], device),
+        nesterov=lead.nesterov,
+        lr_factor=training.schedule_factor(lead.schedule, steps * lead.epochs),
+    )
+    streams = {cfg.seed: task_data.stream(cfg.seed) for cfg in cfgs}
+    active, best, finals = list(range(len(cfgs))), [BestEpoch() for _ in cfgs], {}
+    last: dict[int, dict[str, float]] = {}  # each member's last epoch's metrics (a member ASHA stops ends there)
+
+    def finish(member: int, metrics: dict[str, float], epoch: int) -> None:
+        """As the twin ends: its best-validation weights scored on the test split, reported, saved."""
+        twin = models.build_model(lead.model, task_data.task, models.init_seed(cfgs[member].seed, "teacher"), lead.bptt)
+        twin = models.use_fast_attention(twin).to(device)
+        twin.load_state_dict(best[member].state)
+        test_acc, _ = training.evaluate(twin, task_data.eval_stream("test"), device, lead.precision)
+        finals[member] = metrics | {"teacher/test_acc": test_acc, "teacher/best_epoch": best[member].epoch}
+        pack.members[member].report(finals[member], epoch)
+        save(cfgs[member], best[member].state, finals[member])
+        pack.members[member].log_teacher(best[member].state, cfgs[member].model_dump())
+
+    for epoch in range(1, lead.epochs + 1):
+        training.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            drawn = {seed: next(streams[seed]) for seed in dict.fromkeys(cfgs[m].seed for m in active)}
+            batch = packing.stack_batches([drawn[cfgs[m].seed] for m in active], device)
+            with training.autocast(device, lead.precision):
+                loss = packing.member_cross_entropy(model(batch), batch["labels"])
+            loss.sum().backward()  # members' parameters are disjoint slices: one backward for all
+            optimizer.step()
+            optimizer.zero_grad()
+        training.synchronize(device)
+        step_seconds = (time.perf_counter() - started) / steps
+        finite = torch.isfinite(loss.detach()).tolist()  # the twin checks its last step's loss
+        for position, member in enumerate(active):
+            if not finite[position]:
+                pack.fail(member, FloatingPointError(f"teacher loss is not finite in epoch {epoch}"))
+        going_on = [position for position, ok in enumerate(finite) if ok]
+        if len(going_on) < len(active):
+            packing.leave([model], [optimizer], going_on)
+            active, loss = [active[p] for p in going_on], loss[going_on]
+            if not active:
+                break
+        val_acc, _ = packing.evaluate_pack(model, task_data.eval_stream("validation"), device, lead.precision)
+        results = {}
+        for position, member in enumerate(active):
+            if val_acc[position] > best[member].score:
+                state = {name: tensor.cpu() for name, tensor in model.member_state(position).items()}
+                best[member] = BestEpoch(val_acc[position], epoch, state)
+            results[member] = {
+                "teacher/val_acc": val_acc[position],
+                "teacher/best_val_acc": best[member].score,
+                "teacher/loss": loss[position].item(),
+                "time/step_s": step_seconds,
+                **task_data.examples(),
+            }
+        last |= results
+        stopped = pack.early_stops(epoch, results)  # ASHA's rule: no teacher saved, as a stopped trial saves none
+        pack.report(epoch, results)
+        ending = {m for m in active if epoch - best[m].epoch >= cfgs[m].patience or epoch == lead.epochs} - stopped
+        for member in active:
+            if member in ending:
+                finish(member, results[member], epoch)
+        going_on = [p for p, m in enumerate(active) if m not in stopped | ending]
+        if len(going_on) < len(active):
+            packing.leave([model], [optimizer], going_on)
+            active = [active[p] for p in going_on]
+        if not active:
+            break
+    return {m: finals.get(m, last[m]) for m in last if m not in pack.failed}
+
+
 def save(cfg: TeacherConfig, state: dict, metrics: dict) -> Path:
     directory = registry_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
@@ -200,4 +318,7 @@ JOB = JobSpec(
     scores=("teacher/test_acc", "teacher/test_pearson", "teacher/test_ppl"),
     saves_teacher=True,  # the best-validation teacher, as model.pt + config.json of the trial's run
     saved_teacher_scores=("teacher/test_acc", "teacher/test_pearson", "teacher/test_ppl"),
+    train_pack=train_pack,
+    pack_varies=PACK_VARIES,
+    check_pack=check_pack,
 )
