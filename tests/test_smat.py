@@ -536,3 +536,17 @@ def test_a_flat_explanation_gives_no_word_an_edge_for_its_word_pieces():
         scores = word_scores(flat[row], word_ids, len(words))
         assert np.ptp(scores) < 1e-9, words  # every word of a flat explanation scores the same
     assert multi_piece_words > 20  # the sentences do split words
+
+
+def test_validation_simulability_reads_the_frozen_teachers_cached_logits_and_they_equal_a_fresh_forward():
+    """The teacher's validation logits are computed once (the meta cache) and read back every epoch: they are
+    exactly what calling the teacher again gives, batch for batch."""
+    cfg = scaffold.ScaffoldConfig.model_validate(small_scaffold_job(tiny_bert_teacher(), "attention", 1))
+    run = scaffold.setup(cfg)
+    fresh = scaffold.outputs(run.student, run.teacher, data.eval_batches(run.splits["validation"], 8), run.device)
+    cached = scaffold.outputs(
+        run.student, run.teacher, data.eval_batches(run.splits["validation"], 8), run.device, run.meta_cache
+    )
+    assert len(fresh[1]) == 32
+    for ours, theirs in zip(cached, fresh, strict=True):
+        assert torch.equal(ours, theirs)

@@ -449,14 +449,17 @@ def make_student_optimizer(params, cfg: ScaffoldConfig):
 
 
 @torch.no_grad()
-def outputs(model, teacher, batches, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Student outputs, teacher outputs and gold labels on unexplained inputs, over every worker's shard."""
+def outputs(
+    model, teacher, batches, device, cached: TeacherCache | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student outputs, teacher outputs and gold labels on unexplained inputs, over every worker's shard; the
+    teacher's logits from `cached` when the split's are (the teacher is frozen)."""
     model.eval()
     student_out, teacher_out, labels = [], [], []
     for batch in batches:
         batch = to_device(distributed.shard(batch), device)
         student_out.append(model(batch)[0].float())
-        teacher_out.append(teacher(batch)[0].float())
+        teacher_out.append((cached.lookup(batch)[0] if cached is not None else teacher(batch)[0]).float())
         labels.append(batch["labels"])
     model.train()  # one copy to the host per output, not one per batch
     return tuple(distributed.gather(torch.cat(t).cpu()) for t in (student_out, teacher_out, labels))
@@ -685,7 +688,7 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"student loss is not finite in epoch {epoch}")
         validation = data.eval_batches(run.splits["validation"], cfg.eval_batch_size)
-        val_sim, _ = simulability(*outputs(run.student, run.teacher, validation, run.device))
+        val_sim, _ = simulability(*outputs(run.student, run.teacher, validation, run.device, run.meta_cache))
         if val_sim > run.best_val:
             run.best_val, run.best_epoch = val_sim, epoch
             run.keep_best()
