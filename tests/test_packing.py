@@ -134,6 +134,15 @@ def test_a_model_packed_by_layer_computes_what_the_vmapped_pack_computes():
         torch.testing.assert_close(layered_grad, vmapped_grad)
     with pytest.raises(ValueError, match="not Conv2d"):
         StackedModel([nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())], by_layer=True)
+    with_log_std = nn.Sequential(nn.Linear(2, 2))
+    with_log_std.register_parameter("log_std", nn.Parameter(torch.zeros(2)))
+    with pytest.raises(ValueError, match="not log_std"):
+        StackedModel([with_log_std], by_layer=True)
+    bare = [nn.Linear(3, 2) for _ in range(2)]
+    torch.testing.assert_close(
+        StackedModel(bare, pick=lambda out: out, by_layer=True)(per_member[:2, :, :3]),
+        StackedModel(bare, pick=lambda out: out)(per_member[:2, :, :3]),
+    )
 
 
 def test_packed_lot_members_report_what_their_unpacked_twins_report():

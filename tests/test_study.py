@@ -39,6 +39,11 @@ def spec_text(study: str = PRIMARY, seeds: int = 8) -> str:
             "study.primary.variant: no variant named 'nope'",
         ),
         ("  primary: {metric: teacher/test_acc}\n", 8, "study.primary.budget: job 'lot' has no reference arm"),
+        (
+            "  primary: {metric: teacher/test_acc, variant: a05, versus: a05}\n",
+            8,
+            "study.primary.versus: job 'lot' compares its arms at a budget",
+        ),
         (PRIMARY + "  secondary: [{metric: x, budget: model_steps}]\n", 8, "study.secondary.0.budget"),
     ],
 )
@@ -198,3 +203,22 @@ def test_an_endpoint_versus_another_variant_is_the_paired_difference_with_that_v
     assert primary.ci_low < -0.02 < primary.ci_high and primary.n_seeds == 8
     (line,) = endpoint_lines(spec, [primary])
     assert line.startswith("primary endpoint simulability/test of smat, smat − attention: -0.02 ["), line
+
+
+def test_an_endpoint_counts_the_seeds_both_variants_ran_not_the_variants_own():
+    """attention250 lost three seeds: the paired difference is over five, and the line says fewer than registered."""
+    spec = parse_spec(SCAFFOLD_SPEC.format(versus=", versus: attention"))
+    rows = [
+        {
+            "label": label,
+            "status": "OK",
+            "params": {},
+            "metrics": {f"simulability/test@seed{s}": 0.8 + 0.01 * s for s in seeds},
+        }
+        for label, seeds in (("smat", range(8)), ("attention", range(5)), ("none", range(8)))
+    ]
+    summaries = seed_summaries(rows, ["simulability/test"], "none", spec.endpoint_references)
+    (primary,) = endpoint_results(spec, [], summaries, "none")
+    assert primary.n_seeds == 5
+    (line,) = endpoint_lines(spec, [primary])
+    assert "5 of 8 seeds; fewer than the 8 registered" in line, line

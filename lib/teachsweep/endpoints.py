@@ -54,8 +54,8 @@ def matching(spec: SweepSpec, endpoint: Endpoint, comparisons, summaries, refere
             continue
         if endpoint.variant is not None and row["label"] != endpoint.variant:
             continue
-        stats = {k: row[f"vs_{against}_{k}"] for k in ("diff_mean", "ci_low", "ci_high", "p_value")}
-        found.append({"compared": f"{row['label']} − {against}", "n_seeds": row["n_seeds"], **stats})
+        stats = {k: row[f"vs_{against}_{k}"] for k in ("diff_mean", "ci_low", "ci_high", "p_value", "n_seeds")}
+        found.append({"compared": f"{row['label']} − {against}", **stats})
     return found
 
 
@@ -86,7 +86,10 @@ def endpoint_lines(spec: SweepSpec, results: list[EndpointResult]) -> list[str]:
     for role, endpoint in endpoints:
         mine = [r for r in results if r.endpoint is endpoint]
         if not mine:
-            lines.append(f"{role} endpoint {endpoint.describe()}: nothing to compare (no finished paired trials)")
+            versus = f" minus {endpoint.versus}" if endpoint.versus else ""
+            lines.append(
+                f"{role} endpoint {endpoint.describe()}{versus}: nothing to compare (no finished paired trials)"
+            )
         planned = len(spec.seeds)
         for r in mine:
             seeds = f"{r.n_seeds} seeds" if r.n_seeds == planned else f"{r.n_seeds} of {planned} seeds"

@@ -168,7 +168,7 @@ def seed_summaries(
                 if bounded:  # a difference of proportions lies in [-1, 1]
                     difference["ci_low"] = max(difference["ci_low"], -1.0)
                     difference["ci_high"] = min(difference["ci_high"], 1.0)
-                row |= {f"vs_{other}_{k}": v for k, v in difference.items() if k not in ("n_seeds", "method")}
+                row |= {f"vs_{other}_{k}": v for k, v in difference.items() if k != "method"}
                 row["vs_method"] = PAIRED_METHOD
             rows.append(row)
     return rows

@@ -73,11 +73,23 @@ class MemberLinear(nn.Module):
 
 def by_layer_architecture(module: nn.Module) -> nn.Module:
     """A copy of `module` whose linear layers take stacked members (MemberLinear); refused unless every leaf is a
-    linear layer or an elementwise activation (a convolution, a norm or a reshape needs vmap)."""
+    linear layer or an elementwise activation and every parameter and buffer is a linear layer's (a convolution, a
+    norm, or a parameter a forward uses by itself needs vmap). The forward's own code must act on the last
+    dimension only (as an MLP's does): that is the caller's promise, which no check here can see."""
     leaves = [m for m in module.modules() if not list(m.children())]
     others = sorted({type(m).__name__ for m in leaves if not isinstance(m, (nn.Linear, *ELEMENTWISE))})
     if others:
         raise ValueError(f"by_layer packs linear layers and elementwise activations only, not {', '.join(others)}")
+    linear = {name for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    loose = [
+        name
+        for name, _ in [*module.named_parameters(), *module.named_buffers()]
+        if name.rpartition(".")[0] not in linear
+    ]
+    if loose:
+        raise ValueError(f"by_layer stacks linear layers' parameters only, not {', '.join(loose)}")
+    if isinstance(module, nn.Linear):
+        return MemberLinear(module)
     stacked = copy.deepcopy(module)
     for name, child in list(stacked.named_modules()):
         if isinstance(child, nn.Linear):

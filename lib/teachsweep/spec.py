@@ -267,6 +267,11 @@ class SweepSpec(Strict):
                 raise ValueError(
                     f"study.{where}.versus: compares one variant with another: give `variant` and no `budget`"
                 )
+            if endpoint.versus is not None and job.default_arm is not None:
+                raise ValueError(
+                    f"study.{where}.versus: job '{self.job}' compares its arms at a budget (give `budget`); "
+                    "`versus` compares the variants of jobs whose variants are their arms (scaffold, explain)"
+                )
             if endpoint.versus is not None and endpoint.versus not in self.variants:
                 raise ValueError(
                     f"study.{where}.versus: no variant named {endpoint.versus!r} "

@@ -424,7 +424,7 @@ class TeacherCache:
     def lookup(self, batch: dict, host_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`host_index`: the batch's example indices as the host batch had them, when the caller has it (it is
         copied over without waiting; else the device batch's own `index` is used)."""
-        device = batch["attention_mask"].device
+        device = self.position.device  # (image batches carry no attention mask)
         index = (batch["index"] if host_index is None else host_index).to(device, non_blocking=True)
         at = self.position[index]
         if self.evidence is None:

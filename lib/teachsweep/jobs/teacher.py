@@ -7,6 +7,7 @@ under a file lock), by a checkpoint directory, or by the MLflow run that logged 
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -186,7 +187,7 @@ def train_pack(configs: list[TeacherConfig | dict], pack: PackReporter | None = 
     check_pack(lead)
     device = training.pick_device(lead.device)
     task_data = training.TaskData(lead, [lead.model])
-    if task_data.task.regression:
+    if task_data.task.regression or task_data.is_lm:
         raise ValueError(f"task {lead.task}: a packed teacher trains a classifier")
     members = []
     for cfg in cfgs:
@@ -196,6 +197,7 @@ def train_pack(configs: list[TeacherConfig | dict], pack: PackReporter | None = 
             models.freeze_word_embeddings(model)
         members.append(model)
     model = packing.StackedModel(members)
+    template = copy.deepcopy(members[0]).cpu()  # scores a member's best weights at its end, as its twin's model
     steps = lead.steps_per_epoch or task_data.steps_per_pass()
     optimizer = packing.StackedOptimizer(
         model.trainable(),
@@ -213,8 +215,7 @@ def train_pack(configs: list[TeacherConfig | dict], pack: PackReporter | None = 
 
     def finish(member: int, metrics: dict[str, float], epoch: int) -> None:
         """As the twin ends: its best-validation weights scored on the test split, reported, saved."""
-        twin = models.build_model(lead.model, task_data.task, models.init_seed(cfgs[member].seed, "teacher"), lead.bptt)
-        twin = models.use_fast_attention(twin).to(device)
+        twin = copy.deepcopy(template).to(device)  # (building one would reseed the generator the others draw from)
         twin.load_state_dict(best[member].state)
         test_acc, _ = training.evaluate(twin, task_data.eval_stream("test"), device, lead.precision)
         finals[member] = metrics | {"teacher/test_acc": test_acc, "teacher/best_epoch": best[member].epoch}
