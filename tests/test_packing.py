@@ -32,12 +32,12 @@ BASE = {
 }
 
 
-def twin_histories(configs: list[dict]) -> list[Reporter]:
+def twin_histories(configs: list[dict], train=lot.train) -> list[Reporter]:
     reporters = []
     for config in configs:
         reporter = Reporter()
         try:
-            lot.train(config, reporter)
+            train(config, reporter)
         except FloatingPointError as error:
             reporter.error = str(error)
         reporters.append(reporter)
@@ -597,14 +597,7 @@ def test_packed_teacher_members_report_and_save_what_their_unpacked_twins_do(tmp
         TEACHER | {"seed": 2, "lr": float("inf")},
         TEACHER | {"seed": 3, "weight_decay": 0.05},
     ]
-    twins = []
-    for config in configs:
-        reporter = Reporter()
-        try:
-            teacher.train(config, reporter)
-        except FloatingPointError as error:
-            reporter.error = str(error)
-        twins.append(reporter)
+    twins = twin_histories(configs, teacher.train)
     twin_registry = {
         i: torch.load(teacher.registry_dir(teacher.TeacherConfig(**c)) / "model.pt")
         for i, c in enumerate(configs)

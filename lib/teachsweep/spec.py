@@ -272,11 +272,6 @@ class SweepSpec(Strict):
                     f"study.{where}.versus: job '{self.job}' compares its arms at a budget (give `budget`); "
                     "`versus` compares the variants of jobs whose variants are their arms (scaffold, explain)"
                 )
-            if endpoint.versus is not None and endpoint.versus not in self.variants:
-                raise ValueError(
-                    f"study.{where}.versus: no variant named {endpoint.versus!r} "
-                    f"(variants: {', '.join(self.variants) or 'none'})"
-                )
             if endpoint.versus is not None and endpoint.versus == endpoint.variant:
                 raise ValueError(f"study.{where}.versus: {endpoint.versus!r} is the variant it would be compared with")
             if endpoint.budget is None and endpoint.versus is None and job.reference_arm is None:
@@ -284,11 +279,12 @@ class SweepSpec(Strict):
                     f"study.{where}.budget: job '{self.job}' has no reference arm to compare a variant with; give "
                     "the budget its LoT trials are compared with their teacher-only arm at"
                 )
-            if endpoint.variant is not None and endpoint.variant not in self.variants:
-                raise ValueError(
-                    f"study.{where}.variant: no variant named {endpoint.variant!r} "
-                    f"(variants: {', '.join(self.variants) or 'none'})"
-                )
+            for field, name in (("versus", endpoint.versus), ("variant", endpoint.variant)):
+                if name is not None and name not in self.variants:
+                    raise ValueError(
+                        f"study.{where}.{field}: no variant named {name!r} "
+                        f"(variants: {', '.join(self.variants) or 'none'})"
+                    )
             if endpoint.budget is None and endpoint.versus is None and endpoint.variant == job.reference_arm:
                 raise ValueError(f"study.{where}.variant: {endpoint.variant!r} is the arm the others are compared with")
 
