@@ -135,7 +135,9 @@ def test_a_driver_killed_while_the_last_trial_reports_completes_the_sweep_once_o
         history = MlflowClient(sweep.tracking_uri).get_metric_history(last[0].info.run_id, "teacher/val_acc")
         return len(history) if len(history) >= epochs - 1 else None  # the last trial reports its final epochs
 
-    text = SPEC.format(name="last", epochs=epochs, steps=40, samples=samples, results=results)
+    text = SPEC.format(
+        name="last", epochs=epochs, steps=120, samples=samples, results=results
+    )  # (a window the poll sees)
     killed_at, resumed = kill_then_resume(tmp_path, "last", text, last_trial_reporting)
     sweep = open_sweep("last", results)
     runs = trial_runs(sweep)
