@@ -155,6 +155,66 @@ def test_a_driver_killed_while_the_last_trial_reports_completes_the_sweep_once_o
     assert parent.info.status == "FINISHED" and resumed.stdout.count("verdict") == 1, counts
 
 
+
+def test_a_pruned_checkpoint_is_replaced_by_one_known_whole(tmp_path):
+    """Checkpoint N is deleted when N + 2 registers, so N + 2 was whole; anything newer may be a copy cut short by
+    the kill unless a still newer one exists (a trial writes them one after another)."""
+    from teachsweep.tune_state import complete_successor
+
+    for number in (2, 3, 4):
+        (tmp_path / f"checkpoint_{number:06d}").mkdir()
+    assert complete_successor(tmp_path, "checkpoint_000001").name == "checkpoint_000003"
+    assert complete_successor(tmp_path, "checkpoint_000000").name == "checkpoint_000003"  # older than the newest
+    assert complete_successor(tmp_path, "checkpoint_000002").name == "checkpoint_000004"
+    for number in (2, 3):
+        (tmp_path / f"checkpoint_{number:06d}").rmdir()
+    assert complete_successor(tmp_path, "checkpoint_000001") is None  # only a possibly partial newest is left
+
+@pytest.mark.slow
+def test_a_snapshot_naming_a_checkpoint_tune_pruned_since_resumes_from_the_newest_whole_one(tmp_path):
+    """Tune writes its snapshot every few seconds but deletes a trial's old checkpoints as soon as new ones
+    register: a driver killed in between leaves a snapshot naming a checkpoint that is gone. Built as such a kill
+    leaves it: a snapshot copied while it named a checkpoint is put back after the kill, once that checkpoint has
+    been pruned. The trial resumes from a copy of its newest whole checkpoint, and logs each epoch once."""
+    import shutil
+
+    from teachsweep.tune_state import named_checkpoints
+
+    results, epochs = tmp_path / "results", 10
+    trials, early = results / "pruned" / "tune" / "trials", tmp_path / "early_snapshot"
+    named: dict[str, str] = {}
+
+    def once_the_named_checkpoint_is_pruned(sweep, runs):
+        if not named:
+            for snapshot in trials.glob("experiment_state-*.json"):
+                if found := named_checkpoints(snapshot):
+                    early.mkdir(exist_ok=True)
+                    shutil.copyfile(snapshot, early / snapshot.name)
+                    named.update(found)
+            return None
+        trial, checkpoint = next(iter(named.items()))
+        on_disk = list((trials / trial).glob("checkpoint_*"))
+        return checkpoint if on_disk and not (trials / trial / checkpoint).exists() else None
+
+    def kill_then_put_back_the_early_snapshot(driver):
+        kill_driver(driver)
+        driver.wait(timeout=60)
+        for copy in early.iterdir():
+            shutil.copyfile(copy, trials / copy.name)
+
+    text = SPEC.format(name="pruned", epochs=epochs, steps=100, samples=1, results=results)
+    pruned, resumed = kill_then_resume(
+        tmp_path, "pruned", text, once_the_named_checkpoint_is_pruned, kill_then_put_back_the_early_snapshot
+    )
+    assert f"{pruned}, which Tune's snapshot resumes from, was pruned" in resumed.stdout, resumed.stdout[-3000:]
+    sweep = open_sweep("pruned", results)
+    (run,) = trial_runs(sweep)
+    steps = sorted(
+        m.step for m in MlflowClient(sweep.tracking_uri).get_metric_history(run.info.run_id, "teacher/val_acc")
+    )
+    assert run.info.status == "FINISHED" and steps == list(range(1, epochs + 1)), steps
+
+
 def set_writable(root: Path, writable: bool) -> None:
     """Every directory under `root` writable or not: by mode bits, or for root (whom mode bits do not stop) by the
     immutable attribute (ext2/3/4, XFS, Btrfs)."""

@@ -355,7 +355,7 @@ def run_experiment(
 
     experiment = paths.trials
     if experiment.is_dir():
-        for line in tune_state.repair(paths):
+        for line in [*tune_state.repair(paths), *tune_state.restore_pruned_checkpoints(paths)]:
             print(line, flush=True)
     if tune.Tuner.can_restore(str(experiment)) and paths.started:
         failed = []
@@ -392,7 +392,7 @@ def run_experiment(
             verbose=0,
             callbacks=[*(callbacks or []), tune_state.KeepLastGoodState()],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=tune_state.CHECKPOINTS_KEPT),
         ),
     )
     return tuner.fit()

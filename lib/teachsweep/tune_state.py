@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from teachsweep.layout import STATE_PATTERNS, SweepDir, state_file_parses
+from teachsweep.layout import EXPERIMENT_STATE, STATE_PATTERNS, SweepDir, state_file_parses
 
 SAVE_EVERY_S = 5.0
 
@@ -99,4 +99,72 @@ def repair(paths: SweepDir) -> list[str]:
         for broken in files:
             broken.rename(broken.with_name(broken.name + ".broken"))
         said.append(f"Tune's snapshot {session} was cut short and had no whole copy; set aside")
+    return said
+
+
+CHECKPOINTS_KEPT = 2  # per trial (CheckpointConfig.num_to_keep); older ones are deleted as new ones register
+
+
+def named_checkpoints(snapshot: Path) -> dict[str, str]:
+    """The checkpoint each trial in a Tune snapshot resumes from: {trial directory: checkpoint directory}, names
+    only (the sweep may have moved since). Read through Ray's own decoder of a trial's run state; a snapshot it
+    cannot read names nothing."""
+    import json
+
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    try:
+        trials = json.loads(snapshot.read_text())["trial_data"]
+        named = {}
+        for _, run_state in trials:
+            latest = _TrainingRunMetadata.from_json_state(run_state).checkpoint_manager.latest_checkpoint_result
+            if latest is not None:
+                path = Path(latest.checkpoint.path)
+                named[path.parent.name] = path.name
+        return named
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError):
+        return {}
+
+
+def checkpoint_number(directory: Path) -> int:
+    return int(directory.name.rpartition("_")[2])
+
+
+def complete_successor(trial_dir: Path, pruned: str) -> Path | None:
+    """The checkpoint to resume from in place of `pruned`, one Tune deleted after the snapshot naming it was
+    written. Tune deletes checkpoint N when it registers N + CHECKPOINTS_KEPT, so that one was whole; so is every
+    checkpoint older than the newest on disk (a trial writes them one after another). The newest may be a copy
+    cut short by the kill."""
+    on_disk = sorted(trial_dir.glob("checkpoint_*"), key=checkpoint_number)
+    if not on_disk:
+        return None
+    newest, registered = checkpoint_number(on_disk[-1]), checkpoint_number(trial_dir / pruned) + CHECKPOINTS_KEPT
+    whole_ones = [c for c in on_disk if checkpoint_number(c) <= registered or checkpoint_number(c) < newest]
+    return whole_ones[-1] if whole_ones else None
+
+
+def restore_pruned_checkpoints(paths: SweepDir) -> list[str]:
+    """Tune writes its snapshot every few seconds but prunes a trial's old checkpoints as soon as new ones
+    register, so a driver killed in between leaves a snapshot naming a checkpoint that is gone, and Tune fails
+    that trial's resume ("does not exist on storage anymore"). Each such checkpoint is put back as a copy of the
+    trial's newest whole one: the trial resumes from there (its job state is in the checkpoint). Returns what it
+    did, a line each, for the run's log."""
+    said = []
+    for snapshot in sorted(paths.trials.glob(EXPERIMENT_STATE)):
+        for trial, checkpoint in named_checkpoints(snapshot).items():
+            trial_dir = paths.trials / trial
+            if not trial_dir.is_dir() or (trial_dir / checkpoint).exists():
+                continue
+            successor = complete_successor(trial_dir, checkpoint)
+            if successor is None:
+                said.append(f"trial {trial}: {checkpoint}, which Tune's snapshot resumes from, is gone")
+                continue
+            partial = trial_dir / f".{checkpoint}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(successor, partial)
+            os.replace(partial, trial_dir / checkpoint)
+            said.append(
+                f"trial {trial}: {checkpoint}, which Tune's snapshot resumes from, was pruned after the snapshot; "
+                f"resuming from a copy of {successor.name}"
+            )
     return said
