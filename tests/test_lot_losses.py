@@ -204,3 +204,30 @@ def test_the_learning_rate_is_divided_after_each_evaluation_without_a_better_val
             lr /= 4.0
         assert row["lr/teacher"] == pytest.approx(lr)
     assert reporter.history[-1]["lr/teacher"] < 1e-3  # the run did meet a plateau
+
+
+def test_the_imitation_probe_scores_a_fresh_student_of_the_best_teacher_after_the_last_epoch():
+    """The probe runs once, after the last epoch (also one ended by patience), on the best-validation teacher; it
+    changes nothing of the training it follows; more imitation steps bring the fresh student closer (lower
+    held-out KL, higher agreement)."""
+    from teachsweep.reporter import Reporter
+
+    def run(**overrides):
+        reporter = Reporter()
+        base = dict(epochs=3, steps_per_epoch=20, batch_size=32, optimizer="sgd", lr=0.05, max_eval_examples=128)
+        lot.train(cfg(**(base | overrides)), reporter)
+        return reporter.history
+
+    plain, short, long = run(), run(imitation_steps=1), run(imitation_steps=80)
+    probe_keys = {"imitation/val_kl", "imitation/test_kl", "imitation/val_agreement", "imitation/test_agreement"}
+    assert [probe_keys <= set(row) for row in long] == [False, False, True]
+    assert set(lot.metrics(cfg(imitation_steps=5))) >= probe_keys and not probe_keys & set(lot.metrics(cfg()))
+    for a, b in zip(plain, long, strict=True):  # the probe follows training, it does not perturb it
+        assert a["teacher/val_acc"] == b["teacher/val_acc"] and a["loss/teacher"] == b["loss/teacher"]
+    assert long[-1]["imitation/test_kl"] < short[-1]["imitation/test_kl"]
+    assert long[-1]["imitation/test_agreement"] > short[-1]["imitation/test_agreement"]
+    assert all(0.0 <= long[-1][k] <= 1.0 for k in ("imitation/val_agreement", "imitation/test_agreement"))
+    stopped = run(epochs=30, patience=1, lr=1e-6, imitation_steps=2)
+    assert len(stopped) < 30 and "imitation/test_kl" in stopped[-1] and "imitation/test_kl" not in stopped[-2]
+    with pytest.raises(ValueError, match="imitation_steps"):
+        lot.check_pack(cfg(imitation_steps=5))

@@ -155,7 +155,6 @@ def test_a_driver_killed_while_the_last_trial_reports_completes_the_sweep_once_o
     assert parent.info.status == "FINISHED" and resumed.stdout.count("verdict") == 1, counts
 
 
-
 def test_a_pruned_checkpoint_is_replaced_by_one_known_whole(tmp_path):
     """Checkpoint N is deleted when N + 2 registers, so N + 2 was whole; anything newer may be a copy cut short by
     the kill unless a still newer one exists (a trial writes them one after another)."""
@@ -169,6 +168,7 @@ def test_a_pruned_checkpoint_is_replaced_by_one_known_whole(tmp_path):
     for number in (2, 3):
         (tmp_path / f"checkpoint_{number:06d}").rmdir()
     assert complete_successor(tmp_path, "checkpoint_000001") is None  # only a possibly partial newest is left
+
 
 @pytest.mark.slow
 def test_a_snapshot_naming_a_checkpoint_tune_pruned_since_resumes_from_the_newest_whole_one(tmp_path):

@@ -113,6 +113,9 @@ class LoTConfig(DataConfig, OptimizerConfig, LoTTermConfig):
     lr_decay_on_plateau: float | None = Field(None, gt=1)
 
     checkpoint_every: int = Field(1, ge=0)  # epochs between checkpoints a restarted trial resumes from; 0: none
+    # After training, a fresh student of the student architecture imitates the best-validation teacher for this
+    # many steps (`imitation_probe`): how easy the teacher is to imitate, the same protocol for every arm.
+    imitation_steps: int | None = Field(None, ge=1)
 
     @field_validator("teacher", "student")
     @classmethod
@@ -165,6 +168,10 @@ def metrics(cfg: LoTConfig) -> dict[str, str | None]:
     }
     if kind in ("text", "image"):
         out |= {"examples/val": None, "examples/test": None}
+    if cfg.imitation_steps is not None:
+        out |= {f"imitation/{split}_kl": "min" for split in ("val", "test")}
+        if kind != "lm":
+            out |= {f"imitation/{split}_agreement": "max" for split in ("val", "test")}
     return out
 
 
@@ -543,6 +550,9 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
         metrics[key.replace("teacher/", "teacher/best_")] = best_val
         metrics["lr/teacher"] = teacher_sched.get_last_lr()[0]
         metrics |= at_best
+        last = epoch == epochs or (cfg.patience is not None and epoch - at_best["best_epoch"] >= cfg.patience)
+        if last and cfg.imitation_steps is not None:
+            metrics |= imitation_probe(best_teacher, cfg, task_data, device)
         checkpoint = None
         if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == epochs):
             counters = {
@@ -559,11 +569,59 @@ def train(config: LoTConfig | dict, reporter: Reporter | None = None) -> dict[st
         if saved is not None:
             metrics["trial/resumed_from_epoch"] = saved["epoch"]
         reporter.report(metrics, epoch, checkpoint=checkpoint)
-        if cfg.patience is not None and epoch - at_best["best_epoch"] >= cfg.patience:
+        if last:
             break
     if distributed.world()[0] == 0 and best_teacher is not None:  # the best-validation teacher, for later stages
         reporter.log_teacher(best_teacher, teacher_config(cfg))
     return metrics
+
+
+def imitation_probe(teacher_state: dict, cfg: LoTConfig, task_data: TaskData, device) -> dict[str, float]:
+    """How easily a fresh student imitates a trained teacher: a newly initialised model of the student
+    architecture trained for `imitation_steps` steps on KL(T || S) at temperature 1 over training inputs (no
+    labels, the config's optimizer and batch size), then scored on the held-out splits: KL(T || S) per example
+    (per token for a language model) and, for classes, how often its top class is the teacher's. Every worker of
+    a distributed trial runs the same probe on whole batches."""
+    task = task_data.task
+    teacher = models.build_model(cfg.teacher, task, models.init_seed(cfg.seed, "teacher"), cfg.bptt)
+    teacher.load_state_dict(teacher_state)
+    teacher = models.use_fast_attention(teacher).to(device).eval().requires_grad_(False)
+    architecture = cfg.student or cfg.teacher
+    imitator = models.build_model(architecture, task, models.init_seed(cfg.seed, "imitator"), cfg.bptt)
+    imitator = models.use_fast_attention(imitator).to(device).train()
+    if cfg.freeze_embeddings:
+        models.freeze_word_embeddings(imitator)
+    opt, schedule = make_optimizer(imitator, cfg, cfg.imitation_steps)
+    stream, states = task_data.stream(cfg.seed + 20_000), [None, None]
+    for _ in range(cfg.imitation_steps):
+        batch = to_device(next(stream), device)
+        with autocast(device, cfg.precision):
+            with torch.no_grad():
+                target, states[0] = teacher(batch, states[0])
+            logits, states[1] = imitator(batch, states[1])
+            loss = kl_divergence(target, logits, 1.0)
+        if not torch.isfinite(loss):
+            raise FloatingPointError("the imitation probe's loss is not finite")
+        loss.backward()
+        update(imitator, opt, schedule, cfg.clip_grad_norm)
+    imitator.eval()
+    out = {}
+    for split, short in (("validation", "val"), ("test", "test")):
+        kl_sum, same, rows, states = 0.0, 0, 0, [None, None]
+        with torch.no_grad():
+            for batch in task_data.eval_stream(split):
+                batch = to_device(batch, device)
+                with autocast(device, cfg.precision):
+                    target, states[0] = teacher(batch, states[0])
+                    logits, states[1] = imitator(batch, states[1])
+                n = target.numel() // target.size(-1)
+                kl_sum += kl_divergence(target, logits, 1.0).item() * n
+                same += (target.argmax(-1) == logits.argmax(-1)).sum().item()
+                rows += n
+        out[f"imitation/{short}_kl"] = kl_sum / rows
+        if not task_data.is_lm:
+            out[f"imitation/{short}_agreement"] = same / rows
+    return out
 
 
 def epochs_to_run(cfg: LoTConfig) -> int:
@@ -630,6 +688,8 @@ def check_pack(cfg: LoTConfig) -> None:
     """What a packed LoT trial cannot train, named by its field."""
     if tasks.task_kind(cfg.task) == "lm":
         raise ValueError(f"task: {cfg.task} is language modelling, which does not pack yet: set resources.pack to 1")
+    if cfg.imitation_steps is not None:
+        raise ValueError("imitation_steps: a packed LoT trial has no imitation probe yet: set resources.pack to 1")
 
 
 def member_kl(target_logits: torch.Tensor, logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
