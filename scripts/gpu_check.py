@@ -141,18 +141,7 @@ def lot_lstm() -> None:
 def lot_rl_cuda() -> None:
     from teachsweep.jobs import lot_rl
 
-    config = {
-        "task": "gym:CartPole-v1",
-        "arm": "lot",
-        "num_envs": 4,
-        "num_steps": 128,
-        "clip_coef": 0.2,
-        "lr": 2.5e-3,
-        "steps_per_epoch": 10_240,
-        "epochs": 4,
-        "device": "cuda",
-        "buffer_rollouts": 4,
-    }
+    config = lot_rl.CARTPOLE_QUICK | {"arm": "lot", "device": "cuda", "buffer_rollouts": 4}
     m = lot_rl.train(config)
     print(
         f"best greedy return {m['teacher/best_eval_return']:.0f}, student {m['student/eval_return']:.0f}, "

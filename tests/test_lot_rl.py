@@ -135,18 +135,7 @@ def test_the_teacher_only_arm_builds_no_student():
 def test_a_short_cartpole_run_learns_well_above_a_random_policy():
     """A random CartPole policy lasts about 22 steps; a broken update (wrong sign, no GAE) stays far below 200."""
     reporter = Reporter()
-    config = {
-        "task": "gym:CartPole-v1",
-        "arm": "teacher_only",
-        "num_envs": 4,
-        "num_steps": 128,
-        "clip_coef": 0.2,
-        "lr": 2.5e-3,
-        "steps_per_epoch": 10_240,
-        "epochs": 4,
-        "device": "cpu",
-        "seed": 0,
-    }
+    config = lot_rl.CARTPOLE_QUICK | {"arm": "teacher_only", "device": "cpu", "seed": 0}
     final = lot_rl.train(config, reporter)
     assert final["teacher/best_eval_return"] >= 200, [h["teacher/eval_return"] for h in reporter.history]
     assert reporter.history[-1]["teacher/train_return"] > 2 * reporter.history[0]["teacher/train_return"]

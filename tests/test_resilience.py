@@ -155,19 +155,30 @@ def test_a_driver_killed_while_the_last_trial_reports_completes_the_sweep_once_o
     assert parent.info.status == "FINISHED" and resumed.stdout.count("verdict") == 1, counts
 
 
-def test_a_pruned_checkpoint_is_replaced_by_one_known_whole(tmp_path):
-    """Checkpoint N is deleted when N + 2 registers, so N + 2 was whole; anything newer may be a copy cut short by
-    the kill unless a still newer one exists (a trial writes them one after another)."""
-    from teachsweep.tune_state import complete_successor
+def test_a_pruned_checkpoint_is_replaced_by_the_newest_whole_later_one(tmp_path):
+    """A checkpoint is whole when its state.pt is a complete archive: a copy cut short by the kill is passed over,
+    whichever number it has (a resumed trial rewrites numbers in place), and so is an empty placeholder."""
+    import torch
 
-    for number in (2, 3, 4):
+    from teachsweep.tune_state import newest_whole_after, whole_checkpoint
+
+    for number in (2, 3, 4, 5):
         (tmp_path / f"checkpoint_{number:06d}").mkdir()
-    assert complete_successor(tmp_path, "checkpoint_000001").name == "checkpoint_000003"
-    assert complete_successor(tmp_path, "checkpoint_000000").name == "checkpoint_000003"  # older than the newest
-    assert complete_successor(tmp_path, "checkpoint_000002").name == "checkpoint_000004"
-    for number in (2, 3):
-        (tmp_path / f"checkpoint_{number:06d}").rmdir()
-    assert complete_successor(tmp_path, "checkpoint_000001") is None  # only a possibly partial newest is left
+        torch.save({"epoch": number, "weights": torch.randn(2000)}, tmp_path / f"checkpoint_{number:06d}/state.pt")
+    (tmp_path / "checkpoint_notanumber").mkdir()
+    cut_short(tmp_path / "checkpoint_000005/state.pt")
+    cut_short(tmp_path / "checkpoint_000003/state.pt")
+    (tmp_path / "checkpoint_000006").mkdir()  # a placeholder for Tune to delete
+    assert [whole_checkpoint(tmp_path / f"checkpoint_{n:06d}") for n in (2, 3, 4, 5, 6)] == [
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert newest_whole_after(tmp_path, 1).name == "checkpoint_000004"
+    assert newest_whole_after(tmp_path, 3).name == "checkpoint_000004"
+    assert newest_whole_after(tmp_path, 4) is None
 
 
 @pytest.mark.slow
@@ -187,9 +198,14 @@ def test_a_snapshot_naming_a_checkpoint_tune_pruned_since_resumes_from_the_newes
     def once_the_named_checkpoint_is_pruned(sweep, runs):
         if not named:
             for snapshot in trials.glob("experiment_state-*.json"):
-                if found := named_checkpoints(snapshot):
+                text = snapshot.read_text()  # read once: Tune rewrites the file in place
+                try:
+                    found = {trial: kept.latest for trial, kept in named_checkpoints(text).items()}
+                except ValueError:
+                    continue  # caught mid-write
+                if found:
                     early.mkdir(exist_ok=True)
-                    shutil.copyfile(snapshot, early / snapshot.name)
+                    (early / snapshot.name).write_text(text)
                     named.update(found)
             return None
         trial, checkpoint = next(iter(named.items()))
@@ -207,6 +223,8 @@ def test_a_snapshot_naming_a_checkpoint_tune_pruned_since_resumes_from_the_newes
         tmp_path, "pruned", text, once_the_named_checkpoint_is_pruned, kill_then_put_back_the_early_snapshot
     )
     assert f"{pruned}, which Tune's snapshot resumes from, was pruned" in resumed.stdout, resumed.stdout[-3000:]
+    said = resumed.stdout + resumed.stderr
+    assert "Error handling checkpoint" not in said and "Path not found" not in said, said[-3000:]
     sweep = open_sweep("pruned", results)
     (run,) = trial_runs(sweep)
     steps = sorted(

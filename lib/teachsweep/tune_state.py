@@ -12,9 +12,13 @@ or, with none, the sweep starts again as a driver that died before its first sna
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from ray.tune import Callback
@@ -103,68 +107,101 @@ def repair(paths: SweepDir) -> list[str]:
 
 
 CHECKPOINTS_KEPT = 2  # per trial (CheckpointConfig.num_to_keep); older ones are deleted as new ones register
+CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
 
 
-def named_checkpoints(snapshot: Path) -> dict[str, str]:
-    """The checkpoint each trial in a Tune snapshot resumes from: {trial directory: checkpoint directory}, names
-    only (the sweep may have moved since). Read through Ray's own decoder of a trial's run state; a snapshot it
-    cannot read names nothing."""
-    import json
+@dataclass(frozen=True)
+class NamedCheckpoints:
+    """What a Tune snapshot says of one trial's checkpoints (directory names: the sweep may have moved since)."""
 
+    latest: str  # the one the trial resumes from
+    kept: tuple[str, ...]  # those Tune will delete as the trial's next checkpoints register (latest included)
+
+
+def named_checkpoints(snapshot: str) -> dict[str, NamedCheckpoints]:
+    """{trial directory: its checkpoints} for each trial of a snapshot's text that has one, read through Ray's own
+    decoder of a trial's run state (the checkpoint bookkeeping is a pickle inside the JSON). Raises ValueError
+    when the snapshot or a trial's state cannot be read."""
     from ray.tune.trainable.metadata import _TrainingRunMetadata
 
+    named = {}
     try:
-        trials = json.loads(snapshot.read_text())["trial_data"]
-        named = {}
-        for _, run_state in trials:
-            latest = _TrainingRunMetadata.from_json_state(run_state).checkpoint_manager.latest_checkpoint_result
-            if latest is not None:
-                path = Path(latest.checkpoint.path)
-                named[path.parent.name] = path.name
-        return named
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError):
-        return {}
+        for _, run_state in json.loads(snapshot)["trial_data"]:
+            manager = _TrainingRunMetadata.from_json_state(run_state).checkpoint_manager
+            if manager.latest_checkpoint_result is None:
+                continue
+            latest = Path(manager.latest_checkpoint_result.checkpoint.path)
+            kept = tuple(Path(r.checkpoint.path).name for r in manager.best_checkpoint_results)
+            named[latest.parent.name] = NamedCheckpoints(latest.name, kept)
+    except Exception as error:  # a truncated file, a format a newer Ray writes, a pickle that does not load
+        raise ValueError(f"{type(error).__name__}: {error}") from error
+    return named
 
 
-def checkpoint_number(directory: Path) -> int:
-    return int(directory.name.rpartition("_")[2])
+def checkpoint_dirs(trial_dir: Path) -> dict[int, Path]:
+    """A trial's checkpoint directories on disk, by number."""
+    found = {}
+    for path in trial_dir.iterdir():
+        if (match := CHECKPOINT_DIR.fullmatch(path.name)) and path.is_dir():
+            found[int(match.group(1))] = path
+    return found
 
 
-def complete_successor(trial_dir: Path, pruned: str) -> Path | None:
-    """The checkpoint to resume from in place of `pruned`, one Tune deleted after the snapshot naming it was
-    written. Tune deletes checkpoint N when it registers N + CHECKPOINTS_KEPT, so that one was whole; so is every
-    checkpoint older than the newest on disk (a trial writes them one after another). The newest may be a copy
-    cut short by the kill."""
-    on_disk = sorted(trial_dir.glob("checkpoint_*"), key=checkpoint_number)
-    if not on_disk:
-        return None
-    newest, registered = checkpoint_number(on_disk[-1]), checkpoint_number(trial_dir / pruned) + CHECKPOINTS_KEPT
-    whole_ones = [c for c in on_disk if checkpoint_number(c) <= registered or checkpoint_number(c) < newest]
-    return whole_ones[-1] if whole_ones else None
+def whole_checkpoint(directory: Path) -> bool:
+    """Whether a checkpoint directory was written to its end: a trial's checkpoint is `state.pt`, a zip archive
+    (torch.save) whose entries all pass their CRC check; a copy cut short by a kill does not."""
+    try:
+        with zipfile.ZipFile(directory / "state.pt") as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
+def newest_whole_after(trial_dir: Path, number: int) -> Path | None:
+    """The trial's newest whole checkpoint numbered after `number`, or None."""
+    later = sorted((n, path) for n, path in checkpoint_dirs(trial_dir).items() if n > number)
+    return next((path for _, path in reversed(later) if whole_checkpoint(path)), None)
 
 
 def restore_pruned_checkpoints(paths: SweepDir) -> list[str]:
-    """Tune writes its snapshot every few seconds but prunes a trial's old checkpoints as soon as new ones
-    register, so a driver killed in between leaves a snapshot naming a checkpoint that is gone, and Tune fails
-    that trial's resume ("does not exist on storage anymore"). Each such checkpoint is put back as a copy of the
-    trial's newest whole one: the trial resumes from there (its job state is in the checkpoint). Returns what it
-    did, a line each, for the run's log."""
+    """Tune prunes a trial's old checkpoints as soon as new ones register but uploads its snapshot in the
+    background (and `repair` may put back a kept copy a few seconds old), so a killed driver can leave the snapshot
+    Tune restores (the newest session's) naming checkpoints that are gone: Tune then fails the trial ("does not
+    exist on storage anymore"), and deleting a gone one raises inside its bookkeeping. For each such trial the
+    checkpoint it resumes from is put back as a copy of its newest whole later one (its job state is in the
+    checkpoint: the trial goes on from there), the later ones Tune no longer tracks are removed (the trial writes
+    those numbers again), and the other gone ones Tune still tracks come back empty, for Tune to delete. Returns
+    what it did, a line each, for the run's log."""
+    snapshots = sorted(paths.trials.glob(EXPERIMENT_STATE), key=lambda p: p.name)
+    if not snapshots:
+        return []
+    try:
+        named = named_checkpoints(snapshots[-1].read_text())
+    except (OSError, ValueError) as error:
+        return [f"could not read which checkpoints Tune's snapshot {snapshots[-1].name} names ({error}); left as is"]
     said = []
-    for snapshot in sorted(paths.trials.glob(EXPERIMENT_STATE)):
-        for trial, checkpoint in named_checkpoints(snapshot).items():
-            trial_dir = paths.trials / trial
-            if not trial_dir.is_dir() or (trial_dir / checkpoint).exists():
-                continue
-            successor = complete_successor(trial_dir, checkpoint)
+    for trial, checkpoints in sorted(named.items()):
+        trial_dir = paths.trials / trial
+        if not trial_dir.is_dir():
+            continue
+        latest = trial_dir / checkpoints.latest
+        if not latest.exists():
+            number = int(CHECKPOINT_DIR.fullmatch(checkpoints.latest).group(1))
+            successor = newest_whole_after(trial_dir, number)
             if successor is None:
-                said.append(f"trial {trial}: {checkpoint}, which Tune's snapshot resumes from, is gone")
+                said.append(f"trial {trial}: {checkpoints.latest}, which Tune's snapshot resumes from, is gone")
                 continue
-            partial = trial_dir / f".{checkpoint}.partial"
+            partial = trial_dir / f".{checkpoints.latest}.partial"
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(successor, partial)
-            os.replace(partial, trial_dir / checkpoint)
+            os.replace(partial, latest)
+            for later, path in checkpoint_dirs(trial_dir).items():
+                if later > number:
+                    shutil.rmtree(path)
             said.append(
-                f"trial {trial}: {checkpoint}, which Tune's snapshot resumes from, was pruned after the snapshot; "
-                f"resuming from a copy of {successor.name}"
+                f"trial {trial}: {checkpoints.latest}, which Tune's snapshot resumes from, was pruned after the "
+                f"snapshot; resuming from a copy of {successor.name}"
             )
+        for name in checkpoints.kept:
+            (trial_dir / name).mkdir(exist_ok=True)
     return said
