@@ -2,6 +2,7 @@
 and its results are read primary first, each with a paired interval clipped to what the metric can take."""
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -222,3 +223,26 @@ def test_an_endpoint_counts_the_seeds_both_variants_ran_not_the_variants_own():
     assert primary.n_seeds == 5
     (line,) = endpoint_lines(spec, [primary])
     assert "5 of 8 seeds; fewer than the 8 registered" in line, line
+
+
+@pytest.mark.parametrize("rows", sorted(Path(__file__).parent.parent.glob("docs/results/study_*.json")), ids=str)
+def test_each_committed_study_figure_pairs_the_seeds_its_endpoints_did(rows, tmp_path):
+    """A study's figure is drawn from its committed rows; each endpoint's recorded difference is the mean over the
+    seeds both arms ran of their paired differences in those rows, and the figure joins exactly those seeds."""
+    import importlib.util
+    import json
+
+    script = Path(__file__).parent.parent / "scripts" / "study_figures.py"
+    module_spec = importlib.util.spec_from_file_location("study_figures", script)
+    study_figures = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(study_figures)
+    table = json.loads(rows.read_text())
+    assert table["endpoints"] and table["endpoints"][0]["role"] == "primary"
+    for endpoint in table["endpoints"]:
+        metric = study_figures.metric_of(endpoint["endpoint"])
+        first, second = endpoint["compared"].split(" − ")
+        a, b = study_figures.per_seed(table, first, metric), study_figures.per_seed(table, second, metric)
+        seeds = set(a) & set(b)
+        assert len(seeds) == endpoint["n_seeds"]
+        assert sum(a[s] - b[s] for s in seeds) / len(seeds) == pytest.approx(endpoint["diff"], rel=1e-9, abs=1e-12)
+    assert study_figures.draw(table, tmp_path / "figure.png").stat().st_size > 10_000
