@@ -3,6 +3,7 @@ recorded and the sweep goes on, several objectives keep a Pareto front, and the 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,6 +182,97 @@ def test_a_pruned_checkpoint_is_replaced_by_the_newest_whole_later_one(tmp_path)
     assert newest_whole_after(tmp_path, 4) is None
 
 
+def snapshot_naming(trials: Path, trial: str, numbers: list[int]) -> None:
+    """A Tune snapshot in `trials` whose one trial has registered checkpoints `numbers` (the last is the one it
+    resumes from), built with Ray's own bookkeeping classes, as Tune writes it."""
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    run = _TrainingRunMetadata()
+    run.checkpoint_manager = _CheckpointManager(CheckpointConfig(num_to_keep=2))
+    for number in numbers:
+        path = trials / trial / f"checkpoint_{number:06d}"
+        existed = path.exists()
+        path.mkdir(parents=True, exist_ok=True)  # (Tune's pruning deletes what it no longer keeps)
+        run.checkpoint_manager.register_checkpoint(_TrainingResult(Checkpoint(str(path)), {"epoch": number + 1}))
+        if not existed and path.exists():
+            path.rmdir()
+    (trials / "experiment_state-2026-01-01_00-00-00.json").write_text(
+        json.dumps({"trial_data": [["{}", run.get_json_state()]], "runner_data": {}})
+    )
+
+
+def checkpoint_with(path: Path, epoch: int) -> None:
+    import torch
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": epoch, "weights": torch.randn(2000)}, path / "state.pt")
+
+
+def test_a_trial_whose_snapshot_names_pruned_checkpoints_resumes_from_the_newest_whole_later_one(tmp_path):
+    """The snapshot resumes trial t from checkpoint 1 and still tracks 0; both are gone, 2 and 3 are whole and 4
+    was cut short by the kill. Checkpoint 3 moves into 1's place, 2 and 4 go (Tune no longer tracks them and the
+    trial writes those numbers again), 0 comes back empty for Tune to delete; a second pass changes nothing."""
+    from teachsweep.layout import SweepDir
+    from teachsweep.tune_state import restore_pruned_checkpoints
+
+    paths = SweepDir.of("s", tmp_path / "results")
+    trial_dir = paths.trials / "t"
+    snapshot_naming(paths.trials, "t", [0, 1])
+    for number in (2, 3, 4):
+        checkpoint_with(trial_dir / f"checkpoint_{number:06d}", number + 1)
+    cut_short(trial_dir / "checkpoint_000004/state.pt")
+    said = restore_pruned_checkpoints(paths)
+    assert any("checkpoint_000001" in line and "resuming from checkpoint_000003" in line for line in said), said
+    assert sorted(p.name for p in trial_dir.iterdir()) == ["checkpoint_000000", "checkpoint_000001"]
+    assert not any((trial_dir / "checkpoint_000000").iterdir())
+    assert torch_load(trial_dir / "checkpoint_000001/state.pt")["epoch"] == 4
+    assert restore_pruned_checkpoints(paths) == []
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+def test_pruned_checkpoints_with_nothing_whole_after_them_restart_the_trial_and_odd_entries_are_said(tmp_path):
+    """Nothing whole after the pruned checkpoint: an empty one stands in, which a job reads as none (the trial
+    starts over in its own run). A kept checkpoint that is gone while the latest exists comes back empty. A file
+    where a checkpoint should be, an unreadable snapshot: a line each, no traceback."""
+    from teachsweep.layout import SweepDir
+    from teachsweep.tracking import load_state
+    from teachsweep.tune_state import restore_pruned_checkpoints
+
+    paths = SweepDir.of("s", tmp_path / "results")
+    trial_dir = paths.trials / "t"
+    snapshot_naming(paths.trials, "t", [4, 5])
+    checkpoint_with(trial_dir / "checkpoint_000006", 7)
+    cut_short(trial_dir / "checkpoint_000006/state.pt")
+    said = restore_pruned_checkpoints(paths)
+    assert any("no later checkpoint is whole; the trial starts over" in line for line in said), said
+    assert sorted(p.name for p in trial_dir.iterdir()) == ["checkpoint_000004", "checkpoint_000005"]
+    assert load_state(trial_dir / "checkpoint_000005") is None
+
+    snapshot_naming(paths.trials, "t", [7, 8])
+    checkpoint_with(trial_dir / "checkpoint_000008", 9)
+    said = restore_pruned_checkpoints(paths)
+    assert said == ["trial t: checkpoint_000007, which Tune still tracks, was pruned; an empty one stands in for Tune"]
+    assert load_state(trial_dir / "checkpoint_000008")["epoch"] == 9
+
+    snapshot_naming(paths.trials, "t", [9, 10])
+    checkpoint_with(trial_dir / "checkpoint_000010", 11)
+    (trial_dir / "checkpoint_000009").write_text("not a directory")
+    assert restore_pruned_checkpoints(paths) == [
+        "trial t: checkpoint_000009 is not a directory; Tune will fail to delete it"
+    ]
+    next(paths.trials.glob("experiment_state-*.json")).write_text('{"trial_data": [["{}", "{not json')
+    (line,) = restore_pruned_checkpoints(paths)
+    assert line.startswith("could not read which checkpoints Tune's snapshot") and line.endswith("left as is")
+
+
 @pytest.mark.slow
 def test_a_snapshot_naming_a_checkpoint_tune_pruned_since_resumes_from_the_newest_whole_one(tmp_path):
     """Tune writes its snapshot every few seconds but deletes a trial's old checkpoints as soon as new ones
@@ -200,10 +292,11 @@ def test_a_snapshot_naming_a_checkpoint_tune_pruned_since_resumes_from_the_newes
             for snapshot in trials.glob("experiment_state-*.json"):
                 text = snapshot.read_text()  # read once: Tune rewrites the file in place
                 try:
-                    found = {trial: kept.latest for trial, kept in named_checkpoints(text).items()}
+                    checkpoints = named_checkpoints(text)
                 except ValueError:
                     continue  # caught mid-write
-                if found:
+                found = {trial: kept.latest for trial, kept in checkpoints.items() if len(kept.kept) == 2}
+                if found:  # a snapshot tracking two checkpoints: both will be gone, and one comes back empty
                     early.mkdir(exist_ok=True)
                     (early / snapshot.name).write_text(text)
                     named.update(found)
@@ -225,12 +318,16 @@ def test_a_snapshot_naming_a_checkpoint_tune_pruned_since_resumes_from_the_newes
     assert f"{pruned}, which Tune's snapshot resumes from, was pruned" in resumed.stdout, resumed.stdout[-3000:]
     said = resumed.stdout + resumed.stderr
     assert "Error handling checkpoint" not in said and "Path not found" not in said, said[-3000:]
+    assert "an empty one stands in for Tune" in said, said[-3000:]
+    successor = int(re.search(r"resuming from checkpoint_(\d+), moved into its place", said).group(1))
     sweep = open_sweep("pruned", results)
     (run,) = trial_runs(sweep)
     steps = sorted(
         m.step for m in MlflowClient(sweep.tracking_uri).get_metric_history(run.info.run_id, "teacher/val_acc")
     )
     assert run.info.status == "FINISHED" and steps == list(range(1, epochs + 1)), steps
+    resumed_from = MlflowClient(sweep.tracking_uri).get_metric_history(run.info.run_id, "trial/resumed_from_epoch")
+    assert {m.value for m in resumed_from} == {successor + 1}  # (checkpoint k holds epoch k + 1)
 
 
 def set_writable(root: Path, writable: bool) -> None:
@@ -575,3 +672,32 @@ def test_a_sweep_stopped_after_its_trials_started_but_before_any_reported_takes_
     assert [row["status"] for row in outcome.trials] == ["OK", "OK"], outcome.trials
     study = optuna.load_study(study_name="stopped", storage=paths.optuna_url)
     assert {t.distributions["alpha"].high for t in study.trials} == {2.0}
+
+
+@pytest.mark.slow
+def test_a_second_driver_on_a_running_sweep_is_refused_in_one_line(tmp_path):
+    """While a driver runs a sweep, `run` and `resume` of it from another process are refused (exit 2, one line
+    naming the driver); once the driver has ended, the lock is free and the same command reads it back."""
+    results = tmp_path / "results"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(SPEC.format(name="locked", epochs=4, steps=120, samples=2, results=results))
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([TEACHSWEEP, "run", str(spec_file)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not (results / "locked" / "mlflow_parent_run_id").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        commands = [["run", str(spec_file)], ["resume", "locked", "--results-dir", str(results)]]
+        second = [
+            subprocess.run([TEACHSWEEP, *c], env=env, capture_output=True, text=True, timeout=300) for c in commands
+        ]
+        first_code = driver.wait(timeout=600)
+    for refused in second:
+        lines = (refused.stdout + refused.stderr).strip().splitlines()
+        assert refused.returncode == 2, lines
+        assert lines[-1].startswith("error: ") and f"pid {driver.pid}" in lines[-1], lines
+        assert "sweep 'locked' is being run by another driver" in lines[-1], lines
+    assert first_code == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    again = subprocess.run([TEACHSWEEP, "run", str(spec_file)], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "verdict" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert len(trial_runs(open_sweep("locked", results))) == 2

@@ -109,6 +109,11 @@ class SweepDir:
         return self.tune / "trials"
 
     @property
+    def driver_lock(self) -> Path:
+        """Held (flock) by the driver running the sweep; says which (sweep.hold_driver_lock)."""
+        return self.path / "driver.lock"
+
+    @property
     def tune_backup(self) -> Path:
         """The last whole copy of Tune's snapshot (tune_state.py)."""
         return self.tune / "last_good"

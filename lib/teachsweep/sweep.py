@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -143,12 +144,55 @@ def run_sweep(
     concurrency = cluster.concurrency_for(spec, planned_count(spec))
     print(concurrency.line(spec.name), flush=True)
 
-    from ray import tune
-
     try:
         paths.path.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a path the access check allowed but the file system refuses (/proc, a full disk)
         raise SpecError(f"{where}results_dir: cannot create {paths.path} ({error.strerror})") from None
+    lock = hold_driver_lock(paths, spec.name, where)
+    try:
+        return run_holding_the_lock(spec, spec_text, callbacks, pipeline_run_id, paths, uri, start, concurrency)
+    finally:
+        lock.close()
+
+
+def hold_driver_lock(paths: SweepDir, name: str, where: str = ""):
+    """The sweep's driver lock (an exclusive `flock` on `driver.lock`, released when the file closes or the
+    driver dies, even by SIGKILL): a second driver on a running sweep would ask Optuna twice, log twice and, on
+    resume, move checkpoints the running one is writing. Refused in one line, naming the driver that holds it."""
+    import fcntl
+
+    lock = open(paths.driver_lock, "a+")  # noqa: SIM115 - held until the sweep ends, closed by the caller
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise SpecError(
+            f"{where}sweep '{name}' is being run by another driver ({holder}): wait for it to end, or stop it and "
+            "run this again"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    lock.flush()
+    return lock
+
+
+def run_holding_the_lock(
+    spec: SweepSpec,
+    spec_text: str,
+    callbacks: list | None,
+    pipeline_run_id: str | None,
+    paths: SweepDir,
+    uri: str,
+    start: float,
+    concurrency,
+) -> SweepOutcome:
+    """The rest of `run_sweep`, under the sweep's driver lock: record the spec, run the experiment, record the
+    outcome."""
+    from ray import tune
+
     recorded = json.loads(paths.fingerprint.read_text()) if paths.fingerprint.exists() else None
     if recorded is not None and recorded != spec.fingerprint() and not holds_results(paths):
         start_afresh(paths)

@@ -289,6 +289,15 @@ def finish_run(client, run_id: str, error: BaseException | None = None) -> None:
     retry(lambda: client.set_terminated(run_id, status="FAILED" if error else "FINISHED"))
 
 
+def load_state(directory: Path) -> dict | None:
+    """A trial's checkpointed state, or None for an empty checkpoint (one put back in place of a checkpoint Tune
+    pruned, with nothing whole to take its place: tune_state.restore_trial_checkpoints): the trial starts over."""
+    import torch
+
+    state = directory / "state.pt"
+    return torch.load(state, weights_only=True, map_location="cpu") if state.exists() else None
+
+
 class TrialReporter(Reporter):
     """Reports each epoch to MLflow (rank 0 only) and, when `to_tune`, to Ray Tune for Optuna and ASHA."""
 
@@ -336,8 +345,6 @@ class TrialReporter(Reporter):
     def restore(self) -> dict | None:
         if not self.to_tune:
             return None
-        import torch
-
         if self.send is not None and self.send.__module__.startswith("ray.train"):
             from ray.train import get_checkpoint
         else:
@@ -346,7 +353,7 @@ class TrialReporter(Reporter):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as directory:
-            return torch.load(f"{directory}/state.pt", weights_only=True, map_location="cpu")
+            return load_state(Path(directory))
 
     def log_dict(self, name: str, obj: dict) -> None:
         super().log_dict(name, obj)

@@ -11,6 +11,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -284,7 +285,7 @@ def last_checkpoint() -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        return torch.load(f"{directory}/state.pt", weights_only=True, map_location="cpu")
+        return tracking.load_state(Path(directory))
 
 
 def run_pack_trial(members: list[dict[str, Any]], ctx: TrialContext, pack_id: str) -> None:

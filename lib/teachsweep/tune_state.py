@@ -153,7 +153,7 @@ def whole_checkpoint(directory: Path) -> bool:
     try:
         with zipfile.ZipFile(directory / "state.pt") as archive:
             return archive.testzip() is None
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+    except Exception:  # noqa: BLE001 - whatever a damaged archive raises, it is not whole
         return False
 
 
@@ -167,11 +167,9 @@ def restore_pruned_checkpoints(paths: SweepDir) -> list[str]:
     """Tune prunes a trial's old checkpoints as soon as new ones register but uploads its snapshot in the
     background (and `repair` may put back a kept copy a few seconds old), so a killed driver can leave the snapshot
     Tune restores (the newest session's) naming checkpoints that are gone: Tune then fails the trial ("does not
-    exist on storage anymore"), and deleting a gone one raises inside its bookkeeping. For each such trial the
-    checkpoint it resumes from is put back as a copy of its newest whole later one (its job state is in the
-    checkpoint: the trial goes on from there), the later ones Tune no longer tracks are removed (the trial writes
-    those numbers again), and the other gone ones Tune still tracks come back empty, for Tune to delete. Returns
-    what it did, a line each, for the run's log."""
+    exist on storage anymore"), and deleting a gone one it still tracks raises inside its bookkeeping. Each trial
+    is put right (`restore_trial_checkpoints`); what cannot be is left as is and said. Returns what it did, a line
+    each, for the run's log."""
     snapshots = sorted(paths.trials.glob(EXPERIMENT_STATE), key=lambda p: p.name)
     if not snapshots:
         return []
@@ -184,24 +182,50 @@ def restore_pruned_checkpoints(paths: SweepDir) -> list[str]:
         trial_dir = paths.trials / trial
         if not trial_dir.is_dir():
             continue
-        latest = trial_dir / checkpoints.latest
-        if not latest.exists():
-            number = int(CHECKPOINT_DIR.fullmatch(checkpoints.latest).group(1))
-            successor = newest_whole_after(trial_dir, number)
-            if successor is None:
-                said.append(f"trial {trial}: {checkpoints.latest}, which Tune's snapshot resumes from, is gone")
-                continue
-            partial = trial_dir / f".{checkpoints.latest}.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(successor, partial)
-            os.replace(partial, latest)
-            for later, path in checkpoint_dirs(trial_dir).items():
-                if later > number:
-                    shutil.rmtree(path)
+        try:
+            said += restore_trial_checkpoints(trial, trial_dir, checkpoints)
+        except OSError as error:
+            said.append(f"trial {trial}: could not put back its checkpoints ({error}); left as is")
+    return said
+
+
+def restore_trial_checkpoints(trial: str, trial_dir: Path, checkpoints: NamedCheckpoints) -> list[str]:
+    """One trial of `restore_pruned_checkpoints`. When the checkpoint it resumes from (number N) is gone, its
+    newest whole later checkpoint is moved into its place (the job state is in the checkpoint: the trial goes on
+    from there), after the other later ones, which Tune no longer tracks and the trial writes again, are removed; a
+    kill in between leaves that successor to be found again. With no whole later one, an empty directory stands in
+    and the trial starts over in its own run (a job reads an empty checkpoint as none). The other gone checkpoints
+    Tune tracks come back empty, for Tune to delete."""
+    said = []
+    latest = trial_dir / checkpoints.latest
+    if not latest.exists():
+        match = CHECKPOINT_DIR.fullmatch(checkpoints.latest)
+        if match is None:
+            return [f"trial {trial}: Tune's snapshot resumes it from {checkpoints.latest!r}, not a checkpoint name"]
+        number = int(match.group(1))
+        successor = newest_whole_after(trial_dir, number)
+        for later, path in checkpoint_dirs(trial_dir).items():
+            if later > number and path != successor:
+                shutil.rmtree(path)
+        if successor is None:
+            latest.mkdir()
+            said.append(
+                f"trial {trial}: {checkpoints.latest}, which Tune's snapshot resumes from, was pruned and no later "
+                "checkpoint is whole; the trial starts over in its own run"
+            )
+        else:
+            os.replace(successor, latest)
             said.append(
                 f"trial {trial}: {checkpoints.latest}, which Tune's snapshot resumes from, was pruned after the "
-                f"snapshot; resuming from a copy of {successor.name}"
+                f"snapshot; resuming from {successor.name}, moved into its place"
             )
-        for name in checkpoints.kept:
-            (trial_dir / name).mkdir(exist_ok=True)
+    for name in checkpoints.kept:
+        placeholder = trial_dir / name
+        if placeholder.is_dir():
+            continue
+        if placeholder.exists():
+            said.append(f"trial {trial}: {name} is not a directory; Tune will fail to delete it")
+            continue
+        placeholder.mkdir()
+        said.append(f"trial {trial}: {name}, which Tune still tracks, was pruned; an empty one stands in for Tune")
     return said
