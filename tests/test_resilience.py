@@ -238,6 +238,20 @@ def torch_load(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
+def test_a_file_where_the_checkpoint_to_resume_from_should_be_is_set_aside(tmp_path):
+    from teachsweep.layout import SweepDir
+    from teachsweep.tune_state import restore_pruned_checkpoints
+
+    paths = SweepDir.of("s", tmp_path / "results")
+    trial_dir = paths.trials / "t"
+    snapshot_naming(paths.trials, "t", [0, 1])
+    (trial_dir / "checkpoint_000001").write_text("not a checkpoint")
+    checkpoint_with(trial_dir / "checkpoint_000002", 3)
+    said = restore_pruned_checkpoints(paths)
+    assert said[0] == "trial t: checkpoint_000001 was not a directory; set aside as checkpoint_000001.not-a-checkpoint"
+    assert torch_load(trial_dir / "checkpoint_000001/state.pt")["epoch"] == 3
+
+
 def test_pruned_checkpoints_with_nothing_whole_after_them_restart_the_trial_and_odd_entries_are_said(tmp_path):
     """Nothing whole after the pruned checkpoint: an empty one stands in, which a job reads as none (the trial
     starts over in its own run). A kept checkpoint that is gone while the latest exists comes back empty. A file
@@ -676,11 +690,11 @@ def test_a_sweep_stopped_after_its_trials_started_but_before_any_reported_takes_
 
 @pytest.mark.slow
 def test_a_second_driver_on_a_running_sweep_is_refused_in_one_line(tmp_path):
-    """While a driver runs a sweep, `run` and `resume` of it from another process are refused (exit 2, one line
-    naming the driver); once the driver has ended, the lock is free and the same command reads it back."""
+    """While a driver runs a sweep, `run` and `resume` of it from other processes are refused (exit 2, one line
+    naming the driver, before Ray starts); once the driver has ended, the same command reads it back."""
     results = tmp_path / "results"
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(SPEC.format(name="locked", epochs=4, steps=120, samples=2, results=results))
+    spec_file.write_text(SPEC.format(name="locked", epochs=8, steps=150, samples=2, results=results))
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     with open(tmp_path / "driver.log", "w") as log:
         driver = subprocess.Popen([TEACHSWEEP, "run", str(spec_file)], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -688,16 +702,39 @@ def test_a_second_driver_on_a_running_sweep_is_refused_in_one_line(tmp_path):
         while not (results / "locked" / "mlflow_parent_run_id").exists() and time.time() < deadline:
             time.sleep(0.5)
         commands = [["run", str(spec_file)], ["resume", "locked", "--results-dir", str(results)]]
-        second = [
-            subprocess.run([TEACHSWEEP, *c], env=env, capture_output=True, text=True, timeout=300) for c in commands
+        others = [
+            subprocess.Popen([TEACHSWEEP, *c], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for c in commands
         ]
-        first_code = driver.wait(timeout=600)
-    for refused in second:
-        lines = (refused.stdout + refused.stderr).strip().splitlines()
-        assert refused.returncode == 2, lines
-        assert lines[-1].startswith("error: ") and f"pid {driver.pid}" in lines[-1], lines
-        assert "sweep 'locked' is being run by another driver" in lines[-1], lines
+        outputs = [other.communicate(timeout=300)[0] for other in others]
+        still_running = driver.poll() is None
+        first_code = driver.wait(timeout=900)
+    assert still_running, "the first driver ended before the others were refused: nothing was tested"
+    for other, output in zip(others, outputs, strict=True):
+        lines = output.strip().splitlines()
+        assert other.returncode == 2 and len(lines) == 1, lines
+        assert lines[0].startswith("error: ") and f"pid {driver.pid} on " in lines[0], lines
+        assert "sweep 'locked' is being run by another driver" in lines[0] and "host is gone" not in lines[0]
     assert first_code == 0, (tmp_path / "driver.log").read_text()[-3000:]
     again = subprocess.run([TEACHSWEEP, "run", str(spec_file)], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "verdict" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
     assert len(trial_runs(open_sweep("locked", results))) == 2
+
+
+def test_a_lock_held_from_another_host_says_how_to_free_it(tmp_path):
+    """A lock whose holder ran on another host (a replaced head node whose NFS lock outlives it) names the file to
+    remove if that host is gone; on this host it does not."""
+    import fcntl
+
+    from teachsweep.layout import SweepDir
+    from teachsweep.sweep import hold_driver_lock
+
+    paths = SweepDir.of("s", tmp_path)
+    paths.path.mkdir(parents=True)
+    with open(paths.driver_lock, "w") as holder:
+        holder.write("pid 7 on a-head-that-was-replaced, since 2026-01-01 00:00:00")
+        holder.flush()
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SpecError, match=f"if that host is gone, remove {paths.driver_lock}"):
+            hold_driver_lock(paths, "s")
+    hold_driver_lock(paths, "s").close()  # free once its holder closed it

@@ -136,29 +136,37 @@ def run_sweep(
     quiet_libraries()
     paths = paths_for(spec)
     preflight.check_spec(spec, where)
-    uri = preflight.check_stores(spec, paths.root, paths.fingerprint, started=holds_results(paths), where=where)
-    start = time.time()
-    init_ray()
-    check_trial_fits(spec)  # these may refuse the spec: before anything is created
-    cluster.check_cluster_stores(spec, paths.root, uri)
-    concurrency = cluster.concurrency_for(spec, planned_count(spec))
-    print(concurrency.line(spec.name), flush=True)
+    # A sweep some driver of this version ran has its lock file: taken before anything else, so a second driver
+    # is refused at once; a new sweep's is created with its directory, and its stores checked again under it.
+    lock = hold_driver_lock(paths, spec.name, where) if paths.driver_lock.is_file() else None
+    try:
+        uri = preflight.check_stores(spec, paths.root, paths.fingerprint, started=holds_results(paths), where=where)
+        start = time.time()
+        init_ray()
+        check_trial_fits(spec)  # these may refuse the spec: before anything is created
+        cluster.check_cluster_stores(spec, paths.root, uri)
+        concurrency = cluster.concurrency_for(spec, planned_count(spec))
+        print(concurrency.line(spec.name), flush=True)
 
-    try:
-        paths.path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a path the access check allowed but the file system refuses (/proc, a full disk)
-        raise SpecError(f"{where}results_dir: cannot create {paths.path} ({error.strerror})") from None
-    lock = hold_driver_lock(paths, spec.name, where)
-    try:
+        try:
+            paths.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a path the access check allowed but the file system refuses (/proc, a full disk)
+            raise SpecError(f"{where}results_dir: cannot create {paths.path} ({error.strerror})") from None
+        if lock is None:
+            lock = hold_driver_lock(paths, spec.name, where)
+            # another driver may have run it between the check above and the lock
+            preflight.check_stores(spec, paths.root, paths.fingerprint, started=holds_results(paths), where=where)
         return run_holding_the_lock(spec, spec_text, callbacks, pipeline_run_id, paths, uri, start, concurrency)
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
 def hold_driver_lock(paths: SweepDir, name: str, where: str = ""):
     """The sweep's driver lock (an exclusive `flock` on `driver.lock`, released when the file closes or the
     driver dies, even by SIGKILL): a second driver on a running sweep would ask Optuna twice, log twice and, on
-    resume, move checkpoints the running one is writing. Refused in one line, naming the driver that holds it."""
+    resume, move checkpoints the running one is writing. Refused in one line, naming the driver that holds it. A
+    file system without `flock` (NFS with no lock daemon, Lustre mounted without it) gets a warning and no lock."""
     import fcntl
 
     lock = open(paths.driver_lock, "a+")  # noqa: SIM115 - held until the sweep ends, closed by the caller
@@ -168,10 +176,20 @@ def hold_driver_lock(paths: SweepDir, name: str, where: str = ""):
         lock.seek(0)
         holder = lock.read().strip() or "another process"
         lock.close()
+        host = socket.gethostname()
+        gone = "" if f" on {host}," in holder else f" (if that host is gone, remove {paths.driver_lock})"
         raise SpecError(
-            f"{where}sweep '{name}' is being run by another driver ({holder}): wait for it to end, or stop it and "
-            "run this again"
+            f"{where}sweep '{name}' is being run by another driver ({holder}){gone}: wait for it to end, or stop it "
+            "and run this again"
         ) from None
+    except OSError as error:
+        print(
+            f"warning: cannot lock {paths.driver_lock} ({error.strerror}); a second driver on this sweep would not "
+            "be refused",
+            file=sys.stderr,
+            flush=True,
+        )
+        return lock
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")

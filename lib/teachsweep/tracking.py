@@ -290,12 +290,14 @@ def finish_run(client, run_id: str, error: BaseException | None = None) -> None:
 
 
 def load_state(directory: Path) -> dict | None:
-    """A trial's checkpointed state, or None for an empty checkpoint (one put back in place of a checkpoint Tune
-    pruned, with nothing whole to take its place: tune_state.restore_trial_checkpoints): the trial starts over."""
+    """A trial's checkpointed state, or None for an empty checkpoint directory (one put back in place of a
+    checkpoint Tune pruned, with nothing whole to take its place: tune_state.restore_trial_checkpoints): the trial
+    starts over. A checkpoint that lost its state.pt fails as before."""
     import torch
 
-    state = directory / "state.pt"
-    return torch.load(state, weights_only=True, map_location="cpu") if state.exists() else None
+    if directory.is_dir() and not any(directory.iterdir()):
+        return None
+    return torch.load(directory / "state.pt", weights_only=True, map_location="cpu")
 
 
 class TrialReporter(Reporter):

@@ -170,20 +170,19 @@ def restore_pruned_checkpoints(paths: SweepDir) -> list[str]:
     exist on storage anymore"), and deleting a gone one it still tracks raises inside its bookkeeping. Each trial
     is put right (`restore_trial_checkpoints`); what cannot be is left as is and said. Returns what it did, a line
     each, for the run's log."""
-    snapshots = sorted(paths.trials.glob(EXPERIMENT_STATE), key=lambda p: p.name)
-    if not snapshots:
-        return []
     try:
+        snapshots = sorted(paths.trials.glob(EXPERIMENT_STATE), key=lambda p: p.name)
+        if not snapshots:
+            return []
         named = named_checkpoints(snapshots[-1].read_text())
     except (OSError, ValueError) as error:
-        return [f"could not read which checkpoints Tune's snapshot {snapshots[-1].name} names ({error}); left as is"]
+        return [f"could not read which checkpoints Tune's snapshot names ({error}); left as is"]
     said = []
     for trial, checkpoints in sorted(named.items()):
         trial_dir = paths.trials / trial
-        if not trial_dir.is_dir():
-            continue
         try:
-            said += restore_trial_checkpoints(trial, trial_dir, checkpoints)
+            if trial_dir.is_dir():
+                said += restore_trial_checkpoints(trial, trial_dir, checkpoints)
         except OSError as error:
             said.append(f"trial {trial}: could not put back its checkpoints ({error}); left as is")
     return said
@@ -198,6 +197,10 @@ def restore_trial_checkpoints(trial: str, trial_dir: Path, checkpoints: NamedChe
     Tune tracks come back empty, for Tune to delete."""
     said = []
     latest = trial_dir / checkpoints.latest
+    if latest.exists() and not latest.is_dir():
+        aside = latest.with_name(f"{latest.name}.not-a-checkpoint")
+        latest.rename(aside)
+        said.append(f"trial {trial}: {checkpoints.latest} was not a directory; set aside as {aside.name}")
     if not latest.exists():
         match = CHECKPOINT_DIR.fullmatch(checkpoints.latest)
         if match is None:
