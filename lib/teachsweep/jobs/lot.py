@@ -607,7 +607,8 @@ def imitation_probe(teacher_state: dict, cfg: LoTConfig, task_data: TaskData, de
     imitator.eval()
     out = {}
     for split, short in (("validation", "val"), ("test", "test")):
-        kl_sum, same, rows, states = 0.0, 0, 0, [None, None]
+        # totals stay on the device, read once at the end: no host sync per batch
+        totals, rows, states = torch.zeros(2, dtype=torch.float64, device=device), 0, [None, None]
         with torch.no_grad():
             for batch in task_data.eval_stream(split):
                 batch = to_device(batch, device)
@@ -615,12 +616,13 @@ def imitation_probe(teacher_state: dict, cfg: LoTConfig, task_data: TaskData, de
                     target, states[0] = teacher(batch, states[0])
                     logits, states[1] = imitator(batch, states[1])
                 n = target.numel() // target.size(-1)
-                kl_sum += kl_divergence(target, logits, 1.0).item() * n
-                same += (target.argmax(-1) == logits.argmax(-1)).sum().item()
+                same = (target.argmax(-1) == logits.argmax(-1)).sum()
+                totals += torch.stack([kl_divergence(target, logits, 1.0) * n, same.to(torch.float64)])
                 rows += n
+        kl_sum, same_sum = totals.tolist()
         out[f"imitation/{short}_kl"] = kl_sum / rows
         if not task_data.is_lm:
-            out[f"imitation/{short}_agreement"] = same / rows
+            out[f"imitation/{short}_agreement"] = same_sum / rows
     return out
 
 
