@@ -213,13 +213,15 @@ def test_a_lost_worker_node_restarts_its_trial_elsewhere_from_its_checkpoint_int
             if len(nodes_before) == 2 and len(epochs_logged(client, run.info.run_id)) >= 2:
                 node = cluster.node_of(int(run.data.tags["teachsweep.pid"].rpartition(":")[2]))
                 if node is not None:
+                    os.killpg(node.pid, signal.SIGKILL)  # the node's raylet and its workers, as a machine lost
+                    node.wait()
+                    # counted once the node is dead: the trial kept training between the read above and the kill,
+                    # and it logs an epoch to MLflow before it hands that epoch's checkpoint to Tune
                     lost = (
                         run.info.run_id,
                         run.data.tags["teachsweep.node"],
                         len(epochs_logged(client, run.info.run_id)),
                     )
-                    os.killpg(node.pid, signal.SIGKILL)  # the node's raylet and its workers, as a machine lost
-                    node.wait()
                     cluster.add_worker()  # a replacement joins, as an autoscaler would bring one
                     break
     output = driver.communicate(timeout=900)[0]
