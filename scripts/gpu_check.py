@@ -14,6 +14,9 @@ import traceback
 
 import torch
 
+# rotten_tomatoes as the text checks read it (the MiniLM shapes with random weights: random_minilm)
+TEXT_ON_CUDA = {"task": "rotten_tomatoes", "max_length": 64, "max_eval_examples": 300, "device": "cuda"}
+
 
 def check(name: str):
     def wrap(fn):
@@ -57,16 +60,7 @@ def device_and_precision() -> None:
 def lot_digits() -> None:
     from teachsweep.jobs import lot
 
-    job = {
-        "task": "digits",
-        "teacher": "cnn:8",
-        "epochs": 2,
-        "steps_per_epoch": 30,
-        "max_eval_examples": 200,
-        "optimizer": "sgd",
-        "lr": 0.05,
-        "device": "cuda",
-    }
+    job = lot.DIGITS_QUICK | {"steps_per_epoch": 30, "batch_size": 32, "max_eval_examples": 200, "device": "cuda"}
     for precision in ("auto", "fp32"):
         m = lot.train(job | {"precision": precision})
         print(
@@ -81,17 +75,7 @@ def lot_text() -> None:
     from teachsweep.jobs import lot
 
     random_minilm()
-    job = {
-        "task": "rotten_tomatoes",
-        "teacher": "minilm:2",
-        "epochs": 1,
-        "steps_per_epoch": 40,
-        "lr": 3e-4,
-        "max_length": 64,
-        "max_eval_examples": 300,
-        "batch_size": 32,
-        "device": "cuda",
-    }
+    job = TEXT_ON_CUDA | {"teacher": "minilm:2", "epochs": 1, "steps_per_epoch": 40, "lr": 3e-4, "batch_size": 32}
     for precision in ("fp32", "auto", "fp32", "auto"):  # twice each: the first run of a kind pays CUDA's warm-up
         m = lot.train(job | {"precision": precision})
         print(
@@ -197,16 +181,7 @@ def scaffold_cuda() -> None:
     from teachsweep.jobs import scaffold
 
     random_minilm()
-    teacher = {
-        "task": "rotten_tomatoes",
-        "model": "minilm:2",
-        "lr": 1e-4,
-        "epochs": 1,
-        "steps_per_epoch": 50,
-        "max_length": 64,
-        "max_eval_examples": 300,
-        "device": "cuda",
-    }
+    teacher = TEXT_ON_CUDA | {"model": "minilm:2", "lr": 1e-4, "epochs": 1, "steps_per_epoch": 50}
     for explainer in ("attention", "smat"):
         start = time.perf_counter()
         m = scaffold.train(

@@ -17,19 +17,7 @@ from teachsweep.results import open_sweep, trial_rows
 from teachsweep.spec import SpecError, parse_spec
 from teachsweep.sweep import run_sweep
 
-BASE = {
-    "task": "digits",
-    "teacher": "cnn:8",
-    "epochs": 3,
-    "steps_per_epoch": 4,
-    "batch_size": 16,
-    "max_eval_examples": 64,
-    "optimizer": "sgd",
-    "lr": 0.05,
-    "student_steps": 2,
-    "device": "cpu",
-    "precision": "fp32",
-}
+BASE = lot.DIGITS_QUICK | {"epochs": 3, "device": "cpu", "precision": "fp32"}
 
 
 def twin_histories(configs: list[dict], train=lot.train) -> list[Reporter]:
@@ -250,7 +238,15 @@ def test_packing_is_refused_in_one_line_where_it_cannot_work(tmp_path):
         parse_spec(scaffold + "pack: 2\n", "s.yaml: ")
 
 
-GRID = """
+# a grid's two seeds, its teacher-only arm, where it keeps its results and whether it packs
+GRID_TAIL = """seeds: [0, 1]
+baseline: {{budget: teacher_steps}}
+results_dir: {results}
+{pack}
+"""
+
+GRID = (
+    """
 name: {name}
 job: lot
 config: {{task: digits, teacher: "cnn:8", epochs: 2, steps_per_epoch: 3, batch_size: 16, max_eval_examples: 64,
@@ -258,32 +254,45 @@ config: {{task: digits, teacher: "cnn:8", epochs: 2, steps_per_epoch: 3, batch_s
 variants:
   a03: {{alpha: 0.3}}
   a10: {{alpha: 1.0, temperature: 2.0}}
-seeds: [0, 1]
-baseline: {{budget: teacher_steps}}
-results_dir: {results}
-{pack}
 """
+    + GRID_TAIL
+)
+
+
+def plain_and_packed(grid: str, results) -> dict:
+    """The grid swept one trial a process ("plain") and packed 8 members a trial ("packed"): each outcome."""
+    outcomes = {}
+    for name, pack in (("plain", ""), ("packed", "resources: {pack: 8}")):
+        text = grid.format(name=name, results=results, pack=pack)
+        outcomes[name] = run_sweep(parse_spec(text), text)
+    return outcomes
+
+
+def metrics_by_trial(outcomes: dict) -> dict:
+    """{(label, seed): {outcome: the trial's metrics}}, once every trial of every outcome is checked OK."""
+    by_config = {}
+    for name, outcome in outcomes.items():
+        assert all(row["status"] == "OK" for row in outcome.trials), outcome.trials
+        for row in outcome.trials:
+            by_config.setdefault((row["label"], row["params"]["seed"]), {})[name] = row["metrics"]
+    return by_config
+
+
+def assert_same_metrics(by_config: dict) -> None:
+    for key, both in by_config.items():
+        for metric, value in both["plain"].items():
+            if not metric.startswith("time/"):
+                assert math.isclose(value, both["packed"][metric], rel_tol=1e-4, abs_tol=1e-6), (key, metric)
 
 
 @pytest.mark.integration
 def test_a_packed_grid_reads_back_as_the_same_grid_unpacked(ray_session, tmp_path):
     """The same grid (2 variants and their teacher-only arm, 2 seeds) packed and unpacked: every trial's
     metrics are equal, each packed member has its own MLflow run tagged with its pack, and the comparisons agree."""
-    outcomes = {}
-    for name, pack in (("plain", ""), ("packed", "resources: {pack: 8}")):
-        text = GRID.format(name=name, results=tmp_path / "results", pack=pack)
-        outcomes[name] = run_sweep(parse_spec(text), text)
-    by_config = {}
-    for name, outcome in outcomes.items():
-        assert all(row["status"] == "OK" for row in outcome.trials), outcome.trials
-        for row in outcome.trials:
-            key = (row["label"], row["params"]["seed"])
-            by_config.setdefault(key, {})[name] = row["metrics"]
+    outcomes = plain_and_packed(GRID, tmp_path / "results")
+    by_config = metrics_by_trial(outcomes)
     assert len(by_config) == 6 and all(len(v) == 2 for v in by_config.values())
-    for key, both in by_config.items():
-        for metric, value in both["plain"].items():
-            if not metric.startswith("time/"):
-                assert math.isclose(value, both["packed"][metric], rel_tol=1e-4, abs_tol=1e-6), (key, metric)
+    assert_same_metrics(by_config)
     packed = open_sweep("packed", tmp_path / "results")
     assert len(trial_rows(packed)) == 3  # the reader's rows: each variant and the arm, their seeds merged
     client = MlflowClient(packed.tracking_uri)
@@ -537,7 +546,8 @@ def test_a_packed_lot_rl_restarted_from_its_checkpoint_goes_on_without_the_membe
         assert restarted.members[i].last["trial/resumed_from_epoch"] == 2
 
 
-RL_GRID = """
+RL_GRID = (
+    """
 name: {name}
 job: lot_rl
 config: {{task: "gym:CartPole-v1", num_envs: 4, num_steps: 32, num_minibatches: 2, update_epochs: 2,
@@ -545,29 +555,16 @@ config: {{task: "gym:CartPole-v1", num_envs: 4, num_steps: 32, num_minibatches: 
 variants:
   a05: {{alpha: 0.5}}
   a10: {{alpha: 1.0, lr: 0.001}}
-seeds: [0, 1]
-baseline: {{budget: teacher_steps}}
-results_dir: {results}
-{pack}
 """
+    + GRID_TAIL
+)
 
 
 @pytest.mark.integration
 def test_a_packed_lot_rl_grid_reads_back_as_the_same_grid_unpacked(ray_session, tmp_path):
-    outcomes = {}
-    for name, pack in (("plain", ""), ("packed", "resources: {pack: 8}")):
-        text = RL_GRID.format(name=name, results=tmp_path / "results", pack=pack)
-        outcomes[name] = run_sweep(parse_spec(text), text)
-    by_config = {}
-    for name, outcome in outcomes.items():
-        assert all(row["status"] == "OK" for row in outcome.trials), outcome.trials
-        for row in outcome.trials:
-            by_config.setdefault((row["label"], row["params"]["seed"]), {})[name] = row["metrics"]
+    by_config = metrics_by_trial(plain_and_packed(RL_GRID, tmp_path / "results"))
     assert len(by_config) == 8 and all(len(v) == 2 for v in by_config.values())  # 2 variants x (LoT, own arm) x 2 seeds
-    for key, both in by_config.items():
-        for metric, value in both["plain"].items():
-            if not metric.startswith("time/"):
-                assert math.isclose(value, both["packed"][metric], rel_tol=1e-4, abs_tol=1e-6), (key, metric)
+    assert_same_metrics(by_config)
 
 
 TEACHER = {

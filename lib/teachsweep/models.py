@@ -167,7 +167,30 @@ def load_tokenizer(model_name: str):
 # ---------------------------------------------------------------------------------------------- wrappers
 
 
-class TextClassifier(nn.Module):
+class ExplainableClassifier(nn.Module):
+    """A classifier the explainers can read: logits with (optionally) its attention maps, from its inputs or from
+    input embeddings that replace them."""
+
+    def logits_and_attentions(self, batch: dict, inputs_embeds: torch.Tensor | None, output_attentions: bool):
+        raise NotImplementedError
+
+    def classify(
+        self,
+        batch: dict,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        log_attention: bool = False,
+    ):
+        """(logits, attentions or None); `log_attention` returns the attentions' log-probabilities instead of
+        their probabilities."""
+        with log_attention_if(log_attention):
+            return self.logits_and_attentions(batch, inputs_embeds, output_attentions)
+
+    def forward(self, batch: dict, state=None):
+        return self.classify(batch)[0], None
+
+
+class TextClassifier(ExplainableClassifier):
     """A transformer encoder with a pooled linear head.
 
     `mean` pooling (masked mean of the last hidden states) is how all-MiniLM-L6-v2 was trained as a sentence
@@ -203,30 +226,19 @@ class TextClassifier(nn.Module):
         special = torch.isin(ids, torch.tensor(self.special_ids, dtype=ids.dtype, device=ids.device))
         return batch["attention_mask"].bool() & ~special
 
-    def classify(
-        self,
-        batch: dict,
-        inputs_embeds: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        log_attention: bool = False,
-    ):
-        """(logits, attentions or None); `inputs_embeds` replaces the token ids (gradient explainers);
-        `log_attention` returns log-probabilities instead of probabilities."""
-        with log_attention_if(log_attention):
-            out = self.encoder(
-                input_ids=None if inputs_embeds is not None else batch["input_ids"],
-                inputs_embeds=inputs_embeds,
-                attention_mask=batch["attention_mask"],
-                output_attentions=output_attentions,
-            )
+    def logits_and_attentions(self, batch: dict, inputs_embeds: torch.Tensor | None, output_attentions: bool):
+        """`inputs_embeds` replaces the token ids (gradient explainers)."""
+        out = self.encoder(
+            input_ids=None if inputs_embeds is not None else batch["input_ids"],
+            inputs_embeds=inputs_embeds,
+            attention_mask=batch["attention_mask"],
+            output_attentions=output_attentions,
+        )
         logits = self.head(self.dropout(self.pool(out.last_hidden_state, batch["attention_mask"])))
         return logits, out.attentions if output_attentions else None
 
-    def forward(self, batch: dict, state=None):
-        return self.classify(batch)[0], None
 
-
-class ImageClassifier(nn.Module):
+class ImageClassifier(ExplainableClassifier):
     def __init__(self, net: nn.Module, hf: bool):
         super().__init__()
         self.net, self.is_hf = net, hf
@@ -260,16 +272,9 @@ class ImageClassifier(nn.Module):
             raise ModelError("token explanations of images need a vit (they score its patch tokens)")
         return self.net.vit.embeddings.patch_embeddings.num_patches
 
-    def classify(
-        self,
-        batch: dict,
-        inputs_embeds: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        log_attention: bool = False,
-    ):
-        """(logits, attentions or None); attentions (ViT) cover [CLS] and the patch tokens. `inputs_embeds`
-        replaces the image by its input tokens (gradient explainers; no attentions then); `log_attention`
-        returns log-probabilities instead of probabilities."""
+    def logits_and_attentions(self, batch: dict, inputs_embeds: torch.Tensor | None, output_attentions: bool):
+        """Attentions (ViT) cover [CLS] and the patch tokens. `inputs_embeds` replaces the image by its input
+        tokens (gradient explainers; no attentions then)."""
         if inputs_embeds is not None:
             return self.classify_tokens(inputs_embeds), None
         if not self.is_hf:
@@ -277,12 +282,8 @@ class ImageClassifier(nn.Module):
                 raise ModelError("attention explanations need a transformer image model (vit)")
             return self.net(batch["pixel_values"]), None
         kwargs = {"output_attentions": True} if output_attentions else {}
-        with log_attention_if(log_attention):
-            out = self.net(pixel_values=batch["pixel_values"], **kwargs)
+        out = self.net(pixel_values=batch["pixel_values"], **kwargs)
         return out.logits, out.attentions if output_attentions else None
-
-    def forward(self, batch: dict, state=None):
-        return self.classify(batch)[0], None
 
 
 class CausalLM(nn.Module):

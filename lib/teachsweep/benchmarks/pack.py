@@ -15,20 +15,11 @@ from rich.console import Console
 from rich.table import Table
 
 from teachsweep.benchmarks.measure import ProcessTreePeak, bench_sweep
+from teachsweep.jobs import lot
 
 JOBS = {
     "lot": {
-        "config": {
-            "task": "digits",
-            "teacher": "cnn:8",
-            "epochs": 2,
-            "batch_size": 32,
-            "max_eval_examples": 200,
-            "optimizer": "sgd",
-            "lr": 0.05,
-            "student_steps": 2,
-            "checkpoint_every": 1,
-        },
+        "config": lot.DIGITS_QUICK | {"batch_size": 32, "max_eval_examples": 200, "checkpoint_every": 1},
         "space": {
             "alpha": {"type": "loguniform", "low": 0.1, "high": 1.0},
             "temperature": {"type": "uniform", "low": 1.0, "high": 3.0},

@@ -5,9 +5,13 @@ commands do not wait for them)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from teachsweep.cli.terminal import console
+
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1... (auto: CUDA when visible)")]
 
 
 def bench_overhead(
@@ -24,7 +28,7 @@ def bench_lot(
     steps: int = typer.Option(30, help="teacher steps per measurement"),
     repeats: int = typer.Option(3, help="interleaved repeats per arm (the median is shown)"),
     model: str = typer.Option("resnet:8", help="teacher and student architecture"),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1... (auto: CUDA when visible)"),
+    device: Device = "auto",
 ) -> None:
     """LoT's cost per teacher step for N in {1, 2, 4} against the teacher-only step and the FLOP ideal."""
     from teachsweep.benchmarks.lot import lot_cost  # heavy: torch
@@ -38,7 +42,7 @@ def bench_relevance(
     model: list[str] = typer.Option(
         ["minilm", "vit:4"], help="models, each on its task (text: rotten_tomatoes, image: mnist_5k); repeatable"
     ),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1... (auto: CUDA when visible)"),
+    device: Device = "cpu",
 ) -> None:
     """Relevance explanations per second: batched generic rule (and rollout, GradCAM, LRP) vs one example at a
     time, with the matmul GFLOP/s each reaches against this machine's (or the GPU's) peak."""
@@ -50,7 +54,7 @@ def bench_relevance(
 def bench_scaffold(
     steps: int = typer.Option(20, help="interleaved iterations per arm (the median is shown)"),
     model: str = typer.Option("minilm:2", help="teacher and student architecture"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1..."),
+    device: Device = "cpu",
 ) -> None:
     """One SMaT iteration (student step + look-ahead + meta step) over one plain student step, same batch."""
     from teachsweep.benchmarks.scaffold import scaffold_cost  # heavy: torch
@@ -65,7 +69,7 @@ def bench_mfu(
     max_length: int = typer.Option(128, help="text: tokens per example at most"),
     steps: int = typer.Option(20, help="training steps per epoch (two epochs; the second is timed)"),
     workers: int = typer.Option(1, help="workers of the sweep's trial (> 1: Ray Train DDP, one GPU each)"),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1... (auto: CUDA when visible)"),
+    device: Device = "auto",
     sweep: bool = typer.Option(True, help="also run the job as a one-trial sweep on Ray"),
 ) -> None:
     """Model FLOP utilisation of the teacher job's training step, in process and as a sweep's trial on Ray."""

@@ -970,6 +970,20 @@ def pack_checkpoint(epoch, active, records, teacher, students, teacher_opt, stud
     }
 
 
+# LoT on digits with an 8-channel CNN, a few steps an epoch: the small config the tests, the benchmarks and the
+# device check start from (each sets its own steps, evaluation size and device on top).
+DIGITS_QUICK: dict[str, Any] = {
+    "task": "digits",
+    "teacher": "cnn:8",
+    "epochs": 2,
+    "steps_per_epoch": 4,
+    "batch_size": 16,
+    "max_eval_examples": 64,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "student_steps": 2,
+}
+
 JOB = JobSpec(
     config=LoTConfig,
     train=train,
