@@ -1,4 +1,4 @@
-"""The GPU checklist of the README, as one script for the first time a device is lent: each check runs the
+"""The GPU checklist of docs/gpu.md as one script, for a machine with a CUDA device: each check runs the
 real job on CUDA without Ray or MLflow, prints what it measured, and a failure is printed and does not stop the
 others. Needs the package's job dependencies (not ray, optuna or mlflow) and its offline data packages.
 

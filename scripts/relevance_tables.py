@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from teachsweep.layout import DEFAULT_RESULTS
 from teachsweep.metrics import t_interval
 
 EXPLAINERS = ["raw_attention", "rollout", "attention_gradcam", "relevance", "lrp", "partial_lrp", "full_lrp"]
@@ -103,7 +104,7 @@ def print_tables(rows: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name")
-    parser.add_argument("--results-dir", default="teachsweep-results")
+    parser.add_argument("--results-dir", default=DEFAULT_RESULTS)
     parser.add_argument("--rows", default=None, help="where to write the rows (default docs/results/<name>.json)")
     parser.add_argument("--from-rows", action="store_true", help="print the tables from the rows file alone")
     args = parser.parse_args()

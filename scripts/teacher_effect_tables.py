@@ -13,6 +13,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from teachsweep.layout import DEFAULT_RESULTS
+
 SIMULABILITY = "simulability/test"
 
 
@@ -62,13 +64,14 @@ def markdown(rows: list[dict[str, Any]], teacher_metric: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("students")
-    parser.add_argument("--results-dir", default="teachsweep-results")
+    parser.add_argument("--results-dir", default=DEFAULT_RESULTS)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--from-json", action="store_true", help="print the table from --out without reading a sweep")
     args = parser.parse_args()
     if not args.from_json:
         from teachsweep.jobs import JOBS
-        from teachsweep.results import open_sweep, teacher_effect
+        from teachsweep.results import open_sweep
+        from teachsweep.teacher_effect import teacher_effect
 
         students = open_sweep(args.students, args.results_dir)
         chained = teacher_effect(students)

@@ -68,7 +68,7 @@ def test_the_lstm_runs_in_float32_under_autocast():
 def test_gpu_sweeps_on_a_cluster_without_gpus_yet_must_say_how_many_trials_to_run(ray_session):
     """An autoscaling cluster shows no GPU before it grows: sizing concurrency from it would run one trial at a
     time, so the spec has to give max_concurrent_trials."""
-    from teachsweep.sweep import max_concurrency
+    from teachsweep.preflight import max_concurrency
 
     with pytest.raises(SpecError, match="max_concurrent_trials: the cluster shows 0 GPUs now"):
         max_concurrency(parse_spec(SPEC + "resources: {gpus: 1}\n"))
@@ -82,7 +82,8 @@ def test_a_trial_this_machines_ray_can_never_place_is_refused_before_anything_is
 ):
     """Tune would wait forever for a trial larger than a one-machine Ray (4 logical CPUs in the test session, no
     GPU); a cluster named by RAY_ADDRESS may grow, so there the request goes through."""
-    from teachsweep.sweep import check_trial_fits, paths_for, run_sweep
+    from teachsweep.preflight import check_trial_fits
+    from teachsweep.sweep import paths_for, run_sweep
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cases = {

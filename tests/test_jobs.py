@@ -2,6 +2,8 @@
 
 import dataclasses
 import importlib
+import subprocess
+import sys
 
 import pytest
 from pydantic import BaseModel
@@ -35,3 +37,16 @@ def test_a_misspelt_declaration_is_refused_where_it_is_written():
 def test_only_the_jobs_that_save_teachers_say_so():
     assert {name for name, job in JOBS.items() if job.saves_teacher} == {"lot", "teacher"}
     assert {name for name, job in JOBS.items() if job.single_process} == {"explain", "lot_rl"}
+
+
+def test_the_command_line_and_the_reading_modules_import_without_torch_or_ray():
+    """Jobs are imported on first use: the CLI and the readers (results, ranking, verdict, report) start without
+    loading torch or Ray (seconds on every command)."""
+    code = (
+        "import sys\n"
+        "import teachsweep.cli.app, teachsweep.results, teachsweep.ranking, teachsweep.verdict, teachsweep.report\n"
+        "import teachsweep.teacher_effect, teachsweep.spec, teachsweep.preflight\n"
+        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from teachsweep.cli import app
 from teachsweep.references import TeacherReferenceError, expand
-from teachsweep.results import open_sweep, teacher_effect
+from teachsweep.results import open_sweep
+from teachsweep.teacher_effect import teacher_effect
 
 pytestmark = pytest.mark.integration
 TEACHSWEEP = str(Path(sys.executable).parent / "teachsweep")

@@ -1,6 +1,15 @@
 """Planning, on specs alone (no Ray, no MLflow): which trials a spec starts, with what labels and seeds."""
 
-from teachsweep.plan import fixed_trials, planned_configs, planned_count
+from teachsweep.plan import (
+    fixed_trials,
+    packs_of,
+    planned_configs,
+    planned_count,
+    searched_packs,
+    structural_params,
+    structure_key,
+    unseeded_fixed_trials,
+)
 from teachsweep.spec import parse_spec
 
 GRID = """
@@ -53,3 +62,75 @@ def test_a_search_plans_its_samples_beside_its_fixed_arms_and_runs_seeds_inside_
     planned = planned_configs(spec)
     assert [where for where, _, _ in planned] == ["config", "baseline"]
     assert planned[0][2] == set() and planned[1][1]["arm"] == "teacher_only" and "arm" in planned[1][2]
+
+
+def test_packs_group_trials_by_structure_and_hold_at_most_pack_members():
+    text = """
+name: p
+job: lot
+config: {task: digits, teacher: cnn, student_steps: 2}
+variants:
+  a01: {alpha: 0.1}
+  a03: {alpha: 0.3}
+  a10: {alpha: 1.0}
+  n4: {alpha: 1.0, student_steps: 4}
+seeds: [0, 1]
+resources: {pack: 4}
+"""
+    spec = parse_spec(text)
+    trials = fixed_trials(spec)
+    packs = packs_of(spec, trials)
+    # alpha and the seed may differ inside a pack, N may not: the 6 trials with N = 2 fill a pack of 4 and one of 2
+    assert [[(t["label"], t["seed"]) for t in pack] for pack in packs] == [
+        [("a01-lot", 0), ("a03-lot", 0), ("a10-lot", 0), ("a01-lot", 1)],
+        [("a03-lot", 1), ("a10-lot", 1)],
+        [("n4-lot", 0), ("n4-lot", 1)],
+    ]
+    assert len({structure_key(spec, t) for t in packs[0] + packs[1]}) == 1
+    assert structure_key(spec, packs[0][0]) != structure_key(spec, packs[2][0])
+
+
+def test_a_packed_search_asks_its_samples_in_packs_and_shares_its_structural_parameters():
+    text = GRID.split("variants:")[0] + (
+        "space:\n  alpha: {type: loguniform, low: 0.1, high: 1.0}\n  student_steps: {type: int, low: 1, high: 3}\n"
+        "num_samples: 10\nresources: {pack: 4}\n"
+    )
+    spec = parse_spec(text)
+    assert searched_packs(spec) == [4, 4, 2]
+    assert structural_params(spec) == ["student_steps"]  # alpha varies per member; N is asked once per pack
+    assert searched_packs(parse_spec(GRID)) == []  # a grid searches nothing
+
+
+def test_a_teacher_only_arm_is_labelled_by_the_variants_it_stands_for():
+    text = """
+name: s
+job: lot
+config: {task: digits, teacher: cnn, student_steps: 2}
+variants:
+  a03: {alpha: 0.3}
+  a10: {alpha: 1.0}
+  fast: {alpha: 1.0, lr: 0.1}
+baseline: {budget: teacher_steps}
+"""
+    labels = [t["label"] for t in fixed_trials(parse_spec(text))]
+    # a03 and a10 differ only in LoT's own fields: one arm stands for both; fast trains otherwise: its own arm
+    assert labels == ["a03-lot", "a03+a10-teacher_only", "a10-lot", "fast-lot", "fast-teacher_only"]
+    every = text.replace("  fast: {alpha: 1.0, lr: 0.1}\n", "")
+    assert [t["label"] for t in fixed_trials(parse_spec(every))] == ["a03-lot", "teacher_only", "a10-lot"]
+
+
+def test_a_reference_to_a_pipeline_stage_that_has_not_run_plans_one_trial_per_variant_and_opens_nothing(tmp_path):
+    text = f"""
+name: students
+job: scaffold
+config: {{teacher: "sweep:teachers/each", explainer: attention}}
+variants:
+  attention: {{}}
+  none: {{explainer: none}}
+results_dir: {tmp_path / "results"}
+"""
+    spec = parse_spec(text)
+    planned = unseeded_fixed_trials(spec, pending={"teachers"})
+    assert [t["label"] for t in planned] == ["attention", "none"]
+    assert all("teacher_source" not in t for t in planned)  # fanned out only once the teachers exist
+    assert not (tmp_path / "results").exists()

@@ -14,8 +14,8 @@ from teachsweep.metrics import (
     wilson_interval,
     with_intervals,
 )
-from teachsweep.results import verdict
 from teachsweep.spec import parse_spec
+from teachsweep.verdict import verdict
 
 
 def test_wilson_and_newcombe_intervals_match_published_values():
@@ -80,7 +80,7 @@ def test_the_verdict_says_when_the_best_is_within_noise():
 def test_the_best_entry_every_reader_shares_is_the_trial_the_verdict_names():
     """The runner's best.json, `status`, `export` and `sweep:<name>/best` take `best_of_rows`: it used to pick a
     teacher-only arm that beat every LoT trial, and a multi-seed trial by one value rather than its seeds' mean."""
-    from teachsweep.results import best_of_rows
+    from teachsweep.ranking import best_of_rows
 
     spec = parse_spec(SPEC)
     seeds = lambda values: {f"teacher/best_val_acc@seed{s}": v for s, v in enumerate(values)}  # noqa: E731

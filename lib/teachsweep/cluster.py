@@ -45,7 +45,7 @@ def max_cluster_resources() -> dict[str, float] | None:
     """What the cluster may grow to, from the config its autoscaler reported to the GCS (None when none did:
     Ray 2.60's v1 autoscaler and a cluster without one), as Train V2 reads it
     (ray/train/v2/_internal/execution/worker_group/worker_group.py)."""
-    from ray._private.state import state
+    from ray._private.state import state  # heavy: Ray, asked only when a sweep meets its cluster
 
     try:
         return state.get_max_resources_from_cluster_config() or None
@@ -57,7 +57,7 @@ def concurrency_for(spec: SweepSpec, planned: int) -> Concurrency:
     """The spec's max_concurrent_trials; else, on a cluster, what it may grow to, or, where that is unknown, every
     planned trial (Tune asks for each and the autoscaler adds nodes for those that wait); else what this
     machine's Ray fits now."""
-    import ray
+    import ray  # heavy: Ray, asked only when a sweep meets its cluster
 
     if spec.max_concurrent_trials:
         return Concurrency(spec.max_concurrent_trials, "max_concurrent_trials")
@@ -94,7 +94,7 @@ def check_cluster_stores(spec: SweepSpec, root: Path, tracking_uri: str) -> None
     """On a cluster whose trials run on other nodes: refuse an SQLite tracking store (SQLite's locking is not
     reliable on network filesystems) and a results directory a node does not see (trials would fail at their
     first checkpoint, and the Tune state and the Optuna study would be lost with the head)."""
-    import ray
+    import ray  # heavy: Ray, asked only when a sweep meets its cluster
 
     if not on_cluster():
         return
@@ -128,8 +128,10 @@ def sees(path: str) -> bool:
 def nodes_not_seeing(root: Path, nodes: list[dict]) -> list[str]:
     """The addresses of the nodes on which a probe file written here does not appear (nodes that do not answer
     within PROBE_TIMEOUT_S are not judged)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    import ray  # heavy: Ray, asked only when a sweep meets its cluster
+    from ray.util.scheduling_strategies import (
+        NodeAffinitySchedulingStrategy,  # heavy: Ray, asked only when a sweep meets its cluster
+    )
 
     existing = next(p for p in [root, *root.parents] if p.exists())
     probe = existing / f".teachsweep-shared-probe-{uuid.uuid4().hex}"

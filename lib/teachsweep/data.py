@@ -7,17 +7,13 @@ import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from teachsweep import layout
 from teachsweep.tasks import DataError, Split, Task, subset
 
 # ---------------------------------------------------------------------------------------------- tokenisation
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TEACHSWEEP_CACHE", Path.home() / ".cache" / "teachsweep"))
 
 
 def tokenize_split(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
@@ -26,7 +22,7 @@ def tokenize_split(texts: list[str], tokenizer, max_length: int) -> list[list[in
     key.update(f"{tokenizer.name_or_path}|{len(tokenizer)}|{max_length}".encode())
     for text in texts:
         key.update(text.encode("utf-8", "replace") + b"\0")
-    path = cache_dir() / "tokens" / f"{key.hexdigest()[:24]}.pt"
+    path = layout.cache_dir() / "tokens" / f"{key.hexdigest()[:24]}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]

@@ -36,7 +36,7 @@ def env_kind(name: str) -> EnvKind:
 
 
 def _register_ale() -> None:
-    import ale_py
+    import ale_py  # optional: installed for these environments only
 
     gym.register_envs(ale_py)
 
@@ -87,7 +87,7 @@ def make_env(name: str, step_limit: int | None = None, clip_rewards: bool = True
     if family == "gym":
         env = gym.make(game, max_episode_steps=step_limit)
     elif family == "minatar":
-        from minatar.gym import BaseEnv
+        from minatar.gym import BaseEnv  # optional: installed for these environments only
 
         env = gym.wrappers.TimeLimit(BaseEnv(game, use_minimal_action_set=True), step_limit or 10_000)
     else:

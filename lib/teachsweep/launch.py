@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from teachsweep import tracking
 from teachsweep.jobs import JOBS
 from teachsweep.reporter import PackReporter, Reporter
 
@@ -42,7 +43,11 @@ class TrainRun:
 
 
 def run_job(
-    job: str, config: dict[str, Any], reporter: Reporter, placement: Placement = Placement(), train_run=None
+    job: str,
+    config: dict[str, Any],
+    reporter: Reporter,
+    placement: Placement = Placement(),
+    train_run: TrainRun | None = None,
 ) -> dict:
     """The job's train function in this process, or under a TorchTrainer when the trial spans several workers
     (then `train_run`, a TrainRun, says where rank 0 logs)."""
@@ -66,6 +71,7 @@ def run_pack(
 
 
 def run_distributed(job: str, config: dict, placement: Placement, train_run: TrainRun) -> dict:
+    # Ray Train is heavy to import, and only multi-worker trials run under it
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -73,13 +79,11 @@ def run_distributed(job: str, config: dict, placement: Placement, train_run: Tra
     def worker_loop(loop_config: dict) -> None:
         import ray.train  # (imported on the worker, where this loop runs)
 
-        from teachsweep import tracking as tracking_module
-
         torch.set_num_threads(max(1, int(loop_config["cpus"])))
         rank = ray.train.get_context().get_world_rank()
         uri, run_id = loop_config["tracking"]
-        reporter = tracking_module.TrialReporter(
-            tracking_module.client_for(uri),
+        reporter = tracking.TrialReporter(
+            tracking.client_for(uri),
             run_id,
             rank=rank,
             report=ray.train.report,

@@ -26,6 +26,11 @@ DEFAULT_RESULTS = "teachsweep-results"
 LOCAL_STORE = "mlflow.db"
 
 
+def cache_dir() -> Path:
+    """Where tokenised splits and teachers trained for a reference are cached ($TEACHSWEEP_CACHE)."""
+    return Path(os.environ.get("TEACHSWEEP_CACHE", Path.home() / ".cache" / "teachsweep"))
+
+
 def default_tracking_uri(results_dir: Path) -> str:
     """The MLflow store a sweep logs to when its spec names none: $MLFLOW_TRACKING_URI, else the local store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_dir.resolve() / LOCAL_STORE}"
@@ -109,6 +114,11 @@ class SweepDir:
         return self.tune / "trials"
 
     @property
+    def train_runs(self) -> Path:
+        """Where multi-worker trials keep their Ray Train runs."""
+        return self.tune / "train"
+
+    @property
     def driver_lock(self) -> Path:
         """Held (flock) by the driver running the sweep; says which (sweep.hold_driver_lock)."""
         return self.path / "driver.lock"
@@ -134,6 +144,11 @@ class SweepDir:
     @property
     def artifacts(self) -> Path:
         return self.root / "artifacts"
+
+    @property
+    def pipeline_run(self) -> Path:
+        """A pipeline's MLflow run id, when this directory is a pipeline's (its stages are sweeps beside it)."""
+        return self.path / "mlflow_pipeline_run_id"
 
     @property
     def started(self) -> bool:

@@ -30,7 +30,7 @@ def per_seed(metrics: dict[str, float], metric: str) -> dict[int, float]:
 
 def t_interval(values, level: float = 0.95) -> tuple[float, float]:
     """Student-t interval of the mean of `values` (nan for fewer than 2 values)."""
-    from scipy import stats
+    from scipy import stats  # heavy: scipy, for the t quantiles only (the CLI's tables load without it)
 
     xs = np.asarray(list(values), dtype=float)
     if len(xs) < 2:
@@ -237,7 +237,7 @@ def split_of(metric: str) -> str | None:
 
 def wilson_interval(proportion: float, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion measured on n examples (nan for n = 0)."""
-    from scipy import stats
+    from scipy import stats  # heavy: scipy, for the t quantiles only (the CLI's tables load without it)
 
     if n <= 0:
         return float("nan"), float("nan")

@@ -82,8 +82,11 @@ def explainable_attention(module, query, key, value, attention_mask, scaling=Non
 def register_attention() -> str:
     """Make `explainable_attention` selectable as attn_implementation, with eager attention's additive padding
     mask (idempotent; every process that builds a model calls it through the builders)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers import AttentionInterface  # heavy: transformers, for the models built from it only
+    from transformers.masking_utils import (  # heavy: transformers, for the models built from it only
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        eager_mask,
+    )
 
     AttentionInterface.register(EXPLAINABLE_ATTENTION, explainable_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(EXPLAINABLE_ATTENTION, eager_mask)
@@ -96,7 +99,7 @@ def use_fast_attention(model: nn.Module) -> nn.Module:
     tolerance), without materialising the attention matrix (measured on an H100: 2x the FLOP utilisation of a
     MiniLM-L6 step at 512 x 256 tokens). Models are built explainable; a saved teacher loads explainable again.
     Architectures without SDPA keep the explainable eager attention."""
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel  # heavy: transformers, for the models built from it only
 
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and module.config._attn_implementation == EXPLAINABLE_ATTENTION:
@@ -157,7 +160,7 @@ def minilm_dir() -> Path:
 
 @lru_cache(maxsize=4)
 def load_tokenizer(model_name: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers, for the models built from it only
 
     base, _ = parse_name(model_name)
     source = minilm_dir() if base in TEXT_MODELS else base
@@ -364,8 +367,8 @@ def special_ids_of(model_name: str) -> tuple[int, ...]:
 
 
 def build_text(name: str, task: Task):
-    import transformers
-    from transformers import AutoConfig, AutoModel, BertConfig
+    import transformers  # heavy: transformers, for the models built from it only
+    from transformers import AutoConfig, AutoModel, BertConfig  # heavy: transformers, for the models built from it only
 
     transformers.logging.set_verbosity_error()  # the load report lists every truncated layer as "unexpected"
     transformers.utils.logging.disable_progress_bar()
@@ -406,7 +409,12 @@ def freeze_word_embeddings(model: nn.Module) -> None:
 
 
 def build_image(name: str, task: Task):
-    from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification, ViTConfig
+    from transformers import (  # heavy: transformers, for the models built from it only
+        AutoModelForImageClassification,
+        ResNetConfig,
+        ResNetForImageClassification,
+        ViTConfig,
+    )
 
     base, size = parse_name(name)
     channels, height, _ = task.image_shape
@@ -454,7 +462,7 @@ def build_image(name: str, task: Task):
 
 
 def build_lm(name: str, task: Task, bptt: int = 64):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel  # heavy: transformers, for the models built from it only
 
     base, layers = parse_name(name)
     vocab_size = task.num_classes

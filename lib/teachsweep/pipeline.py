@@ -15,13 +15,12 @@ every trial is tagged with its stage and the teacher it used."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from teachsweep import preflight, tracking
-from teachsweep.layout import DEFAULT_RESULTS
+from teachsweep.layout import DEFAULT_RESULTS, SweepDir
 from teachsweep.results import open_sweep
 from teachsweep.spec import (
     NAME_RE,
@@ -31,7 +30,6 @@ from teachsweep.spec import (
     non_finite_number,
     number_problem,
     parse_spec,
-    tracking_uri_of,
 )
 
 PIPELINE_KEYS = {"pipeline", "description", "results_dir", "tracking_uri", "stages"}
@@ -53,8 +51,9 @@ class Pipeline:
     results_dir: str
 
     @property
-    def directory(self) -> Path:
-        return Path(self.results_dir).expanduser().resolve() / self.name
+    def layout(self) -> SweepDir:
+        """The pipeline's own directory beside its stages' (it holds the pipeline's MLflow run id)."""
+        return SweepDir.of(self.name, self.results_dir)
 
 
 def is_pipeline(text: str) -> bool:
@@ -117,21 +116,21 @@ def stage_finished(spec: SweepSpec) -> bool:
         return False
     if sweep.parent_run_id is None:
         return False
-    return tracking.client_for(sweep.tracking_uri).get_run(sweep.parent_run_id).info.status == "FINISHED"
+    return tracking.RetryingClient(sweep.tracking_uri).get_run(sweep.parent_run_id).info.status == "FINISHED"
 
 
 def pipeline_run(pipeline: Pipeline, spec: SweepSpec, text: str) -> str:
     """The pipeline's MLflow run (created once; its id kept in <results>/<pipeline>/mlflow_pipeline_run_id)."""
-    client = tracking.client_for(tracking_uri_of(spec))
-    artifacts = (Path(spec.results_dir).expanduser().resolve() / "artifacts").as_uri()
+    client = tracking.client_for(preflight.tracking_uri_of(spec))
+    artifacts = pipeline.layout.artifacts.as_uri()
     experiment_id = tracking.ensure_experiment(client, spec.experiment or pipeline.name, artifacts)
-    id_file = pipeline.directory / "mlflow_pipeline_run_id"
+    id_file = pipeline.layout.pipeline_run
     if id_file.exists():
         return id_file.read_text().strip()
     tags = {"teachsweep.pipeline": pipeline.name, "teachsweep.role": "pipeline"}
     run_id = tracking.retry(lambda: client.create_run(experiment_id, run_name=pipeline.name, tags=tags)).info.run_id
     tracking.retry(lambda: client.log_text(run_id, text, "pipeline.yaml"))
-    pipeline.directory.mkdir(parents=True, exist_ok=True)
+    pipeline.layout.path.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id)
     return run_id
 
@@ -166,5 +165,5 @@ def run_pipeline(pipeline: Pipeline, text: str, callbacks_for=None, on_stage=Non
             break  # later stages would read teachers this one did not make
     else:
         if run_id is not None:
-            tracking.finish_run(tracking.client_for(tracking_uri_of(pipeline.stages[-1].spec)), run_id)
+            tracking.finish_run(tracking.client_for(preflight.tracking_uri_of(pipeline.stages[-1].spec)), run_id)
     return outcomes

@@ -6,6 +6,7 @@ pull every metric down. The fraction of rationale words cut is reported beside t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +22,6 @@ def load_rationales(name: str, max_examples: int | None = None) -> list[tuple[li
 
     `jsonl:<path>`: one {"words": [...], "rationale": [0/1 per word]} per line.
     `hf:movie_rationales`: ERASER movie reviews; words inside any evidence span are marked."""
-    import json
 
     examples: list[tuple[list[str], np.ndarray]] = []
     if name.startswith("jsonl:"):
@@ -33,7 +33,7 @@ def load_rationales(name: str, max_examples: int | None = None) -> list[tuple[li
                 row = json.loads(line)
                 examples.append((list(row["words"]), np.asarray(row["rationale"], dtype=int)))
     elif name.startswith("hf:"):
-        import datasets
+        import datasets  # heavy: for the rationale sources that need it only
 
         split = datasets.load_dataset(name[3:], split="test")
         for row in split:
@@ -80,7 +80,10 @@ def word_scores(token_scores: np.ndarray, word_ids: list[int | None], num_words:
 def plausibility(scores: np.ndarray, rationale: np.ndarray) -> dict[str, float] | None:
     """ROC-AUC, average precision and recall@k (k = number of rationale words) of one example's word scores
     against its human rationale mask; None when the mask is all 0 or all 1 (nothing to rank)."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.metrics import (  # heavy: for the rationale sources that need it only
+        average_precision_score,
+        roc_auc_score,
+    )
 
     rationale = np.asarray(rationale, dtype=int)
     if rationale.min() == rationale.max():

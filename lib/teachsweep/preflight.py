@@ -6,7 +6,8 @@ to the sweeps, runs and checkpoints it referenced.
     check_spec     each planned trial's own checks and teacher references; objectives no trial reports, or
                    optimised the wrong way
     check_stores   the results directory writable, the tracking store reachable, the spec unchanged since the
-                   sweep started"""
+                   sweep started
+    check_trial_fits   a trial this machine's Ray can never place; max_concurrency, the trials at a time"""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from teachsweep import references, tracking
+from teachsweep import cluster, references, tracking
 from teachsweep.jobs import JOBS
-from teachsweep.plan import planned_configs
-from teachsweep.spec import SpecError, SweepSpec, describe_changes, one_line, tracking_uri_of
+from teachsweep.layout import default_tracking_uri
+from teachsweep.plan import planned_configs, planned_count
+from teachsweep.spec import SpecError, SweepSpec, describe_changes, one_line
 from teachsweep.teacher_refs import SWEEP, TeacherReferenceError, parse_sweep
 
 ALLOW_DIRTY = "TEACHSWEEP_ALLOW_DIRTY"
@@ -30,7 +32,7 @@ RECORDED_LATER = frozenset({"num_samples"})  # fingerprint fields earlier versio
 def check_spec(
     spec: SweepSpec, where: str = "", pending: dict[str, str] | None = None, refuse_dirty: bool = True
 ) -> None:
-    """What used to fail only inside trials, refused before anything exists: each planned config's own checks
+    """What would otherwise fail only inside trials, refused before anything exists: each planned config's own checks
     and teacher references, and objectives that no trial reports (or optimises in the wrong direction).
     `pending` ({stage name: job}) are earlier stages of a pipeline that have not run yet: references to them are
     checked when their stage has finished, here only that their job saves teachers."""
@@ -173,3 +175,36 @@ def check_stores(spec: SweepSpec, root: Path, fingerprint: Path, started: bool =
                 "name, or delete its results directory"
             )
     return uri
+
+
+def tracking_uri_of(spec: SweepSpec) -> str:
+    """The MLflow store a sweep will log to (nothing is created here)."""
+    return spec.tracking_uri or default_tracking_uri(Path(spec.results_dir).expanduser())
+
+
+def check_trial_fits(spec: SweepSpec) -> None:
+    """Refuse a trial that this machine's Ray can never place: Tune would wait for it forever. Only where Ray is
+    this one machine and no address was given; a cluster named by RAY_ADDRESS may add nodes when trials ask for
+    them, so there the request is left to its autoscaler."""
+    import ray  # heavy: Ray, only when a sweep is about to run
+
+    if os.environ.get("RAY_ADDRESS") or len(ray.nodes()) > 1:
+        return
+    workers, available = spec.resources.workers, ray.cluster_resources()
+    driver_cpu = 0.0 if workers == 1 else 0.01  # a multi-worker trial's driver holds a token CPU (see run_sweep)
+    for key, resource, per_worker, extra in (
+        ("cpus", "CPU", spec.resources.cpus, driver_cpu),
+        ("gpus", "GPU", spec.resources.gpus, 0.0),
+    ):
+        needed, there = per_worker * workers + extra, available.get(resource, 0.0)
+        if needed > there + 1e-9:
+            raise SpecError(
+                f"resources.{key}: a trial needs {needed:g} {resource}s ({workers} worker(s) x "
+                f"{per_worker:g}{' + the driver' if extra else ''}) and this machine's Ray has "
+                f"{there:g}: ask for less, or run on a cluster (RAY_ADDRESS)"
+            )
+
+
+def max_concurrency(spec: SweepSpec) -> int:
+    """Trials at a time (cluster.concurrency_for)."""
+    return cluster.concurrency_for(spec, planned_count(spec)).trials

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from teachsweep.jobs import JOBS
 from teachsweep.plan import OPTUNA_TRIAL, PACK, member_id, member_states, planned_count
-from teachsweep.results import is_baseline, pick_best
+from teachsweep.ranking import is_baseline, pick_best
 from teachsweep.spec import SweepSpec
 from teachsweep.teacher_refs import TeacherReferenceError
 from teachsweep.trial import trial_label

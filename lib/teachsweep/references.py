@@ -1,6 +1,6 @@
 """Teacher references in job configs, checked before a sweep creates anything and resolved for each trial.
 
-A job declares which of its config fields hold a teacher (`TEACHER_FIELDS`); each may be
+A job declares which of its config fields hold a teacher (`JobSpec.teacher_fields`); each may be
 
     {task: ..., model: ...}   a teacher config: trained once into the teacher registry on first use
     <directory>               a checkpoint directory: model.pt (a state_dict) and config.json (its teacher config)
@@ -23,9 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from teachsweep import data
-from teachsweep.results import best_trials, open_sweep, teacher_runs
-from teachsweep.spec import SpecError
+from teachsweep import layout, tracking
+from teachsweep.results import sweep_teachers
 from teachsweep.teacher_refs import CHECKPOINT_FILES, MLFLOW, SWEEP, TeacherReferenceError, parse_sweep
 
 
@@ -68,10 +67,9 @@ def check(
 def check_mlflow_run(run_id: str, field: str, tracking_uri: str) -> None:
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         raise TeacherReferenceError(f"{field}: MLflow run {run_id} not found (no tracking store at {tracking_uri})")
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from mlflow.exceptions import MlflowException  # heavy: MLflow, only for an mlflow: reference
 
-    client = MlflowClient(tracking_uri)
+    client = tracking.RetryingClient(tracking_uri)
     try:
         client.get_run(run_id)
         logged = {artifact.path for artifact in client.list_artifacts(run_id)}
@@ -80,33 +78,6 @@ def check_mlflow_run(run_id: str, field: str, tracking_uri: str) -> None:
     missing = [name for name in CHECKPOINT_FILES if name not in logged]
     if missing:
         raise TeacherReferenceError(f"{field}: MLflow run {run_id} logged no teacher ({', '.join(missing)} missing)")
-
-
-def sweep_teachers(value: str, field: str, results_dir: str | Path) -> dict[str, str]:
-    """{trial id: MLflow run id} of the teachers a `sweep:` reference selects, from the earlier sweep's own
-    store (finished trials that logged a teacher; for a trial that ran several seeds, its first seed's)."""
-    name, selector = parse_sweep(value, field)
-    try:
-        sweep = open_sweep(name, results_dir)
-    except SpecError:
-        raise TeacherReferenceError(f"{field}: no sweep named '{name}' in {Path(results_dir).resolve()}") from None
-    teachers = teacher_runs(sweep)
-    if not teachers:
-        raise TeacherReferenceError(f"{field}: sweep '{name}' has no finished trial that saved a teacher")
-    if selector == "each":
-        return teachers
-    if selector == "best":
-        best = best_trials(sweep)
-        trial = str(best[0].get("trial_id")) if best else None
-        if trial not in teachers:
-            raise TeacherReferenceError(f"{field}: sweep '{name}' has no best trial with a saved teacher")
-        return {trial: teachers[trial]}
-    if selector not in teachers:
-        raise TeacherReferenceError(
-            f"{field}: sweep '{name}' has no finished trial '{selector}' with a saved teacher "
-            f"(trials: {', '.join(sorted(teachers))})"
-        )
-    return {selector: teachers[selector]}
 
 
 def expand(
@@ -125,15 +96,15 @@ def materialize(value: Any, tracking_uri: str) -> Any:
     downloaded to (in the cache, once per run); configs and directories are returned unchanged."""
     if not (isinstance(value, str) and value.startswith(MLFLOW)):
         return value
-    from mlflow.tracking import MlflowClient
-
     run_id = value.removeprefix(MLFLOW)
-    target = data.cache_dir() / "teachers" / f"mlflow-{run_id}"
+    target = layout.cache_dir() / "teachers" / f"mlflow-{run_id}"
     if all((target / name).is_file() for name in CHECKPOINT_FILES):
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".mlflow-{run_id}-", dir=target.parent))  # concurrent trials: each
-    client = MlflowClient(tracking_uri)  # downloads into its own directory, and the first complete one is kept
+    client = tracking.RetryingClient(
+        tracking_uri
+    )  # downloads into its own directory, and the first complete one is kept
     for name in CHECKPOINT_FILES:
         client.download_artifacts(run_id, name, str(staging))
     try:

@@ -18,6 +18,7 @@ import json
 import statistics
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 from matplotlib.figure import Figure as MplFigure
@@ -35,17 +36,11 @@ from teachsweep.metrics import (
     per_seed,
     seed_summaries,
 )
-from teachsweep.results import (
-    Sweep,
-    is_baseline,
-    pareto_front,
-    run_artifact,
-    teacher_effect,
-    trial_rows,
-    trial_runs,
-    verdict,
-)
+from teachsweep.ranking import is_baseline
+from teachsweep.results import Sweep, pareto_front, run_artifact, trial_rows, trial_runs
+from teachsweep.teacher_effect import teacher_effect
 from teachsweep.tracking import RetryingClient
+from teachsweep.verdict import verdict
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
@@ -418,7 +413,6 @@ def curve_metric(spec_metric: str) -> str:
 
 
 def learning_curves(sweep: Sweep, rows: list[dict[str, Any]], top: int = 3) -> list[Figure]:
-
     spec = sweep.spec
     metric, mode = spec.metric_names[0], spec.mode_names[0]
     curve = curve_metric(metric)
@@ -685,7 +679,6 @@ def write_report(sweep: Sweep) -> tuple[Path, bool]:
     """Write `report.html` into the sweep's directory and log it to the sweep's parent MLflow run; False when it
     was not logged because the run's local artifact directory is not under the results directory any more (the
     directory moved: logging would recreate the old path)."""
-    from urllib.parse import unquote, urlparse
 
     path = sweep.layout.report
     path.write_text(build_report(sweep))

@@ -5,29 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import statistics
 import tempfile
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import yaml
 
 from teachsweep.jobs import JOBS
 from teachsweep.layout import DEFAULT_RESULTS, SweepDir
 from teachsweep.metrics import (
-    by_teacher,
-    compare_to_best,
-    interval_of,
-    interval_text,
     merge_seed_trials,
-    per_seed,
-    split_of,
 )
+from teachsweep.ranking import best_of_rows
 from teachsweep.spec import SpecError, SweepSpec, parse_spec, read_spec_file
-from teachsweep.teacher_refs import CHECKPOINT_FILES, parse_sweep
+from teachsweep.teacher_refs import CHECKPOINT_FILES, TeacherReferenceError, parse_sweep
 from teachsweep.tracking import RetryingClient
 
 
@@ -92,7 +86,6 @@ def open_sweep(name: str, results_dir: str | Path = DEFAULT_RESULTS) -> Sweep:
 def artifact_directory(sweep: Sweep, run_id: str) -> Path | None:
     """Where a run's artifacts are on this machine: its artifact location, or, for a local store whose results
     directory moved, the same place under the directory's new location (None: not a local directory)."""
-    from urllib.parse import unquote, urlparse
 
     uri = RetryingClient(sweep.tracking_uri).get_run(run_id).info.artifact_uri
     parsed = urlparse(uri)
@@ -133,7 +126,7 @@ def check_sqlite_store(uri: str) -> None:
 
 def check_run_exists(uri: str, run_id: str, named_in: Path) -> None:
     """A one-line SpecError when the run a sweep recorded is not in its store (deleted, or the store replaced)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: MLflow, only when a store cannot be read
 
     try:
         RetryingClient(uri).get_run(run_id)
@@ -192,7 +185,7 @@ def open_logged_sweep(name: str, tracking_uri: str, results_dir: str | Path = DE
         if experiments
         else []
     )
-    directory = Path(results_dir).expanduser().resolve() / name
+    directory = SweepDir.of(name, results_dir).path
     if not runs:
         raise SpecError(f"no sweep named '{name}' in {directory.parent} or in {tracking_uri}")
     run_id = runs[0].info.run_id
@@ -255,8 +248,34 @@ def teacher_runs(sweep: Sweep) -> dict[str, str]:
     return out
 
 
-def status(sweep: Sweep) -> dict[str, Any]:
+def sweep_teachers(value: str, field: str, results_dir: str | Path) -> dict[str, str]:
+    """{trial id: MLflow run id} of the teachers a `sweep:` reference selects, from the earlier sweep's own
+    store (finished trials that logged a teacher; for a trial that ran several seeds, its first seed's)."""
+    name, selector = parse_sweep(value, field)
+    try:
+        sweep = open_sweep(name, results_dir)
+    except SpecError:
+        raise TeacherReferenceError(f"{field}: no sweep named '{name}' in {Path(results_dir).resolve()}") from None
+    teachers = teacher_runs(sweep)
+    if not teachers:
+        raise TeacherReferenceError(f"{field}: sweep '{name}' has no finished trial that saved a teacher")
+    if selector == "each":
+        return teachers
+    if selector == "best":
+        best = best_trials(sweep)
+        trial = str(best[0].get("trial_id")) if best else None
+        if trial not in teachers:
+            raise TeacherReferenceError(f"{field}: sweep '{name}' has no best trial with a saved teacher")
+        return {trial: teachers[trial]}
+    if selector not in teachers:
+        raise TeacherReferenceError(
+            f"{field}: sweep '{name}' has no finished trial '{selector}' with a saved teacher "
+            f"(trials: {', '.join(sorted(teachers))})"
+        )
+    return {selector: teachers[selector]}
 
+
+def status(sweep: Sweep) -> dict[str, Any]:
     runs = trial_runs(sweep)
     counts = runs["status"].value_counts().to_dict() if len(runs) else {}
     parent = RetryingClient(sweep.tracking_uri).get_run(sweep.parent_run_id) if sweep.parent_run_id else None
@@ -274,37 +293,6 @@ def status(sweep: Sweep) -> dict[str, Any]:
         "elapsed_s": (end or time.time()) - start,
         "best": best_trials(sweep, runs),
     }
-
-
-def pick_best(candidates: list[tuple[float, str, Any]], mode: str) -> Any:
-    """THE best-trial rule, for the runner and the CLI alike: among finished trials that reported the objective,
-    the highest (mode max) or lowest final value; ties go to the smallest trial id. `candidates` are
-    (value, trial id, payload); returns the payload, or None."""
-    finite = [c for c in candidates if c[0] == c[0]]  # NaN never wins
-    if not finite:
-        return None
-    sign = -1.0 if mode == "max" else 1.0
-    return min(finite, key=lambda c: (sign * c[0], c[1]))[2]
-
-
-def best_of_rows(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Single objective: the trial the verdict names (`verdict_pick`: baseline arms only when every trial is one,
-    a multi-seed trial by its mean over seeds), as the best entry that the runner, `status`, `export` and
-    `sweep:<name>/best` all share."""
-    best = verdict_pick(spec, rows)
-    if best is None:
-        return []
-    metric = spec.metric_names[0]
-    keys = list(spec.space) or sorted({k for v in spec.variants.values() for k in v} | {"arm", "seed"})
-    return [
-        {
-            "params": {k: best["params"][k] for k in keys if k in best["params"]},
-            "values": {metric: point_of(best, metric)},
-            "trial_id": best["trial_id"],
-            "label": best["label"],
-            "mlflow_run_id": best["mlflow_run_id"],
-        }
-    ]
 
 
 def pareto_front(spec: SweepSpec, storage_url: str, runs=None) -> list[dict[str, Any]]:
@@ -417,274 +405,3 @@ def trial_rows(sweep: Sweep, runs=None, merge_seeds: bool = True) -> list[dict[s
             }
         )
     return merge_seed_trials(rows) if merge_seeds else rows
-
-
-def is_baseline(row: dict[str, Any], job) -> bool:
-    """A trial of the job's fixed comparison arms (an `arm` other than its DEFAULT_ARM, LoT's teacher-only) or of
-    its REFERENCE_ARM variant (SMaT's `none`): known through the job protocol only."""
-    arm = row["params"].get("arm")
-    return (job.default_arm is not None and arm not in (None, job.default_arm)) or (
-        job.reference_arm is not None and row["label"] == job.reference_arm
-    )
-
-
-def teacher_effect(students: Sweep) -> tuple[str, list[dict[str, Any]]] | None:
-    """For a sweep whose trials took their teachers from an earlier sweep (`sweep:<name>/each`, tagged
-    `teachsweep.teacher`): the teacher sweep's name and `metrics.by_teacher` rows, with the saved teacher's scores
-    (the teacher job's SAVED_TEACHER_SCORES) and the students' SCORES by the teacher's label, paired by teacher seed
-    against the teacher sweep's baseline arm (LoT's teacher-only). None when no trial used such a teacher."""
-
-    runs = trial_runs(students)
-    if not len(runs) or "tags.teachsweep.teacher" not in runs:
-        return None
-    runs = runs[(runs["status"] == "FINISHED") & runs["tags.teachsweep.teacher"].fillna("").str.startswith("sweep:")]
-    names = {parse_sweep(ref, "teacher")[0] for ref in runs["tags.teachsweep.teacher"]}
-    if len(names) != 1:
-        return None
-    (name,) = names
-    if "tags.teachsweep.teacher_run" in runs and runs["tags.teachsweep.teacher_run"].notna().all():
-        found = teachers_from_their_runs(students.tracking_uri, set(runs["tags.teachsweep.teacher_run"]))
-    else:  # students that did not record their teachers' runs: read the teachers' sweep
-        found = teachers_from_their_sweep(name, students)
-    if found is None:
-        return None
-    teachers, reference = found
-    variants = list(students.spec.variants)
-    student_scores = JOBS[students.spec.job].scores
-    rows = [
-        {
-            "teacher": parse_sweep(run["tags.teachsweep.teacher"], "teacher")[1],
-            "variant": variant_of(run["tags.teachsweep.label"], variants) or run["tags.teachsweep.label"],
-            "scores": {
-                m: float(run[f"metrics.{m}"])
-                for m in student_scores
-                if f"metrics.{m}" in run and run[f"metrics.{m}"] == run[f"metrics.{m}"]
-            },
-        }
-        for _, run in runs.iterrows()
-    ]
-    return name, by_teacher(teachers, rows, reference or "")
-
-
-TeacherTable = tuple[dict[str, dict[str, Any]], str | None]  # teacher trial id -> label, seed, scores; the baseline
-
-
-def teachers_from_their_runs(tracking_uri: str, run_ids: set[str]) -> TeacherTable | None:
-    """The teachers as the students recorded them (`teachsweep.teacher_run`): their own MLflow runs, read by id,
-    whatever became of the sweep that trained them. None when a run is gone from the store."""
-    from mlflow.exceptions import MlflowException
-
-    client = RetryingClient(tracking_uri)
-    found = []
-    for run_id in sorted(run_ids):
-        try:
-            run = client.get_run(run_id)
-        except MlflowException:
-            return None
-        tags, params = run.data.tags, run.data.params
-        if "seed" not in params and len(yaml_list(params.get("seeds"))) != 1:
-            continue  # ran several seeds in one trial: no per-seed teacher to pair
-        seed = params["seed"] if "seed" in params else yaml_list(params["seeds"])[0]
-        row = {"label": tags["teachsweep.label"], "params": {"arm": tags.get("teachsweep.arm") or None}}
-        found.append((tags["teachsweep.trial_id"], row, int(seed), run.data.metrics, JOBS[tags["teachsweep.job"]]))
-    return teacher_table(found)
-
-
-def teacher_table(found: list[tuple[str, dict[str, Any], int, dict[str, float], Any]]) -> TeacherTable:
-    """{teacher trial id: label, seed, saved-teacher scores} and the baseline teacher's label, from (trial id,
-    row with label and params, seed, metrics, the teacher's job) per teacher."""
-    teachers, reference = {}, None
-    for trial_id, row, seed, metrics, job in found:
-        scores = {m: metrics[m] for m in job.saved_teacher_scores if m in metrics}
-        teachers[trial_id] = {"label": row["label"], "seed": seed, "scores": scores}
-        if reference is None and is_baseline(row, job):
-            reference = row["label"]
-    return teachers, reference
-
-
-def yaml_list(text: str | None) -> list:
-
-    value = yaml.safe_load(text) if text else None
-    return value if isinstance(value, list) else []
-
-
-def teachers_from_their_sweep(name: str, students: Sweep) -> TeacherTable | None:
-    """The teachers of sweep `name`, read from its directory (or, moved away, from its runs in the students'
-    store); None when neither is left."""
-
-    try:
-        teacher_sweep = open_sweep(name, students.directory.parent)
-    except SpecError:  # its directory moved away; its runs are in the store the students' teachers came from
-        try:
-            teacher_sweep = open_logged_sweep(name, students.tracking_uri, students.directory.parent)
-        except Exception:  # its runs are gone too: the students still read, without the by-teacher table
-            return None
-    job, default_seed = JOBS[teacher_sweep.spec.job], teacher_sweep.spec.seeds[0]
-    found = [
-        (str(row["trial_id"]), row, int(row["params"].get("seed", default_seed)), row["metrics"], job)
-        for row in trial_rows(teacher_sweep, merge_seeds=False)
-        if not any("@seed" in k for k in row["metrics"])
-    ]  # several seeds in one trial: no per-seed teacher
-    return teacher_table(found)
-
-
-def point_of(row: dict[str, Any], metric: str) -> float | None:
-    """A trial's value of `metric`: the mean over its seeds when it ran several."""
-
-    seeds = per_seed(row["metrics"], metric)
-    return statistics.fmean(seeds.values()) if seeds else row["metrics"].get(metric)
-
-
-def with_its_interval(row: dict[str, Any], metric: str) -> str:
-    """'0.73 [0.6771, 0.7771] (Wilson score 95% over 300 validation examples)', or the value and '(no interval)'."""
-
-    own = interval_of(row["metrics"], metric)
-    if own is None:
-        return f"{point_of(row, metric):.4g} (no interval)"
-    return f"{own.point:.4g} {interval_text(own.low, own.high)} ({own.label})"
-
-
-def noise_of(difference: dict[str, Any]) -> str:
-    return "within noise" if difference["low"] <= 0 <= difference["high"] else "distinguishable"
-
-
-def baselines_of(best: dict[str, Any], rows: list[dict[str, Any]], job) -> list[tuple[str, dict[str, Any] | None]]:
-    """(budget, baseline arm or None where none finished) the best trial is judged against: the job's own matching
-    (LoT: the teacher-only arm of its config at each budget), else the baseline arms of its variant and the job's
-    reference arm (SMaT's `none`)."""
-    if job.matches_baselines:
-        return job.baselines(best, rows)
-    variant = best["params"].get("variant", "")
-    return [
-        ("", r)
-        for r in rows
-        if r is not best
-        and is_baseline(r, job)
-        and (r["params"].get("variant", "") == variant or r["label"] == job.reference_arm)
-    ]
-
-
-def selection_words(best: dict[str, Any], metric: str, job) -> str:
-    """Where the trial was picked: the job's words for its objective's split, else the split in the metric's name."""
-
-    split = split_of(metric)
-    where = job.selection_split(best["params"]) or (f"the {split} split" if split else None)
-    return f"; picked on {where}" if where else ""
-
-
-def versus_baselines(
-    best: dict[str, Any], baselines: list[tuple[str, dict[str, Any] | None]], metric: str
-) -> list[str]:
-    """The best against each baseline arm on the objective."""
-
-    lines = []
-    for budget, base in baselines:
-        if base is None:
-            lines.append(f"vs its baseline arm at {budget}: none finished that stands for this trial; not compared")
-        elif point_of(base, metric) is None:
-            lines.append(f"vs {base['label']}: it reported no {metric}")
-        elif (c := compare_to_best(best, base, metric)) is None:
-            lines.append(f"vs {base['label']}: {point_of(best, metric) - point_of(base, metric):+.4g} (no interval)")
-        else:
-            lines.append(
-                f"vs {base['label']}: {c['diff']:+.4g} [{c['low']:+.4g}, {c['high']:+.4g}] ({noise_of(c)}; "
-                f"{c['method']})"
-            )
-    return lines
-
-
-def held_out(
-    best: dict[str, Any], baselines: list[tuple[str, dict[str, Any] | None]], metric: str, scores: list[str]
-) -> list[str]:
-    """The best and each baseline on the job's first score of record the best reports, which played no part in
-    picking it (the validation score of the best of many trials is biased upwards: the winner's curse)."""
-
-    # the score of the model a trial keeps (its best-validation epoch) before the last epoch's
-    kept_first = [s for s in scores if s.endswith("_at_best_val")] + [
-        s for s in scores if not s.endswith("_at_best_val")
-    ]
-    score = next((s for s in kept_first if point_of(best, s) is not None), None)
-    if score is None:
-        return [f"held out: the best reported none of the scores of record ({', '.join(scores)})"] if scores else []
-    if score == metric:
-        return [f"{metric} is also the score of record: nothing held out checks the pick"]
-    lines = [f"held out, not used to pick the trial: {score}", f"  best {with_its_interval(best, score)}"]
-    for _, base in baselines:
-        value = None if base is None else point_of(base, score)
-        if value is None:
-            continue
-        c = compare_to_best(best, base, score)
-        versus = (
-            f"{c['diff']:+.4g} [{c['low']:+.4g}, {c['high']:+.4g}] ({noise_of(c)})"
-            if c
-            else f"{point_of(best, score) - value:+.4g} (no interval)"
-        )
-        lines.append(f"  vs {base['label']} {value:.4g}: {versus}")
-        if c:
-            lines.append(f"    (difference: {c['method']})")
-    return lines
-
-
-def verdict_candidates(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The finished trials that reported the first objective and are not baseline arms (all of them when every
-    trial is one): those the verdict picks its best from."""
-
-    metric, job = spec.metric_names[0], JOBS[spec.job]
-    done = [r for r in rows if r["status"] == "OK" and point_of(r, metric) is not None]
-    return [r for r in done if not is_baseline(r, job)] or done
-
-
-def verdict_pick(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The trial the verdict names (and `best`, `status` show): THE best-trial rule over `verdict_candidates`."""
-    candidates = verdict_candidates(spec, rows)
-    metric, mode = spec.metric_names[0], spec.mode_names[0]
-    return pick_best([(point_of(r, metric), str(r["trial_id"]), r) for r in candidates], mode)
-
-
-def wrap_lines(lines: list[str], width: int = 100, indent: str = "  ") -> list[str]:
-    """Lines (the verdict's sentences) cut at spaces to fit `width` columns; a continuation is indented past its
-    line's own indentation, so each sentence still reads as one item. A word longer than the width stays whole."""
-
-    out = []
-    for line in lines:
-        lead = line[: len(line) - len(line.lstrip())]
-        out += textwrap.wrap(
-            line, width, subsequent_indent=lead + indent, break_long_words=False, break_on_hyphens=False
-        ) or [""]
-    return out
-
-
-def verdict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
-    """What the sweep found on its first objective, and how sure it is: the best trial with its interval and the
-    split that picked it, how many trials are within noise of it (their difference to the best has a 95% interval
-    containing 0), the best against each baseline arm, and then the same on the job's held-out score of record.
-    Plain sentences, for the end of `run`, `best` and the report."""
-
-    metric, mode = spec.metric_names[0], spec.mode_names[0]
-    job = JOBS[spec.job]
-    best = verdict_pick(spec, rows)
-    if best is None:
-        return [f"no finished trial reported {metric}"]
-    candidates = verdict_candidates(spec, rows)
-    lines = [
-        f"best on {metric} ({mode}{selection_words(best, metric, job)}): trial {best['trial_id']} "
-        f"[{best['label']}] {with_its_interval(best, metric)}"
-    ]
-    variant = best["params"].get("variant", "")
-    others = [r for r in candidates if r is not best and r["params"].get("variant", "") == variant]
-    if others:
-        compared = [(r, compare_to_best(best, r, metric)) for r in others]
-        known = [(r, c) for r, c in compared if c is not None]
-        close = [r for r, c in known if c["low"] <= 0 <= c["high"]]
-        if not known:
-            lines.append(f"{len(others)} other trial(s): no interval to tell them apart from the best")
-        elif close:
-            lines.append(
-                f"{len(close)} of {len(others)} other trials are within noise of the best (their difference "
-                f"to it has a 95% interval containing 0: {known[0][1]['method']}); the best is not a clear "
-                "winner"
-            )
-        else:
-            lines.append(f"the best is distinguishable from all {len(known)} other trials ({known[0][1]['method']})")
-    baselines = baselines_of(best, rows, job)
-    return lines + versus_baselines(best, baselines, metric) + held_out(best, baselines, metric, job.scores)

@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from teachsweep.jobs import JOBS
-from teachsweep.layout import DEFAULT_RESULTS, default_tracking_uri
-from teachsweep.training import CHECK_FILES
+from teachsweep.layout import DEFAULT_RESULTS
+from teachsweep.validation import CHECK_FILES
 
 LARGEST_INT = 2**32  # no count, size or seed a spec can sensibly hold reaches it (Optuna and numpy fail beyond)
 
@@ -389,11 +389,6 @@ def validate_job_config(spec: SweepSpec, where: str, check_files: bool = True) -
                 except ValidationError as error:
                     raise SpecError(f"{where}space.{key}: value {value!r} is invalid: {one_line(error)}") from None
                 refuse_non_finite({key: getattr(corner, key)}, where, ("space",))
-
-
-def tracking_uri_of(spec: SweepSpec) -> str:
-    """The MLflow store a sweep will log to (nothing is created here)."""
-    return spec.tracking_uri or default_tracking_uri(Path(spec.results_dir).expanduser())
 
 
 def non_finite_number(value: Any, loc: tuple = (), huge_ints: bool = False) -> tuple[tuple, float] | None:

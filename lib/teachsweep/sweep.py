@@ -15,7 +15,9 @@ This module ties them together: preflight, the stores, the Tune run, and what is
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -33,6 +35,11 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # models); rows_from_tune() flags searched trials that never reported their objective instead.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
 from teachsweep import cluster, preflight, references, report, tracking, tune_state  # noqa: E402
 from teachsweep.early_stopping import StudyASHA  # noqa: E402
 from teachsweep.jobs import JOBS  # noqa: E402
@@ -40,7 +47,8 @@ from teachsweep.launch import Placement  # noqa: E402
 from teachsweep.layout import SweepDir  # noqa: E402
 from teachsweep.metrics import PAIRED_METHOD, merge_seed_trials, seed_summaries  # noqa: E402
 from teachsweep.plan import OPTUNA_TRIAL, PACK, member_states, planned_count  # noqa: E402
-from teachsweep.results import best_of_rows, open_sweep, pareto_front  # noqa: E402
+from teachsweep.ranking import best_of_rows  # noqa: E402
+from teachsweep.results import open_sweep, pareto_front
 from teachsweep.search import (  # noqa: E402
     complete_finished_trials,
     fail_interrupted_trials,
@@ -70,8 +78,6 @@ def paths_for(spec: SweepSpec) -> SweepDir:
 
 
 def init_ray(total_cpus: int | None = None) -> None:
-    import ray
-
     if ray.is_initialized():
         return
     ray.init(
@@ -83,42 +89,10 @@ def init_ray(total_cpus: int | None = None) -> None:
     )
 
 
-def check_trial_fits(spec: SweepSpec) -> None:
-    """Refuse a trial that this machine's Ray can never place: Tune would wait for it forever. Only where Ray is
-    this one machine and no address was given; a cluster named by RAY_ADDRESS may add nodes when trials ask for
-    them, so there the request is left to its autoscaler."""
-    import ray
-
-    if os.environ.get("RAY_ADDRESS") or len(ray.nodes()) > 1:
-        return
-    workers, available = spec.resources.workers, ray.cluster_resources()
-    driver_cpu = 0.0 if workers == 1 else 0.01  # a multi-worker trial's driver holds a token CPU (see run_sweep)
-    for key, resource, per_worker, extra in (
-        ("cpus", "CPU", spec.resources.cpus, driver_cpu),
-        ("gpus", "GPU", spec.resources.gpus, 0.0),
-    ):
-        needed, there = per_worker * workers + extra, available.get(resource, 0.0)
-        if needed > there + 1e-9:
-            raise SpecError(
-                f"resources.{key}: a trial needs {needed:g} {resource}s ({workers} worker(s) x "
-                f"{per_worker:g}{' + the driver' if extra else ''}) and this machine's Ray has "
-                f"{there:g}: ask for less, or run on a cluster (RAY_ADDRESS)"
-            )
-
-
-def max_concurrency(spec: SweepSpec) -> int:
-    """Trials at a time (cluster.concurrency_for)."""
-    return cluster.concurrency_for(spec, planned_count(spec)).trials
-
-
 # ---------------------------------------------------------------------------------------------- running
 
 
 def quiet_libraries() -> None:
-    import logging
-
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -143,7 +117,7 @@ def run_sweep(
         uri = preflight.check_stores(spec, paths.root, paths.fingerprint, started=holds_results(paths), where=where)
         start = time.time()
         init_ray()
-        check_trial_fits(spec)  # these may refuse the spec: before anything is created
+        preflight.check_trial_fits(spec)  # these may refuse the spec: before anything is created
         cluster.check_cluster_stores(spec, paths.root, uri)
         concurrency = cluster.concurrency_for(spec, planned_count(spec))
         print(concurrency.line(spec.name), flush=True)
@@ -167,7 +141,6 @@ def hold_driver_lock(paths: SweepDir, name: str, where: str = ""):
     driver dies, even by SIGKILL): a second driver on a running sweep would ask Optuna twice, log twice and, on
     resume, move checkpoints the running one is writing. Refused in one line, naming the driver that holds it. A
     file system without `flock` (NFS with no lock daemon, Lustre mounted without it) gets a warning and no lock."""
-    import fcntl
 
     lock = open(paths.driver_lock, "a+")  # noqa: SIM115 - held until the sweep ends, closed by the caller
     try:
@@ -209,7 +182,6 @@ def run_holding_the_lock(
 ) -> SweepOutcome:
     """The rest of `run_sweep`, under the sweep's driver lock: record the spec, run the experiment, record the
     outcome."""
-    from ray import tune
 
     recorded = json.loads(paths.fingerprint.read_text()) if paths.fingerprint.exists() else None
     if recorded is not None and recorded != spec.fingerprint() and not holds_results(paths):
@@ -249,7 +221,7 @@ def run_holding_the_lock(
         searched_config(spec),
         spec.seeds,
         Placement(resources.cpus, resources.gpus, resources.workers, resources.accelerator()),
-        train_storage=str(paths.tune / "train"),
+        train_storage=str(paths.train_runs),
         objective=spec.metric_names[0],
         member_stopping=member_stopping(spec, paths),
     )
@@ -387,7 +359,6 @@ def make_scheduler(spec: SweepSpec):
     search stops its members itself (member_stopping): Tune could only stop whole packs."""
     if spec.scheduler is None or spec.packed:
         return None
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class SearchOnlyASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
@@ -413,7 +384,6 @@ def run_experiment(
     spec: SweepSpec, paths: SweepDir, trainable, callbacks, on_restore: Callable[[set[str]], None], concurrency: int
 ):
     """Run the sweep's Tune experiment, or resume it; `on_restore` gets the ids of the trials Tune recorded."""
-    from ray import tune
 
     experiment = paths.trials
     if experiment.is_dir():

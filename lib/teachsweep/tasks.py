@@ -218,7 +218,7 @@ def load_mnist_5k() -> Task:
 
 
 def load_digits_task() -> Task:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # heavy: for the tasks that read it only
 
     bunch = load_digits()
     images = bunch.images.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0
@@ -229,7 +229,7 @@ def load_csv(path: str, text_column: str, label_column: str) -> Task:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"data file not found: {path}")
-    import pandas as pd
+    import pandas as pd  # heavy: for the tasks that read it only
 
     frame = pd.read_csv(file)
     for column in (text_column, label_column):
@@ -251,7 +251,7 @@ def load_hf(spec: str, text_column: str | None, label_column: str | None) -> Tas
 
     The dataset's own test split is kept as the test set (CIFAR's 10,000 images, say); validation is the
     dataset's validation split or, when it has none, a stratified 10% of its training split."""
-    import datasets
+    import datasets  # heavy: for the tasks that read it only
 
     name, _, config = spec.partition(":")
     try:

@@ -6,9 +6,11 @@ file can see "database is locked", which a short back-off resolves."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
+import tempfile
 import time
 import traceback
 import urllib.request
@@ -63,7 +65,7 @@ def retry(call: Callable[[], T], attempts: int = 8, first_wait: float = 0.2) -> 
 
 
 def client_for(uri: str):
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # heavy: the reading commands import this module without loading it
 
     return MlflowClient(tracking_uri=uri)
 
@@ -156,7 +158,7 @@ def find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:
 
 def log_params(client, run_id: str, params: dict[str, Any], fresh: bool = False) -> None:
     """The run's params, but those it holds already (`fresh`: a run just created holds none)."""
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # heavy: the reading commands import this module without loading it
 
     flat = flatten(params)
     existing = {} if fresh else retry(lambda: client.get_run(run_id)).data.params
@@ -166,7 +168,7 @@ def log_params(client, run_id: str, params: dict[str, Any], fresh: bool = False)
 
 
 def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # heavy: the reading commands import this module without loading it
 
     now = int(time.time() * 1000)
     batch = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
@@ -218,7 +220,7 @@ def start_member_runs(
 ) -> list[tuple[str, bool]]:
     """A pack's member runs, each (key, name, tags, params) found again by its key or created: one search for the
     whole pack, and a created run gets its tags at creation and its params without a read. (run id, created)."""
-    from mlflow.entities import RunTag
+    from mlflow.entities import RunTag  # heavy: the reading commands import this module without loading it
 
     query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`teachsweep.pack_id` = '{pack_id}'"
     found = retry(lambda: client.search_runs([experiment_id], filter_string=query, max_results=10000))
@@ -293,7 +295,7 @@ def load_state(directory: Path) -> dict | None:
     """A trial's checkpointed state, or None for an empty checkpoint directory (one put back in place of a
     checkpoint Tune pruned, with nothing whole to take its place: tune_state.restore_trial_checkpoints): the trial
     starts over. A checkpoint that lost its state.pt fails as before."""
-    import torch
+    import torch  # heavy: the reading commands import this module without loading it
 
     if directory.is_dir() and not any(directory.iterdir()):
         return None
@@ -328,17 +330,16 @@ class TrialReporter(Reporter):
         if not self.to_tune:
             return
         if self.send is None:
-            from ray import tune
+            from ray import tune  # heavy: the reading commands import this module without loading it
 
             self.send = tune.report
         result = finite_metrics(metrics) | {"epoch": epoch} | self.extra
         if checkpoint is None or self.rank != 0:
             self.send(result)
             return
-        import tempfile
 
-        import torch
-        from ray.tune import Checkpoint
+        import torch  # heavy: the reading commands import this module without loading it
+        from ray.tune import Checkpoint  # heavy: the reading commands import this module without loading it
 
         with tempfile.TemporaryDirectory() as directory:
             torch.save(checkpoint, f"{directory}/state.pt")
@@ -348,9 +349,9 @@ class TrialReporter(Reporter):
         if not self.to_tune:
             return None
         if self.send is not None and self.send.__module__.startswith("ray.train"):
-            from ray.train import get_checkpoint
+            from ray.train import get_checkpoint  # heavy: the reading commands import this module without loading it
         else:
-            from ray.tune import get_checkpoint
+            from ray.tune import get_checkpoint  # heavy: the reading commands import this module without loading it
         checkpoint = get_checkpoint()
         if checkpoint is None:
             return None
@@ -371,10 +372,8 @@ class TrialReporter(Reporter):
         super().log_teacher(state, config)
         if self.rank != 0:
             return
-        import json
-        import tempfile
 
-        import torch
+        import torch  # heavy: the reading commands import this module without loading it
 
         with tempfile.TemporaryDirectory() as directory:
             torch.save(state, f"{directory}/model.pt")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import nn
 
 from teachsweep import data, distributed, models, tasks
+from teachsweep.validation import checks_files
 
 
 def pick_device(name: str) -> torch.device:
@@ -46,15 +47,6 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a wall-clock timing measures the work and not its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-CHECK_FILES = {"check_files": True}  # validation context of the preflight: data files must exist as named
-
-
-def checks_files(info: ValidationInfo) -> bool:
-    """Whether this validation opens the data files a config names: the preflight's does (pass CHECK_FILES as the
-    context); reading a finished sweep's spec back does not, so a moved csv never breaks reading."""
-    return bool(info.context and info.context.get("check_files"))
 
 
 class RunConfig(BaseModel):

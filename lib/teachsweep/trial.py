@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
+from ray import tune
+from ray.tune import Checkpoint, get_checkpoint
 
 from teachsweep import launch, references, tracking
 from teachsweep.early_stopping import CONTINUE, CUT, StudyASHA
@@ -145,8 +148,6 @@ def start_run(client, ctx: TrialContext, trial_id: str, run: PlannedRun) -> str:
 
 def running_here() -> dict[str, str]:
     """Which node and process run the trial now (a restarted trial gets new ones): for operators and fault tests."""
-    import ray
-
     return {
         "teachsweep.pid": f"{socket.gethostname()}:{os.getpid()}",
         "teachsweep.node": ray.get_runtime_context().get_node_id(),
@@ -155,7 +156,6 @@ def running_here() -> dict[str, str]:
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune function trainable: one configuration, every seed, one MLflow child run; or a pack."""
-    from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     if PACK in params:
@@ -182,7 +182,6 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 def run_seeds(client, ctx: TrialContext, trial_id: str, run: PlannedRun, run_id: str) -> None:
     """A trial of several seeds: one child run per seed under the trial's run, their mean and spread reported
     after each seed, and the per-seed finals for the driver's paired comparisons."""
-    from ray import tune
 
     finals = []
     for done, seed in enumerate(run.seeds, start=1):
@@ -263,9 +262,6 @@ class TunePackReporter(PackReporter):
         tracking.finish_run(self.members[member].client, self.members[member].run_id, error)
 
     def send(self, result: dict, checkpoint: dict | None) -> None:
-        from ray import tune
-        from ray.tune import Checkpoint
-
         if checkpoint is None:
             tune.report(result)
             return
@@ -279,7 +275,6 @@ class TunePackReporter(PackReporter):
 
 def last_checkpoint() -> dict | None:
     """The pack's last checkpoint when Tune restarts it, else None."""
-    from ray.tune import get_checkpoint
 
     checkpoint = get_checkpoint()
     if checkpoint is None:
@@ -347,6 +342,5 @@ def run_pack_trial(members: list[dict[str, Any]], ctx: TrialContext, pack_id: st
         if state["status"] == STOPPED:
             tracking.retry(lambda r=run_id: client.set_tag(r, "teachsweep.stopped_early", "ASHA"))
         tracking.finish_run(client, run_id)
-    from ray import tune
 
     tune.report({PACK: pack.state, "done_members": len(ids)})

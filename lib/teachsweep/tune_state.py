@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray.tune import Callback
+from ray.tune.trainable.metadata import _TrainingRunMetadata
 
 from teachsweep.layout import EXPERIMENT_STATE, STATE_PATTERNS, SweepDir, state_file_parses
 
@@ -122,7 +123,6 @@ def named_checkpoints(snapshot: str) -> dict[str, NamedCheckpoints]:
     """{trial directory: its checkpoints} for each trial of a snapshot's text that has one, read through Ray's own
     decoder of a trial's run state (the checkpoint bookkeeping is a pickle inside the JSON). Raises ValueError
     when the snapshot or a trial's state cannot be read."""
-    from ray.tune.trainable.metadata import _TrainingRunMetadata
 
     named = {}
     try:

@@ -129,7 +129,7 @@ def bench_sweep(spec: dict) -> tuple[float, list]:
     # heavy: Ray and MLflow, loaded only by the benches that run a sweep
     from mlflow.tracking import MlflowClient
 
-    from teachsweep.sweep import run_sweep
+    from teachsweep.sweep import run_sweep  # heavy: Ray and torch, for the benches that run a sweep
 
     spec_text = yaml.safe_dump(spec, sort_keys=False)
     begin = time.perf_counter()

@@ -31,7 +31,7 @@ def bert_base_directory(root: Path) -> Path:
     WordPiece vocabulary): loads like a hub checkpoint (`model: <dir>`), offline. Right for speed, not accuracy."""
     # heavy: transformers, which only --model bert-base needs here
     from transformers import AutoTokenizer, BertConfig, BertModel
-    from transformers.utils import logging
+    from transformers.utils import logging  # heavy: transformers, for the BERT-size model only
 
     logging.disable_progress_bar()
     directory = root / "bert-base-shapes"

@@ -14,6 +14,7 @@ from teachsweep.cli.options import RESULTS_OPTION, open_or_fail
 from teachsweep.cli.tables import best_table, fitted_table, pareto_table, plural, print_verdict
 from teachsweep.cli.terminal import console, fail, print_paths
 from teachsweep.jobs import JOBS
+from teachsweep.ranking import verdict_pick
 from teachsweep.references import MLFLOW
 from teachsweep.results import (
     Sweep,
@@ -26,11 +27,10 @@ from teachsweep.results import (
     status,
     trial_rows,
     trial_runs,
-    verdict_pick,
-    with_its_interval,
 )
 from teachsweep.spec import SpecError
 from teachsweep.tracking import RetryingClient
+from teachsweep.verdict import with_its_interval
 
 
 def list_command(results_dir: str = RESULTS_OPTION) -> None:

@@ -3,6 +3,7 @@ run prints."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,8 +34,10 @@ from teachsweep.jobs import JOBS
 from teachsweep.metrics import merge_seed_trials
 from teachsweep.pipeline import check_pipeline, is_pipeline, parse_pipeline, run_pipeline
 from teachsweep.plan import fixed_trials
-from teachsweep.results import open_sweep, teacher_effect, verdict_pick
+from teachsweep.ranking import verdict_pick
+from teachsweep.results import open_sweep
 from teachsweep.spec import SpecError, parse_spec, read_spec_file
+from teachsweep.teacher_effect import teacher_effect
 
 if TYPE_CHECKING:  # heavy: Ray
     from teachsweep.sweep import SweepOutcome
@@ -56,7 +59,7 @@ def run(
         spec = with_results_dir(parse_spec(text, where=f"{spec_file}: "), results_dir)
         # heavy: Ray, loaded once the spec is known to be good
         from teachsweep.progress import Progress
-        from teachsweep.sweep import run_sweep
+        from teachsweep.sweep import run_sweep  # heavy: Ray and torch, only when a sweep runs
 
         outcome = run_sweep(spec, text, callbacks=[Progress(spec)], where=f"{spec_file}: ")
     except SpecError as error:
@@ -70,7 +73,6 @@ def run(
 def stop_ray() -> None:
     """Shut Ray down before the error line: at shutdown it prints the errors of the trials it still holds
     (a results directory gone unwritable fails them all), which would otherwise bury the line."""
-    import sys
 
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
@@ -95,7 +97,7 @@ def run_pipeline_file(spec_file: Path, text: str, results_dir: str | None = None
 
 
 def print_teacher_effect(name: str, results_dir: str) -> None:
-    """A chained stage's scores by the arm of its teacher (results.teacher_effect), if it took `each` teacher."""
+    """A chained stage's scores by the arm of its teacher (teacher_effect.teacher_effect), if it took `each` teacher."""
     chained = teacher_effect(open_sweep(name, results_dir))
     if chained:
         console.print(teacher_effect_table(name, *chained))
@@ -127,7 +129,7 @@ def resume(name: str, results_dir: str = RESULTS_OPTION) -> None:
     """Resume sweep NAME from its results directory (the same as running its spec again)."""
     # heavy: Ray
     from teachsweep.progress import Progress
-    from teachsweep.sweep import run_sweep
+    from teachsweep.sweep import run_sweep  # heavy: Ray and torch, only when a sweep runs
 
     sweep = open_or_fail(name, results_dir)
     spec = sweep.spec.model_copy(update={"results_dir": str(Path(results_dir))})

@@ -10,8 +10,10 @@ from rich.table import Table
 
 from teachsweep.cli.terminal import console
 from teachsweep.metrics import PAIRED_METHOD, T_METHOD, interval_labels, interval_of, interval_text
-from teachsweep.results import Sweep, best_trials, point_of, verdict, verdict_pick, wrap_lines
+from teachsweep.ranking import point_of, verdict_pick
+from teachsweep.results import Sweep, best_trials
 from teachsweep.spec import SweepSpec
+from teachsweep.verdict import verdict, wrap_lines
 
 if TYPE_CHECKING:  # heavy: pandas, and Ray under teachsweep.sweep
     from pandas import DataFrame
@@ -68,7 +70,7 @@ def keep_whole(table: Table, width: int) -> Table:
 
 
 def print_verdict(spec: SweepSpec, rows: list[dict]) -> None:
-    """The verdict's sentences under 'verdict ', each wrapped to the terminal (results.wrap_lines)."""
+    """The verdict's sentences under 'verdict ', each wrapped to the terminal (verdict.wrap_lines)."""
     if len(spec.objectives) == 1:
         lines = wrap_lines(verdict(spec, rows), console.width - len("verdict "))
         console.print("[bold]verdict[/] " + escape("\n        ".join(lines)), soft_wrap=True, highlight=False)
@@ -155,7 +157,7 @@ def seed_summary_table(rows: list[dict]) -> Table:
 
 
 def teacher_effect_table(name: str, teachers: str, rows: list[dict]) -> Table:
-    """A chained stage's scores by the arm of its teacher, against the baseline teacher (results.teacher_effect)."""
+    """A chained stage's scores by the arm of its teacher, against the baseline teacher (`teacher_effect`)."""
     table = fitted_table(
         f"{name} by the teacher from {teachers}: mean ({T_METHOD}); vs the baseline teacher: "
         f"{PAIRED_METHOD}, paired by teacher seed",

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from teachsweep.results import wrap_lines
+from teachsweep.verdict import wrap_lines
 
 
 def terminal_width() -> int:

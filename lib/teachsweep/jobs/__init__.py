@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from teachsweep.training import CHECK_FILES
+from teachsweep.validation import CHECK_FILES
 
 MODULES = {
     "lot": "teachsweep.jobs.lot",

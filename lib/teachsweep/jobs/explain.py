@@ -200,10 +200,10 @@ def special_mask(batch: dict, row: int, length: int, tokenizer) -> torch.Tensor:
 
 
 def log_heatmaps(name: str, shown, tokenizer, patch_size, reporter: Reporter) -> None:
-    import matplotlib
+    import matplotlib  # heavy, and only for the figure
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy, and only for the figure
 
     with tempfile.TemporaryDirectory() as tmp:
         if tokenizer is not None:

@@ -52,7 +52,6 @@ from teachsweep.training import (
     OptimizerConfig,
     TaskData,
     autocast,
-    checks_files,
     evaluate,
     make_optimizer,
     pick_device,
@@ -64,6 +63,7 @@ from teachsweep.training import (
     to_device,
     update,
 )
+from teachsweep.validation import checks_files
 
 # ---------------------------------------------------------------------------------------------- config
 

@@ -42,13 +42,13 @@ from teachsweep.reporter import PackReporter, Reporter
 from teachsweep.training import (
     RunConfig,
     autocast,
-    checks_files,
     pick_device,
     restore_into,
     state_of,
     synchronize,
     uses_bf16,
 )
+from teachsweep.validation import checks_files
 
 # ---------------------------------------------------------------------------------------------- config
 

@@ -724,10 +724,10 @@ def train(config: ScaffoldConfig | dict, reporter: Reporter | None = None) -> di
 
 def log_head_coefficients(explainer: AttentionExplainer, reporter: Reporter) -> None:
     """The teacher explainer's head mix as JSON and as a layers x heads heatmap."""
-    import matplotlib
+    import matplotlib  # heavy, and only for the figure
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy, and only for the figure
 
     coefficients = explainer.coefficient_map()
     reporter.log_dict("head_coefficients.json", {"layers_by_heads": coefficients, "normalizer": explainer.normalizer})

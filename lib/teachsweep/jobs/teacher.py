@@ -23,9 +23,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
-from teachsweep import data, distributed, models, packing, tasks, training
+from teachsweep import distributed, layout, models, packing, tasks, training
 from teachsweep.jobs import JobSpec
 from teachsweep.reporter import PackReporter, Reporter
+from teachsweep.validation import checks_files
 
 
 class TeacherConfig(training.DataConfig, training.OptimizerConfig):
@@ -38,7 +39,7 @@ class TeacherConfig(training.DataConfig, training.OptimizerConfig):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str, info: ValidationInfo) -> str:
-        return models.validate_model_name(value, check_files=training.checks_files(info))
+        return models.validate_model_name(value, check_files=checks_files(info))
 
     def key(self) -> str:
         # The version changes whenever the same config would train a different teacher (v2: derived init seeds,
@@ -94,7 +95,7 @@ def metrics(cfg: TeacherConfig) -> dict[str, str | None]:
 
 
 def registry_dir(cfg: TeacherConfig) -> Path:
-    return data.cache_dir() / "teachers" / cfg.key()
+    return layout.cache_dir() / "teachers" / cfg.key()
 
 
 def train(config: TeacherConfig | dict, reporter: Reporter | None = None) -> dict[str, float]:
