@@ -5,6 +5,7 @@ the searched trials come from the Optuna study (search.py)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from teachsweep import references
@@ -71,9 +72,23 @@ def searched_packs(spec: SweepSpec) -> list[int]:
     return [min(size, spec.num_samples - start) for start in range(0, spec.num_samples, size)] if spec.space else []
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A sweep's trials, expanded once per run (expanding `each` teachers reads the earlier sweep's store): the
+    fixed trials, and how many trials it runs in all."""
+
+    fixed: list[dict[str, Any]]
+    count: int
+
+
+def plan_of(spec: SweepSpec) -> Plan:
+    fixed = fixed_trials(spec)
+    return Plan(fixed, len(fixed) + (spec.num_samples if spec.space else 0))
+
+
 def planned_count(spec: SweepSpec) -> int:
     """How many trials the sweep runs: its fixed trials and, for a search, its Optuna samples."""
-    return len(fixed_trials(spec)) + (spec.num_samples if spec.space else 0)
+    return plan_of(spec).count
 
 
 def arm_plan(spec: SweepSpec) -> ArmPlan:

@@ -9,6 +9,7 @@ from ray.tune import Callback
 from rich.console import Console
 
 from teachsweep.jobs import JOBS
+from teachsweep.layout import SweepDir
 from teachsweep.plan import OPTUNA_TRIAL, PACK, member_id, member_states, planned_count
 from teachsweep.ranking import is_baseline, pick_best
 from teachsweep.spec import SweepSpec
@@ -43,13 +44,22 @@ class Progress(Callback):
         self.spec, self.job = spec, JOBS[spec.job]
         self.metrics = spec.metric_names
         self.objective, self.mode = spec.metric_names[0], spec.mode_names[0]
-        try:
-            self.planned: int | None = planned_count(spec)
-        except TeacherReferenceError:  # a teacher sweep gone since the preflight: the plan's size is unknown
-            self.planned = None
+        self._planned: int | None = None
         self.start = time.time()
         self.values: dict[str, tuple[float, bool]] = {}  # trial id -> (objective, is a baseline arm)
         self.ended_before: int | None = None  # trials already ended when this driver started (a resume)
+
+    @property
+    def planned(self) -> int | None:
+        """The trials the sweep plans: as its run recorded them (run_sweep writes the count before Tune starts),
+        else planned here from the spec; None when its teacher sweep is gone and the size cannot be known."""
+        if self._planned is None:
+            recorded = SweepDir.of(self.spec.name, self.spec.results_dir).planned
+            try:
+                self._planned = int(recorded.read_text()) if recorded.is_file() else planned_count(self.spec)
+            except (ValueError, OSError, TeacherReferenceError):
+                return None
+        return self._planned
 
     @staticmethod
     def _print(text: str) -> None:

@@ -19,7 +19,6 @@ from ray.tune.search import Searcher
 from teachsweep.plan import (
     OPTUNA_TRIAL,
     PACK,
-    fixed_trials,
     member_id,
     member_states,
     packs_of,
@@ -239,11 +238,12 @@ class FixedThenSearch(Searcher):
         self.searcher.restore(checkpoint_path)
 
 
-def make_searcher(spec: SweepSpec, storage_url: str) -> tuple[FixedThenSearch, int]:
-    """The sweep's searcher and how many Tune trials it will hand out (a pack is one Tune trial)."""
-    fixed: list[dict[str, Any]] = [{"fixed_trial": trial} for trial in fixed_trials(spec)]
+def make_searcher(spec: SweepSpec, storage_url: str, planned: list[dict[str, Any]]) -> tuple[FixedThenSearch, int]:
+    """The sweep's searcher over its `planned` fixed trials (plan.fixed_trials), and how many Tune trials it will
+    hand out (a pack is one Tune trial)."""
+    fixed: list[dict[str, Any]] = [{"fixed_trial": trial} for trial in planned]
     if spec.packed:
-        fixed = [{PACK: [{"fixed_trial": trial} for trial in pack]} for pack in packs_of(spec, fixed_trials(spec))]
+        fixed = [{PACK: [{"fixed_trial": trial} for trial in pack]} for pack in packs_of(spec, planned)]
     metric, mode = spec.metric_names[0], spec.mode_names[0]
     searcher = StudySearcher(spec, storage_url) if spec.space else NothingToSearch(metric=metric, mode=mode)
     searched = len(searched_packs(spec)) if spec.packed else spec.num_samples if spec.space else 0

@@ -46,7 +46,7 @@ from teachsweep.jobs import JOBS  # noqa: E402
 from teachsweep.launch import Placement  # noqa: E402
 from teachsweep.layout import SweepDir  # noqa: E402
 from teachsweep.metrics import PAIRED_METHOD, merge_seed_trials, seed_summaries  # noqa: E402
-from teachsweep.plan import OPTUNA_TRIAL, PACK, member_states, planned_count  # noqa: E402
+from teachsweep.plan import OPTUNA_TRIAL, PACK, Plan, member_states, plan_of  # noqa: E402
 from teachsweep.ranking import best_of_rows  # noqa: E402
 from teachsweep.results import open_sweep, pareto_front
 from teachsweep.search import (  # noqa: E402
@@ -119,7 +119,8 @@ def run_sweep(
         init_ray()
         preflight.check_trial_fits(spec)  # these may refuse the spec: before anything is created
         cluster.check_cluster_stores(spec, paths.root, uri)
-        concurrency = cluster.concurrency_for(spec, planned_count(spec))
+        plan = plan_of(spec)  # once: expanding `each` teachers reads the earlier sweep's store
+        concurrency = cluster.concurrency_for(spec, plan.count)
         print(concurrency.line(spec.name), flush=True)
 
         try:
@@ -130,7 +131,7 @@ def run_sweep(
             lock = hold_driver_lock(paths, spec.name, where)
             # another driver may have run it between the check above and the lock
             preflight.check_stores(spec, paths.root, paths.fingerprint, started=holds_results(paths), where=where)
-        return run_holding_the_lock(spec, spec_text, callbacks, pipeline_run_id, paths, uri, start, concurrency)
+        return run_holding_the_lock(spec, spec_text, callbacks, pipeline_run_id, paths, uri, start, plan, concurrency)
     finally:
         if lock is not None:
             lock.close()
@@ -178,6 +179,7 @@ def run_holding_the_lock(
     paths: SweepDir,
     uri: str,
     start: float,
+    plan: Plan,
     concurrency,
 ) -> SweepOutcome:
     """The rest of `run_sweep`, under the sweep's driver lock: record the spec, run the experiment, record the
@@ -189,7 +191,7 @@ def run_holding_the_lock(
     paths.fingerprint.write_text(json.dumps(spec.fingerprint(), indent=1, sort_keys=True))
     paths.spec_file.write_text(spec_text)
     paths.tracking_uri.write_text(uri)
-    paths.planned.write_text(str(planned_count(spec)))  # read back without expanding teacher references again
+    paths.planned.write_text(str(plan.count))  # read back without expanding teacher references again
 
     client = tracking.client_for(uri)
     # A SQLite store keeps artifacts beside it (MLflow's default would be ./mlruns in the current directory).
@@ -240,7 +242,7 @@ def run_holding_the_lock(
         def forget_unrecorded_trials(known_trial_ids: set[str]) -> None:
             tracking.drop_orphan_trial_runs(client, experiment_id, parent_run_id, known_trial_ids)
 
-        grid = run_experiment(spec, paths, trainable, callbacks, forget_unrecorded_trials, concurrency.trials)
+        grid = run_experiment(spec, paths, trainable, callbacks, forget_unrecorded_trials, plan, concurrency.trials)
         if stopped := unwritable_error(spec, paths):  # trials that could not record failed: say why, in one line
             raise stopped
         outcome.trials = rows_from_tune(grid, spec)
@@ -381,7 +383,13 @@ def make_scheduler(spec: SweepSpec):
 
 
 def run_experiment(
-    spec: SweepSpec, paths: SweepDir, trainable, callbacks, on_restore: Callable[[set[str]], None], concurrency: int
+    spec: SweepSpec,
+    paths: SweepDir,
+    trainable,
+    callbacks,
+    on_restore: Callable[[set[str]], None],
+    plan: Plan,
+    concurrency: int,
 ):
     """Run the sweep's Tune experiment, or resume it; `on_restore` gets the ids of the trials Tune recorded."""
 
@@ -406,7 +414,7 @@ def run_experiment(
         if spec.space and paths.optuna_file.exists():
             requeue_lost_trials(spec, paths.optuna_url, fail_interrupted_trials(spec, paths.optuna_url), set())
         on_restore(set())
-    searcher, total = make_searcher(spec, paths.optuna_url)
+    searcher, total = make_searcher(spec, paths.optuna_url, plan.fixed)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
