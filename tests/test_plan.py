@@ -12,15 +12,20 @@ from teachsweep.plan import (
 )
 from teachsweep.spec import parse_spec
 
-GRID = """
+HEAD = """
 name: g
 job: lot
 config: {task: digits, teacher: cnn, student_steps: 2}
-variants:
+"""
+
+GRID = (
+    HEAD
+    + """variants:
   small: {alpha: 0.1}
   large: {alpha: 1.0}
 seeds: [0, 1, 2]
 """
+)
 
 
 def test_a_grid_runs_every_variant_once_per_seed_seed_major():
@@ -65,11 +70,9 @@ def test_a_search_plans_its_samples_beside_its_fixed_arms_and_runs_seeds_inside_
 
 
 def test_packs_group_trials_by_structure_and_hold_at_most_pack_members():
-    text = """
-name: p
-job: lot
-config: {task: digits, teacher: cnn, student_steps: 2}
-variants:
+    text = (
+        HEAD
+        + """variants:
   a01: {alpha: 0.1}
   a03: {alpha: 0.3}
   a10: {alpha: 1.0}
@@ -77,6 +80,7 @@ variants:
 seeds: [0, 1]
 resources: {pack: 4}
 """
+    )
     spec = parse_spec(text)
     trials = fixed_trials(spec)
     packs = packs_of(spec, trials)
@@ -102,16 +106,15 @@ def test_a_packed_search_asks_its_samples_in_packs_and_shares_its_structural_par
 
 
 def test_a_teacher_only_arm_is_labelled_by_the_variants_it_stands_for():
-    text = """
-name: s
-job: lot
-config: {task: digits, teacher: cnn, student_steps: 2}
-variants:
+    text = (
+        HEAD
+        + """variants:
   a03: {alpha: 0.3}
   a10: {alpha: 1.0}
   fast: {alpha: 1.0, lr: 0.1}
 baseline: {budget: teacher_steps}
 """
+    )
     labels = [t["label"] for t in fixed_trials(parse_spec(text))]
     # a03 and a10 differ only in LoT's own fields: one arm stands for both; fast trains otherwise: its own arm
     assert labels == ["a03-lot", "a03+a10-teacher_only", "a10-lot", "fast-lot", "fast-teacher_only"]
