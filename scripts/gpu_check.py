@@ -1,6 +1,8 @@
 """The GPU checklist of docs/gpu.md as one script, for a machine with a CUDA device: each check runs the
 real job on CUDA without Ray or MLflow, prints what it measured, and a failure is printed and does not stop the
-others. Needs the package's job dependencies (not ray, optuna or mlflow) and its offline data packages.
+others. Each check imports the jobs and libraries it runs (torch, transformers, the benches) when it starts, so
+that one failing to import fails that check alone. Needs the package's job dependencies (not ray, optuna or
+mlflow) and its offline data packages.
 
     PYTHONPATH=lib python scripts/gpu_check.py [device lot lstm rl scaffold mfu bench_lot bench_rl]
 """

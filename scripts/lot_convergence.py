@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from mlflow.tracking import MlflowClient
 
 from teachsweep import metrics
 from teachsweep.results import DEFAULT_RESULTS, open_sweep, trial_runs
+from teachsweep.tracking import RetryingClient
 
 
 def curves_of(client, run_id: str, score: str) -> list[tuple[float, float, float]]:
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--results-dir", default=DEFAULT_RESULTS)
     args = parser.parse_args()
     sweep = open_sweep(args.name, args.results_dir)
-    client = MlflowClient(sweep.tracking_uri)
+    client = RetryingClient(sweep.tracking_uri)
     runs = trial_runs(sweep)
     runs = runs[runs["status"] == "FINISHED"]
     runs = runs.assign(variant=[variant_of(label) for label in runs["tags.teachsweep.label"]])

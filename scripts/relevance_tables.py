@@ -21,6 +21,7 @@ import numpy as np
 
 from teachsweep.layout import DEFAULT_RESULTS
 from teachsweep.metrics import t_interval
+from teachsweep.results import open_sweep, trial_rows
 
 EXPLAINERS = ["raw_attention", "rollout", "attention_gradcam", "relevance", "lrp", "partial_lrp", "full_lrp"]
 PAIRS = [("relevance", "rollout"), ("relevance", "raw_attention"), ("lrp", "rollout"), ("lrp", "raw_attention")]
@@ -28,8 +29,6 @@ TESTS = ("positive", "negative")
 
 
 def rows_of(name: str, results_dir: str) -> dict:
-    from teachsweep.results import open_sweep, trial_rows
-
     sweep = open_sweep(name, results_dir)
     teachers = []
     for row in trial_rows(sweep, merge_seeds=False):

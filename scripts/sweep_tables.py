@@ -22,6 +22,7 @@ from teachsweep.endpoints import endpoint_lines, endpoint_results
 from teachsweep.jobs import JOBS
 from teachsweep.metrics import PAIRED_METHOD, T_METHOD, seed_summaries
 from teachsweep.results import DEFAULT_RESULTS, open_sweep, trial_rows, trial_runs
+from teachsweep.tracking import RetryingClient
 
 
 def read_commit() -> dict[str, Any]:
@@ -33,14 +34,12 @@ def read_commit() -> dict[str, Any]:
 
 def rows_of(name: str, results_dir: str, metrics: list[str] | None) -> dict[str, Any]:
     """Everything the tables need, read from the sweep's MLflow runs."""
-    from mlflow.tracking import MlflowClient
-
     sweep = open_sweep(name, results_dir)
     job = JOBS[sweep.spec.job]
     metrics = list(dict.fromkeys((metrics or sweep.spec.metric_names + job.scores) + sweep.spec.endpoint_metrics))
     merged = trial_rows(sweep)
     runs = trial_runs(sweep)
-    parent = MlflowClient(sweep.tracking_uri).get_run(sweep.parent_run_id) if sweep.parent_run_id else None
+    parent = RetryingClient(sweep.tracking_uri).get_run(sweep.parent_run_id) if sweep.parent_run_id else None
     # the metrics tabulated, and what says how long each trial ran and on what (steps, learning rate, wall time)
     kept = lambda key: key.split("@")[0] in metrics or key.startswith(("steps/", "lr/", "time/"))  # noqa: E731
     trials = [

@@ -13,7 +13,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from teachsweep.jobs import JOBS
 from teachsweep.layout import DEFAULT_RESULTS
+from teachsweep.results import open_sweep
+from teachsweep.teacher_effect import teacher_effect
 
 SIMULABILITY = "simulability/test"
 
@@ -69,10 +72,6 @@ def main() -> None:
     parser.add_argument("--from-json", action="store_true", help="print the table from --out without reading a sweep")
     args = parser.parse_args()
     if not args.from_json:
-        from teachsweep.jobs import JOBS
-        from teachsweep.results import open_sweep
-        from teachsweep.teacher_effect import teacher_effect
-
         students = open_sweep(args.students, args.results_dir)
         chained = teacher_effect(students)
         if chained is None:

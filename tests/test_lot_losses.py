@@ -147,8 +147,8 @@ def test_student_gradients_only_from_student_loss_in_a_real_step():
 
 
 def test_no_two_models_share_an_initialisation_across_seeds_and_roles(monkeypatch):
-    """LoT's student of seed s used to start where the teacher of seed s+1 started: init seeds now derive from
-    (seed, role, index), so within a sweep only the same role at the same seed (paired arms) shares weights."""
+    """Init seeds derive from (seed, role, index), so within a sweep only the same role at the same seed (paired
+    arms) shares weights: a student of seed s never starts where the teacher of seed s+1 does."""
     original, built = lot.models.build_model, []
 
     def build(name, task, seed, bptt=64):
@@ -172,7 +172,7 @@ def test_no_two_models_share_an_initialisation_across_seeds_and_roles(monkeypatc
 
 def test_every_arm_is_evaluated_and_stopped_on_the_same_teacher_step_grid():
     """A longer budget runs more epochs of the same teacher steps: its first epochs are the shorter arm's, step
-    for step, and patience counts the same teacher steps in both (it used to count epochs (1 + N) times longer)."""
+    for step, and patience counts the same teacher steps in both (not epochs (1 + N) times longer)."""
     from teachsweep.reporter import Reporter
 
     def history(**overrides):

@@ -34,7 +34,7 @@ def test_analysis_notebook_executes_against_a_real_sweep(ray_session, tmp_path, 
     text = spec_text(tmp_path / "results")
     run_sweep(parse_spec(text), text)
     monkeypatch.setenv("TEACHSWEEP_SWEEP", "nb")
-    monkeypatch.setenv("TEACHSWEEP_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("TEACHSWEEP_RESULTS_DIR", str(tmp_path / "results"))
     (tmp_path / "results" / "nb" / "optuna.db").unlink()  # a study file moved away: the notebook only reads
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "results").rglob("*"))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
@@ -70,7 +70,7 @@ def test_the_notebook_on_a_sweep_that_never_started_says_so_and_creates_no_store
     (results / "nb").mkdir(parents=True)
     (results / "nb" / "spec.yaml").write_text(spec_text(results))
     monkeypatch.setenv("TEACHSWEEP_SWEEP", "nb")
-    monkeypatch.setenv("TEACHSWEEP_RESULTS", str(results))
+    monkeypatch.setenv("TEACHSWEEP_RESULTS_DIR", str(results))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

@@ -122,7 +122,7 @@ def test_a_two_stage_pipeline_fans_out_over_each_teacher_and_resumes_without_rep
 
     # ...and in the analysis notebook's chained-study section
     monkeypatch.setenv("TEACHSWEEP_SWEEP", "chain-students")
-    monkeypatch.setenv("TEACHSWEEP_RESULTS", str(results))
+    monkeypatch.setenv("TEACHSWEEP_RESULTS_DIR", str(results))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

@@ -3,6 +3,7 @@
 from teachsweep.plan import (
     fixed_trials,
     packs_of,
+    plan_of,
     planned_configs,
     planned_count,
     searched_packs,
@@ -137,3 +138,11 @@ results_dir: {tmp_path / "results"}
     assert [t["label"] for t in planned] == ["attention", "none"]
     assert all("teacher_source" not in t for t in planned)  # fanned out only once the teachers exist
     assert not (tmp_path / "results").exists()
+
+
+def test_the_plan_holds_the_fixed_trials_before_and_after_their_seeds_and_the_count():
+    spec = parse_spec(GRID + "baseline: {budget: teacher_steps}\n")
+    plan = plan_of(spec)
+    assert plan.fixed == fixed_trials(spec) and plan.count == planned_count(spec) == len(plan.fixed) == 3 * 3
+    assert [t["label"] for t in plan.unseeded] == ["small-lot", "teacher_only", "large-lot"]
+    assert all("seed" not in t for t in plan.unseeded)

@@ -78,8 +78,8 @@ def test_the_verdict_says_when_the_best_is_within_noise():
 
 
 def test_the_best_entry_every_reader_shares_is_the_trial_the_verdict_names():
-    """The runner's best.json, `status`, `export` and `sweep:<name>/best` take `best_of_rows`: it used to pick a
-    teacher-only arm that beat every LoT trial, and a multi-seed trial by one value rather than its seeds' mean."""
+    """The runner's best.json, `status`, `export` and `sweep:<name>/best` take `best_of_rows`: never a teacher-only
+    arm that beats every LoT trial, and a multi-seed trial by its seeds' mean rather than by one value."""
     from teachsweep.ranking import best_of_rows
 
     spec = parse_spec(SPEC)

@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from teachsweep.cli import app
-from teachsweep.results import open_sweep, pareto_front
+from teachsweep.ranking import pareto_front
+from teachsweep.results import open_sweep
 from teachsweep.spec import SpecError, parse_spec
 from teachsweep.sweep import run_sweep
 
@@ -520,9 +521,9 @@ def test_a_trial_tune_finished_before_its_result_reached_the_study_is_completed_
 @pytest.mark.parametrize("corrected", [False, True], ids=["same-spec", "corrected-spec"])
 def test_a_driver_crash_before_the_first_trial_leaves_a_sweep_that_runs_again_cleanly(ray_session, tmp_path, corrected):
     """A driver that dies after it created the stores and the Tune experiment but before Tune recorded anything
-    (here a Tune callback raising on the first step, as a crashing progress display would) used to wedge the
-    sweep: every later `run` failed with "Can't return results as experiment has not been run", and a spec
-    corrected after the crash was refused as changed although no trial had run."""
+    (here a Tune callback raising on the first step, as a crashing progress display would) must not wedge the
+    sweep: a later `run` must not fail with "Can't return results as experiment has not been run", and a spec
+    corrected after the crash is not refused as changed, since no trial had run."""
     from ray.tune import Callback
 
     class CrashOnTheFirstStep(Callback):

@@ -397,8 +397,8 @@ NON_FINITE = [
 
 @pytest.mark.parametrize(("label", "text", "field"), NON_FINITE, ids=[n[0] for n in NON_FINITE])
 def test_a_number_that_is_not_finite_is_refused_with_its_field_and_creates_nothing(tmp_path, label, text, field):
-    """inf and NaN (`.inf`, `.nan`, or a literal beyond a float's range) used to pass validation: the driver then
-    created the stores and crashed in Optuna's sampler, leaving a sweep that no later `run` could start."""
+    """inf and NaN (`.inf`, `.nan`, or a literal beyond a float's range) are refused in validation: past it, the
+    driver would create the stores and crash in Optuna's sampler, leaving a sweep that no later `run` could start."""
     results = tmp_path / "results"
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(text + f"results_dir: {results}\n")

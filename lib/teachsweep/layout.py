@@ -7,10 +7,12 @@
     <results>/<sweep>/tracking_uri        the store its runs went to
     <results>/<sweep>/mlflow_parent_run_id
     <results>/<sweep>/planned_trials      how many trials the run planned
-    <results>/<sweep>/optuna.db           the Optuna study (searched sweeps)
+    <results>/<sweep>/optuna.db           the Optuna study (searched sweeps); optuna.<time>.abandoned.db, one
+                                          a corrected spec started anew
     <results>/<sweep>/tune/               Tune's experiment state (trials/), the last whole copy of its snapshot
                                           (last_good/) and Ray Train storage (train/)
     <results>/<sweep>/report.html, export/
+    <results>/<pipeline>/mlflow_pipeline_run_id   a pipeline's own run (its stages are sweeps beside it)
 
 The writer (sweep.py) and the readers (results.py, ui.py, cli/) name these files through `SweepDir` only."""
 
@@ -29,6 +31,11 @@ LOCAL_STORE = "mlflow.db"
 def cache_dir() -> Path:
     """Where tokenised splits and teachers trained for a reference are cached ($TEACHSWEEP_CACHE)."""
     return Path(os.environ.get("TEACHSWEEP_CACHE", Path.home() / ".cache" / "teachsweep"))
+
+
+def missing_sqlite_file(url: str) -> bool:
+    """A `sqlite:///` URL whose file is absent (opening it would create an empty store)."""
+    return url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()
 
 
 def default_tracking_uri(results_dir: Path) -> str:
@@ -99,6 +106,10 @@ class SweepDir:
     @property
     def optuna_file(self) -> Path:
         return self.path / "optuna.db"
+
+    def abandoned_study(self, stamp: str, n: int = 0) -> Path:
+        """Where a study a corrected spec started anew is kept (`optuna.<time>[-n].abandoned.db`)."""
+        return self.path / f"optuna.{stamp}{f'-{n}' if n else ''}.abandoned.db"
 
     @property
     def optuna_url(self) -> str:

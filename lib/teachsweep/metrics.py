@@ -372,3 +372,13 @@ def by_teacher(
             row |= {f"vs_reference_{k}": v for k, v in paired.items()} | {"reference": reference}
         rows.append(row)
     return rows
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '2 h 07 min'."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

@@ -122,7 +122,7 @@ def stage_finished(spec: SweepSpec) -> bool:
 def pipeline_run(pipeline: Pipeline, spec: SweepSpec, text: str) -> str:
     """The pipeline's MLflow run (created once; its id kept in <results>/<pipeline>/mlflow_pipeline_run_id)."""
     client = tracking.client_for(preflight.tracking_uri_of(spec))
-    artifacts = pipeline.layout.artifacts.as_uri()
+    artifacts = SweepDir.of(spec.name, spec.results_dir).artifacts.as_uri()  # beside the stage's own store
     experiment_id = tracking.ensure_experiment(client, spec.experiment or pipeline.name, artifacts)
     id_file = pipeline.layout.pipeline_run
     if id_file.exists():

@@ -38,7 +38,11 @@ def member_states(result: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
 def fixed_trials(spec: SweepSpec) -> list[dict[str, Any]]:
     """Trials that are not searched: each variant (with its fixed arms) and the search's fixed arms.
     A grid (no search space) runs each seed as its own trial, so seeds spread over the cluster."""
-    trials = unseeded_fixed_trials(spec)
+    return with_seeds(spec, unseeded_fixed_trials(spec))
+
+
+def with_seeds(spec: SweepSpec, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A grid's trials once per seed (a search runs its seeds inside each trial)."""
     if spec.space or len(spec.seeds) == 1:
         return trials
     return [{**trial, "seed": seed} for seed in spec.seeds for trial in trials]  # seed-major: mixes costs
@@ -75,15 +79,18 @@ def searched_packs(spec: SweepSpec) -> list[int]:
 @dataclass(frozen=True)
 class Plan:
     """A sweep's trials, expanded once per run (expanding `each` teachers reads the earlier sweep's store): the
-    fixed trials, and how many trials it runs in all."""
+    fixed trials before and after their seeds, and how many trials it runs in all."""
 
+    unseeded: list[dict[str, Any]]
     fixed: list[dict[str, Any]]
     count: int
 
 
-def plan_of(spec: SweepSpec) -> Plan:
-    fixed = fixed_trials(spec)
-    return Plan(fixed, len(fixed) + (spec.num_samples if spec.space else 0))
+def plan_of(spec: SweepSpec, pending: set[str] = frozenset()) -> Plan:
+    """The plan; references to `pending` pipeline stages (not run yet) stay unexpanded."""
+    unseeded = unseeded_fixed_trials(spec, pending)
+    fixed = with_seeds(spec, unseeded)
+    return Plan(unseeded, fixed, len(fixed) + (spec.num_samples if spec.space else 0))
 
 
 def planned_count(spec: SweepSpec) -> int:
@@ -167,12 +174,14 @@ def shared_arm(trial: dict[str, Any], variants: list[str], all_variants: list[st
     return unshared | {"label": f"{'+'.join(dict.fromkeys(variants))}-{trial['label']}"}
 
 
-def planned_configs(spec: SweepSpec, pending: set[str] = frozenset()) -> list[tuple[str, dict[str, Any], set[str]]]:
+def planned_configs(
+    spec: SweepSpec, pending: set[str] = frozenset(), unseeded: list[dict[str, Any]] | None = None
+) -> list[tuple[str, dict[str, Any], set[str]]]:
     """(where, job config, the keys set there rather than in `config`) of every kind of trial the spec can start:
-    each fixed trial, and the base config of the search (its searched values are checked at the corners of the
-    space by spec validation)."""
+    each fixed trial (`unseeded`, the plan's, when it was made already), and the base config of the search (its
+    searched values are checked at the corners of the space by spec validation)."""
     configs = [("config", dict(spec.config), set())] if spec.space else []
-    for trial in unseeded_fixed_trials(spec, pending):
+    for trial in unseeded_fixed_trials(spec, pending) if unseeded is None else unseeded:
         overrides = {k: v for k, v in trial.items() if k not in ("label", "variant", "teacher_source")}
         where = f"variants.{trial['variant']}" if "variant" in trial else "baseline"
         configs.append((where, {**spec.config, **overrides}, set(overrides)))

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from teachsweep import cluster, references, tracking
 from teachsweep.jobs import JOBS
 from teachsweep.layout import default_tracking_uri
-from teachsweep.plan import planned_configs, planned_count
+from teachsweep.plan import Plan, plan_of, planned_configs, planned_count
 from teachsweep.spec import SpecError, SweepSpec, describe_changes, one_line
 from teachsweep.teacher_refs import SWEEP, TeacherReferenceError, parse_sweep
 
@@ -31,16 +31,18 @@ RECORDED_LATER = frozenset({"num_samples"})  # fingerprint fields earlier versio
 
 def check_spec(
     spec: SweepSpec, where: str = "", pending: dict[str, str] | None = None, refuse_dirty: bool = True
-) -> None:
+) -> Plan:
     """What would otherwise fail only inside trials, refused before anything exists: each planned config's own checks
-    and teacher references, and objectives that no trial reports (or optimises in the wrong direction).
+    and teacher references, and objectives that no trial reports (or optimises in the wrong direction). Returns
+    the plan it checked, for the run to use (expanding it again would read earlier sweeps again).
     `pending` ({stage name: job}) are earlier stages of a pipeline that have not run yet: references to them are
     checked when their stage has finished, here only that their job saves teachers."""
     pending = pending or {}
     refuse_each_in_a_search(spec, where)
     refuse_pending_stages_without_teachers(spec, where, pending)
     try:
-        planned = planned_configs(spec, set(pending))
+        plan = plan_of(spec, set(pending))
+        planned = planned_configs(spec, set(pending), plan.unseeded)
     except TeacherReferenceError as error:
         raise SpecError(f"{where}{error}") from None
     reported: dict[str, str | None] = {}
@@ -57,6 +59,7 @@ def check_spec(
                     )
     check_objectives(spec, where, reported)
     check_study(spec, where, reported, refuse_dirty)
+    return plan
 
 
 def check_study(spec: SweepSpec, where: str, reported: dict[str, str | None], refuse_dirty: bool = True) -> None:
@@ -158,7 +161,7 @@ def check_stores(spec: SweepSpec, root: Path, fingerprint: Path, started: bool =
         raise SpecError(f"{where}results_dir: {root} is not writable")
     if root.exists() and not os.access(root, os.W_OK | os.X_OK):
         raise SpecError(f"{where}results_dir: {root} is not writable")
-    uri = spec.tracking_uri or tracking.default_tracking_uri(root)
+    uri = spec.tracking_uri or default_tracking_uri(root)
     try:
         tracking.check_tracking_uri(uri)
     except tracking.TrackingError as error:

@@ -10,21 +10,12 @@ from rich.console import Console
 
 from teachsweep.jobs import JOBS
 from teachsweep.layout import SweepDir
+from teachsweep.metrics import duration
 from teachsweep.plan import OPTUNA_TRIAL, PACK, member_id, member_states, planned_count
 from teachsweep.ranking import is_baseline, pick_best
 from teachsweep.spec import SweepSpec
 from teachsweep.teacher_refs import TeacherReferenceError
 from teachsweep.trial import trial_label
-
-
-def duration(seconds: float) -> str:
-    """'42 s', '3 min 05 s', '2 h 07 min'."""
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def eta(elapsed: float, ended: int, planned: int | None) -> str:

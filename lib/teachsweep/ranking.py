@@ -1,5 +1,5 @@
-"""Which trial is best: one rule for the runner, the CLI, the report and `sweep:<name>/best` (pure functions
-of the trials' rows; reading them is results.py's)."""
+"""Which trial is best: one rule for the runner, the CLI, the report and `sweep:<name>/best` (functions of the
+trials' rows, which results.py reads), and with several objectives the Pareto front of the sweep's study."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import statistics
 from typing import Any
 
 from teachsweep.jobs import JOBS
+from teachsweep.layout import missing_sqlite_file
 from teachsweep.metrics import per_seed
 from teachsweep.spec import SweepSpec
 
@@ -71,3 +72,34 @@ def best_of_rows(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, 
             "mlflow_run_id": best["mlflow_run_id"],
         }
     ]
+
+
+def pareto_front(spec: SweepSpec, storage_url: str, runs=None) -> list[dict[str, Any]]:
+    """Several objectives: the Pareto front of the sweep's Optuna study (searched trials), each matched to its
+    MLflow run by parameters when `runs` (finished trial runs) are given."""
+    import optuna  # heavy: only the Pareto front reads the study
+
+    if missing_sqlite_file(storage_url):
+        return []  # never searched here (or moved away): opening it would create an empty study file
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=storage_url)
+    except KeyError:
+        return []
+    front = []
+    for trial in study.best_trials:
+        entry = {
+            "params": trial.params,
+            "values": dict(zip(spec.metric_names, trial.values, strict=True)),
+            "optuna_trial": trial.number,
+        }
+        if runs is not None:
+            entry["mlflow_run_id"] = match_run(runs, trial.params)
+        front.append(entry)
+    return front
+
+
+def match_run(runs, params: dict[str, Any]) -> str | None:
+    for _, row in runs.iterrows():
+        if all(str(row.get(f"params.{k}")) == str(v) for k, v in params.items()):
+            return row["run_id"]
+    return None

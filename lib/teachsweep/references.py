@@ -28,13 +28,17 @@ from teachsweep.results import sweep_teachers
 from teachsweep.teacher_refs import CHECKPOINT_FILES, MLFLOW, SWEEP, TeacherReferenceError, parse_sweep
 
 
+def validate_teacher_config(config: Any) -> None:
+    from teachsweep.jobs.teacher import TeacherConfig  # heavy (torch): only teachers given as configs or directories
+
+    TeacherConfig.model_validate(config)
+
+
 def check(
     value: Any, field: str, tracking_uri: str, results_dir: str | Path = ".", pending: set[str] = frozenset()
 ) -> None:
     """Refuse a reference that could not be resolved (reads only; creates no store, run or file). References to
     `pending` sweeps (earlier stages of a pipeline that have not run yet) are checked when those have run."""
-    from teachsweep.jobs.teacher import TeacherConfig  # heavy (torch): only a check of a teacher config loads it
-
     if isinstance(value, str) and value.startswith(SWEEP):
         if parse_sweep(value, field)[0] in pending:
             return
@@ -43,7 +47,7 @@ def check(
         return
     if isinstance(value, dict):
         try:
-            TeacherConfig.model_validate(value)
+            validate_teacher_config(value)
         except ValueError as error:
             raise TeacherReferenceError(f"{field}: {str(error).splitlines()[-1].strip()}") from None
         return
@@ -59,7 +63,7 @@ def check(
             f"{field}: no teacher checkpoint at {directory} (needs {', '.join(CHECKPOINT_FILES)})"
         )
     try:
-        TeacherConfig.model_validate(json.loads((directory / "config.json").read_text()))
+        validate_teacher_config(json.loads((directory / "config.json").read_text()))
     except ValueError as error:
         raise TeacherReferenceError(f"{field}: {directory / 'config.json'} is not a teacher config: {error}") from None
 
@@ -101,10 +105,9 @@ def materialize(value: Any, tracking_uri: str) -> Any:
     if all((target / name).is_file() for name in CHECKPOINT_FILES):
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".mlflow-{run_id}-", dir=target.parent))  # concurrent trials: each
-    client = tracking.RetryingClient(
-        tracking_uri
-    )  # downloads into its own directory, and the first complete one is kept
+    # concurrent trials: each downloads into its own directory, and the first complete one is kept
+    staging = Path(tempfile.mkdtemp(prefix=f".mlflow-{run_id}-", dir=target.parent))
+    client = tracking.RetryingClient(tracking_uri)
     for name in CHECKPOINT_FILES:
         client.download_artifacts(run_id, name, str(staging))
     try:

@@ -36,8 +36,8 @@ from teachsweep.metrics import (
     per_seed,
     seed_summaries,
 )
-from teachsweep.ranking import is_baseline
-from teachsweep.results import Sweep, pareto_front, run_artifact, trial_rows, trial_runs
+from teachsweep.ranking import is_baseline, pareto_front
+from teachsweep.results import Sweep, run_artifact, trial_rows, trial_runs
 from teachsweep.teacher_effect import teacher_effect
 from teachsweep.tracking import RetryingClient
 from teachsweep.verdict import verdict

@@ -15,11 +15,11 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from teachsweep.jobs import JOBS
-from teachsweep.layout import DEFAULT_RESULTS, SweepDir
+from teachsweep.layout import DEFAULT_RESULTS, SweepDir, missing_sqlite_file
 from teachsweep.metrics import (
     merge_seed_trials,
 )
-from teachsweep.ranking import best_of_rows
+from teachsweep.ranking import best_of_rows, pareto_front
 from teachsweep.spec import SpecError, SweepSpec, parse_spec, read_spec_file
 from teachsweep.teacher_refs import CHECKPOINT_FILES, TeacherReferenceError, parse_sweep
 from teachsweep.tracking import RetryingClient
@@ -126,7 +126,7 @@ def check_sqlite_store(uri: str) -> None:
 
 def check_run_exists(uri: str, run_id: str, named_in: Path) -> None:
     """A one-line SpecError when the run a sweep recorded is not in its store (deleted, or the store replaced)."""
-    from mlflow.exceptions import MlflowException  # heavy: MLflow, only when a store cannot be read
+    from mlflow.exceptions import MlflowException  # heavy: MLflow loads when a store is read, not when the CLI starts
 
     try:
         RetryingClient(uri).get_run(run_id)
@@ -136,11 +136,6 @@ def check_run_exists(uri: str, run_id: str, named_in: Path) -> None:
         raise SpecError(
             f"{named_in}: MLflow run {run_id} is not in the tracking store {uri} (deleted, or the store was replaced)"
         ) from None
-
-
-def missing_sqlite_file(url: str) -> bool:
-    """A `sqlite:///` URL whose file is absent (opening it would create an empty store)."""
-    return url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()
 
 
 def local_store_of(uri: str, layout: SweepDir) -> str:
@@ -295,30 +290,6 @@ def status(sweep: Sweep) -> dict[str, Any]:
     }
 
 
-def pareto_front(spec: SweepSpec, storage_url: str, runs=None) -> list[dict[str, Any]]:
-    """Several objectives: the Pareto front of the sweep's Optuna study (searched trials), each matched to its
-    MLflow run by parameters when `runs` (finished trial runs) are given."""
-    import optuna  # heavy: only the Pareto front reads the study
-
-    if missing_sqlite_file(storage_url):
-        return []  # never searched here (or moved away): opening it would create an empty study file
-    try:
-        study = optuna.load_study(study_name=spec.name, storage=storage_url)
-    except KeyError:
-        return []
-    front = []
-    for trial in study.best_trials:
-        entry = {
-            "params": trial.params,
-            "values": dict(zip(spec.metric_names, trial.values, strict=True)),
-            "optuna_trial": trial.number,
-        }
-        if runs is not None:
-            entry["mlflow_run_id"] = match_run(runs, trial.params)
-        front.append(entry)
-    return front
-
-
 def best_trials(sweep: Sweep, runs=None) -> list[dict[str, Any]]:
     """Single objective: the trial the verdict names (`best_of_rows` over the trials read back). Several: the
     Pareto front."""
@@ -329,13 +300,6 @@ def best_trials(sweep: Sweep, runs=None) -> list[dict[str, Any]]:
     if len(spec.objectives) > 1 and spec.space:
         return pareto_front(spec, sweep.optuna_url, runs[runs["status"] == "FINISHED"])
     return best_of_rows(spec, trial_rows(sweep, runs))
-
-
-def match_run(runs, params: dict[str, Any]) -> str | None:
-    for _, row in runs.iterrows():
-        if all(str(row.get(f"params.{k}")) == str(v) for k, v in params.items()):
-            return row["run_id"]
-    return None
 
 
 def full_config(sweep: Sweep, run_id: str) -> dict[str, Any]:

@@ -4,12 +4,12 @@ name, so that running the same spec again resumes it instead of starting over.
 The path of one sweep, one module a step:
 
     spec.py       YAML -> SweepSpec, validated (pure: reads no other sweep, run or store)
-    plan.py       SweepSpec -> the fixed trials (variants, the job's fixed arms, seeds)
-    preflight.py  what is refused before anything exists: planned trials' checks, teacher references, stores
+    plan.py       SweepSpec -> the fixed trials (variants, the job's fixed arms, seeds), expanded once a run
+    preflight.py  what is refused before anything exists: the plan's trials' checks, teacher references, stores
     search.py     fixed trials first, then Optuna ask/tell on the sweep's study
     trial.py      the Tune trainable: one config, its seeds, one MLflow child run; the job in-process or DDP
     jobs/*.py     train(config, reporter) -> metrics, knowing nothing of Ray or MLflow
-    results.py    one reading of a finished sweep: rows, the best-trial rule, seed summaries, comparisons
+    results.py    one reading of a finished sweep: rows, seed summaries, comparisons; ranking.py, its best trial
 
 This module ties them together: preflight, the stores, the Tune run, and what is logged at the end."""
 
@@ -40,23 +40,26 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from teachsweep import cluster, preflight, references, report, tracking, tune_state  # noqa: E402
-from teachsweep.early_stopping import StudyASHA  # noqa: E402
-from teachsweep.jobs import JOBS  # noqa: E402
-from teachsweep.launch import Placement  # noqa: E402
-from teachsweep.layout import SweepDir  # noqa: E402
-from teachsweep.metrics import PAIRED_METHOD, merge_seed_trials, seed_summaries  # noqa: E402
-from teachsweep.plan import OPTUNA_TRIAL, PACK, Plan, member_states, plan_of  # noqa: E402
-from teachsweep.ranking import best_of_rows  # noqa: E402
-from teachsweep.results import open_sweep, pareto_front
-from teachsweep.search import (  # noqa: E402
+from teachsweep import cluster, preflight, references, report, tracking, tune_state
+from teachsweep.early_stopping import StudyASHA
+from teachsweep.jobs import JOBS
+from teachsweep.launch import Placement
+from teachsweep.layout import SweepDir
+from teachsweep.metrics import PAIRED_METHOD, merge_seed_trials, seed_summaries
+from teachsweep.plan import OPTUNA_TRIAL, PACK, Plan, member_states
+from teachsweep.ranking import (
+    best_of_rows,
+    pareto_front,
+)
+from teachsweep.results import open_sweep
+from teachsweep.search import (
     complete_finished_trials,
     fail_interrupted_trials,
     make_searcher,
     requeue_lost_trials,
 )
-from teachsweep.spec import SpecError, SweepSpec  # noqa: E402
-from teachsweep.trial import SweepRecords, TrialContext, run_trial, trial_label  # noqa: E402
+from teachsweep.spec import SpecError, SweepSpec
+from teachsweep.trial import SweepRecords, TrialContext, run_trial, trial_label
 
 
 @dataclass
@@ -109,7 +112,7 @@ def run_sweep(
     stage nests its parent run under the pipeline's run."""
     quiet_libraries()
     paths = paths_for(spec)
-    preflight.check_spec(spec, where)
+    plan = preflight.check_spec(spec, where)  # the plan it checked: expanded once, for the whole run
     # A sweep some driver of this version ran has its lock file: taken before anything else, so a second driver
     # is refused at once; a new sweep's is created with its directory, and its stores checked again under it.
     lock = hold_driver_lock(paths, spec.name, where) if paths.driver_lock.is_file() else None
@@ -119,7 +122,6 @@ def run_sweep(
         init_ray()
         preflight.check_trial_fits(spec)  # these may refuse the spec: before anything is created
         cluster.check_cluster_stores(spec, paths.root, uri)
-        plan = plan_of(spec)  # once: expanding `each` teachers reads the earlier sweep's store
         concurrency = cluster.concurrency_for(spec, plan.count)
         print(concurrency.line(spec.name), flush=True)
 
@@ -453,7 +455,7 @@ def start_afresh(paths: SweepDir) -> None:
     study = paths.optuna_file
     if study.exists():
         stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
-        while (kept := paths.path / f"optuna.{stamp}{f'-{n}' if n else ''}.abandoned.db").exists():
+        while (kept := paths.abandoned_study(stamp, n)).exists():
             n += 1
         study.rename(kept)
     paths.parent_run.unlink(missing_ok=True)

@@ -60,7 +60,7 @@ TeacherTable = tuple[dict[str, dict[str, Any]], str | None]  # teacher trial id 
 def teachers_from_their_runs(tracking_uri: str, run_ids: set[str]) -> TeacherTable | None:
     """The teachers as the students recorded them (`teachsweep.teacher_run`): their own MLflow runs, read by id,
     whatever became of the sweep that trained them. None when a run is gone from the store."""
-    from mlflow.exceptions import MlflowException  # heavy: MLflow, only when a store cannot be read
+    from mlflow.exceptions import MlflowException  # heavy: MLflow loads when a store is read, not at import
 
     client = RetryingClient(tracking_uri)
     found = []

@@ -14,6 +14,7 @@ from rich.table import Table
 from teachsweep import launch, tracking
 from teachsweep.benchmarks.measure import ProcessTreePeak, peak_memory
 from teachsweep.benchmarks.overhead import OVERHEAD_JOB
+from teachsweep.layout import LOCAL_STORE
 from teachsweep.reporter import Reporter
 from teachsweep.sweep import init_ray, quiet_libraries
 
@@ -28,7 +29,7 @@ def distributed_cost(steps: int, repeats: int, console: Console) -> None:
     cases = [arm for _ in range(repeats) for arm in arms]
     init_ray(total_cpus=4)  # two 1-CPU workers plus the trial's token CPU on a 2-core machine
     with ProcessTreePeak() as tree, tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
+        uri = f"sqlite:///{tmp}/{LOCAL_STORE}"
         experiment_id = tracking.ensure_experiment(tracking.client_for(uri), "bench-distributed")
 
         def trainable(config: dict) -> None:

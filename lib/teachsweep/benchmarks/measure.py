@@ -18,6 +18,7 @@ import yaml
 from torch.profiler import ProfilerActivity, profile
 
 from teachsweep.spec import parse_spec
+from teachsweep.tracking import RetryingClient
 from teachsweep.training import synchronize
 
 
@@ -126,9 +127,6 @@ class ProcessTreePeak:
 def bench_sweep(spec: dict) -> tuple[float, list]:
     """Run a teachsweep sweep from a spec dict (the driver's Ray already started): (wall seconds, its trial runs
     in MLflow). A failed trial stops the bench: its numbers would mean nothing."""
-    # heavy: Ray and MLflow, loaded only by the benches that run a sweep
-    from mlflow.tracking import MlflowClient
-
     from teachsweep.sweep import run_sweep  # heavy: Ray and torch, for the benches that run a sweep
 
     spec_text = yaml.safe_dump(spec, sort_keys=False)
@@ -138,6 +136,6 @@ def bench_sweep(spec: dict) -> tuple[float, list]:
     failed = [row for row in outcome.trials if row["status"] != "OK"]
     if failed:
         raise RuntimeError(f"bench sweep {spec['name']}: trial {failed[0]['trial_id']} failed: {failed[0]['error']}")
-    client = MlflowClient(outcome.tracking_uri)
+    client = RetryingClient(outcome.tracking_uri)
     experiment_id = client.get_experiment_by_name(spec["name"]).experiment_id
     return wall, client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")

@@ -14,6 +14,7 @@ from teachsweep.cli.options import RESULTS_OPTION, open_or_fail
 from teachsweep.cli.tables import best_table, fitted_table, pareto_table, plural, print_verdict
 from teachsweep.cli.terminal import console, fail, print_paths
 from teachsweep.jobs import JOBS
+from teachsweep.metrics import duration
 from teachsweep.ranking import verdict_pick
 from teachsweep.references import MLFLOW
 from teachsweep.results import (
@@ -76,7 +77,6 @@ def status_command(
     watch: bool = typer.Option(False, "--watch", help="refresh every few seconds until the sweep ends"),
 ) -> None:
     """Trials done, running and failed, the best so far, and the elapsed time of sweep NAME."""
-    from teachsweep.progress import duration  # heavy: teachsweep.progress loads Ray
 
     sweep = open_or_fail(name, results_dir)
     with Progress(

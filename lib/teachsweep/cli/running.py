@@ -33,7 +33,6 @@ from teachsweep.endpoints import endpoint_lines, endpoint_results
 from teachsweep.jobs import JOBS
 from teachsweep.metrics import merge_seed_trials
 from teachsweep.pipeline import check_pipeline, is_pipeline, parse_pipeline, run_pipeline
-from teachsweep.plan import fixed_trials
 from teachsweep.ranking import verdict_pick
 from teachsweep.results import open_sweep
 from teachsweep.spec import SpecError, parse_spec, read_spec_file
@@ -116,13 +115,11 @@ def validate(spec_file: Path = typer.Argument(..., help="a sweep spec or pipelin
             )
             return
         spec = parse_spec(text, where)
-        preflight.check_spec(spec, where, refuse_dirty=False)  # (a study is validated before it is committed)
+        plan = preflight.check_spec(spec, where, refuse_dirty=False)  # (a study is validated before it is committed)
     except SpecError as error:
         fail(str(error))
     searched = spec.num_samples if spec.space else 0
-    console.print(
-        f"{spec_file}: ok (job {spec.job}: {plural(len(fixed_trials(spec)), 'fixed trial')}, {searched} searched)"
-    )
+    console.print(f"{spec_file}: ok (job {spec.job}: {plural(len(plan.fixed), 'fixed trial')}, {searched} searched)")
 
 
 def resume(name: str, results_dir: str = RESULTS_OPTION) -> None:
