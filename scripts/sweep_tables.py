@@ -22,6 +22,7 @@ from teachsweep.endpoints import endpoint_lines, endpoint_results
 from teachsweep.jobs import JOBS
 from teachsweep.metrics import PAIRED_METHOD, T_METHOD, seed_summaries
 from teachsweep.results import DEFAULT_RESULTS, open_sweep, trial_rows, trial_runs
+from teachsweep.teacher_effect import teacher_effect
 from teachsweep.tracking import RetryingClient
 
 
@@ -54,7 +55,8 @@ def rows_of(name: str, results_dir: str, metrics: list[str] | None) -> dict[str,
     ]
     summaries = seed_summaries(merged, metrics, job.reference_arm, sweep.spec.endpoint_references)
     comparisons = job.compare(merged, metrics)
-    endpoints = endpoint_results(sweep.spec, comparisons, summaries, job.reference_arm)
+    chained = teacher_effect(sweep) if sweep.spec.compares_teachers else None
+    endpoints = endpoint_results(sweep.spec, comparisons, summaries, job.reference_arm, chained[1] if chained else None)
     return {
         "sweep": name,
         "job": sweep.spec.job,

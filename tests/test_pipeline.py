@@ -17,6 +17,7 @@ from test_notebook import NOTEBOOK
 from typer.testing import CliRunner
 
 from teachsweep.cli import app
+from teachsweep.preflight import ALLOW_DIRTY
 from teachsweep.references import TeacherReferenceError, expand
 from teachsweep.results import open_sweep
 from teachsweep.teacher_effect import teacher_effect
@@ -236,3 +237,27 @@ def test_a_finished_stage_stays_readable_when_the_sweep_it_took_teachers_from_is
     rerun.write_text((tmp_path / "elsewhere" / "spec.yaml").read_text())
     assert (outcome := runner.invoke(app, ["run", str(rerun)])).exit_code == 0, outcome.output
     assert repr(teacher_effect(open_sweep("moved-students", results))) == repr(by_teacher)
+
+
+def test_a_registered_endpoint_pairs_the_students_by_the_seed_of_their_teacher(tmp_path, monkeypatch):
+    """A students' stage registers LoT minus teacher-only (its teachers' arms) as its primary endpoint: the run
+    prints it paired over the teachers' two seeds, and the report shows it first."""
+    monkeypatch.setenv("TEACHSWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(ALLOW_DIRTY, "1")  # a registered study from a working tree with uncommitted changes
+    results = tmp_path / "results"
+    stages = yaml.safe_load(pipeline_text(results, name="study"))
+    teachers, students = stages["stages"]
+    teachers["seeds"] = [0, 1]
+    students["study"] = {
+        "primary": {"metric": "simulability/test", "variant": "attention", "teacher": "lot-lot"},
+        "min_seeds": 2,
+    }
+    spec_file = tmp_path / "study.yaml"
+    spec_file.write_text(yaml.safe_dump(stages))
+    outcome = CliRunner().invoke(app, ["run", str(spec_file)])
+    assert outcome.exit_code == 0, outcome.output
+    said = " ".join(outcome.output.split())
+    line = "primary endpoint simulability/test of attention taught by lot-lot, attention students of lot-lot − of"
+    assert line in said and "(2 teacher seeds;" in said, outcome.output[-3000:]
+    report = (results / "study-students" / "report.html").read_text()
+    assert report.index("primary endpoint simulability/test") < report.index("Verdict")

@@ -8,7 +8,7 @@ import pytest
 
 from teachsweep import preflight, tracking
 from teachsweep.endpoints import endpoint_lines, endpoint_results
-from teachsweep.metrics import seed_summaries
+from teachsweep.metrics import by_teacher, seed_summaries
 from teachsweep.spec import SpecError, parse_spec
 
 SPEC = """
@@ -223,6 +223,69 @@ def test_an_endpoint_counts_the_seeds_both_variants_ran_not_the_variants_own():
     assert primary.n_seeds == 5
     (line,) = endpoint_lines(spec, [primary])
     assert "5 of 8 seeds; fewer than the 8 registered" in line, line
+
+
+STUDENTS_SPEC = """
+name: students
+job: scaffold
+config: {{teacher: "sweep:teachers/each"}}
+variants: {{none: {{explainer: none}}, attention: {{explainer: attention}}}}
+study:
+  primary: {{metric: simulability/test, variant: attention, teacher: alpha1-lot{extra}}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (", variant: nope", "study.primary.variant: no variant named 'nope'"),
+        (", versus: none", "study.primary.teacher: compares the students of two teacher arms"),
+    ],
+)
+def test_an_endpoint_by_teacher_arm_is_refused_in_one_line_where_it_cannot_apply(extra, said):
+    text = STUDENTS_SPEC.format(extra=extra).replace("variant: attention, teacher", "teacher")
+    with pytest.raises(SpecError) as refused:
+        parse_spec(text, "s.yaml: ")
+    assert str(refused.value).startswith(f"s.yaml: {said}"), str(refused.value)
+    lot = spec_text("  primary: {metric: teacher/test_acc, teacher: alpha1-lot}\n")
+    with pytest.raises(SpecError, match="study.primary.teacher: job 'lot' takes no teacher"):
+        parse_spec(lot)
+
+
+def test_students_by_the_arm_of_their_teacher_are_paired_by_teacher_seed():
+    """Students of 8 LoT and 8 teacher-only teachers (one student a teacher and explainer): the endpoint is the
+    attention students' difference, paired by the teachers' seed, whatever seeds the students' sweep lists."""
+    spec = parse_spec(STUDENTS_SPEC.format(extra=""))  # one student seed: the teachers' 8 seeds are what pair
+    assert spec.compares_teachers and spec.seeds == [0]
+    teachers = {
+        f"{arm}{seed}": {"label": arm, "seed": seed, "scores": {}}
+        for arm in ("alpha1-lot", "teacher_only")
+        for seed in range(8)
+    }
+    level = {("alpha1-lot", "attention"): 0.85, ("teacher_only", "attention"): 0.88, ("alpha1-lot", "none"): 0.80}
+    level[("teacher_only", "none")] = 0.81
+    students = [
+        {
+            "teacher": trial,
+            "variant": variant,
+            "scores": {
+                "simulability/test": level[(t["label"], variant)] + 0.003 * t["seed"] * (t["label"] == "alpha1-lot")
+            },
+        }
+        for trial, t in teachers.items()
+        for variant in ("none", "attention")
+    ]
+    rows = by_teacher(teachers, students, "teacher_only")
+    (primary,) = endpoint_results(spec, [], [], "none", rows)
+    assert primary.compared == "attention students of alpha1-lot − of teacher_only teachers"
+    assert primary.diff == pytest.approx(-0.03 + 0.003 * 3.5) and primary.n_seeds == 8  # not the none students'
+    assert primary.ci_low < primary.diff < primary.ci_high
+    (line,) = endpoint_lines(spec, [primary])
+    assert "8 teacher seeds" in line and "fewer than" not in line, line
+    assert endpoint_lines(spec, endpoint_results(spec, [], [], "none", [])) == [
+        "primary endpoint simulability/test of attention taught by alpha1-lot minus the baseline teachers' "
+        "students: nothing to compare (no finished paired trials)"
+    ]
 
 
 @pytest.mark.parametrize("rows", sorted(Path(__file__).parent.parent.glob("docs/results/study_*.json")), ids=str)

@@ -36,16 +36,32 @@ def clipped(metric: str, low: float, high: float) -> tuple[float, float, bool]:
     return clipped_low, clipped_high, (clipped_low, clipped_high) != (low, high)
 
 
-def matching(spec: SweepSpec, endpoint: Endpoint, comparisons, summaries, reference: str | None) -> list[dict]:
-    """The comparison rows an endpoint names, as {compared, diff, ci_low, ci_high, p_value, n_seeds}."""
+STATS = ("diff_mean", "ci_low", "ci_high", "p_value", "n_seeds")
+
+
+def matching(
+    spec: SweepSpec, endpoint: Endpoint, comparisons, summaries, reference: str | None, by_teacher=None
+) -> list[dict]:
+    """The comparison rows an endpoint names, as {compared, diff, ci_low, ci_high, p_value, n_seeds}; `by_teacher`
+    are the students' rows by the arm of their teacher (teacher_effect), for endpoints that name a `teacher`."""
     found = []
+    if endpoint.teacher is not None:  # students of one teacher arm minus those of the baseline teachers
+        for row in by_teacher or []:
+            if (row["metric"], row["teacher"]) != (endpoint.metric, endpoint.teacher) or not row["variant"]:
+                continue
+            if "vs_reference_diff_mean" not in row or endpoint.variant not in (None, row["variant"]):
+                continue
+            stats = {k: row[f"vs_reference_{k}"] for k in STATS}
+            compared = f"{row['variant']} students of {row['teacher']} − of {row['reference']} teachers"
+            found.append({"compared": compared, **stats})
+        return found
     if endpoint.budget is not None:  # LoT minus its teacher-only arm at that budget
         for row in comparisons:
             if row["metric"] != endpoint.metric or row["budget"] != endpoint.budget:
                 continue
             if endpoint.variant is not None and endpoint.variant not in (row["variant"], row["trial"]):
                 continue
-            stats = {k: row[k] for k in ("diff_mean", "ci_low", "ci_high", "p_value", "n_seeds")}
+            stats = {k: row[k] for k in STATS}
             found.append({"compared": f"{row['trial']} − {row['baseline_label']}", **stats})
         return found
     against = endpoint.versus or reference
@@ -54,19 +70,23 @@ def matching(spec: SweepSpec, endpoint: Endpoint, comparisons, summaries, refere
             continue
         if endpoint.variant is not None and row["label"] != endpoint.variant:
             continue
-        stats = {k: row[f"vs_{against}_{k}"] for k in ("diff_mean", "ci_low", "ci_high", "p_value", "n_seeds")}
+        stats = {k: row[f"vs_{against}_{k}"] for k in STATS}
         found.append({"compared": f"{row['label']} − {against}", **stats})
     return found
 
 
 def endpoint_results(
-    spec: SweepSpec, comparisons: list[dict[str, Any]], summaries: list[dict[str, Any]], reference: str | None
+    spec: SweepSpec,
+    comparisons: list[dict[str, Any]],
+    summaries: list[dict[str, Any]],
+    reference: str | None,
+    by_teacher: list[dict[str, Any]] | None = None,
 ) -> list[EndpointResult]:
     if spec.study is None:
         return []
     results = []
     for role, endpoint in [("primary", spec.study.primary)] + [("secondary", e) for e in spec.study.secondary]:
-        for row in matching(spec, endpoint, comparisons, summaries, reference):
+        for row in matching(spec, endpoint, comparisons, summaries, reference, by_teacher):
             low, high, was_clipped = clipped(endpoint.metric, row["ci_low"], row["ci_high"])
             method = PAIRED_METHOD + (", clipped to the metric's bounds" if was_clipped else "")
             results.append(
@@ -87,12 +107,16 @@ def endpoint_lines(spec: SweepSpec, results: list[EndpointResult]) -> list[str]:
         mine = [r for r in results if r.endpoint is endpoint]
         if not mine:
             versus = f" minus {endpoint.versus}" if endpoint.versus else ""
+            versus += " minus the baseline teachers' students" if endpoint.teacher else ""
             lines.append(
                 f"{role} endpoint {endpoint.describe()}{versus}: nothing to compare (no finished paired trials)"
             )
         planned = len(spec.seeds)
         for r in mine:
-            seeds = f"{r.n_seeds} seeds" if r.n_seeds == planned else f"{r.n_seeds} of {planned} seeds"
+            if endpoint.teacher is not None:  # paired by the teachers' seeds, however many the earlier sweep ran
+                seeds = f"{r.n_seeds} teacher seeds"
+            else:
+                seeds = f"{r.n_seeds} seeds" if r.n_seeds == planned else f"{r.n_seeds} of {planned} seeds"
             short = (
                 f"; fewer than the {spec.study.min_seeds} registered: seeds failed or did not finish"
                 if r.n_seeds < spec.study.min_seeds

@@ -633,7 +633,7 @@ def build_report(sweep: Sweep) -> str:
         else "<li>several objectives: see the Pareto front</li>"
     )
     objectives = ", ".join(f"{o.metric} ({o.mode})" for o in spec.objectives)
-    study = study_section(sweep, comparisons, summaries)
+    study = study_section(sweep, comparisons, summaries, chained[1] if chained else None)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>teachsweep report: {html.escape(spec.name)}
 </title><style>{STYLE}</style></head><body>
 <h1>Sweep <code>{html.escape(spec.name)}</code></h1>
@@ -651,13 +651,18 @@ between trials are paired by seed when both ran the same seeds, else combined fr
 (MOVER).</p></body></html>"""
 
 
-def study_section(sweep: Sweep, comparisons: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> str:
+def study_section(
+    sweep: Sweep,
+    comparisons: list[dict[str, Any]],
+    summaries: list[dict[str, Any]],
+    by_teacher: list[dict[str, Any]] | None = None,
+) -> str:
     """A registered study's endpoints, the primary first, and a red line when any of its runs ran code with
     uncommitted changes (or code whose state is unknown)."""
     spec = sweep.spec
     if spec.study is None:
         return ""
-    results = endpoint_results(spec, comparisons, summaries, JOBS[spec.job].reference_arm)
+    results = endpoint_results(spec, comparisons, summaries, JOBS[spec.job].reference_arm, by_teacher)
     items = "".join(f"<li>{html.escape(line)}</li>" for line in endpoint_lines(spec, results))
     runs = trial_runs(sweep)
     states = set(runs.get("tags.teachsweep.git_dirty", [])) if len(runs) else set()

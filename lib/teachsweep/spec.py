@@ -98,16 +98,20 @@ class Baseline(Strict):
 class Endpoint(Strict):
     """One registered comparison of a study: a metric, LoT minus its teacher-only arm at a `budget` (LoT's jobs),
     or a variant minus the job's reference arm (`variant`; SMaT's students against the unexplained ones) or minus
-    another variant (`versus`: SMaT's students against the static-attention ones), paired by seed."""
+    another variant (`versus`: SMaT's students against the static-attention ones), paired by seed; or, for students
+    of every teacher of an earlier sweep (`sweep:<name>/each`), the students of the teachers of arm `teacher` minus
+    those of the earlier sweep's baseline teachers (LoT's teacher-only), paired by teacher seed."""
 
     metric: str
     budget: Literal["teacher_steps", "model_steps"] | None = None
     variant: str | None = None  # LoT: whose LoT trials (default: every variant's); else the label compared
     versus: str | None = None  # the variant it is compared with (default: the job's reference arm)
+    teacher: str | None = None  # the teacher sweep's arm (its trials' label) whose students are compared
 
     def describe(self) -> str:
         where = f" of {self.variant}" if self.variant else ""
-        return f"{self.metric}{where}" + (f" at {self.budget.replace('_', ' ')}" if self.budget else "")
+        taught = f" taught by {self.teacher}" if self.teacher else ""
+        return f"{self.metric}{where}{taught}" + (f" at {self.budget.replace('_', ' ')}" if self.budget else "")
 
 
 class Study(Strict):
@@ -248,7 +252,8 @@ class SweepSpec(Strict):
             return
         if self.space:
             raise ValueError("study: a study compares the arms of a grid (variants and seeds), not a search")
-        if len(self.seeds) < self.study.min_seeds:
+        by_teacher_seed = all(e.teacher is not None for e in [self.study.primary, *self.study.secondary])
+        if len(self.seeds) < self.study.min_seeds and not by_teacher_seed:  # else its teachers' seeds count
             raise ValueError(
                 f"seeds: a study's claims need at least {self.study.min_seeds} seeds (got {len(self.seeds)}); "
                 "a pilot sets study.min_seeds lower"
@@ -258,6 +263,19 @@ class SweepSpec(Strict):
             (f"secondary.{i}", e) for i, e in enumerate(self.study.secondary)
         ]:
             job = JOBS[self.job]
+            if endpoint.teacher is not None:
+                if not job.teacher_fields:
+                    raise ValueError(f"study.{where}.teacher: job '{self.job}' takes no teacher")
+                if endpoint.budget is not None or endpoint.versus is not None:
+                    raise ValueError(
+                        f"study.{where}.teacher: compares the students of two teacher arms; give no budget or versus"
+                    )
+                if endpoint.variant is not None and endpoint.variant not in self.variants:
+                    raise ValueError(
+                        f"study.{where}.variant: no variant named {endpoint.variant!r} "
+                        f"(variants: {', '.join(self.variants) or 'none'})"
+                    )
+                continue
             if endpoint.budget is not None and endpoint.budget not in budgets:
                 raise ValueError(
                     f"study.{where}.budget: {endpoint.budget}, but the baseline runs no teacher-only arm at it "
@@ -294,6 +312,12 @@ class SweepSpec(Strict):
         if self.study is None:
             return []
         return list(dict.fromkeys(e.metric for e in [self.study.primary, *self.study.secondary]))
+
+    @property
+    def compares_teachers(self) -> bool:
+        """Whether a registered endpoint compares students by the arm of their teacher (read from the teacher
+        effect, teacher_effect.py)."""
+        return self.study is not None and any(e.teacher for e in [self.study.primary, *self.study.secondary])
 
     @property
     def endpoint_references(self) -> list[str]:

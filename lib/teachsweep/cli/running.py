@@ -150,7 +150,10 @@ def print_outcome(outcome: SweepOutcome) -> None:
     reported = [m for m in shown if any(m in r["metrics"] for r in outcome.trials)]
     console.print(trials_table(outcome, searched, reported))
     reference = JOBS[spec.job].reference_arm
-    for line in endpoint_lines(spec, endpoint_results(spec, outcome.comparisons, outcome.seed_summaries, reference)):
+    chained = teacher_effect(open_sweep(spec.name, spec.results_dir)) if spec.compares_teachers else None
+    by_teacher = chained[1] if chained else None
+    results = endpoint_results(spec, outcome.comparisons, outcome.seed_summaries, reference, by_teacher)
+    for line in endpoint_lines(spec, results):
         console.print(f"[bold]study[/] {escape(line)}", highlight=False)
     if outcome.comparisons:
         console.print(comparisons_table(outcome.comparisons))
