@@ -27,10 +27,29 @@ def metric_of(endpoint: str) -> str:
     return endpoint.split(" ")[0]  # "imitation/test_kl of alpha1 at teacher steps"
 
 
+def draw_by_teacher(axis, endpoint: dict[str, Any]) -> None:
+    """An endpoint by teacher arm: its paired difference and interval (the students' per-teacher-seed values are
+    averaged inside the by-teacher table, which the rows keep)."""
+    diff, low, high = endpoint["diff"], endpoint["ci_low"], endpoint["ci_high"]
+    axis.errorbar([0], [diff], yerr=[[diff - low], [high - diff]], fmt="o", color="black", capsize=4)
+    axis.axhline(0, color="0.6", linewidth=0.8)
+    axis.set_xticks([0], [f"{endpoint['students']} students:\n{endpoint['teacher']} − baseline"], fontsize=8)
+    axis.set_ylabel(f"difference in {metric_of(endpoint['endpoint'])}", fontsize=8)
+    role = "PRIMARY" if endpoint["role"] == "primary" else "secondary"
+    axis.set_title(
+        f"{role}\n{diff:+.3g} [{low:+.3g}, {high:+.3g}], p {endpoint['p_value']:.2g}, "
+        f"{endpoint['n_seeds']} teacher seeds",
+        fontsize=8,
+    )
+
+
 def draw(table: dict[str, Any], out: Path) -> Path:
     endpoints = table["endpoints"]
     figure, axes = plt.subplots(1, len(endpoints), figsize=(3.4 * len(endpoints), 3.6), squeeze=False)
     for axis, endpoint in zip(axes[0], endpoints, strict=True):
+        if endpoint.get("teacher"):
+            draw_by_teacher(axis, endpoint)
+            continue
         metric = metric_of(endpoint["endpoint"])
         first, second = endpoint["compared"].split(" − ")
         a, b = per_seed(table, first, metric), per_seed(table, second, metric)

@@ -84,8 +84,11 @@ def rows_of(name: str, results_dir: str, metrics: list[str] | None) -> dict[str,
                 "n_seeds": e.n_seeds,
                 "method": e.method,
             }
+            | ({"teacher": e.endpoint.teacher, "students": e.students} if e.endpoint.teacher else {})
             for e in endpoints
         ],
+        # students by the arm of their teacher: what endpoints by teacher arm are read from
+        "by_teacher": chained[1] if chained else [],
         "trials": sorted(trials, key=lambda t: (t["label"], str(t["seed"]))),
         "summaries": summaries,
         "comparisons": comparisons,

@@ -239,7 +239,8 @@ study:
     ("extra", "said"),
     [
         (", variant: nope", "study.primary.variant: no variant named 'nope'"),
-        (", versus: none", "study.primary.teacher: compares the students of two teacher arms"),
+        (", versus: none", "study.primary.versus: an endpoint by teacher arm compares the students of two"),
+        (", budget: teacher_steps", "study.primary.budget: an endpoint by teacher arm"),
     ],
 )
 def test_an_endpoint_by_teacher_arm_is_refused_in_one_line_where_it_cannot_apply(extra, said):
@@ -250,41 +251,51 @@ def test_an_endpoint_by_teacher_arm_is_refused_in_one_line_where_it_cannot_apply
     lot = spec_text("  primary: {metric: teacher/test_acc, teacher: alpha1-lot}\n")
     with pytest.raises(SpecError, match="study.primary.teacher: job 'lot' takes no teacher"):
         parse_spec(lot)
+    not_a_score = STUDENTS_SPEC.format(extra="").replace("metric: simulability/test", "metric: simulability/best_val")
+    with pytest.raises(SpecError, match="study.primary.metric: an endpoint by teacher arm compares the students'"):
+        parse_spec(not_a_score)
+    empty = STUDENTS_SPEC.format(extra="").replace("teacher: alpha1-lot", "teacher: ''")
+    with pytest.raises(SpecError, match="study.primary.teacher: String should have at least 1 character"):
+        parse_spec(empty)
+    one_teacher = STUDENTS_SPEC.format(extra="").replace("sweep:teachers/each", "sweep:teachers/best")
+    with pytest.raises(SpecError, match="study.primary.teacher: its students take no `sweep:<name>/each` teachers"):
+        parse_spec(one_teacher)
 
 
 def test_students_by_the_arm_of_their_teacher_are_paired_by_teacher_seed():
-    """Students of 8 LoT and 8 teacher-only teachers (one student a teacher and explainer): the endpoint is the
-    attention students' difference, paired by the teachers' seed, whatever seeds the students' sweep lists."""
-    spec = parse_spec(STUDENTS_SPEC.format(extra=""))  # one student seed: the teachers' 8 seeds are what pair
+    """Students of 8 LoT and 7 teacher-only teachers (one student a teacher and explainer): the endpoint is the
+    attention students' difference, paired by the teachers' seed over the 7 seeds both arms ran, whatever seeds the
+    students' sweep lists."""
+    spec = parse_spec(STUDENTS_SPEC.format(extra=""))  # one student seed: the teachers' seeds are what pair
     assert spec.compares_teachers and spec.seeds == [0]
-    teachers = {
-        f"{arm}{seed}": {"label": arm, "seed": seed, "scores": {}}
-        for arm in ("alpha1-lot", "teacher_only")
-        for seed in range(8)
-    }
-    level = {("alpha1-lot", "attention"): 0.85, ("teacher_only", "attention"): 0.88, ("alpha1-lot", "none"): 0.80}
-    level[("teacher_only", "none")] = 0.81
+    baseline, arm = "teacher_only-teacher_only", "alpha1-lot"
+    teachers = {f"{baseline}{seed}": {"label": baseline, "seed": seed, "scores": {}} for seed in range(7)}
+    teachers |= {f"{arm}{seed}": {"label": arm, "seed": seed, "scores": {}} for seed in range(8)}
+
+    def simulability(label: str, variant: str, seed: int) -> float:
+        # seeds differ by 7 points, arms by 3 (attention) or 1 (none) points: only pairing sees the 3 clearly
+        level = 0.80 + 0.01 * seed + (0.05 if variant == "attention" else 0.0)
+        return level - ((0.03 + 0.001 * (seed % 2)) if variant == "attention" else 0.01) * (label == arm)
+
     students = [
         {
             "teacher": trial,
             "variant": variant,
-            "scores": {
-                "simulability/test": level[(t["label"], variant)] + 0.003 * t["seed"] * (t["label"] == "alpha1-lot")
-            },
+            "scores": {"simulability/test": simulability(t["label"], variant, t["seed"])},
         }
         for trial, t in teachers.items()
         for variant in ("none", "attention")
     ]
-    rows = by_teacher(teachers, students, "teacher_only")
+    rows = by_teacher(teachers, students, baseline)
     (primary,) = endpoint_results(spec, [], [], "none", rows)
-    assert primary.compared == "attention students of alpha1-lot − of teacher_only teachers"
-    assert primary.diff == pytest.approx(-0.03 + 0.003 * 3.5) and primary.n_seeds == 8  # not the none students'
-    assert primary.ci_low < primary.diff < primary.ci_high
+    assert primary.compared == f"attention students of {arm} − of {baseline} teachers"
+    assert primary.diff == pytest.approx(-0.03 - 0.001 * 3 / 7) and primary.n_seeds == 7  # seeds 0-6, not seed 7
+    assert primary.ci_low < primary.diff < primary.ci_high and primary.ci_high - primary.ci_low < 0.002  # paired
     (line,) = endpoint_lines(spec, [primary])
-    assert "8 teacher seeds" in line and "fewer than" not in line, line
+    assert "(7 teacher seeds; fewer than the 8 registered" in line, line
     assert endpoint_lines(spec, endpoint_results(spec, [], [], "none", [])) == [
         "primary endpoint simulability/test of attention taught by alpha1-lot minus the baseline teachers' "
-        "students: nothing to compare (no finished paired trials)"
+        "students: nothing to compare (no students of that teacher arm and its baseline)"
     ]
 
 
@@ -303,6 +314,15 @@ def test_each_committed_study_figure_pairs_the_seeds_its_endpoints_did(rows, tmp
     assert table["endpoints"] and table["endpoints"][0]["role"] == "primary"
     for endpoint in table["endpoints"]:
         metric = study_figures.metric_of(endpoint["endpoint"])
+        if endpoint.get("teacher"):  # by teacher arm: the recorded by-teacher row it was read from
+            (row,) = [
+                r
+                for r in table["by_teacher"]
+                if (r["teacher"], r["variant"], r["metric"]) == (endpoint["teacher"], endpoint["students"], metric)
+            ]
+            assert row["vs_reference_n_seeds"] == endpoint["n_seeds"]
+            assert row["vs_reference_diff_mean"] == pytest.approx(endpoint["diff"], rel=1e-9, abs=1e-12)
+            continue
         first, second = endpoint["compared"].split(" − ")
         a, b = study_figures.per_seed(table, first, metric), study_figures.per_seed(table, second, metric)
         seeds = set(a) & set(b)

@@ -23,6 +23,7 @@ class EndpointResult:
     p_value: float
     n_seeds: int
     method: str
+    students: str | None = None  # by teacher arm: the student variant compared (the row of the by-teacher table)
 
 
 def difference_bounds(metric: str) -> tuple[float, float]:
@@ -53,7 +54,7 @@ def matching(
                 continue
             stats = {k: row[f"vs_reference_{k}"] for k in STATS}
             compared = f"{row['variant']} students of {row['teacher']} − of {row['reference']} teachers"
-            found.append({"compared": compared, **stats})
+            found.append({"compared": compared, **stats, "students": row["variant"]})
         return found
     if endpoint.budget is not None:  # LoT minus its teacher-only arm at that budget
         for row in comparisons:
@@ -91,7 +92,16 @@ def endpoint_results(
             method = PAIRED_METHOD + (", clipped to the metric's bounds" if was_clipped else "")
             results.append(
                 EndpointResult(
-                    role, endpoint, row["compared"], row["diff_mean"], low, high, row["p_value"], row["n_seeds"], method
+                    role,
+                    endpoint,
+                    row["compared"],
+                    row["diff_mean"],
+                    low,
+                    high,
+                    row["p_value"],
+                    row["n_seeds"],
+                    method,
+                    row.get("students"),
                 )
             )
     return results
@@ -108,9 +118,10 @@ def endpoint_lines(spec: SweepSpec, results: list[EndpointResult]) -> list[str]:
         if not mine:
             versus = f" minus {endpoint.versus}" if endpoint.versus else ""
             versus += " minus the baseline teachers' students" if endpoint.teacher else ""
-            lines.append(
-                f"{role} endpoint {endpoint.describe()}{versus}: nothing to compare (no finished paired trials)"
+            why = (
+                "no students of that teacher arm and its baseline" if endpoint.teacher else "no finished paired trials"
             )
+            lines.append(f"{role} endpoint {endpoint.describe()}{versus}: nothing to compare ({why})")
         planned = len(spec.seeds)
         for r in mine:
             if endpoint.teacher is not None:  # paired by the teachers' seeds, however many the earlier sweep ran

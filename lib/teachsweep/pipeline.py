@@ -102,10 +102,13 @@ def check_pipeline(pipeline: Pipeline, where: str = "") -> None:
     """The preflight of every stage: references to earlier stages that have not finished yet are checked as far
     as they can be (the stage exists before and runs a job that saves teachers); the rest, completely."""
     pending: dict[str, str] = {}
+    earlier: dict[str, SweepSpec] = {}
     for stage in pipeline.stages:
         preflight.check_spec(stage.spec, where=f"{where}stages[{stage.index}].", pending=pending)
+        preflight.check_teacher_endpoints(stage.spec, earlier, where=f"{where}stages[{stage.index}].")
         if not stage_finished(stage.spec):
             pending[stage.spec.name] = stage.spec.job
+        earlier[stage.spec.name] = stage.spec
 
 
 def stage_finished(spec: SweepSpec) -> bool:

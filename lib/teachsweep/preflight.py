@@ -22,6 +22,7 @@ from teachsweep import cluster, references, tracking
 from teachsweep.jobs import JOBS
 from teachsweep.layout import default_tracking_uri
 from teachsweep.plan import Plan, plan_of, planned_configs, planned_count
+from teachsweep.ranking import is_baseline
 from teachsweep.spec import SpecError, SweepSpec, describe_changes, one_line
 from teachsweep.teacher_refs import SWEEP, TeacherReferenceError, parse_sweep
 
@@ -133,6 +134,47 @@ def check_planned_config(
                 references.check(config[field], field, tracking_uri_of(spec), spec.results_dir, pending)
             except TeacherReferenceError as error:
                 raise SpecError(f"{where}{label if field in overridden else 'config'}.{error}") from None
+
+
+def check_teacher_endpoints(spec: SweepSpec, earlier: dict[str, SweepSpec], where: str = "") -> None:
+    """A study's endpoints by teacher arm against the pipeline stage whose teachers its students take: the arm is
+    one that stage plans and not its baseline, the stage has a baseline, and it runs the seeds a claim needs."""
+    if not spec.compares_teachers:
+        return
+    names = {
+        parse_sweep(v, "")[0]
+        for v in [spec.config.get(f) for f in JOBS[spec.job].teacher_fields]
+        + [o.get(f) for o in spec.variants.values() for f in JOBS[spec.job].teacher_fields]
+        if isinstance(v, str) and v.startswith(SWEEP) and v.endswith("/each")
+    }
+    for name in sorted(names & set(earlier)):
+        teachers = earlier[name]
+        job = JOBS[teachers.job]
+        planned = plan_of(teachers, set(earlier)).unseeded
+        labels = [t["label"] for t in planned]
+        baselines = {t["label"] for t in planned if is_baseline({"params": t, "label": t["label"]}, job)}
+        endpoints = [("primary", spec.study.primary)] + [
+            (f"secondary.{i}", e) for i, e in enumerate(spec.study.secondary)
+        ]
+        for role, endpoint in endpoints:
+            if endpoint.teacher is None:
+                continue
+            if endpoint.teacher not in labels:
+                raise SpecError(
+                    f"{where}study.{role}.teacher: stage '{name}' plans no trial labelled {endpoint.teacher!r} "
+                    f"(its labels: {', '.join(labels)})"
+                )
+            if not baselines:
+                raise SpecError(f"{where}study.{role}.teacher: stage '{name}' trains no baseline teachers to pair with")
+            if endpoint.teacher in baselines:
+                raise SpecError(
+                    f"{where}study.{role}.teacher: {endpoint.teacher!r} is the baseline it would be paired with"
+                )
+        if all(e.teacher is not None for _, e in endpoints) and len(teachers.seeds) < spec.study.min_seeds:
+            raise SpecError(
+                f"{where}study: a study's claims need at least {spec.study.min_seeds} teacher seeds (stage '{name}' "
+                f"runs {len(teachers.seeds)}); a pilot sets study.min_seeds lower"
+            )
 
 
 def check_objectives(spec: SweepSpec, where: str, reported: dict[str, str | None]) -> None:

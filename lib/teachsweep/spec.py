@@ -106,7 +106,7 @@ class Endpoint(Strict):
     budget: Literal["teacher_steps", "model_steps"] | None = None
     variant: str | None = None  # LoT: whose LoT trials (default: every variant's); else the label compared
     versus: str | None = None  # the variant it is compared with (default: the job's reference arm)
-    teacher: str | None = None  # the teacher sweep's arm (its trials' label) whose students are compared
+    teacher: str | None = Field(None, min_length=1)  # the teacher sweep's arm (its label) whose students are compared
 
     def describe(self) -> str:
         where = f" of {self.variant}" if self.variant else ""
@@ -266,9 +266,23 @@ class SweepSpec(Strict):
             if endpoint.teacher is not None:
                 if not job.teacher_fields:
                     raise ValueError(f"study.{where}.teacher: job '{self.job}' takes no teacher")
-                if endpoint.budget is not None or endpoint.versus is not None:
+                for field, given in (("budget", endpoint.budget), ("versus", endpoint.versus)):
+                    if given is not None:
+                        raise ValueError(
+                            f"study.{where}.{field}: an endpoint by teacher arm compares the students of two teacher "
+                            f"arms; give no {field}"
+                        )
+                if endpoint.metric not in job.scores:
                     raise ValueError(
-                        f"study.{where}.teacher: compares the students of two teacher arms; give no budget or versus"
+                        f"study.{where}.metric: an endpoint by teacher arm compares the students' held-out scores "
+                        f"({', '.join(job.scores)}), not {endpoint.metric!r}"
+                    )
+                overlays = [self.variants[endpoint.variant]] if endpoint.variant in self.variants else []
+                overlays = overlays or list(self.variants.values()) or [{}]
+                given = [o.get(f, self.config.get(f)) for o in overlays for f in job.teacher_fields]
+                if not any(isinstance(v, str) and v.startswith("sweep:") and v.endswith("/each") for v in given):
+                    raise ValueError(
+                        f"study.{where}.teacher: its students take no `sweep:<name>/each` teachers to pair by arm"
                     )
                 if endpoint.variant is not None and endpoint.variant not in self.variants:
                     raise ValueError(
