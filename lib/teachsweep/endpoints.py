@@ -86,7 +86,8 @@ def endpoint_results(
     if spec.study is None:
         return []
     results = []
-    for role, endpoint in [("primary", spec.study.primary)] + [("secondary", e) for e in spec.study.secondary]:
+    for where, endpoint in spec.study.named():
+        role = where.partition(".")[0]  # primary or secondary
         for row in matching(spec, endpoint, comparisons, summaries, reference, by_teacher):
             low, high, was_clipped = clipped(endpoint.metric, row["ci_low"], row["ci_high"])
             method = PAIRED_METHOD + (", clipped to the metric's bounds" if was_clipped else "")
@@ -112,8 +113,8 @@ def endpoint_lines(spec: SweepSpec, results: list[EndpointResult]) -> list[str]:
     if spec.study is None:
         return []
     lines = []
-    endpoints = [("primary", spec.study.primary)] + [("secondary", e) for e in spec.study.secondary]
-    for role, endpoint in endpoints:
+    for where, endpoint in spec.study.named():
+        role = where.partition(".")[0]
         mine = [r for r in results if r.endpoint is endpoint]
         if not mine:
             versus = f" minus {endpoint.versus}" if endpoint.versus else ""

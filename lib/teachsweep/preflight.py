@@ -69,7 +69,7 @@ def check_study(spec: SweepSpec, where: str, reported: dict[str, str | None], re
     runs are tagged `teachsweep.git_dirty`, which the report shows)."""
     if spec.study is None:
         return
-    endpoints = [("primary", spec.study.primary)] + [(f"secondary.{i}", e) for i, e in enumerate(spec.study.secondary)]
+    endpoints = spec.study.named()
     for role, endpoint in endpoints:
         if endpoint.metric not in reported:
             raise SpecError(
@@ -153,9 +153,7 @@ def check_teacher_endpoints(spec: SweepSpec, earlier: dict[str, SweepSpec], wher
         planned = plan_of(teachers, set(earlier)).unseeded
         labels = [t["label"] for t in planned]
         baselines = {t["label"] for t in planned if is_baseline({"params": t, "label": t["label"]}, job)}
-        endpoints = [("primary", spec.study.primary)] + [
-            (f"secondary.{i}", e) for i, e in enumerate(spec.study.secondary)
-        ]
+        endpoints = spec.study.named()
         for role, endpoint in endpoints:
             if endpoint.teacher is None:
                 continue
@@ -170,7 +168,7 @@ def check_teacher_endpoints(spec: SweepSpec, earlier: dict[str, SweepSpec], wher
                 raise SpecError(
                     f"{where}study.{role}.teacher: {endpoint.teacher!r} is the baseline it would be paired with"
                 )
-        if all(e.teacher is not None for _, e in endpoints) and len(teachers.seeds) < spec.study.min_seeds:
+        if spec.study.by_teacher_seed and len(teachers.seeds) < spec.study.min_seeds:
             raise SpecError(
                 f"{where}study: a study's claims need at least {spec.study.min_seeds} teacher seeds (stage '{name}' "
                 f"runs {len(teachers.seeds)}); a pilot sets study.min_seeds lower"

@@ -122,6 +122,19 @@ class Study(Strict):
     secondary: list[Endpoint] = Field(default_factory=list)
     min_seeds: int = Field(8, ge=2)
 
+    def named(self) -> list[tuple[str, Endpoint]]:
+        """Each endpoint with where the spec gives it: primary, secondary.0, secondary.1, ..."""
+        return [("primary", self.primary)] + [(f"secondary.{i}", e) for i, e in enumerate(self.secondary)]
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [self.primary, *self.secondary]
+
+    @property
+    def by_teacher_seed(self) -> bool:
+        """Every endpoint compares students by their teacher's arm: the teachers' seeds are the ones that pair."""
+        return all(e.teacher is not None for e in self.endpoints)
+
 
 class Resources(Strict):
     cpus: float = Field(1.0, gt=0)  # per worker
@@ -252,16 +265,13 @@ class SweepSpec(Strict):
             return
         if self.space:
             raise ValueError("study: a study compares the arms of a grid (variants and seeds), not a search")
-        by_teacher_seed = all(e.teacher is not None for e in [self.study.primary, *self.study.secondary])
-        if len(self.seeds) < self.study.min_seeds and not by_teacher_seed:  # else its teachers' seeds count
+        if len(self.seeds) < self.study.min_seeds and not self.study.by_teacher_seed:  # else its teachers' seeds count
             raise ValueError(
                 f"seeds: a study's claims need at least {self.study.min_seeds} seeds (got {len(self.seeds)}); "
                 "a pilot sets study.min_seeds lower"
             )
         budgets = self.baseline.budgets if self.baseline else []
-        for where, endpoint in [("primary", self.study.primary)] + [
-            (f"secondary.{i}", e) for i, e in enumerate(self.study.secondary)
-        ]:
+        for where, endpoint in self.study.named():
             job = JOBS[self.job]
             if endpoint.teacher is not None:
                 if not job.teacher_fields:
@@ -325,20 +335,20 @@ class SweepSpec(Strict):
         """The metrics a registered study's endpoints compare (compared beside the objectives and scores)."""
         if self.study is None:
             return []
-        return list(dict.fromkeys(e.metric for e in [self.study.primary, *self.study.secondary]))
+        return list(dict.fromkeys(e.metric for e in self.study.endpoints))
 
     @property
     def compares_teachers(self) -> bool:
         """Whether a registered endpoint compares students by the arm of their teacher (read from the teacher
         effect, teacher_effect.py)."""
-        return self.study is not None and any(e.teacher for e in [self.study.primary, *self.study.secondary])
+        return self.study is not None and any(e.teacher for e in self.study.endpoints)
 
     @property
     def endpoint_references(self) -> list[str]:
         """The variants a registered study compares others with, beside the job's reference arm."""
         if self.study is None:
             return []
-        endpoints = [self.study.primary, *self.study.secondary]
+        endpoints = self.study.endpoints
         return list(dict.fromkeys(e.versus for e in endpoints if e.versus is not None))
 
     @property
