@@ -168,7 +168,7 @@ def test_sweep_references_select_best_a_trial_or_each_and_refuse_what_is_missing
 def test_a_pipeline_killed_in_its_second_stage_resumes_with_one_run_per_trial(tmp_path):
     results = tmp_path / "results"
     spec_file = tmp_path / "pipeline.yaml"
-    spec_file.write_text(pipeline_text(results, name="killed", student_epochs=8))
+    spec_file.write_text(pipeline_text(results, name="killed", student_epochs=20))
     env = os.environ | {"PYTHONUNBUFFERED": "1", "TEACHSWEEP_CACHE": str(tmp_path / "cache")}
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed with the process
     driver = subprocess.Popen(
@@ -179,7 +179,9 @@ def test_a_pipeline_killed_in_its_second_stage_resumes_with_one_run_per_trial(tm
         time.sleep(1)
         if not (results / "killed-students" / "mlflow_parent_run_id").exists():
             continue
-        if any(r.info.status == "RUNNING" and r.data.metrics for r in runs_of(results, "killed-students")):
+        # any student run still going is mid-stage 2 (waiting for its first metrics left too short a window on a
+        # loaded machine: the stage could finish between two polls)
+        if any(r.info.status == "RUNNING" for r in runs_of(results, "killed-students")):
             driver.send_signal(signal.SIGKILL)  # mid-stage 2; the driver's Ray processes share its fate
             killed = True
             break
